@@ -1,0 +1,155 @@
+"""Tests of packing: the shift at every segment boundary, images, first-fit, batch_at."""
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from PIL import Image
+
+from visatb_jax.data import images as img
+from visatb_jax.data.packing import Example, PackedDataset, pack, pack_rows, rows_to_batch
+
+PAD = 3
+H = 2
+
+
+def _ex(ids, mask, task, n_images=0, value=0):
+  return Example(np.asarray(ids, np.int32), np.asarray(mask, bool), task,
+                 np.full((n_images, H, H, 3), value, np.uint8))
+
+
+def test_two_segments_exact_arrays():
+  a = _ex([10, 11, 12, 13], [0, 0, 1, 1], task=0, n_images=1, value=50)
+  # b's first token is labelled: a leak across the boundary would show at a's last position.
+  b = _ex([20, 21, 22], [1, 1, 1], task=2)
+  batch = pack([a, b], seq_len=10, max_images=2, pad_id=PAD)
+  assert set(batch) == {"input_ids", "targets", "loss_mask", "task_ids", "positions",
+                        "segment_ids", "images"}
+  np.testing.assert_array_equal(batch["input_ids"], [[10, 11, 12, 13, 20, 21, 22, 3, 3, 3]])
+  np.testing.assert_array_equal(batch["targets"], [[11, 12, 13, 0, 21, 22, 0, 0, 0, 0]])
+  np.testing.assert_array_equal(batch["loss_mask"], [[0, 1, 1, 0, 1, 1, 0, 0, 0, 0]])
+  np.testing.assert_array_equal(batch["task_ids"], [[-1, 0, 0, -1, 2, 2, -1, -1, -1, -1]])
+  np.testing.assert_array_equal(batch["positions"], [[0, 1, 2, 3, 0, 1, 2, 0, 0, 0]])
+  np.testing.assert_array_equal(batch["segment_ids"], [[1, 1, 1, 1, 2, 2, 2, 0, 0, 0]])
+  assert batch["images"].shape == (1, 2, H, H, 3)
+  np.testing.assert_allclose(batch["images"][0, 0], img.normalize(np.full((H, H, 3), 50, np.uint8)))
+  assert not batch["images"][0, 1].any()
+  dtypes = {k: v.dtype for k, v in batch.items()}
+  assert dtypes == {"input_ids": np.int32, "targets": np.int32, "loss_mask": np.float32,
+                    "task_ids": np.int32, "positions": np.int32, "segment_ids": np.int32,
+                    "images": np.float32}
+
+
+def test_three_segments_filling_the_row_exactly():
+  exs = [_ex([5, 6], [0, 1], 1), _ex([7], [1], 0), _ex([8, 9, 4], [1, 0, 1], 3)]
+  batch = pack(exs, seq_len=6, max_images=1, pad_id=PAD)
+  np.testing.assert_array_equal(batch["input_ids"], [[5, 6, 7, 8, 9, 4]])
+  np.testing.assert_array_equal(batch["targets"], [[6, 0, 0, 9, 4, 0]])
+  np.testing.assert_array_equal(batch["loss_mask"], [[1, 0, 0, 0, 1, 0]])
+  np.testing.assert_array_equal(batch["task_ids"], [[1, -1, -1, -1, 3, -1]])
+  np.testing.assert_array_equal(batch["positions"], [[0, 1, 0, 0, 1, 2]])
+  np.testing.assert_array_equal(batch["segment_ids"], [[1, 1, 2, 3, 3, 3]])
+
+
+def test_image_order_and_max_images():
+  exs = [_ex([1, 2], [0, 1], 0, 1, value=10), _ex([1, 2], [0, 1], 0, 2, value=20),
+         _ex([1, 2], [0, 1], 0, 1, value=30), _ex([1, 2], [0, 1], 0, 0)]
+  rows = pack_rows([2, 2, 2, 2], [1, 2, 1, 0], seq_len=100, max_images=3)
+  assert rows == [[0, 1, 3], [2]]  # Example 2 would be a 4th image; the text-only one still fits.
+  batch = rows_to_batch(exs, rows, seq_len=100, max_images=3, pad_id=PAD)
+  values = [img.normalize(np.full((H, H, 3), v, np.uint8)) for v in (10, 20, 20, 30)]
+  np.testing.assert_allclose(batch["images"][0], np.stack(values[:3]))
+  np.testing.assert_allclose(batch["images"][1, 0], values[3])
+  assert not batch["images"][1, 1:].any()
+
+
+def test_first_fit_uses_earlier_rows():
+  assert pack_rows([6, 6, 4, 3, 1], [0] * 5, seq_len=10, max_images=0) == [[0, 2], [1, 3, 4]]
+  assert pack_rows([10, 1], [0, 0], seq_len=10, max_images=1) == [[0], [1]]
+
+
+def _reference_first_fit(lengths, counts, seq_len, max_images):
+  rows, free = [], []
+  for i, (n, k) in enumerate(zip(lengths, counts)):
+    for r, (t, m) in enumerate(free):
+      if t >= n and m >= k:
+        free[r] = (t - n, m - k)
+        rows[r].append(i)
+        break
+    else:
+      rows.append([i])
+      free.append((seq_len - n, max_images - k))
+  return rows
+
+
+@settings(max_examples=80, deadline=None)
+@given(st.lists(st.tuples(st.integers(1, 16), st.integers(0, 2)), min_size=1, max_size=40),
+       st.integers(2, 3))
+def test_pack_rows_matches_reference_first_fit(items, max_images):
+  lengths, counts = zip(*items)
+  rows = pack_rows(lengths, counts, seq_len=16, max_images=max_images)
+  assert rows == _reference_first_fit(lengths, counts, 16, max_images)
+  assert sorted(i for row in rows for i in row) == list(range(len(items)))
+  for row in rows:
+    assert sum(lengths[i] for i in row) <= 16 and sum(counts[i] for i in row) <= max_images
+
+
+def test_pack_rejects_oversized_examples():
+  with pytest.raises(ValueError, match="example 1 has 11 tokens"):
+    pack_rows([3, 11], [0, 0], seq_len=10, max_images=1)
+  with pytest.raises(ValueError, match="example 0 has 2 images"):
+    pack_rows([3], [2], seq_len=10, max_images=1)
+
+
+def test_image_files_are_loaded_when_batched(tmp_path):
+  Image.fromarray(np.full((4, 4, 3), 77, np.uint8)).save(tmp_path / "a.png")
+  ex = Example(np.array([4, 4, 9], np.int32), np.array([0, 0, 1], bool), 0, [tmp_path / "a.png"])
+  batch = pack([ex], seq_len=4, max_images=1, pad_id=PAD, image_size=4)
+  np.testing.assert_allclose(batch["images"][0, 0], img.normalize(np.full((4, 4, 3), 77, np.uint8)))
+  with pytest.raises(ValueError, match="image_size is required"):
+    pack([ex], seq_len=4, max_images=1, pad_id=PAD)
+
+
+def _dataset(seed=0, n=23):
+  rng = np.random.default_rng(123)
+  exs = []
+  for i in range(n):
+    length = int(rng.integers(2, 9))
+    ids = np.arange(length) + 10 * i + 100  # Never equal to PAD.
+    exs.append(_ex(ids, rng.random(length) < 0.5, i % 3, i % 2, value=i))
+  return PackedDataset(exs, seq_len=12, max_images=2, pad_id=PAD, seed=seed)
+
+
+def test_batch_at_is_a_pure_function_of_seed_and_step():
+  a, b = _dataset(), _dataset()
+  b.batch_at(7, 4)  # Call history must not matter.
+  for step in (0, 3, 11):
+    for key, value in a.batch_at(step, 4).items():
+      np.testing.assert_array_equal(value, b.batch_at(step, 4)[key])
+  other = _dataset(seed=1)
+  assert not all(np.array_equal(a.batch_at(s, 4)["input_ids"], other.batch_at(s, 4)["input_ids"])
+                 for s in range(3))
+
+
+def test_every_epoch_visits_every_row_once():
+  ds = _dataset()
+  n = ds.num_rows
+  stream = [i for step in range(3 * n) for i in ds.row_indices(step, 1)]
+  for e in range(3):
+    assert sorted(stream[e * n:(e + 1) * n]) == list(range(n))
+  assert stream[:n] != stream[n:2 * n]  # Each epoch has its own order.
+  # A batch crossing the epoch boundary continues the same stream.
+  assert ds.row_indices(1, n - 1)[:1] == stream[n - 1:n]
+  assert ds.row_indices(1, n - 1) == stream[n - 1:2 * n - 2]
+
+
+def test_every_example_is_packed_once_and_efficiency():
+  ds = _dataset()
+  assert sorted(i for row in ds.rows for i in row) == list(range(23))
+  total = sum(len(ex) for ex in ds.examples)
+  assert ds.tokens_per_row.sum() == total
+  assert ds.packing_efficiency() == pytest.approx(total / (ds.num_rows * 12))
+  batch = ds.batch_at(0, ds.num_rows)
+  assert (batch["segment_ids"] > 0).sum() == total  # One epoch holds every token once.
+  assert (batch["images"].reshape(ds.num_rows, 2, -1).any(-1)).sum() == 11  # The 11 odd examples.
+  assert np.all((batch["input_ids"] == PAD) == (batch["segment_ids"] == 0))

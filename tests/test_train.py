@@ -1,0 +1,307 @@
+"""Tests of the train step (global normalisation, sharding, accumulation) and the loop."""
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from visatb_jax import checkpoint, loss, metrics_log, train
+
+VOCAB, DIM, SEQ, ROWS, TASKS = 16, 8, 6, 8, ("caption", "vqa")
+TRACES = {"n": 0}  # incremented by Python only while jit traces the model
+
+
+class VisionTower(nnx.Module):
+  """Frozen by default; its parameter feeds every token, so gradients reach it."""
+
+  def __init__(self, rngs: nnx.Rngs):
+    self.proj = nnx.Param(jax.random.normal(rngs.params(), (3, DIM)) * 0.5)
+
+  def __call__(self, images):
+    return jnp.mean(images, axis=(1, 2, 3)) @ self.proj  # [B, M, H, W, 3] → [B, D]
+
+
+class TinyModel(nnx.Module):
+  """Stand-in following the Model contract: embed + image feature + MLP + head."""
+
+  def __init__(self, rngs: nnx.Rngs):
+    self.vision_tower = VisionTower(rngs)
+    self.embed = nnx.Embed(VOCAB, DIM, rngs=rngs)
+    self.mlp = nnx.Linear(DIM, DIM, rngs=rngs)
+    self.lm_head = nnx.Linear(DIM, VOCAB, rngs=rngs)
+
+  def __call__(self, input_ids, images=None, positions=None, segment_ids=None):
+    TRACES["n"] += 1
+    h = self.embed(input_ids)
+    if images is not None:
+      h = h + self.vision_tower(images)[:, None, :]
+    h = h + jnp.tanh(self.mlp(h))
+    return self.lm_head(h)
+
+
+def make_batch(seed: int, rows: int = ROWS) -> dict[str, np.ndarray]:
+  """Batch contract by hand; uneven loss tokens per row so that per-shard normalisation
+  would give a different loss than global normalisation."""
+  rng = np.random.default_rng(seed)
+  mask = np.zeros((rows, SEQ), np.float32)
+  for r in range(rows):
+    mask[r, SEQ - 1 - (r % (SEQ - 1)):] = 1.0  # 1 .. SEQ-1 loss tokens
+  task_of_row = np.arange(rows) % len(TASKS)
+  return {
+      "input_ids": rng.integers(0, VOCAB, (rows, SEQ)).astype(np.int32),
+      "targets": rng.integers(0, VOCAB, (rows, SEQ)).astype(np.int32),
+      "loss_mask": mask,
+      "task_ids": np.where(mask > 0, task_of_row[:, None], -1).astype(np.int32),
+      "positions": np.broadcast_to(np.arange(SEQ, dtype=np.int32), (rows, SEQ)).copy(),
+      "segment_ids": np.ones((rows, SEQ), np.int32),
+      "images": rng.normal(size=(rows, 1, 2, 2, 3)).astype(np.float32),
+  }
+
+
+def new_model(seed: int = 0) -> TinyModel:
+  return TinyModel(nnx.Rngs(seed))
+
+
+LAM = np.array([2.0, 0.5], np.float32)
+
+
+def one_step(mesh, *, accum_steps=1, tla=False, tx=None, lam=LAM, batch=None):
+  """One train step from the same initial model; returns (old state, new state, metrics)."""
+  tx = tx or optax.sgd(1.0)  # plain SGD: the update is exactly −grads
+  graphdef, params, frozen = train.split_model(new_model())
+  state = train.replicate(train.init_train_state(params, tx), mesh)
+  step = train.make_train_step(graphdef, tx, mesh=mesh, accum_steps=accum_steps, tla=tla)
+  batch = train.shard_batch(make_batch(0) if batch is None else batch, mesh)
+  new_state, metrics = step(state, train.replicate(frozen, mesh), batch, jnp.asarray(lam))
+  return state, new_state, jax.device_get(metrics)
+
+
+def assert_rel_close(a, b, tol=1e-5):
+  """Normwise relative error of every leaf pair ≤ tol."""
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+    assert np.max(np.abs(x - y)) <= tol * max(np.max(np.abs(y)), 1e-30), (x, y)
+
+
+def grads_of(old, new):
+  return jax.tree.map(lambda a, b: np.asarray(a) - np.asarray(b), old.params, new.params)
+
+
+@pytest.fixture(scope="module")
+def meshes():
+  assert len(jax.devices()) == 8, "tests/conftest.py sets 8 simulated CPU devices"
+  return {1: train.make_mesh(jax.devices()[:1]), 8: train.make_mesh()}
+
+
+def test_step_matches_host_reference(meshes):
+  # The jitted step's loss is the VITW loss of the whole batch computed eagerly.
+  _, _, metrics = one_step(meshes[1])
+  b = make_batch(0)
+  logits = new_model()(b["input_ids"], images=b["images"])
+  weighted, weight, task_sum, task_count = loss.token_loss(
+      logits, b["targets"], b["loss_mask"], b["task_ids"], LAM)
+  np.testing.assert_allclose(metrics["loss"], weighted / weight, rtol=1e-6)
+  np.testing.assert_allclose(metrics["per_task_loss"], task_sum / task_count, rtol=1e-6)
+  np.testing.assert_array_equal(metrics["per_task_count"], task_count)
+  assert int(metrics["tokens"]) == int(b["loss_mask"].sum())
+  np.testing.assert_array_equal(metrics["lam"], LAM)
+
+
+def test_sharded_step_equals_single_device(meshes):
+  old1, new1, m1 = one_step(meshes[1])
+  old8, new8, m8 = one_step(meshes[8])
+  assert len(jax.tree.leaves(new8.params)[0].sharding.device_set) == 8
+  assert_rel_close(m8["loss"], m1["loss"])
+  assert_rel_close(m8["per_task_loss"], m1["per_task_loss"])
+  assert_rel_close(grads_of(old8, new8), grads_of(old1, new1))
+  # The test is sensitive: normalising per shard (one row per device) and averaging
+  # would give a visibly different loss.
+  b = make_batch(0)
+  logits = new_model()(b["input_ids"], images=b["images"])
+  per_row = [loss.token_loss(logits[r:r + 1], b["targets"][r:r + 1], b["loss_mask"][r:r + 1],
+                             b["task_ids"][r:r + 1], LAM) for r in range(ROWS)]
+  per_shard_mean = np.mean([w / s for w, s, _, _ in per_row])
+  assert abs(per_shard_mean - m1["loss"]) > 1e-3
+
+
+@pytest.mark.parametrize("tla,rows,accum", [(False, 8, 4), (True, 8, 4), (False, 16, 2)])
+def test_accumulation_equals_full_batch(meshes, tla, rows, accum):
+  # rows=16, accum=2: each micro-batch of 8 rows is itself spread over the 8 devices.
+  batch = make_batch(0, rows=rows)
+  old1, new1, m1 = one_step(meshes[8], accum_steps=1, tla=tla, batch=batch)
+  old4, new4, m4 = one_step(meshes[8], accum_steps=accum, tla=tla, batch=batch)
+  assert_rel_close(m4["loss"], m1["loss"])
+  assert_rel_close(m4["per_task_count"], m1["per_task_count"])
+  assert_rel_close(m4["grad_norm"], m1["grad_norm"])
+  assert_rel_close(grads_of(old4, new4), grads_of(old1, new1))
+  if tla:
+    # TLA over the global batch: λ_k = 1/count_k and loss = mean of the per-task means.
+    np.testing.assert_allclose(m4["lam"], 1.0 / m1["per_task_count"], rtol=1e-6)
+    np.testing.assert_allclose(m4["loss"], np.mean(m1["per_task_loss"]), rtol=1e-5)
+
+
+def test_new_lambda_does_not_recompile(meshes):
+  tx = optax.sgd(0.1)
+  graphdef, params, frozen = train.split_model(new_model())
+  mesh = meshes[8]
+  state = train.replicate(train.init_train_state(params, tx), mesh)
+  frozen = train.replicate(frozen, mesh)
+  step = train.make_train_step(graphdef, tx, mesh=mesh)
+  batch = train.shard_batch(make_batch(0), mesh)
+  compiles = []
+
+  def on_event(name, _, **kwargs):
+    if name == "/jax/core/compile/backend_compile_duration":
+      compiles.append(name)
+
+  jax.monitoring.register_event_duration_secs_listener(on_event)
+  try:
+    TRACES["n"] = 0
+    # The loop passes a fresh numpy λ every step, as here.
+    _, m_a = step(state, frozen, batch, np.array([1.0, 1.0], np.float32))
+    traces, n_compiles = TRACES["n"], len(compiles)
+    assert traces >= 1 and n_compiles >= 1
+    _, m_b = step(state, frozen, batch, np.array([3.0, 0.2], np.float32))
+    _, m_c = step(state, frozen, batch, np.array([0.5, 4.0], np.float32))
+    assert TRACES["n"] == traces and len(compiles) == n_compiles
+    assert step._cache_size() == 1  # pylint: disable=protected-access
+  finally:
+    jax.monitoring.unregister_event_duration_listener(on_event)
+  assert len({float(m["loss"]) for m in (m_a, m_b, m_c)}) == 3  # λ is actually used
+
+
+def test_frozen_tower_untouched_and_without_optimizer_state(meshes):
+  tx = optax.adamw(1e-2)
+  graphdef, params, frozen = train.split_model(new_model())
+  param_paths = {p for p, _ in jax.tree_util.tree_leaves_with_path(params)}
+  assert not any("vision_tower" in jax.tree_util.keystr(p) for p in param_paths)
+  assert any("vision_tower" in jax.tree_util.keystr(p)
+             for p, _ in jax.tree_util.tree_leaves_with_path(frozen))
+  state = train.init_train_state(params, tx)
+  # Adam's mu and nu mirror exactly the trainable params, nothing of the tower.
+  opt_paths = [jax.tree_util.keystr(p) for p, x in jax.tree_util.tree_leaves_with_path(
+      state.opt_state) if np.ndim(x) > 0]
+  assert not any("vision_tower" in p for p in opt_paths)
+  assert len(opt_paths) == 2 * len(param_paths)
+  n_trainable = sum(np.size(x) for x in jax.tree.leaves(params))
+  assert sum(np.size(x) for x in jax.tree.leaves(state.opt_state)) == 2 * n_trainable + 1
+
+  mesh = meshes[1]
+  frozen_before = jax.tree.map(np.asarray, frozen)
+  step = train.make_train_step(graphdef, tx, mesh=mesh)
+  new_state, _ = step(train.replicate(state, mesh), train.replicate(frozen, mesh),
+                      train.shard_batch(make_batch(0), mesh), jnp.asarray(LAM))
+  tower = frozen["vision_tower"]["proj"][...]
+  np.testing.assert_array_equal(tower, frozen_before["vision_tower"]["proj"][...])
+  assert not np.array_equal(new_state.params["lm_head"]["kernel"][...],
+                            params["lm_head"]["kernel"][...])
+  # Unfrozen, the tower becomes trainable.
+  _, params_all, _ = train.split_model(new_model(), freeze_vision_tower=False)
+  assert "vision_tower" in params_all
+
+
+def test_optimizer_schedule():
+  cfg = {"steps": 100, "lr": 1e-3, "warmup_frac": 0.1}
+  schedule = train.make_schedule(cfg)
+  assert float(schedule(0)) == 0.0
+  np.testing.assert_allclose(schedule(5), 5e-4, rtol=1e-6)
+  np.testing.assert_allclose(schedule(10), 1e-3, rtol=1e-6)
+  np.testing.assert_allclose(schedule(55), 5e-4, rtol=1e-5)  # cosine midpoint
+  assert float(schedule(100)) == pytest.approx(0.0, abs=1e-12)
+  # Clipping: a huge gradient gives the same first Adam step as a unit-norm one.
+  tx = train.make_optimizer({**cfg, "clip_norm": 1.0, "warmup_frac": 0.0})
+  p = {"w": jnp.ones(3)}
+  u_big, _ = tx.update({"w": jnp.array([300.0, 0.0, 0.0])}, tx.init(p), p)
+  u_unit, _ = tx.update({"w": jnp.array([1.0, 0.0, 0.0])}, tx.init(p), p)
+  np.testing.assert_allclose(u_big["w"], u_unit["w"], rtol=1e-6)
+
+
+# ---------------------------------------------------------------------------------- loop
+
+CFG = {"steps": 6, "batch_size": ROWS, "accum_steps": 2, "lr": 1e-2, "warmup_frac": 0.2,
+       "clip_norm": 1.0, "weight_decay": 0.0, "checkpoint_every": 3, "log_every": 1,
+       "seed": 0, "freeze_vision_tower": True, "tla": False}
+TIMING = ("tokens_per_s", "elapsed_s")
+
+
+class Crash(Exception):
+  pass
+
+
+def deterministic(records):
+  return [{k: v for k, v in r.items() if k not in TIMING} for r in records]
+
+
+def params_of(model):
+  return jax.tree.map(np.asarray, nnx.state(model, nnx.Param))
+
+
+def test_resume_after_crash_is_identical(tmp_path, meshes):
+  mesh = meshes[8]
+  straight = train.train(new_model(), make_batch, LAM, CFG, tmp_path / "a", mesh=mesh,
+                         task_names=TASKS)
+
+  def crashing_batch(i):
+    if i == 4:  # after step 4 was logged; the last checkpoint is step 3
+      raise Crash()
+    return make_batch(i)
+
+  with pytest.raises(Crash):
+    train.train(new_model(), crashing_batch, LAM, CFG, tmp_path / "b", mesh=mesh,
+                task_names=TASKS)
+  log_b = tmp_path / "b" / metrics_log.METRICS_FILE
+  assert [r["step"] for r in metrics_log.read_metrics(log_b)] == [1, 2, 3, 4]
+  # "New process": everything rebuilt from scratch, only the workdir survives.
+  resumed = train.train(new_model(), make_batch, LAM, CFG, tmp_path / "b", mesh=mesh,
+                        task_names=TASKS)
+
+  jax.tree.map(np.testing.assert_array_equal, params_of(resumed), params_of(straight))
+  rec_a = metrics_log.read_metrics(tmp_path / "a" / metrics_log.METRICS_FILE)
+  rec_b = metrics_log.read_metrics(log_b)
+  assert [r["step"] for r in rec_b] == [1, 2, 3, 4, 5, 6]
+  assert deterministic(rec_b) == deterministic(rec_a)
+  first = rec_a[0]
+  assert set(first["per_task_loss"]) == set(TASKS) and first["lambda"] == {"caption": 2.0,
+                                                                            "vqa": 0.5}
+  assert first["lr"] == 0.0 and rec_a[1]["lr"] > 0  # warm-up starts at 0
+  assert all(r["tokens_per_s"] > 0 for r in rec_a)
+  # Checkpoints: the last two kept, and the model was really trained.
+  assert checkpoint.Checkpointer(tmp_path / "a" / "checkpoints").all_steps() == [3, 6]
+  assert rec_a[-1]["loss"] < rec_a[0]["loss"]
+  assert any(f.startswith("events.out.tfevents") for f in os.listdir(tmp_path / "a" / "tb"))
+  # Training further with the same config is a no-op that returns the trained model.
+  again = train.train(new_model(), make_batch, LAM, CFG, tmp_path / "a", mesh=mesh,
+                      task_names=TASKS)
+  jax.tree.map(np.testing.assert_array_equal, params_of(again), params_of(straight))
+
+
+def test_nan_loss_raises_and_keeps_last_good_checkpoint(tmp_path, meshes):
+  def poisoned_batch(i):
+    b = make_batch(i)
+    if i == 4:  # step 5: NaN images on the rows of task "vqa" only
+      b["images"][1::2] = np.nan
+    return b
+
+  cfg = {**CFG, "steps": 8, "checkpoint_every": 2}
+  with pytest.raises(train.TrainingDiverged, match=r"step 5\b.*vqa") as err:
+    train.train(new_model(), poisoned_batch, LAM, cfg, tmp_path, mesh=meshes[1],
+                task_names=TASKS)
+  assert "caption" not in str(err.value)
+  ckpt = checkpoint.Checkpointer(tmp_path / "checkpoints")
+  assert ckpt.all_steps() == [2, 4]
+  records = metrics_log.read_metrics(tmp_path / metrics_log.METRICS_FILE)
+  assert [r["step"] for r in records] == [1, 2, 3, 4]
+  assert all(np.isfinite(r["loss"]) for r in records)
+  ckpt.close()
+
+
+def test_metrics_truncation_skips_torn_line(tmp_path):
+  path = tmp_path / "m.jsonl"
+  path.write_text("".join(json.dumps({"step": s}) + "\n" for s in (1, 2, 3)) + '{"step": 4, "lo')
+  metrics_log.truncate_after(path, 2)
+  assert [r["step"] for r in metrics_log.read_metrics(path)] == [1, 2]

@@ -1,0 +1,687 @@
+"""VisATB task balancing: contributions, difficulties and task weights λ (pure JAX).
+
+The maths follows `METHOD.md` (sections 3 to 7). `V_j(m)` is the validation score of model `m` on
+task (or group) `j`, higher is better. With N balanced units (tasks, or groups of tasks):
+
+* Inter-task contribution (§3), "real" and "precise" forms::
+
+      C[i→j] = (V_j(i+mini) − V_j(mini)) / (V_j(j+mini) − V_j(mini)),   C[j→j] = 1
+
+  and in the "base" form (§7) the pretrained model is the reference::
+
+      C[i→j] = (V_j(i) − V_j(base)) / (V_j(j) − V_j(base))
+
+  `C_out[i] = mean_{j≠i} C[i→j]` (how much i helps the others) and
+  `C_in[i] = mean_{j≠i} C[j→i]` (how much the others help i).
+* Intra-task difficulty (§4): "real" `D[i] = 1 − V_i(mini) / V_i(i+mini)`; "precise" and "base"
+  `D[i] = 1 − V_i(mini_i) / V_i(i)`.
+* Weights (§5): `λ_out = N·softmax(C_out/T)`, `λ_in = N·softmax(−C_in/T)`,
+  `λ_D = N·softmax(D/T)` (each averages exactly 1) and `λ = α_out·λ_out + α_in·λ_in + α_D·λ_D`
+  with `α_out + α_in + α_D = 1`. `temperature="auto"` picks the lowest T in `AUTO_T_RANGE` that
+  keeps every balanced weight within `WEIGHT_BOUNDS` = [0.5, 2] (see `auto_temperature`).
+* Fixed-weight tasks (§5) take no part in the balancing and keep their weight; their models and
+  scores need not be present.
+* Groups (§6): balancing runs over groups. The score of a model on a group is the plain mean of its
+  scores on the group's tasks (normalise the scores beforehand if their scales differ), the
+  per-group models are named `<group>+mini`, `<group>` and `mini_<group>` (`mini` and `base` are
+  shared), and every task gets its group's λ.
+
+Model names in the scores pytree `{model_name: {task: score}}` (the paper's names):
+
+  ========  =======================================================================
+  form      models needed (for every balanced unit u)
+  ========  =======================================================================
+  real      `mini`, `u+mini` (scored on every unit)
+  precise   `mini`, `u+mini` (every unit), `u` and `mini_u` (scored on u only)
+  base      `base`, `u` (every unit), `mini_u` (scored on u only)
+  ========  =======================================================================
+
+Everything is jittable and differentiable in the scores, except `temperature="auto"`, which
+searches over T on concrete numbers. Errors: missing models or tasks, too few balanced units, bad
+`form`/`alpha`/`temperature` raise `ValueError` always; value problems (non-finite scores, a unit
+that did not improve with its own data, a non-positive difficulty denominator) raise a `ValueError`
+naming the model and the task whenever the scores are concrete. Under `jax.jit` / `jax.grad` the
+scores are tracers and cannot be inspected, so call `validate_scores` on the concrete scores first.
+Computation uses JAX's default float dtype (float32 unless `jax_enable_x64` is on).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+__all__ = [
+    "AUTO_T_RANGE", "DEFAULT_ALPHA", "FORMS", "MIN_RELATIVE_DENOMINATOR", "WEIGHT_BOUNDS",
+    "auto_temperature", "balance_report", "balanced_units", "check_alpha", "check_temperature",
+    "compute_lambda", "contribution_matrix", "difficulties", "lambda_components",
+    "lambda_from_components", "outward_inward", "validate_scores",
+]
+
+FORMS = ("real", "precise", "base")
+DEFAULT_ALPHA = (0.25, 0.25, 0.5)
+# METHOD.md §5: the recommended T is the lowest one keeping every final weight within these bounds.
+WEIGHT_BOUNDS = (0.5, 2.0)
+# Search range of temperature="auto": a log grid of AUTO_GRID_POINTS over it, refined by bisection.
+AUTO_T_RANGE = (0.05, 20.0)
+AUTO_GRID_POINTS = 128
+AUTO_RELATIVE_TOLERANCE = 1e-6
+# A contribution or difficulty denominator must exceed this fraction of the magnitude of the scores
+# it is made of: a smaller one is noise, and dividing by it would give meaningless huge weights.
+MIN_RELATIVE_DENOMINATOR = 1e-4
+
+Scores = Mapping[str, Mapping[str, Any]]
+Array = jax.Array
+
+
+# ----------------------------------------------------------------------------------------------
+# Argument checks.
+
+
+def _check_form(form: str) -> str:
+  if not isinstance(form, str) or form not in FORMS:
+    raise ValueError(f"unknown form {form!r}; expected one of {', '.join(FORMS)}")
+  return form
+
+
+def check_alpha(alpha: Sequence[float]) -> tuple[float, float, float]:
+  """Validates α = (α_out, α_in, α_D): three finite non-negative numbers summing to 1 (±1e-6)."""
+  try:
+    values = tuple(float(a) for a in alpha)
+  except (TypeError, ValueError) as e:
+    raise ValueError(f"alpha must be three numbers (α_out, α_in, α_D), got {alpha!r}") from e
+  if len(values) != 3:
+    raise ValueError(f"alpha must have 3 entries (α_out, α_in, α_D), got {len(values)}: {alpha!r}")
+  if not all(math.isfinite(a) and a >= 0 for a in values):
+    raise ValueError(f"alpha entries must be finite and >= 0, got {alpha!r}")
+  if abs(sum(values) - 1.0) > 1e-6:
+    raise ValueError(f"alpha must sum to 1, got {alpha!r} (sum {sum(values):.6g})")
+  return values
+
+
+def _is_traced(x: Any) -> bool:
+  return isinstance(x, jax.core.Tracer)
+
+
+def _numeric_temperature(temperature: Any) -> Any:
+  """Validates a numeric temperature: a finite number > 0 (a traced one is passed through)."""
+  if isinstance(temperature, str) or isinstance(temperature, bool):
+    raise ValueError(f"temperature must be a number > 0 or 'auto', got {temperature!r}")
+  if _is_traced(temperature):
+    return temperature
+  try:
+    t = float(temperature)
+  except (TypeError, ValueError) as e:
+    raise ValueError(f"temperature must be a number > 0 or 'auto', got {temperature!r}") from e
+  if not (math.isfinite(t) and t > 0):
+    raise ValueError(f"temperature must be finite and > 0, got {temperature!r}")
+  return t
+
+
+def check_temperature(temperature: Any) -> Any:
+  """Validates a temperature: 'auto' or a finite number > 0; returns it ('auto' or a float)."""
+  if isinstance(temperature, str):
+    if temperature != "auto":
+      raise ValueError(f"temperature must be a number > 0 or 'auto', got {temperature!r}")
+    return temperature
+  return _numeric_temperature(temperature)
+
+
+# ----------------------------------------------------------------------------------------------
+# Which units are balanced (structure only, no scores).
+
+
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+  """The tasks, the balanced units (tasks or groups) and the tasks each unit stands for."""
+  tasks: tuple[str, ...]
+  units: tuple[str, ...]
+  members: tuple[tuple[str, ...], ...]
+  fixed: dict[str, Any]
+  groups: dict[str, str] | None
+  grouped: bool
+
+  @property
+  def kind(self) -> str:
+    return "group" if self.grouped else "task"
+
+
+def _check_tasks(tasks: Sequence[str]) -> tuple[str, ...]:
+  if isinstance(tasks, str) or not isinstance(tasks, Sequence):
+    raise ValueError(f"tasks must be a sequence of task names, got {tasks!r}")
+  tasks = tuple(tasks)
+  for t in tasks:
+    if not isinstance(t, str):
+      raise ValueError(f"task names must be strings, got {t!r}")
+  dupes = sorted({t for t in tasks if tasks.count(t) > 1})
+  if dupes:
+    raise ValueError(f"tasks contain duplicates: {dupes}")
+  return tasks
+
+
+def _check_fixed(fixed: Mapping[str, float] | None, tasks: tuple[str, ...]) -> dict[str, Any]:
+  if fixed is None:
+    return {}
+  if not isinstance(fixed, Mapping):
+    raise ValueError(f"fixed must be a mapping task -> weight, got {fixed!r}")
+  out = {}
+  for task, weight in fixed.items():
+    if task not in tasks:
+      raise ValueError(f"fixed task {task!r} is not in tasks {list(tasks)}")
+    if not _is_traced(weight):
+      try:
+        w = float(weight)
+      except (TypeError, ValueError) as e:
+        raise ValueError(f"fixed weight of task {task!r} must be a number, got {weight!r}") from e
+      if isinstance(weight, bool) or not (math.isfinite(w) and w >= 0):
+        raise ValueError(f"fixed weight of task {task!r} must be finite and >= 0, got {weight!r}")
+      weight = w
+    out[task] = weight
+  return out
+
+
+def _check_groups(groups: Mapping[str, str] | None, tasks: tuple[str, ...],
+                  fixed: Mapping[str, Any]) -> dict[str, str] | None:
+  if groups is None:
+    return None
+  if not isinstance(groups, Mapping):
+    raise ValueError(f"groups must be a mapping task -> group, got {groups!r}")
+  for task, group in groups.items():
+    if task not in tasks:
+      raise ValueError(f"groups names task {task!r} which is not in tasks {list(tasks)}")
+    if not isinstance(group, str) or not group:
+      raise ValueError(f"group of task {task!r} must be a non-empty string, got {group!r}")
+    if task in fixed:
+      raise ValueError(f"task {task!r} has a fixed weight and cannot also be in group {group!r}")
+  missing = [t for t in tasks if t not in fixed and t not in groups]
+  if missing:
+    raise ValueError(f"tasks {missing} have no group; with groups, every balanced task needs one")
+  return dict(groups)
+
+
+def _resolve(tasks: Sequence[str], fixed: Mapping[str, float] | None,
+             groups: Mapping[str, str] | None) -> _Plan:
+  """Checks tasks/fixed/groups and works out the balanced units."""
+  tasks = _check_tasks(tasks)
+  fixed = _check_fixed(fixed, tasks)
+  groups = _check_groups(groups, tasks, fixed)
+  balanced = [t for t in tasks if t not in fixed]
+  if groups is None:
+    units, members = tuple(balanced), tuple((t,) for t in balanced)
+  else:
+    units = tuple(dict.fromkeys(groups[t] for t in balanced))
+    members = tuple(tuple(t for t in balanced if groups[t] == u) for u in units)
+  if len(units) < 2:
+    kind = "groups" if groups is not None else "tasks"
+    raise ValueError(f"balancing needs at least 2 balanced {kind}, got {len(units)}: {list(units)}"
+                     + (f" (fixed: {list(fixed)})" if fixed else ""))
+  return _Plan(tasks, units, members, fixed, groups, groups is not None)
+
+
+def balanced_units(tasks: Sequence[str], fixed: Mapping[str, float] | None = None,
+                   groups: Mapping[str, str] | None = None) -> list[str]:
+  """The units that are balanced: the non-fixed tasks, or their groups in order of appearance.
+
+  Raises:
+    ValueError: duplicate tasks, fixed/groups naming unknown tasks, a fixed task in a group, a
+      balanced task without a group, bad fixed weights, or fewer than 2 units.
+  """
+  return list(_resolve(tasks, fixed, groups).units)
+
+
+# ----------------------------------------------------------------------------------------------
+# Looking the scores up.
+
+
+def _own_model(form: str, unit: str) -> str:
+  """The model trained with unit's own (large) data: 'u+mini', or 'u' in the base form."""
+  return unit if form == "base" else f"{unit}+mini"
+
+
+def _reference_model(form: str) -> str:
+  return "base" if form == "base" else "mini"
+
+
+def _difficulty_models(form: str, unit: str) -> tuple[str, str]:
+  """(numerator, denominator) models of D[unit] = 1 − V(numerator) / V(denominator)."""
+  if form == "real":
+    return "mini", f"{unit}+mini"
+  return f"mini_{unit}", unit
+
+
+_BOTH = ("c", "d")
+
+
+def _required(plan: _Plan, form: str, parts: Sequence[str]) -> dict[str, tuple[int, ...]]:
+  """Every model that C ("c") and/or D ("d") need, with the units it must be scored on."""
+  everywhere = tuple(range(len(plan.units)))
+  need: dict[str, set[int]] = {}
+  if "c" in parts:
+    need[_reference_model(form)] = set(everywhere)
+    for u in plan.units:
+      need.setdefault(_own_model(form, u), set()).update(everywhere)
+  if "d" in parts:
+    for i, u in enumerate(plan.units):
+      for model in _difficulty_models(form, u):
+        need.setdefault(model, set()).add(i)
+  return {m: tuple(sorted(ix)) for m, ix in need.items()}
+
+
+def _missing_model_message(model: str, form: str, plan: _Plan) -> str:
+  """Names the missing model, what needs it and, for a per-task model, the way out."""
+  if model in ("mini", "base"):
+    return f"missing model {model!r} (form {form!r} needs it for every balanced {plan.kind})"
+  unit = next(u for u in plan.units
+              if model in (_own_model(form, u),) + _difficulty_models(form, u))
+  hint = "" if plan.grouped else "; to exclude that task from balancing, give it a fixed weight"
+  return f"missing model {model!r} (form {form!r} needs it for {plan.kind} {unit!r}{hint})"
+
+
+def _check_scalar(value: Any, model: str, task: str) -> None:
+  """A score must be a real scalar and, when concrete, finite."""
+  where = f"score of model {model!r} on task {task!r}"
+  if _is_traced(value):
+    real = jnp.issubdtype(value.dtype, jnp.floating) or jnp.issubdtype(value.dtype, jnp.integer)
+    if value.shape != () or not real:
+      raise ValueError(f"{where} must be a real scalar, got {value.dtype}{list(value.shape)}")
+    return
+  try:
+    arr = np.asarray(value)
+  except Exception as e:  # noqa: BLE001 - anything np cannot read is not a score.
+    raise ValueError(f"{where} is not a number: {value!r}") from e
+  if arr.shape != () or arr.dtype.kind not in "iuf":
+    raise ValueError(f"{where} is not a number: {value!r}")
+  if not math.isfinite(float(arr)):
+    raise ValueError(f"{where} is not finite: V_{task}({model})={float(arr)}")
+
+
+def _collect(scores: Scores, plan: _Plan, form: str,
+             parts: Sequence[str]) -> dict[tuple[str, int], tuple[Any, ...]]:
+  """Looks up every score `parts` need: (model, unit index) -> raw member-task scores."""
+  if not isinstance(scores, Mapping):
+    raise ValueError(f"scores must be a mapping {{model: {{task: score}}}}, got "
+                     f"{type(scores).__name__}")
+  required = _required(plan, form, parts)
+  for model in required:  # all missing models first: that is the usual mistake.
+    if model not in scores:
+      raise ValueError(_missing_model_message(model, form, plan))
+  raw = {}
+  for model, unit_ixs in required.items():
+    row = scores[model]
+    if not isinstance(row, Mapping):
+      raise ValueError(f"model {model!r} must map task -> score, got {type(row).__name__}")
+    for i in unit_ixs:
+      values = []
+      for task in plan.members[i]:
+        if task not in row:
+          raise ValueError(f"model {model!r} has no score for task {task!r}")
+        _check_scalar(row[task], model, task)
+        values.append(row[task])
+      raw[(model, i)] = tuple(values)
+  return raw
+
+
+def _any_traced(raw: Mapping[Any, tuple[Any, ...]]) -> bool:
+  return any(_is_traced(v) for values in raw.values() for v in values)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Table:
+  """The unit-level scores of one form, as arrays (jax or numpy float64); None if not needed."""
+  own: Any = None     # [N, N]: own[i, j] = V_j(own model of i)
+  ref: Any = None     # [N]:    ref[j] = V_j(mini) or V_j(base)
+  d_num: Any = None   # [N]:    V_i(mini) (real) or V_i(mini_i)
+  d_den: Any = None   # [N]:    V_i(i+mini) (real) or V_i(i)
+
+
+def _table(raw: Mapping[tuple[str, int], tuple[Any, ...]], plan: _Plan, form: str,
+           xp: Any, parts: Sequence[str]) -> _Table:
+  """Builds the unit-level score arrays with `xp` (jnp, or np in float64 for the value checks)."""
+  if xp is np:
+    def unit(values):
+      return float(np.mean([float(np.asarray(v)) for v in values]))
+    stack = np.array
+  else:
+    def unit(values):
+      vals = [jnp.asarray(v, dtype=float) for v in values]
+      # Group score = mean of its tasks' scores (METHOD.md §6).
+      return vals[0] if len(vals) == 1 else jnp.mean(jnp.stack(vals))
+    stack = jnp.stack
+  n = len(plan.units)
+  table = {}
+  if "c" in parts:
+    table["own"] = stack([stack([unit(raw[(_own_model(form, u), j)]) for j in range(n)])
+                          for u in plan.units])
+    table["ref"] = stack([unit(raw[(_reference_model(form), j)]) for j in range(n)])
+  if "d" in parts:
+    models = [_difficulty_models(form, u) for u in plan.units]
+    table["d_num"] = stack([unit(raw[(m[0], i)]) for i, m in enumerate(models)])
+    table["d_den"] = stack([unit(raw[(m[1], i)]) for i, m in enumerate(models)])
+  return _Table(**table)
+
+
+def _too_small(den: float, *magnitudes: float) -> bool:
+  return not den > MIN_RELATIVE_DENOMINATOR * max(abs(m) for m in magnitudes)
+
+
+def _value_problems(t: _Table, plan: _Plan, form: str) -> list[str]:
+  """Denominators that are <= 0 or too close to 0, as messages naming unit and models."""
+  problems = []
+  ref_model = _reference_model(form)
+  over = " over 'base'" if form == "base" else ""
+  for j, u in enumerate(plan.units if t.own is not None else ()):
+    a, b = float(t.own[j, j]), float(t.ref[j])
+    own = _own_model(form, u)
+    if a - b <= 0:
+      problems.append(f"{plan.kind} {u!r} did not improve{over} with its own data: "
+                      f"V_{u}({own})={a:.6g} <= V_{u}({ref_model})={b:.6g}")
+    elif _too_small(a - b, a, b):
+      problems.append(f"{plan.kind} {u!r} barely improved{over} with its own data: "
+                      f"V_{u}({own})={a:.6g} - V_{u}({ref_model})={b:.6g} = {a - b:.3g} is "
+                      f"within {MIN_RELATIVE_DENOMINATOR:g}×|V| of 0")
+  for i, u in enumerate(plan.units if t.d_den is not None else ()):
+    num_model, den_model = _difficulty_models(form, u)
+    num, den = float(t.d_num[i]), float(t.d_den[i])
+    if den <= 0:
+      problems.append(f"difficulty of {plan.kind} {u!r} needs V_{u}({den_model}) > 0, "
+                      f"got V_{u}({den_model})={den:.6g}")
+    elif _too_small(den, num):
+      problems.append(f"difficulty of {plan.kind} {u!r}: V_{u}({den_model})={den:.6g} is too "
+                      f"close to 0 next to V_{u}({num_model})={num:.6g}")
+  return problems
+
+
+def _prepare(scores: Scores, plan: _Plan, form: str, parts: Sequence[str] = _BOTH) -> _Table:
+  """Structural and (when concrete) value checks, then the jax score arrays C and/or D need."""
+  raw = _collect(scores, plan, form, parts)
+  if _any_traced(raw):
+    return _table(raw, plan, form, jnp, parts)
+  table = _table(raw, plan, form, np, parts)
+  problems = _value_problems(table, plan, form)
+  if problems:
+    raise ValueError("; ".join(problems))
+  # One transfer per array instead of one per score.
+  return _Table(**{k: None if v is None else jnp.asarray(v, dtype=float)
+                   for k, v in dataclasses.asdict(table).items()})
+
+
+def validate_scores(scores: Scores, tasks: Sequence[str], form: str = "real",
+                    fixed: Mapping[str, float] | None = None,
+                    groups: Mapping[str, str] | None = None) -> None:
+  """Raises `ValueError` for anything `compute_lambda` cannot balance.
+
+  Structural problems (missing model or task score, fewer than 2 balanced units, bad
+  form/fixed/groups) are always found; value problems (non-finite scores, a unit that did not
+  improve with its own data, a non-positive or near-zero difficulty denominator) only when the
+  scores are concrete. Call it before `jax.jit`, where the scores are traced.
+  """
+  _prepare(scores, _resolve(tasks, fixed, groups), _check_form(form))
+
+
+# ----------------------------------------------------------------------------------------------
+# The formulas (METHOD.md §3–5).
+
+
+def _contributions(own: Array, ref: Array) -> Array:
+  """C[i, j] = (own[i, j] − ref[j]) / (own[j, j] − ref[j]), with C[j, j] = 1 exactly."""
+  gain = own - ref[None, :]
+  c = gain / jnp.diagonal(gain)[None, :]
+  # x / x is 1 already; `where` makes it exact and keeps its gradient exactly 0.
+  return jnp.where(jnp.eye(own.shape[0], dtype=bool), jnp.ones_like(c), c)
+
+
+def _difficulty(num: Array, den: Array) -> Array:
+  return 1.0 - num / den
+
+
+def contribution_matrix(scores: Scores, tasks: Sequence[str], form: str = "real", *,
+                        groups: Mapping[str, str] | None = None) -> Array:
+  """The N×N inter-task contribution matrix, C[i, j] = C[i→j] (row = contributor).
+
+  Rows and columns follow `tasks` (or the groups in order of first appearance when `groups` is
+  given). "real"/"precise" use models `mini` and `<i>+mini`, "base" uses `base` and `<i>`.
+  """
+  table = _prepare(scores, _resolve(tasks, None, groups), _check_form(form), ("c",))
+  return _contributions(table.own, table.ref)
+
+
+def difficulties(scores: Scores, tasks: Sequence[str], form: str = "real", *,
+                 groups: Mapping[str, str] | None = None) -> Array:
+  """Intra-task difficulty D [N]: real 1 − V_i(mini)/V_i(i+mini), else 1 − V_i(mini_i)/V_i(i)."""
+  table = _prepare(scores, _resolve(tasks, None, groups), _check_form(form), ("d",))
+  return _difficulty(table.d_num, table.d_den)
+
+
+def outward_inward(c: Array) -> tuple[Array, Array]:
+  """(C_out, C_in): C_out[i] = mean_{j≠i} C[i, j], C_in[i] = mean_{j≠i} C[j, i]."""
+  c = jnp.asarray(c)
+  if c.ndim != 2 or c.shape[0] != c.shape[1] or c.shape[0] < 2:
+    raise ValueError(f"C must be a square matrix of size >= 2, got shape {c.shape}")
+  n = c.shape[0]
+  off = jnp.where(jnp.eye(n, dtype=bool), jnp.zeros_like(c), c)
+  return off.sum(axis=1) / (n - 1), off.sum(axis=0) / (n - 1)
+
+
+def _check_vectors(*vectors: Any, xp: Any = jnp) -> tuple[Any, ...]:
+  """c_out, c_in, d as `xp` arrays, checked to be 1-D, non-empty and of one length."""
+  arrays = tuple(xp.asarray(v) if xp is jnp else xp.asarray(v, dtype=np.float64)
+                 for v in vectors)
+  shapes = {a.shape for a in arrays}
+  if len(shapes) != 1 or arrays[0].ndim != 1 or arrays[0].shape[0] < 1:
+    raise ValueError(f"c_out, c_in and d must be 1-D of the same length, got "
+                     f"{[a.shape for a in arrays]}")
+  return arrays
+
+
+def lambda_components(c_out: Array, c_in: Array, d: Array, *,
+                      temperature: float) -> tuple[Array, Array, Array]:
+  """(λ_out, λ_in, λ_D) = N·softmax(C_out/T), N·softmax(−C_in/T), N·softmax(D/T)."""
+  t = _numeric_temperature(temperature)
+  c_out, c_in, d = _check_vectors(c_out, c_in, d)
+  n = c_out.shape[0]
+  return (n * jax.nn.softmax(c_out / t), n * jax.nn.softmax(-c_in / t),
+          n * jax.nn.softmax(d / t))
+
+
+def lambda_from_components(c_out: Array, c_in: Array, d: Array, *, temperature: float,
+                           alpha: Sequence[float] = DEFAULT_ALPHA) -> Array:
+  """Final λ = α_out·λ_out + α_in·λ_in + α_D·λ_D (METHOD.md §5); α must sum to 1."""
+  a_out, a_in, a_d = check_alpha(alpha)
+  l_out, l_in, l_d = lambda_components(c_out, c_in, d, temperature=temperature)
+  return a_out * l_out + a_in * l_in + a_d * l_d
+
+
+# ----------------------------------------------------------------------------------------------
+# Automatic temperature.
+
+
+def _np_weights(x: np.ndarray, sign: np.ndarray, t: float, alpha: np.ndarray) -> np.ndarray:
+  """Final weights in float64: x is [3, N] = (C_out, C_in, D), sign flips C_in."""
+  z = sign[:, None] * x / t
+  z = np.exp(z - z.max(axis=1, keepdims=True))
+  components = x.shape[1] * z / z.sum(axis=1, keepdims=True)
+  return alpha @ components
+
+
+def auto_temperature(c_out: Any, c_in: Any, d: Any, *, alpha: Sequence[float] = DEFAULT_ALPHA,
+                     t_range: tuple[float, float] = AUTO_T_RANGE,
+                     bounds: tuple[float, float] = WEIGHT_BOUNDS) -> float:
+  """The lowest T in `t_range` for which every final weight lies within `bounds`.
+
+  A log grid of `AUTO_GRID_POINTS` temperatures over `t_range` finds the first feasible one; the
+  step from the last infeasible grid point is then refined by bisection to a relative tolerance of
+  `AUTO_RELATIVE_TOLERANCE` (a feasible pocket narrower than one grid step, ~5 %, can be missed).
+  Returns `t_range[0]` when that is already feasible. Needs concrete values (not jittable); the
+  search runs in float64, so float32 weights at the returned T may exceed a bound by rounding.
+
+  Raises:
+    ValueError: no T in `t_range` is feasible, or the inputs are traced.
+  """
+  a = np.asarray(check_alpha(alpha), dtype=np.float64)
+  if any(_is_traced(v) for v in (c_out, c_in, d)):
+    raise ValueError("temperature='auto' needs concrete scores (it is not jittable): pick T "
+                     "eagerly (balance_report(...)['temperature']) and pass the number")
+  x = np.stack(_check_vectors(c_out, c_in, d, xp=np))
+  t_lo, t_hi = (float(v) for v in t_range)
+  if not (0 < t_lo < t_hi and math.isfinite(t_hi)):
+    raise ValueError(f"t_range must satisfy 0 < low < high < inf, got {t_range!r}")
+  sign = np.array([1.0, -1.0, 1.0])
+  w_lo, w_hi = bounds
+
+  def feasible(t: float) -> bool:
+    w = _np_weights(x, sign, t, a)
+    return bool(np.all(w >= w_lo) and np.all(w <= w_hi))
+
+  grid = np.geomspace(t_lo, t_hi, AUTO_GRID_POINTS)
+  ok = [feasible(float(t)) for t in grid]
+  if not any(ok):
+    w = _np_weights(x, sign, t_hi, a)
+    raise ValueError(
+        f"temperature='auto': no T in [{t_lo:g}, {t_hi:g}] keeps every weight within "
+        f"[{w_lo:g}, {w_hi:g}] (at T={t_hi:g} they range over [{w.min():.4g}, {w.max():.4g}]); "
+        "the contributions/difficulties are too spread: check the scores or pass a temperature")
+  k = ok.index(True)
+  if k == 0:
+    return t_lo
+  lo, hi = float(grid[k - 1]), float(grid[k])
+  # Invariant: lo infeasible, hi feasible.
+  while hi - lo > AUTO_RELATIVE_TOLERANCE * hi:
+    mid = math.sqrt(lo * hi)
+    if feasible(mid):
+      hi = mid
+    else:
+      lo = mid
+  return hi
+
+
+# ----------------------------------------------------------------------------------------------
+# Public entry points.
+
+
+@dataclasses.dataclass(frozen=True)
+class _Balance:
+  plan: _Plan
+  form: str
+  alpha: tuple[float, float, float]
+  temperature: Any
+  c: Array
+  c_out: Array
+  c_in: Array
+  d: Array
+  l_out: Array
+  l_in: Array
+  l_d: Array
+  lam: Array
+
+
+def _balance(scores: Scores, tasks: Sequence[str], form: str, temperature: Any,
+             alpha: Sequence[float], fixed: Mapping[str, float] | None,
+             groups: Mapping[str, str] | None) -> _Balance:
+  form = _check_form(form)
+  alpha = check_alpha(alpha)
+  check_temperature(temperature)
+  plan = _resolve(tasks, fixed, groups)
+  table = _prepare(scores, plan, form)
+  c = _contributions(table.own, table.ref)
+  d = _difficulty(table.d_num, table.d_den)
+  c_out, c_in = outward_inward(c)
+  if isinstance(temperature, str):
+    temperature = auto_temperature(c_out, c_in, d, alpha=alpha)
+  l_out, l_in, l_d = lambda_components(c_out, c_in, d, temperature=temperature)
+  lam = alpha[0] * l_out + alpha[1] * l_in + alpha[2] * l_d
+  return _Balance(plan, form, alpha, temperature, c, c_out, c_in, d, l_out, l_in, l_d, lam)
+
+
+def _out(x: Any, traced: bool) -> Any:
+  """A python float when concrete, the 0-d jax array itself when traced."""
+  return x if traced else float(x)
+
+
+def _task_lambdas(b: _Balance, traced: bool) -> dict[str, Any]:
+  unit_index = {t: i for i, members in enumerate(b.plan.members) for t in members}
+  out = {}
+  for task in b.plan.tasks:
+    if task in b.plan.fixed:
+      w = b.plan.fixed[task]
+      out[task] = jnp.asarray(w, dtype=b.lam.dtype) if traced else float(w)
+    else:
+      out[task] = _out(b.lam[unit_index[task]], traced)
+  return out
+
+
+def compute_lambda(scores: Scores, *, tasks: Sequence[str], form: str = "real",
+                   temperature: float | str = 0.5, alpha: Sequence[float] = DEFAULT_ALPHA,
+                   fixed: Mapping[str, float] | None = None,
+                   groups: Mapping[str, str] | None = None) -> dict[str, Any]:
+  """VisATB task weights λ for every task in `tasks` (METHOD.md §3–6).
+
+  Args:
+    scores: `{model_name: {task: score}}`, higher is better; python floats, numpy or jax
+      scalars, or tracers. See the module docstring for the model names of each form.
+    tasks: all tasks, fixed ones included; the order of the result.
+    form: "real" (default), "precise" or "base".
+    temperature: T > 0, or "auto" for the lowest T in `AUTO_T_RANGE` that keeps every balanced
+      weight within [0.5, 2] (needs concrete scores: not usable under jit/grad).
+    alpha: (α_out, α_in, α_D), non-negative, summing to 1.
+    fixed: task -> weight for tasks kept out of the balancing (no scores needed for them).
+    groups: task -> group to balance at group level (every non-fixed task needs a group).
+
+  Returns:
+    task -> λ: python floats when the scores are concrete; 0-d jax arrays when traced (under
+    `jax.jit` / `jax.grad`), fixed tasks included. Jittable and differentiable in the scores.
+
+  Raises:
+    ValueError: bad arguments, missing models/scores, fewer than 2 balanced units, or (concrete
+      scores only) non-finite scores or denominators <= 0 / near 0; the message names the model
+      and task. Under tracing value problems cannot be detected: use `validate_scores` first.
+  """
+  b = _balance(scores, tasks, form, temperature, alpha, fixed, groups)
+  return _task_lambdas(b, _is_traced(b.lam))
+
+
+def balance_report(scores: Scores, *, tasks: Sequence[str], form: str = "real",
+                   temperature: float | str = 0.5, alpha: Sequence[float] = DEFAULT_ALPHA,
+                   fixed: Mapping[str, float] | None = None,
+                   groups: Mapping[str, str] | None = None) -> dict[str, Any]:
+  """`compute_lambda` plus its diagnostics, as a JSON-serialisable dict when concrete.
+
+  Same arguments as `compute_lambda`. Keys: "tasks" (all, in order), "balanced" (the balanced
+  units: tasks, or groups in order of first appearance), "form", "temperature" (the T used),
+  "alpha" (list), "C" (list of rows; row = contributor, column = receiver, order of "balanced"),
+  "c_out", "c_in", "d", "lambda_out", "lambda_in", "lambda_d" (each unit -> float), "lambda"
+  (task -> float, fixed tasks included), "fixed" (task -> weight) and "groups" (task -> group,
+  null for fixed tasks; null altogether without groups). When the scores are traced, numbers are
+  0-d jax arrays and "C" is an [N, N] jax array.
+  """
+  b = _balance(scores, tasks, form, temperature, alpha, fixed, groups)
+  traced = _is_traced(b.lam)
+  units = b.plan.units
+
+  def per_unit(v: Array) -> dict[str, Any]:
+    return {u: _out(v[i], traced) for i, u in enumerate(units)}
+
+  groups_out = None
+  if b.plan.groups is not None:
+    groups_out = {t: b.plan.groups.get(t) for t in b.plan.tasks}
+  return {
+      "tasks": list(b.plan.tasks),
+      "balanced": list(units),
+      "form": b.form,
+      "temperature": _out(b.temperature, _is_traced(b.temperature)),
+      "alpha": list(b.alpha),
+      "C": b.c if traced else [[float(v) for v in row] for row in np.asarray(b.c)],
+      "c_out": per_unit(b.c_out),
+      "c_in": per_unit(b.c_in),
+      "d": per_unit(b.d),
+      "lambda_out": per_unit(b.l_out),
+      "lambda_in": per_unit(b.l_in),
+      "lambda_d": per_unit(b.l_d),
+      "lambda": _task_lambdas(b, traced),
+      "fixed": {t: _out(w, _is_traced(w)) for t, w in b.plan.fixed.items()},
+      "groups": groups_out,
+  }

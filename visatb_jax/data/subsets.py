@@ -1,0 +1,63 @@
+"""Mini and large subsets of every task (METHOD.md section 2).
+
+One seeded permutation per task: the large subset is its first ceil(R_large * n) samples and the
+mini subset its first ceil(R_mini * n), so mini is always inside large and both are fixed by the seed.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+
+# The paper's recommendations; below them the balancing still runs, with a warning.
+MIN_MINI_SAMPLES = 1_000
+MIN_LARGE_SAMPLES = 10_000
+
+
+def subset_indices(n: int, rate: float, *, seed: int, task_index: int) -> np.ndarray:
+  """Indices of the first ceil(rate * n) samples of the task's seeded permutation."""
+  if not 0.0 < rate <= 1.0:
+    raise ValueError(f"subset rate must be in (0, 1], got {rate}")
+  perm = np.random.default_rng([seed, task_index]).permutation(n)
+  return np.sort(perm[: max(1, math.ceil(rate * n))])
+
+
+def split_subsets(
+    counts: Mapping[str, int],
+    tasks: Sequence[str],
+    *,
+    r_large: float,
+    r_mini: float,
+    seed: int,
+) -> dict[str, dict[str, np.ndarray]]:
+  """{task: {"large": idx, "mini": idx}} with mini ⊂ large, indices into each task's samples."""
+  if r_mini > r_large:
+    raise ValueError(f"r_mini={r_mini} must not exceed r_large={r_large}")
+  out = {}
+  for k, task in enumerate(tasks):
+    n = counts.get(task, 0)
+    if n == 0:
+      raise ValueError(f"task {task!r} has no training samples")
+    out[task] = {
+        "large": subset_indices(n, r_large, seed=seed, task_index=k),
+        "mini": subset_indices(n, r_mini, seed=seed, task_index=k),
+    }
+  return out
+
+
+def size_warnings(subsets: Mapping[str, Mapping[str, np.ndarray]]) -> list[str]:
+  """Human-readable warnings for subsets below the paper's recommended sizes."""
+  msgs = []
+  for task, s in subsets.items():
+    if len(s["mini"]) < MIN_MINI_SAMPLES:
+      msgs.append(f"task {task!r}: mini subset has {len(s['mini'])} samples "
+                  f"(< {MIN_MINI_SAMPLES} recommended)")
+    if len(s["large"]) < MIN_LARGE_SAMPLES:
+      msgs.append(f"task {task!r}: large subset has {len(s['large'])} samples "
+                  f"(< {MIN_LARGE_SAMPLES} recommended)")
+  for m in msgs:
+    warnings.warn(m, stacklevel=2)
+  return msgs

@@ -1,0 +1,200 @@
+"""The vicuna_v1 chat template of LLaVA-1.5: token ids, exact label masks, generation prompts.
+
+LLaVA's ``conv_vicuna_v1`` (sep=" ", sep2="</s>") renders a conversation as::
+
+    <s>SYSTEM USER: q1 ASSISTANT: a1</s>USER: q2 ASSISTANT: a2</s>
+
+(there is no space between ``</s>`` and the next ``USER:``, exactly as LLaVA's ``get_prompt``).
+Pieces are tokenised separately so the label mask is exact, and every function here uses the same
+pieces, so a generation prompt is always a prefix of the training sequence:
+
+* bos id (label 0);
+* the system prompt (label 0);
+* per round, the prompt piece ``" USER: " + q + " ASSISTANT:"`` (no leading space after the first
+  round) with label 0; each ``<image>`` placeholder in ``q`` becomes ``num_image_tokens`` copies of
+  the image token id, and the text around it is tokenised on its own (the ``"\\n"`` after
+  ``<image>`` is kept, as LLaVA-1.5 keeps it);
+* the answer piece ``" " + a`` (label 1) and the eos id (label 1).
+
+A trailing human turn without an answer is ignored.
+
+Truncation rule (for a sequence longer than ``max_len``): the bos token, every image block and the
+whole final round (its question, ``" ASSISTANT:"``, answer and eos) are kept; the other tokens
+are dropped from the front, i.e. first the system prompt, then the earliest text, until the
+sequence fits (so images are never cut or dropped, and earlier answers may lose their first
+tokens). If the kept tokens alone exceed ``max_len``, the sample cannot be used:
+``encode_conversation`` returns None.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Sequence
+
+import numpy as np
+
+from visatb_jax.data.tokenizer import image_token_id
+
+SYSTEM_PROMPT = ("A chat between a curious human and an artificial intelligence assistant. "
+                 "The assistant gives helpful, detailed, and polite answers to the human's "
+                 "questions.")
+USER, ASSISTANT = "USER", "ASSISTANT"
+IMAGE_PLACEHOLDER = "<image>"
+HUMAN_ROLES = ("human", "user")
+GPT_ROLES = ("gpt", "assistant")
+
+# Token kinds; only TEXT tokens may be dropped by truncation.
+_TEXT, _IMAGE, _BOS = 0, 1, 2
+
+
+@dataclasses.dataclass(frozen=True)
+class Encoded:
+  """A tokenised training sample."""
+  input_ids: np.ndarray  # int32 [n]
+  label_mask: np.ndarray  # bool [n], True on assistant answer tokens and their closing eos
+  num_images: int
+  truncated: bool
+
+
+@dataclasses.dataclass
+class _Builder:
+  """Token ids with their label and kind, appended piece by piece."""
+  ids: list[int] = dataclasses.field(default_factory=list)
+  labels: list[bool] = dataclasses.field(default_factory=list)
+  kinds: list[int] = dataclasses.field(default_factory=list)
+  num_images: int = 0
+
+  def add(self, ids: Sequence[int], label: bool, kind: int = _TEXT) -> None:
+    self.ids.extend(ids)
+    self.labels.extend([label] * len(ids))
+    self.kinds.extend([kind] * len(ids))
+
+
+def split_rounds(conversations: Sequence[dict[str, Any]]) -> list[tuple[str, str]]:
+  """``[(question, answer), ...]`` from alternating human/gpt turns; a trailing question is dropped.
+
+  Raises:
+    ValueError: roles that do not alternate human/gpt starting with human, or no answer at all.
+  """
+  rounds = []
+  for i in range(0, len(conversations) - 1, 2):
+    human, gpt = conversations[i], conversations[i + 1]
+    if human["from"] not in HUMAN_ROLES or gpt["from"] not in GPT_ROLES:
+      raise ValueError(f"turns {i}, {i + 1} have roles {human['from']!r}, {gpt['from']!r}; "
+                       "expected human then gpt")
+    rounds.append((human["value"], gpt["value"]))
+  if len(conversations) % 2 and conversations[-1]["from"] not in HUMAN_ROLES:
+    raise ValueError(f"turn {len(conversations) - 1} should be a human turn")
+  if not rounds:
+    raise ValueError("conversation has no assistant answer")
+  return rounds
+
+
+def _encode_text(tok: Any, text: str) -> list[int]:
+  return tok.encode(text, add_special_tokens=False) if text else []
+
+
+def _add_prompt(builder: _Builder, tok: Any, text: str, *, image_id: int,
+                num_image_tokens: int) -> None:
+  """Appends a prompt piece (label 0), expanding each ``<image>`` into an image block."""
+  parts = text.split(IMAGE_PLACEHOLDER)
+  for k, part in enumerate(parts):
+    if k:
+      if num_image_tokens < 1:
+        raise ValueError(f"num_image_tokens must be >= 1 for a sample with {IMAGE_PLACEHOLDER}")
+      builder.add([image_id] * num_image_tokens, False, _IMAGE)
+      builder.num_images += 1
+    builder.add(_encode_text(tok, part), False)
+
+
+def round_prompt(index: int, question: str) -> str:
+  """The text of a round before its answer: ``" USER: q ASSISTANT:"`` (no space after round 0)."""
+  return f"{' ' if index == 0 else ''}{USER}: {question} {ASSISTANT}:"
+
+
+def _build(rounds: Sequence[tuple[str, str]], tok: Any, *, num_image_tokens: int,
+           system: str, answer_last: bool) -> tuple[_Builder, int]:
+  """Builds the token stream; returns it and the index where the final round starts."""
+  builder = _Builder()
+  image_id = image_token_id(tok)
+  builder.add([tok.bos_token_id], False, _BOS)
+  builder.add(_encode_text(tok, system), False)
+  final_start = 0
+  for r, (question, answer) in enumerate(rounds):
+    last = r == len(rounds) - 1
+    if last:
+      final_start = len(builder.ids)
+    _add_prompt(builder, tok, round_prompt(r, question), image_id=image_id,
+                num_image_tokens=num_image_tokens)
+    if last and not answer_last:
+      break
+    builder.add(_encode_text(tok, " " + answer), True)
+    builder.add([tok.eos_token_id], True)
+  return builder, final_start
+
+
+def _truncation_keep(kinds: np.ndarray, final_start: int, max_len: int) -> np.ndarray | None:
+  """Boolean keep-mask implementing the truncation rule; None if the mandatory part is too long."""
+  n = len(kinds)
+  if n <= max_len:
+    return np.ones(n, bool)
+  droppable = np.flatnonzero((kinds == _TEXT) & (np.arange(n) < final_start))
+  excess = n - max_len
+  if excess > len(droppable):
+    return None
+  keep = np.ones(n, bool)
+  keep[droppable[:excess]] = False
+  return keep
+
+
+def encode_conversation(conversations: Sequence[dict[str, Any]], tok: Any, *,
+                        num_image_tokens: int, max_len: int,
+                        system: str = SYSTEM_PROMPT) -> Encoded | None:
+  """Token ids and label mask of a whole conversation (see the module docstring for the rule).
+
+  Args:
+    conversations: ``[{"from": "human"|"gpt", "value": str}, ...]`` (user/assistant accepted).
+    tok: a tokenizer from ``tokenizer.py`` (bos, eos and ``<image>`` tokens).
+    num_image_tokens: length of the token block that each ``<image>`` placeholder becomes.
+    max_len: maximum number of tokens.
+    system: system prompt.
+
+  Returns:
+    :class:`Encoded`, or None when bos + image blocks + the final round exceed ``max_len``.
+  """
+  builder, final_start = _build(split_rounds(conversations), tok,
+                                num_image_tokens=num_image_tokens, system=system, answer_last=True)
+  kinds = np.asarray(builder.kinds, np.int8)
+  keep = _truncation_keep(kinds, final_start, max_len)
+  if keep is None:
+    return None
+  return Encoded(
+      input_ids=np.asarray(builder.ids, np.int32)[keep],
+      label_mask=np.asarray(builder.labels, np.bool_)[keep],
+      num_images=builder.num_images,
+      truncated=not keep.all())
+
+
+def encode_prompt(conversations: Sequence[dict[str, Any]], tok: Any, *, num_image_tokens: int,
+                  max_len: int | None = None,
+                  system: str = SYSTEM_PROMPT) -> tuple[np.ndarray, str]:
+  """Generation prompt up to the final ``" ASSISTANT:"`` and the final answer's text.
+
+  The earlier rounds are included with their answers. The prompt ids are exactly a prefix of
+  ``encode_conversation(...).input_ids`` (without truncation). With ``max_len``, the prompt is
+  truncated by the same rule (the final question and all images are kept).
+
+  Raises:
+    ValueError: no answer in the conversation, or the final question and images exceed ``max_len``.
+  """
+  rounds = split_rounds(conversations)
+  builder, final_start = _build(rounds, tok, num_image_tokens=num_image_tokens, system=system,
+                                answer_last=False)
+  ids = np.asarray(builder.ids, np.int32)
+  if max_len is not None:
+    keep = _truncation_keep(np.asarray(builder.kinds, np.int8), final_start, max_len)
+    if keep is None:
+      raise ValueError(f"prompt needs {len(ids)} tokens; its final question and images alone "
+                       f"exceed max_len={max_len}")
+    ids = ids[keep]
+  return ids, rounds[-1][1]

@@ -1,0 +1,94 @@
+"""A small byte-level BPE tokenizer trained offline, saved/loaded as ``PreTrainedTokenizerFast``.
+
+Byte-level (GPT-2 style) without a prefix space, so ``decode(encode(s)) == s`` for every string.
+The special tokens have fixed ids: ``<unk>`` 0, ``<s>`` 1 (bos), ``</s>`` 2 (eos), ``<pad>`` 3,
+``<image>`` 4. ``encode`` adds no special tokens (there is no post-processor): the chat template
+in ``template.py`` places bos/eos itself.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from typing import Iterable
+
+import tokenizers
+from tokenizers import decoders, models, pre_tokenizers, trainers
+from transformers import PreTrainedTokenizerFast
+
+from visatb_jax.fileio import atomic_write_bytes
+
+UNK, BOS, EOS, PAD, IMAGE = "<unk>", "<s>", "</s>", "<pad>", "<image>"
+SPECIAL_TOKENS = (UNK, BOS, EOS, PAD, IMAGE)
+
+
+def build_backend(texts: Iterable[str], *, vocab_size: int) -> tokenizers.Tokenizer:
+  """Trains the raw ``tokenizers`` byte-level BPE on ``texts``."""
+  backend = tokenizers.Tokenizer(models.BPE(unk_token=None))
+  backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+  backend.decoder = decoders.ByteLevel()
+  trainer = trainers.BpeTrainer(
+      vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS),
+      initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+  # A list (not a generator) keeps training independent of how the caller built the iterable.
+  backend.train_from_iterator(list(texts), trainer=trainer)
+  return backend
+
+
+def wrap(backend: tokenizers.Tokenizer) -> PreTrainedTokenizerFast:
+  """The transformers wrapper with the special tokens named and no space clean-up."""
+  return PreTrainedTokenizerFast(
+      tokenizer_object=backend, unk_token=UNK, bos_token=BOS, eos_token=EOS, pad_token=PAD,
+      extra_special_tokens=[IMAGE], clean_up_tokenization_spaces=False,
+      model_max_length=1 << 30)
+
+
+def train_tokenizer(texts: Iterable[str], *, vocab_size: int,
+                    save_dir: str | os.PathLike | None) -> PreTrainedTokenizerFast:
+  """Trains a byte-level BPE tokenizer (deterministic given ``texts``) and saves it.
+
+  Args:
+    texts: training corpus.
+    vocab_size: target size including the 5 specials and the 256 byte symbols (it may end smaller
+      when the corpus has fewer merges to learn).
+    save_dir: where ``save_pretrained`` writes it (None: not saved).
+  """
+  if vocab_size < len(SPECIAL_TOKENS) + 256:
+    raise ValueError(f"vocab_size={vocab_size} is below the {len(SPECIAL_TOKENS) + 256} "
+                     "special and byte tokens")
+  tok = wrap(build_backend(texts, vocab_size=vocab_size))
+  check_special_ids(tok)
+  if save_dir is not None:
+    save_tokenizer(tok, save_dir)
+  return tok
+
+
+def save_tokenizer(tok: PreTrainedTokenizerFast, save_dir: str | os.PathLike) -> None:
+  """``save_pretrained`` into a scratch directory, then each file atomically into ``save_dir``."""
+  with tempfile.TemporaryDirectory() as scratch:
+    tok.save_pretrained(scratch)
+    for name in sorted(os.listdir(scratch)):
+      with open(os.path.join(scratch, name), "rb") as f:
+        atomic_write_bytes(os.path.join(os.fspath(save_dir), name), f.read())
+
+
+def load_tokenizer(save_dir: str | os.PathLike) -> PreTrainedTokenizerFast:
+  """Loads a tokenizer saved by :func:`train_tokenizer`."""
+  tok = PreTrainedTokenizerFast.from_pretrained(os.fspath(save_dir))
+  check_special_ids(tok)
+  return tok
+
+
+def check_special_ids(tok: PreTrainedTokenizerFast) -> None:
+  """Raises ``ValueError`` unless the specials have ids 0..4 in ``SPECIAL_TOKENS`` order."""
+  ids = [tok.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS]
+  if ids != list(range(len(SPECIAL_TOKENS))):
+    raise ValueError(f"special tokens {SPECIAL_TOKENS} have ids {ids}, expected 0..4")
+
+
+def image_token_id(tok: PreTrainedTokenizerFast) -> int:
+  """Id of the ``<image>`` token."""
+  token_id = tok.convert_tokens_to_ids(IMAGE)
+  if token_id is None or token_id == tok.unk_token_id:
+    raise ValueError(f"tokenizer has no {IMAGE} token")
+  return int(token_id)

@@ -1,0 +1,279 @@
+"""One run directory and what the pipeline's stages share: data, tokenizer, models, scores.
+
+Everything expensive is built lazily and cached for the life of the process; everything that must
+survive a kill is written to the run directory with the hash of the stage that produced it.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+import shutil
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+
+from visatb_jax import fileio
+from visatb_jax.data import images as images_lib
+from visatb_jax.data import packing, shapes, sources, subsets, template, tokenizer as tokenizer_lib
+
+
+class PipelineError(RuntimeError):
+  """A problem the user must fix (bad config, missing input); printed as one line."""
+
+
+def _task_settings(config) -> tuple[tuple[str, ...], dict[str, float], dict[str, str]]:
+  tasks = tuple(config.task_order)
+  if len(set(tasks)) != len(tasks):
+    raise PipelineError(f"config.task_order has duplicates: {list(tasks)}")
+  fixed, groups = {}, {}
+  for t in tasks:
+    if t not in config.tasks:
+      raise PipelineError(f"task {t!r} is in config.task_order but not in config.tasks")
+    info = config.tasks[t]
+    if info.get("fixed_weight") is not None:
+      fixed[t] = float(info.fixed_weight)
+    elif info.get("group"):
+      groups[t] = str(info.group)
+  if groups and len(groups) != len(tasks) - len(fixed):
+    missing = [t for t in tasks if t not in fixed and t not in groups]
+    raise PipelineError(f"tasks {missing} have no group while others do; give every balanced "
+                        "task a group or none")
+  return tasks, fixed, groups
+
+
+class Experiment:
+  """The run directory `workdir` of one config."""
+
+  def __init__(self, config, workdir: str):
+    self.config = config
+    self.workdir = workdir
+    self.task_names, self.fixed_weights, self.groups = _task_settings(config)
+    self.num_tasks = len(self.task_names)
+    balanced = [t for t in self.task_names if t not in self.fixed_weights]
+    self.balanced_units = list(dict.fromkeys(self.groups[t] for t in balanced)) if self.groups else balanced
+    if len(self.balanced_units) < 2:
+      raise PipelineError(f"VisATB needs at least 2 balanced tasks, got {self.balanced_units}")
+
+  # --- paths -------------------------------------------------------------------------------------
+
+  def path(self, *parts: str) -> str:
+    return os.path.join(self.workdir, *parts)
+
+  def read_output(self, *parts: str):
+    p = self.path(*parts)
+    if not os.path.exists(p):
+      raise PipelineError(f"{p} does not exist: run the stage that writes it first")
+    return fileio.read_json(p)
+
+  @property
+  def data_root(self) -> str:
+    return self.path("data", "shapes")
+
+  @property
+  def tokenizer_dir(self) -> str:
+    return self.path("data", "tokenizer")
+
+  # --- data ----------------------------------------------------------------------------------------
+
+  def prepare_data(self) -> None:
+    """Writes the built-in benchmark and trains the tokenizer on its training text."""
+    dc = self.config.data
+    if dc.source != "shapes":
+      raise PipelineError(f"config.data.source={dc.source!r}: only the built-in 'shapes' benchmark "
+                          "is supported so far")
+    unknown = sorted(set(self.task_names) - set(shapes.TASKS))
+    if unknown:
+      raise PipelineError(f"unknown task(s) {unknown} for the shapes benchmark "
+                          f"(it has {list(shapes.TASKS)})")
+    sh = dc.shapes
+    shapes.generate_benchmark(self.data_root, seed=int(self.config.seed), sizes=dict(sh.sizes),
+                              grid=sh.grid, cell=sh.cell, max_objects=sh.max_objects)
+    if not os.path.exists(os.path.join(self.tokenizer_dir, "tokenizer.json")):
+      # Whole rendered conversations, so that the system prompt and role tags, which every
+      # sample repeats, become a handful of merged tokens.
+      roles = {"human": "USER:", "gpt": "ASSISTANT:"}
+      texts = [" ".join([template.SYSTEM_PROMPT] + [f"{roles[t['from']]} {t['value']}"
+                                                    for t in s["conversations"]])
+               for s in self.samples("train")]
+      tokenizer_lib.train_tokenizer(texts, vocab_size=int(dc.vocab_size), save_dir=self.tokenizer_dir)
+    self.encoded_train()  # fail now, not in the middle of training, on bad samples
+
+  @functools.cached_property
+  def tokenizer(self):
+    if not os.path.exists(self.tokenizer_dir):
+      raise PipelineError(f"{self.tokenizer_dir} does not exist: run the 'data' stage first")
+    return tokenizer_lib.load_tokenizer(self.tokenizer_dir)
+
+  @functools.lru_cache(maxsize=None)
+  def samples(self, split: str) -> list[dict]:
+    path = os.path.join(self.data_root, f"{split}.json")
+    if not os.path.exists(path):
+      raise PipelineError(f"{path} does not exist: run the 'data' stage first")
+    loaded = sources.load_samples(path)
+    wanted = [s for s in loaded.samples if s["task"] in self.task_names]
+    for t in self.task_names:
+      if not any(s["task"] == t for s in wanted):
+        raise PipelineError(f"task {t!r} has no samples in the {split} split ({path})")
+    return wanted
+
+  @property
+  def image_size(self) -> int:
+    return int(self.config.model.vision.image_size)
+
+  @functools.cached_property
+  def model_config(self):
+    from visatb_jax.model import config as model_config
+    mc = self.config.model
+    tok = self.tokenizer
+    return model_config.LlavaConfig.from_dict({
+        "vision": dict(mc.vision),
+        "text": {**dict(mc.text), "vocab_size": len(tok)},
+        "image_token_id": tokenizer_lib.image_token_id(tok),
+    })
+
+  @functools.lru_cache(maxsize=None)
+  def encoded_train(self) -> dict[str, list[packing.Example]]:
+    """Every training sample as token ids + label mask + image, grouped by task; counts saved."""
+    tok, mc = self.tokenizer, self.model_config
+    by_task: dict[str, list[packing.Example]] = {t: [] for t in self.task_names}
+    stats = {t: {"samples": 0, "truncated": 0, "dropped_too_long": 0} for t in self.task_names}
+    for s in self.samples("train"):
+      t = s["task"]
+      enc = template.encode_conversation(s["conversations"], tok, num_image_tokens=mc.num_image_tokens,
+                                         max_len=int(self.config.data.max_len))
+      if enc is None:
+        stats[t]["dropped_too_long"] += 1
+        continue
+      stats[t]["samples"] += 1
+      stats[t]["truncated"] += int(enc.truncated)
+      imgs = (np.stack([images_lib.load_image(s["image_path"], self.image_size)])
+              if s.get("image_path") else np.zeros((0, self.image_size, self.image_size, 3), np.uint8))
+      by_task[t].append(packing.Example(enc.input_ids, enc.label_mask, self.task_names.index(t), imgs))
+    for t, exs in by_task.items():
+      if not exs:
+        raise PipelineError(f"task {t!r} has no usable training samples (stats: {stats[t]})")
+    fileio.atomic_write_json(self.path("data_stats.json"), {"train": stats})
+    return by_task
+
+  # --- subsets -------------------------------------------------------------------------------------
+
+  @functools.cached_property
+  def subsets(self) -> dict[str, dict[str, np.ndarray]]:
+    enc = self.encoded_train()
+    pc = self.config.prep
+    return subsets.split_subsets({t: len(v) for t, v in enc.items()}, self.task_names,
+                                 r_large=float(pc.r_large), r_mini=float(pc.r_mini),
+                                 seed=int(self.config.seed))
+
+  def subset_warnings(self) -> list[str]:
+    return subsets.size_warnings({t: s for t, s in self.subsets.items() if t not in self.fixed_weights})
+
+  def unit_of(self, task: str) -> str | None:
+    if task in self.fixed_weights:
+      return None
+    return self.groups.get(task, task)
+
+  def prep_examples(self, model_name: str) -> list[packing.Example]:
+    """`mini`: mini subsets of all tasks; `<unit>+mini`: the unit's large subsets, others' mini."""
+    big_unit = None if model_name == "mini" else model_name.removesuffix("+mini")
+    enc = self.encoded_train()
+    out = []
+    for t in self.task_names:
+      which = "large" if big_unit is not None and self.unit_of(t) == big_unit else "mini"
+      out += [enc[t][i] for i in self.subsets[t][which]]
+    return out
+
+  def task_examples(self, tasks: Sequence[str]) -> list[packing.Example]:
+    enc = self.encoded_train()
+    return [e for t in tasks for e in enc[t]]
+
+  # --- models --------------------------------------------------------------------------------------
+
+  def new_model(self):
+    from flax import nnx
+    from visatb_jax.model import llava
+    return llava.LlavaForConditionalGeneration(
+        self.model_config, rngs=nnx.Rngs(int(self.config.model.init_seed)))
+
+  def _claim_dir(self, directory: str, stage_hash: str) -> bool:
+    """True when `directory` already holds a finished result of this stage hash.
+
+    A directory left by another configuration is removed, so that its checkpoints are never
+    resumed by a run they do not belong to.
+    """
+    info_path = os.path.join(directory, "run.json")
+    if os.path.exists(info_path):
+      info = fileio.read_json(info_path)
+      if info.get("hash") == stage_hash:
+        return bool(info.get("done"))
+      shutil.rmtree(directory)
+    fileio.atomic_write_json(info_path, {"hash": stage_hash, "done": False})
+    return False
+
+  def train_model(self, rel_dir: str, examples: Sequence[packing.Example], lam: np.ndarray, *,
+                  stage_hash: str, tla: bool = False) -> None:
+    from visatb_jax import train
+    directory = self.path(rel_dir)
+    if self._claim_dir(directory, stage_hash):
+      print(f"  {rel_dir}: trained, skipped", flush=True)
+      return
+    dc, tc = self.config.data, self.config.train
+    ds = packing.PackedDataset(examples, seq_len=int(dc.seq_len), max_images=int(dc.max_images),
+                               pad_id=self.tokenizer.pad_token_id, seed=int(self.config.seed))
+    cfg = self.train_config(math.ceil(float(tc.epochs) * ds.num_rows / int(tc.batch_size)), tla)
+    print(f"  {rel_dir}: {len(examples)} samples in {ds.num_rows} rows, {cfg['steps']} steps",
+          flush=True)
+    train.train(self.new_model(), lambda step: ds.batch_at(step, int(tc.batch_size)),
+                np.asarray(lam, np.float32), cfg, directory, task_names=list(self.task_names))
+    fileio.atomic_write_json(os.path.join(directory, "run.json"), {
+        "hash": stage_hash, "done": True, "train": cfg, "rows": ds.num_rows,
+        "samples": len(examples), "packing_efficiency": ds.packing_efficiency()})
+
+  def train_config(self, steps: int, tla: bool = False) -> dict:
+    cfg = self.config.train.to_dict()
+    cfg.update(steps=max(1, int(steps)), tla=bool(tla), seed=int(self.config.seed))
+    return cfg
+
+  def load_model(self, rel_dir: str | None):
+    """The trained model in `rel_dir`, or the untrained initial model for None."""
+    model = self.new_model()
+    if rel_dir is None:
+      return model
+    from visatb_jax import train
+    info = fileio.read_json(self.path(rel_dir, "run.json"))
+    if not info.get("done"):
+      raise PipelineError(f"{self.path(rel_dir)} has no finished training run")
+    return train.restore_model(model, info["train"], self.path(rel_dir))
+
+  # --- evaluation ----------------------------------------------------------------------------------
+
+  @functools.lru_cache(maxsize=None)
+  def eval_sets(self, split: str):
+    from visatb_jax import evaluate
+    return evaluate.build_eval_sets(
+        self.samples(split), tokenizer=self.tokenizer,
+        task_metrics={t: self.config.tasks[t].metric for t in self.task_names},
+        num_image_tokens=self.model_config.num_image_tokens, image_size=self.image_size)
+
+  def score_model(self, rel_dir: str | None, split: str, *, stage_hash: str,
+                  tasks: Sequence[str] | None = None) -> dict[str, float]:
+    """Scores of a trained model (None: the untrained one) on `split`, cached in its directory."""
+    from visatb_jax import evaluate
+    tasks = list(tasks or self.task_names)
+    cache = self.path(rel_dir or "untrained", f"scores_{split}.json")
+    if os.path.exists(cache):
+      cached = fileio.read_json(cache)
+      if cached.get("hash") == stage_hash and set(tasks) <= set(cached["scores"]):
+        return {t: cached["scores"][t] for t in tasks}
+    ec = self.config.eval
+    scores, preds = evaluate.evaluate(
+        self.load_model(rel_dir), self.eval_sets(split), tokenizer=self.tokenizer,
+        batch_size=int(ec.batch_size), max_new_tokens=int(ec.max_new_tokens), tasks=tasks,
+        desc=f"{rel_dir or 'untrained'} on {split}")
+    print(f"  {rel_dir or 'untrained'} on {split}: "
+          + ", ".join(f"{t}={v:.3f}" for t, v in scores.items()), flush=True)
+    fileio.atomic_write_json(cache, {"hash": stage_hash, "scores": scores,
+                                     "examples": {t: p[:5] for t, p in preds.items()}})
+    return scores

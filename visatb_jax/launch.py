@@ -1,0 +1,77 @@
+"""Command line: run the whole VisATB pipeline, or some of its stages.
+
+  python -m visatb_jax.launch --config configs/demo.py [--config.train.epochs=2]
+      [--workdir runs/demo] [--stages prep,validate]
+
+`--config NAME.py` is looked up as given, then in the project's `configs/` folder.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Sequence
+
+from absl import app, flags
+from ml_collections import config_flags
+
+_CONFIGS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+
+
+def resolve_config_path(path: str) -> str:
+  """`demo.py` → `configs/demo.py` when the path as given does not exist."""
+  base, _, overrides = path.partition(":")
+  if os.path.exists(base):
+    return path
+  for candidate in (os.path.join("configs", base), os.path.join(_CONFIGS_DIR, base)):
+    if os.path.exists(candidate):
+      return candidate + (":" + overrides if overrides else "")
+  raise app.UsageError(f"config file {base!r} not found (also looked in {_CONFIGS_DIR})")
+
+
+def _rewrite_config_arg(argv: Sequence[str]) -> list[str]:
+  """Resolves the --config value before absl parses it (config_flags loads it while parsing)."""
+  out, i = [], 0
+  argv = list(argv)
+  while i < len(argv):
+    arg = argv[i]
+    if arg == "--config" and i + 1 < len(argv):
+      out += [arg, resolve_config_path(argv[i + 1])]
+      i += 2
+      continue
+    if arg.startswith("--config="):
+      arg = "--config=" + resolve_config_path(arg.split("=", 1)[1])
+    out.append(arg)
+    i += 1
+  return out
+
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file.", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (default runs/<config name>).")
+_STAGES = flags.DEFINE_list("stages", ["all"], "Stages to run, comma separated, or 'all'.")
+
+
+def main(argv: Sequence[str]) -> int:
+  del argv
+  from visatb_jax import pipeline  # Deferred: jax initialises only after flags are parsed.
+
+  config = _CONFIG.value
+  if config is None:
+    raise app.UsageError("--config is required, e.g. --config configs/demo.py")
+  workdir = _WORKDIR.value or os.path.join("runs", config.get("name", "run"))
+  stages = None if _STAGES.value == ["all"] else _STAGES.value
+  try:
+    pipeline.run(config, workdir, stages=stages)
+  except pipeline.PipelineError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  return 0
+
+
+def run_cli() -> None:
+  sys.argv = _rewrite_config_arg(sys.argv)
+  app.run(main)
+
+
+if __name__ == "__main__":
+  run_cli()

@@ -1,0 +1,158 @@
+"""The whole VisATB method as resumable stages (DESIGN.md, "The data flow").
+
+  data ─► prep (mini, <task>+mini) ─► validate ─► lambda ─► final (visatb + baselines) ─► test ─► report
+
+A stage is skipped when `manifest.json` says it finished under the same stage hash. Inside a stage,
+every trained model and every score file carries that hash too, and training resumes from its last
+checkpoint, so a run killed at any moment resumes where it stopped and ends with the same results.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Sequence
+
+import numpy as np
+
+from visatb_jax import balancing, fileio, manifest, metrics
+from visatb_jax.experiment import Experiment, PipelineError
+
+__all__ = ["PipelineError", "STAGES", "run"]
+
+# (stage, config keys it reads); order is execution order.
+_STAGE_INPUTS = (
+    ("data", ("seed", "data", "task_order", "tasks")),
+    ("prep", ("model", "train", "prep")),
+    ("validate", ("eval",)),
+    ("lambda", ("balance",)),
+    ("final", ("baselines",)),
+    ("test", ()),
+    ("report", ()),
+)
+STAGES = tuple(name for name, _ in _STAGE_INPUTS)
+
+
+def _log(msg: str) -> None:
+  print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+# --- stages ------------------------------------------------------------------------------------
+
+
+def stage_data(exp: Experiment, stage_hash: str) -> None:
+  exp.prepare_data()
+
+
+def prep_model_names(exp: Experiment) -> list[str]:
+  return ["mini"] + [f"{unit}+mini" for unit in exp.balanced_units]
+
+
+def stage_prep(exp: Experiment, stage_hash: str) -> None:
+  for w in exp.subset_warnings():
+    _log(f"warning: {w}")
+  for name in prep_model_names(exp):
+    exp.train_model(os.path.join("prep", name), exp.prep_examples(name),
+                    np.ones(exp.num_tasks, np.float32), stage_hash=stage_hash)
+
+
+def stage_validate(exp: Experiment, stage_hash: str) -> None:
+  table = {}
+  for name in prep_model_names(exp):
+    table[name] = exp.score_model(os.path.join("prep", name), "val", stage_hash=stage_hash)
+  fileio.atomic_write_json(exp.path("scores", "validation.json"), table)
+
+
+def stage_lambda(exp: Experiment, stage_hash: str) -> None:
+  scores = exp.read_output("scores", "validation.json")
+  bal = exp.config.balance
+  try:
+    report = balancing.balance_report(
+        scores, tasks=list(exp.task_names), form=bal.form, temperature=bal.temperature,
+        alpha=tuple(bal.alpha), fixed=exp.fixed_weights or None, groups=exp.groups or None)
+  except ValueError as e:
+    raise PipelineError(f"cannot compute λ from scores/validation.json: {e}") from e
+  fileio.atomic_write_json(exp.path("lambda.json"), report)
+  _log("λ = " + ", ".join(f"{t}={report['lambda'][t]:.3f}" for t in exp.task_names))
+
+
+def final_methods(exp: Experiment) -> list[str]:
+  return ["visatb"] + [m for m in exp.config.baselines if m != "visatb"]
+
+
+def stage_final(exp: Experiment, stage_hash: str) -> None:
+  lam = exp.read_output("lambda.json")["lambda"]
+  for method in final_methods(exp):
+    if method == "stl":
+      for task in exp.task_names:
+        exp.train_model(os.path.join("final", "stl", task), exp.task_examples([task]),
+                        np.ones(exp.num_tasks, np.float32), stage_hash=stage_hash)
+      continue
+    if method == "visatb":
+      weights = np.array([lam[t] for t in exp.task_names], np.float32)
+    elif method in ("ew", "tla"):
+      weights = np.ones(exp.num_tasks, np.float32)
+    else:
+      raise PipelineError(f"unknown baseline {method!r} in config.baselines "
+                          "(known: visatb, ew, tla, stl)")
+    exp.train_model(os.path.join("final", method), exp.task_examples(exp.task_names), weights,
+                    stage_hash=stage_hash, tla=(method == "tla"))
+
+
+def stage_test(exp: Experiment, stage_hash: str) -> None:
+  table = {"untrained": exp.score_model(None, "test", stage_hash=stage_hash)}
+  for method in final_methods(exp):
+    if method == "stl":
+      table["stl"] = {t: exp.score_model(os.path.join("final", "stl", t), "test", tasks=[t],
+                                         stage_hash=stage_hash)[t] for t in exp.task_names}
+    else:
+      table[method] = exp.score_model(os.path.join("final", method), "test", stage_hash=stage_hash)
+  fileio.atomic_write_json(exp.path("scores", "test.json"), table)
+
+
+def stage_report(exp: Experiment, stage_hash: str) -> None:
+  from visatb_jax import report  # matplotlib only when a report is written
+
+  test = exp.read_output("scores", "test.json")
+  hib = {t: bool(exp.config.tasks[t].higher_is_better) for t in exp.task_names}
+  comparison = {}
+  for method, scores in test.items():
+    if method == "stl" or "stl" not in test:
+      continue
+    try:
+      comparison[method] = metrics.delta_metrics(test["stl"], scores, higher_is_better=hib)
+    except ValueError as e:  # e.g. an STL score of 0: ΔI is undefined, say so in the report
+      comparison[method] = {"error": str(e)}
+  fileio.atomic_write_json(exp.path("report", "comparison.json"), comparison)
+  path = report.write_report(exp.workdir, title=f"VisATB run: {exp.config.get('name', '')}")
+  _log(f"report: {path}")
+
+
+_STAGE_FNS: dict[str, Callable[[Experiment, str], None]] = {
+    "data": stage_data, "prep": stage_prep, "validate": stage_validate, "lambda": stage_lambda,
+    "final": stage_final, "test": stage_test, "report": stage_report,
+}
+
+
+def run(config, workdir: str, *, stages: Sequence[str] | None = None) -> None:
+  """Runs the requested stages (default: all) in order, skipping those already done."""
+  unknown = sorted(set(stages or ()) - set(STAGES))
+  if unknown:
+    raise PipelineError(f"unknown stage(s) {unknown}; stages are {list(STAGES)}")
+  exp = Experiment(config, workdir)
+  man = manifest.Manifest(workdir, config)
+  hashes = manifest.stage_hashes(config, _STAGE_INPUTS)
+  _log(f"run directory {os.path.abspath(workdir)}")
+  for stage in STAGES:
+    if stages and stage not in stages:
+      continue
+    if man.is_done(stage, hashes[stage]):
+      _log(f"stage {stage}: done, skipped")
+      continue
+    _log(f"stage {stage}: start")
+    man.mark(stage, "running", hashes[stage])
+    t0 = time.time()
+    _STAGE_FNS[stage](exp, hashes[stage])
+    seconds = time.time() - t0
+    man.mark(stage, "done", hashes[stage], seconds=round(seconds, 2))
+    _log(f"stage {stage}: done in {seconds:.1f}s")

@@ -1,0 +1,391 @@
+"""Functional training: optimizer, jit train step on a Mesh, and the resumable loop.
+
+The model is split once into (graphdef, trainable params, frozen state); the step is a
+pure function of arrays. The VITW loss is summed over the whole global batch of an
+optimizer step — every device and every accumulation micro-batch — and divided exactly
+once, so a sharded or accumulated step equals the single-device full-batch step.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx, struct
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from visatb_jax import loss as loss_lib
+from visatb_jax import metrics_log
+from visatb_jax.checkpoint import Checkpointer
+
+DATA_AXIS = "data"
+CHECKPOINT_DIR = "checkpoints"
+
+Batch = Mapping[str, Any]
+LamLike = Any  # float32 [T] array-like, or Callable[[int], array-like] of the step index.
+
+_DEFAULTS = {
+    "accum_steps": 1,
+    "warmup_frac": 0.03,
+    "clip_norm": 1.0,
+    "weight_decay": 0.0,
+    "checkpoint_every": 1000,
+    "log_every": 10,
+    "seed": 0,
+    "freeze_vision_tower": True,
+    "tla": False,
+    "batch_size": None,
+}
+
+
+class TrainingDiverged(RuntimeError):
+  """The loss became NaN/inf; the last good checkpoint is left in place."""
+
+
+def _cfg(cfg: Any, name: str) -> Any:
+  """A config field (dict or ConfigDict), with the defaults above for optional ones."""
+  if name in cfg:
+    return cfg[name]
+  if name in _DEFAULTS:
+    return _DEFAULTS[name]
+  raise KeyError(f"config field {name!r} is required")
+
+
+# ----------------------------------------------------------------------------- optimizer
+
+
+def make_schedule(cfg: Any) -> optax.Schedule:
+  """Linear warm-up over `warmup_frac` of `steps` from 0 to `lr`, then cosine decay to 0."""
+  steps = int(_cfg(cfg, "steps"))
+  warmup = int(round(float(_cfg(cfg, "warmup_frac")) * steps))
+  return optax.warmup_cosine_decay_schedule(
+      init_value=0.0,
+      peak_value=float(_cfg(cfg, "lr")),
+      warmup_steps=warmup,
+      # optax needs decay_steps > warmup_steps; steps counts the warm-up too.
+      decay_steps=max(steps, warmup + 1),
+      end_value=0.0,
+  )
+
+
+def make_optimizer(cfg: Any) -> optax.GradientTransformation:
+  """Global-norm clipping, then AdamW on the warm-up + cosine schedule."""
+  parts = []
+  clip_norm = _cfg(cfg, "clip_norm")
+  if clip_norm:
+    parts.append(optax.clip_by_global_norm(float(clip_norm)))
+  parts.append(optax.adamw(make_schedule(cfg), weight_decay=float(_cfg(cfg, "weight_decay"))))
+  return optax.chain(*parts)
+
+
+# ------------------------------------------------------------------------- model & state
+
+
+def trainable_filter(freeze_vision_tower: bool = True) -> nnx.filterlib.Filter:
+  """All nnx.Param, except those under `vision_tower` when it is frozen."""
+  if freeze_vision_tower:
+    return nnx.All(nnx.Param, nnx.Not(nnx.PathContains("vision_tower")))
+  return nnx.Param
+
+
+def split_model(
+    model: nnx.Module, *, freeze_vision_tower: bool = True
+) -> tuple[nnx.GraphDef, nnx.State, nnx.State]:
+  """(graphdef, trainable params, everything else: frozen params, rng state, ...)."""
+  return nnx.split(model, trainable_filter(freeze_vision_tower), ...)
+
+
+@struct.dataclass
+class TrainState:
+  """What the optimizer changes and a checkpoint holds; frozen state lives alongside."""
+
+  step: jax.Array
+  params: nnx.State
+  opt_state: optax.OptState
+
+
+def init_train_state(params: nnx.State, tx: optax.GradientTransformation) -> TrainState:
+  # Only the trainable params get optimizer state: the frozen tower costs no Adam moments.
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+
+
+# ---------------------------------------------------------------------------- sharding
+
+
+def make_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
+  """1-D mesh with axis `data` over `devices` (default: all devices)."""
+  devices = jax.devices() if devices is None else list(devices)
+  return Mesh(np.asarray(devices), (DATA_AXIS,))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def data_sharded(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P(DATA_AXIS))
+
+
+def replicate(tree: Any, mesh: Mesh) -> Any:
+  """Puts every array of `tree` on all devices of `mesh`."""
+  return jax.device_put(tree, replicated(mesh))
+
+
+def shard_batch(batch: Batch, mesh: Mesh) -> dict[str, jax.Array]:
+  """Host arrays [B, ...] → global arrays sharded on their leading axis over `data`."""
+  sharding = data_sharded(mesh)
+  if jax.process_count() > 1:
+    # Multi-host: each host passes its own rows; together they form the global batch.
+    return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
+            for k, v in batch.items()}
+  return jax.device_put(dict(batch), sharding)
+
+
+# -------------------------------------------------------------------------- train step
+
+
+def _micro_batches(batch: Batch, accum_steps: int, mesh: Mesh) -> dict[str, jax.Array]:
+  """[B, ...] → [A, B/A, ...] where micro-batch k holds rows k, k+A, k+2A, ...
+
+  Strided rather than contiguous so that, with rows sharded contiguously over `data`,
+  every micro-batch is spread over all devices without moving any row.
+  """
+  def split(x):
+    rows = x.shape[0]
+    x = x.reshape(rows // accum_steps, accum_steps, *x.shape[1:])
+    x = jnp.swapaxes(x, 0, 1)
+    if (rows // accum_steps) % mesh.shape[DATA_AXIS] == 0:
+      x = jax.lax.with_sharding_constraint(x, NamedSharding(mesh, P(None, DATA_AXIS)))
+    return x
+  return {k: split(v) for k, v in batch.items()}
+
+
+def _loss_sums(graphdef: nnx.GraphDef, params: nnx.State, frozen: nnx.State,
+               batch: Batch, lam: jax.Array):
+  """Model forward + VITW sums on one (micro-)batch; the weighted sum is differentiated."""
+  model = nnx.merge(graphdef, params, frozen)
+  logits = model(batch["input_ids"], images=batch.get("images"),
+                 positions=batch.get("positions"), segment_ids=batch.get("segment_ids"))
+  weighted, weight, task_sum, task_count = loss_lib.token_loss(
+      logits, batch["targets"], batch["loss_mask"], batch["task_ids"], lam)
+  return weighted, (weight, task_sum, task_count)
+
+
+def _accumulate(grad_fn, params, batch, accum_steps, mesh, num_tasks):
+  """Sums of (grads, weighted nll, weight, per-task nll, per-task count) over micro-batches."""
+  if accum_steps == 1:
+    (weighted, (weight, task_sum, task_count)), grads = grad_fn(params, batch)
+    return grads, weighted, weight, task_sum, task_count
+
+  def body(carry, micro):
+    (weighted, (weight, task_sum, task_count)), grads = grad_fn(params, micro)
+    return jax.tree.map(jnp.add, carry, (grads, weighted, weight, task_sum, task_count)), None
+
+  zero = jnp.zeros((), jnp.float32)
+  init = (jax.tree.map(jnp.zeros_like, params), zero, zero,
+          jnp.zeros((num_tasks,), jnp.float32), jnp.zeros((num_tasks,), jnp.float32))
+  sums, _ = jax.lax.scan(body, init, _micro_batches(batch, accum_steps, mesh))
+  return sums
+
+
+def make_train_step(
+    graphdef: nnx.GraphDef,
+    tx: optax.GradientTransformation,
+    *,
+    mesh: Mesh,
+    accum_steps: int = 1,
+    tla: bool = False,
+    donate: bool = False,
+) -> Callable[[TrainState, nnx.State, Batch, jax.Array], tuple[TrainState, dict[str, jax.Array]]]:
+  """Jit-compiled `(state, frozen, batch, lam) -> (state, metrics)`.
+
+  `lam` is a float32 [T] argument, so a new λ never recompiles. With `tla`, λ is
+  replaced by 1 / (count of each task over the whole global batch). The batch's
+  leading axis is the global batch, sharded over `data`; state and frozen are
+  replicated. `donate` lets XLA reuse the state's buffers (the input state is then
+  deleted).
+
+  Metrics: loss, per_task_loss [T], per_task_count [T], grad_norm (before clipping),
+  weight_sum, tokens (number of loss tokens), lam [T] (the λ actually used).
+  """
+  if accum_steps < 1:
+    raise ValueError(f"accum_steps must be >= 1, got {accum_steps}")
+
+  def step(state: TrainState, frozen: nnx.State, batch: Batch, lam: jax.Array):
+    num_tasks = lam.shape[0]
+    lam = lam.astype(jnp.float32)
+    if tla:
+      # Counts over the global batch, before any micro-batch split.
+      lam = loss_lib.tla_lambda(batch["task_ids"], batch["loss_mask"], num_tasks)
+    grad_fn = jax.value_and_grad(
+        lambda p, b: _loss_sums(graphdef, p, frozen, b, lam), has_aux=True)
+    grads, weighted, weight, task_sum, task_count = _accumulate(
+        grad_fn, state.params, batch, accum_steps, mesh, num_tasks)
+    # The one division of the step. A batch without loss tokens has zero sums: divide by 1.
+    denom = jnp.where(weight > 0, weight, 1.0)
+    grads = jax.tree.map(lambda g: g / denom, grads)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    new_state = TrainState(step=state.step + 1, params=optax.apply_updates(state.params, updates),
+                           opt_state=opt_state)
+    metrics = {
+        "loss": weighted / denom,
+        "per_task_loss": loss_lib.per_task_mean(task_sum, task_count),
+        "per_task_count": task_count,
+        "grad_norm": optax.tree.norm(grads),
+        "weight_sum": weight,
+        "tokens": jnp.sum((batch["loss_mask"] > 0) & (batch["task_ids"] >= 0)),
+        "lam": lam,
+    }
+    return new_state, metrics
+
+  repl, data = replicated(mesh), data_sharded(mesh)
+  return jax.jit(step, in_shardings=(repl, repl, data, repl), out_shardings=(repl, repl),
+                 donate_argnums=(0,) if donate else ())
+
+
+# ------------------------------------------------------------------------------- loop
+
+
+def _non_finite_tasks(per_task_loss: np.ndarray, task_names: Sequence[str]) -> list[str]:
+  return [n for n, v in zip(task_names, per_task_loss) if not math.isfinite(float(v))]
+
+
+def _check_finite(metrics: Mapping[str, Any], step: int, task_names: Sequence[str]) -> None:
+  loss, grad_norm = float(metrics["loss"]), float(metrics["grad_norm"])
+  if math.isfinite(loss) and math.isfinite(grad_norm):
+    return
+  bad = _non_finite_tasks(metrics["per_task_loss"], task_names)
+  tasks = ", ".join(bad) if bad else "none (every per-task loss is finite)"
+  raise TrainingDiverged(
+      f"training diverged at step {step} (batch index {step - 1}): loss={loss}, "
+      f"grad_norm={grad_norm}; task(s) with non-finite loss: {tasks}")
+
+
+def _lam_at(lam: LamLike, step_index: int) -> np.ndarray:
+  value = lam(step_index) if callable(lam) else lam
+  return np.asarray(value, np.float32)
+
+
+def _check_batch(batch: Batch, cfg: Any, mesh: Mesh) -> int:
+  """Validates the global batch shape against the config and mesh; returns its rows."""
+  rows = int(np.shape(batch["input_ids"])[0])
+  batch_size, accum = _cfg(cfg, "batch_size"), int(_cfg(cfg, "accum_steps"))
+  if batch_size is not None and rows != int(batch_size):
+    raise ValueError(f"get_batch returned {rows} rows, config batch_size is {batch_size}")
+  if rows % accum:
+    raise ValueError(f"batch of {rows} rows is not divisible by accum_steps={accum}")
+  if rows % mesh.shape[DATA_AXIS]:
+    raise ValueError(f"batch of {rows} rows is not divisible by {mesh.shape[DATA_AXIS]} devices")
+  return rows
+
+
+def _input_tokens(batch: Batch) -> int:
+  """Non-padding input tokens, the throughput unit of tokens_per_s."""
+  if "segment_ids" in batch:
+    return int(np.count_nonzero(np.asarray(batch["segment_ids"])))
+  return int(np.size(batch["input_ids"]))
+
+
+def train(
+    model: nnx.Module,
+    get_batch: Callable[[int], Batch],
+    lam: LamLike,
+    cfg: Any,
+    workdir: str | os.PathLike,
+    *,
+    mesh: Mesh | None = None,
+    task_names: Sequence[str] | None = None,
+) -> nnx.Module:
+  """Trains `model` for `cfg.steps` optimizer steps, resuming from `workdir/checkpoints`.
+
+  Args:
+    model: an NNX model following the Model contract; updated in place and returned.
+    get_batch: step index (0-based) → global host batch (Batch contract); must be a
+      deterministic function of the step so that a resumed run sees the same data.
+    lam: float32 [T] task weights, or a function of the step index returning them
+      (ignored, except for T, when `cfg.tla`).
+    cfg: steps, lr and the optional fields of `_DEFAULTS`.
+    workdir: gets `checkpoints/`, `metrics.jsonl` and `tb/`.
+    mesh: default: `make_mesh()` over all devices.
+    task_names: names of the T tasks in logs; default `task0`, `task1`, ...
+
+  Raises:
+    TrainingDiverged: the loss became NaN/inf (the diverged state is not saved).
+  """
+  workdir = os.fspath(workdir)
+  mesh = make_mesh() if mesh is None else mesh
+  steps = int(_cfg(cfg, "steps"))
+  log_every, ckpt_every = int(_cfg(cfg, "log_every")), int(_cfg(cfg, "checkpoint_every"))
+  num_tasks = _lam_at(lam, 0).shape[0]
+  task_names = [f"task{k}" for k in range(num_tasks)] if task_names is None else list(task_names)
+  if len(task_names) != num_tasks:
+    raise ValueError(f"{len(task_names)} task names for {num_tasks} task weights")
+
+  tx, schedule = make_optimizer(cfg), make_schedule(cfg)
+  graphdef, params, frozen = split_model(
+      model, freeze_vision_tower=bool(_cfg(cfg, "freeze_vision_tower")))
+  state = replicate(init_train_state(params, tx), mesh)
+  frozen = replicate(frozen, mesh)
+  ckpt = Checkpointer(os.path.join(workdir, CHECKPOINT_DIR), max_to_keep=2)
+  if ckpt.latest_step() is not None:
+    state = ckpt.restore(state)
+  start = int(state.step)
+
+  step_fn = make_train_step(graphdef, tx, mesh=mesh, accum_steps=int(_cfg(cfg, "accum_steps")),
+                            tla=bool(_cfg(cfg, "tla")), donate=True)
+  log = metrics_log.MetricsLog(workdir, resume_step=start, enabled=jax.process_index() == 0)
+  from tqdm.auto import tqdm  # pylint: disable=g-import-not-at-top
+  bar = tqdm(total=steps, initial=start, disable=None, desc="train", unit="step")
+  t0 = t_window = time.perf_counter()
+  window_tokens = 0
+  try:
+    for index in range(start, steps):
+      host_batch = get_batch(index)
+      _check_batch(host_batch, cfg, mesh)
+      window_tokens += _input_tokens(host_batch)
+      state, metrics = step_fn(state, frozen, shard_batch(host_batch, mesh), _lam_at(lam, index))
+      metrics = jax.device_get(metrics)
+      done = index + 1
+      # Before any save: a diverged state must never replace the last good checkpoint.
+      _check_finite(metrics, done, task_names)
+      bar.update(1)
+      if done % log_every == 0 or done == steps:
+        now = time.perf_counter()
+        log.write(metrics_log.make_record(
+            step=done, metrics=metrics, task_names=task_names, lr=float(schedule(index)),
+            tokens_per_s=window_tokens / max(now - t_window, 1e-9), elapsed_s=now - t0))
+        bar.set_postfix(loss=f"{float(metrics['loss']):.4f}")
+        t_window, window_tokens = now, 0
+      if done % ckpt_every == 0 or done == steps:
+        ckpt.save(done, state)
+  finally:
+    bar.close()
+    log.close()
+    ckpt.close()  # waits until every started save is complete
+  nnx.update(model, state.params)
+  return model
+
+
+def restore_model(model: nnx.Module, cfg: Any, workdir: str | os.PathLike) -> nnx.Module:
+  """Loads the trainable params of the latest checkpoint in `workdir/checkpoints` into `model`.
+
+  `cfg` must be the training config of that run (the optimizer state's structure depends on it).
+  """
+  graphdef, params, _ = split_model(
+      model, freeze_vision_tower=bool(_cfg(cfg, "freeze_vision_tower")))
+  del graphdef
+  ckpt = Checkpointer(os.path.join(os.fspath(workdir), CHECKPOINT_DIR), max_to_keep=2)
+  try:
+    state = ckpt.restore(init_train_state(params, make_optimizer(cfg)))
+  finally:
+    ckpt.close()
+  nnx.update(model, state.params)
+  return model
