@@ -76,7 +76,9 @@ def test_json_output_matches_compute_lambda(scores_file, capsys):
   assert report["lambda"] == pytest.approx(expected, rel=1e-6)
   assert report["temperature"] == 1.0 and report["alpha"] == [0.5, 0.25, 0.25]
   assert set(report) == {"tasks", "balanced", "form", "temperature", "alpha", "C", "c_out", "c_in",
-                         "d", "lambda_out", "lambda_in", "lambda_d", "lambda", "fixed", "groups"}
+                         "d", "lambda_out", "lambda_in", "lambda_d", "lambda", "fixed", "groups",
+                         "warnings"}
+  assert report["warnings"] == []
 
 
 def test_tasks_option_sets_the_order(scores_file, capsys):
@@ -167,11 +169,36 @@ def test_bad_scores_file(tmp_path, capsys, content, needles):
     (["--bogus"], ["unrecognized arguments: --bogus"]),
     (["--tasks", "a"], ["scores.json", "at least 2 balanced tasks"]),
     (["--tasks", ","], ["--tasks"]),
+    (["--on-degenerate", "ignore"], ["--on-degenerate", "'ignore'"]),
 ])
 def test_bad_options(scores_file, capsys, argv, needles):
   code, out, err = _run([scores_file] + argv, capsys)
   assert out == ""
   _assert_one_line_error(code, err, *needles)
+
+
+def test_on_degenerate_warn(tmp_path, capsys):
+  # Task b did not improve with its own data (0.35 < 0.4): an error by default; with
+  # --on-degenerate warn its column of C is zeroed, and one warning line goes to stderr.
+  bad = _write(tmp_path / "scores.json",
+               {**SCORES, "b+mini": {"a": 0.6, "b": 0.35, "c": 0.25}})
+  code, out, err = _run([bad, "--json"], capsys)
+  _assert_one_line_error(code, err, "task 'b' did not improve")
+  code, out, err = _run([bad, "--json", "--on-degenerate", "warn"], capsys)
+  assert code == 0
+  assert err == (f"warning: {bad}: task 'b' did not improve with its own data: "
+                 "V_b(b+mini)=0.35 <= V_b(mini)=0.4; C[i→b] set to 0 for every other i "
+                 "(on_degenerate='warn')\n")
+  report = json.loads(out)
+  assert [row[1] for row in report["C"]] == [0.0, 1.0, 0.0]
+  assert len(report["warnings"]) == 1 and report["warnings"][0] in err
+  scores = json.loads(open(bad, encoding="utf-8").read())
+  with pytest.warns(UserWarning):
+    expected = balancing.compute_lambda(scores, tasks=["a", "b", "c"], on_degenerate="warn")
+  assert report["lambda"] == pytest.approx(expected, rel=1e-6)
+  code, out, err = _run([bad, "--on-degenerate", "warn"], capsys)  # table output
+  assert code == 0 and "contributions" in out and err.count("\n") == 1
+  assert err.startswith("warning: ")
 
 
 @pytest.mark.parametrize("content, needles", [

@@ -5,6 +5,8 @@ from __future__ import annotations
 import copy
 import json
 import math
+import re
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -17,7 +19,7 @@ from visatb_jax import balancing as B
 
 TOL = dict(rtol=1e-5, atol=1e-6)
 REPORT_KEYS = {"tasks", "balanced", "form", "temperature", "alpha", "C", "c_out", "c_in", "d",
-               "lambda_out", "lambda_in", "lambda_d", "lambda", "fixed", "groups"}
+               "lambda_out", "lambda_in", "lambda_d", "lambda", "fixed", "groups", "warnings"}
 
 # ----------------------------------------------------------------------------------------------
 # The hand-worked 3-task example ("real" form, T = 0.5, α = (0.25, 0.25, 0.5)).
@@ -130,7 +132,7 @@ def test_balance_report_hand_example():
   json.dumps(r, allow_nan=False)  # JSON-serialisable, no NaN.
   assert r["tasks"] == TASKS and r["balanced"] == TASKS
   assert r["form"] == "real" and r["temperature"] == 0.5 and r["alpha"] == [0.25, 0.25, 0.5]
-  assert r["fixed"] == {} and r["groups"] is None
+  assert r["fixed"] == {} and r["groups"] is None and r["warnings"] == []
   _close(r["C"], EXPECTED_C)
   for key, expected in [("c_out", EXPECTED_C_OUT), ("c_in", EXPECTED_C_IN), ("d", EXPECTED_D),
                         ("lambda_out", EXPECTED_L_OUT), ("lambda_in", EXPECTED_L_IN),
@@ -456,6 +458,237 @@ def test_validate_scores_checks_before_jit():
   with pytest.raises(ValueError, match=r"missing model 'b\+mini'"):
     jax.jit(lambda s: B.compute_lambda(s, tasks=TASKS))(
         {k: v for k, v in real_scores().items() if k != "b+mini"})
+
+
+# ----------------------------------------------------------------------------------------------
+# on_degenerate="warn": degenerate denominators are masked and warned, never inf/NaN.
+#
+# The hand example with V_b(b+mini) = 0.35 < V_b(mini) = 0.40: task b did not improve with its own
+# data, so column b of C is uninformative and set to 0 off the diagonal:
+#   C[a→b] = 0 (was (0.45−0.40)/(−0.05) = −1)   C[c→b] = 0 (was (0.40−0.40)/(−0.05) = 0)
+# the other columns keep their denominators (a: 0.20, c: 0.40) and values.
+WARN_C = [[1.0, 0.0, -0.25],
+          [0.5, 1.0, 0.125],
+          [-0.5, 0.0, 1.0]]
+# C_out: a: (0 − 0.25)/2 = −0.125, b: (0.5 + 0.125)/2 = 0.3125, c: (−0.5 + 0)/2 = −0.25.
+WARN_C_OUT = [-0.125, 0.3125, -0.25]
+# C_in: a: (0.5 − 0.5)/2 = 0, b: (0 + 0)/2 = 0, c: (−0.25 + 0.125)/2 = −0.0625.
+WARN_C_IN = [0.0, 0.0, -0.0625]
+# D's denominator V_b(b+mini) = 0.35 > 0 is fine: D_b = 1 − 0.40/0.35 = −1/7.
+WARN_D = [2 / 7, -1 / 7, 2 / 3]
+# λ_out = 3·softmax([−0.25, 0.625, −0.5]):
+#   exp = [0.778801, 1.868246, 0.606531], sum 3.253577 → [0.718103, 1.722639, 0.559259].
+WARN_L_OUT = _n_softmax([-0.25, 0.625, -0.5])
+# λ_in = 3·softmax([0, 0, 0.125]): exp = [1, 1, 1.133148], sum 3.133148
+#   → [0.957503, 0.957503, 1.084993].
+WARN_L_IN = _n_softmax([0.0, 0.0, 0.125])
+# λ_D = 3·softmax([4/7, −2/7, 4/3]): exp = [1.770795, 0.751477, 3.793668], sum 6.315940
+#   → [0.841108, 0.356943, 1.801949].
+WARN_L_D = _n_softmax([4 / 7, -2 / 7, 4 / 3])
+# λ = 0.25·λ_out + 0.25·λ_in + 0.5·λ_D = [0.839455, 0.848507, 1.312038].
+WARN_LAMBDA = [0.25 * o + 0.25 * i + 0.5 * d for o, i, d in zip(WARN_L_OUT, WARN_L_IN, WARN_L_D)]
+WARN_B_MESSAGE = (r"task 'b' did not improve with its own data: V_b\(b\+mini\)=0\.35 <= "
+                  r"V_b\(mini\)=0\.4; C\[i→b\] set to 0 for every other i \(on_degenerate='warn'\)")
+
+
+def _bad_b() -> dict:
+  return _with(real_scores(), "b+mini", "b", 0.35)
+
+
+def test_warn_hand_example_literal_numbers():
+  _close(WARN_L_OUT, [0.718103, 1.722639, 0.559259], atol=2e-6)
+  _close(WARN_L_IN, [0.957503, 0.957503, 1.084993], atol=2e-6)
+  _close(WARN_L_D, [0.841108, 0.356943, 1.801949], atol=2e-6)
+  _close(WARN_LAMBDA, [0.839455, 0.848507, 1.312038], atol=2e-6)
+
+
+def test_warn_hand_example():
+  with pytest.warns(UserWarning) as record:
+    r = B.balance_report(_bad_b(), tasks=TASKS, on_degenerate="warn")
+  assert len(record) == 1
+  w = record[0]
+  assert w.category is B.DegenerateScoresWarning and issubclass(w.category, UserWarning)
+  assert re.fullmatch(WARN_B_MESSAGE, str(w.message))
+  assert w.filename == __file__  # attributed to the caller, not to balancing.py
+  assert r["warnings"] == [str(w.message)]
+  json.dumps(r, allow_nan=False)  # finite everywhere
+  _close(r["C"], WARN_C)
+  for key, expected in [("c_out", WARN_C_OUT), ("c_in", WARN_C_IN), ("d", WARN_D),
+                        ("lambda_out", WARN_L_OUT), ("lambda_in", WARN_L_IN),
+                        ("lambda_d", WARN_L_D), ("lambda", WARN_LAMBDA)]:
+    _close(_vals(r[key]), expected)
+  # The lower-level entry points agree and warn too.
+  with pytest.warns(UserWarning, match=WARN_B_MESSAGE):
+    lam = B.compute_lambda(_bad_b(), tasks=TASKS, on_degenerate="warn")
+  _close(_vals(lam), WARN_LAMBDA)
+  with pytest.warns(UserWarning, match=WARN_B_MESSAGE):
+    _close(B.contribution_matrix(_bad_b(), TASKS, on_degenerate="warn"), WARN_C)
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")  # D is fine here: no warning.
+    _close(B.difficulties(_bad_b(), TASKS, on_degenerate="warn"), WARN_D)
+
+
+def test_error_mode_still_raises_on_the_same_input():
+  for kwargs in ({}, {"on_degenerate": "error"}):
+    with pytest.raises(ValueError, match=r"task 'b' did not improve with its own data: "
+                                         r"V_b\(b\+mini\)=0\.35 <= V_b\(mini\)=0\.4$"):
+      B.balance_report(_bad_b(), tasks=TASKS, **kwargs)
+    with pytest.raises(ValueError, match=r"task 'b' did not improve"):
+      B.contribution_matrix(_bad_b(), TASKS, **kwargs)
+    with pytest.raises(ValueError, match=r"task 'b' did not improve"):
+      B.validate_scores(_bad_b(), TASKS, **kwargs)
+
+
+def test_warn_zero_and_near_zero_gain_use_the_error_threshold():
+  # b: gain exactly 0; c: gain 1e-8, within 1e-4×|V| of 0 ("barely improved" in error mode).
+  scores = _with(_with(real_scores(), "b+mini", "b", 0.40), "c+mini", "c", 0.20000001)
+  with pytest.warns(UserWarning) as record:
+    r = B.balance_report(scores, tasks=TASKS, on_degenerate="warn")
+  assert [str(w.message) for w in record] == r["warnings"]
+  assert len(r["warnings"]) == 2
+  assert r["warnings"][0].startswith("task 'b' did not improve with its own data")
+  assert r["warnings"][1].startswith("task 'c' barely improved with its own data")
+  # Columns b and c zeroed; column a as in the hand example.
+  _close(r["C"], [[1.0, 0.0, 0.0], [0.5, 1.0, 0.0], [-0.5, 0.0, 1.0]])
+  _close(_vals(r["c_in"]), [0.0, 0.0, 0.0])
+  _close(_vals(r["c_out"]), [0.0, 0.25, -0.25])
+  json.dumps(r, allow_nan=False)
+
+
+def test_warn_groups_name_the_group():
+  scores = group_scores()
+  scores["A+mini"]["a1"] = 0.2  # group A: mean (0.2 + 0.8)/2 = 0.5 = V_A(mini)
+  with pytest.warns(UserWarning, match=r"group 'A' did not improve with its own data: "
+                                       r"V_A\(A\+mini\)=0\.5 <= V_A\(mini\)=0\.5"):
+    r = B.balance_report(scores, tasks=["a1", "a2", "b", "c"], groups=GROUPS,
+                         on_degenerate="warn")
+  assert [row[0] for row in r["C"]] == [1.0, 0.0, 0.0]
+  assert r["lambda"]["a1"] == r["lambda"]["a2"]
+
+
+def _bad_d() -> dict:
+  # Task c on a negated metric: it improves (−0.5 → 0.0), but D_c = 1 − V_c(mini)/V_c(c+mini)
+  # cannot divide by V_c(c+mini) = 0.
+  return _with(_with(real_scores(), "mini", "c", -0.5), "c+mini", "c", 0.0)
+
+
+def test_warn_difficulty_denominator():
+  message = (r"difficulty of task 'c' needs V_c\(c\+mini\) > 0, got V_c\(c\+mini\)=0; "
+             r"D\[c\] set to 0 \(on_degenerate='warn'\)")
+  with pytest.warns(UserWarning, match=message):
+    d = B.difficulties(_bad_d(), TASKS, on_degenerate="warn")
+  _close(d, [2 / 7, 1 / 3, 0.0])
+  with pytest.warns(UserWarning, match=message) as record:
+    r = B.balance_report(_bad_d(), tasks=TASKS, on_degenerate="warn")
+  assert len(record) == 1 and len(r["warnings"]) == 1 and re.fullmatch(message, r["warnings"][0])
+  _close(_vals(r["d"]), [2 / 7, 1 / 3, 0.0])
+  # C is fine: column c has denominator 0 − (−0.5) = 0.5, so C[a→c] = (0.1 + 0.5)/0.5 = 1.2 and
+  # C[b→c] = (0.25 + 0.5)/0.5 = 1.5.
+  _close([r["C"][0][2], r["C"][1][2]], [1.2, 1.5])
+  _close(_vals(r["lambda_d"]), _n_softmax([4 / 7, 2 / 3, 0.0]))
+  json.dumps(r, allow_nan=False)
+  with pytest.raises(ValueError, match=r"difficulty of task 'c' needs V_c\(c\+mini\) > 0"):
+    B.difficulties(_bad_d(), TASKS)
+
+
+def test_warn_difficulty_precise_form():
+  scores = real_scores() | {"a": {"a": 0.8}, "mini_a": {"a": 0.6}, "b": {"b": 0.5},
+                            "mini_b": {"b": 0.4}, "c": {"c": -0.2}, "mini_c": {"c": 0.1}}
+  with pytest.warns(UserWarning, match=r"difficulty of task 'c' needs V_c\(c\) > 0, "
+                                       r"got V_c\(c\)=-0\.2; D\[c\] set to 0"):
+    r = B.balance_report(scores, tasks=TASKS, form="precise", on_degenerate="warn")
+  _close(_vals(r["d"]), [0.25, 0.2, 0.0])
+
+
+def test_warn_still_raises_for_missing_or_non_finite_scores():
+  for scores, match in [
+      (_with(real_scores(), "a+mini", "b", float("nan")), r"'a\+mini' on task 'b' is not finite"),
+      (_with(_bad_b(), "c+mini", "a", float("inf")), r"'c\+mini' on task 'a' is not finite"),
+      ({k: v for k, v in _bad_b().items() if k != "c+mini"}, r"missing model 'c\+mini'"),
+  ]:
+    for f in (lambda s: B.compute_lambda(s, tasks=TASKS, on_degenerate="warn"),
+              lambda s: B.validate_scores(s, TASKS, on_degenerate="warn")):
+      with pytest.raises(ValueError, match=match):
+        f(scores)
+
+
+def test_validate_scores_warn_returns_the_messages():
+  with pytest.warns(UserWarning, match=WARN_B_MESSAGE):
+    messages = B.validate_scores(_bad_b(), TASKS, on_degenerate="warn")
+  assert len(messages) == 1 and re.fullmatch(WARN_B_MESSAGE, messages[0])
+  assert B.validate_scores(real_scores(), TASKS, on_degenerate="warn") == []
+  assert B.validate_scores(real_scores(), TASKS) == []
+
+
+@pytest.mark.parametrize("value", ["warning", "ERROR", "", None, 1])
+@pytest.mark.parametrize("call", [
+    lambda v: B.contribution_matrix(real_scores(), TASKS, on_degenerate=v),
+    lambda v: B.difficulties(real_scores(), TASKS, on_degenerate=v),
+    lambda v: B.compute_lambda(real_scores(), tasks=TASKS, on_degenerate=v),
+    lambda v: B.balance_report(real_scores(), tasks=TASKS, on_degenerate=v),
+    lambda v: B.validate_scores(real_scores(), TASKS, on_degenerate=v),
+])
+def test_bad_on_degenerate(call, value):
+  with pytest.raises(ValueError, match=r"unknown on_degenerate .*expected one of error, warn"):
+    call(value)
+
+
+_NUMERIC_KEYS = ("C", "c_out", "c_in", "d", "lambda", "warnings")
+_WARN_JIT = jax.jit(lambda s: {k: v for k, v in B.balance_report(
+    s, tasks=TASKS, on_degenerate="warn").items() if k in _NUMERIC_KEYS})
+
+
+def test_warn_jit_matches_eager_and_does_not_warn():
+  for scores in (_bad_b(), _bad_d(), _with(real_scores(), "b+mini", "b", 0.40), real_scores()):
+    with warnings.catch_warnings(record=True) as record:
+      warnings.simplefilter("always")
+      eager = B.balance_report(scores, tasks=TASKS, on_degenerate="warn")
+    assert len(record) == len(eager["warnings"])
+    with warnings.catch_warnings():
+      warnings.simplefilter("error")  # tracers cannot be inspected: nothing to warn.
+      jitted = _WARN_JIT(scores)
+    assert jitted["warnings"] == []
+    _close(jitted["C"], eager["C"])
+    for key in ("c_out", "c_in", "d", "lambda"):
+      _close(_vals(jitted[key]), _vals(eager[key]))
+
+
+_WARN_LAMBDA = lambda s: B.compute_lambda(s, tasks=TASKS, on_degenerate="warn")  # noqa: E731
+_WARN_GRAD = jax.jit(jax.grad(lambda s, w: _as_vector(_WARN_LAMBDA(s)) @ w))
+
+
+@pytest.mark.parametrize("scores", [
+    _bad_b(),                                            # negative gain
+    _with(real_scores(), "b+mini", "b", 0.40),           # zero gain: 0/0 in the branch not taken
+    _bad_d(),                                            # zero difficulty denominator
+    _with(_bad_b(), "b+mini", "b", 0.0),                 # both at once: V_b(b+mini) = 0
+])
+def test_warn_grad_is_finite(scores):
+  g = _WARN_GRAD(scores, jnp.asarray([0.3, -1.2, 0.7]))
+  assert all(np.isfinite(float(v)) for v in jax.tree.leaves(g))
+
+
+def test_warn_grad_hand_example():
+  # V_b(a+mini) only enters C[a→b], which is masked: its gradient is exactly 0.
+  g = _WARN_GRAD(_bad_b(), jnp.ones(3))
+  assert float(g["a+mini"]["b"]) == 0.0
+  # ∂λ_a/∂V_c(a+mini) (through C[a→c], denominator 0.4) vs a central difference: the masked
+  # computation is smooth away from the threshold. h = 1e-3 keeps float32 rounding ~1e-4 and the
+  # O(h²) error far below the tolerance.
+  grad = float(_WARN_GRAD(_bad_b(), jnp.asarray([1.0, 0.0, 0.0]))["a+mini"]["c"])
+
+  def lam_a(v):
+    return _WARN_LAMBDA(_with(_bad_b(), "a+mini", "c", v))["a"]
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore", B.DegenerateScoresWarning)
+    fd = (lam_a(0.1 + 1e-3) - lam_a(0.1 - 1e-3)) / 2e-3
+  assert abs(fd) > 0.05 and np.isfinite(grad) and grad == pytest.approx(fd, rel=2e-3)
+
+
+def test_warn_auto_temperature():
+  with pytest.warns(UserWarning, match=WARN_B_MESSAGE):
+    r = B.balance_report(_bad_b(), tasks=TASKS, temperature="auto", on_degenerate="warn")
+  assert _in_bounds(r["lambda"]) and len(r["warnings"]) == 1
 
 
 # ----------------------------------------------------------------------------------------------

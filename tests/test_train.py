@@ -77,7 +77,7 @@ def one_step(mesh, *, accum_steps=1, tla=False, tx=None, lam=LAM, batch=None):
   state = train.replicate(train.init_train_state(params, tx), mesh)
   step = train.make_train_step(graphdef, tx, mesh=mesh, accum_steps=accum_steps, tla=tla)
   batch = train.shard_batch(make_batch(0) if batch is None else batch, mesh)
-  new_state, metrics = step(state, train.replicate(frozen, mesh), batch, jnp.asarray(lam))
+  new_state, metrics = step(state, train.replicate(frozen, mesh), batch, jnp.asarray(lam), 1.0)
   return state, new_state, jax.device_get(metrics)
 
 
@@ -163,11 +163,11 @@ def test_new_lambda_does_not_recompile(meshes):
   try:
     TRACES["n"] = 0
     # The loop passes a fresh numpy λ every step, as here.
-    _, m_a = step(state, frozen, batch, np.array([1.0, 1.0], np.float32))
+    _, m_a = step(state, frozen, batch, np.array([1.0, 1.0], np.float32), 1.0)
     traces, n_compiles = TRACES["n"], len(compiles)
     assert traces >= 1 and n_compiles >= 1
-    _, m_b = step(state, frozen, batch, np.array([3.0, 0.2], np.float32))
-    _, m_c = step(state, frozen, batch, np.array([0.5, 4.0], np.float32))
+    _, m_b = step(state, frozen, batch, np.array([3.0, 0.2], np.float32), 1.0)
+    _, m_c = step(state, frozen, batch, np.array([0.5, 4.0], np.float32), 1.0)
     assert TRACES["n"] == traces and len(compiles) == n_compiles
     assert step._cache_size() == 1  # pylint: disable=protected-access
   finally:
@@ -195,7 +195,7 @@ def test_frozen_tower_untouched_and_without_optimizer_state(meshes):
   frozen_before = jax.tree.map(np.asarray, frozen)
   step = train.make_train_step(graphdef, tx, mesh=mesh)
   new_state, _ = step(train.replicate(state, mesh), train.replicate(frozen, mesh),
-                      train.shard_batch(make_batch(0), mesh), jnp.asarray(LAM))
+                      train.shard_batch(make_batch(0), mesh), jnp.asarray(LAM), 1.0)
   tower = frozen["vision_tower"]["proj"][...]
   np.testing.assert_array_equal(tower, frozen_before["vision_tower"]["proj"][...])
   assert not np.array_equal(new_state.params["lm_head"]["kernel"][...],
@@ -219,6 +219,24 @@ def test_optimizer_schedule():
   u_big, _ = tx.update({"w": jnp.array([300.0, 0.0, 0.0])}, tx.init(p), p)
   u_unit, _ = tx.update({"w": jnp.array([1.0, 0.0, 0.0])}, tx.init(p), p)
   np.testing.assert_allclose(u_big["w"], u_unit["w"], rtol=1e-6)
+  # Unit learning rate (the step scales by the schedule's value): Adam's first update is
+  # −g/(|g| + eps) per coordinate, so −1 where the gradient is non-zero.
+  np.testing.assert_allclose(u_unit["w"], [-1.0, 0.0, 0.0], atol=1e-4)
+
+
+def test_one_compiled_step_serves_runs_of_any_length(tmp_path):
+  """The schedule is an argument: runs of different lengths reuse one compiled step."""
+  cfg_short = {**CFG, "steps": 2, "accum_steps": 1}
+  cfg_long = {**cfg_short, "steps": 4, "lr": 3e-2}
+  mesh = train.make_mesh(jax.devices()[:1])
+  train.train(new_model(), make_batch, LAM, cfg_short, tmp_path / "a", mesh=mesh)
+  graphdef = train.split_model(new_model())[0]
+  key = (graphdef, train._optimizer_key(cfg_short), mesh, 1, False)
+  step = train._cached_train_step(*key)
+  compiled_before = step._cache_size()
+  train.train(new_model(), make_batch, LAM, cfg_long, tmp_path / "b", mesh=mesh)
+  assert train._cached_train_step(*key) is step
+  assert step._cache_size() == compiled_before == 1
 
 
 # ---------------------------------------------------------------------------------- loop

@@ -2,12 +2,15 @@
 
     python -m visatb_jax.balance SCORES.json [--form real|precise|base] [--temperature 0.5|auto]
         [--alpha 0.25,0.25,0.5] [--fixed sharegpt=1.0 ...] [--groups GROUPS.json]
-        [--tasks a,b,c] [--json]
+        [--tasks a,b,c] [--on-degenerate error|warn] [--json]
 
 SCORES.json is the scores pytree `{model_name: {task: score}}` (see `visatb_jax.balancing`);
 GROUPS.json maps task -> group. Prints a table (one row per task: C_out, C_in, D, λ_out, λ_in, λ_D,
 λ, and the T used) or, with `--json`, the `balance_report` dict. Any malformed input is reported as
-one line `error: FILE: problem` on stderr with exit status 2.
+one line `error: FILE: problem` on stderr with exit status 2. A task that did not improve with its
+own data (or a non-positive difficulty denominator) is such an error by default; with
+`--on-degenerate warn` it is masked instead (see `visatb_jax.balancing`) and reported as one line
+`warning: FILE: problem` per task on stderr, the output then following with exit status 0.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import argparse
 import json
 import math
 import sys
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any, NoReturn
 
@@ -47,6 +51,10 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument("--groups", metavar="GROUPS.json", help="{task: group}: balance per group")
   p.add_argument("--tasks", help="comma-separated task order (default: the tasks of model "
                  "'mini', or of the first model); fixed tasks are appended when absent")
+  p.add_argument("--on-degenerate", default="error", choices=("error", "warn"),
+                 help="a task that did not improve with its own data (or a difficulty "
+                 "denominator <= 0): error (default) stops; warn sets its contributions "
+                 "C[i->task] (or its D) to 0 and prints a warning")
   p.add_argument("--json", action="store_true", help="print the balance report as JSON")
   return p
 
@@ -217,11 +225,17 @@ def _run(argv: Sequence[str] | None) -> int:
   except ValueError as e:
     raise InputError(f"{args.groups or args.scores}: {e}") from None
   try:
-    report = balancing.balance_report(scores, tasks=tasks, form=args.form,
-                                      temperature=temperature, alpha=alpha, fixed=fixed or None,
-                                      groups=groups)
+    # The degenerate-data warnings are printed below, one line each, from the report.
+    with warnings.catch_warnings():
+      warnings.simplefilter("ignore", balancing.DegenerateScoresWarning)
+      report = balancing.balance_report(scores, tasks=tasks, form=args.form,
+                                        temperature=temperature, alpha=alpha,
+                                        fixed=fixed or None, groups=groups,
+                                        on_degenerate=args.on_degenerate)
   except ValueError as e:
     raise InputError(f"{args.scores}: {e}") from None
+  for message in report["warnings"]:
+    print(f"warning: {args.scores}: {_one_line(message)}", file=sys.stderr)
   if args.json:
     print(json.dumps(report, indent=2))
   else:

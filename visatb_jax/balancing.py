@@ -38,17 +38,41 @@ Model names in the scores pytree `{model_name: {task: score}}` (the paper's name
 
 Everything is jittable and differentiable in the scores, except `temperature="auto"`, which
 searches over T on concrete numbers. Errors: missing models or tasks, too few balanced units, bad
-`form`/`alpha`/`temperature` raise `ValueError` always; value problems (non-finite scores, a unit
-that did not improve with its own data, a non-positive difficulty denominator) raise a `ValueError`
-naming the model and the task whenever the scores are concrete. Under `jax.jit` / `jax.grad` the
-scores are tracers and cannot be inspected, so call `validate_scores` on the concrete scores first.
-Computation uses JAX's default float dtype (float32 unless `jax_enable_x64` is on).
+`form`/`alpha`/`temperature`/`on_degenerate` raise `ValueError` always, and so do non-finite
+scores whenever the scores are concrete. Under `jax.jit` / `jax.grad` the scores are tracers and
+cannot be inspected, so call `validate_scores` on the concrete scores first. Computation uses
+JAX's default float dtype (float32 unless `jax_enable_x64` is on).
+
+Degenerate data (METHOD.md §3: never a silent inf/NaN). A denominator is degenerate when it is not
+clearly positive: a unit j whose own-data gain V_j(own_j) − V_j(ref) is <=
+`MIN_RELATIVE_DENOMINATOR` × max(|V_j(own_j)|, |V_j(ref)|) (it did not, or barely, improve with its
+own data), or a difficulty denominator (V_i(i+mini) real, V_i(i) precise/base) that is <=
+`MIN_RELATIVE_DENOMINATOR` × |its numerator|. The keyword `on_degenerate` of
+`contribution_matrix`, `difficulties`, `compute_lambda`, `balance_report` and `validate_scores`
+says what to do:
+
+* "error" (default): raise one `ValueError` naming every such unit with its models and scores.
+* "warn": **(choice)** the project's policy for pipelines that must not stop on a small, noisy
+  benchmark. A receiver j that did not clearly improve with its own data carries no information
+  about how much the others help it, so its column of C is uninformative: C[i→j] = 0 for every
+  i ≠ j (C[j→j] stays 1). It then adds 0 to the others' C_out (still a mean over the N − 1 other
+  units), and its C_in is 0. A degenerate difficulty denominator gives D[i] = 0. Each degenerate unit is reported by a
+  `DegenerateScoresWarning` (a `UserWarning`) worded like the "error" message plus what was set to
+  0, and the messages are listed under `balance_report(...)["warnings"]`.
+
+The masks use `jnp.where` on a safe denominator (1 where degenerate), so the values and gradients
+stay finite, jit included. Under tracing the masks still apply (computed from the traced values, in
+the working dtype, so a score within rounding of the threshold may go either way), but nothing can
+be warned and "warnings" is empty: call `validate_scores(..., on_degenerate="warn")` on the
+concrete scores to get the messages. With "error" under tracing the formulas run unmasked, as the
+values could not be checked.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -57,10 +81,11 @@ import jax.numpy as jnp
 import numpy as np
 
 __all__ = [
-    "AUTO_T_RANGE", "DEFAULT_ALPHA", "FORMS", "MIN_RELATIVE_DENOMINATOR", "WEIGHT_BOUNDS",
-    "auto_temperature", "balance_report", "balanced_units", "check_alpha", "check_temperature",
-    "compute_lambda", "contribution_matrix", "difficulties", "lambda_components",
-    "lambda_from_components", "outward_inward", "validate_scores",
+    "AUTO_T_RANGE", "DEFAULT_ALPHA", "FORMS", "MIN_RELATIVE_DENOMINATOR", "ON_DEGENERATE",
+    "WEIGHT_BOUNDS", "DegenerateScoresWarning", "auto_temperature", "balance_report",
+    "balanced_units", "check_alpha", "check_temperature", "compute_lambda", "contribution_matrix",
+    "difficulties", "lambda_components", "lambda_from_components", "outward_inward",
+    "validate_scores",
 ]
 
 FORMS = ("real", "precise", "base")
@@ -74,9 +99,15 @@ AUTO_RELATIVE_TOLERANCE = 1e-6
 # A contribution or difficulty denominator must exceed this fraction of the magnitude of the scores
 # it is made of: a smaller one is noise, and dividing by it would give meaningless huge weights.
 MIN_RELATIVE_DENOMINATOR = 1e-4
+# What to do about such a denominator: raise, or warn and mask (see the module docstring).
+ON_DEGENERATE = ("error", "warn")
 
 Scores = Mapping[str, Mapping[str, Any]]
 Array = jax.Array
+
+
+class DegenerateScoresWarning(UserWarning):
+  """A unit's denominator is not clearly positive and on_degenerate="warn" masked it."""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -365,96 +396,206 @@ def _table(raw: Mapping[tuple[str, int], tuple[Any, ...]], plan: _Plan, form: st
   return _Table(**table)
 
 
-def _too_small(den: float, *magnitudes: float) -> bool:
-  return not den > MIN_RELATIVE_DENOMINATOR * max(abs(m) for m in magnitudes)
+def _c_valid(own_diag: Any, ref: Any, xp: Any) -> Any:
+  """Per receiver j: is the own-data gain V_j(own_j) − V_j(ref) clearly positive?
+
+  Clearly positive means above `MIN_RELATIVE_DENOMINATOR` × the larger of |V_j(own_j)|, |V_j(ref)|
+  (a gain <= 0 always fails, since that bound is >= 0).
+  """
+  bound = MIN_RELATIVE_DENOMINATOR * xp.maximum(xp.abs(own_diag), xp.abs(ref))
+  return (own_diag - ref) > bound
 
 
-def _value_problems(t: _Table, plan: _Plan, form: str) -> list[str]:
-  """Denominators that are <= 0 or too close to 0, as messages naming unit and models."""
+def _d_valid(num: Any, den: Any) -> Any:
+  """Per unit i: is the difficulty denominator > 0 and not too close to 0 next to the numerator?"""
+  return den > MIN_RELATIVE_DENOMINATOR * abs(num)
+
+
+def _value_problems(t: _Table, plan: _Plan, form: str) -> list[tuple[str, int, str]]:
+  """Degenerate denominators of a concrete (numpy) table as ("c" | "d", unit index, message).
+
+  The messages name the unit, the models and their scores; which units fail is decided by
+  `_c_valid` / `_d_valid`, the same tests that make the masks of on_degenerate="warn".
+  """
   problems = []
   ref_model = _reference_model(form)
   over = " over 'base'" if form == "base" else ""
-  for j, u in enumerate(plan.units if t.own is not None else ()):
-    a, b = float(t.own[j, j]), float(t.ref[j])
-    own = _own_model(form, u)
-    if a - b <= 0:
-      problems.append(f"{plan.kind} {u!r} did not improve{over} with its own data: "
-                      f"V_{u}({own})={a:.6g} <= V_{u}({ref_model})={b:.6g}")
-    elif _too_small(a - b, a, b):
-      problems.append(f"{plan.kind} {u!r} barely improved{over} with its own data: "
-                      f"V_{u}({own})={a:.6g} - V_{u}({ref_model})={b:.6g} = {a - b:.3g} is "
-                      f"within {MIN_RELATIVE_DENOMINATOR:g}×|V| of 0")
-  for i, u in enumerate(plan.units if t.d_den is not None else ()):
-    num_model, den_model = _difficulty_models(form, u)
-    num, den = float(t.d_num[i]), float(t.d_den[i])
-    if den <= 0:
-      problems.append(f"difficulty of {plan.kind} {u!r} needs V_{u}({den_model}) > 0, "
-                      f"got V_{u}({den_model})={den:.6g}")
-    elif _too_small(den, num):
-      problems.append(f"difficulty of {plan.kind} {u!r}: V_{u}({den_model})={den:.6g} is too "
-                      f"close to 0 next to V_{u}({num_model})={num:.6g}")
+  if t.own is not None:
+    valid = _c_valid(np.diagonal(t.own), t.ref, np)
+    for j, u in enumerate(plan.units):
+      if valid[j]:
+        continue
+      a, b = float(t.own[j, j]), float(t.ref[j])
+      own = _own_model(form, u)
+      if a - b <= 0:
+        message = (f"{plan.kind} {u!r} did not improve{over} with its own data: "
+                   f"V_{u}({own})={a:.6g} <= V_{u}({ref_model})={b:.6g}")
+      else:
+        message = (f"{plan.kind} {u!r} barely improved{over} with its own data: "
+                   f"V_{u}({own})={a:.6g} - V_{u}({ref_model})={b:.6g} = {a - b:.3g} is "
+                   f"within {MIN_RELATIVE_DENOMINATOR:g}×|V| of 0")
+      problems.append(("c", j, message))
+  if t.d_den is not None:
+    valid = _d_valid(t.d_num, t.d_den)
+    for i, u in enumerate(plan.units):
+      if valid[i]:
+        continue
+      num_model, den_model = _difficulty_models(form, u)
+      num, den = float(t.d_num[i]), float(t.d_den[i])
+      if den <= 0:
+        message = (f"difficulty of {plan.kind} {u!r} needs V_{u}({den_model}) > 0, "
+                   f"got V_{u}({den_model})={den:.6g}")
+      else:
+        message = (f"difficulty of {plan.kind} {u!r}: V_{u}({den_model})={den:.6g} is too "
+                   f"close to 0 next to V_{u}({num_model})={num:.6g}")
+      problems.append(("d", i, message))
   return problems
 
 
-def _prepare(scores: Scores, plan: _Plan, form: str, parts: Sequence[str] = _BOTH) -> _Table:
-  """Structural and (when concrete) value checks, then the jax score arrays C and/or D need."""
+def _warn_suffix(part: str, unit: str) -> str:
+  """What on_degenerate="warn" does about a degenerate unit, appended to its message."""
+  if part == "c":
+    return f"; C[i→{unit}] set to 0 for every other i (on_degenerate='warn')"
+  return f"; D[{unit}] set to 0 (on_degenerate='warn')"
+
+
+@dataclasses.dataclass(frozen=True)
+class _Prepared:
+  """The jax score arrays, the validity masks and the warning messages of one computation.
+
+  `c_valid` [N] / `d_valid` [N] are boolean masks (True: usable denominator), or None where the
+  formulas run unmasked (on_degenerate="error", where concrete scores have already been checked).
+  """
+  table: _Table
+  c_valid: Any
+  d_valid: Any
+  warnings: tuple[str, ...]
+
+
+def _check_on_degenerate(on_degenerate: str) -> str:
+  if not isinstance(on_degenerate, str) or on_degenerate not in ON_DEGENERATE:
+    raise ValueError(f"unknown on_degenerate {on_degenerate!r}; expected one of "
+                     f"{', '.join(ON_DEGENERATE)}")
+  return on_degenerate
+
+
+def _prepare(scores: Scores, plan: _Plan, form: str, on_degenerate: str,
+             parts: Sequence[str] = _BOTH, stacklevel: int = 1) -> _Prepared:
+  """Structural and (when concrete) value checks, then the jax score arrays C and/or D need.
+
+  With on_degenerate="error", value problems raise one `ValueError` listing them all. With "warn"
+  each one is issued as a `DegenerateScoresWarning` and its denominator is masked; under tracing
+  the masks are computed from the traced values and nothing is warned. `stacklevel` is counted
+  as in `warnings.warn` from the caller of `_prepare` (2: that caller's caller).
+  """
   raw = _collect(scores, plan, form, parts)
+  warn = on_degenerate == "warn"
   if _any_traced(raw):
-    return _table(raw, plan, form, jnp, parts)
+    table = _table(raw, plan, form, jnp, parts)
+    c_valid = d_valid = None
+    if warn and table.own is not None:
+      c_valid = _c_valid(jnp.diagonal(table.own), table.ref, jnp)
+    if warn and table.d_den is not None:
+      d_valid = _d_valid(table.d_num, table.d_den)
+    return _Prepared(table, c_valid, d_valid, ())
   table = _table(raw, plan, form, np, parts)
   problems = _value_problems(table, plan, form)
-  if problems:
-    raise ValueError("; ".join(problems))
+  if problems and not warn:
+    raise ValueError("; ".join(message for _, _, message in problems))
+  messages = tuple(message + _warn_suffix(part, plan.units[k]) for part, k, message in problems)
+  for message in messages:
+    warnings.warn(message, DegenerateScoresWarning, stacklevel=stacklevel + 1)
+  c_valid = d_valid = None
+  if warn and table.own is not None:
+    c_valid = jnp.asarray(_c_valid(np.diagonal(table.own), table.ref, np))
+  if warn and table.d_den is not None:
+    d_valid = jnp.asarray(_d_valid(table.d_num, table.d_den))
   # One transfer per array instead of one per score.
-  return _Table(**{k: None if v is None else jnp.asarray(v, dtype=float)
-                   for k, v in dataclasses.asdict(table).items()})
+  table = _Table(**{k: None if v is None else jnp.asarray(v, dtype=float)
+                    for k, v in dataclasses.asdict(table).items()})
+  return _Prepared(table, c_valid, d_valid, messages)
 
 
 def validate_scores(scores: Scores, tasks: Sequence[str], form: str = "real",
                     fixed: Mapping[str, float] | None = None,
-                    groups: Mapping[str, str] | None = None) -> None:
-  """Raises `ValueError` for anything `compute_lambda` cannot balance.
+                    groups: Mapping[str, str] | None = None, *,
+                    on_degenerate: str = "error") -> list[str]:
+  """Checks scores for `compute_lambda`; raises `ValueError` for anything it cannot balance.
 
   Structural problems (missing model or task score, fewer than 2 balanced units, bad
-  form/fixed/groups) are always found; value problems (non-finite scores, a unit that did not
-  improve with its own data, a non-positive or near-zero difficulty denominator) only when the
-  scores are concrete. Call it before `jax.jit`, where the scores are traced.
+  form/fixed/groups/on_degenerate) always raise; value problems only show when the scores are
+  concrete: non-finite scores always raise, degenerate denominators (a unit that did not clearly
+  improve with its own data, a non-positive or near-zero difficulty denominator) raise with
+  `on_degenerate="error"` and are warned (`DegenerateScoresWarning`) with "warn". Call it before
+  `jax.jit`, where the scores are traced.
+
+  Returns:
+    The degenerate-data messages that were warned ([] with "error", or when traced).
   """
-  _prepare(scores, _resolve(tasks, fixed, groups), _check_form(form))
+  on_degenerate = _check_on_degenerate(on_degenerate)
+  prepared = _prepare(scores, _resolve(tasks, fixed, groups), _check_form(form), on_degenerate,
+                      stacklevel=2)
+  return list(prepared.warnings)
 
 
 # ----------------------------------------------------------------------------------------------
 # The formulas (METHOD.md §3–5).
 
 
-def _contributions(own: Array, ref: Array) -> Array:
-  """C[i, j] = (own[i, j] − ref[j]) / (own[j, j] − ref[j]), with C[j, j] = 1 exactly."""
+def _contributions(own: Array, ref: Array, valid: Array | None = None) -> Array:
+  """C[i, j] = (own[i, j] − ref[j]) / (own[j, j] − ref[j]), with C[j, j] = 1 exactly.
+
+  With a `valid` mask [N], a receiver j with valid[j] False gets C[i, j] = 0 for i ≠ j; its
+  denominator is replaced by 1 before dividing, so that neither the values nor the gradients of
+  the branch not taken hold inf/NaN.
+  """
   gain = own - ref[None, :]
-  c = gain / jnp.diagonal(gain)[None, :]
+  den = jnp.diagonal(gain)
+  if valid is None:
+    c = gain / den[None, :]
+  else:
+    safe = jnp.where(valid, den, jnp.ones_like(den))
+    c = jnp.where(valid[None, :], gain / safe[None, :], jnp.zeros_like(gain))
   # x / x is 1 already; `where` makes it exact and keeps its gradient exactly 0.
   return jnp.where(jnp.eye(own.shape[0], dtype=bool), jnp.ones_like(c), c)
 
 
-def _difficulty(num: Array, den: Array) -> Array:
-  return 1.0 - num / den
+def _difficulty(num: Array, den: Array, valid: Array | None = None) -> Array:
+  """D = 1 − num / den; with a `valid` mask, D = 0 where it is False (safe denominator as in C)."""
+  if valid is None:
+    return 1.0 - num / den
+  safe = jnp.where(valid, den, jnp.ones_like(den))
+  return jnp.where(valid, 1.0 - num / safe, jnp.zeros_like(num))
 
 
 def contribution_matrix(scores: Scores, tasks: Sequence[str], form: str = "real", *,
-                        groups: Mapping[str, str] | None = None) -> Array:
+                        groups: Mapping[str, str] | None = None,
+                        on_degenerate: str = "error") -> Array:
   """The N×N inter-task contribution matrix, C[i, j] = C[i→j] (row = contributor).
 
   Rows and columns follow `tasks` (or the groups in order of first appearance when `groups` is
   given). "real"/"precise" use models `mini` and `<i>+mini`, "base" uses `base` and `<i>`.
+  `on_degenerate`: "error" raises for a receiver that did not clearly improve with its own data;
+  "warn" warns and sets its column to 0 off the diagonal (see the module docstring).
   """
-  table = _prepare(scores, _resolve(tasks, None, groups), _check_form(form), ("c",))
-  return _contributions(table.own, table.ref)
+  on_degenerate = _check_on_degenerate(on_degenerate)
+  p = _prepare(scores, _resolve(tasks, None, groups), _check_form(form), on_degenerate, ("c",),
+               stacklevel=2)
+  return _contributions(p.table.own, p.table.ref, p.c_valid)
 
 
 def difficulties(scores: Scores, tasks: Sequence[str], form: str = "real", *,
-                 groups: Mapping[str, str] | None = None) -> Array:
-  """Intra-task difficulty D [N]: real 1 − V_i(mini)/V_i(i+mini), else 1 − V_i(mini_i)/V_i(i)."""
-  table = _prepare(scores, _resolve(tasks, None, groups), _check_form(form), ("d",))
-  return _difficulty(table.d_num, table.d_den)
+                 groups: Mapping[str, str] | None = None,
+                 on_degenerate: str = "error") -> Array:
+  """Intra-task difficulty D [N]: real 1 − V_i(mini)/V_i(i+mini), else 1 − V_i(mini_i)/V_i(i).
+
+  `on_degenerate`: "error" raises for a denominator that is not clearly positive; "warn" warns
+  and sets that D[i] to 0.
+  """
+  on_degenerate = _check_on_degenerate(on_degenerate)
+  p = _prepare(scores, _resolve(tasks, None, groups), _check_form(form), on_degenerate, ("d",),
+               stacklevel=2)
+  return _difficulty(p.table.d_num, p.table.d_den, p.d_valid)
 
 
 def outward_inward(c: Array) -> tuple[Array, Array]:
@@ -577,24 +718,28 @@ class _Balance:
   l_in: Array
   l_d: Array
   lam: Array
+  warnings: tuple[str, ...]
 
 
 def _balance(scores: Scores, tasks: Sequence[str], form: str, temperature: Any,
              alpha: Sequence[float], fixed: Mapping[str, float] | None,
-             groups: Mapping[str, str] | None) -> _Balance:
+             groups: Mapping[str, str] | None, on_degenerate: str) -> _Balance:
   form = _check_form(form)
   alpha = check_alpha(alpha)
   check_temperature(temperature)
+  on_degenerate = _check_on_degenerate(on_degenerate)
   plan = _resolve(tasks, fixed, groups)
-  table = _prepare(scores, plan, form)
-  c = _contributions(table.own, table.ref)
-  d = _difficulty(table.d_num, table.d_den)
+  # Warnings point at the caller of compute_lambda / balance_report.
+  p = _prepare(scores, plan, form, on_degenerate, stacklevel=3)
+  c = _contributions(p.table.own, p.table.ref, p.c_valid)
+  d = _difficulty(p.table.d_num, p.table.d_den, p.d_valid)
   c_out, c_in = outward_inward(c)
   if isinstance(temperature, str):
     temperature = auto_temperature(c_out, c_in, d, alpha=alpha)
   l_out, l_in, l_d = lambda_components(c_out, c_in, d, temperature=temperature)
   lam = alpha[0] * l_out + alpha[1] * l_in + alpha[2] * l_d
-  return _Balance(plan, form, alpha, temperature, c, c_out, c_in, d, l_out, l_in, l_d, lam)
+  return _Balance(plan, form, alpha, temperature, c, c_out, c_in, d, l_out, l_in, l_d, lam,
+                  p.warnings)
 
 
 def _out(x: Any, traced: bool) -> Any:
@@ -617,7 +762,8 @@ def _task_lambdas(b: _Balance, traced: bool) -> dict[str, Any]:
 def compute_lambda(scores: Scores, *, tasks: Sequence[str], form: str = "real",
                    temperature: float | str = 0.5, alpha: Sequence[float] = DEFAULT_ALPHA,
                    fixed: Mapping[str, float] | None = None,
-                   groups: Mapping[str, str] | None = None) -> dict[str, Any]:
+                   groups: Mapping[str, str] | None = None,
+                   on_degenerate: str = "error") -> dict[str, Any]:
   """VisATB task weights λ for every task in `tasks` (METHOD.md §3–6).
 
   Args:
@@ -630,6 +776,10 @@ def compute_lambda(scores: Scores, *, tasks: Sequence[str], form: str = "real",
     alpha: (α_out, α_in, α_D), non-negative, summing to 1.
     fixed: task -> weight for tasks kept out of the balancing (no scores needed for them).
     groups: task -> group to balance at group level (every non-fixed task needs a group).
+    on_degenerate: "error" (default) raises for a unit that did not clearly improve with its own
+      data or a difficulty denominator that is not clearly positive; "warn" issues a
+      `DegenerateScoresWarning` per such case and sets the unit's column of C (off the diagonal),
+      or its D, to 0 (the project's choice, see the module docstring).
 
   Returns:
     task -> λ: python floats when the scores are concrete; 0-d jax arrays when traced (under
@@ -637,28 +787,32 @@ def compute_lambda(scores: Scores, *, tasks: Sequence[str], form: str = "real",
 
   Raises:
     ValueError: bad arguments, missing models/scores, fewer than 2 balanced units, or (concrete
-      scores only) non-finite scores or denominators <= 0 / near 0; the message names the model
-      and task. Under tracing value problems cannot be detected: use `validate_scores` first.
+      scores only) non-finite scores, or with on_degenerate="error" denominators <= 0 / near 0;
+      the message names the model and task. Under tracing value problems cannot be detected: use
+      `validate_scores` first.
   """
-  b = _balance(scores, tasks, form, temperature, alpha, fixed, groups)
+  b = _balance(scores, tasks, form, temperature, alpha, fixed, groups, on_degenerate)
   return _task_lambdas(b, _is_traced(b.lam))
 
 
 def balance_report(scores: Scores, *, tasks: Sequence[str], form: str = "real",
                    temperature: float | str = 0.5, alpha: Sequence[float] = DEFAULT_ALPHA,
                    fixed: Mapping[str, float] | None = None,
-                   groups: Mapping[str, str] | None = None) -> dict[str, Any]:
+                   groups: Mapping[str, str] | None = None,
+                   on_degenerate: str = "error") -> dict[str, Any]:
   """`compute_lambda` plus its diagnostics, as a JSON-serialisable dict when concrete.
 
   Same arguments as `compute_lambda`. Keys: "tasks" (all, in order), "balanced" (the balanced
   units: tasks, or groups in order of first appearance), "form", "temperature" (the T used),
   "alpha" (list), "C" (list of rows; row = contributor, column = receiver, order of "balanced"),
   "c_out", "c_in", "d", "lambda_out", "lambda_in", "lambda_d" (each unit -> float), "lambda"
-  (task -> float, fixed tasks included), "fixed" (task -> weight) and "groups" (task -> group,
-  null for fixed tasks; null altogether without groups). When the scores are traced, numbers are
+  (task -> float, fixed tasks included), "fixed" (task -> weight), "groups" (task -> group,
+  null for fixed tasks; null altogether without groups) and "warnings" (the messages of the
+  degenerate units masked by on_degenerate="warn", in order: C problems, then D problems; always
+  present, [] when none, with "error", or when traced). When the scores are traced, numbers are
   0-d jax arrays and "C" is an [N, N] jax array.
   """
-  b = _balance(scores, tasks, form, temperature, alpha, fixed, groups)
+  b = _balance(scores, tasks, form, temperature, alpha, fixed, groups, on_degenerate)
   traced = _is_traced(b.lam)
   units = b.plan.units
 
@@ -684,4 +838,5 @@ def balance_report(scores: Scores, *, tasks: Sequence[str], form: str = "real",
       "lambda": _task_lambdas(b, traced),
       "fixed": {t: _out(w, _is_traced(w)) for t, w in b.plan.fixed.items()},
       "groups": groups_out,
+      "warnings": list(b.warnings),
   }

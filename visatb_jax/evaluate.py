@@ -43,6 +43,7 @@ def build_eval_sets(
     task_metrics: Mapping[str, str],
     num_image_tokens: int,
     image_size: int,
+    system: str = template.SYSTEM_PROMPT,
     pad_to: int = 32,
 ) -> dict[str, EvalSet]:
   """Encodes every sample's prompt and loads its image, grouped by task (in `task_metrics` order)."""
@@ -57,8 +58,8 @@ def build_eval_sets(
   for task, task_samples in by_task.items():
     if not task_samples:
       raise ValueError(f"task {task!r} has no samples in this split")
-    encoded = [template.encode_prompt(s["conversations"], tokenizer, num_image_tokens=num_image_tokens)
-               for s in task_samples]
+    encoded = [template.encode_prompt(s["conversations"], tokenizer, num_image_tokens=num_image_tokens,
+                                      system=system) for s in task_samples]
     length = _round_up(max(len(ids) for ids, _ in encoded), pad_to)
     ids = np.full((len(encoded), length), pad_id, np.int32)
     mask = np.zeros((len(encoded), length), np.int32)

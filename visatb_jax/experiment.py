@@ -94,7 +94,7 @@ class Experiment:
       # Whole rendered conversations, so that the system prompt and role tags, which every
       # sample repeats, become a handful of merged tokens.
       roles = {"human": "USER:", "gpt": "ASSISTANT:"}
-      texts = [" ".join([template.SYSTEM_PROMPT] + [f"{roles[t['from']]} {t['value']}"
+      texts = [" ".join([self.system_prompt] + [f"{roles[t['from']]} {t['value']}"
                                                     for t in s["conversations"]])
                for s in self.samples("train")]
       tokenizer_lib.train_tokenizer(texts, vocab_size=int(dc.vocab_size), save_dir=self.tokenizer_dir)
@@ -117,6 +117,10 @@ class Experiment:
       if not any(s["task"] == t for s in wanted):
         raise PipelineError(f"task {t!r} has no samples in the {split} split ({path})")
     return wanted
+
+  @property
+  def system_prompt(self) -> str:
+    return self.config.data.get("system_prompt") or template.SYSTEM_PROMPT
 
   @property
   def image_size(self) -> int:
@@ -142,7 +146,8 @@ class Experiment:
     for s in self.samples("train"):
       t = s["task"]
       enc = template.encode_conversation(s["conversations"], tok, num_image_tokens=mc.num_image_tokens,
-                                         max_len=int(self.config.data.max_len))
+                                         max_len=int(self.config.data.max_len),
+                                         system=self.system_prompt)
       if enc is None:
         stats[t]["dropped_too_long"] += 1
         continue
@@ -255,7 +260,8 @@ class Experiment:
     return evaluate.build_eval_sets(
         self.samples(split), tokenizer=self.tokenizer,
         task_metrics={t: self.config.tasks[t].metric for t in self.task_names},
-        num_image_tokens=self.model_config.num_image_tokens, image_size=self.image_size)
+        num_image_tokens=self.model_config.num_image_tokens, image_size=self.image_size,
+        system=self.system_prompt)
 
   def score_model(self, rel_dir: str | None, split: str, *, stage_hash: str,
                   tasks: Sequence[str] | None = None) -> dict[str, float]:

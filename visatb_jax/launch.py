@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import sys
 from collections.abc import Sequence
@@ -27,6 +28,15 @@ def resolve_config_path(path: str) -> str:
     if os.path.exists(candidate):
       return candidate + (":" + overrides if overrides else "")
   raise app.UsageError(f"config file {base!r} not found (also looked in {_CONFIGS_DIR})")
+
+
+def load_config(path: str):
+  """The ConfigDict of a config file's `get_config()` (`demo.py` resolves as on the CLI)."""
+  path = resolve_config_path(path)
+  spec = importlib.util.spec_from_file_location(os.path.splitext(os.path.basename(path))[0], path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
 
 
 def _rewrite_config_arg(argv: Sequence[str]) -> list[str]:
@@ -69,7 +79,11 @@ def main(argv: Sequence[str]) -> int:
 
 
 def run_cli() -> None:
-  sys.argv = _rewrite_config_arg(sys.argv)
+  try:
+    sys.argv = _rewrite_config_arg(sys.argv)
+  except app.UsageError as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
   app.run(main)
 
 

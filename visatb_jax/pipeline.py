@@ -69,9 +69,12 @@ def stage_lambda(exp: Experiment, stage_hash: str) -> None:
   try:
     report = balancing.balance_report(
         scores, tasks=list(exp.task_names), form=bal.form, temperature=bal.temperature,
-        alpha=tuple(bal.alpha), fixed=exp.fixed_weights or None, groups=exp.groups or None)
+        alpha=tuple(bal.alpha), fixed=exp.fixed_weights or None, groups=exp.groups or None,
+        on_degenerate=bal.get("on_degenerate", "error"))
   except ValueError as e:
     raise PipelineError(f"cannot compute λ from scores/validation.json: {e}") from e
+  for w in report.get("warnings", []):
+    _log(f"warning: {w}")
   fileio.atomic_write_json(exp.path("lambda.json"), report)
   _log("λ = " + ", ".join(f"{t}={report['lambda'][t]:.3f}" for t in exp.task_names))
 
@@ -134,12 +137,21 @@ _STAGE_FNS: dict[str, Callable[[Experiment, str], None]] = {
 }
 
 
+def _use_compilation_cache(directory: str) -> None:
+  """XLA's persistent cache: a resumed or repeated run does not compile its steps again."""
+  import jax
+  if not jax.config.jax_compilation_cache_dir:
+    jax.config.update("jax_compilation_cache_dir", os.path.abspath(directory))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
 def run(config, workdir: str, *, stages: Sequence[str] | None = None) -> None:
   """Runs the requested stages (default: all) in order, skipping those already done."""
   unknown = sorted(set(stages or ()) - set(STAGES))
   if unknown:
     raise PipelineError(f"unknown stage(s) {unknown}; stages are {list(STAGES)}")
   exp = Experiment(config, workdir)
+  _use_compilation_cache(os.path.join(workdir, "xla_cache"))
   man = manifest.Manifest(workdir, config)
   hashes = manifest.stage_hashes(config, _STAGE_INPUTS)
   _log(f"run directory {os.path.abspath(workdir)}")

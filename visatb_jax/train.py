@@ -8,6 +8,7 @@ once, so a sharded or accumulated step equals the single-device full-batch step.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import time
@@ -77,13 +78,31 @@ def make_schedule(cfg: Any) -> optax.Schedule:
 
 
 def make_optimizer(cfg: Any) -> optax.GradientTransformation:
-  """Global-norm clipping, then AdamW on the warm-up + cosine schedule."""
-  parts = []
-  clip_norm = _cfg(cfg, "clip_norm")
-  if clip_norm:
-    parts.append(optax.clip_by_global_norm(float(clip_norm)))
-  parts.append(optax.adamw(make_schedule(cfg), weight_decay=float(_cfg(cfg, "weight_decay"))))
+  """Global-norm clipping, then AdamW with a unit learning rate.
+
+  The train step multiplies the updates by the learning rate it receives as an argument
+  (`make_schedule` evaluated on the host), so the compiled step does not depend on the length
+  of the run and one compilation serves every run of a pipeline.
+  """
+  return _optimizer(_optimizer_key(cfg))
+
+
+def _optimizer_key(cfg: Any) -> tuple[float, float]:
+  return float(_cfg(cfg, "clip_norm") or 0.0), float(_cfg(cfg, "weight_decay"))
+
+
+def _optimizer(key: tuple[float, float]) -> optax.GradientTransformation:
+  clip_norm, weight_decay = key
+  parts = [optax.clip_by_global_norm(clip_norm)] if clip_norm else []
+  parts.append(optax.adamw(1.0, weight_decay=weight_decay))
   return optax.chain(*parts)
+
+
+@functools.lru_cache(maxsize=16)
+def _cached_train_step(graphdef: nnx.GraphDef, optimizer_key: tuple[float, float], mesh: Mesh,
+                       accum_steps: int, tla: bool):
+  return make_train_step(graphdef, _optimizer(optimizer_key), mesh=mesh, accum_steps=accum_steps,
+                         tla=tla, donate=True)
 
 
 # ------------------------------------------------------------------------- model & state
@@ -204,10 +223,11 @@ def make_train_step(
     accum_steps: int = 1,
     tla: bool = False,
     donate: bool = False,
-) -> Callable[[TrainState, nnx.State, Batch, jax.Array], tuple[TrainState, dict[str, jax.Array]]]:
-  """Jit-compiled `(state, frozen, batch, lam) -> (state, metrics)`.
+) -> Callable[..., tuple[TrainState, dict[str, jax.Array]]]:
+  """Jit-compiled `(state, frozen, batch, lam, lr) -> (state, metrics)`.
 
-  `lam` is a float32 [T] argument, so a new λ never recompiles. With `tla`, λ is
+  `lam` is a float32 [T] argument, so a new λ never recompiles; `lr` scales the updates of
+  `tx` (a unit-rate optimizer from `make_optimizer`), so the schedule never recompiles either. With `tla`, λ is
   replaced by 1 / (count of each task over the whole global batch). The batch's
   leading axis is the global batch, sharded over `data`; state and frozen are
   replicated. `donate` lets XLA reuse the state's buffers (the input state is then
@@ -219,7 +239,7 @@ def make_train_step(
   if accum_steps < 1:
     raise ValueError(f"accum_steps must be >= 1, got {accum_steps}")
 
-  def step(state: TrainState, frozen: nnx.State, batch: Batch, lam: jax.Array):
+  def step(state: TrainState, frozen: nnx.State, batch: Batch, lam: jax.Array, lr: jax.Array):
     num_tasks = lam.shape[0]
     lam = lam.astype(jnp.float32)
     if tla:
@@ -233,6 +253,7 @@ def make_train_step(
     denom = jnp.where(weight > 0, weight, 1.0)
     grads = jax.tree.map(lambda g: g / denom, grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    updates = jax.tree.map(lambda u: (lr * u).astype(u.dtype), updates)
     new_state = TrainState(step=state.step + 1, params=optax.apply_updates(state.params, updates),
                            opt_state=opt_state)
     metrics = {
@@ -247,7 +268,7 @@ def make_train_step(
     return new_state, metrics
 
   repl, data = replicated(mesh), data_sharded(mesh)
-  return jax.jit(step, in_shardings=(repl, repl, data, repl), out_shardings=(repl, repl),
+  return jax.jit(step, in_shardings=(repl, repl, data, repl, repl), out_shardings=(repl, repl),
                  donate_argnums=(0,) if donate else ())
 
 
@@ -339,8 +360,8 @@ def train(
     state = ckpt.restore(state)
   start = int(state.step)
 
-  step_fn = make_train_step(graphdef, tx, mesh=mesh, accum_steps=int(_cfg(cfg, "accum_steps")),
-                            tla=bool(_cfg(cfg, "tla")), donate=True)
+  step_fn = _cached_train_step(graphdef, _optimizer_key(cfg), mesh,
+                               int(_cfg(cfg, "accum_steps")), bool(_cfg(cfg, "tla")))
   log = metrics_log.MetricsLog(workdir, resume_step=start, enabled=jax.process_index() == 0)
   from tqdm.auto import tqdm  # pylint: disable=g-import-not-at-top
   bar = tqdm(total=steps, initial=start, disable=None, desc="train", unit="step")
@@ -351,7 +372,8 @@ def train(
       host_batch = get_batch(index)
       _check_batch(host_batch, cfg, mesh)
       window_tokens += _input_tokens(host_batch)
-      state, metrics = step_fn(state, frozen, shard_batch(host_batch, mesh), _lam_at(lam, index))
+      state, metrics = step_fn(state, frozen, shard_batch(host_batch, mesh), _lam_at(lam, index),
+                               np.float32(schedule(index)))
       metrics = jax.device_get(metrics)
       done = index + 1
       # Before any save: a diverged state must never replace the last good checkpoint.

@@ -1,0 +1,139 @@
+"""The whole pipeline on a micro version of the demo: outputs, skipping, kill-and-resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from visatb_jax import fileio, launch, pipeline
+
+pytestmark = pytest.mark.slow
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+# Overrides that shrink configs/demo.py to seconds: a few samples, a model of a few thousand
+# parameters, one epoch. The numbers it produces mean nothing; the plumbing is what is tested.
+MICRO = {
+    "data.shapes.sizes.train": 24, "data.shapes.sizes.val": 5, "data.shapes.sizes.test": 5,
+    "data.vocab_size": 300, "data.seq_len": 128, "data.max_images": 4,
+    "model.vision.hidden_size": 16, "model.vision.intermediate_size": 32,
+    "model.vision.num_hidden_layers": 2, "model.vision.num_attention_heads": 2,
+    "model.text.hidden_size": 32, "model.text.intermediate_size": 64,
+    "model.text.num_hidden_layers": 2, "model.text.num_attention_heads": 2,
+    "model.text.num_key_value_heads": 1,
+    "train.epochs": 1.0, "train.batch_size": 8, "train.checkpoint_every": 2, "train.log_every": 1,
+    "eval.batch_size": 8, "eval.max_new_tokens": 8, "prep.r_mini": 0.25,
+}
+
+
+def micro_config():
+  config = launch.load_config(os.path.join(REPO, "configs", "demo.py"))
+  with config.unlocked():
+    for key, value in MICRO.items():
+      *path, leaf = key.split(".")
+      node = config
+      for p in path:
+        node = node[p]
+      node[leaf] = value
+  return config
+
+
+def _outputs(workdir):
+  return {name: fileio.read_json(os.path.join(workdir, *name.split("/")))
+          for name in ("lambda.json", "scores/validation.json", "scores/test.json",
+                       "report/comparison.json")}
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp("run"))
+  pipeline.run(micro_config(), workdir)
+  return workdir
+
+
+def test_pipeline_writes_every_output(finished_run):
+  out = _outputs(finished_run)
+  tasks = ["caption", "vqa", "count", "grounding", "chat"]
+  balanced = [t for t in tasks if t != "chat"]
+  assert set(out["lambda.json"]["lambda"]) == set(tasks)
+  assert out["lambda.json"]["lambda"]["chat"] == 1.0  # fixed weight, outside the balancing
+  assert set(out["scores/validation.json"]) == {"mini"} | {f"{t}+mini" for t in balanced}
+  assert set(out["scores/test.json"]) == {"untrained", "visatb", "ew", "stl"}
+  for method, scores in out["scores/test.json"].items():
+    assert set(scores) == set(tasks), method
+  assert set(out["report/comparison.json"]) == {"untrained", "visatb", "ew"}
+  report = open(os.path.join(finished_run, "report", "report.md"), encoding="utf-8").read()
+  assert "## Task balance" in report
+  for png in ("lambda.png", "contribution.png", "loss_curves.png"):
+    assert os.path.getsize(os.path.join(finished_run, "report", png)) > 1000
+  manifest = fileio.read_json(os.path.join(finished_run, "manifest.json"))
+  assert all(s["status"] == "done" for s in manifest["stages"].values())
+  assert set(manifest["stages"]) == set(pipeline.STAGES)
+  # Each final model logged per-task losses and λ; VisATB's λ is the one in lambda.json.
+  last = json.loads(open(os.path.join(finished_run, "final", "visatb", "metrics.jsonl"))
+                    .read().splitlines()[-1])
+  assert last["lambda"] == pytest.approx(out["lambda.json"]["lambda"])
+
+
+def test_rerun_skips_finished_stages(finished_run, capsys):
+  before = _outputs(finished_run)
+  t0 = time.time()
+  pipeline.run(micro_config(), finished_run)
+  assert time.time() - t0 < 30
+  logged = capsys.readouterr().out
+  for stage in pipeline.STAGES:
+    assert f"stage {stage}: done, skipped" in logged
+  assert _outputs(finished_run) == before
+
+
+def test_changed_temperature_reruns_from_lambda_only(finished_run, capsys):
+  config = micro_config()
+  config.balance.temperature = 5.0
+  pipeline.run(config, finished_run, stages=["lambda"])
+  logged = capsys.readouterr().out
+  assert "stage lambda: start" in logged and "stage prep" not in logged
+  assert fileio.read_json(os.path.join(finished_run, "lambda.json"))["temperature"] == 5.0
+
+
+def test_unknown_stage_and_task_are_clear_errors(tmp_path):
+  with pytest.raises(pipeline.PipelineError, match="unknown stage"):
+    pipeline.run(micro_config(), str(tmp_path), stages=["prepp"])
+  config = micro_config()
+  config.task_order = ("caption", "vqa", "ocr")
+  with pytest.raises(pipeline.PipelineError, match="'ocr'"):
+    pipeline.run(config, str(tmp_path))
+
+
+def _launch_cmd(workdir):
+  overrides = [f"--config.{k}={v}" for k, v in MICRO.items()]
+  return [sys.executable, "-m", "visatb_jax.launch", "--config", "demo.py", "--workdir", workdir,
+          *overrides]
+
+
+def test_kill_and_resume_gives_the_same_results(finished_run, tmp_path):
+  """SIGKILL at several moments; the same command finishes with the uninterrupted results."""
+  workdir = str(tmp_path / "killed")
+  env = dict(os.environ)  # same XLA_FLAGS, so the same device count as the reference run
+  for delay in (6.0, 14.0):
+    proc = subprocess.Popen(_launch_cmd(workdir), cwd=REPO, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    time.sleep(delay)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+  done = subprocess.run(_launch_cmd(workdir), cwd=REPO, env=env, capture_output=True, text=True,
+                        timeout=600)
+  assert done.returncode == 0, done.stderr[-3000:]
+  assert _outputs(workdir) == _outputs(finished_run)
+
+
+def test_launch_cli_reports_bad_config_in_one_line(tmp_path):
+  res = subprocess.run([sys.executable, "-m", "visatb_jax.launch", "--config", "nope.py"],
+                       cwd=REPO, capture_output=True, text=True, timeout=120)
+  assert res.returncode != 0
+  assert "nope.py" in res.stderr and "Traceback" not in res.stderr

@@ -1,0 +1,97 @@
+"""Tests for KV-cache greedy generation against the recompute-everything reference."""
+
+import numpy as np
+import pytest
+from flax import nnx
+
+from visatb_jax.model import generate
+from visatb_jax.model.config import LlavaConfig, TextConfig, VisionConfig
+from visatb_jax.model.generate import greedy_generate, greedy_generate_nocache
+from visatb_jax.model.llava import LlavaForConditionalGeneration
+
+IMG, PAD, NEVER = 3, 0, -1
+CFG = LlavaConfig(
+    vision=VisionConfig(image_size=16, patch_size=8, hidden_size=32, intermediate_size=64,
+                        num_hidden_layers=2, num_attention_heads=4),
+    text=TextConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                    num_attention_heads=4, num_key_value_heads=2),
+    image_token_id=IMG)
+P = CFG.num_image_tokens
+NEW = 6
+
+
+@pytest.fixture(scope="module")
+def model():
+  return LlavaForConditionalGeneration(CFG, rngs=nnx.Rngs(0))
+
+
+def _left_pad(rows, length):
+  ids = np.full((len(rows), length), PAD, np.int32)
+  mask = np.zeros((len(rows), length), np.int32)
+  for i, row in enumerate(rows):
+    ids[i, length - len(row):] = row
+    mask[i, length - len(row):] = 1
+  return ids, mask
+
+
+@pytest.fixture(scope="module")
+def prompts():
+  rng = np.random.default_rng(0)
+  text = lambda n: list(rng.integers(4, 64, n))
+  rows = [text(2) + [IMG] * P + text(3),                       # One image, length 9.
+          text(5),                                             # Text only, length 5.
+          text(1) + [IMG] * P + text(2) + [IMG] * P + text(1)]  # Two images, length 12.
+  ids, mask = _left_pad(rows, 13)
+  images = rng.normal(size=(3, 2, 16, 16, 3)).astype(np.float32)
+  return ids, mask, images
+
+
+@pytest.fixture(scope="module")
+def reference(model, prompts):
+  return greedy_generate_nocache(model, *prompts, max_new_tokens=NEW, eos_id=NEVER, pad_id=PAD)
+
+
+def test_cache_equals_recompute(model, prompts, reference):
+  # The reference also runs each step with a different amount of extra left padding, so this
+  # checks padding invariance too.
+  out = greedy_generate(model, *prompts, max_new_tokens=NEW, eos_id=NEVER, pad_id=PAD)
+  assert out.shape == (3, NEW) and out.dtype == np.int32
+  np.testing.assert_array_equal(out, reference)
+  assert len(set(reference.ravel().tolist())) > 1  # A degenerate model would make this vacuous.
+
+
+def test_eos_stops_rows_and_is_not_included(model, prompts, reference):
+  eos = int(reference[0, 2])
+  expected = reference.copy()
+  for row in expected:
+    hits = np.nonzero(row == eos)[0]
+    if hits.size:
+      row[hits[0]:] = PAD
+  out = greedy_generate(model, *prompts, max_new_tokens=NEW, eos_id=eos, pad_id=PAD)
+  np.testing.assert_array_equal(out, expected)
+  assert not (out == eos).any()
+  slow = greedy_generate_nocache(model, *prompts, max_new_tokens=NEW, eos_id=eos, pad_id=PAD)
+  np.testing.assert_array_equal(slow, expected)
+
+
+def test_text_only_and_compiled_once(model, prompts, reference):
+  ids, mask, _ = prompts
+  kw = dict(max_new_tokens=NEW, pad_id=PAD)
+  first = greedy_generate(model, ids[1:2], mask[1:2], None, eos_id=NEVER, **kw)
+  run = generate._compiled(nnx.graphdef(model), NEW)
+  misses, traces = generate._compiled.cache_info().misses, run._cache_size()
+  # Same shapes, another eos_id: no new jitted function and no new trace.
+  eos = int(first[0, -1])
+  again = greedy_generate(model, ids[1:2], mask[1:2], None, eos_id=eos, **kw)
+  assert generate._compiled.cache_info().misses == misses and run._cache_size() == traces
+  expected = first[0].copy()
+  expected[np.argmax(first[0] == eos):] = PAD
+  np.testing.assert_array_equal(again[0], expected)
+  # The text-only row generates the same with or without (unused) images.
+  np.testing.assert_array_equal(first[0], reference[1])
+
+
+def test_rejects_right_padded_prompts(model):
+  with pytest.raises(ValueError, match="left-padded"):
+    greedy_generate(model, np.ones((1, 4), np.int32), np.array([[1, 1, 0, 0]]), None,
+                    max_new_tokens=2, eos_id=NEVER, pad_id=PAD)

@@ -1,0 +1,165 @@
+"""Batched greedy decoding with a KV cache, jit-compiled once per (model structure, shapes).
+
+Prompts are LEFT-padded so that every row's last prompt token sits in the same column and all rows
+share one cache cursor. Positions restart at 0 on each row's first real token; padding gets
+segment 0, real tokens segment 1, so real tokens never attend to padding.
+
+Output convention: `[B, max_new_tokens]` int32 generated tokens; the EOS token itself is NOT
+included — it and everything after it are `pad_id`.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+
+def _check_prompt(prompt_ids: Any, prompt_mask: Any,
+                  max_new_tokens: int) -> tuple[np.ndarray, np.ndarray]:
+  ids = np.asarray(prompt_ids, np.int32)
+  mask = np.asarray(prompt_mask, np.int32)
+  if ids.ndim != 2 or ids.shape != mask.shape:
+    raise ValueError(f"prompt_ids {ids.shape} and prompt_mask {mask.shape} must both be [B, L]")
+  if max_new_tokens < 1:
+    raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+  if not np.isin(mask, (0, 1)).all():
+    raise ValueError("prompt_mask must hold only 0 and 1")
+  # Left padding <=> the mask never drops from 1 back to 0 along a row.
+  bad = np.nonzero((np.diff(mask, axis=1) < 0).any(axis=1) | (mask.sum(axis=1) == 0))[0]
+  if bad.size:
+    raise ValueError(f"rows {bad.tolist()} are not left-padded prompts with at least one real "
+                     "token")
+  return ids, mask
+
+
+def _prompt_positions(mask: jax.Array) -> jax.Array:
+  """0 on the first real token of each left-padded row; padding clamps to 0."""
+  return jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0).astype(jnp.int32)
+
+
+def _greedy(model, prompt_ids, prompt_mask, images, eos_id, pad_id, *, max_new_tokens: int):
+  """Traceable greedy decoding: prefill, then a while_loop of one-token decode steps."""
+  b, prompt_len = prompt_ids.shape
+  # The last generated token is never fed back, hence max_new_tokens - 1 decode slots.
+  cache = model.init_cache(b, prompt_len + max_new_tokens - 1)
+  embeds = model.embed_inputs(prompt_ids, images)
+  logits, cache = model.decode(embeds, _prompt_positions(prompt_mask), prompt_mask, cache,
+                               last_only=True)
+  lengths = prompt_mask.sum(axis=1).astype(jnp.int32)
+
+  tok = jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32)
+  done = tok == eos_id
+  out = jnp.full((b, max_new_tokens), pad_id, jnp.int32).at[:, 0].set(jnp.where(done, pad_id, tok))
+
+  def cond(carry):
+    i, _, _, _, done = carry
+    return (i < max_new_tokens) & ~jnp.all(done)
+
+  def body(carry):
+    i, tok, cache, out, done = carry
+    # Token i - 1 (just produced) sits at position length + i - 1 of its row.
+    positions = (lengths + i - 1)[:, None]
+    logits, cache = model.decode(model.embed_inputs(tok[:, None]), positions,
+                                 jnp.ones((b, 1), jnp.int32), cache)
+    tok = jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32)
+    finished = done | (tok == eos_id)
+    out = out.at[:, i].set(jnp.where(finished, pad_id, tok))
+    return i + 1, tok, cache, out, finished
+
+  carry = (jnp.asarray(1, jnp.int32), tok, cache, out, done)
+  return jax.lax.while_loop(cond, body, carry)[3]
+
+
+@functools.lru_cache(maxsize=32)
+def _compiled(graphdef: nnx.GraphDef, max_new_tokens: int):
+  """One jitted pure function per model structure and output length; jax.jit caches per shape.
+
+  eos_id and pad_id are traced arguments, so changing them never recompiles.
+  """
+
+  @jax.jit
+  def run(state, prompt_ids, prompt_mask, images, eos_id, pad_id):
+    model = nnx.merge(graphdef, state)
+    return _greedy(model, prompt_ids, prompt_mask, images, eos_id, pad_id,
+                   max_new_tokens=max_new_tokens)
+
+  return run
+
+
+def greedy_generate(model: nnx.Module, prompt_ids: Any, prompt_mask: Any, images: Any = None, *,
+                    max_new_tokens: int, eos_id: int, pad_id: int) -> np.ndarray:
+  """Greedy decoding of a batch of left-padded prompts with a KV cache.
+
+  Args:
+    model: a `LlavaForConditionalGeneration` (anything with `init_cache`, `embed_inputs`, `decode`).
+    prompt_ids: int [B, L], left-padded.
+    prompt_mask: int [B, L], 1 on real tokens, 0 on (left) padding.
+    images: float32 [B, M, H, W, 3] or None.
+    max_new_tokens: tokens to generate per row.
+    eos_id: stops a row; not included in the output (a negative id never stops).
+    pad_id: fills a row after its EOS.
+
+  Returns:
+    np.int32 [B, max_new_tokens].
+  """
+  ids, mask = _check_prompt(prompt_ids, prompt_mask, max_new_tokens)
+  graphdef, state = nnx.split(model)
+  run = _compiled(graphdef, int(max_new_tokens))
+  images = None if images is None else jnp.asarray(images, jnp.float32)
+  out = run(state, jnp.asarray(ids), jnp.asarray(mask), images, jnp.int32(eos_id),
+            jnp.int32(pad_id))
+  return np.asarray(out, np.int32)
+
+
+@functools.lru_cache(maxsize=8)
+def _compiled_next_token(graphdef: nnx.GraphDef):
+  """Reference step: next greedy token from a full pass over prompt + generated tokens."""
+
+  @jax.jit
+  def next_token(state, prompt_ids, prompt_mask, images, generated, n):
+    m = nnx.merge(graphdef, state)
+    b, n_gen = generated.shape
+    embeds = jnp.concatenate([m.embed_inputs(prompt_ids, images), m.embed_inputs(generated)],
+                             axis=1)
+    gen_mask = jnp.broadcast_to(jnp.arange(n_gen) < n, (b, n_gen)).astype(jnp.int32)
+    mask = jnp.concatenate([prompt_mask, gen_mask], axis=1)
+    # Roll the unused generation slots to the front: they become left padding (segment 0).
+    shift = n_gen - n
+    embeds, mask = jnp.roll(embeds, shift, axis=1), jnp.roll(mask, shift, axis=1)
+    hidden, _ = m.language_model(embeds, _prompt_positions(mask), mask)
+    return jnp.argmax(m.logits(hidden[:, -1]), axis=-1).astype(jnp.int32)
+
+  return next_token
+
+
+def greedy_generate_nocache(model: nnx.Module, prompt_ids: Any, prompt_mask: Any,
+                            images: Any = None, *, max_new_tokens: int, eos_id: int,
+                            pad_id: int) -> np.ndarray:
+  """Slow reference for `greedy_generate`: reruns the decoder over the whole sequence per new token.
+
+  No cache is involved: every step embeds prompt + generated tokens and runs a full-sequence pass.
+  The sequence keeps one static length through extra left padding (one compile per shape), and
+  generated tokens are embedded as text, never spliced with image features, as in the cached path.
+  Needs `model.embed_inputs`, `model.language_model` and `model.logits`.
+  """
+  ids, mask = _check_prompt(prompt_ids, prompt_mask, max_new_tokens)
+  images = None if images is None else jnp.asarray(images, jnp.float32)
+  graphdef, state = nnx.split(model)
+  next_token = _compiled_next_token(graphdef)
+  b, n_gen = ids.shape[0], max_new_tokens - 1
+  generated = np.zeros((b, n_gen), np.int32)
+  out = np.full((b, max_new_tokens), pad_id, np.int32)
+  done = np.zeros(b, bool)
+  for i in range(max_new_tokens):
+    tok = np.asarray(next_token(state, ids, mask, images, generated, i))
+    done |= tok == eos_id
+    out[:, i] = np.where(done, pad_id, tok)
+    if done.all() or i == n_gen:
+      break
+    generated[:, i] = tok
+  return out

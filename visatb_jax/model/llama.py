@@ -1,0 +1,296 @@
+"""Llama-style decoder in Flax NNX with segment-aware causal attention and a functional KV cache.
+
+Module paths match HF `LlamaModel` (`embed_tokens`, `layers[i].self_attn.{q,k,v,o}_proj`,
+`layers[i].mlp.{gate,up,down}_proj`, `input_layernorm`, `post_attention_layernorm`, `norm`);
+parameter leaves use NNX names (`kernel` [in, out], `bias`, `scale`, `embedding`).
+
+Attention rule, shared by training and generation: a query at row slot q attends to key slot s iff
+s <= q and both carry the same segment id. Padding (segment 0) therefore only sees padding, and
+every query sees at least itself, so no softmax row is empty and padded rows stay finite.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from visatb_jax.model.config import TextConfig
+
+_NEG = float(jnp.finfo(jnp.float32).min)  # Finite "minus infinity": masked scores never make NaN.
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class KVCache:
+  """Functional KV cache: passed into the decoder and returned updated, never mutated.
+
+  All rows share one write cursor `index`, which fits left-padded prompt batches: prefill writes
+  slots [0, L_prompt) for every row, then each decode step writes one slot for every row.
+
+  Attributes:
+    keys: per layer, [B, max_len, num_kv_heads, head_dim] (rotary embedding already applied).
+    values: per layer, [B, max_len, num_kv_heads, head_dim].
+    segment_ids: int32 [B, max_len], segment of each written slot; 0 for padding and unwritten
+      slots.
+    index: int32 scalar, the next slot to write.
+  """
+
+  keys: tuple[jax.Array, ...]
+  values: tuple[jax.Array, ...]
+  segment_ids: jax.Array
+  index: jax.Array
+
+  @classmethod
+  def init(cls, config: TextConfig, batch_size: int, max_len: int,
+           dtype: Any = jnp.float32) -> KVCache:
+    shape = (batch_size, max_len, config.num_key_value_heads, config.head_dim)
+    zeros = lambda: tuple(jnp.zeros(shape, dtype) for _ in range(config.num_hidden_layers))
+    return cls(keys=zeros(), values=zeros(),
+               segment_ids=jnp.zeros((batch_size, max_len), jnp.int32),
+               index=jnp.zeros((), jnp.int32))
+
+  @property
+  def max_len(self) -> int:
+    return self.segment_ids.shape[1]
+
+
+def rope_cos_sin(positions: jax.Array, head_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
+  """cos, sin float32 [B, T, head_dim] for positions [B, T] (HF layout: freqs repeated twice)."""
+  inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+  freqs = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, head_dim / 2]
+  emb = jnp.concatenate([freqs, freqs], axis=-1)
+  return jnp.cos(emb), jnp.sin(emb)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+  """Rotates x [B, T, heads, head_dim] with HF's rotate_half convention; math in float32."""
+  xf = x.astype(jnp.float32)
+  x1, x2 = jnp.split(xf, 2, axis=-1)
+  rotated = jnp.concatenate([-x2, x1], axis=-1)
+  return (xf * cos[:, :, None] + rotated * sin[:, :, None]).astype(x.dtype)
+
+
+def attention_mask(q_slots: jax.Array, q_segments: jax.Array, k_segments: jax.Array) -> jax.Array:
+  """bool [B, T, S]: key slot s visible from query slot q[t] iff s <= q[t] and segments match.
+
+  Args:
+    q_slots: int32 [T], slot of each query in the row (arange for a full sequence; cache cursor +
+      arange during generation).
+    q_segments: int32 [B, T].
+    k_segments: int32 [B, S], segment of each key slot.
+  """
+  k_slots = jnp.arange(k_segments.shape[1])
+  causal = k_slots[None, None, :] <= q_slots[None, :, None]
+  return causal & (q_segments[:, :, None] == k_segments[:, None, :])
+
+
+class LlamaAttention(nnx.Module):
+  """Grouped-query attention with rotary embeddings; einsum attention, float32 softmax."""
+
+  def __init__(self, config: TextConfig, *, dtype: Any, param_dtype: Any, rngs: nnx.Rngs):
+    self.num_heads = config.num_attention_heads
+    self.num_kv_heads = config.num_key_value_heads
+    self.head_dim = config.head_dim
+    self.rope_theta = config.rope_theta
+    d, hd = config.hidden_size, config.head_dim
+    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.q_proj = nnx.Linear(d, self.num_heads * hd, use_bias=config.attention_bias, **kw)
+    self.k_proj = nnx.Linear(d, self.num_kv_heads * hd, use_bias=config.attention_bias, **kw)
+    self.v_proj = nnx.Linear(d, self.num_kv_heads * hd, use_bias=config.attention_bias, **kw)
+    self.o_proj = nnx.Linear(self.num_heads * hd, d, use_bias=False, **kw)
+
+  def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array,
+               kv: tuple[jax.Array, jax.Array] | None = None, index: jax.Array | None = None,
+               ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
+    """x [B, T, D] -> ([B, T, D], updated (k, v) cache of this layer or None).
+
+    Without `kv`, keys are this call's own T tokens and `mask` is [B, T, T]; with `kv`, the new
+    keys are written at slot `index` and `mask` is [B, T, max_len].
+    """
+    b, t, _ = x.shape
+    q = self.q_proj(x).reshape(b, t, self.num_heads, self.head_dim)
+    k = self.k_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
+    v = self.v_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
+    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    new_kv = None
+    if kv is not None:
+      k = jax.lax.dynamic_update_slice(kv[0], k.astype(kv[0].dtype), (0, index, 0, 0))
+      v = jax.lax.dynamic_update_slice(kv[1], v.astype(kv[1].dtype), (0, index, 0, 0))
+      new_kv = (k, v)
+      k, v = k.astype(q.dtype), v.astype(q.dtype)
+    # Query head h reads kv head h // group (HF repeat_kv), hence the [kv, group] split of heads.
+    group = self.num_heads // self.num_kv_heads
+    q = q.reshape(b, t, self.num_kv_heads, group, self.head_dim)
+    scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
+    scores = jnp.where(mask[:, None, None], scores * self.head_dim**-0.5, _NEG)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, self.num_heads * self.head_dim)
+    return self.o_proj(out), new_kv
+
+
+class LlamaMLP(nnx.Module):
+  """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+  def __init__(self, config: TextConfig, *, dtype: Any, param_dtype: Any, rngs: nnx.Rngs):
+    kw = dict(use_bias=False, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    d, f = config.hidden_size, config.intermediate_size
+    self.gate_proj = nnx.Linear(d, f, **kw)
+    self.up_proj = nnx.Linear(d, f, **kw)
+    self.down_proj = nnx.Linear(f, d, **kw)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class LlamaDecoderLayer(nnx.Module):
+  """Pre-norm block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+  def __init__(self, config: TextConfig, *, dtype: Any, param_dtype: Any, rngs: nnx.Rngs):
+    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.input_layernorm = nnx.RMSNorm(config.hidden_size, epsilon=config.rms_norm_eps, **kw)
+    self.self_attn = LlamaAttention(config, **kw)
+    self.post_attention_layernorm = nnx.RMSNorm(config.hidden_size, epsilon=config.rms_norm_eps,
+                                                **kw)
+    self.mlp = LlamaMLP(config, **kw)
+
+  def __call__(self, x, cos, sin, mask, kv=None, index=None):
+    h, new_kv = self.self_attn(self.input_layernorm(x), cos, sin, mask, kv, index)
+    x = x + h
+    return x + self.mlp(self.post_attention_layernorm(x)), new_kv
+
+
+def _rematted(layer: LlamaDecoderLayer, policy: Callable[..., bool] | None) -> Callable[..., Any]:
+  """`layer` as a pure function under `jax.checkpoint` (activations recomputed in the backward).
+
+  Pure split/merge rather than `nnx.remat`: the layer holds only parameters, so nothing has to flow
+  back into the module graph, and the call then also works where the module comes from an outer
+  trace (inside `lax.scan` / `while_loop` bodies).
+  """
+  graphdef, state = nnx.split(layer)
+
+  @functools.partial(jax.checkpoint, policy=policy, prevent_cse=True)
+  def run(state, *args):
+    return nnx.merge(graphdef, state)(*args)
+
+  return functools.partial(run, state)
+
+
+class LlamaModel(nnx.Module):
+  """Token embedding + decoder layers + final RMSNorm (HF `LlamaModel`)."""
+
+  def __init__(self, config: TextConfig, *, dtype: Any = jnp.float32,
+               param_dtype: Any = jnp.float32, remat: bool = False,
+               remat_policy: Callable[..., bool] | None = None, rngs: nnx.Rngs):
+    """Builds the decoder.
+
+    Args:
+      config: decoder shape.
+      dtype: compute dtype (activations, matmuls); softmax and norms statistics stay float32.
+      param_dtype: parameter storage dtype.
+      remat: rematerialise each layer in the backward pass (`jax.checkpoint`) to save activation
+        memory. Layers must stay parameter-only (no RNG / batch-stat updates) for this to be exact.
+      remat_policy: optional `jax.checkpoint_policies` policy used when `remat` is set.
+      rngs: parameter initialisation.
+    """
+    self.config = config
+    self.dtype = dtype
+    self.remat = remat
+    self.remat_policy = remat_policy
+    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.embed_tokens = nnx.Embed(config.vocab_size, config.hidden_size, **kw)
+    self.layers = nnx.List(
+        [LlamaDecoderLayer(config, **kw) for _ in range(config.num_hidden_layers)])
+    self.norm = nnx.RMSNorm(config.hidden_size, epsilon=config.rms_norm_eps, **kw)
+
+  def init_cache(self, batch_size: int, max_len: int, dtype: Any | None = None) -> KVCache:
+    """An empty cache for `batch_size` rows of up to `max_len` tokens (prompt + generated)."""
+    return KVCache.init(self.config, batch_size, max_len, self.dtype if dtype is None else dtype)
+
+  def __call__(self, inputs_embeds: jax.Array, positions: jax.Array, segment_ids: jax.Array,
+               cache: KVCache | None = None) -> tuple[jax.Array, KVCache | None]:
+    """Runs the decoder on embeddings.
+
+    Args:
+      inputs_embeds: [B, T, D].
+      positions: int32 [B, T], rotary positions (restart at 0 for every packed sample).
+      segment_ids: int32 [B, T], 1, 2, ... per sample, 0 for padding.
+      cache: None for a full-sequence pass (training); a `KVCache` to append these T tokens at
+        `cache.index` and attend over everything cached so far (prefill / decode).
+
+    Returns:
+      (hidden [B, T, D] after the final norm, in the compute dtype; the updated cache or None).
+    """
+    t = inputs_embeds.shape[1]
+    x = inputs_embeds.astype(self.dtype)
+    cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta)
+    segment_ids = segment_ids.astype(jnp.int32)
+    if cache is None:
+      mask = attention_mask(jnp.arange(t), segment_ids, segment_ids)
+      index, new_segments = None, None
+    else:
+      if cache.max_len < t:
+        raise ValueError(f"{t} tokens do not fit a cache of {cache.max_len} slots")
+      index = cache.index
+      new_segments = jax.lax.dynamic_update_slice(cache.segment_ids, segment_ids, (0, index))
+      mask = attention_mask(index + jnp.arange(t), segment_ids, new_segments)
+
+    new_keys, new_values = [], []
+    for i, layer in enumerate(self.layers):
+      kv = None if cache is None else (cache.keys[i], cache.values[i])
+      run = _rematted(layer, self.remat_policy) if self.remat else layer
+      x, new_kv = run(x, cos, sin, mask, kv, index)
+      if new_kv is not None:
+        new_keys.append(new_kv[0])
+        new_values.append(new_kv[1])
+    x = self.norm(x)
+    if cache is None:
+      return x, None
+    return x, KVCache(keys=tuple(new_keys), values=tuple(new_values), segment_ids=new_segments,
+                      index=index + t)
+
+
+def make_lm_head(config: TextConfig, *, dtype: Any, param_dtype: Any,
+                 rngs: nnx.Rngs) -> nnx.Linear | None:
+  """The output projection, or None when it is tied to the token embedding."""
+  if config.tie_word_embeddings:
+    return None
+  # float32 accumulation: the loss reads these logits, and bf16 logits would lose precision.
+  return nnx.Linear(config.hidden_size, config.vocab_size, use_bias=False, dtype=dtype,
+                    param_dtype=param_dtype, preferred_element_type=jnp.float32, rngs=rngs)
+
+
+def lm_logits(hidden: jax.Array, lm_head: nnx.Linear | None, embed_tokens: nnx.Embed) -> jax.Array:
+  """float32 logits [..., V] from hidden states, via `lm_head` or (when None) tied embeddings."""
+  if lm_head is not None:
+    return lm_head(hidden).astype(jnp.float32)
+  table = embed_tokens.embedding[...].astype(hidden.dtype)
+  return jnp.einsum("...d,vd->...v", hidden, table, preferred_element_type=jnp.float32)
+
+
+class LlamaForCausalLM(nnx.Module):
+  """Text-only causal LM (HF `LlamaForCausalLM`: `model` + `lm_head`)."""
+
+  def __init__(self, config: TextConfig, *, dtype: Any = jnp.float32,
+               param_dtype: Any = jnp.float32, remat: bool = False,
+               remat_policy: Callable[..., bool] | None = None, rngs: nnx.Rngs):
+    self.config = config
+    self.model = LlamaModel(config, dtype=dtype, param_dtype=param_dtype, remat=remat,
+                            remat_policy=remat_policy, rngs=rngs)
+    self.lm_head = make_lm_head(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+
+  def __call__(self, input_ids: jax.Array, positions: jax.Array | None = None,
+               segment_ids: jax.Array | None = None) -> jax.Array:
+    """input_ids int32 [B, L] -> logits float32 [B, L, V]; default: arange positions, 1 segment."""
+    b, l = input_ids.shape
+    if positions is None:
+      positions = jnp.broadcast_to(jnp.arange(l, dtype=jnp.int32), (b, l))
+    if segment_ids is None:
+      segment_ids = jnp.ones((b, l), jnp.int32)
+    hidden, _ = self.model(self.model.embed_tokens(input_ids), positions, segment_ids)
+    return lm_logits(hidden, self.lm_head, self.model.embed_tokens)
