@@ -3,3 +3,45 @@ import os
 # Eight simulated CPU devices for the sharding tests; must be set before jax is imported.
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import pytest  # noqa: E402
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# Overrides that shrink configs/demo.py to seconds: a few samples, a model of a few thousand
+# parameters, one epoch. The numbers it produces mean nothing; the plumbing is what is tested.
+MICRO_OVERRIDES = {
+    "data.shapes.sizes.train": 24, "data.shapes.sizes.val": 5, "data.shapes.sizes.test": 5,
+    "data.vocab_size": 300, "data.seq_len": 128, "data.max_images": 4,
+    "model.vision.hidden_size": 16, "model.vision.intermediate_size": 32,
+    "model.vision.num_hidden_layers": 2, "model.vision.num_attention_heads": 2,
+    "model.text.hidden_size": 32, "model.text.intermediate_size": 64,
+    "model.text.num_hidden_layers": 2, "model.text.num_attention_heads": 2,
+    "model.text.num_key_value_heads": 1,
+    "train.epochs": 1.0, "train.batch_size": 8, "train.checkpoint_every": 2, "train.log_every": 1,
+    "eval.batch_size": 8, "eval.max_new_tokens": 8, "prep.r_mini": 0.25,
+}
+
+
+def micro_config():
+  """configs/demo.py shrunk by MICRO_OVERRIDES (a fresh, unlocked ConfigDict each call)."""
+  from visatb_jax import launch
+  config = launch.load_config(os.path.join(REPO, "configs", "demo.py"))
+  for key, value in MICRO_OVERRIDES.items():
+    *path, leaf = key.split(".")
+    node = config
+    for p in path:
+      node = node[p]
+    node[leaf] = value
+  return config
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _shared_compilation_cache(tmp_path_factory):
+  """One XLA cache for the session: pipelines in tests and their subprocesses compile once."""
+  import jax
+  directory = str(tmp_path_factory.mktemp("xla_cache"))
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = directory
+  jax.config.update("jax_compilation_cache_dir", directory)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+  yield

@@ -90,7 +90,7 @@ class Experiment:
     sh = dc.shapes
     shapes.generate_benchmark(self.data_root, seed=int(self.config.seed), sizes=dict(sh.sizes),
                               grid=sh.grid, cell=sh.cell, max_objects=sh.max_objects)
-    if not os.path.exists(os.path.join(self.tokenizer_dir, "tokenizer.json")):
+    if not os.path.exists(self.tokenizer_dir):  # written whole or not at all
       # Whole rendered conversations, so that the system prompt and role tags, which every
       # sample repeats, become a handful of merged tokens.
       roles = {"human": "USER:", "gpt": "ASSISTANT:"}
@@ -156,10 +156,11 @@ class Experiment:
       imgs = (np.stack([images_lib.load_image(s["image_path"], self.image_size)])
               if s.get("image_path") else np.zeros((0, self.image_size, self.image_size, 3), np.uint8))
       by_task[t].append(packing.Example(enc.input_ids, enc.label_mask, self.task_names.index(t), imgs))
+    fileio.atomic_write_json(self.path("data_stats.json"), {"train": stats})
     for t, exs in by_task.items():
       if not exs:
-        raise PipelineError(f"task {t!r} has no usable training samples (stats: {stats[t]})")
-    fileio.atomic_write_json(self.path("data_stats.json"), {"train": stats})
+        raise PipelineError(f"task {t!r} has no usable training samples (data.max_len="
+                            f"{self.config.data.max_len}; stats: {stats[t]})")
     return by_task
 
   # --- subsets -------------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 _CONFIGS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
@@ -63,6 +63,8 @@ _STAGES = flags.DEFINE_list("stages", ["all"], "Stages to run, comma separated, 
 
 def main(argv: Sequence[str]) -> int:
   del argv
+  # orbax logs every checkpoint operation at INFO; progress comes from the pipeline itself.
+  logging.set_verbosity(logging.WARNING)
   from visatb_jax import pipeline  # Deferred: jax initialises only after flags are parsed.
 
   config = _CONFIG.value
@@ -70,9 +72,10 @@ def main(argv: Sequence[str]) -> int:
     raise app.UsageError("--config is required, e.g. --config configs/demo.py")
   workdir = _WORKDIR.value or os.path.join("runs", config.get("name", "run"))
   stages = None if _STAGES.value == ["all"] else _STAGES.value
+  from visatb_jax import train
   try:
     pipeline.run(config, workdir, stages=stages)
-  except pipeline.PipelineError as e:
+  except (pipeline.PipelineError, train.TrainingDiverged) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
   return 0

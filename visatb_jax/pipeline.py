@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import time
+import warnings
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -49,7 +50,10 @@ def prep_model_names(exp: Experiment) -> list[str]:
 
 
 def stage_prep(exp: Experiment, stage_hash: str) -> None:
-  for w in exp.subset_warnings():
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore")  # logged below, once
+    messages = exp.subset_warnings()
+  for w in messages:
     _log(f"warning: {w}")
   for name in prep_model_names(exp):
     exp.train_model(os.path.join("prep", name), exp.prep_examples(name),
@@ -67,10 +71,12 @@ def stage_lambda(exp: Experiment, stage_hash: str) -> None:
   scores = exp.read_output("scores", "validation.json")
   bal = exp.config.balance
   try:
-    report = balancing.balance_report(
-        scores, tasks=list(exp.task_names), form=bal.form, temperature=bal.temperature,
-        alpha=tuple(bal.alpha), fixed=exp.fixed_weights or None, groups=exp.groups or None,
-        on_degenerate=bal.get("on_degenerate", "error"))
+    with warnings.catch_warnings():
+      warnings.simplefilter("ignore")  # the report lists them; logged below, once
+      report = balancing.balance_report(
+          scores, tasks=list(exp.task_names), form=bal.form, temperature=bal.temperature,
+          alpha=tuple(bal.alpha), fixed=exp.fixed_weights or None, groups=exp.groups or None,
+          on_degenerate=bal.get("on_degenerate", "error"))
   except ValueError as e:
     raise PipelineError(f"cannot compute λ from scores/validation.json: {e}") from e
   for w in report.get("warnings", []):

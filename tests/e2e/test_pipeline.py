@@ -11,37 +11,11 @@ import time
 
 import pytest
 
-from visatb_jax import fileio, launch, pipeline
+from visatb_jax import fileio, pipeline
+
+from conftest import MICRO_OVERRIDES, REPO, micro_config
 
 pytestmark = pytest.mark.slow
-
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-# Overrides that shrink configs/demo.py to seconds: a few samples, a model of a few thousand
-# parameters, one epoch. The numbers it produces mean nothing; the plumbing is what is tested.
-MICRO = {
-    "data.shapes.sizes.train": 24, "data.shapes.sizes.val": 5, "data.shapes.sizes.test": 5,
-    "data.vocab_size": 300, "data.seq_len": 128, "data.max_images": 4,
-    "model.vision.hidden_size": 16, "model.vision.intermediate_size": 32,
-    "model.vision.num_hidden_layers": 2, "model.vision.num_attention_heads": 2,
-    "model.text.hidden_size": 32, "model.text.intermediate_size": 64,
-    "model.text.num_hidden_layers": 2, "model.text.num_attention_heads": 2,
-    "model.text.num_key_value_heads": 1,
-    "train.epochs": 1.0, "train.batch_size": 8, "train.checkpoint_every": 2, "train.log_every": 1,
-    "eval.batch_size": 8, "eval.max_new_tokens": 8, "prep.r_mini": 0.25,
-}
-
-
-def micro_config():
-  config = launch.load_config(os.path.join(REPO, "configs", "demo.py"))
-  with config.unlocked():
-    for key, value in MICRO.items():
-      *path, leaf = key.split(".")
-      node = config
-      for p in path:
-        node = node[p]
-      node[leaf] = value
-  return config
 
 
 def _outputs(workdir):
@@ -111,7 +85,7 @@ def test_unknown_stage_and_task_are_clear_errors(tmp_path):
 
 
 def _launch_cmd(workdir):
-  overrides = [f"--config.{k}={v}" for k, v in MICRO.items()]
+  overrides = [f"--config.{k}={v}" for k, v in MICRO_OVERRIDES.items()]
   return [sys.executable, "-m", "visatb_jax.launch", "--config", "demo.py", "--workdir", workdir,
           *overrides]
 
@@ -129,7 +103,9 @@ def test_kill_and_resume_gives_the_same_results(finished_run, tmp_path):
   done = subprocess.run(_launch_cmd(workdir), cwd=REPO, env=env, capture_output=True, text=True,
                         timeout=600)
   assert done.returncode == 0, done.stderr[-3000:]
-  assert _outputs(workdir) == _outputs(finished_run)
+  resumed, reference = _outputs(workdir), _outputs(finished_run)
+  for name in reference:
+    assert resumed[name] == reference[name], name
 
 
 def test_launch_cli_reports_bad_config_in_one_line(tmp_path):

@@ -9,6 +9,7 @@ in ``template.py`` places bos/eos itself.
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from typing import Iterable
 
@@ -16,7 +17,6 @@ import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-from visatb_jax.fileio import atomic_write_bytes
 
 UNK, BOS, EOS, PAD, IMAGE = "<unk>", "<s>", "</s>", "<pad>", "<image>"
 SPECIAL_TOKENS = (UNK, BOS, EOS, PAD, IMAGE)
@@ -64,12 +64,22 @@ def train_tokenizer(texts: Iterable[str], *, vocab_size: int,
 
 
 def save_tokenizer(tok: PreTrainedTokenizerFast, save_dir: str | os.PathLike) -> None:
-  """``save_pretrained`` into a scratch directory, then each file atomically into ``save_dir``."""
-  with tempfile.TemporaryDirectory() as scratch:
+  """``save_pretrained`` into a sibling scratch directory, then renamed into place.
+
+  ``save_pretrained`` writes several files; renaming the whole directory means a reader (or a
+  resumed run) sees all of them or none, never a tokenizer.json without its config.
+  """
+  save_dir = os.path.abspath(os.fspath(save_dir))
+  os.makedirs(os.path.dirname(save_dir), exist_ok=True)
+  scratch = tempfile.mkdtemp(dir=os.path.dirname(save_dir), prefix=".tmp-tokenizer-")
+  try:
     tok.save_pretrained(scratch)
-    for name in sorted(os.listdir(scratch)):
-      with open(os.path.join(scratch, name), "rb") as f:
-        atomic_write_bytes(os.path.join(os.fspath(save_dir), name), f.read())
+    if os.path.exists(save_dir):
+      shutil.rmtree(save_dir)
+    os.replace(scratch, save_dir)
+  finally:
+    if os.path.exists(scratch):
+      shutil.rmtree(scratch)
 
 
 def load_tokenizer(save_dir: str | os.PathLike) -> PreTrainedTokenizerFast:

@@ -1,0 +1,390 @@
+"""Dynamic loss-weighting strategies as pure `(init, update)` pairs (METHOD.md §9).
+
+Every strategy produces the per-task weights λ [T] that enter the VITW loss
+(`loss.token_loss`). Its state is a flat dict of arrays, so it is a pytree that orbax can
+checkpoint next to the model, and `update` is a pure, jit-safe function of arrays.
+
+Contract (the same for every strategy)::
+
+  strategy = get_strategy("dwa", window=50)
+  state = strategy.init(num_tasks)          # state["lam"]: the λ of step 0
+  for step in range(steps):
+    lam = state["lam"]                       # λ used by this train step
+    ... metrics = train_step(..., lam) ...
+    lam, state = strategy.update(state, metrics["per_task_loss"], step, rng,
+                                 per_task_count=metrics["per_task_count"])
+    # `lam` (== new state["lam"]) is the λ of step + 1.
+
+`update(state, per_task_loss, step, rng, per_task_count=None)` takes the per-task mean
+losses *measured at* train step `step` (0-based) and returns the λ for step `step + 1`,
+together with the new state. Keeping that λ inside the state means a resumed run reads
+the right λ from the restored state without replaying any step.
+
+Absent tasks. A task with no loss tokens in a batch has no loss at that step. It is treated
+as absent when `per_task_count[k] == 0` (when counts are given) or when its loss is not
+finite (NaN/inf). Absent tasks take no part in any running average; strategies fall back
+to the last value they saw. Note that `train.py`'s metrics report 0 (not NaN) for absent
+tasks, so callers should pass `per_task_count`.
+
+Fixed-weight tasks (METHOD.md §5, e.g. the text-only chat task at 1.0). Every strategy
+accepts `fixed_mask` (bool [T]) and `fixed_values` (float [T], read only where the mask is
+set): fixed tasks always get their value, and the dynamic rule runs over the other tasks
+only, normalised so that their λ averages 1 (for the softmax rules: N_free · softmax over
+the N_free non-fixed tasks).
+
+Strategies: `ew`, `static`, `tla`, `rlw`, `dwa`, `igb`; see `get_strategy`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+State = dict[str, jax.Array]
+InitFn = Callable[[int], State]
+UpdateFn = Callable[..., tuple[jax.Array, State]]
+
+DWA_TEMPERATURE = 2.0
+
+
+@dataclasses.dataclass(frozen=True)
+class Strategy:
+  """A loss-weighting strategy: `init(num_tasks) -> state` and
+  `update(state, per_task_loss, step, rng, per_task_count=None) -> (lam, state)`."""
+
+  name: str
+  init: InitFn
+  update: UpdateFn
+
+
+# ------------------------------------------------------------------------ small helpers
+
+
+@dataclasses.dataclass(frozen=True)
+class _Fixed:
+  """Fixed-weight tasks, as host numpy arrays (static configuration, not state)."""
+
+  mask: np.ndarray | None
+  values: np.ndarray | None
+
+  def check(self, num_tasks: int) -> None:
+    if self.mask is None:
+      return
+    if self.mask.shape != (num_tasks,) or self.values.shape != (num_tasks,):
+      raise ValueError(
+          f"fixed_mask and fixed_values must have shape ({num_tasks},), got "
+          f"{self.mask.shape} and {self.values.shape}")
+
+  def free(self, num_tasks: int) -> jax.Array:
+    """Bool [T]: tasks the dynamic rule decides."""
+    if self.mask is None:
+      return jnp.ones((num_tasks,), bool)
+    return jnp.asarray(~self.mask)
+
+  def apply(self, lam: jax.Array) -> jax.Array:
+    """Overwrites the fixed tasks' entries of `lam` with their fixed values."""
+    if self.mask is None:
+      return lam
+    return jnp.where(jnp.asarray(self.mask), jnp.asarray(self.values, jnp.float32), lam)
+
+
+def _make_fixed(fixed_mask: Any, fixed_values: Any) -> _Fixed:
+  if fixed_mask is None and fixed_values is None:
+    return _Fixed(None, None)
+  if fixed_mask is None or fixed_values is None:
+    raise ValueError("fixed_mask and fixed_values must be given together")
+  mask = np.asarray(fixed_mask, bool)
+  values = np.asarray(fixed_values, np.float32)
+  if mask.ndim != 1 or values.shape != mask.shape:
+    raise ValueError(f"fixed_mask {mask.shape} and fixed_values {values.shape} must be [T]")
+  if np.any(mask & ~np.isfinite(values)):
+    raise ValueError("fixed_values must be finite where fixed_mask is set")
+  return _Fixed(mask, values)
+
+
+def n_softmax(scores: jax.Array, free: jax.Array) -> jax.Array:
+  """N_free · softmax(scores) over the `free` tasks; 0 elsewhere (to be overwritten).
+
+  The result averages exactly 1 over the free tasks, the normalisation of METHOD.md §5.
+  """
+  scores = jnp.where(free, scores.astype(jnp.float32), -jnp.inf)
+  n_free = jnp.sum(free).astype(jnp.float32)
+  # With no free task at all, softmax of all −inf is NaN; the `where` keeps it out.
+  return jnp.where(free, n_free * jax.nn.softmax(scores), 0.0)
+
+
+def _mean_one(lam: jax.Array, free: jax.Array) -> jax.Array:
+  """Rescales `lam` so that it averages 1 over the free tasks."""
+  total = jnp.sum(jnp.where(free, lam, 0.0))
+  n_free = jnp.sum(free).astype(jnp.float32)
+  scale = jnp.where(total > 0, n_free / jnp.where(total > 0, total, 1.0), 1.0)
+  return jnp.where(free, lam * scale, 0.0)
+
+
+def present_tasks(per_task_loss: jax.Array, per_task_count: jax.Array | None) -> jax.Array:
+  """Bool [T]: the task had loss tokens at this step and a finite loss."""
+  present = jnp.isfinite(per_task_loss)
+  if per_task_count is not None:
+    present &= jnp.asarray(per_task_count) > 0
+  return present
+
+
+def _safe_ratio(numerator: jax.Array, denominator: jax.Array) -> jax.Array:
+  """numerator / denominator where both are finite and denominator > 0, else 1 (neutral)."""
+  ok = jnp.isfinite(numerator) & jnp.isfinite(denominator) & (denominator > 0)
+  return jnp.where(ok, numerator / jnp.where(ok, denominator, 1.0), 1.0)
+
+
+def _ones(num_tasks: int, fixed: _Fixed) -> jax.Array:
+  return fixed.apply(jnp.ones((num_tasks,), jnp.float32))
+
+
+def _inputs(per_task_loss: Any, step: Any) -> tuple[jax.Array, jax.Array]:
+  return jnp.asarray(per_task_loss, jnp.float32), jnp.asarray(step, jnp.int32)
+
+
+# -------------------------------------------------------------------- EW, TLA, static
+
+
+def _constant(name: str, lam_of: Callable[[int], jax.Array]) -> Strategy:
+  """A strategy whose λ never changes; its state is just that λ."""
+
+  def init(num_tasks: int) -> State:
+    return {"lam": lam_of(num_tasks)}
+
+  def update(state, per_task_loss, step, rng, per_task_count=None):
+    del per_task_loss, step, rng, per_task_count
+    return state["lam"], dict(state)
+
+  return Strategy(name, init, update)
+
+
+def _ew(fixed: _Fixed) -> Strategy:
+  """EW: λ = 1 (plain mean CE over all loss tokens); fixed tasks keep their value."""
+
+  def lam_of(num_tasks: int) -> jax.Array:
+    fixed.check(num_tasks)
+    return _ones(num_tasks, fixed)
+
+  return _constant("ew", lam_of)
+
+
+def _tla() -> Strategy:
+  """TLA marker: λ = 1 here; the real λ_k = 1 / count_k is computed inside the train step.
+
+  Task-level averaging needs each task's token count over the *global* batch of the step,
+  which only the train step sees; `train.make_train_step(..., tla=True)` replaces the λ it
+  receives by `loss.tla_lambda`. This strategy exists so that `weighting=tla` resolves like
+  the others; the caller must also set the train config's `tla=True`.
+  """
+  return _constant("tla", lambda num_tasks: jnp.ones((num_tasks,), jnp.float32))
+
+
+def _static(lam: Any, fixed: _Fixed, normalize: bool) -> Strategy:
+  """Static λ (e.g. VisATB's `compute_lambda`), optionally rescaled to mean 1 over free tasks."""
+  given = np.asarray(lam, np.float32)
+  if given.ndim != 1 or not np.all(np.isfinite(given)) or np.any(given < 0):
+    raise ValueError(f"static lam must be a finite, non-negative [T] vector, got {lam!r}")
+
+  def lam_of(num_tasks: int) -> jax.Array:
+    if given.shape != (num_tasks,):
+      raise ValueError(f"static lam has {given.shape[0]} entries for {num_tasks} tasks")
+    fixed.check(num_tasks)
+    out = jnp.asarray(given)
+    if normalize:
+      out = _mean_one(out, fixed.free(num_tasks))
+    return fixed.apply(out)
+
+  return _constant("static", lam_of)
+
+
+# ------------------------------------------------------------------------------- RLW
+
+
+def _rlw(fixed: _Fixed) -> Strategy:
+  """RLW (random loss weighting): λ = N · softmax(z), z ~ N(0, I) drawn anew every step.
+
+  z is drawn from `fold_in(rng, step + 1)` (the step the λ is for), so λ is a deterministic
+  function of (rng, step) and changes every step even when the caller passes the same key
+  each time. The λ of step 0 (from `init`, which has no key) is 1.
+  """
+
+  def init(num_tasks: int) -> State:
+    fixed.check(num_tasks)
+    return {"lam": _ones(num_tasks, fixed)}
+
+  def update(state, per_task_loss, step, rng, per_task_count=None):
+    del per_task_count
+    per_task_loss, step = _inputs(per_task_loss, step)
+    num_tasks = per_task_loss.shape[0]
+    z = jax.random.normal(jax.random.fold_in(rng, step + 1), (num_tasks,), jnp.float32)
+    lam = fixed.apply(n_softmax(z, fixed.free(num_tasks)))
+    return lam, {"lam": lam}
+
+  return Strategy("rlw", init, update)
+
+
+# ------------------------------------------------------------------------------- DWA
+
+
+def _dwa(fixed: _Fixed, window: int, temperature: float) -> Strategy:
+  """DWA (Liu et al., MTAN 2019): λ_k = N · softmax(r_k / T), r_k = L̄_k(w−1) / L̄_k(w−2).
+
+  As in the paper's release, where L̄ is a task's mean training loss over a whole epoch and
+  λ is held constant for the next epoch, L̄ here is the mean over a window of `window`
+  consecutive steps (steps [i·window, (i+1)·window)); λ changes only when a window closes
+  and is 1 until two windows have closed. The mean is over the steps at which the task
+  was present (unweighted by token counts, like the release's per-batch average); a task
+  absent for a whole window carries its previous window's mean forward (ratio 1, neutral).
+  """
+
+  def init(num_tasks: int) -> State:
+    fixed.check(num_tasks)
+    nan = jnp.full((num_tasks,), jnp.nan, jnp.float32)
+    zeros = jnp.zeros((num_tasks,), jnp.float32)
+    return {"lam": _ones(num_tasks, fixed), "sum": zeros, "count": zeros,
+            "prev1": nan, "prev2": nan, "windows": jnp.zeros((), jnp.int32)}
+
+  def close_window(state: State) -> State:
+    seen = state["count"] > 0
+    mean = jnp.where(seen, state["sum"] / jnp.where(seen, state["count"], 1.0), state["prev1"])
+    windows = state["windows"] + 1
+    ratio = _safe_ratio(mean, state["prev1"])
+    free = fixed.free(mean.shape[0])
+    lam = jnp.where(windows >= 2, fixed.apply(n_softmax(ratio / temperature, free)),
+                    state["lam"])
+    zeros = jnp.zeros_like(mean)
+    return {"lam": lam, "sum": zeros, "count": zeros, "prev1": mean, "prev2": state["prev1"],
+            "windows": windows}
+
+  def update(state, per_task_loss, step, rng, per_task_count=None):
+    del rng
+    per_task_loss, step = _inputs(per_task_loss, step)
+    present = present_tasks(per_task_loss, per_task_count)
+    state = dict(state)
+    state["sum"] = state["sum"] + jnp.where(present, per_task_loss, 0.0)
+    state["count"] = state["count"] + present.astype(jnp.float32)
+    last_of_window = (step + 1) % window == 0
+    state = jax.lax.cond(last_of_window, close_window, dict, state)
+    return state["lam"], state
+
+  return Strategy("dwa", init, update)
+
+
+# ------------------------------------------------------------------------------- IGB
+
+
+def _igb(fixed: _Fixed, base_start: int, base_end: int) -> Strategy:
+  """IGBv1 (Dai et al. 2023): λ_k = N · softmax(L_k / L_k,base).
+
+  L_k,base is task k's mean loss over the steps [base_start, base_end) at which it was
+  present (default 100–200); L_k is its loss at the current step (the last one observed if
+  it is absent now). Before step `base_end` λ = 1. A task never present in the base window
+  gets the neutral ratio 1.
+  """
+
+  def init(num_tasks: int) -> State:
+    fixed.check(num_tasks)
+    zeros = jnp.zeros((num_tasks,), jnp.float32)
+    return {"lam": _ones(num_tasks, fixed), "base_sum": zeros, "base_count": zeros,
+            "last": jnp.full((num_tasks,), jnp.nan, jnp.float32)}
+
+  def update(state, per_task_loss, step, rng, per_task_count=None):
+    del rng
+    per_task_loss, step = _inputs(per_task_loss, step)
+    present = present_tasks(per_task_loss, per_task_count)
+    in_base = present & (step >= base_start) & (step < base_end)
+    base_sum = state["base_sum"] + jnp.where(in_base, per_task_loss, 0.0)
+    base_count = state["base_count"] + in_base.astype(jnp.float32)
+    last = jnp.where(present, per_task_loss, state["last"])
+    seen = base_count > 0
+    base = jnp.where(seen, base_sum / jnp.where(seen, base_count, 1.0), jnp.nan)
+    free = fixed.free(per_task_loss.shape[0])
+    dynamic = fixed.apply(n_softmax(_safe_ratio(last, base), free))
+    # λ is for step + 1: dynamic once the whole base window has been observed.
+    lam = jnp.where(step + 1 >= base_end, dynamic, state["lam"])
+    return lam, {"lam": lam, "base_sum": base_sum, "base_count": base_count, "last": last}
+
+  return Strategy("igb", init, update)
+
+
+# --------------------------------------------------------------------------- registry
+
+
+def _ew_factory(*, fixed_mask=None, fixed_values=None) -> Strategy:
+  return _ew(_make_fixed(fixed_mask, fixed_values))
+
+
+def _tla_factory() -> Strategy:
+  return _tla()
+
+
+def _static_factory(*, lam: Sequence[float], fixed_mask=None, fixed_values=None,
+                    normalize: bool = True) -> Strategy:
+  return _static(lam, _make_fixed(fixed_mask, fixed_values), normalize)
+
+
+def _rlw_factory(*, fixed_mask=None, fixed_values=None) -> Strategy:
+  return _rlw(_make_fixed(fixed_mask, fixed_values))
+
+
+def _dwa_factory(*, window: int = 50, temperature: float = DWA_TEMPERATURE, fixed_mask=None,
+                 fixed_values=None) -> Strategy:
+  if int(window) < 1:
+    raise ValueError(f"dwa window must be >= 1, got {window}")
+  if not temperature > 0:
+    raise ValueError(f"dwa temperature must be > 0, got {temperature}")
+  return _dwa(_make_fixed(fixed_mask, fixed_values), int(window), float(temperature))
+
+
+def _igb_factory(*, base_start: int = 100, base_end: int = 200, fixed_mask=None,
+                 fixed_values=None) -> Strategy:
+  if not 0 <= int(base_start) < int(base_end):
+    raise ValueError(f"igb needs 0 <= base_start < base_end, got {base_start}, {base_end}")
+  return _igb(_make_fixed(fixed_mask, fixed_values), int(base_start), int(base_end))
+
+
+STRATEGIES: dict[str, Callable[..., Strategy]] = {
+    "ew": _ew_factory,
+    "static": _static_factory,
+    "tla": _tla_factory,
+    "rlw": _rlw_factory,
+    "dwa": _dwa_factory,
+    "igb": _igb_factory,
+}
+
+
+def get_strategy(name: str, **options: Any) -> Strategy:
+  """The strategy `name` with its options.
+
+  Options (all keyword-only; every strategy but `tla` also takes `fixed_mask`/`fixed_values`):
+    ew:     none.
+    static: lam [T] (required); normalize=True rescales the non-fixed entries to mean 1.
+    tla:    none (λ is computed in the train step, see `_tla`).
+    rlw:    none; the randomness comes from the `rng` passed to `update`.
+    dwa:    window=50 (steps per averaging window), temperature=2.0.
+    igb:    base_start=100, base_end=200 (the base-loss window, in steps).
+
+  Raises:
+    ValueError: unknown name or invalid option value. TypeError: unknown option.
+  """
+  if name not in STRATEGIES:
+    raise ValueError(f"unknown weighting strategy {name!r}; known: {sorted(STRATEGIES)}")
+  return STRATEGIES[name](**options)
+
+
+@functools.partial(jax.jit, static_argnums=(0,))
+def _jitted_update(strategy: Strategy, state, per_task_loss, step, rng, per_task_count):
+  return strategy.update(state, per_task_loss, step, rng, per_task_count)
+
+
+def jit_update(strategy: Strategy, state: State, per_task_loss: Any, step: Any, rng: jax.Array,
+               per_task_count: Any = None) -> tuple[jax.Array, State]:
+  """`strategy.update` under `jax.jit` (compiled once per strategy and shape)."""
+  return _jitted_update(strategy, state, per_task_loss, step, rng, per_task_count)
