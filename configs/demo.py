@@ -30,7 +30,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.data = ml_collections.ConfigDict()
   c.data.source = "shapes"
   c.data.shapes = {"grid": 3, "cell": 16, "max_objects": 4,
-                   "sizes": {"train": 768, "val": 64, "test": 128}}
+                   "sizes": {"train": 768, "val": 128, "test": 128}}
   c.data.vocab_size = 512
   # vicuna_v1 with a shorter system prompt than LLaVA-1.5's, which would double the demo's tokens.
   c.data.system_prompt = "A chat between a human and an assistant."

@@ -35,10 +35,12 @@ def _slsqp(objective, num_tasks, seed=0):
   for x0 in starts:
     res = minimize(objective, x0, method="SLSQP", bounds=[(0, 1)] * num_tasks,
                    constraints={"type": "eq", "fun": lambda x: 1 - x.sum()},
-                   options={"ftol": 1e-15, "maxiter": 2000})
+                   options={"ftol": 1e-14, "maxiter": 2000})
+    # Status 8 ("positive directional derivative in line search") is SLSQP at its
+    # precision floor, which a tolerance this tight reaches at the optimum.
+    assert res.status in (0, 8), res.message
     if best is None or res.fun < best.fun:
       best = res
-  assert best.success
   return best.x, best.fun
 
 
@@ -154,7 +156,7 @@ def test_pcgrad_conflicting_pair():
   g1p, g2p = np.array([0.5, 0.5]), np.array([0.0, 1.0])
   assert g1p @ g2 == 0 and g2p @ g1 == 0
   np.testing.assert_allclose(d, g1p + g2p, atol=1e-6)
-  np.testing.assert_allclose(w, [1.5, 1.5], atol=1e-6)
+  np.testing.assert_allclose(w, [2.0, 1.5], atol=1e-6)  # (g1 + ½g2) + (g2 + g1)
   d_mean, _ = pcgrad(G, rng=jax.random.key(0), reduction="mean")
   np.testing.assert_allclose(d_mean, (g1p + g2p) / 2, atol=1e-6)
 

@@ -17,6 +17,9 @@ scale of one task gradient), `cagrad`/`imgrad` are built on the *mean* gradient 
 `pcgrad` sums the projected gradients (Yu et al.; `reduction="mean"` averages them as the
 CAGrad/IMGrad repositories do), `nash` returns Gᵀα. Multiply by T to put a mean-based
 direction on the scale of a summed loss, as those releases do before the optimizer step.
+
+Under `jax.jit`, G, `rng` (pcgrad) and `prev_alpha` (nash) are array arguments; every other
+option (c, alpha, iters, reduction, ...) is a Python value and must be static.
 """
 
 from __future__ import annotations

@@ -255,7 +255,7 @@ _NORM_MODULE = re.compile(r"(norm|layrnorm|layer_norm\d*)$")
 _VARIABLE_ATTRS = ("value", "raw_value")  # What a Variable node adds to a jax tree path.
 
 
-def _lookup(names: Sequence[str], ndim: int) -> LogicalAxes | None:
+def _lookup(names: Sequence[str]) -> LogicalAxes | None:
   """Logical axes of a parameter from its path's names (without indices); None if unknown."""
   if not names:
     return None
@@ -272,7 +272,6 @@ def _lookup(names: Sequence[str], ndim: int) -> LogicalAxes | None:
     if in_vision and module in ("k_proj", "v_proj"):
       axes = ("embed", "heads")  # CLIP attention has no grouped KV heads.
     return axes if leaf == "kernel" else axes[-1:]
-  del ndim
   return None
 
 
@@ -302,7 +301,7 @@ def param_logical_axes(path: Any, shape: Sequence[int], *, strict: bool = False)
     names.pop()
   if ndim == 0:
     return ()
-  axes = _lookup(names, ndim)
+  axes = _lookup(names)
   if axes is None or len(axes) > ndim:
     if strict:
       raise ValueError(f"no sharding rule for parameter {'.'.join(map(str, names))} "

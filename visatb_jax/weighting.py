@@ -55,8 +55,13 @@ DWA_TEMPERATURE = 2.0
 
 @dataclasses.dataclass(frozen=True)
 class Strategy:
-  """A loss-weighting strategy: `init(num_tasks) -> state` and
-  `update(state, per_task_loss, step, rng, per_task_count=None) -> (lam, state)`."""
+  """A loss-weighting strategy: a pure `(init, update)` pair and its registry name.
+
+  `init(num_tasks) -> state` and
+  `update(state, per_task_loss, step, rng, per_task_count=None) -> (lam, state)`,
+  with the contract of the module docstring. Options are bound when the strategy is built
+  (`get_strategy`), so `update` is jit-safe as it is.
+  """
 
   name: str
   init: InitFn
