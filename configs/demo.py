@@ -46,6 +46,9 @@ def get_config() -> ml_collections.ConfigDict:
                   "max_position_embeddings": 512}
   c.model.init_seed = 0
 
+  # Device mesh (visatb_jax/sharding.py); -1 takes the devices the other axes leave.
+  c.mesh = {"data": -1, "fsdp": 1, "tensor": 1}
+
   c.train = ml_collections.ConfigDict()
   c.train.epochs = 4.0
   c.train.batch_size = 16     # packed rows per optimizer step (global)

@@ -197,6 +197,12 @@ class Experiment:
 
   # --- models --------------------------------------------------------------------------------------
 
+  @functools.cached_property
+  def mesh(self):
+    from visatb_jax import sharding
+    mesh_config = self.config.get("mesh")
+    return sharding.make_mesh(mesh_config.to_dict() if mesh_config is not None else None)
+
   def new_model(self):
     from flax import nnx
     from visatb_jax.model import llava
@@ -232,7 +238,8 @@ class Experiment:
     print(f"  {rel_dir}: {len(examples)} samples in {ds.num_rows} rows, {cfg['steps']} steps",
           flush=True)
     train.train(self.new_model(), lambda step: ds.batch_at(step, int(tc.batch_size)),
-                np.asarray(lam, np.float32), cfg, directory, task_names=list(self.task_names))
+                np.asarray(lam, np.float32), cfg, directory, task_names=list(self.task_names),
+                mesh=self.mesh)
     fileio.atomic_write_json(os.path.join(directory, "run.json"), {
         "hash": stage_hash, "done": True, "train": cfg, "rows": ds.num_rows,
         "samples": len(examples), "packing_efficiency": ds.packing_efficiency()})

@@ -65,6 +65,8 @@ def main(argv: Sequence[str]) -> int:
   del argv
   # orbax logs every checkpoint operation at INFO; progress comes from the pipeline itself.
   logging.set_verbosity(logging.WARNING)
+  from visatb_jax import sharding
+  sharding.initialize_distributed()  # before anything touches a device; no-op on one host
   from visatb_jax import pipeline  # Deferred: jax initialises only after flags are parsed.
 
   config = _CONFIG.value

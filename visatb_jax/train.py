@@ -26,6 +26,7 @@ from jax.sharding import PartitionSpec as P
 from visatb_jax import loss as loss_lib
 from visatb_jax import metrics_log
 from visatb_jax.checkpoint import Checkpointer
+from visatb_jax import sharding as sharding_lib
 
 DATA_AXIS = "data"
 CHECKPOINT_DIR = "checkpoints"
@@ -98,11 +99,18 @@ def _optimizer(key: tuple[float, float]) -> optax.GradientTransformation:
   return optax.chain(*parts)
 
 
+def _flat(tree: Any) -> tuple[Any, tuple[Any, ...]]:
+  """A hashable (treedef, leaves) form of a pytree of shardings, for the lru_cache below."""
+  return jax.tree.structure(tree), tuple(jax.tree.leaves(tree))
+
+
 @functools.lru_cache(maxsize=16)
 def _cached_train_step(graphdef: nnx.GraphDef, optimizer_key: tuple[float, float], mesh: Mesh,
-                       accum_steps: int, tla: bool):
+                       accum_steps: int, tla: bool, state_sharding_flat, frozen_sharding_flat):
   return make_train_step(graphdef, _optimizer(optimizer_key), mesh=mesh, accum_steps=accum_steps,
-                         tla=tla, donate=True)
+                         tla=tla, donate=True,
+                         state_sharding=jax.tree.unflatten(*state_sharding_flat),
+                         frozen_sharding=jax.tree.unflatten(*frozen_sharding_flat))
 
 
 # ------------------------------------------------------------------------- model & state
@@ -139,10 +147,9 @@ def init_train_state(params: nnx.State, tx: optax.GradientTransformation) -> Tra
 # ---------------------------------------------------------------------------- sharding
 
 
-def make_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
-  """1-D mesh with axis `data` over `devices` (default: all devices)."""
-  devices = jax.devices() if devices is None else list(devices)
-  return Mesh(np.asarray(devices), (DATA_AXIS,))
+def make_mesh(devices: Sequence[jax.Device] | None = None, mesh_config: Any = None) -> Mesh:
+  """("data", "fsdp", "tensor") mesh over `devices` (default all); see sharding.make_mesh."""
+  return sharding_lib.make_mesh(mesh_config, devices)
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
@@ -150,7 +157,7 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 
 def data_sharded(mesh: Mesh) -> NamedSharding:
-  return NamedSharding(mesh, P(DATA_AXIS))
+  return sharding_lib.batch_sharding(mesh)
 
 
 def replicate(tree: Any, mesh: Mesh) -> Any:
@@ -160,12 +167,7 @@ def replicate(tree: Any, mesh: Mesh) -> Any:
 
 def shard_batch(batch: Batch, mesh: Mesh) -> dict[str, jax.Array]:
   """Host arrays [B, ...] → global arrays sharded on their leading axis over `data`."""
-  sharding = data_sharded(mesh)
-  if jax.process_count() > 1:
-    # Multi-host: each host passes its own rows; together they form the global batch.
-    return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
-            for k, v in batch.items()}
-  return jax.device_put(dict(batch), sharding)
+  return sharding_lib.shard_batch(batch, mesh)
 
 
 # -------------------------------------------------------------------------- train step
@@ -181,9 +183,8 @@ def _micro_batches(batch: Batch, accum_steps: int, mesh: Mesh) -> dict[str, jax.
     rows = x.shape[0]
     x = x.reshape(rows // accum_steps, accum_steps, *x.shape[1:])
     x = jnp.swapaxes(x, 0, 1)
-    if (rows // accum_steps) % mesh.shape[DATA_AXIS] == 0:
-      x = jax.lax.with_sharding_constraint(x, NamedSharding(mesh, P(None, DATA_AXIS)))
-    return x
+    # Rows of every micro-batch stay on the batch axes (replicated where they do not divide).
+    return sharding_lib.with_logical_constraint(x, (None, "batch") + (None,) * (x.ndim - 2), mesh)
   return {k: split(v) for k, v in batch.items()}
 
 
@@ -223,6 +224,8 @@ def make_train_step(
     accum_steps: int = 1,
     tla: bool = False,
     donate: bool = False,
+    state_sharding: Any = None,
+    frozen_sharding: Any = None,
 ) -> Callable[..., tuple[TrainState, dict[str, jax.Array]]]:
   """Jit-compiled `(state, frozen, batch, lam, lr) -> (state, metrics)`.
 
@@ -268,8 +271,10 @@ def make_train_step(
     return new_state, metrics
 
   repl, data = replicated(mesh), data_sharded(mesh)
-  return jax.jit(step, in_shardings=(repl, repl, data, repl, repl), out_shardings=(repl, repl),
-                 donate_argnums=(0,) if donate else ())
+  state_sh = repl if state_sharding is None else state_sharding
+  frozen_sh = repl if frozen_sharding is None else frozen_sharding
+  return jax.jit(step, in_shardings=(state_sh, frozen_sh, data, repl, repl),
+                 out_shardings=(state_sh, repl), donate_argnums=(0,) if donate else ())
 
 
 # ------------------------------------------------------------------------------- loop
@@ -303,8 +308,9 @@ def _check_batch(batch: Batch, cfg: Any, mesh: Mesh) -> int:
     raise ValueError(f"get_batch returned {rows} rows, config batch_size is {batch_size}")
   if rows % accum:
     raise ValueError(f"batch of {rows} rows is not divisible by accum_steps={accum}")
-  if rows % mesh.shape[DATA_AXIS]:
-    raise ValueError(f"batch of {rows} rows is not divisible by {mesh.shape[DATA_AXIS]} devices")
+  shards = sharding_lib.batch_shards(mesh)
+  if rows % shards:
+    raise ValueError(f"batch of {rows} rows is not divisible by the {shards} batch shards of the mesh")
   return rows
 
 
@@ -353,15 +359,19 @@ def train(
   tx, schedule = make_optimizer(cfg), make_schedule(cfg)
   graphdef, params, frozen = split_model(
       model, freeze_vision_tower=bool(_cfg(cfg, "freeze_vision_tower")))
-  state = replicate(init_train_state(params, tx), mesh)
-  frozen = replicate(frozen, mesh)
+  state = init_train_state(params, tx)
+  state_sharding = sharding_lib.param_shardings(state, mesh)
+  frozen_sharding = sharding_lib.param_shardings(frozen, mesh)
+  state = jax.device_put(state, state_sharding)
+  frozen = jax.device_put(frozen, frozen_sharding)
   ckpt = Checkpointer(os.path.join(workdir, CHECKPOINT_DIR), max_to_keep=2)
   if ckpt.latest_step() is not None:
     state = ckpt.restore(state)
   start = int(state.step)
 
   step_fn = _cached_train_step(graphdef, _optimizer_key(cfg), mesh,
-                               int(_cfg(cfg, "accum_steps")), bool(_cfg(cfg, "tla")))
+                               int(_cfg(cfg, "accum_steps")), bool(_cfg(cfg, "tla")),
+                               _flat(state_sharding), _flat(frozen_sharding))
   log = metrics_log.MetricsLog(workdir, resume_step=start, enabled=jax.process_index() == 0)
   from tqdm.auto import tqdm  # pylint: disable=g-import-not-at-top
   bar = tqdm(total=steps, initial=start, disable=None, desc="train", unit="step")

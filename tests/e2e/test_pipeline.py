@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -66,13 +67,15 @@ def test_rerun_skips_finished_stages(finished_run, capsys):
   assert _outputs(finished_run) == before
 
 
-def test_changed_temperature_reruns_from_lambda_only(finished_run, capsys):
+def test_changed_temperature_reruns_from_lambda_only(finished_run, tmp_path, capsys):
+  workdir = str(tmp_path / "copy")
+  shutil.copytree(finished_run, workdir)  # the other tests compare against finished_run
   config = micro_config()
   config.balance.temperature = 5.0
-  pipeline.run(config, finished_run, stages=["lambda"])
+  pipeline.run(config, workdir, stages=["validate", "lambda"])
   logged = capsys.readouterr().out
-  assert "stage lambda: start" in logged and "stage prep" not in logged
-  assert fileio.read_json(os.path.join(finished_run, "lambda.json"))["temperature"] == 5.0
+  assert "stage validate: done, skipped" in logged and "stage lambda: start" in logged
+  assert fileio.read_json(os.path.join(workdir, "lambda.json"))["temperature"] == 5.0
 
 
 def test_unknown_stage_and_task_are_clear_errors(tmp_path):
