@@ -59,7 +59,10 @@ def get_config() -> ml_collections.ConfigDict:
   c.train.weight_decay = 0.0
   c.train.checkpoint_every = 100
   c.train.log_every = 10
-  c.train.freeze_vision_tower = False  # random init: nothing to keep frozen in the demo
+  # Frozen as in LLaVA. Even a random tower's features keep the image apart; trained with the
+  # LM from scratch at this learning rate, it learns to ignore the image instead (measured:
+  # vqa 0.30 unfrozen after 257 steps vs 0.44 frozen after 129 steps, vqa-only runs).
+  c.train.freeze_vision_tower = True
   c.train.tla = False
 
   # Preparation stage (METHOD.md section 2). The demo is far below the paper's recommended

@@ -53,8 +53,9 @@ def test_data_stats_count_truncation(tmp_path):
   config.data.max_len = 120
   e = Experiment(config, str(tmp_path))
   e.prepare_data()
-  stats = fileio.read_json(tmp_path / "data_stats.json")["train"]
+  stats = fileio.read_json(tmp_path / "data_stats.json")
   assert sum(s["truncated"] for s in stats.values()) > 0
+  assert list(stats) == [f"{t} (train)" for t in e.task_names]
   for task, s in stats.items():
     assert s["samples"] + s["dropped_too_long"] == 24, task
   # Truncation never cuts an answer: every kept example still has its label tokens.

@@ -40,4 +40,7 @@ def test_manifest_roundtrip(tmp_path):
   on_disk = fileio.read_json(tmp_path / "manifest.json")
   assert on_disk["stages"]["data"]["seconds"] == 1.5
   assert on_disk["config_hash"] == manifest.config_hash(_config())
+  m.mark("prep", "done", "h2")
+  m.mark("lambda", "running", "h3")
+  assert list(fileio.read_json(tmp_path / "manifest.json")["stages"]) == ["data", "prep", "lambda"]
   assert [p.name for p in tmp_path.iterdir()] == ["manifest.json"]  # no temp files left

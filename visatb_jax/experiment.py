@@ -156,7 +156,9 @@ class Experiment:
       imgs = (np.stack([images_lib.load_image(s["image_path"], self.image_size)])
               if s.get("image_path") else np.zeros((0, self.image_size, self.image_size, 3), np.uint8))
       by_task[t].append(packing.Example(enc.input_ids, enc.label_mask, self.task_names.index(t), imgs))
-    fileio.atomic_write_json(self.path("data_stats.json"), {"train": stats})
+    # One row per task in the report.
+    fileio.atomic_write_json(self.path("data_stats.json"),
+                             {f"{t} (train)": stats[t] for t in self.task_names}, sort_keys=False)
     for t, exs in by_task.items():
       if not exs:
         raise PipelineError(f"task {t!r} has no usable training samples (data.max_len="

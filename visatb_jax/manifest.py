@@ -58,4 +58,4 @@ class Manifest:
     entry = {"status": status, "hash": stage_hash, "updated": time.strftime("%Y-%m-%dT%H:%M:%S")}
     entry.update(extra)
     self.data["stages"][stage] = entry
-    fileio.atomic_write_json(self.path, self.data)
+    fileio.atomic_write_json(self.path, self.data, sort_keys=False)  # stages in run order
