@@ -11,6 +11,8 @@ from flax import nnx
 from visatb_jax.model.clip import CLIPVisionModel, activation
 from visatb_jax.model.config import VisionConfig
 
+from test_llama import load_torch_params  # the same HF-name → NNX-path copy
+
 CFG = VisionConfig(image_size=32, patch_size=8, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
                    num_attention_heads=4)
 
@@ -76,29 +78,6 @@ def test_quick_gelu_and_gelu():
   np.testing.assert_allclose(activation("gelu")(x), exact, atol=1e-6)
 
 
-def _load_torch_params(module: nnx.Module, named_params) -> None:
-  """Copies torch parameters named HF-style into the NNX module tree with the same paths."""
-  for name, tensor in named_params:
-    *path, leaf = name.split(".")
-    node = module
-    for part in path:
-      node = node[int(part)] if part.isdigit() else getattr(node, part)
-    arr = tensor.detach().float().numpy()
-    if isinstance(node, nnx.Linear):
-      attr, arr = ("kernel", arr.T) if leaf == "weight" else ("bias", arr)
-    elif isinstance(node, nnx.Conv):
-      attr, arr = "kernel", arr.transpose(2, 3, 1, 0)  # OIHW -> HWIO.
-    elif isinstance(node, nnx.LayerNorm):
-      attr = "scale" if leaf == "weight" else "bias"
-    elif isinstance(node, nnx.Embed):
-      attr = "embedding"
-    else:
-      attr = leaf
-    var = getattr(node, attr)
-    assert var.shape == arr.shape, (name, var.shape, arr.shape)
-    var[...] = jnp.asarray(arr)
-
-
 def test_parity_with_transformers_clip_vision_model():
   torch = pytest.importorskip("torch")
   transformers = pytest.importorskip("transformers")
@@ -114,7 +93,7 @@ def test_parity_with_transformers_clip_vision_model():
   model = CLIPVisionModel(CFG, rngs=nnx.Rngs(1))
   # transformers 5 drops the `vision_model.` level that checkpoints (and this port) keep.
   root = getattr(hf, "vision_model", hf)
-  _load_torch_params(model.vision_model, root.named_parameters())
+  load_torch_params(model.vision_model, root.named_parameters())
   images = np.random.default_rng(3).normal(size=(2, 32, 32, 3)).astype(np.float32)
   with torch.no_grad():
     ref = hf(torch.tensor(images.transpose(0, 3, 1, 2)), output_hidden_states=True)
