@@ -83,6 +83,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.eval.batch_size = 64
   c.eval.max_new_tokens = 40
 
-  # Final models trained besides VisATB; STL is the reference of ΔI / ΔE.
+  # Final models trained besides VisATB; STL is the reference of ΔI / ΔE. Also available:
+  # "tla", and the dynamic weightings "rlw", "dwa", "igb" (options below, sized for the demo's
+  # ~190 steps per final run).
   c.baselines = ("ew", "stl")
+  c.weighting_options = {"dwa": {"window": 10}, "igb": {"base_start": 10, "base_end": 30}}
   return c

@@ -115,3 +115,16 @@ def test_missing_image_is_named(exp, tmp_path):
   fresh = Experiment(micro_config(), str(tmp_path))
   with pytest.raises(ValueError, match=os.path.basename(victim["image_path"])):
     fresh.prepare_data()
+
+
+def test_dynamic_baseline_keeps_fixed_task_and_logs_its_lambda(exp):
+  exp.train_model("final/rlw", exp.task_examples(exp.task_names), np.ones(exp.num_tasks),
+                  stage_hash="h", weighting=exp.weighting_strategy("rlw"))
+  records = [json.loads(line) for line in open(os.path.join(exp.workdir, "final", "rlw",
+                                                             "metrics.jsonl"))]
+  lams = [r["lambda"] for r in records]
+  assert all(lam["chat"] == 1.0 for lam in lams)  # the fixed task keeps its weight
+  balanced = [[lam[t] for t in exp.balanced_units] for lam in lams[1:]]
+  np.testing.assert_allclose(np.mean(balanced, axis=1), 1.0, rtol=1e-5)
+  assert len({tuple(np.round(b, 6)) for b in balanced}) == len(balanced)  # redrawn every step
+  assert fileio.read_json(os.path.join(exp.workdir, "final", "rlw", "run.json"))["done"]

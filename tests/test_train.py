@@ -1,5 +1,6 @@
 """Tests of the train step (global normalisation, sharding, accumulation) and the loop."""
 
+import functools
 import json
 import os
 
@@ -7,10 +8,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import orbax.checkpoint as ocp
 import pytest
 from flax import nnx
 
-from visatb_jax import checkpoint, loss, metrics_log, sharding, train
+from visatb_jax import checkpoint, loss, metrics_log, sharding, train, weighting
 
 VOCAB, DIM, SEQ, ROWS, TASKS = 16, 8, 6, 8, ("caption", "vqa")
 TRACES = {"n": 0}  # incremented by Python only while jit traces the model
@@ -342,3 +344,118 @@ def test_step_on_multi_axis_meshes_equals_one_device(meshes, mesh_config):
   assert_rel_close(grads_of(old1, new1), grads_of(train.init_train_state(params, tx), new_state))
   np.testing.assert_allclose(metrics["loss"], m1["loss"], rtol=1e-5)
   np.testing.assert_allclose(metrics["per_task_loss"], m1["per_task_loss"], rtol=1e-5)
+
+
+# ------------------------------------------------------------------------ weighting strategies
+
+# Short runs on one device; windows small enough that every dynamic λ moves within them.
+WCFG = {**CFG, "accum_steps": 1}
+STRATEGY_OPTIONS = {"rlw": {}, "dwa": {"window": 1}, "igb": {"base_start": 1, "base_end": 3}}
+
+
+def lambdas(records):
+  return np.array([[r["lambda"][t] for t in TASKS] for r in records], np.float32)
+
+
+def replay(strategy, records, seed):
+  """The λ of every logged step, from the strategy called by hand on the logged losses."""
+  state = strategy.init(len(TASKS))
+  out = []
+  for index, r in enumerate(records):
+    assert r["step"] == index + 1
+    out.append(np.asarray(state["lam"]))
+    losses = np.array([r["per_task_loss"][t] for t in TASKS], np.float32)
+    counts = np.array([r["per_task_count"][t] for t in TASKS], np.float32)
+    _, state = strategy.update(state, losses, index, train.weighting_rng(seed, index),
+                               per_task_count=counts)
+  return np.stack(out)
+
+
+def test_ew_strategy_equals_no_strategy(tmp_path, meshes):
+  mesh, ones = meshes[1], np.ones(len(TASKS), np.float32)
+  plain = train.train(new_model(), make_batch, ones, WCFG, tmp_path / "plain", mesh=mesh,
+                      task_names=TASKS)
+  ew = train.train(new_model(), make_batch, None, WCFG, tmp_path / "ew", mesh=mesh,
+                   task_names=TASKS, weighting=weighting.get_strategy("ew"))
+  jax.tree.map(np.testing.assert_array_equal, params_of(ew), params_of(plain))
+  rec_plain, rec_ew = (metrics_log.read_metrics(tmp_path / d / metrics_log.METRICS_FILE)
+                       for d in ("plain", "ew"))
+  assert deterministic(rec_ew) == deterministic(rec_plain)
+  # The new layout: the weighting state is a second item of the same step.
+  assert checkpoint.Checkpointer(tmp_path / "ew" / "checkpoints").items() == {"state", "weighting"}
+  assert checkpoint.Checkpointer(tmp_path / "plain" / "checkpoints").items() == {"state"}
+  # Resuming across a change of weighting would change the λ sequence: refused.
+  with pytest.raises(ValueError, match="without a weighting strategy"):
+    train.train(new_model(), make_batch, ones, WCFG, tmp_path / "plain", mesh=mesh,
+                weighting=weighting.get_strategy("ew"))
+  with pytest.raises(ValueError, match="called without a strategy"):
+    train.train(new_model(), make_batch, ones, WCFG, tmp_path / "ew", mesh=mesh)
+  # TLA's λ is made by the step: the strategy and the config must agree.
+  with pytest.raises(ValueError, match="tla=True"):
+    train.train(new_model(), make_batch, ones, WCFG, tmp_path / "tla", mesh=mesh,
+                weighting=weighting.get_strategy("tla"))
+  with pytest.raises(ValueError, match="ignored"):
+    train.train(new_model(), make_batch, ones, {**WCFG, "tla": True}, tmp_path / "tla",
+                mesh=mesh, weighting=weighting.get_strategy("dwa"))
+
+
+@pytest.mark.parametrize("name", sorted(STRATEGY_OPTIONS))
+def test_strategy_lambda_sequence_is_the_strategy_on_logged_losses(tmp_path, meshes, name):
+  strategy = weighting.get_strategy(name, **STRATEGY_OPTIONS[name])
+  train.train(new_model(), make_batch, LAM, WCFG, tmp_path, mesh=meshes[1], task_names=TASKS,
+              weighting=strategy)
+  records = metrics_log.read_metrics(tmp_path / metrics_log.METRICS_FILE)
+  logged = lambdas(records)
+  assert len(logged) == WCFG["steps"]
+  # `lam` gave only T: its values [2, 0.5] are never used.
+  np.testing.assert_array_equal(logged[0], [1.0, 1.0])
+  assert np.ptp(logged[-1]) > 1e-3  # the dynamic rule is active by the last step
+  np.testing.assert_allclose(logged, replay(strategy, records, WCFG["seed"]), rtol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["dwa", "rlw"])
+def test_resume_with_strategy_is_identical(tmp_path, meshes, name):
+  strategy = weighting.get_strategy(name, **STRATEGY_OPTIONS[name])
+  run = functools.partial(train.train, mesh=meshes[1], task_names=TASKS, weighting=strategy)
+  straight = run(new_model(), make_batch, LAM, WCFG, tmp_path / "a")
+
+  def crashing_batch(i):
+    if i == 4:  # the last checkpoint is step 3
+      raise Crash()
+    return make_batch(i)
+
+  with pytest.raises(Crash):
+    run(new_model(), crashing_batch, LAM, WCFG, tmp_path / "b")
+  # "New process": a fresh strategy object too (its jitted update is compiled anew).
+  resumed = train.train(new_model(), make_batch, LAM, WCFG, tmp_path / "b", mesh=meshes[1],
+                        task_names=TASKS,
+                        weighting=weighting.get_strategy(name, **STRATEGY_OPTIONS[name]))
+  jax.tree.map(np.testing.assert_array_equal, params_of(resumed), params_of(straight))
+  rec_a, rec_b = (metrics_log.read_metrics(tmp_path / d / metrics_log.METRICS_FILE)
+                  for d in ("a", "b"))
+  assert [r["step"] for r in rec_b] == [1, 2, 3, 4, 5, 6]
+  assert deterministic(rec_b) == deterministic(rec_a)
+  # Sensitive: the steps after the resume point train with a λ that is not the initial one,
+  # so a weighting state not restored (λ = 1 again) would differ.
+  assert all(np.ptp(row) > 1e-3 for row in lambdas(rec_a)[3:])
+  # restore_model reads the params of a checkpoint that also holds a weighting state.
+  restored = train.restore_model(new_model(), WCFG, tmp_path / "a")
+  jax.tree.map(np.testing.assert_array_equal, params_of(restored), params_of(straight))
+
+
+def test_restore_model_reads_legacy_single_item_checkpoint(tmp_path):
+  """Checkpoints written before the composite layout (orbax's unnamed `default` item)."""
+  model = new_model(seed=1)
+  _, params, _ = train.split_model(model)
+  state = train.init_train_state(params, train.make_optimizer(WCFG))
+  manager = ocp.CheckpointManager(os.path.abspath(tmp_path / "checkpoints"))
+  manager.save(3, args=ocp.args.StandardSave(state))
+  manager.wait_until_finished()
+  manager.close()
+  ckpt = checkpoint.Checkpointer(tmp_path / "checkpoints")
+  assert ckpt.items() == {"state"}
+  ckpt.close()
+  restored = train.restore_model(new_model(seed=0), WCFG, tmp_path)
+  # Only the trainable params are in a checkpoint; the frozen tower stays the caller's.
+  trainable = lambda m: jax.tree.map(np.asarray, train.split_model(m)[1])
+  jax.tree.map(np.testing.assert_array_equal, trainable(restored), trainable(model))

@@ -2,27 +2,56 @@
 
 Frozen parameters (the vision tower) are not saved: they come unchanged from the
 pretrained model the caller builds, and saving them would multiply disk use for nothing.
+
+Layout: one orbax CheckpointManager directory, one sub-directory per step, each holding the
+composite items
+
+  <step>/state/       the TrainState pytree (always)
+  <step>/weighting/   the loss-weighting strategy's state (`weighting.py`), when the run
+                      had one
+
+Both items of a step are written by one `save`, so they always belong to the same step.
+Checkpoints written before the weighting item existed hold the TrainState as orbax's
+single unnamed item (`<step>/default/`); they are still read as the `state` item.
 """
 
 from __future__ import annotations
 
 import os
-from typing import TypeVar
+from collections.abc import Mapping
+from typing import Any, TypeVar
 
 import jax
 import orbax.checkpoint as ocp
 
 PyTree = TypeVar("PyTree")
 
+STATE_ITEM = "state"
+WEIGHTING_ITEM = "weighting"
+# Orbax's name for the single unnamed item of a manager in "default item" mode: the layout
+# of checkpoints written before the composite layout.
+_LEGACY_STATE_ITEM = "default"
+EXTRA_ITEMS = (WEIGHTING_ITEM,)
+
+
+def _abstract(target: Any) -> Any:
+  return jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
+
 
 class Checkpointer:
-  """Keeps the last `max_to_keep` checkpoints of a pytree under `directory`."""
+  """Keeps the last `max_to_keep` checkpoints (state and extra items) under `directory`."""
 
   def __init__(self, directory: str | os.PathLike, *, max_to_keep: int = 2):
     # Orbax wants absolute paths.
     self.directory = os.path.abspath(os.fspath(directory))
     self._manager = ocp.CheckpointManager(
         self.directory,
+        # Naming the items' handlers locks the manager into composite mode up front (left to
+        # itself it would pick single-item mode on reading a legacy checkpoint, then refuse
+        # composite saves) and lets it read item metadata before any save or restore. The
+        # legacy item is listed so that such a step can be read.
+        item_handlers={name: ocp.StandardCheckpointHandler()
+                       for name in (STATE_ITEM, *EXTRA_ITEMS, _LEGACY_STATE_ITEM)},
         options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True),
     )
 
@@ -32,18 +61,54 @@ class Checkpointer:
   def all_steps(self) -> list[int]:
     return sorted(self._manager.all_steps())
 
-  def save(self, step: int, state: PyTree) -> None:
-    """Starts an async save; device-to-host copies finish before this returns,
-    so the caller may donate `state` right after."""
-    self._manager.save(int(step), args=ocp.args.StandardSave(state))
+  def items(self, step: int | None = None) -> frozenset[str]:
+    """Names of the items stored at `step` (default: latest); a legacy step reads as `state`."""
+    step = self._step(step)
+    names = set(self._manager.item_metadata(step).keys())
+    if _LEGACY_STATE_ITEM in names:
+      names.discard(_LEGACY_STATE_ITEM)
+      names.add(STATE_ITEM)
+    return frozenset(names)
+
+  def save(self, step: int, state: PyTree, extras: Mapping[str, Any] | None = None) -> None:
+    """Starts an async save of `state` and the `extras` items (names from EXTRA_ITEMS).
+
+    Device-to-host copies finish before this returns, so the caller may donate `state`
+    right after.
+    """
+    extras = dict(extras or {})
+    unknown = set(extras) - set(EXTRA_ITEMS)
+    if unknown:
+      raise ValueError(f"unknown checkpoint item(s) {sorted(unknown)}; known: {EXTRA_ITEMS}")
+    args = {STATE_ITEM: ocp.args.StandardSave(state)}
+    args.update({name: ocp.args.StandardSave(tree) for name, tree in extras.items()})
+    self._manager.save(int(step), args=ocp.args.Composite(**args))
 
   def restore(self, target: PyTree, step: int | None = None) -> PyTree:
-    """Restores `step` (default: latest) with the structure, dtypes and shardings of `target`."""
-    step = self.latest_step() if step is None else step
-    if step is None:
-      raise FileNotFoundError(f"no checkpoint in {self.directory}")
-    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
-    return self._manager.restore(step, args=ocp.args.StandardRestore(abstract))
+    """Restores the state of `step` (default: latest) with the structure, dtypes and
+    shardings of `target`; extra items stored with it are not read."""
+    state, _ = self.restore_with_extras(target, {}, step)
+    return state
+
+  def restore_with_extras(self, target: PyTree, extras: Mapping[str, Any],
+                          step: int | None = None) -> tuple[PyTree, dict[str, Any]]:
+    """(state, {name: item}) of `step` (default: latest), each shaped like its target.
+
+    Raises:
+      FileNotFoundError: no checkpoint at all.
+      KeyError: an item of `extras` is not stored at that step.
+    """
+    step = self._step(step)
+    stored = set(self._manager.item_metadata(step).keys())
+    missing = set(extras) - stored
+    if missing:
+      raise KeyError(f"checkpoint step {step} in {self.directory} has no item(s) "
+                     f"{sorted(missing)}; it has {sorted(stored)}")
+    state_item = _LEGACY_STATE_ITEM if _LEGACY_STATE_ITEM in stored else STATE_ITEM
+    args = {state_item: ocp.args.StandardRestore(_abstract(target))}
+    args.update({name: ocp.args.StandardRestore(_abstract(tree)) for name, tree in extras.items()})
+    restored = self._manager.restore(step, args=ocp.args.Composite(**args))
+    return restored[state_item], {name: restored[name] for name in extras}
 
   def wait_until_finished(self) -> None:
     self._manager.wait_until_finished()
@@ -52,3 +117,9 @@ class Checkpointer:
     """Waits for pending saves, then releases the manager."""
     self._manager.wait_until_finished()
     self._manager.close()
+
+  def _step(self, step: int | None) -> int:
+    step = self.latest_step() if step is None else step
+    if step is None:
+      raise FileNotFoundError(f"no checkpoint in {self.directory}")
+    return int(step)

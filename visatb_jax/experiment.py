@@ -226,8 +226,17 @@ class Experiment:
     fileio.atomic_write_json(info_path, {"hash": stage_hash, "done": False})
     return False
 
+  def weighting_strategy(self, name: str):
+    """A dynamic weighting baseline (visatb_jax.weighting) with the fixed tasks kept fixed."""
+    from visatb_jax import weighting
+    options = dict((self.config.get("weighting_options") or {}).get(name) or {})
+    fixed = [t in self.fixed_weights for t in self.task_names]
+    return weighting.get_strategy(
+        name, fixed_mask=tuple(fixed),
+        fixed_values=tuple(self.fixed_weights.get(t, 1.0) for t in self.task_names), **options)
+
   def train_model(self, rel_dir: str, examples: Sequence[packing.Example], lam: np.ndarray, *,
-                  stage_hash: str, tla: bool = False) -> None:
+                  stage_hash: str, tla: bool = False, weighting=None) -> None:
     from visatb_jax import train
     directory = self.path(rel_dir)
     if self._claim_dir(directory, stage_hash):
@@ -241,7 +250,7 @@ class Experiment:
           flush=True)
     train.train(self.new_model(), lambda step: ds.batch_at(step, int(tc.batch_size)),
                 np.asarray(lam, np.float32), cfg, directory, task_names=list(self.task_names),
-                mesh=self.mesh)
+                mesh=self.mesh, weighting=weighting)
     fileio.atomic_write_json(os.path.join(directory, "run.json"), {
         "hash": stage_hash, "done": True, "train": cfg, "rows": ds.num_rows,
         "samples": len(examples), "packing_efficiency": ds.packing_efficiency()})

@@ -27,7 +27,7 @@ _STAGE_INPUTS = (
     ("prep", ("model", "train", "prep")),
     ("validate", ("eval",)),
     ("lambda", ("balance",)),
-    ("final", ("baselines",)),
+    ("final", ("baselines", "weighting_options")),
     ("test", ()),
     ("report", ()),
 )
@@ -89,23 +89,31 @@ def final_methods(exp: Experiment) -> list[str]:
   return ["visatb"] + [m for m in exp.config.baselines if m != "visatb"]
 
 
+# Dynamic loss-weighting baselines (METHOD.md section 9), run in the same train step.
+DYNAMIC_BASELINES = ("rlw", "dwa", "igb")
+
+
 def stage_final(exp: Experiment, stage_hash: str) -> None:
   lam = exp.read_output("lambda.json")["lambda"]
+  ones = np.ones(exp.num_tasks, np.float32)
   for method in final_methods(exp):
     if method == "stl":
       for task in exp.task_names:
-        exp.train_model(os.path.join("final", "stl", task), exp.task_examples([task]),
-                        np.ones(exp.num_tasks, np.float32), stage_hash=stage_hash)
+        exp.train_model(os.path.join("final", "stl", task), exp.task_examples([task]), ones,
+                        stage_hash=stage_hash)
       continue
+    examples, run = exp.task_examples(exp.task_names), os.path.join("final", method)
     if method == "visatb":
       weights = np.array([lam[t] for t in exp.task_names], np.float32)
+      exp.train_model(run, examples, weights, stage_hash=stage_hash)
     elif method in ("ew", "tla"):
-      weights = np.ones(exp.num_tasks, np.float32)
+      exp.train_model(run, examples, ones, stage_hash=stage_hash, tla=(method == "tla"))
+    elif method in DYNAMIC_BASELINES:
+      exp.train_model(run, examples, ones, stage_hash=stage_hash,
+                      weighting=exp.weighting_strategy(method))
     else:
-      raise PipelineError(f"unknown baseline {method!r} in config.baselines "
-                          "(known: visatb, ew, tla, stl)")
-    exp.train_model(os.path.join("final", method), exp.task_examples(exp.task_names), weights,
-                    stage_hash=stage_hash, tla=(method == "tla"))
+      raise PipelineError(f"unknown baseline {method!r} in config.baselines (known: visatb, ew, "
+                          f"tla, stl, {', '.join(DYNAMIC_BASELINES)})")
 
 
 def stage_test(exp: Experiment, stage_hash: str) -> None:
@@ -156,6 +164,10 @@ def run(config, workdir: str, *, stages: Sequence[str] | None = None) -> None:
   unknown = sorted(set(stages or ()) - set(STAGES))
   if unknown:
     raise PipelineError(f"unknown stage(s) {unknown}; stages are {list(STAGES)}")
+  known = ("visatb", "ew", "tla", "stl") + DYNAMIC_BASELINES
+  unknown = [m for m in config.baselines if m not in known]
+  if unknown:
+    raise PipelineError(f"unknown baseline(s) {unknown} in config.baselines; known: {list(known)}")
   exp = Experiment(config, workdir)
   _use_compilation_cache(os.path.join(workdir, "xla_cache"))
   man = manifest.Manifest(workdir, config)

@@ -4,6 +4,8 @@ The model is split once into (graphdef, trainable params, frozen state); the ste
 pure function of arrays. The VITW loss is summed over the whole global batch of an
 optimizer step — every device and every accumulation micro-batch — and divided exactly
 once, so a sharded or accumulated step equals the single-device full-batch step.
+The loop takes λ from a fixed vector, a function of the step, or a dynamic weighting
+strategy (`weighting.py`) whose state is checkpointed with the model.
 """
 
 from __future__ import annotations
@@ -23,16 +25,21 @@ from flax import nnx, struct
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from visatb_jax import checkpoint as checkpoint_lib
 from visatb_jax import loss as loss_lib
 from visatb_jax import metrics_log
-from visatb_jax.checkpoint import Checkpointer
 from visatb_jax import sharding as sharding_lib
+from visatb_jax import weighting as weighting_lib
 
 DATA_AXIS = "data"
 CHECKPOINT_DIR = "checkpoints"
 
 Batch = Mapping[str, Any]
 LamLike = Any  # float32 [T] array-like, or Callable[[int], array-like] of the step index.
+
+# Folded into cfg.seed for the weighting strategy's keys, so that its random stream (RLW's z)
+# is independent of any other use of the same seed (e.g. the model's initialisation).
+_WEIGHTING_RNG_SALT = 0x5EED1A3B
 
 _DEFAULTS = {
     "accum_steps": 1,
@@ -300,6 +307,28 @@ def _lam_at(lam: LamLike, step_index: int) -> np.ndarray:
   return np.asarray(value, np.float32)
 
 
+def weighting_rng(seed: int, step: int) -> jax.Array:
+  """The key `train` passes to the weighting strategy's `update` after step index `step`.
+
+  A pure function of (seed, step), so a resumed run draws the same random λ (RLW) as the
+  run it continues, without any key in the checkpoint.
+  """
+  base = jax.random.fold_in(jax.random.key(int(seed)), _WEIGHTING_RNG_SALT)
+  return jax.random.fold_in(base, int(step))
+
+
+def _check_weighting(weighting: weighting_lib.Strategy | None, tla: bool) -> None:
+  """TLA's λ is made by the step (`tla=True`); a strategy must agree with the config."""
+  if weighting is None:
+    return
+  if weighting.name == "tla" and not tla:
+    raise ValueError("the tla weighting strategy needs the train config's tla=True "
+                     "(the train step computes the TLA λ)")
+  if tla and weighting.name != "tla":
+    raise ValueError(f"train config tla=True replaces every λ in the step, so the "
+                     f"{weighting.name!r} strategy would be ignored; use the tla strategy")
+
+
 def _check_batch(batch: Batch, cfg: Any, mesh: Mesh) -> int:
   """Validates the global batch shape against the config and mesh; returns its rows."""
   rows = int(np.shape(batch["input_ids"])[0])
@@ -324,12 +353,13 @@ def _input_tokens(batch: Batch) -> int:
 def train(
     model: nnx.Module,
     get_batch: Callable[[int], Batch],
-    lam: LamLike,
+    lam: LamLike | None,
     cfg: Any,
     workdir: str | os.PathLike,
     *,
     mesh: Mesh | None = None,
     task_names: Sequence[str] | None = None,
+    weighting: weighting_lib.Strategy | None = None,
 ) -> nnx.Module:
   """Trains `model` for `cfg.steps` optimizer steps, resuming from `workdir/checkpoints`.
 
@@ -338,20 +368,36 @@ def train(
     get_batch: step index (0-based) → global host batch (Batch contract); must be a
       deterministic function of the step so that a resumed run sees the same data.
     lam: float32 [T] task weights, or a function of the step index returning them
-      (ignored, except for T, when `cfg.tla`).
+      (ignored, except for T, when `cfg.tla`). With a `weighting` strategy only its length
+      T is read (its values are ignored), and it may be None when `task_names` is given.
     cfg: steps, lr and the optional fields of `_DEFAULTS`.
     workdir: gets `checkpoints/`, `metrics.jsonl` and `tb/`.
     mesh: default: `make_mesh()` over all devices.
     task_names: names of the T tasks in logs; default `task0`, `task1`, ...
+    weighting: a `weighting.Strategy` that makes λ instead of `lam`: step index i trains
+      with `state["lam"]`, then `update(state, per_task_loss, i, weighting_rng(cfg.seed, i),
+      per_task_count=...)` (jitted) gives the λ of step i + 1. Its state is saved in every
+      checkpoint next to the TrainState and restored on resume, so a killed run continues
+      with the same λ sequence. The `tla` strategy requires `cfg.tla` (the step computes
+      TLA's λ) and any other strategy forbids it. None: λ from `lam`.
 
   Raises:
     TrainingDiverged: the loss became NaN/inf (the diverged state is not saved).
+    ValueError: inconsistent task count, TLA setting, or a checkpoint written with a
+      different use of a weighting strategy than this call.
   """
   workdir = os.fspath(workdir)
   mesh = make_mesh() if mesh is None else mesh
   steps = int(_cfg(cfg, "steps"))
   log_every, ckpt_every = int(_cfg(cfg, "log_every")), int(_cfg(cfg, "checkpoint_every"))
-  num_tasks = _lam_at(lam, 0).shape[0]
+  tla = bool(_cfg(cfg, "tla"))
+  _check_weighting(weighting, tla)
+  if lam is None:
+    if weighting is None or task_names is None:
+      raise ValueError("lam may be None only with a weighting strategy and task_names")
+    num_tasks = len(task_names)
+  else:
+    num_tasks = _lam_at(lam, 0).shape[0]
   task_names = [f"task{k}" for k in range(num_tasks)] if task_names is None else list(task_names)
   if len(task_names) != num_tasks:
     raise ValueError(f"{len(task_names)} task names for {num_tasks} task weights")
@@ -364,14 +410,18 @@ def train(
   frozen_sharding = sharding_lib.param_shardings(frozen, mesh)
   state = jax.device_put(state, state_sharding)
   frozen = jax.device_put(frozen, frozen_sharding)
-  ckpt = Checkpointer(os.path.join(workdir, CHECKPOINT_DIR), max_to_keep=2)
+  # Replicated on the mesh like the step's metrics, so that the jitted update sees one
+  # device set and every host of a multi-host run holds (and saves) the same state.
+  wstate = None if weighting is None else replicate(weighting.init(num_tasks), mesh)
+  ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, CHECKPOINT_DIR), max_to_keep=2)
   if ckpt.latest_step() is not None:
-    state = ckpt.restore(state)
+    state, wstate = _restore_for_resume(ckpt, state, wstate)
   start = int(state.step)
 
   step_fn = _cached_train_step(graphdef, _optimizer_key(cfg), mesh,
-                               int(_cfg(cfg, "accum_steps")), bool(_cfg(cfg, "tla")),
+                               int(_cfg(cfg, "accum_steps")), tla,
                                _flat(state_sharding), _flat(frozen_sharding))
+  seed = int(_cfg(cfg, "seed"))
   log = metrics_log.MetricsLog(workdir, resume_step=start, enabled=jax.process_index() == 0)
   from tqdm.auto import tqdm  # pylint: disable=g-import-not-at-top
   bar = tqdm(total=steps, initial=start, disable=None, desc="train", unit="step")
@@ -382,12 +432,19 @@ def train(
       host_batch = get_batch(index)
       _check_batch(host_batch, cfg, mesh)
       window_tokens += _input_tokens(host_batch)
-      state, metrics = step_fn(state, frozen, shard_batch(host_batch, mesh), _lam_at(lam, index),
-                               np.float32(schedule(index)))
-      metrics = jax.device_get(metrics)
+      lam_i = (_lam_at(lam, index) if wstate is None
+               else np.asarray(jax.device_get(wstate["lam"]), np.float32))
+      state, device_metrics = step_fn(state, frozen, shard_batch(host_batch, mesh), lam_i,
+                                      np.float32(schedule(index)))
+      metrics = jax.device_get(device_metrics)
       done = index + 1
       # Before any save: a diverged state must never replace the last good checkpoint.
       _check_finite(metrics, done, task_names)
+      if wstate is not None:
+        # The λ of the next step, from the losses of this one (weighting.py's contract).
+        _, wstate = weighting_lib.jit_update(
+            weighting, wstate, device_metrics["per_task_loss"], index,
+            weighting_rng(seed, index), device_metrics["per_task_count"])
       bar.update(1)
       if done % log_every == 0 or done == steps:
         now = time.perf_counter()
@@ -397,7 +454,10 @@ def train(
         bar.set_postfix(loss=f"{float(metrics['loss']):.4f}")
         t_window, window_tokens = now, 0
       if done % ckpt_every == 0 or done == steps:
-        ckpt.save(done, state)
+        # The weighting state saved with step `done` already holds the λ of index `done`,
+        # the first step a resumed run trains.
+        extras = {} if wstate is None else {checkpoint_lib.WEIGHTING_ITEM: wstate}
+        ckpt.save(done, state, extras)
   finally:
     bar.close()
     log.close()
@@ -406,15 +466,35 @@ def train(
   return model
 
 
+def _restore_for_resume(ckpt: checkpoint_lib.Checkpointer, state: TrainState,
+                        wstate: weighting_lib.State | None) -> tuple[TrainState, Any]:
+  """The latest checkpoint's TrainState (and weighting state), shaped like the given ones."""
+  stored = ckpt.items()
+  has_weighting = checkpoint_lib.WEIGHTING_ITEM in stored
+  # Resuming across a change of weighting would silently change the λ sequence.
+  if wstate is None and has_weighting:
+    raise ValueError(f"the checkpoint in {ckpt.directory} holds a weighting strategy's state, "
+                     "but train() was called without a strategy")
+  if wstate is not None and not has_weighting:
+    raise ValueError(f"the checkpoint in {ckpt.directory} was written without a weighting "
+                     "strategy, but train() was called with one")
+  if wstate is None:
+    return ckpt.restore(state), None
+  state, extras = ckpt.restore_with_extras(state, {checkpoint_lib.WEIGHTING_ITEM: wstate})
+  return state, extras[checkpoint_lib.WEIGHTING_ITEM]
+
+
 def restore_model(model: nnx.Module, cfg: Any, workdir: str | os.PathLike) -> nnx.Module:
   """Loads the trainable params of the latest checkpoint in `workdir/checkpoints` into `model`.
 
   `cfg` must be the training config of that run (the optimizer state's structure depends on it).
+  A weighting strategy's state stored in the same checkpoint is not read.
   """
   graphdef, params, _ = split_model(
       model, freeze_vision_tower=bool(_cfg(cfg, "freeze_vision_tower")))
   del graphdef
-  ckpt = Checkpointer(os.path.join(os.fspath(workdir), CHECKPOINT_DIR), max_to_keep=2)
+  ckpt = checkpoint_lib.Checkpointer(os.path.join(os.fspath(workdir), CHECKPOINT_DIR),
+                                     max_to_keep=2)
   try:
     state = ckpt.restore(init_train_state(params, make_optimizer(cfg)))
   finally:

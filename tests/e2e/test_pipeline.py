@@ -82,6 +82,10 @@ def test_unknown_stage_and_task_are_clear_errors(tmp_path):
   with pytest.raises(pipeline.PipelineError, match="unknown stage"):
     pipeline.run(micro_config(), str(tmp_path), stages=["prepp"])
   config = micro_config()
+  config.baselines = ("ew", "mgdaa")
+  with pytest.raises(pipeline.PipelineError, match="unknown baseline.*mgdaa"):
+    pipeline.run(config, str(tmp_path))
+  config = micro_config()
   config.task_order = ("caption", "vqa", "ocr")
   with pytest.raises(pipeline.PipelineError, match="'ocr'"):
     pipeline.run(config, str(tmp_path))
