@@ -10,7 +10,7 @@ import functools
 import math
 import os
 import shutil
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 

@@ -219,7 +219,7 @@ def _balance_settings(balance: Mapping) -> str:
   lines = [
       f"- Tasks: {', '.join(balance.get('tasks') or [])}",
       f"- Balanced units: {', '.join(balance.get('balanced') or [])}",
-      f"- Fixed-weight tasks: "
+      "- Fixed-weight tasks: "
       + (", ".join(f"{t} ({_fmt(w)})" for t, w in fixed.items()) if fixed else "none"),
       f"- Form: {balance.get('form', _MISSING)}",
       f"- Temperature T: {_fmt(balance.get('temperature'))}",
