@@ -255,6 +255,17 @@ class LlamaModel(nnx.Module):
                       index=index + t)
 
 
+def default_positions_and_segments(input_ids: jax.Array, positions: jax.Array | None,
+                                   segment_ids: jax.Array | None) -> tuple[jax.Array, jax.Array]:
+  """arange positions and a single segment per row where not given (unpacked rows)."""
+  b, l = input_ids.shape
+  if positions is None:
+    positions = jnp.broadcast_to(jnp.arange(l, dtype=jnp.int32), (b, l))
+  if segment_ids is None:
+    segment_ids = jnp.ones((b, l), jnp.int32)
+  return positions, segment_ids
+
+
 def make_lm_head(config: TextConfig, *, dtype: Any, param_dtype: Any,
                  rngs: nnx.Rngs) -> nnx.Linear | None:
   """The output projection, or None when it is tied to the token embedding."""
@@ -287,10 +298,6 @@ class LlamaForCausalLM(nnx.Module):
   def __call__(self, input_ids: jax.Array, positions: jax.Array | None = None,
                segment_ids: jax.Array | None = None) -> jax.Array:
     """input_ids int32 [B, L] -> logits float32 [B, L, V]; default: arange positions, 1 segment."""
-    b, l = input_ids.shape
-    if positions is None:
-      positions = jnp.broadcast_to(jnp.arange(l, dtype=jnp.int32), (b, l))
-    if segment_ids is None:
-      segment_ids = jnp.ones((b, l), jnp.int32)
+    positions, segment_ids = default_positions_and_segments(input_ids, positions, segment_ids)
     hidden, _ = self.model(self.model.embed_tokens(input_ids), positions, segment_ids)
     return lm_logits(hidden, self.lm_head, self.model.embed_tokens)

@@ -15,7 +15,8 @@ from flax import nnx
 
 from visatb_jax.model.clip import CLIPVisionModel, activation
 from visatb_jax.model.config import LlavaConfig
-from visatb_jax.model.llama import KVCache, LlamaModel, lm_logits, make_lm_head
+from visatb_jax.model.llama import (KVCache, LlamaModel, default_positions_and_segments, lm_logits,
+                                    make_lm_head)
 
 
 class LlavaMultiModalProjector(nnx.Module):
@@ -113,11 +114,7 @@ class LlavaForConditionalGeneration(nnx.Module):
                     positions: jax.Array | None = None,
                     segment_ids: jax.Array | None = None) -> jax.Array:
     """Final-norm decoder output [B, L, D] (for losses that chunk the vocabulary themselves)."""
-    b, l = input_ids.shape
-    if positions is None:
-      positions = jnp.broadcast_to(jnp.arange(l, dtype=jnp.int32), (b, l))
-    if segment_ids is None:
-      segment_ids = jnp.ones((b, l), jnp.int32)
+    positions, segment_ids = default_positions_and_segments(input_ids, positions, segment_ids)
     hidden, _ = self.language_model(self.embed_inputs(input_ids, images), positions, segment_ids)
     return hidden
 
