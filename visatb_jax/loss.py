@@ -8,6 +8,9 @@ would silently reweight the tokens, which is the bug this module exists to avoid
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
+
 import jax
 import jax.numpy as jnp
 import optax
@@ -72,6 +75,69 @@ def token_loss(
   per_task_count = jnp.sum(
       jnp.where(onehot, mask[..., None], 0.0), axis=tuple(range(nll.ndim)))
   return weighted_nll_sum, weight_sum, per_task_nll_sum, per_task_count
+
+
+def chunked_token_loss(
+    hidden: jax.Array,
+    logits_fn: Callable[[jax.Array], jax.Array],
+    targets: jax.Array,
+    loss_mask: jax.Array,
+    task_ids: jax.Array,
+    lam: jax.Array,
+    *,
+    chunk_size: int = 1024,
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+  """`token_loss(logits_fn(hidden), ...)` without ever holding the [tokens, V] logits.
+
+  Tokens are flattened, padded to a multiple of the chunk (padding carries no loss) and
+  scanned chunk by chunk; each chunk is rematerialised in the backward pass, so the
+  logits live only one chunk at a time: peak memory O(chunk_size · V), not O(tokens · V).
+  Gradients flow to `hidden` and to whatever `logits_fn` closes over (the head kernel).
+
+  Args:
+    hidden: [B, L, D] final-norm hidden states, any float dtype.
+    logits_fn: [n, D] -> float32 [n, V], e.g. `model.logits`.
+    targets: int [B, L], the token predicted at each position.
+    loss_mask: [B, L], 1 on assistant tokens (already shifted), 0 elsewhere.
+    task_ids: int [B, L], task index where `loss_mask` is 1, −1 elsewhere.
+    lam: float32 [T], the weight of each task.
+    chunk_size: tokens per chunk (capped at the number of tokens).
+
+  Returns:
+    The four sums of `token_loss`, equal up to float32 summation order.
+  """
+  if chunk_size < 1:
+    raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+  if hidden.shape[:-1] != targets.shape:
+    raise ValueError(f"hidden {hidden.shape} does not match targets {targets.shape} "
+                     "(expected [B, L, D] and [B, L])")
+  lam = jnp.asarray(lam, jnp.float32)
+  num_tasks = lam.shape[0]
+  n = targets.size
+  chunk = max(1, min(chunk_size, n))
+  pad = -n % chunk
+
+  def flat(x: jax.Array, fill: float) -> jax.Array:
+    x = x.reshape((n,) + x.shape[targets.ndim:])
+    x = jnp.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1), constant_values=fill)
+    return x.reshape((-1, chunk) + x.shape[1:])
+
+  # Padding: zero hidden states (finite logits), mask 0 and task −1, so it adds exactly 0.
+  xs = (flat(hidden, 0), flat(targets, 0), flat(loss_mask, 0), flat(task_ids, -1))
+
+  # Remat: the backward pass recomputes this chunk's logits rather than storing every
+  # chunk's. prevent_cse is unnecessary under scan (and would only block optimisations).
+  @functools.partial(jax.checkpoint, prevent_cse=False)
+  def chunk_sums(h, t, m, ids):
+    return token_loss(logits_fn(h), t, m, ids, lam)
+
+  def body(carry, x):
+    return jax.tree.map(jnp.add, carry, chunk_sums(*x)), None
+
+  zero = jnp.zeros((), jnp.float32)
+  init = (zero, zero, jnp.zeros((num_tasks,), jnp.float32), jnp.zeros((num_tasks,), jnp.float32))
+  sums, _ = jax.lax.scan(body, init, xs)
+  return sums
 
 
 def task_counts(task_ids: jax.Array, loss_mask: jax.Array, num_tasks: int) -> jax.Array:
