@@ -2,7 +2,7 @@
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from visatb_jax.data import template
@@ -153,3 +153,127 @@ def test_prompt_truncation(tok):
   np.testing.assert_array_equal(short, np.concatenate([prompt[:1], prompt[3:]]))
   with pytest.raises(ValueError, match="exceed max_len"):
     template.encode_prompt(TWO_ROUNDS, tok, num_image_tokens=N_IMG, max_len=N_IMG)
+
+
+# --- plain and chatml ----------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def chatml_tok():
+  tok = tk.train_tokenizer(CORPUS, vocab_size=320, save_dir=None)
+  tok.add_tokens([template.IM_START, template.IM_END], special_tokens=True)
+  return tok
+
+
+def _masked_runs(tok, enc):
+  """The decoded text of every maximal run of labelled tokens, in order."""
+  edges = np.diff(np.concatenate([[0], enc.label_mask.astype(int), [0]]))
+  starts, ends = np.flatnonzero(edges == 1), np.flatnonzero(edges == -1)
+  return [tok.decode(enc.input_ids[s:e]) for s, e in zip(starts, ends)]
+
+
+def test_default_template_is_vicuna_v1(tok):
+  a = template.encode_conversation(TWO_ROUNDS, tok, num_image_tokens=N_IMG, max_len=512)
+  b = template.encode_conversation(TWO_ROUNDS, tok, num_image_tokens=N_IMG, max_len=512,
+                                   template="vicuna_v1", system=template.SYSTEM_PROMPT)
+  np.testing.assert_array_equal(a.input_ids, b.input_ids)
+  np.testing.assert_array_equal(a.label_mask, b.label_mask)
+  assert _masked_runs(tok, a) == [" red</s>", " a circle</s>"]
+  assert template.stop_token_id(tok) == tok.eos_token_id
+  with pytest.raises(ValueError, match="unknown chat template 'alpaca'"):
+    template.encode_conversation(TWO_ROUNDS, tok, num_image_tokens=N_IMG, max_len=512,
+                                 template="alpaca")
+
+
+def test_plain_is_image_then_answer(tok):
+  enc = template.encode_conversation(TWO_ROUNDS, tok, num_image_tokens=N_IMG, max_len=512,
+                                     template="plain", system="ignored")
+  # LLaVA's conv_llava_plain: the question text and roles are dropped, sep "\n" is learnt.
+  assert tok.decode(enc.input_ids) == "<s>" + "<image>" * N_IMG + "red\na circle\n"
+  expected = np.concatenate([[1], [4] * N_IMG, _enc(tok, "red\n"), _enc(tok, "a circle\n")])
+  np.testing.assert_array_equal(enc.input_ids, expected)
+  assert tok.decode(enc.input_ids[enc.label_mask]) == "red\na circle\n"
+  assert not enc.label_mask[:1 + N_IMG].any() and enc.label_mask[1 + N_IMG:].all()
+  prompt, reference = template.encode_prompt(TWO_ROUNDS, tok, num_image_tokens=N_IMG,
+                                             template="plain")
+  assert reference == "a circle"
+  np.testing.assert_array_equal(prompt, expected[:len(prompt)])
+  assert tok.decode(prompt) == "<s>" + "<image>" * N_IMG + "red\n"
+  two = template.encode_conversation(_conv("<image> vs <image>", "left"), tok,
+                                     num_image_tokens=N_IMG, max_len=512, template="plain")
+  assert two.num_images == 2 and tok.decode(two.input_ids) == "<s>" + "<image>" * 2 * N_IMG + "left\n"
+
+
+def test_chatml_text_and_loss(chatml_tok):
+  tok = chatml_tok
+  enc = template.encode_conversation(TWO_ROUNDS, tok, num_image_tokens=N_IMG, max_len=512,
+                                     template="chatml")
+  assert tok.decode(enc.input_ids) == (
+      "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+      "<|im_start|>user\n" + "<image>" * N_IMG + "\nWhat color is it?<|im_end|>\n"
+      "<|im_start|>assistant\nred<|im_end|>\n"
+      "<|im_start|>user\nand the shape?<|im_end|>\n<|im_start|>assistant\na circle<|im_end|>\n")
+  assert tok.bos_token_id not in enc.input_ids and enc.num_images == 1
+  # Loss on each answer and its <|im_end|>, never on the "\n" after it or on a role tag.
+  assert _masked_runs(tok, enc) == ["red<|im_end|>", "a circle<|im_end|>"]
+  im_end = tok.convert_tokens_to_ids(template.IM_END)
+  assert int((enc.input_ids == im_end).sum()) == 5 and enc.input_ids[-1] != im_end
+  assert template.stop_token_id(tok, "chatml") == im_end
+  prompt, reference = template.encode_prompt(TWO_ROUNDS, tok, num_image_tokens=N_IMG,
+                                             template="chatml")
+  assert reference == "a circle"
+  np.testing.assert_array_equal(prompt, enc.input_ids[:len(prompt)])
+  assert tok.decode(prompt).endswith("<|im_end|>\n<|im_start|>assistant\n")
+  assert enc.label_mask[len(prompt)] and not enc.label_mask[len(prompt) - 1]
+
+
+def test_chatml_empty_system_and_missing_tokens(tok, chatml_tok):
+  enc = template.encode_conversation(_conv("hi", "hello"), chatml_tok, num_image_tokens=N_IMG,
+                                     max_len=512, template="chatml", system="")
+  assert chatml_tok.decode(enc.input_ids) == (
+      "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\nhello<|im_end|>\n")
+  with pytest.raises(ValueError, match=r"chatml.*<\|im_start\|> as a single token"):
+    template.encode_conversation(_conv("hi", "hello"), tok, num_image_tokens=N_IMG, max_len=512,
+                                 template="chatml")
+
+
+def test_chatml_truncation_keeps_the_final_round(chatml_tok):
+  tok = chatml_tok
+  full = template.encode_conversation(TWO_ROUNDS, tok, num_image_tokens=N_IMG, max_len=512,
+                                      template="chatml")
+  enc = template.encode_conversation(TWO_ROUNDS, tok, num_image_tokens=N_IMG,
+                                     max_len=len(full.input_ids) - 4, template="chatml")
+  # No bos to keep: the first four tokens (the start of the system block) go.
+  np.testing.assert_array_equal(enc.input_ids, full.input_ids[4:])
+  assert enc.truncated and _masked_runs(tok, enc) == ["red<|im_end|>", "a circle<|im_end|>"]
+
+
+_WORDS = st.lists(st.sampled_from(["red", "a", "circle", "shape", "?", "\n", "blue", " "]),
+                  min_size=1, max_size=5).map("".join)
+
+
+@settings(max_examples=60, deadline=None)
+@given(name=st.sampled_from(["vicuna_v1", "plain", "chatml"]),
+       rounds=st.lists(st.tuples(_WORDS, _WORDS, st.booleans()), min_size=1, max_size=3))
+@example(name="plain", rounds=[("q", "a", True), ("b", "c", False)])
+@example(name="chatml", rounds=[("q", "a", True), ("b", "c", True)])
+def test_every_template_labels_exactly_the_answers(chatml_tok, name, rounds):
+  tok = chatml_tok
+  values = []
+  for question, answer, image in rounds:
+    values += [("<image>\n" if image else "") + question, answer]
+  conv = _conv(*values)
+  enc = template.encode_conversation(conv, tok, num_image_tokens=N_IMG, max_len=10**6,
+                                     template=name)
+  end = {"vicuna_v1": "</s>", "plain": "", "chatml": "<|im_end|>"}[name]
+  answers = [(" " if name == "vicuna_v1" else "") + a + ("\n" if name == "plain" else "") + end
+             for _, a, _ in rounds]
+  assert tok.decode(enc.input_ids[enc.label_mask]) == "".join(answers)
+  assert enc.num_images == sum(image for *_, image in rounds)
+  assert int((enc.input_ids == 4).sum()) == N_IMG * enc.num_images
+  assert not enc.label_mask[enc.input_ids == 4].any()
+  prompt, reference = template.encode_prompt(conv, tok, num_image_tokens=N_IMG, template=name)
+  assert reference == rounds[-1][1]
+  np.testing.assert_array_equal(prompt, enc.input_ids[:len(prompt)])
+  assert enc.label_mask[len(prompt)]
+  if name != "plain":  # plain has no prompt text when a later round has no image
+    assert not enc.label_mask[len(prompt) - 1]

@@ -1,6 +1,28 @@
-"""The vicuna_v1 chat template of LLaVA-1.5: token ids, exact label masks, generation prompts.
+"""Chat templates: token ids, exact label masks, generation prompts.
 
-LLaVA's ``conv_vicuna_v1`` (sep=" ", sep2="</s>") renders a conversation as::
+Three templates, chosen by name (``template=`` in :func:`encode_conversation` / :func:`encode_prompt`):
+
+* ``vicuna_v1`` (default): LLaVA-1.5's instruction-tuning template, described below.
+* ``plain``: LLaVA's pretraining template (``conv_llava_plain``): ``<s><image>answer\n`` per round.
+  The human turn contributes only its image blocks (its text is dropped, as LLaVA's
+  ``preprocess_plain`` replaces it by ``<image>``); there are no roles and no system prompt; the
+  loss is on ``answer + "\n"``. There is no eos, so a model trained with it alone stops generating
+  only at ``max_new_tokens`` (it is meant for projector pretraining, not for scoring).
+* ``chatml`` (Qwen)::
+
+      <|im_start|>system\nSYSTEM<|im_end|>\n<|im_start|>user\nq1<|im_end|>\n<|im_start|>assistant\n
+      a1<|im_end|>\n<|im_start|>user\nq2<|im_end|>\n<|im_start|>assistant\na2<|im_end|>\n
+
+  without bos (Qwen has none); the loss is on each answer and its ``<|im_end|>`` (not on the
+  ``"\n"`` after it); an empty system prompt drops the system block. ``<|im_start|>`` and
+  ``<|im_end|>`` must be single tokens of the tokenizer (Qwen's are), and ``<|im_end|>`` is the
+  token that ends generation (:func:`stop_token_id`).
+
+Every template is built from the same pieces (a prefix, per round a prompt with label 0 and an
+answer with label 1, an unlabelled round end), so the truncation rule below and the prefix
+property of :func:`encode_prompt` hold for all three.
+
+vicuna_v1: LLaVA's ``conv_vicuna_v1`` (sep=" ", sep2="</s>") renders a conversation as::
 
     <s>SYSTEM USER: q1 ASSISTANT: a1</s>USER: q2 ASSISTANT: a2</s>
 
@@ -18,8 +40,8 @@ pieces, so a generation prompt is always a prefix of the training sequence:
 
 A trailing human turn without an answer is ignored.
 
-Truncation rule (for a sequence longer than ``max_len``): the bos token, every image block and the
-whole final round (its question, ``" ASSISTANT:"``, answer and eos) are kept; the other tokens
+Truncation rule, all templates (for a sequence longer than ``max_len``): the bos token, every image block and the
+whole final round (its question, role tags, answer and end token) are kept; the other tokens
 are dropped from the front, i.e. first the system prompt, then the earliest text, until the
 sequence fits (so images are never cut or dropped, and earlier answers may lose their first
 tokens). If the kept tokens alone exceed ``max_len``, the sample cannot be used:
@@ -29,7 +51,9 @@ tokens). If the kept tokens alone exceed ``max_len``, the sample cannot be used:
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Sequence
+import functools
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -38,20 +62,27 @@ from visatb_jax.data.tokenizer import image_token_id
 SYSTEM_PROMPT = ("A chat between a curious human and an artificial intelligence assistant. "
                  "The assistant gives helpful, detailed, and polite answers to the human's "
                  "questions.")
+CHATML_SYSTEM_PROMPT = "You are a helpful assistant."
 USER, ASSISTANT = "USER", "ASSISTANT"
 IMAGE_PLACEHOLDER = "<image>"
 HUMAN_ROLES = ("human", "user")
 GPT_ROLES = ("gpt", "assistant")
+IM_START, IM_END = "<|im_start|>", "<|im_end|>"
+DEFAULT_TEMPLATE = "vicuna_v1"
 
 # Token kinds; only TEXT tokens may be dropped by truncation.
 _TEXT, _IMAGE, _BOS = 0, 1, 2
+
+# A piece of a rendered conversation: text (tokenised on its own; ``<image>`` expanded in prompt
+# pieces) or one token id.
+Piece = str | int
 
 
 @dataclasses.dataclass(frozen=True)
 class Encoded:
   """A tokenised training sample."""
   input_ids: np.ndarray  # int32 [n]
-  label_mask: np.ndarray  # bool [n], True on assistant answer tokens and their closing eos
+  label_mask: np.ndarray  # bool [n], True on assistant answer tokens and their closing token
   num_images: int
   truncated: bool
 
@@ -94,6 +125,111 @@ def _encode_text(tok: Any, text: str) -> list[int]:
   return tok.encode(text, add_special_tokens=False) if text else []
 
 
+def _single_token_id(tok: Any, token: str, template: str) -> int:
+  token_id = tok.convert_tokens_to_ids(token)
+  if token_id is None or token_id == tok.unk_token_id:
+    raise ValueError(f"template {template!r} needs {token} as a single token of the tokenizer "
+                     "(add it as a special token)")
+  return int(token_id)
+
+
+def round_prompt(index: int, question: str) -> str:
+  """vicuna_v1 text of a round before its answer: ``" USER: q ASSISTANT:"`` (no space after round 0)."""
+  return f"{' ' if index == 0 else ''}{USER}: {question} {ASSISTANT}:"
+
+
+class ChatTemplate:
+  """How a conversation is rendered into pieces; see the module docstring for each template."""
+
+  name: str = ""
+  default_system: str = ""
+  add_bos: bool = True
+
+  def prefix(self, tok: Any, system: str) -> list[Piece]:
+    """Pieces after bos and before the first round (label 0)."""
+    del tok
+    return [system] if system else []
+
+  def prompt(self, tok: Any, index: int, question: str) -> list[Piece]:
+    """Pieces of round ``index`` before its answer (label 0)."""
+    raise NotImplementedError
+
+  def answer(self, tok: Any, answer: str) -> list[Piece]:
+    """Pieces of an answer, its end token included (label 1)."""
+    raise NotImplementedError
+
+  def round_end(self, tok: Any) -> list[Piece]:
+    """Pieces after an answer's end token (label 0)."""
+    del tok
+    return []
+
+  def stop_token_id(self, tok: Any) -> int:
+    """The token that ends a generated answer."""
+    return int(tok.eos_token_id)
+
+
+class VicunaV1(ChatTemplate):
+  name, default_system = "vicuna_v1", SYSTEM_PROMPT
+
+  def prompt(self, tok, index, question):
+    return [round_prompt(index, question)]
+
+  def answer(self, tok, answer):
+    return [" " + answer, int(tok.eos_token_id)]
+
+
+class Plain(ChatTemplate):
+  name = "plain"
+
+  def prefix(self, tok, system):
+    return []
+
+  def prompt(self, tok, index, question):
+    return [IMAGE_PLACEHOLDER * question.count(IMAGE_PLACEHOLDER)]
+
+  def answer(self, tok, answer):
+    return [answer + "\n"]
+
+
+class ChatML(ChatTemplate):
+  name, default_system, add_bos = "chatml", CHATML_SYSTEM_PROMPT, False
+
+  def _ids(self, tok):
+    return _single_token_id(tok, IM_START, self.name), _single_token_id(tok, IM_END, self.name)
+
+  def prefix(self, tok, system):
+    start, end = self._ids(tok)
+    return [start, "system\n" + system, end, "\n"] if system else []
+
+  def prompt(self, tok, index, question):
+    start, end = self._ids(tok)
+    return [start, "user\n" + question, end, "\n", start, "assistant\n"]
+
+  def answer(self, tok, answer):
+    return [answer, self._ids(tok)[1]]
+
+  def round_end(self, tok):
+    return ["\n"]
+
+  def stop_token_id(self, tok):
+    return self._ids(tok)[1]
+
+
+TEMPLATES: dict[str, ChatTemplate] = {t.name: t for t in (VicunaV1(), Plain(), ChatML())}
+
+
+def get_template(name: str) -> ChatTemplate:
+  """The template called ``name`` (one of :data:`TEMPLATES`)."""
+  if name not in TEMPLATES:
+    raise ValueError(f"unknown chat template {name!r}; expected one of {sorted(TEMPLATES)}")
+  return TEMPLATES[name]
+
+
+def stop_token_id(tok: Any, template: str = DEFAULT_TEMPLATE) -> int:
+  """The token id that ends a generated answer under ``template`` (eos, or ``<|im_end|>``)."""
+  return get_template(template).stop_token_id(tok)
+
+
 def _add_prompt(builder: _Builder, tok: Any, text: str, *, image_id: int,
                 num_image_tokens: int) -> None:
   """Appends a prompt piece (label 0), expanding each ``<image>`` into an image block."""
@@ -107,29 +243,39 @@ def _add_prompt(builder: _Builder, tok: Any, text: str, *, image_id: int,
     builder.add(_encode_text(tok, part), False)
 
 
-def round_prompt(index: int, question: str) -> str:
-  """The text of a round before its answer: ``" USER: q ASSISTANT:"`` (no space after round 0)."""
-  return f"{' ' if index == 0 else ''}{USER}: {question} {ASSISTANT}:"
+def _add_pieces(builder: _Builder, tok: Any, pieces: Sequence[Piece], *, label: bool,
+                image_id: int, num_image_tokens: int) -> None:
+  for piece in pieces:
+    if isinstance(piece, int):
+      builder.add([piece], label)
+    elif label:
+      builder.add(_encode_text(tok, piece), True)
+    else:
+      _add_prompt(builder, tok, piece, image_id=image_id, num_image_tokens=num_image_tokens)
 
 
 def _build(rounds: Sequence[tuple[str, str]], tok: Any, *, num_image_tokens: int,
-           system: str, answer_last: bool) -> tuple[_Builder, int]:
+           system: str | None, answer_last: bool, template: str) -> tuple[_Builder, int]:
   """Builds the token stream; returns it and the index where the final round starts."""
+  chat = get_template(template)
+  system = chat.default_system if system is None else system
   builder = _Builder()
   image_id = image_token_id(tok)
-  builder.add([tok.bos_token_id], False, _BOS)
-  builder.add(_encode_text(tok, system), False)
+  add = functools.partial(_add_pieces, builder, tok, image_id=image_id,
+                          num_image_tokens=num_image_tokens)
+  if chat.add_bos:
+    builder.add([tok.bos_token_id], False, _BOS)
+  add(chat.prefix(tok, system), label=False)
   final_start = 0
   for r, (question, answer) in enumerate(rounds):
     last = r == len(rounds) - 1
     if last:
       final_start = len(builder.ids)
-    _add_prompt(builder, tok, round_prompt(r, question), image_id=image_id,
-                num_image_tokens=num_image_tokens)
+    add(chat.prompt(tok, r, question), label=False)
     if last and not answer_last:
       break
-    builder.add(_encode_text(tok, " " + answer), True)
-    builder.add([tok.eos_token_id], True)
+    add(chat.answer(tok, answer), label=True)
+    add(chat.round_end(tok), label=False)
   return builder, final_start
 
 
@@ -148,8 +294,8 @@ def _truncation_keep(kinds: np.ndarray, final_start: int, max_len: int) -> np.nd
 
 
 def encode_conversation(conversations: Sequence[dict[str, Any]], tok: Any, *,
-                        num_image_tokens: int, max_len: int,
-                        system: str = SYSTEM_PROMPT) -> Encoded | None:
+                        num_image_tokens: int, max_len: int, system: str | None = None,
+                        template: str = DEFAULT_TEMPLATE) -> Encoded | None:
   """Token ids and label mask of a whole conversation (see the module docstring for the rule).
 
   Args:
@@ -157,13 +303,15 @@ def encode_conversation(conversations: Sequence[dict[str, Any]], tok: Any, *,
     tok: a tokenizer from ``tokenizer.py`` (bos, eos and ``<image>`` tokens).
     num_image_tokens: length of the token block that each ``<image>`` placeholder becomes.
     max_len: maximum number of tokens.
-    system: system prompt.
+    system: system prompt (None: the template's default; ignored by ``plain``).
+    template: ``"vicuna_v1"``, ``"plain"`` or ``"chatml"``.
 
   Returns:
     :class:`Encoded`, or None when bos + image blocks + the final round exceed ``max_len``.
   """
   builder, final_start = _build(split_rounds(conversations), tok,
-                                num_image_tokens=num_image_tokens, system=system, answer_last=True)
+                                num_image_tokens=num_image_tokens, system=system, answer_last=True,
+                                template=template)
   kinds = np.asarray(builder.kinds, np.int8)
   keep = _truncation_keep(kinds, final_start, max_len)
   if keep is None:
@@ -176,9 +324,9 @@ def encode_conversation(conversations: Sequence[dict[str, Any]], tok: Any, *,
 
 
 def encode_prompt(conversations: Sequence[dict[str, Any]], tok: Any, *, num_image_tokens: int,
-                  max_len: int | None = None,
-                  system: str = SYSTEM_PROMPT) -> tuple[np.ndarray, str]:
-  """Generation prompt up to the final ``" ASSISTANT:"`` and the final answer's text.
+                  max_len: int | None = None, system: str | None = None,
+                  template: str = DEFAULT_TEMPLATE) -> tuple[np.ndarray, str]:
+  """Generation prompt up to the final answer (e.g. ``" ASSISTANT:"``) and that answer's text.
 
   The earlier rounds are included with their answers. The prompt ids are exactly a prefix of
   ``encode_conversation(...).input_ids`` (without truncation). With ``max_len``, the prompt is
@@ -189,7 +337,7 @@ def encode_prompt(conversations: Sequence[dict[str, Any]], tok: Any, *, num_imag
   """
   rounds = split_rounds(conversations)
   builder, final_start = _build(rounds, tok, num_image_tokens=num_image_tokens, system=system,
-                                answer_last=False)
+                                answer_last=False, template=template)
   ids = np.asarray(builder.ids, np.int32)
   if max_len is not None:
     keep = _truncation_keep(np.asarray(builder.kinds, np.int8), final_start, max_len)
