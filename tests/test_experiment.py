@@ -46,6 +46,39 @@ def test_prep_subsets_follow_method_section_2(exp):
   assert sum(len(v) for v in enc.values()) == len(exp.task_examples(exp.task_names))
 
 
+def test_prep_models_of_each_balance_form(exp):
+  units = ["caption", "vqa", "count", "grounding"]
+  exp.config.balance.form = "base"
+  try:
+    plan = dict(exp.prep_models())
+    assert list(plan) == ["base"] + units + [f"mini_{u}" for u in units]
+    assert plan["base"] is None and plan["vqa"] is None and plan["mini_vqa"] == ["vqa"]
+    assert exp.prep_examples("base") is None
+    vqa = exp.task_names.index("vqa")
+    assert {e.task_id for e in exp.prep_examples("vqa")} == {vqa}
+    assert len(exp.prep_examples("vqa")) == len(exp.subsets["vqa"]["large"])
+    assert len(exp.prep_examples("mini_vqa")) == len(exp.subsets["vqa"]["mini"])
+    exp.config.balance.form = "precise"
+    assert [m for m, _ in exp.prep_models()] == (
+        ["mini"] + [f"{u}+mini" for u in units] + units + [f"mini_{u}" for u in units])
+    exp.config.balance.form = "nope"
+    with pytest.raises(PipelineError, match="balance.form='nope'"):
+      exp.prep_models()
+  finally:
+    exp.config.balance.form = "real"
+  assert [m for m, _ in exp.prep_models()] == ["mini"] + [f"{u}+mini" for u in units]
+
+
+def test_a_task_without_metric_is_trained_not_scored(tmp_path):
+  config = micro_config()
+  config.tasks.chat.metric = None
+  e = Experiment(config, str(tmp_path))
+  assert e.eval_tasks == ("caption", "vqa", "count", "grounding")
+  config.tasks.vqa.metric = None
+  with pytest.raises(PipelineError, match=r"balanced task\(s\) \['vqa'\] have no metric"):
+    Experiment(config, str(tmp_path))
+
+
 def test_data_stats_count_truncation(tmp_path):
   config = micro_config()
   # LLaVA-1.5's long system prompt: the prompt side, not the answer, has to give way.

@@ -23,6 +23,10 @@ class PipelineError(RuntimeError):
   """A problem the user must fix (bad config, missing input); printed as one line."""
 
 
+# Where the data comes from: the built-in benchmark, or one LLaVA JSON/JSONL file per task and split.
+DATA_SOURCES = ("shapes", "llava_json")
+
+
 def _task_settings(config) -> tuple[tuple[str, ...], dict[str, float], dict[str, str]]:
   tasks = tuple(config.task_order)
   if len(set(tasks)) != len(tasks):
@@ -43,6 +47,16 @@ def _task_settings(config) -> tuple[tuple[str, ...], dict[str, float], dict[str,
   return tasks, fixed, groups
 
 
+def _with_prompt_suffix(sample: dict, suffix: str) -> dict:
+  """The sample with `suffix` ending every human turn that does not already end with it."""
+  if not suffix:
+    return sample
+  turns = [dict(t, value=f"{t['value']}\n{suffix}")
+           if t["from"] == "human" and not t["value"].rstrip().endswith(suffix) else t
+           for t in sample["conversations"]]
+  return {**sample, "conversations": turns}
+
+
 class Experiment:
   """The run directory `workdir` of one config."""
 
@@ -50,11 +64,18 @@ class Experiment:
     self.config = config
     self.workdir = workdir
     self.task_names, self.fixed_weights, self.groups = _task_settings(config)
+    self._skipped: dict[str, dict[str, dict[str, int]]] = {}  # split -> file -> reason -> count
     self.num_tasks = len(self.task_names)
     balanced = [t for t in self.task_names if t not in self.fixed_weights]
     self.balanced_units = list(dict.fromkeys(self.groups[t] for t in balanced)) if self.groups else balanced
     if len(self.balanced_units) < 2:
       raise PipelineError(f"VisATB needs at least 2 balanced tasks, got {self.balanced_units}")
+    # A task with no metric (ShareGPT in the paper) is trained but never scored.
+    self.eval_tasks = tuple(t for t in self.task_names if config.tasks[t].get("metric"))
+    unscored = [t for t in balanced if t not in self.eval_tasks]
+    if unscored:
+      raise PipelineError(f"balanced task(s) {unscored} have no metric; λ is computed from "
+                          "validation scores, so only fixed-weight tasks may go unscored")
 
   # --- paths -------------------------------------------------------------------------------------
 
@@ -68,8 +89,33 @@ class Experiment:
     return fileio.read_json(p)
 
   @property
+  def source(self) -> str:
+    source = self.config.data.source
+    if source not in DATA_SOURCES:
+      raise PipelineError(f"config.data.source={source!r}; known sources: {list(DATA_SOURCES)}")
+    return source
+
+  @property
   def data_root(self) -> str:
-    return self.path("data", "shapes")
+    """Where the split files are: generated in the run directory, or the user's `data.root`."""
+    if self.source == "shapes":
+      return self.path("data", "shapes")
+    root = self.config.data.get("root") or ""
+    if not root:
+      raise PipelineError("config.data.root is empty: set it to the directory of the task files "
+                          "(--config.data.root=/data/...)")
+    return os.path.expanduser(root)
+
+  def split_files(self, split: str) -> dict[str, str]:
+    """{task: file} of one split of a `llava_json` source (patterns in `data.files`)."""
+    patterns = self.config.data.get("files") or {}
+    if split not in patterns:
+      raise PipelineError(f"config.data.files has no {split!r} pattern (it has {sorted(patterns)})")
+    out = {}
+    for t in self.task_names if split == "train" else self.eval_tasks:
+      pattern = (self.config.tasks[t].get("files") or {}).get(split) or patterns[split]
+      out[t] = os.path.join(self.data_root, pattern.format(task=t))
+    return out
 
   @property
   def tokenizer_dir(self) -> str:
@@ -78,11 +124,36 @@ class Experiment:
   # --- data ----------------------------------------------------------------------------------------
 
   def prepare_data(self) -> None:
-    """Writes the built-in benchmark and trains the tokenizer on its training text."""
+    """Makes the data and tokenizer ready, and encodes the training set once to check it.
+
+    `shapes`: writes the built-in benchmark and trains a tokenizer on its training text.
+    `llava_json`: checks every task file of every split and copies the checkpoint's tokenizer
+    into the run directory, so that every later stage reads the same one.
+    """
+    if self.source == "shapes":
+      self._prepare_shapes()
+    else:
+      for split in ("train", "val", "test"):
+        for t, f in self.split_files(split).items():
+          if not os.path.isfile(f):
+            raise PipelineError(f"task {t!r}: {split} file {f} does not exist")
+      if not os.path.exists(self.tokenizer_dir):
+        tokenizer_lib.copy_pretrained_tokenizer(self._pretrained_tokenizer_path(),
+                                                self.tokenizer_dir)
+    self.encoded_train()  # fail now, not in the middle of training, on bad samples
+
+  def _pretrained_tokenizer_path(self) -> str:
+    path = self.config.data.get("tokenizer") or self.config.model.get("path") or ""
+    if not path:
+      raise PipelineError("a llava_json source needs a tokenizer: set config.data.tokenizer or "
+                          "config.model.path to a local Hugging Face directory")
+    path = os.path.expanduser(path)
+    if not os.path.isdir(path):
+      raise PipelineError(f"tokenizer directory {path} does not exist")
+    return path
+
+  def _prepare_shapes(self) -> None:
     dc = self.config.data
-    if dc.source != "shapes":
-      raise PipelineError(f"config.data.source={dc.source!r}: only the built-in 'shapes' benchmark "
-                          "is supported so far")
     unknown = sorted(set(self.task_names) - set(shapes.TASKS))
     if unknown:
       raise PipelineError(f"unknown task(s) {unknown} for the shapes benchmark "
@@ -98,24 +169,45 @@ class Experiment:
                                                     for t in s["conversations"]])
                for s in self.samples("train")]
       tokenizer_lib.train_tokenizer(texts, vocab_size=int(dc.vocab_size), save_dir=self.tokenizer_dir)
-    self.encoded_train()  # fail now, not in the middle of training, on bad samples
 
   @functools.cached_property
   def tokenizer(self):
     if not os.path.exists(self.tokenizer_dir):
       raise PipelineError(f"{self.tokenizer_dir} does not exist: run the 'data' stage first")
-    return tokenizer_lib.load_tokenizer(self.tokenizer_dir)
+    if self.source == "shapes":
+      return tokenizer_lib.load_tokenizer(self.tokenizer_dir)
+    return tokenizer_lib.load_pretrained_tokenizer(self.tokenizer_dir)
 
   @functools.lru_cache(maxsize=None)
   def samples(self, split: str) -> list[dict]:
-    path = os.path.join(self.data_root, f"{split}.json")
-    if not os.path.exists(path):
-      raise PipelineError(f"{path} does not exist: run the 'data' stage first")
-    loaded = sources.load_samples(path)
-    wanted = [s for s in loaded.samples if s["task"] in self.task_names]
-    for t in self.task_names:
+    """The valid samples of a split, every task present; what was skipped goes to the stats."""
+    if self.source == "shapes":
+      path = os.path.join(self.data_root, f"{split}.json")
+      if not os.path.exists(path):
+        raise PipelineError(f"{path} does not exist: run the 'data' stage first")
+      loaded = [sources.load_samples(path)]
+    else:
+      dc = self.config.data
+      image_root = dc.get("image_root") or None
+      loaded = []
+      for t, f in self.split_files(split).items():
+        if not os.path.isfile(f):
+          raise PipelineError(f"task {t!r}: {split} file {f} does not exist")
+        try:
+          loaded.append(sources.load_samples(
+              f, image_root=image_root, task=t,
+              on_missing_image=dc.get("on_missing_image") or "error"))
+        except ValueError as e:
+          raise PipelineError(str(e)) from e
+    tasks = self.task_names if split == "train" else self.eval_tasks
+    wanted = [_with_prompt_suffix(s, self.config.tasks[s["task"]].get("prompt_suffix") or "")
+              for part in loaded for s in part.samples if s["task"] in tasks]
+    self._skipped[split] = {os.path.basename(part.path): part.skipped for part in loaded
+                            if part.skipped}
+    for t in tasks:
       if not any(s["task"] == t for s in wanted):
-        raise PipelineError(f"task {t!r} has no samples in the {split} split ({path})")
+        where = ", ".join(part.path for part in loaded)
+        raise PipelineError(f"task {t!r} has no samples in the {split} split ({where})")
     return wanted
 
   @property
@@ -124,18 +216,17 @@ class Experiment:
 
   @property
   def image_size(self) -> int:
-    return int(self.config.model.vision.image_size)
+    return int(self.model_config.vision.image_size)
 
   @functools.cached_property
   def model_config(self):
-    from visatb_jax.model import config as model_config
-    mc = self.config.model
+    from visatb_jax.model import factory
     tok = self.tokenizer
-    return model_config.LlavaConfig.from_dict({
-        "vision": dict(mc.vision),
-        "text": {**dict(mc.text), "vocab_size": len(tok)},
-        "image_token_id": tokenizer_lib.image_token_id(tok),
-    })
+    try:
+      return factory.model_config(self.config.model, vocab_size=len(tok),
+                                  image_token_id=tokenizer_lib.image_token_id(tok))
+    except (OSError, ValueError) as e:
+      raise PipelineError(f"model: {e}") from e
 
   @functools.lru_cache(maxsize=None)
   def encoded_train(self) -> dict[str, list[packing.Example]]:
@@ -153,12 +244,15 @@ class Experiment:
         continue
       stats[t]["samples"] += 1
       stats[t]["truncated"] += int(enc.truncated)
-      imgs = (np.stack([images_lib.load_image(s["image_path"], self.image_size)])
-              if s.get("image_path") else np.zeros((0, self.image_size, self.image_size, 3), np.uint8))
+      imgs = images_lib.load_images(s.get("image_paths") or [], self.image_size)
       by_task[t].append(packing.Example(enc.input_ids, enc.label_mask, self.task_names.index(t), imgs))
-    # One row per task in the report.
-    fileio.atomic_write_json(self.path("data_stats.json"),
-                             {f"{t} (train)": stats[t] for t in self.task_names}, sort_keys=False)
+    # One row per task in the report, then what each file lost to invalid samples.
+    report = {f"{t} (train)": stats[t] for t in self.task_names}
+    for split in ("train", "val", "test"):
+      self.samples(split)
+      for name, skipped in self._skipped.get(split, {}).items():
+        report[f"{name} (skipped)"] = skipped
+    fileio.atomic_write_json(self.path("data_stats.json"), report, sort_keys=False)
     for t, exs in by_task.items():
       if not exs:
         raise PipelineError(f"task {t!r} has no usable training samples (data.max_len="
@@ -183,15 +277,50 @@ class Experiment:
       return None
     return self.groups.get(task, task)
 
-  def prep_examples(self, model_name: str) -> list[packing.Example]:
-    """`mini`: mini subsets of all tasks; `<unit>+mini`: the unit's large subsets, others' mini."""
-    big_unit = None if model_name == "mini" else model_name.removesuffix("+mini")
+  def unit_tasks(self, unit: str) -> list[str]:
+    return [t for t in self.task_names if self.unit_of(t) == unit]
+
+  def prep_models(self) -> list[tuple[str, list[str] | None]]:
+    """The preparation models of the balance form, each with the tasks it is validated on.
+
+    real: `mini` and `<u>+mini`; precise: those and `<u>`, `mini_<u>`; base: `base` (the
+    initial model, not trained), `<u>` and `mini_<u>` (METHOD.md sections 2 and 7). `<u>` and
+    `<u>+mini` are scored on every task (they give C); `mini_<u>` only on u's (it gives D).
+    """
+    form = self.config.balance.form
+    units = self.balanced_units
+    if form == "real":
+      return [("mini", None)] + [(f"{u}+mini", None) for u in units]
+    own = [(u, None) for u in units] + [(f"mini_{u}", self.unit_tasks(u)) for u in units]
+    if form == "precise":
+      return [("mini", None)] + [(f"{u}+mini", None) for u in units] + own
+    if form == "base":
+      return [("base", None)] + own
+    raise PipelineError(f"config.balance.form={form!r}; known forms: real, precise, base")
+
+  def prep_examples(self, model_name: str) -> list[packing.Example] | None:
+    """Training data of a preparation model; None for `base`, which is not trained.
+
+    `mini`: the mini subsets of all tasks; `<u>+mini`: u's large subsets and the others' mini
+    ones; `<u>`: u's large subsets alone; `mini_<u>`: u's mini subsets alone.
+    """
+    if model_name == "base":
+      return None
     enc = self.encoded_train()
-    out = []
-    for t in self.task_names:
-      which = "large" if big_unit is not None and self.unit_of(t) == big_unit else "mini"
-      out += [enc[t][i] for i in self.subsets[t][which]]
-    return out
+
+    def take(tasks, which):
+      return [enc[t][i] for t in tasks for i in self.subsets[t][which]]
+    if model_name == "mini":
+      return take(self.task_names, "mini")
+    if model_name.endswith("+mini"):
+      unit = model_name.removesuffix("+mini")
+      mine = self.unit_tasks(unit)
+      return take(mine, "large") + take([t for t in self.task_names if t not in mine], "mini")
+    if model_name.startswith("mini_"):
+      return take(self.unit_tasks(model_name.removeprefix("mini_")), "mini")
+    if model_name in self.balanced_units:
+      return take(self.unit_tasks(model_name), "large")
+    raise PipelineError(f"unknown preparation model {model_name!r}")
 
   def task_examples(self, tasks: Sequence[str]) -> list[packing.Example]:
     enc = self.encoded_train()
@@ -206,10 +335,12 @@ class Experiment:
     return sharding.make_mesh(mesh_config.to_dict() if mesh_config is not None else None)
 
   def new_model(self):
-    from flax import nnx
-    from visatb_jax.model import llava
-    return llava.LlavaForConditionalGeneration(
-        self.model_config, rngs=nnx.Rngs(int(self.config.model.init_seed)))
+    """The initial model of every run: the checkpoint of `model.path`, or a seeded random init."""
+    from visatb_jax.model import factory
+    try:
+      return factory.build_model(self.config.model, self.model_config, mesh=self.mesh)
+    except (OSError, ValueError) as e:
+      raise PipelineError(f"model: {e}") from e
 
   def _claim_dir(self, directory: str, stage_hash: str) -> bool:
     """True when `directory` already holds a finished result of this stage hash.
@@ -278,7 +409,7 @@ class Experiment:
     from visatb_jax import evaluate
     return evaluate.build_eval_sets(
         self.samples(split), tokenizer=self.tokenizer,
-        task_metrics={t: self.config.tasks[t].metric for t in self.task_names},
+        task_metrics={t: self.config.tasks[t].metric for t in self.eval_tasks},
         num_image_tokens=self.model_config.num_image_tokens, image_size=self.image_size,
         system=self.system_prompt)
 
@@ -286,7 +417,7 @@ class Experiment:
                   tasks: Sequence[str] | None = None) -> dict[str, float]:
     """Scores of a trained model (None: the untrained one) on `split`, cached in its directory."""
     from visatb_jax import evaluate
-    tasks = list(tasks or self.task_names)
+    tasks = list(tasks or self.eval_tasks)
     cache = self.path(rel_dir or "untrained", f"scores_{split}.json")
     if os.path.exists(cache):
       cached = fileio.read_json(cache)

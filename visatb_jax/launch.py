@@ -2,6 +2,7 @@
 
   python -m visatb_jax.launch --config configs/demo.py [--config.train.epochs=2]
       [--workdir runs/demo] [--stages prep,validate]
+  python -m visatb_jax.launch --config academic.py --dry-run [--dry_run_devices=8]
 
 `--config NAME.py` is looked up as given, then in the project's `configs/` folder.
 """
@@ -51,6 +52,8 @@ def _rewrite_config_arg(argv: Sequence[str]) -> list[str]:
       continue
     if arg.startswith("--config="):
       arg = "--config=" + resolve_config_path(arg.split("=", 1)[1])
+    if arg == "--dry-run":  # the spelling users expect; absl flag names use underscores
+      arg = "--dry_run"
     out.append(arg)
     i += 1
   return out
@@ -59,12 +62,34 @@ def _rewrite_config_arg(argv: Sequence[str]) -> list[str]:
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (default runs/<config name>).")
 _STAGES = flags.DEFINE_list("stages", ["all"], "Stages to run, comma separated, or 'all'.")
+_DRY_RUN = flags.DEFINE_bool(
+    "dry_run", False, "Build the model abstractly (no weights), compile the train step for the "
+    "config's mesh and print per-device parameter, optimizer and activation memory.")
+_DRY_RUN_DEVICES = flags.DEFINE_integer(
+    "dry_run_devices", 0, "With --dry-run: simulate this many CPU devices (e.g. the chips of the "
+    "target slice) instead of using the local ones.")
+
+
+def _dry_run(config) -> int:
+  from visatb_jax import dryrun
+  try:
+    result = dryrun.dry_run(config)
+  except (OSError, ValueError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  print(dryrun.format_report(result))
+  return 0
 
 
 def main(argv: Sequence[str]) -> int:
   del argv
   # orbax logs every checkpoint operation at INFO; progress comes from the pipeline itself.
   logging.set_verbosity(logging.WARNING)
+  if _DRY_RUN.value and _DRY_RUN_DEVICES.value:
+    # Before jax is first imported: the simulated devices are fixed at backend start-up.
+    os.environ["JAX_PLATFORMS"] = "cpu"
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_"
+                               f"device_count={_DRY_RUN_DEVICES.value}").strip()
   from visatb_jax import sharding
   sharding.initialize_distributed()  # before anything touches a device; no-op on one host
   from visatb_jax import pipeline  # Deferred: jax initialises only after flags are parsed.
@@ -72,6 +97,8 @@ def main(argv: Sequence[str]) -> int:
   config = _CONFIG.value
   if config is None:
     raise app.UsageError("--config is required, e.g. --config configs/demo.py")
+  if _DRY_RUN.value:
+    return _dry_run(config)
   workdir = _WORKDIR.value or os.path.join("runs", config.get("name", "run"))
   stages = None if _STAGES.value == ["all"] else _STAGES.value
   from visatb_jax import train

@@ -46,7 +46,12 @@ def stage_data(exp: Experiment, stage_hash: str) -> None:
 
 
 def prep_model_names(exp: Experiment) -> list[str]:
-  return ["mini"] + [f"{unit}+mini" for unit in exp.balanced_units]
+  return [name for name, _ in exp.prep_models()]
+
+
+def _prep_dir(name: str) -> str | None:
+  """Where a preparation model is trained; None for `base`, the initial model itself."""
+  return None if name == "base" else os.path.join("prep", name)
 
 
 def stage_prep(exp: Experiment, stage_hash: str) -> None:
@@ -56,14 +61,16 @@ def stage_prep(exp: Experiment, stage_hash: str) -> None:
   for w in messages:
     _log(f"warning: {w}")
   for name in prep_model_names(exp):
-    exp.train_model(os.path.join("prep", name), exp.prep_examples(name),
-                    np.ones(exp.num_tasks, np.float32), stage_hash=stage_hash)
+    examples = exp.prep_examples(name)
+    if examples is not None:
+      exp.train_model(_prep_dir(name), examples, np.ones(exp.num_tasks, np.float32),
+                      stage_hash=stage_hash)
 
 
 def stage_validate(exp: Experiment, stage_hash: str) -> None:
   table = {}
-  for name in prep_model_names(exp):
-    table[name] = exp.score_model(os.path.join("prep", name), "val", stage_hash=stage_hash)
+  for name, tasks in exp.prep_models():
+    table[name] = exp.score_model(_prep_dir(name), "val", stage_hash=stage_hash, tasks=tasks)
   fileio.atomic_write_json(exp.path("scores", "validation.json"), table)
 
 
@@ -98,7 +105,7 @@ def stage_final(exp: Experiment, stage_hash: str) -> None:
   ones = np.ones(exp.num_tasks, np.float32)
   for method in final_methods(exp):
     if method == "stl":
-      for task in exp.task_names:
+      for task in exp.eval_tasks:
         exp.train_model(os.path.join("final", "stl", task), exp.task_examples([task]), ones,
                         stage_hash=stage_hash)
       continue
@@ -121,7 +128,7 @@ def stage_test(exp: Experiment, stage_hash: str) -> None:
   for method in final_methods(exp):
     if method == "stl":
       table["stl"] = {t: exp.score_model(os.path.join("final", "stl", t), "test", tasks=[t],
-                                         stage_hash=stage_hash)[t] for t in exp.task_names}
+                                         stage_hash=stage_hash)[t] for t in exp.eval_tasks}
     else:
       table[method] = exp.score_model(os.path.join("final", method), "test", stage_hash=stage_hash)
   fileio.atomic_write_json(exp.path("scores", "test.json"), table)
@@ -131,7 +138,7 @@ def stage_report(exp: Experiment, stage_hash: str) -> None:
   from visatb_jax import report  # matplotlib only when a report is written
 
   test = exp.read_output("scores", "test.json")
-  hib = {t: bool(exp.config.tasks[t].higher_is_better) for t in exp.task_names}
+  hib = {t: bool(exp.config.tasks[t].higher_is_better) for t in exp.eval_tasks}
   comparison = {}
   for method, scores in test.items():
     if method == "stl" or "stl" not in test:

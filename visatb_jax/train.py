@@ -52,6 +52,7 @@ _DEFAULTS = {
     "freeze_vision_tower": True,
     "tla": False,
     "batch_size": None,
+    "ce_chunk_size": 0,
 }
 
 
@@ -113,9 +114,10 @@ def _flat(tree: Any) -> tuple[Any, tuple[Any, ...]]:
 
 @functools.lru_cache(maxsize=16)
 def _cached_train_step(graphdef: nnx.GraphDef, optimizer_key: tuple[float, float], mesh: Mesh,
-                       accum_steps: int, tla: bool, state_sharding_flat, frozen_sharding_flat):
+                       accum_steps: int, tla: bool, ce_chunk_size: int, state_sharding_flat,
+                       frozen_sharding_flat):
   return make_train_step(graphdef, _optimizer(optimizer_key), mesh=mesh, accum_steps=accum_steps,
-                         tla=tla, donate=True,
+                         tla=tla, donate=True, ce_chunk_size=ce_chunk_size,
                          state_sharding=jax.tree.unflatten(*state_sharding_flat),
                          frozen_sharding=jax.tree.unflatten(*frozen_sharding_flat))
 
@@ -196,13 +198,23 @@ def _micro_batches(batch: Batch, accum_steps: int, mesh: Mesh) -> dict[str, jax.
 
 
 def _loss_sums(graphdef: nnx.GraphDef, params: nnx.State, frozen: nnx.State,
-               batch: Batch, lam: jax.Array):
-  """Model forward + VITW sums on one (micro-)batch; the weighted sum is differentiated."""
+               batch: Batch, lam: jax.Array, ce_chunk_size: int = 0):
+  """Model forward + VITW sums on one (micro-)batch; the weighted sum is differentiated.
+
+  With `ce_chunk_size`, the LM head and the cross-entropy run over chunks of that many tokens, so
+  the [tokens, vocab] logits never exist at once (loss.chunked_token_loss).
+  """
   model = nnx.merge(graphdef, params, frozen)
-  logits = model(batch["input_ids"], images=batch.get("images"),
-                 positions=batch.get("positions"), segment_ids=batch.get("segment_ids"))
-  weighted, weight, task_sum, task_count = loss_lib.token_loss(
-      logits, batch["targets"], batch["loss_mask"], batch["task_ids"], lam)
+  inputs = dict(images=batch.get("images"), positions=batch.get("positions"),
+                segment_ids=batch.get("segment_ids"))
+  if ce_chunk_size:
+    hidden = model.hidden_states(batch["input_ids"], **inputs)
+    sums = loss_lib.chunked_token_loss(hidden, model.logits, batch["targets"], batch["loss_mask"],
+                                       batch["task_ids"], lam, chunk_size=ce_chunk_size)
+  else:
+    logits = model(batch["input_ids"], **inputs)
+    sums = loss_lib.token_loss(logits, batch["targets"], batch["loss_mask"], batch["task_ids"], lam)
+  weighted, weight, task_sum, task_count = sums
   return weighted, (weight, task_sum, task_count)
 
 
@@ -233,6 +245,7 @@ def make_train_step(
     donate: bool = False,
     state_sharding: Any = None,
     frozen_sharding: Any = None,
+    ce_chunk_size: int = 0,
 ) -> Callable[..., tuple[TrainState, dict[str, jax.Array]]]:
   """Jit-compiled `(state, frozen, batch, lam, lr) -> (state, metrics)`.
 
@@ -241,7 +254,8 @@ def make_train_step(
   replaced by 1 / (count of each task over the whole global batch). The batch's
   leading axis is the global batch, sharded over `data`; state and frozen are
   replicated. `donate` lets XLA reuse the state's buffers (the input state is then
-  deleted).
+  deleted). `ce_chunk_size` > 0 computes the cross-entropy over chunks of that many tokens
+  (same loss and gradients, without the full [tokens, vocab] logits).
 
   Metrics: loss, per_task_loss [T], per_task_count [T], grad_norm (before clipping),
   weight_sum, tokens (number of loss tokens), lam [T] (the λ actually used).
@@ -256,7 +270,7 @@ def make_train_step(
       # Counts over the global batch, before any micro-batch split.
       lam = loss_lib.tla_lambda(batch["task_ids"], batch["loss_mask"], num_tasks)
     grad_fn = jax.value_and_grad(
-        lambda p, b: _loss_sums(graphdef, p, frozen, b, lam), has_aux=True)
+        lambda p, b: _loss_sums(graphdef, p, frozen, b, lam, ce_chunk_size), has_aux=True)
     grads, weighted, weight, task_sum, task_count = _accumulate(
         grad_fn, state.params, batch, accum_steps, mesh, num_tasks)
     # The one division of the step. A batch without loss tokens has zero sums: divide by 1.
@@ -420,6 +434,7 @@ def train(
 
   step_fn = _cached_train_step(graphdef, _optimizer_key(cfg), mesh,
                                int(_cfg(cfg, "accum_steps")), tla,
+                               int(_cfg(cfg, "ce_chunk_size") or 0),
                                _flat(state_sharding), _flat(frozen_sharding))
   seed = int(_cfg(cfg, "seed"))
   log = metrics_log.MetricsLog(workdir, resume_step=start, enabled=jax.process_index() == 0)

@@ -15,7 +15,7 @@ from typing import Iterable
 
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, trainers
-from transformers import PreTrainedTokenizerFast
+from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 
 UNK, BOS, EOS, PAD, IMAGE = "<unk>", "<s>", "</s>", "<pad>", "<image>"
@@ -63,7 +63,7 @@ def train_tokenizer(texts: Iterable[str], *, vocab_size: int,
   return tok
 
 
-def save_tokenizer(tok: PreTrainedTokenizerFast, save_dir: str | os.PathLike) -> None:
+def save_tokenizer(tok: PreTrainedTokenizerBase, save_dir: str | os.PathLike) -> None:
   """``save_pretrained`` into a sibling scratch directory, then renamed into place.
 
   ``save_pretrained`` writes several files; renaming the whole directory means a reader (or a
@@ -96,9 +96,37 @@ def check_special_ids(tok: PreTrainedTokenizerFast) -> None:
     raise ValueError(f"special tokens {SPECIAL_TOKENS} have ids {ids}, expected 0..4")
 
 
-def image_token_id(tok: PreTrainedTokenizerFast) -> int:
+def image_token_id(tok: PreTrainedTokenizerBase) -> int:
   """Id of the ``<image>`` token."""
   token_id = tok.convert_tokens_to_ids(IMAGE)
   if token_id is None or token_id == tok.unk_token_id:
     raise ValueError(f"tokenizer has no {IMAGE} token")
   return int(token_id)
+
+
+def load_pretrained_tokenizer(path: str | os.PathLike) -> PreTrainedTokenizerBase:
+  """A checkpoint's own tokenizer from a local directory (never the network).
+
+  A tokenizer without a pad token (Llama's) gets its unk token as padding: padding never carries
+  loss or attention, so any id that is not eos works, and the vocabulary stays the checkpoint's.
+  """
+  from transformers import AutoTokenizer  # pylint: disable=g-import-not-at-top
+  path = os.fspath(path)
+  try:
+    tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+  except (OSError, ValueError) as e:
+    raise ValueError(f"cannot load a tokenizer from {path}: {e}") from e
+  if tok.pad_token_id is None:
+    fallback = tok.unk_token or tok.eos_token
+    if fallback is None:
+      raise ValueError(f"the tokenizer in {path} has no pad, unk or eos token")
+    tok.pad_token = fallback
+  if tok.bos_token_id is None or tok.eos_token_id is None:
+    raise ValueError(f"the tokenizer in {path} has no bos or eos token; the chat template needs both")
+  image_token_id(tok)
+  return tok
+
+
+def copy_pretrained_tokenizer(src: str | os.PathLike, dst: str | os.PathLike) -> None:
+  """Saves the tokenizer of checkpoint directory `src` into `dst` (atomically, see save_tokenizer)."""
+  save_tokenizer(load_pretrained_tokenizer(src), dst)

@@ -1,0 +1,30 @@
+"""The paper's M3IT benchmark: 17 tasks in 5 groups, balanced at group level.
+
+python -m visatb_jax.launch --config m3it.py \
+    --config.data.root=/data/visatb/m3it --config.model.path=/models/llava-1.5-7b-hf
+
+Balancing runs over the groups captioning, classification, VQA, reasoning and generation (METHOD.md
+§6); every task gets its group's λ. R_large = 1/4, R_mini = 1/32 (§10). The 17 task names are
+M3IT's; the exact selection of the paper's release may differ — edit the registry to match your
+files (a task's file is data.root/{task}_{split}.json unless its `files` says otherwise).
+Multiple-choice and classification answers are scored by exact match, captions and generation
+by CIDEr, all GPT-free.
+"""
+
+from visatb_jax.presets import paper_config, task
+
+_GROUPS = {
+    "captioning": {"coco": "cider", "textcap": "cider", "image-paragraph-captioning": "cider"},
+    "classification": {"coco-goi": "exact_match", "coco-text": "exact_match",
+                       "imagenet": "exact_match", "snli-ve": "exact_match"},
+    "vqa": {"vqa-v2": "exact_match", "gqa": "exact_match", "ocr-vqa": "exact_match",
+            "text-vqa": "exact_match", "okvqa": "exact_match"},
+    "reasoning": {"clevr": "exact_match", "nlvr": "exact_match", "science-qa": "exact_match"},
+    "generation": {"vist": "cider", "visual-dialog": "cider"},
+}
+
+
+def get_config():
+  tasks = {name: task(metric, group=group)
+           for group, members in _GROUPS.items() for name, metric in members.items()}
+  return paper_config("m3it", tasks, r_large=0.25, r_mini=1 / 32)

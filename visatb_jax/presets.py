@@ -1,0 +1,143 @@
+"""What the paper's configs share (METHOD.md section 10): the LLaVA-1.5-7B recipe on user data.
+
+`configs/academic.py`, `m3it.py`, `chat.py` and `qwen2vl.py` call `paper_config` and add their
+task registry. Only the data directory and the checkpoint are left to the user
+(`--config.data.root=/data/visatb/academic --config.model.path=/models/llava-v1.5-7b-hf`); the
+model sizes below are those of the checkpoint, used by `--dry-run` when no checkpoint is given.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import ml_collections
+
+# LLaVA-1.5-7B: CLIP ViT-L/14-336 (feature layer -2) + 2-layer GELU MLP + Vicuna-7B-v1.5.
+LLAVA15_7B_VISION = {"image_size": 336, "patch_size": 14, "hidden_size": 1024,
+                     "intermediate_size": 4096, "num_hidden_layers": 24,
+                     "num_attention_heads": 16}
+VICUNA_7B_TEXT = {"vocab_size": 32064, "hidden_size": 4096, "intermediate_size": 11008,
+                  "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 32,
+                  "max_position_embeddings": 4096, "rms_norm_eps": 1e-5}
+# <image> in the llava-hf tokenizer (32000 Llama tokens + <image> + <pad>, padded to 32064).
+LLAVA15_IMAGE_TOKEN_ID = 32000
+
+
+def task(metric: str | None, *, group: str | None = None, fixed_weight: float | None = None,
+         higher_is_better: bool = True, prompt_suffix: str = "",
+         files: Mapping[str, str] | None = None) -> dict[str, Any]:
+  """One entry of a config's task registry.
+
+  Args:
+    metric: scorer of visatb_jax.metrics ("cider", "exact_match", "accuracy", "iou_accuracy");
+      None for a task that is trained but never scored (it must have a fixed weight).
+    group: balancing group (METHOD.md section 6); all balanced tasks or none have one.
+    fixed_weight: λ kept out of the balancing (ShareGPT = 1.0 in the paper).
+    higher_is_better: direction of the metric.
+    prompt_suffix: an instruction appended (after a newline) to every human turn that does not
+      already end with it, in training and evaluation alike (LLaVA-1.5's short-answer prompt).
+    files: per-split file patterns overriding `data.files` for this task.
+  """
+  entry = {"metric": metric, "group": group, "fixed_weight": fixed_weight,
+           "higher_is_better": higher_is_better, "prompt_suffix": prompt_suffix}
+  if files:
+    entry["files"] = dict(files)
+  return entry
+
+
+_SHORT_ANSWER = "Answer the question using a single word or phrase."
+
+
+def academic_tasks() -> dict[str, dict[str, Any]]:
+  """The Academic benchmark's 8 tasks, in the task order of the paper's release.
+
+  Metrics as in the release's eval/ scripts: captions scored with CIDEr, short answers with exact
+  match, RefCOCO boxes with IoU > 0.5. ShareGPT (text-only conversations) keeps λ = 1.0 and is not
+  scored.
+  """
+  return {
+      "ShareGPT4V": task("cider"),
+      "RefCOCO-caption": task("cider"),
+      "VQAv2": task("exact_match", prompt_suffix=_SHORT_ANSWER),
+      "GQA": task("exact_match", prompt_suffix=_SHORT_ANSWER),
+      "ChartQA": task("exact_match", prompt_suffix=_SHORT_ANSWER),
+      "OCRVQA": task("exact_match"),
+      "RefCOCO-bbox": task("iou_accuracy"),
+      "ShareGPT": task(None, fixed_weight=1.0),
+  }
+
+
+def paper_config(name: str, tasks: Mapping[str, Mapping[str, Any]], *, r_large: float,
+                 r_mini: float, form: str = "real",
+                 baselines: Sequence[str] = ("ew", "stl")) -> ml_collections.ConfigDict:
+  """The full config of a paper benchmark: LLaVA-1.5-7B, 1 epoch, batch 128, lr 2e-5 cosine."""
+  c = ml_collections.ConfigDict()
+  c.name = name
+  c.seed = 0
+  c.tasks = ml_collections.ConfigDict({t: dict(v) for t, v in tasks.items()})
+  c.task_order = tuple(tasks)
+
+  c.data = ml_collections.ConfigDict()
+  c.data.source = "llava_json"
+  c.data.root = ""             # the directory of the task files: required
+  # The paper's release names its files {task}_{split}-{size}.json: set data.files (or a task's
+  # own `files`) to those names, e.g. "{task}_train-120k.json".
+  c.data.files = {"train": "{task}_train.json", "val": "{task}_val.json",
+                  "test": "{task}_test.json"}
+  c.data.image_root = ""       # default: each JSON file's directory
+  c.data.on_missing_image = "error"  # or "skip" (counted in the report)
+  c.data.tokenizer = ""        # default: the checkpoint's own (model.path)
+  c.data.template = "vicuna_v1"
+  c.data.system_prompt = None  # None: LLaVA-1.5's
+  c.data.max_len = 2048
+  c.data.seq_len = 2048
+  c.data.max_images = 8
+
+  c.model = ml_collections.ConfigDict()
+  c.model.path = ""            # local HF LLaVA checkpoint directory: required to train
+  c.model.vision = dict(LLAVA15_7B_VISION)
+  c.model.text = dict(VICUNA_7B_TEXT)
+  c.model.image_token_id = LLAVA15_IMAGE_TOKEN_ID
+  c.model.init_seed = 0
+  c.model.dtype = "bfloat16"   # compute; parameters and optimizer state stay float32
+  c.model.param_dtype = "float32"
+  c.model.remat = "full"       # gradient checkpointing, as the paper's DeepSpeed runs
+  c.model.lora = {"rank": 0, "alpha": 16.0, "dropout": 0.0,
+                  "target_modules": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                     "up_proj", "down_proj")}
+
+  # FSDP over every device (ZeRO-3 in the paper's runs).
+  c.mesh = {"data": 1, "fsdp": -1, "tensor": 1}
+
+  c.train = ml_collections.ConfigDict()
+  c.train.epochs = 1.0
+  c.train.batch_size = 128     # packed rows per optimizer step (global)
+  c.train.accum_steps = 1
+  c.train.lr = 2e-5
+  c.train.warmup_frac = 0.03
+  c.train.clip_norm = 1.0
+  c.train.weight_decay = 0.0
+  c.train.checkpoint_every = 500
+  c.train.log_every = 10
+  c.train.freeze_vision_tower = True
+  c.train.tla = False
+  c.train.ce_chunk_size = 2048  # tokens per chunk of the cross-entropy; 0 = full logits
+
+  c.prep = ml_collections.ConfigDict()
+  c.prep.r_large = r_large
+  c.prep.r_mini = r_mini
+
+  c.balance = ml_collections.ConfigDict()
+  c.balance.form = form
+  c.balance.temperature = 0.5
+  c.balance.alpha = (0.25, 0.25, 0.5)
+  c.balance.on_degenerate = "error"
+
+  c.eval = ml_collections.ConfigDict()
+  c.eval.batch_size = 32
+  c.eval.max_new_tokens = 128
+
+  c.baselines = tuple(baselines)
+  c.weighting_options = {}
+  return c
