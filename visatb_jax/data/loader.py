@@ -1,0 +1,342 @@
+"""Grain loader over a prepared mixture: shuffle, shard per host, encode, pack, batch; exact resume.
+
+The pipeline of one host (``make_dataset``)::
+
+  tfds array_record source (prepare.py), or the records ``record_indices`` of it
+    -> [process_index::process_count]   per-host shard: disjoint, their union is every record
+    -> shuffle(seed).repeat(num_epochs) a new permutation every epoch (grain folds the epoch in)
+    -> map(EncodeRecord)                decode, chat template + tokenizer, image bytes -> uint8;
+                                        a sample too long for ``max_len`` becomes None (dropped)
+    -> to_iter_dataset(read threads)
+    -> PackBatchesIterDataset           first-fit packing of windows of ``pack_window`` samples
+                                        (``packing.pack_rows``) into ``host_batch_size`` rows
+                                        (``packing.rows_to_batch``: the Batch contract)
+    -> mp_prefetch(worker_count)        optional worker processes, each running all of the above
+                                        on its own slice of the shuffled stream
+
+Exact resume: the packer's state is the state its input iterator had at the start of the oldest
+packing window that still has rows to give, plus how many of that window's rows were given. A
+window is a pure function of that input state, so a fresh iterator re-reads it, packs it again
+identically and skips the given rows: the next batch is exactly the one an uninterrupted iterator
+yields. Every state is made of dicts, lists and ints (JSON); :class:`Loader` adds the settings
+that must not change across a resume (seed, batch, workers, shard, ...), and ``set_state`` refuses a
+state saved under other settings. With worker processes the batch order depends on
+``worker_count`` (each worker packs its own slice), so it is one of those settings.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import io
+import itertools
+from collections.abc import Iterator, Sequence
+from typing import Any, Self
+
+import grain
+import numpy as np
+from PIL import Image
+
+from visatb_jax.data import images as images_lib
+from visatb_jax.data import packing, prepare
+from visatb_jax.data import template as template_lib
+
+STATE_FORMAT = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class LoaderConfig:
+  """Settings of a loader; all but ``worker_buffer_size`` and ``read_threads`` shape the batches."""
+  tasks: tuple[str, ...]  # task id = position in this tuple (config.task_order)
+  seq_len: int
+  max_images: int
+  image_size: int
+  num_image_tokens: int
+  max_len: int  # longest encoded sample (truncation rule of template.py)
+  batch_size: int  # global rows per step, over all hosts
+  seed: int
+  template: str = template_lib.DEFAULT_TEMPLATE
+  system: str | None = None  # None: the template's default system prompt
+  pack_window: int = 256  # samples packed together; more packs tighter but holds more in memory
+  num_epochs: int | None = None  # None: repeat for ever
+  worker_count: int = 0  # worker processes (0: everything in this process)
+  worker_buffer_size: int = 2  # batches each worker prepares ahead
+  read_threads: int = 2  # threads reading + encoding records in each process
+
+  def __post_init__(self):
+    if self.max_len > self.seq_len:
+      raise ValueError(f"max_len={self.max_len} exceeds seq_len={self.seq_len}")
+    if self.batch_size < 1 or self.pack_window < 1:
+      raise ValueError(f"batch_size={self.batch_size} and pack_window={self.pack_window} must be "
+                       ">= 1")
+    if not self.tasks:
+      raise ValueError("LoaderConfig needs at least one task")
+    template_lib.get_template(self.template)
+
+
+def decode_image(data: bytes, size: int, *, name: str = "image") -> np.ndarray:
+  """Image file bytes -> uint8 ``[size, size, 3]``, exactly as ``images.load_image`` does it."""
+  try:
+    with Image.open(io.BytesIO(data)) as f:
+      image = f.convert("RGB")
+  except (OSError, Image.DecompressionBombError, ValueError) as e:
+    raise images_lib.ImageError(f"cannot decode {name}: {e}") from e
+  image = images_lib.expand_to_square(image)
+  if image.size != (size, size):
+    image = image.resize((size, size), Image.Resampling.BICUBIC)
+  return np.asarray(image, dtype=np.uint8)
+
+
+class EncodeRecord(grain.transforms.Map):
+  """A prepared record -> :class:`packing.Example`, or None when it does not fit ``max_len``."""
+
+  def __init__(self, tok: Any, config: LoaderConfig):
+    self.tok, self.config = tok, config
+    self.task_ids = {t: i for i, t in enumerate(config.tasks)}
+
+  def map(self, record: Any) -> packing.Example | None:
+    sample = prepare.decode_record(record)
+    cfg = self.config
+    task = self.task_ids.get(sample["task"])
+    if task is None:
+      raise ValueError(f"sample {sample['id']!r} has task {sample['task']!r}, which is not one "
+                       f"of the loader's tasks {list(cfg.tasks)}")
+    enc = template_lib.encode_conversation(
+        sample["conversations"], self.tok, num_image_tokens=cfg.num_image_tokens,
+        max_len=cfg.max_len, system=cfg.system, template=cfg.template)
+    if enc is None:
+      return None
+    if enc.num_images != len(sample["images"]):
+      raise ValueError(f"sample {sample['id']!r} has {enc.num_images} image placeholders for "
+                       f"{len(sample['images'])} images")
+    images = np.zeros((enc.num_images, cfg.image_size, cfg.image_size, 3), np.uint8)
+    for k, (data, path) in enumerate(zip(sample["images"], sample["image_paths"])):
+      images[k] = decode_image(data, cfg.image_size, name=f"{path} (sample {sample['id']!r})")
+    return packing.Example(enc.input_ids, enc.label_mask, task, images)
+
+
+@dataclasses.dataclass
+class _Window:
+  """Examples packed together, and where the input iterator stood before the first of them."""
+  start_state: dict[str, Any]
+  examples: list[packing.Example]
+  rows: list[list[int]]
+  next_row: int = 0
+
+  @property
+  def rows_left(self) -> int:
+    return len(self.rows) - self.next_row
+
+
+class _PackBatchesIterator(grain.DatasetIterator):
+  """Batches of packed rows; see the module docstring for the state."""
+
+  def __init__(self, parent: grain.DatasetIterator, *, batch_size: int, seq_len: int,
+               max_images: int, pad_id: int, image_size: int, window: int):
+    super().__init__(parent)
+    self._batch_size, self._seq_len, self._max_images = batch_size, seq_len, max_images
+    self._pad_id, self._image_size, self._window = pad_id, image_size, window
+    self._windows: collections.deque[_Window] = collections.deque()
+    self._skip = 0  # rows of the next window already given before a set_state
+    self._exhausted = False
+
+  def _read_window(self) -> bool:
+    start = self._parent.get_state()
+    examples = list(itertools.islice(self._parent, self._window))
+    if not examples:
+      return False
+    rows = packing.pack_rows([len(ex) for ex in examples], [ex.num_images for ex in examples],
+                             self._seq_len, self._max_images)
+    if self._skip > len(rows):
+      raise ValueError(f"iterator state skips {self._skip} rows of a window that packs into "
+                       f"{len(rows)}: the state belongs to other data or settings")
+    self._windows.append(_Window(start, examples, rows, next_row=self._skip))
+    self._skip = 0
+    return True
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    while (not self._exhausted
+           and sum(w.rows_left for w in self._windows) < self._batch_size):
+      self._exhausted = not self._read_window()
+    examples: list[packing.Example] = []
+    rows: list[list[int]] = []
+    while self._windows and len(rows) < self._batch_size:
+      w = self._windows[0]
+      take = min(w.rows_left, self._batch_size - len(rows))
+      offset = len(examples)
+      examples.extend(w.examples)
+      rows.extend([offset + i for i in row] for row in w.rows[w.next_row:w.next_row + take])
+      w.next_row += take
+      if not w.rows_left:
+        self._windows.popleft()
+    if not rows:
+      raise StopIteration
+    # The end of a finite stream: padding rows keep every batch the same shape.
+    rows.extend([] for _ in range(self._batch_size - len(rows)))
+    return packing.rows_to_batch(examples, rows, seq_len=self._seq_len,
+                                 max_images=self._max_images, pad_id=self._pad_id,
+                                 image_size=self._image_size)
+
+  def get_state(self) -> dict[str, Any]:
+    if self._windows:
+      w = self._windows[0]
+      return {"window_start": w.start_state, "rows_given": w.next_row}
+    return {"window_start": self._parent.get_state(), "rows_given": self._skip}
+
+  def set_state(self, state: dict[str, Any]) -> None:
+    self._parent.set_state(state["window_start"])
+    self._windows.clear()
+    self._skip = int(state["rows_given"])
+    self._exhausted = False
+
+
+class PackBatchesIterDataset(grain.IterDataset):
+  """:class:`packing.Example` stream -> Batch dicts of ``batch_size`` packed rows."""
+
+  def __init__(self, parent: grain.IterDataset, *, batch_size: int, seq_len: int,
+               max_images: int, pad_id: int, image_size: int, window: int):
+    super().__init__(parent)
+    self._kwargs = {"batch_size": batch_size, "seq_len": seq_len, "max_images": max_images,
+                    "pad_id": pad_id, "image_size": image_size, "window": window}
+
+  def __iter__(self) -> _PackBatchesIterator:
+    return _PackBatchesIterator(self._parent.__iter__(), **self._kwargs)
+
+
+class _Subset:
+  """The records ``indices`` of a random-access source, as a random-access source."""
+
+  def __init__(self, source: Any, indices: Sequence[int]):
+    self.source, self.indices = source, np.asarray(indices, np.int64)
+    if self.indices.ndim != 1 or not len(self.indices):
+      raise ValueError("record_indices must be a non-empty list of record indices")
+    if self.indices.min() < 0 or self.indices.max() >= len(source):
+      raise ValueError(f"record_indices must lie in [0, {len(source)}), got "
+                       f"[{self.indices.min()}, {self.indices.max()}]")
+
+  def __len__(self) -> int:
+    return len(self.indices)
+
+  def __getitem__(self, index: int) -> Any:
+    return self.source[int(self.indices[index])]
+
+
+def host_shard(process_index: int | None, process_count: int | None) -> tuple[int, int]:
+  """``(index, count)`` of this host; defaults from ``jax.process_index()/process_count()``."""
+  if process_index is None or process_count is None:
+    import jax  # pylint: disable=g-import-not-at-top
+    process_index = jax.process_index() if process_index is None else process_index
+    process_count = jax.process_count() if process_count is None else process_count
+  if not 0 <= process_index < process_count:
+    raise ValueError(f"process_index={process_index} is not in [0, {process_count})")
+  return int(process_index), int(process_count)
+
+
+def _mark_absl_flags_parsed() -> None:
+  """Lets grain's worker processes read their absl flags outside an absl app (tests, scripts).
+
+  grain 0.2.18 reads ``--grain_enable_multiprocess_worker_profiling`` when it starts workers and
+  raises ``UnparsedFlagAccessError`` unless ``absl.app.run`` (``launch.py``) parsed the flags; the
+  defaults are what we want, so marking the flags parsed is enough.
+  """
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  if not flags.FLAGS.is_parsed():
+    flags.FLAGS.mark_as_parsed()
+
+
+def make_dataset(source: Any, tok: Any, config: LoaderConfig, *, process_index: int,
+                 process_count: int, record_indices: Sequence[int] | None = None
+                 ) -> grain.IterDataset:
+  """The grain pipeline of one host (see the module docstring); yields Batch dicts."""
+  if config.batch_size % process_count:
+    raise ValueError(f"batch_size={config.batch_size} is not divisible by the "
+                     f"{process_count} hosts")
+  if record_indices is not None:
+    source = _Subset(source, record_indices)
+  if len(source) < process_count:
+    raise ValueError(f"{len(source)} records cannot be shared by {process_count} hosts")
+  ds = grain.MapDataset.source(source)[process_index::process_count]
+  ds = ds.shuffle(seed=config.seed).repeat(config.num_epochs)
+  ds = ds.map(EncodeRecord(tok, config))
+  ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=config.read_threads,
+                                            prefetch_buffer_size=max(1, 4 * config.read_threads)))
+  ds = PackBatchesIterDataset(
+      ds, batch_size=config.batch_size // process_count, seq_len=config.seq_len,
+      max_images=config.max_images, pad_id=int(tok.pad_token_id), image_size=config.image_size,
+      window=config.pack_window)
+  if config.worker_count:
+    _mark_absl_flags_parsed()
+    ds = ds.mp_prefetch(grain.MultiprocessingOptions(
+        num_workers=config.worker_count, per_worker_buffer_size=config.worker_buffer_size))
+  return ds
+
+
+class Loader:
+  """Iterator of this host's Batch dicts with a JSON state for exact resumption.
+
+  ``source`` is a random-access source of prepared records
+  (``prepare.PreparedMixture.data_source(split)``); ``record_indices`` picks a subset of it (e.g.
+  the mini subsets of a preparation run). Each batch holds ``config.batch_size // process_count``
+  rows. Call :meth:`close` (or use ``with``) to stop worker processes.
+  """
+
+  def __init__(self, source: Any, tok: Any, config: LoaderConfig, *,
+               process_index: int | None = None, process_count: int | None = None,
+               record_indices: Sequence[int] | None = None):
+    self.config = config
+    self.process_index, self.process_count = host_shard(process_index, process_count)
+    self._dataset = make_dataset(source, tok, config, process_index=self.process_index,
+                                 process_count=self.process_count, record_indices=record_indices)
+    self._iterator: grain.DatasetIterator | None = None
+    self._settings = {
+        "tasks": list(config.tasks), "seq_len": config.seq_len, "max_images": config.max_images,
+        "image_size": config.image_size, "num_image_tokens": config.num_image_tokens,
+        "max_len": config.max_len, "batch_size": config.batch_size, "seed": config.seed,
+        "template": config.template, "system": config.system, "pack_window": config.pack_window,
+        "num_epochs": config.num_epochs, "worker_count": config.worker_count,
+        "process_index": self.process_index, "process_count": self.process_count,
+        "num_records": len(source) if record_indices is None else len(record_indices)}
+
+  @property
+  def iterator(self) -> grain.DatasetIterator:
+    if self._iterator is None:
+      self._iterator = iter(self._dataset)
+    return self._iterator
+
+  def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+    return self
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    return next(self.iterator)
+
+  def get_state(self) -> dict[str, Any]:
+    """The position after the last batch returned, as JSON-serialisable data."""
+    return {"format": STATE_FORMAT, "settings": dict(self._settings),
+            "iterator": self.iterator.get_state()}
+
+  def set_state(self, state: dict[str, Any]) -> None:
+    """Continues from ``state`` (from :meth:`get_state` of a loader with the same settings).
+
+    Raises:
+      ValueError: a state of another format or saved under other settings (naming them).
+    """
+    if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
+      raise ValueError(f"not a loader state of format {STATE_FORMAT}")
+    saved = state.get("settings", {})
+    changed = sorted(k for k in set(saved) | set(self._settings)
+                     if saved.get(k) != self._settings.get(k))
+    if changed:
+      raise ValueError("the loader state was saved with other settings: " + ", ".join(
+          f"{k}={saved.get(k)!r} (now {self._settings.get(k)!r})" for k in changed))
+    self.iterator.set_state(state["iterator"])
+
+  def close(self) -> None:
+    if self._iterator is not None and hasattr(self._iterator, "close"):
+      self._iterator.close()
+    self._iterator = None
+
+  def __enter__(self) -> Self:
+    return self
+
+  def __exit__(self, *exc: object) -> None:
+    self.close()
