@@ -299,6 +299,53 @@ def test_resume_after_crash_is_identical(tmp_path, meshes):
   jax.tree.map(np.testing.assert_array_equal, params_of(again), params_of(straight))
 
 
+class CountingLoader:
+  """A stateful loader: batch k is make_batch(100 + k); its state is the next k."""
+
+  def __init__(self, crash_at=None):
+    self.next_index, self.crash_at, self.served = 0, crash_at, []
+
+  def __iter__(self):
+    return self
+
+  def __next__(self):
+    if self.next_index == self.crash_at:
+      raise Crash()
+    self.served.append(self.next_index)
+    self.next_index += 1
+    return make_batch(100 + self.next_index - 1)
+
+  def get_state(self):
+    return {"next_index": self.next_index}
+
+  def set_state(self, state):
+    self.next_index = int(state["next_index"])
+
+
+def test_stateful_loader_resumes_at_the_saved_batch(tmp_path, meshes):
+  mesh = meshes[8]
+  straight = CountingLoader()
+  a = train.train(new_model(), straight, LAM, CFG, tmp_path / "a", mesh=mesh, task_names=TASKS)
+  assert straight.served == [0, 1, 2, 3, 4, 5]
+  with pytest.raises(Crash):
+    train.train(new_model(), CountingLoader(crash_at=4), LAM, CFG, tmp_path / "b", mesh=mesh,
+                task_names=TASKS)
+  # Each process's position sits in the checkpoint (grain's per-process JSON files).
+  data_dir = tmp_path / "b" / "checkpoints" / "3" / checkpoint.DATA_ITEM
+  assert json.loads((data_dir / "process_0-of-1.json").read_text()) == {"next_index": 3}
+  resumed_loader = CountingLoader()  # a fresh loader, as after a restart
+  b = train.train(new_model(), resumed_loader, LAM, CFG, tmp_path / "b", mesh=mesh,
+                  task_names=TASKS)
+  assert resumed_loader.served == [3, 4, 5]
+  jax.tree.map(np.testing.assert_array_equal, params_of(b), params_of(a))
+  # A stateless run's checkpoint cannot position a stateful loader.
+  train.train(new_model(), make_batch, LAM, dict(CFG, steps=3), tmp_path / "c", mesh=mesh,
+              task_names=TASKS)
+  with pytest.raises(ValueError, match="holds no input iterator state"):
+    train.train(new_model(), CountingLoader(), LAM, CFG, tmp_path / "c", mesh=mesh,
+                task_names=TASKS)
+
+
 def test_nan_loss_raises_and_keeps_last_good_checkpoint(tmp_path, meshes):
   def poisoned_batch(i):
     b = make_batch(i)

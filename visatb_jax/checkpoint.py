@@ -9,6 +9,8 @@ composite items
   <step>/state/       the TrainState pytree (always)
   <step>/weighting/   the loss-weighting strategy's state (`weighting.py`), when the run
                       had one
+  <step>/data/        the input iterator's state, one JSON file per process (grain's handler),
+                      when the run read a stateful loader (`data/loader.py`)
 
 Both items of a step are written by one `save`, so they always belong to the same step.
 Checkpoints written before the weighting item existed hold the TrainState as orbax's
@@ -17,10 +19,12 @@ single unnamed item (`<step>/default/`); they are still read as the `state` item
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Mapping
 from typing import Any, TypeVar
 
+import grain
 import jax
 import orbax.checkpoint as ocp
 
@@ -31,11 +35,45 @@ WEIGHTING_ITEM = "weighting"
 # Orbax's name for the single unnamed item of a manager in "default item" mode: the layout
 # of checkpoints written before the composite layout.
 _LEGACY_STATE_ITEM = "default"
-EXTRA_ITEMS = (WEIGHTING_ITEM,)
+DATA_ITEM = "data"
+EXTRA_ITEMS = (WEIGHTING_ITEM, DATA_ITEM)
+
+
+class IteratorState:
+  """Adapts an iterator with a JSON-able `get_state()` / `set_state()` to grain's orbax handler.
+
+  grain's handler writes `get_state()` bytes to `process_<i>-of-<n>.json`, so each host keeps its
+  own position in its own shard of the data.
+  """
+
+  def __init__(self, iterator: Any):
+    self.iterator = iterator
+
+  def get_state(self) -> bytes:
+    return json.dumps(self.iterator.get_state(), sort_keys=True).encode()
+
+  def set_state(self, state: bytes) -> None:
+    self.iterator.set_state(json.loads(state))
+
+  def start_prefetch(self) -> None:  # grain calls it after a restore; nothing to start here
+    pass
 
 
 def _abstract(target: Any) -> Any:
   return jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
+
+
+def _save_args(name: str, item: Any) -> ocp.args.CheckpointArgs:
+  if name == DATA_ITEM:
+    return grain.checkpoint.CheckpointSave(IteratorState(item))
+  return ocp.args.StandardSave(item)
+
+
+def _restore_args(name: str, item: Any) -> ocp.args.CheckpointArgs:
+  """The data item is restored into `item` itself (its `set_state`); others by structure."""
+  if name == DATA_ITEM:
+    return grain.checkpoint.CheckpointRestore(IteratorState(item))
+  return ocp.args.StandardRestore(_abstract(item))
 
 
 class Checkpointer:
@@ -50,8 +88,9 @@ class Checkpointer:
         # itself it would pick single-item mode on reading a legacy checkpoint, then refuse
         # composite saves) and lets it read item metadata before any save or restore. The
         # legacy item is listed so that such a step can be read.
-        item_handlers={name: ocp.StandardCheckpointHandler()
-                       for name in (STATE_ITEM, *EXTRA_ITEMS, _LEGACY_STATE_ITEM)},
+        item_handlers={**{name: ocp.StandardCheckpointHandler()
+                          for name in (STATE_ITEM, WEIGHTING_ITEM, _LEGACY_STATE_ITEM)},
+                       DATA_ITEM: grain.checkpoint.CheckpointHandler()},
         options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True),
     )
 
@@ -81,7 +120,7 @@ class Checkpointer:
     if unknown:
       raise ValueError(f"unknown checkpoint item(s) {sorted(unknown)}; known: {EXTRA_ITEMS}")
     args = {STATE_ITEM: ocp.args.StandardSave(state)}
-    args.update({name: ocp.args.StandardSave(tree) for name, tree in extras.items()})
+    args.update({name: _save_args(name, tree) for name, tree in extras.items()})
     self._manager.save(int(step), args=ocp.args.Composite(**args))
 
   def restore(self, target: PyTree, step: int | None = None) -> PyTree:
@@ -106,7 +145,7 @@ class Checkpointer:
                      f"{sorted(missing)}; it has {sorted(stored)}")
     state_item = _LEGACY_STATE_ITEM if _LEGACY_STATE_ITEM in stored else STATE_ITEM
     args = {state_item: ocp.args.StandardRestore(_abstract(target))}
-    args.update({name: ocp.args.StandardRestore(_abstract(tree)) for name, tree in extras.items()})
+    args.update({name: _restore_args(name, tree) for name, tree in extras.items()})
     restored = self._manager.restore(step, args=ocp.args.Composite(**args))
     return restored[state_item], {name: restored[name] for name in extras}
 

@@ -27,6 +27,7 @@ class EvalSet:
   prompt_mask: np.ndarray   # int32 [n, P]
   images: np.ndarray        # uint8 [n, 1, H, W, 3]
   references: list[str]
+  stop_id: int | None = None  # the token that ends an answer (None: the tokenizer's eos)
 
   def __len__(self) -> int:
     return len(self.references)
@@ -43,8 +44,9 @@ def build_eval_sets(
     task_metrics: Mapping[str, str],
     num_image_tokens: int,
     image_size: int,
-    system: str = template.SYSTEM_PROMPT,
+    system: str | None = None,
     pad_to: int = 32,
+    template_name: str = template.DEFAULT_TEMPLATE,
 ) -> dict[str, EvalSet]:
   """Encodes every sample's prompt and loads its image, grouped by task (in `task_metrics` order)."""
   by_task: dict[str, list[Mapping]] = {t: [] for t in task_metrics}
@@ -59,7 +61,8 @@ def build_eval_sets(
     if not task_samples:
       raise ValueError(f"task {task!r} has no samples in this split")
     encoded = [template.encode_prompt(s["conversations"], tokenizer, num_image_tokens=num_image_tokens,
-                                      system=system) for s in task_samples]
+                                      system=system, template=template_name)
+               for s in task_samples]
     length = _round_up(max(len(ids) for ids, _ in encoded), pad_to)
     ids = np.full((len(encoded), length), pad_id, np.int32)
     mask = np.zeros((len(encoded), length), np.int32)
@@ -70,7 +73,8 @@ def build_eval_sets(
     for r, s in enumerate(task_samples):
       if s.get("image_path"):
         imgs[r, 0] = images_lib.load_image(s["image_path"], image_size)
-    out[task] = EvalSet(task, task_metrics[task], ids, mask, imgs, [ref for _, ref in encoded])
+    out[task] = EvalSet(task, task_metrics[task], ids, mask, imgs, [ref for _, ref in encoded],
+                        stop_id=template.stop_token_id(tokenizer, template_name))
   return out
 
 
@@ -78,17 +82,18 @@ def generate_answers(model, eval_set: EvalSet, *, tokenizer, batch_size: int,
                      max_new_tokens: int) -> list[str]:
   """Greedy answers for one task; the last batch is padded so that no new shape compiles."""
   n = len(eval_set)
+  stop = tokenizer.eos_token_id if eval_set.stop_id is None else eval_set.stop_id
   answers = []
   for start in range(0, n, batch_size):
     idx = np.arange(start, start + batch_size) % n  # wrap-around rows are dropped below
     tokens = generate.greedy_generate(
         model, eval_set.prompt_ids[idx], eval_set.prompt_mask[idx],
         images_lib.normalize(eval_set.images[idx]),
-        max_new_tokens=max_new_tokens, eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id)
+        max_new_tokens=max_new_tokens, eos_id=stop, pad_id=tokenizer.pad_token_id)
     tokens = np.asarray(tokens)[: min(batch_size, n - start)]
     for row in tokens:
       row = row[row != tokenizer.pad_token_id]
-      row = row[row != tokenizer.eos_token_id]
+      row = row[row != stop]
       answers.append(tokenizer.decode(row.tolist(), skip_special_tokens=True).strip())
   return answers
 

@@ -131,15 +131,22 @@ class Experiment:
     into the run directory, so that every later stage reads the same one.
     """
     if self.source == "shapes":
-      self._prepare_shapes()
+      unknown = sorted(set(self.task_names) - set(shapes.TASKS))
+      if unknown:
+        raise PipelineError(f"unknown task(s) {unknown} for the shapes benchmark "
+                            f"(it has {list(shapes.TASKS)})")
+      if fileio.is_primary():  # the others read the benchmark process 0 wrote
+        self._prepare_shapes()
+      fileio.sync("shapes benchmark")
     else:
       for split in ("train", "val", "test"):
         for t, f in self.split_files(split).items():
           if not os.path.isfile(f):
             raise PipelineError(f"task {t!r}: {split} file {f} does not exist")
-      if not os.path.exists(self.tokenizer_dir):
+      if not os.path.exists(self.tokenizer_dir) and fileio.is_primary():
         tokenizer_lib.copy_pretrained_tokenizer(self._pretrained_tokenizer_path(),
                                                 self.tokenizer_dir)
+      fileio.sync("tokenizer")
     self.encoded_train()  # fail now, not in the middle of training, on bad samples
 
   def _pretrained_tokenizer_path(self) -> str:
@@ -154,10 +161,6 @@ class Experiment:
 
   def _prepare_shapes(self) -> None:
     dc = self.config.data
-    unknown = sorted(set(self.task_names) - set(shapes.TASKS))
-    if unknown:
-      raise PipelineError(f"unknown task(s) {unknown} for the shapes benchmark "
-                          f"(it has {list(shapes.TASKS)})")
     sh = dc.shapes
     shapes.generate_benchmark(self.data_root, seed=int(self.config.seed), sizes=dict(sh.sizes),
                               grid=sh.grid, cell=sh.cell, max_objects=sh.max_objects)
@@ -165,7 +168,8 @@ class Experiment:
       # Whole rendered conversations, so that the system prompt and role tags, which every
       # sample repeats, become a handful of merged tokens.
       roles = {"human": "USER:", "gpt": "ASSISTANT:"}
-      texts = [" ".join([self.system_prompt] + [f"{roles[t['from']]} {t['value']}"
+      system = self.system_prompt or template.get_template(self.template).default_system
+      texts = [" ".join([system] + [f"{roles[t['from']]} {t['value']}"
                                                     for t in s["conversations"]])
                for s in self.samples("train")]
       tokenizer_lib.train_tokenizer(texts, vocab_size=int(dc.vocab_size), save_dir=self.tokenizer_dir)
@@ -211,8 +215,16 @@ class Experiment:
     return wanted
 
   @property
-  def system_prompt(self) -> str:
-    return self.config.data.get("system_prompt") or template.SYSTEM_PROMPT
+  def template(self) -> str:
+    name = self.config.data.get("template") or template.DEFAULT_TEMPLATE
+    if name not in template.TEMPLATES:
+      raise PipelineError(f"config.data.template={name!r}; known: {sorted(template.TEMPLATES)}")
+    return name
+
+  @property
+  def system_prompt(self) -> str | None:
+    """The config's system prompt; None for the template's own (LLaVA-1.5's for vicuna_v1)."""
+    return self.config.data.get("system_prompt")
 
   @property
   def image_size(self) -> int:
@@ -238,7 +250,7 @@ class Experiment:
       t = s["task"]
       enc = template.encode_conversation(s["conversations"], tok, num_image_tokens=mc.num_image_tokens,
                                          max_len=int(self.config.data.max_len),
-                                         system=self.system_prompt)
+                                         system=self.system_prompt, template=self.template)
       if enc is None:
         stats[t]["dropped_too_long"] += 1
         continue
@@ -349,13 +361,18 @@ class Experiment:
     resumed by a run they do not belong to.
     """
     info_path = os.path.join(directory, "run.json")
+    fileio.sync(f"claim {directory}")  # every process decides on the same run.json
+    done = False
     if os.path.exists(info_path):
       info = fileio.read_json(info_path)
       if info.get("hash") == stage_hash:
-        return bool(info.get("done"))
-      shutil.rmtree(directory)
-    fileio.atomic_write_json(info_path, {"hash": stage_hash, "done": False})
-    return False
+        done = bool(info.get("done"))
+      elif fileio.is_primary():
+        shutil.rmtree(directory)
+    if not done:
+      fileio.atomic_write_json(info_path, {"hash": stage_hash, "done": False})
+    fileio.sync(f"claimed {directory}")
+    return done
 
   def weighting_strategy(self, name: str):
     """A dynamic weighting baseline (visatb_jax.weighting) with the fixed tasks kept fixed."""
@@ -411,7 +428,7 @@ class Experiment:
         self.samples(split), tokenizer=self.tokenizer,
         task_metrics={t: self.config.tasks[t].metric for t in self.eval_tasks},
         num_image_tokens=self.model_config.num_image_tokens, image_size=self.image_size,
-        system=self.system_prompt)
+        system=self.system_prompt, template_name=self.template)
 
   def score_model(self, rel_dir: str | None, split: str, *, stage_hash: str,
                   tasks: Sequence[str] | None = None) -> dict[str, float]:
@@ -419,6 +436,7 @@ class Experiment:
     from visatb_jax import evaluate
     tasks = list(tasks or self.eval_tasks)
     cache = self.path(rel_dir or "untrained", f"scores_{split}.json")
+    fileio.sync(f"scores {cache}")  # every process reads the cache in the same state
     if os.path.exists(cache):
       cached = fileio.read_json(cache)
       if cached.get("hash") == stage_hash and set(tasks) <= set(cached["scores"]):

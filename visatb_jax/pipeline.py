@@ -183,6 +183,8 @@ def run(config, workdir: str, *, stages: Sequence[str] | None = None) -> None:
   for stage in STAGES:
     if stages and stage not in stages:
       continue
+    # Every process reads the manifest between the same two barriers, so all take the same path.
+    fileio.sync(f"stage {stage}")
     if man.is_done(stage, hashes[stage]):
       _log(f"stage {stage}: done, skipped")
       continue
@@ -193,3 +195,4 @@ def run(config, workdir: str, *, stages: Sequence[str] | None = None) -> None:
     seconds = time.time() - t0
     man.mark(stage, "done", hashes[stage], seconds=round(seconds, 2))
     _log(f"stage {stage}: done in {seconds:.1f}s")
+  fileio.sync("pipeline done")

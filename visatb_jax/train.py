@@ -14,7 +14,7 @@ import functools
 import math
 import os
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -343,9 +343,27 @@ def _check_weighting(weighting: weighting_lib.Strategy | None, tla: bool) -> Non
                      f"{weighting.name!r} strategy would be ignored; use the tla strategy")
 
 
-def _check_batch(batch: Batch, cfg: Any, mesh: Mesh) -> int:
-  """Validates the global batch shape against the config and mesh; returns its rows."""
-  rows = int(np.shape(batch["input_ids"])[0])
+def _is_stateful(get_batch: Any) -> bool:
+  return hasattr(get_batch, "get_state") and hasattr(get_batch, "set_state")
+
+
+def _process_rows(batch: Batch, rows: int) -> Batch:
+  """This process's consecutive share of a global host batch (the whole batch on one process)."""
+  count = jax.process_count()
+  if count == 1:
+    return batch
+  if rows % count:
+    raise ValueError(f"a global batch of {rows} rows does not split over {count} processes")
+  n, p = rows // count, jax.process_index()
+  return {k: np.asarray(v)[p * n:(p + 1) * n] for k, v in batch.items()}
+
+
+def _check_batch(batch: Batch, cfg: Any, mesh: Mesh, processes: int = 1) -> int:
+  """Validates the global batch shape against the config and mesh; returns its rows.
+
+  `batch` holds the rows of 1 process out of `processes` (all of them by default).
+  """
+  rows = int(np.shape(batch["input_ids"])[0]) * processes
   batch_size, accum = _cfg(cfg, "batch_size"), int(_cfg(cfg, "accum_steps"))
   if batch_size is not None and rows != int(batch_size):
     raise ValueError(f"get_batch returned {rows} rows, config batch_size is {batch_size}")
@@ -366,7 +384,7 @@ def _input_tokens(batch: Batch) -> int:
 
 def train(
     model: nnx.Module,
-    get_batch: Callable[[int], Batch],
+    get_batch: Callable[[int], Batch] | Iterator[Batch],
     lam: LamLike | None,
     cfg: Any,
     workdir: str | os.PathLike,
@@ -380,7 +398,12 @@ def train(
   Args:
     model: an NNX model following the Model contract; updated in place and returned.
     get_batch: step index (0-based) → global host batch (Batch contract); must be a
-      deterministic function of the step so that a resumed run sees the same data.
+      deterministic function of the step so that a resumed run sees the same data. In a
+      multi-process run every process returns the same global batch and trains on its own
+      consecutive share of the rows. Or a stateful iterator of this host's batches with
+      JSON-able `get_state()` / `set_state()` (`data/loader.py`): its state is saved with every
+      checkpoint, per process, and restored on resume, so the next batch is exactly the one the
+      killed run would have read.
     lam: float32 [T] task weights, or a function of the step index returning them
       (ignored, except for T, when `cfg.tla`). With a `weighting` strategy only its length
       T is read (its values are ignored), and it may be None when `task_names` is given.
@@ -427,9 +450,10 @@ def train(
   # Replicated on the mesh like the step's metrics, so that the jitted update sees one
   # device set and every host of a multi-host run holds (and saves) the same state.
   wstate = None if weighting is None else replicate(weighting.init(num_tasks), mesh)
+  iterator = get_batch if _is_stateful(get_batch) else None
   ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, CHECKPOINT_DIR), max_to_keep=2)
   if ckpt.latest_step() is not None:
-    state, wstate = _restore_for_resume(ckpt, state, wstate)
+    state, wstate = _restore_for_resume(ckpt, state, wstate, iterator)
   start = int(state.step)
 
   step_fn = _cached_train_step(graphdef, _optimizer_key(cfg), mesh,
@@ -444,12 +468,18 @@ def train(
   window_tokens = 0
   try:
     for index in range(start, steps):
-      host_batch = get_batch(index)
-      _check_batch(host_batch, cfg, mesh)
-      window_tokens += _input_tokens(host_batch)
+      if iterator is not None:
+        local_batch = next(iterator)
+        rows = _check_batch(local_batch, cfg, mesh, jax.process_count())
+        window_tokens += _input_tokens(local_batch) * jax.process_count()
+      else:
+        host_batch = get_batch(index)
+        rows = _check_batch(host_batch, cfg, mesh)
+        window_tokens += _input_tokens(host_batch)
+        local_batch = _process_rows(host_batch, rows)
       lam_i = (_lam_at(lam, index) if wstate is None
                else np.asarray(jax.device_get(wstate["lam"]), np.float32))
-      state, device_metrics = step_fn(state, frozen, shard_batch(host_batch, mesh), lam_i,
+      state, device_metrics = step_fn(state, frozen, shard_batch(local_batch, mesh), lam_i,
                                       np.float32(schedule(index)))
       metrics = jax.device_get(device_metrics)
       done = index + 1
@@ -472,6 +502,8 @@ def train(
         # The weighting state saved with step `done` already holds the λ of index `done`,
         # the first step a resumed run trains.
         extras = {} if wstate is None else {checkpoint_lib.WEIGHTING_ITEM: wstate}
+        if iterator is not None:
+          extras[checkpoint_lib.DATA_ITEM] = iterator
         ckpt.save(done, state, extras)
   finally:
     bar.close()
@@ -482,9 +514,17 @@ def train(
 
 
 def _restore_for_resume(ckpt: checkpoint_lib.Checkpointer, state: TrainState,
-                        wstate: weighting_lib.State | None) -> tuple[TrainState, Any]:
-  """The latest checkpoint's TrainState (and weighting state), shaped like the given ones."""
+                        wstate: weighting_lib.State | None,
+                        iterator: Any = None) -> tuple[TrainState, Any]:
+  """The latest checkpoint's TrainState (and weighting state), shaped like the given ones.
+
+  A stateful `iterator` is set, in place, to the position saved with that checkpoint.
+  """
   stored = ckpt.items()
+  if iterator is not None and checkpoint_lib.DATA_ITEM not in stored:
+    raise ValueError(f"the checkpoint in {ckpt.directory} holds no input iterator state, so a "
+                     "stateful loader cannot resume at the right batch; resume with the data "
+                     "function the run started with")
   has_weighting = checkpoint_lib.WEIGHTING_ITEM in stored
   # Resuming across a change of weighting would silently change the λ sequence.
   if wstate is None and has_weighting:
@@ -493,10 +533,11 @@ def _restore_for_resume(ckpt: checkpoint_lib.Checkpointer, state: TrainState,
   if wstate is not None and not has_weighting:
     raise ValueError(f"the checkpoint in {ckpt.directory} was written without a weighting "
                      "strategy, but train() was called with one")
-  if wstate is None:
-    return ckpt.restore(state), None
-  state, extras = ckpt.restore_with_extras(state, {checkpoint_lib.WEIGHTING_ITEM: wstate})
-  return state, extras[checkpoint_lib.WEIGHTING_ITEM]
+  targets = {} if wstate is None else {checkpoint_lib.WEIGHTING_ITEM: wstate}
+  if iterator is not None:
+    targets[checkpoint_lib.DATA_ITEM] = iterator
+  state, extras = ckpt.restore_with_extras(state, targets)
+  return state, extras.get(checkpoint_lib.WEIGHTING_ITEM)
 
 
 def restore_model(model: nnx.Module, cfg: Any, workdir: str | os.PathLike) -> nnx.Module:
