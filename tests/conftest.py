@@ -20,6 +20,8 @@ MICRO_OVERRIDES = {
     "model.text.num_key_value_heads": 1,
     "train.epochs": 1.0, "train.batch_size": 8, "train.checkpoint_every": 2, "train.log_every": 1,
     "eval.batch_size": 8, "eval.max_new_tokens": 8, "prep.r_mini": 0.25,
+    # One gradient-combination baseline, so that the per-task-gradient step runs end to end.
+    "baselines": ("ew", "stl", "mgda"),
 }
 
 

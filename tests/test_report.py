@@ -72,7 +72,7 @@ def _full_run(root) -> str:
       "stl": {"caption": 0.69, "vqa": 0.63, "count": 0.5432},
   })
   _write_json(os.path.join(workdir, "report", "comparison.json"), {
-      "visatb": {"delta_i": 2.34567, "delta_e": 1.2,
+      "visatb": {"delta_i": 2.34567, "delta_e": 1.2, "step_time_vs_ew": 1.0,
                  "per_task": {"caption": 0.029, "vqa": 0.0386, "count": -0.0427}},
       "ew": {"delta_i": -0.98765, "delta_e": 4.5,
              "per_task": {"caption": 0.061, "vqa": -0.0317, "count": -0.1163}},
@@ -177,9 +177,17 @@ def test_test_table_bolds_best_per_task(full_report):
 def test_comparison_table(full_report):
   _, _, md = full_report
   section = _section(md, "Comparison with single-task learning")
-  assert "| method | ΔI % | ΔE % | I (caption) | I (vqa) | I (count) |" in section
-  assert _row(section, "visatb") == "| visatb | 2.346 | 1.2 | 0.029 | 0.0386 | -0.0427 |"
-  assert _row(section, "ew").startswith("| ew | -0.9877 | 4.5 |")
+  assert ("| method | ΔI % | ΔE % | step time vs EW | I (caption) | I (vqa) | I (count) |"
+          in section)
+  assert _row(section, "visatb") == "| visatb | 2.346 | 1.2 | 1.00× | 0.029 | 0.0386 | -0.0427 |"
+  assert _row(section, "ew").startswith("| ew | -0.9877 | 4.5 |  |")
+
+
+def test_step_seconds_skips_the_compile_interval():
+  records = [{"step": 10, "elapsed_s": 30.0}, {"step": 20, "elapsed_s": 40.0},
+             {"step": 30, "elapsed_s": 52.0}, {"step": 35, "elapsed_s": 57.0}]
+  assert report.step_seconds(records) == 1.0  # median of 1.0, 1.2, 1.0
+  assert report.step_seconds(records[:1]) is None
 
 
 def test_stage_timings_and_data_stats(full_report):

@@ -346,6 +346,35 @@ def test_stateful_loader_resumes_at_the_saved_batch(tmp_path, meshes):
                 task_names=TASKS)
 
 
+@pytest.mark.parametrize("method", ["nash", "pcgrad"])
+def test_gradient_method_in_the_loop_resumes_identically(tmp_path, meshes, method):
+  """Nash-MTL's α and PCGrad's key live in the checkpoint: a resumed run is the same run."""
+  mesh = meshes[8]
+  cfg = dict(CFG, gradient_method=method, accum_steps=1)
+  straight = train.train(new_model(), make_batch, LAM, cfg, tmp_path / "a", mesh=mesh,
+                         task_names=TASKS)
+
+  def crashing_batch(i):
+    if i == 4:
+      raise Crash()
+    return make_batch(i)
+
+  with pytest.raises(Crash):
+    train.train(new_model(), crashing_batch, LAM, cfg, tmp_path / "b", mesh=mesh,
+                task_names=TASKS)
+  assert checkpoint.GRADMTL_ITEM in checkpoint.Checkpointer(tmp_path / "b" / "checkpoints").items()
+  resumed = train.train(new_model(), make_batch, LAM, cfg, tmp_path / "b", mesh=mesh,
+                        task_names=TASKS)
+  jax.tree.map(np.testing.assert_array_equal, params_of(resumed), params_of(straight))
+  plain = train.train(new_model(), make_batch, LAM, CFG, tmp_path / "c", mesh=mesh,
+                      task_names=TASKS)
+  assert any(not np.array_equal(a, b) for a, b in zip(
+      jax.tree.leaves(params_of(plain)), jax.tree.leaves(params_of(straight)), strict=True))
+  with pytest.raises(ValueError, match="written with a gradient method"):
+    train.train(new_model(), make_batch, LAM, dict(CFG, steps=7), tmp_path / "b", mesh=mesh,
+                task_names=TASKS)
+
+
 def test_nan_loss_raises_and_keeps_last_good_checkpoint(tmp_path, meshes):
   def poisoned_batch(i):
     b = make_batch(i)

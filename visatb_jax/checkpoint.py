@@ -9,6 +9,7 @@ composite items
   <step>/state/       the TrainState pytree (always)
   <step>/weighting/   the loss-weighting strategy's state (`weighting.py`), when the run
                       had one
+  <step>/gradmtl/     a gradient method's state (`gradmtl_step.py`: Nash-MTL's α, PCGrad's key)
   <step>/data/        the input iterator's state, one JSON file per process (grain's handler),
                       when the run read a stateful loader (`data/loader.py`)
 
@@ -36,7 +37,8 @@ WEIGHTING_ITEM = "weighting"
 # of checkpoints written before the composite layout.
 _LEGACY_STATE_ITEM = "default"
 DATA_ITEM = "data"
-EXTRA_ITEMS = (WEIGHTING_ITEM, DATA_ITEM)
+GRADMTL_ITEM = "gradmtl"
+EXTRA_ITEMS = (WEIGHTING_ITEM, DATA_ITEM, GRADMTL_ITEM)
 
 
 class IteratorState:
@@ -89,7 +91,8 @@ class Checkpointer:
         # composite saves) and lets it read item metadata before any save or restore. The
         # legacy item is listed so that such a step can be read.
         item_handlers={**{name: ocp.StandardCheckpointHandler()
-                          for name in (STATE_ITEM, WEIGHTING_ITEM, _LEGACY_STATE_ITEM)},
+                          for name in (STATE_ITEM, WEIGHTING_ITEM, GRADMTL_ITEM,
+                                       _LEGACY_STATE_ITEM)},
                        DATA_ITEM: grain.checkpoint.CheckpointHandler()},
         options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True),
     )

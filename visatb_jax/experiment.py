@@ -384,7 +384,8 @@ class Experiment:
         fixed_values=tuple(self.fixed_weights.get(t, 1.0) for t in self.task_names), **options)
 
   def train_model(self, rel_dir: str, examples: Sequence[packing.Example], lam: np.ndarray, *,
-                  stage_hash: str, tla: bool = False, weighting=None) -> None:
+                  stage_hash: str, tla: bool = False, weighting=None,
+                  gradient_method: str | None = None) -> None:
     from visatb_jax import train
     directory = self.path(rel_dir)
     if self._claim_dir(directory, stage_hash):
@@ -394,6 +395,9 @@ class Experiment:
     ds = packing.PackedDataset(examples, seq_len=int(dc.seq_len), max_images=int(dc.max_images),
                                pad_id=self.tokenizer.pad_token_id, seed=int(self.config.seed))
     cfg = self.train_config(math.ceil(float(tc.epochs) * ds.num_rows / int(tc.batch_size)), tla)
+    if gradient_method:
+      options = (self.config.get("weighting_options") or {}).get(gradient_method) or {}
+      cfg.update(gradient_method=gradient_method, gradient_method_options=dict(options))
     print(f"  {rel_dir}: {len(examples)} samples in {ds.num_rows} rows, {cfg['steps']} steps",
           flush=True)
     train.train(self.new_model(), lambda step: ds.batch_at(step, int(tc.batch_size)),

@@ -98,6 +98,8 @@ def final_methods(exp: Experiment) -> list[str]:
 
 # Dynamic loss-weighting baselines (METHOD.md section 9), run in the same train step.
 DYNAMIC_BASELINES = ("rlw", "dwa", "igb")
+# Gradient-combination baselines (visatb_jax/gradmtl.py), in the per-task-gradient train step.
+GRADIENT_BASELINES = ("imgrad", "cagrad", "pcgrad", "mgda", "nash")
 
 
 def stage_final(exp: Experiment, stage_hash: str) -> None:
@@ -118,9 +120,14 @@ def stage_final(exp: Experiment, stage_hash: str) -> None:
     elif method in DYNAMIC_BASELINES:
       exp.train_model(run, examples, ones, stage_hash=stage_hash,
                       weighting=exp.weighting_strategy(method))
+    elif method in GRADIENT_BASELINES:
+      exp.train_model(run, examples, ones, stage_hash=stage_hash, gradient_method=method)
     else:
-      raise PipelineError(f"unknown baseline {method!r} in config.baselines (known: visatb, ew, "
-                          f"tla, stl, {', '.join(DYNAMIC_BASELINES)})")
+      raise PipelineError(f"unknown baseline {method!r} in config.baselines (known: "
+                          f"{', '.join(KNOWN_METHODS)})")
+
+
+KNOWN_METHODS = ("visatb", "ew", "tla", "stl") + DYNAMIC_BASELINES + GRADIENT_BASELINES
 
 
 def stage_test(exp: Experiment, stage_hash: str) -> None:
@@ -147,6 +154,12 @@ def stage_report(exp: Experiment, stage_hash: str) -> None:
       comparison[method] = metrics.delta_metrics(test["stl"], scores, higher_is_better=hib)
     except ValueError as e:  # e.g. an STL score of 0: ΔI is undefined, say so in the report
       comparison[method] = {"error": str(e)}
+  times = {m: report.step_seconds(report.read_metrics(exp.path("final", m, "metrics.jsonl")))
+           for m in comparison if os.path.exists(exp.path("final", m, "metrics.jsonl"))}
+  for method, seconds in times.items():
+    comparison[method]["step_time_s"] = seconds
+    if seconds is not None and times.get("ew"):
+      comparison[method]["step_time_vs_ew"] = seconds / times["ew"]
   fileio.atomic_write_json(exp.path("report", "comparison.json"), comparison)
   path = report.write_report(exp.workdir, title=f"VisATB run: {exp.config.get('name', '')}")
   _log(f"report: {path}")
@@ -171,10 +184,10 @@ def run(config, workdir: str, *, stages: Sequence[str] | None = None) -> None:
   unknown = sorted(set(stages or ()) - set(STAGES))
   if unknown:
     raise PipelineError(f"unknown stage(s) {unknown}; stages are {list(STAGES)}")
-  known = ("visatb", "ew", "tla", "stl") + DYNAMIC_BASELINES
-  unknown = [m for m in config.baselines if m not in known]
+  unknown = [m for m in config.baselines if m not in KNOWN_METHODS]
   if unknown:
-    raise PipelineError(f"unknown baseline(s) {unknown} in config.baselines; known: {list(known)}")
+    raise PipelineError(f"unknown baseline(s) {unknown} in config.baselines; known: "
+                        f"{list(KNOWN_METHODS)}")
   exp = Experiment(config, workdir)
   _use_compilation_cache(os.path.join(workdir, "xla_cache"))
   man = manifest.Manifest(workdir, config)

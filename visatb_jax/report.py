@@ -85,6 +85,20 @@ def read_metrics(path: str) -> list[dict]:
   return records
 
 
+def step_seconds(records: Sequence[dict]) -> float | None:
+  """Median wall seconds per optimizer step between consecutive log records.
+
+  The interval ending at the first record is left out (it holds the compilation), so a run needs
+  at least two records; None otherwise.
+  """
+  rates = []
+  for a, b in zip(records, records[1:]):
+    steps = b.get("step", 0) - a.get("step", 0)
+    if steps > 0 and _is_number(a.get("elapsed_s")) and _is_number(b.get("elapsed_s")):
+      rates.append((b["elapsed_s"] - a["elapsed_s"]) / steps)
+  return float(np.median(rates)) if rates else None
+
+
 def _load_runs(parent: str) -> dict[str, list[dict]]:
   """{run name: metrics records} for every `parent/<name>/metrics.jsonl`, sorted by name."""
   if not os.path.isdir(parent):
@@ -318,11 +332,14 @@ def _comparison_section(comparison: dict | None, tasks: Sequence[str]) -> str:
   rows = []
   for method, m in comparison.items():
     pt = m.get("per_task") or {}
-    rows.append([method, _fmt(m.get("delta_i")), _fmt(m.get("delta_e"))]
+    ratio = m.get("step_time_vs_ew")
+    rows.append([method, _fmt(m.get("delta_i")), _fmt(m.get("delta_e")),
+                 "" if ratio is None else f"{ratio:.2f}×"]
                 + [_fmt(pt.get(t)) for t in task_cols])
   note = ("ΔI% = overall relative improvement over STL (higher is better); ΔE% = mean per-task "
-          "loss against STL (lower is better); the task columns hold each task's I_i in %.")
-  header = ["method", "ΔI %", "ΔE %"] + [f"I ({t})" for t in task_cols]
+          "loss against STL (lower is better); step time = median seconds per optimizer step "
+          "relative to EW's; the task columns hold each task's I_i in %.")
+  header = ["method", "ΔI %", "ΔE %", "step time vs EW"] + [f"I ({t})" for t in task_cols]
   return f"{title}\n\n{note}\n\n" + _md_table(header, rows)
 
 

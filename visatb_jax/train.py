@@ -53,6 +53,8 @@ _DEFAULTS = {
     "tla": False,
     "batch_size": None,
     "ce_chunk_size": 0,
+    "gradient_method": None,
+    "gradient_method_options": None,
 }
 
 
@@ -451,15 +453,36 @@ def train(
   # device set and every host of a multi-host run holds (and saves) the same state.
   wstate = None if weighting is None else replicate(weighting.init(num_tasks), mesh)
   iterator = get_batch if _is_stateful(get_batch) else None
+  method = _cfg(cfg, "gradient_method")
+  mtl_state = None
+  if method:
+    from visatb_jax import gradmtl_step  # pylint: disable=g-import-not-at-top
+    mtl_state = replicate(gradmtl_step.init_mtl_state(method, num_tasks, int(_cfg(cfg, "seed"))),
+                          mesh)
   ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, CHECKPOINT_DIR), max_to_keep=2)
   if ckpt.latest_step() is not None:
-    state, wstate = _restore_for_resume(ckpt, state, wstate, iterator)
+    state, wstate, mtl_state = _restore_for_resume(ckpt, state, wstate, iterator, mtl_state)
   start = int(state.step)
 
-  step_fn = _cached_train_step(graphdef, _optimizer_key(cfg), mesh,
-                               int(_cfg(cfg, "accum_steps")), tla,
-                               int(_cfg(cfg, "ce_chunk_size") or 0),
-                               _flat(state_sharding), _flat(frozen_sharding))
+  if method:
+    if weighting is not None or tla:
+      raise ValueError(f"gradient_method={method!r} combines per-task gradients itself; it "
+                       "cannot be used with a weighting strategy or tla")
+    from visatb_jax import gradmtl_step  # pylint: disable=g-import-not-at-top
+    options = tuple(sorted(dict(_cfg(cfg, "gradient_method_options") or {}).items()))
+    mtl_fn = gradmtl_step.cached_gradmtl_train_step(
+        graphdef, _optimizer_key(cfg), mesh, method, options, int(_cfg(cfg, "accum_steps")),
+        _flat(state_sharding), _flat(frozen_sharding))
+
+    def step_fn(state, frozen, batch, lam_i, lr):
+      nonlocal mtl_state
+      state, metrics, mtl_state = mtl_fn(state, frozen, batch, lam_i, lr, mtl_state)
+      return state, metrics
+  else:
+    step_fn = _cached_train_step(graphdef, _optimizer_key(cfg), mesh,
+                                 int(_cfg(cfg, "accum_steps")), tla,
+                                 int(_cfg(cfg, "ce_chunk_size") or 0),
+                                 _flat(state_sharding), _flat(frozen_sharding))
   seed = int(_cfg(cfg, "seed"))
   log = metrics_log.MetricsLog(workdir, resume_step=start, enabled=jax.process_index() == 0)
   from tqdm.auto import tqdm  # pylint: disable=g-import-not-at-top
@@ -504,6 +527,8 @@ def train(
         extras = {} if wstate is None else {checkpoint_lib.WEIGHTING_ITEM: wstate}
         if iterator is not None:
           extras[checkpoint_lib.DATA_ITEM] = iterator
+        if mtl_state is not None:
+          extras[checkpoint_lib.GRADMTL_ITEM] = mtl_state
         ckpt.save(done, state, extras)
   finally:
     bar.close()
@@ -514,13 +539,16 @@ def train(
 
 
 def _restore_for_resume(ckpt: checkpoint_lib.Checkpointer, state: TrainState,
-                        wstate: weighting_lib.State | None,
-                        iterator: Any = None) -> tuple[TrainState, Any]:
-  """The latest checkpoint's TrainState (and weighting state), shaped like the given ones.
-
-  A stateful `iterator` is set, in place, to the position saved with that checkpoint.
+                        wstate: weighting_lib.State | None, iterator: Any = None,
+                        mtl_state: Any = None) -> tuple[TrainState, Any, Any]:
+  """The latest checkpoint's TrainState, weighting and gradient-method states, shaped like the
+  given ones (None stays None). A stateful `iterator` is set, in place, to the saved position.
   """
   stored = ckpt.items()
+  if (mtl_state is not None) != (checkpoint_lib.GRADMTL_ITEM in stored):
+    raise ValueError(f"the checkpoint in {ckpt.directory} was written "
+                     f"{'with' if mtl_state is None else 'without'} a gradient method, but this "
+                     f"run trains {'with' if mtl_state is not None else 'without'} one")
   if iterator is not None and checkpoint_lib.DATA_ITEM not in stored:
     raise ValueError(f"the checkpoint in {ckpt.directory} holds no input iterator state, so a "
                      "stateful loader cannot resume at the right batch; resume with the data "
@@ -536,8 +564,10 @@ def _restore_for_resume(ckpt: checkpoint_lib.Checkpointer, state: TrainState,
   targets = {} if wstate is None else {checkpoint_lib.WEIGHTING_ITEM: wstate}
   if iterator is not None:
     targets[checkpoint_lib.DATA_ITEM] = iterator
+  if mtl_state is not None:
+    targets[checkpoint_lib.GRADMTL_ITEM] = mtl_state
   state, extras = ckpt.restore_with_extras(state, targets)
-  return state, extras.get(checkpoint_lib.WEIGHTING_ITEM)
+  return state, extras.get(checkpoint_lib.WEIGHTING_ITEM), extras.get(checkpoint_lib.GRADMTL_ITEM)
 
 
 def restore_model(model: nnx.Module, cfg: Any, workdir: str | os.PathLike) -> nnx.Module:
