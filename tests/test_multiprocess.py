@@ -1,0 +1,97 @@
+"""The training loop across two real JAX processes on localhost (jax.distributed, CPU).
+
+Each process holds 2 of the 4 devices and reads its own half of every global batch; the run must
+log the same losses as one process on 4 devices, only process 0 may write the metrics, and a
+resume from the checkpoint both processes wrote must continue the same run.
+"""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import jax
+import numpy as np
+
+from visatb_jax import metrics_log, train
+
+import test_train as tt
+
+_WORKER = r"""
+import json, sys
+from visatb_jax import sharding
+sharding.initialize_distributed()
+import jax
+import test_train as tt
+from visatb_jax import train
+workdir, crash_at = sys.argv[1], int(sys.argv[2])
+
+def get_batch(i):
+  if i == crash_at:  # both processes stop at the same step, as a preempted job would
+    print("CRASH", jax.process_index(), flush=True)
+    raise SystemExit(3)
+  return tt.make_batch(i)
+
+train.train(tt.new_model(), get_batch, tt.LAM, tt.CFG, workdir, mesh=train.make_mesh(),
+            task_names=tt.TASKS)
+print("DONE", jax.process_index(), jax.process_count(), jax.device_count(), flush=True)
+"""
+
+
+def _run_two_processes(tmp_path, workdir, crash_at=-1):
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    port = s.getsockname()[1]
+  tests_dir = os.path.dirname(os.path.abspath(__file__))
+  repo = os.path.dirname(tests_dir)
+  script = tmp_path / "worker.py"
+  script.write_text(_WORKER)
+  procs = []
+  for pid in range(2):
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "VISATB_", "TPU_"))}
+    env.update(JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2",
+               PYTHONPATH=os.pathsep.join([repo, tests_dir]),
+               VISATB_COORDINATOR=f"localhost:{port}", VISATB_NUM_PROCESSES="2",
+               VISATB_PROCESS_ID=str(pid))
+    env.pop("JAX_COMPILATION_CACHE_DIR", None)
+    procs.append(subprocess.Popen([sys.executable, str(script), str(workdir), str(crash_at)],
+                                  env=env, cwd=repo, stdout=subprocess.PIPE,
+                                  stderr=subprocess.STDOUT, text=True))
+  outputs = []
+  try:
+    for p in procs:
+      outputs.append(p.communicate(timeout=240)[0])
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+  for pid, (p, out) in enumerate(zip(procs, outputs, strict=True)):
+    if crash_at >= 0:
+      assert p.returncode == 3 and f"CRASH {pid}" in out, out[-3000:]
+    else:
+      assert p.returncode == 0 and f"DONE {pid} 2 4" in out, out[-3000:]
+
+
+def _losses(workdir):
+  return [(r["step"], r["loss"], r["per_task_loss"])
+          for r in metrics_log.read_metrics(workdir / metrics_log.METRICS_FILE)]
+
+
+def test_two_processes_train_like_one_and_resume(tmp_path):
+  reference = tmp_path / "one"
+  train.train(tt.new_model(), tt.make_batch, tt.LAM, tt.CFG, reference,
+              mesh=train.make_mesh(jax.devices()[:4]), task_names=tt.TASKS)
+  workdir = tmp_path / "two"
+  _run_two_processes(tmp_path, workdir, crash_at=4)  # after step 4; last checkpoint: 3
+  assert sorted(os.listdir(workdir / "checkpoints")) == ["3"]
+  _run_two_processes(tmp_path, workdir)  # resumes from step 3 on both processes
+  got, want = _losses(workdir), _losses(reference)
+  # One record per step: process 1 wrote nothing, and the resumed run appended from step 5.
+  assert [s for s, _, _ in got] == [1, 2, 3, 4, 5, 6]
+  for (_, loss_got, tasks_got), (_, loss_want, tasks_want) in zip(got, want, strict=True):
+    np.testing.assert_allclose(loss_got, loss_want, rtol=1e-5)
+    np.testing.assert_allclose([tasks_got[t] for t in tt.TASKS],
+                               [tasks_want[t] for t in tt.TASKS], rtol=1e-5)
+  assert sorted(os.listdir(workdir / "checkpoints")) == ["3", "6"]
+  assert json.loads((workdir / metrics_log.METRICS_FILE).read_text().splitlines()[-1])["step"] == 6
