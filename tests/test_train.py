@@ -363,6 +363,8 @@ def test_gradient_method_in_the_loop_resumes_identically(tmp_path, meshes, metho
     train.train(new_model(), crashing_batch, LAM, cfg, tmp_path / "b", mesh=mesh,
                 task_names=TASKS)
   assert checkpoint.GRADMTL_ITEM in checkpoint.Checkpointer(tmp_path / "b" / "checkpoints").items()
+  logged = metrics_log.read_metrics(tmp_path / "a" / metrics_log.METRICS_FILE)
+  assert all(set(r["mtl_weights"]) == set(TASKS) for r in logged)
   resumed = train.train(new_model(), make_batch, LAM, cfg, tmp_path / "b", mesh=mesh,
                         task_names=TASKS)
   jax.tree.map(np.testing.assert_array_equal, params_of(resumed), params_of(straight))

@@ -54,7 +54,7 @@ def make_record(
     elapsed_s: float,
 ) -> dict[str, Any]:
   """The JSON line of one step from the (host) metrics of the train step."""
-  return {
+  record = {
       "step": int(step),
       "loss": float(metrics["loss"]),
       "per_task_loss": by_name(metrics["per_task_loss"], task_names),
@@ -67,6 +67,9 @@ def make_record(
       "tokens_per_s": float(tokens_per_s),
       "elapsed_s": float(elapsed_s),
   }
+  if "mtl_weights" in metrics:  # a gradient method's combination weights (gradmtl_step.py)
+    record["mtl_weights"] = by_name(metrics["mtl_weights"], task_names)
+  return record
 
 
 def _scalars(record: Mapping[str, Any]) -> dict[str, float]:

@@ -40,6 +40,7 @@ LamLike = Any  # float32 [T] array-like, or Callable[[int], array-like] of the s
 # Folded into cfg.seed for the weighting strategy's keys, so that its random stream (RLW's z)
 # is independent of any other use of the same seed (e.g. the model's initialisation).
 _WEIGHTING_RNG_SALT = 0x5EED1A3B
+_GRADMTL_SEED_SALT = 0x6AD3717C
 
 _DEFAULTS = {
     "accum_steps": 1,
@@ -457,8 +458,9 @@ def train(
   mtl_state = None
   if method:
     from visatb_jax import gradmtl_step  # pylint: disable=g-import-not-at-top
-    mtl_state = replicate(gradmtl_step.init_mtl_state(method, num_tasks, int(_cfg(cfg, "seed"))),
-                          mesh)
+    # Salted like the weighting key: PCGrad's task order must not share the model's seed stream.
+    mtl_seed = (int(_cfg(cfg, "seed")) ^ _GRADMTL_SEED_SALT) & 0x7FFFFFFF
+    mtl_state = replicate(gradmtl_step.init_mtl_state(method, num_tasks, mtl_seed), mesh)
   ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, CHECKPOINT_DIR), max_to_keep=2)
   if ckpt.latest_step() is not None:
     state, wstate, mtl_state = _restore_for_resume(ckpt, state, wstate, iterator, mtl_state)
