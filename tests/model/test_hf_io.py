@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from visatb_jax.model import hf_io
+from visatb_jax.model import hf_io, lora
 from visatb_jax.model.generate import greedy_generate
 
 torch = pytest.importorskip("torch")
@@ -210,6 +210,33 @@ def test_save_then_transformers_and_ours_load_same_logits(saved, tmp_path):
   # A smaller save over a sharded one leaves no stale shards behind.
   hf_io.save_pretrained(model, out)
   assert sorted(os.listdir(out)) == ["config.json", "model.safetensors"]
+
+
+def test_save_lora_model_writes_merged_weights(saved, tmp_path):
+  family, _, ref, single, _ = saved
+  model = hf_io.load_pretrained(single)
+  lora.apply_lora(model, rank=2, alpha=4.0, dropout=0.1, target_modules=("q_proj", "v_proj",
+                                                                          "down_proj"),
+                  rngs=nnx.Rngs(0))
+  keys = iter(jax.random.split(jax.random.key(1), 8))
+  for layer in lora.lora_layers(model).values():  # Zero B would make the merge invisible.
+    b = layer.lora.lora_b
+    b.set_value(0.2 * jax.random.normal(next(keys), b.shape))
+  adapted = _ours(model)
+  assert np.abs(adapted - ref).max() > 1e-2
+  out = str(tmp_path / "lora")
+  hf_io.save_pretrained(model, out)
+  hf, info = transformers.LlavaForConditionalGeneration.from_pretrained(
+      out, output_loading_info=True, attn_implementation="eager")
+  assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
+  assert hf.config.text_config.model_type == family
+  np.testing.assert_allclose(_torch_logits(hf.eval()), adapted, atol=1e-4, rtol=0)
+  with open(os.path.join(out, "model.safetensors"), "rb") as f:
+    assert b"lora" not in f.read(20000)  # Only HF names in the header.
+  # Saving merged on the fly: the model still has its adapters, unchanged.
+  assert lora.has_lora(model)
+  np.testing.assert_array_equal(_ours(model), adapted)
+  np.testing.assert_allclose(_ours(hf_io.load_pretrained(out)), adapted, atol=1e-5, rtol=0)
 
 
 def test_bf16_checkpoints(tmp_path):

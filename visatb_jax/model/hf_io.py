@@ -35,6 +35,7 @@ from flax import nnx
 from safetensors import safe_open
 
 from visatb_jax import fileio
+from visatb_jax.model import lora as lora_lib
 from visatb_jax.model.clip import activation
 from visatb_jax.model.config import LlavaConfig, TextConfig, VisionConfig, to_jnp_dtype
 from visatb_jax.model.llava import LlavaForConditionalGeneration
@@ -532,20 +533,24 @@ def _write_safetensors(file: str, tensors: list[tuple[str, Callable[[], np.ndarr
 
 def _export_tensors(model: LlavaForConditionalGeneration, dtype: Any | None
                     ) -> Iterator[tuple[str, Callable[[], np.ndarray], tuple[int, ...], np.dtype]]:
-  """(HF key, lazy host tensor in HF layout, HF shape, dtype) for every parameter of `model`."""
-  state = nnx.state(model)
-  for p, var in nnx.to_flat_state(state):
+  """(HF key, lazy host tensor in HF layout, HF shape, dtype) for every parameter of `model`.
+
+  LoRA adapters are merged on the fly: an adapted kernel is written as W + alpha/r · A·B (computed
+  when its turn comes), the adapter's own parameters and dropout state are not written, and the
+  model itself is left unchanged.
+  """
+  for p, var, get_value in lora_lib.merged_params(model):
     if not isinstance(var, nnx.Param):
       raise ValueError(f"cannot export non-parameter state {'.'.join(map(str, p))}")
-    value = var.get_value()
+    value = var.get_value()  # Shape and dtype only; the merged kernel has the same.
     key = export_key(hf_name(p))
     perm = _perm(p, value.ndim)
     inv = None if perm is None else _inverse(perm)
     shape = tuple(value.shape) if inv is None else tuple(value.shape[i] for i in inv)
     dt = np.dtype(dtype if dtype is not None else value.dtype)
 
-    def get(value=value, inv=inv):
-      arr = _host(value)
+    def get(get_value=get_value, inv=inv):
+      arr = _host(get_value())
       return arr if inv is None else arr.transpose(inv)
 
     yield key, get, shape, dt
@@ -558,8 +563,9 @@ def save_pretrained(model: LlavaForConditionalGeneration, path: str | os.PathLik
   The result (config.json + safetensors in the current key layout; sharded with
   `model.safetensors.index.json` past `max_shard_size`) loads unchanged with
   `transformers.LlavaForConditionalGeneration.from_pretrained(path)` and with `load_pretrained`.
-  The model has no LoRA adapters (LoRA is not implemented in this package yet); a model that
-  carries any parameter without a Hugging Face name is refused rather than silently dropped.
+  LoRA adapters (`visatb_jax.model.lora`) are merged into the written kernels first, without
+  changing `model`; any other parameter without a Hugging Face name is refused rather than
+  silently dropped.
 
   Only process 0 writes in a multi-process run (every process must call this: gathering sharded
   parameters is collective). Parameters are fetched to the host one at a time.
