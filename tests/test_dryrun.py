@@ -76,3 +76,16 @@ def test_bad_remat_name_is_a_clear_error():
   config.model.remat = "sometimes"
   with pytest.raises(ValueError, match="config.model.remat='sometimes' is not a remat policy"):
     dryrun.dry_run(config, jax.devices()[:1])
+
+
+def test_lora_trains_adapters_and_projector_only():
+  config = _config()
+  config.model.lora = {"rank": 4, "alpha": 8.0, "dropout": 0.0, "target_modules": ("q_proj",)}
+  r = dryrun.dry_run(config, jax.devices()[:1])
+  text, vision = config.model.text, config.model.vision
+  q_proj = 4 * (text.hidden_size + text.hidden_size) * text.num_hidden_layers
+  projector = (vision.hidden_size + 1) * text.hidden_size + (text.hidden_size + 1) * text.hidden_size
+  assert r["parameters"]["trainable"] == q_proj + projector
+  config.model.lora = {"rank": 4, "alpha": 8.0, "dropout": 0.1}
+  with pytest.raises(ValueError, match="lora.dropout=0.1"):
+    dryrun.dry_run(config, jax.devices()[:1])

@@ -128,18 +128,23 @@ def _cached_train_step(graphdef: nnx.GraphDef, optimizer_key: tuple[float, float
 # ------------------------------------------------------------------------- model & state
 
 
-def trainable_filter(freeze_vision_tower: bool = True) -> nnx.filterlib.Filter:
-  """All nnx.Param, except those under `vision_tower` when it is frozen."""
-  if freeze_vision_tower:
-    return nnx.All(nnx.Param, nnx.Not(nnx.PathContains("vision_tower")))
-  return nnx.Param
+def trainable_filter(freeze_vision_tower: bool = True, lora: bool = False) -> nnx.filterlib.Filter:
+  """What the optimizer updates: every nnx.Param except a frozen vision tower's; with LoRA, the
+  adapters and the projector only (model/lora.py)."""
+  from visatb_jax.model import lora as lora_lib  # pylint: disable=g-import-not-at-top
+  return lora_lib.trainable_filter(freeze_vision_tower, lora)
 
 
 def split_model(
     model: nnx.Module, *, freeze_vision_tower: bool = True
 ) -> tuple[nnx.GraphDef, nnx.State, nnx.State]:
-  """(graphdef, trainable params, everything else: frozen params, rng state, ...)."""
-  return nnx.split(model, trainable_filter(freeze_vision_tower), ...)
+  """(graphdef, trainable params, everything else: frozen params, rng state, ...).
+
+  A model carrying LoRA adapters trains only them (and the projector); the frozen rest holds no
+  optimizer state.
+  """
+  from visatb_jax.model import lora as lora_lib  # pylint: disable=g-import-not-at-top
+  return nnx.split(model, trainable_filter(freeze_vision_tower, lora_lib.has_lora(model)), ...)
 
 
 @struct.dataclass

@@ -298,3 +298,30 @@ def test_remat_with_dropout_gradients():
   for g, h in zip(jax.tree.leaves(grads[0]), jax.tree.leaves(grads[1])):
     np.testing.assert_allclose(g, h, atol=1e-5, rtol=1e-4)
   assert max(float(jnp.abs(g).max()) for g in jax.tree.leaves(grads[0])) > 0
+
+
+def test_train_loop_updates_only_adapters_and_projector(tmp_path):
+  """train.train on a LoRA model: the split picks the adapters, the base stays as loaded."""
+  model = lora.apply_lora(_model(), rank=RANK, alpha=ALPHA, rngs=nnx.Rngs(1))
+  before = {p: np.asarray(v.get_value()) for p, v in _flat(model).items()}
+  _, trainable, _ = train.split_model(model)
+  assert sum(x.size for x in jax.tree.leaves(trainable)) == (
+      2 * sum(LORA_SIZES.values()) + PROJECTOR_SIZE)
+  rng = np.random.default_rng(0)
+  ids = np.concatenate([np.full((4, P), IMG), rng.integers(4, 64, (4, 12))], axis=1)
+
+  def batch(step):
+    del step
+    mask = np.zeros(ids.shape, np.float32)
+    mask[:, P:-1] = 1.0
+    return {"input_ids": ids.astype(np.int32), "targets": np.roll(ids, -1, 1).astype(np.int32),
+            "loss_mask": mask, "task_ids": np.where(mask > 0, 0, -1).astype(np.int32),
+            "images": rng.normal(size=(4, 1, 16, 16, 3)).astype(np.float32)}
+
+  cfg = {"steps": 3, "lr": 1e-2, "checkpoint_every": 3, "log_every": 1}
+  trained = train.train(model, batch, np.ones(1, np.float32), cfg, tmp_path,
+                        mesh=train.make_mesh(jax.devices()[:1]))
+  changed = {p for p, v in _flat(trained).items()
+             if not np.array_equal(np.asarray(v.get_value()), before[p])}
+  assert changed and all("lora" in map(str, p) or "multi_modal_projector" in p for p in changed)
+  assert any("lora_b" in p for p in changed)

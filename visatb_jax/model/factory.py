@@ -10,6 +10,8 @@
   remat         activation rematerialisation per decoder layer: "none" (default), "full"
                 (recompute everything), or the name of a `jax.checkpoint_policies` policy such as
                 "dots_with_no_batch_dims_saveable" (keep matmul outputs, recompute the rest)
+  lora          {rank, alpha, dropout, target_modules}: rank > 0 adds LoRA adapters to the language
+                model (model/lora.py); the trainer then updates only them and the projector
 """
 
 from __future__ import annotations
@@ -95,6 +97,32 @@ def model_config(model_cfg: Any, *, vocab_size: int | None = None,
   return LlavaConfig.from_dict(fields)
 
 
+def _lora_options(model_cfg: Any) -> dict[str, Any] | None:
+  """apply_lora's keyword arguments, or None without LoRA (rank 0 or no `lora` field)."""
+  lora = _get(model_cfg, "lora", None)
+  if not lora or not int(_get(lora, "rank", 0) or 0):
+    return None
+  dropout = float(_get(lora, "dropout", 0.0))
+  if dropout:
+    # Each step would need a fresh dropout key threaded through the train step; until it is,
+    # refuse rather than train with the same masks at every step.
+    raise ValueError(f"config.model.lora.dropout={dropout}: LoRA dropout is not supported by the "
+                     "train step yet; use 0")
+  from visatb_jax.model import lora as lora_lib  # pylint: disable=g-import-not-at-top
+  return {"rank": int(lora["rank"]), "alpha": float(_get(lora, "alpha", lora["rank"])),
+          "target_modules": tuple(_get(lora, "target_modules", lora_lib.LORA_TARGETS))}
+
+
+def _with_lora(model: LlavaForConditionalGeneration, model_cfg: Any,
+               seed: int) -> LlavaForConditionalGeneration:
+  options = _lora_options(model_cfg)
+  if options is None:
+    return model
+  from flax import nnx
+  from visatb_jax.model import lora as lora_lib  # pylint: disable=g-import-not-at-top
+  return lora_lib.apply_lora(model, rngs=nnx.Rngs(seed), **options)
+
+
 def shardings_fn(mesh: jax.sharding.Mesh) -> Callable[[tuple[Any, ...], tuple[int, ...]], Any]:
   """Places each loaded parameter straight into its logical-axis sharding on `mesh`."""
   from visatb_jax import sharding
@@ -110,18 +138,23 @@ def build_model(model_cfg: Any, config: LlavaConfig, *,
   """The model: weights from `model.path`, else initialised from `model.init_seed`."""
   from flax import nnx
   kwargs = remat_options(_get(model_cfg, "remat", "none"))
+  seed = int(_get(model_cfg, "init_seed", 0))
+  _lora_options(model_cfg)  # a bad LoRA setting fails before any weight is read
   path = checkpoint_path(model_cfg)
   if path is not None:
     from visatb_jax.model import hf_io
-    return hf_io.load_pretrained(path, **dtypes(model_cfg),
-                                 shardings_fn=None if mesh is None else shardings_fn(mesh),
-                                 **kwargs)
-  return LlavaForConditionalGeneration(config, rngs=nnx.Rngs(int(_get(model_cfg, "init_seed", 0))),
-                                       **kwargs)
+    model = hf_io.load_pretrained(path, **dtypes(model_cfg),
+                                  shardings_fn=None if mesh is None else shardings_fn(mesh),
+                                  **kwargs)
+  else:
+    model = LlavaForConditionalGeneration(config, rngs=nnx.Rngs(seed), **kwargs)
+  # Adapters from their own seed stream: the same for every run of a pipeline.
+  return _with_lora(model, model_cfg, seed + 1)
 
 
 def abstract_model(model_cfg: Any, config: LlavaConfig) -> LlavaForConditionalGeneration:
   """The model with ShapeDtypeStruct leaves: shapes and dtypes only, no memory, no weights read."""
   from flax import nnx
   kwargs = remat_options(_get(model_cfg, "remat", "none"))
-  return nnx.eval_shape(lambda: LlavaForConditionalGeneration(config, rngs=nnx.Rngs(0), **kwargs))
+  return nnx.eval_shape(lambda: _with_lora(
+      LlavaForConditionalGeneration(config, rngs=nnx.Rngs(0), **kwargs), model_cfg, 1))
