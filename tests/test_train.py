@@ -537,3 +537,35 @@ def test_restore_model_reads_legacy_single_item_checkpoint(tmp_path):
   # Only the trainable params are in a checkpoint; the frozen tower stays the caller's.
   trainable = lambda m: jax.tree.map(np.asarray, train.split_model(m)[1])
   jax.tree.map(np.testing.assert_array_equal, trainable(restored), trainable(model))
+
+
+def test_chunked_cross_entropy_step_equals_full_logits_step(meshes):
+  """ce_chunk_size: same loss and update as the full-logits step on a (tiny) real LLaVA."""
+  from visatb_jax.model.config import LlavaConfig
+  from visatb_jax.model.llava import LlavaForConditionalGeneration
+  config = LlavaConfig.from_dict({
+      "vision": {"image_size": 16, "patch_size": 8, "hidden_size": 16, "intermediate_size": 32,
+                 "num_hidden_layers": 1, "num_attention_heads": 2},
+      "text": {"vocab_size": 40, "hidden_size": 16, "intermediate_size": 32,
+               "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 1},
+      "image_token_id": 3})
+  rng = np.random.default_rng(0)
+  ids = np.concatenate([np.full((4, 4), 3), rng.integers(4, 40, (4, 12))], 1).astype(np.int32)
+  mask = np.zeros(ids.shape, np.float32)
+  mask[:, 6:-1] = 1.0
+  batch = {"input_ids": ids, "targets": np.roll(ids, -1, 1), "loss_mask": mask,
+           "task_ids": np.where(mask > 0, np.arange(4)[:, None] % 2, -1).astype(np.int32),
+           "images": rng.normal(size=(4, 1, 16, 16, 3)).astype(np.float32)}
+  results = []
+  for chunk in (0, 7):
+    graphdef, params, frozen = train.split_model(
+        LlavaForConditionalGeneration(config, rngs=nnx.Rngs(0)))
+    tx = optax.sgd(1.0)
+    step = train.make_train_step(graphdef, tx, mesh=meshes[1], ce_chunk_size=chunk)
+    state = train.init_train_state(params, tx)
+    new, metrics = step(state, frozen, batch, jnp.asarray(LAM), 1.0)
+    results.append((jax.device_get(metrics), grads_of(state, new)))
+  (m_full, g_full), (m_chunk, g_chunk) = results
+  np.testing.assert_allclose(m_chunk["loss"], m_full["loss"], rtol=1e-6)
+  np.testing.assert_allclose(m_chunk["per_task_loss"], m_full["per_task_loss"], rtol=1e-6)
+  assert_rel_close(g_chunk, g_full)
