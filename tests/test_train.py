@@ -569,3 +569,34 @@ def test_chunked_cross_entropy_step_equals_full_logits_step(meshes):
   np.testing.assert_allclose(m_chunk["loss"], m_full["loss"], rtol=1e-6)
   np.testing.assert_allclose(m_chunk["per_task_loss"], m_full["per_task_loss"], rtol=1e-6)
   assert_rel_close(g_chunk, g_full)
+
+
+def test_no_compilation_after_the_first_steps_of_a_run(tmp_path, meshes):
+  """λ changes every step (RLW), the learning rate too, checkpoints are written: the train step is
+  compiled once, and once the first step, the strategy's first update and orbax's first save have
+  compiled their functions, nothing is lowered again."""
+  lowerings = []
+  jax.monitoring.register_event_duration_secs_listener(
+      lambda name, *_, **__: lowerings.append(name)
+      if name == "/jax/core/compile/jaxpr_to_mlir_module_duration" else None)
+  seen = []
+
+  def get_batch(i):
+    seen.append(len(lowerings))
+    return make_batch(i)
+
+  cfg = dict(CFG, steps=8, checkpoint_every=3)
+  strategy = weighting.get_strategy("rlw")
+  train.train(new_model(), get_batch, None, cfg, tmp_path, mesh=meshes[8], task_names=TASKS,
+              weighting=strategy)
+  records = metrics_log.read_metrics(tmp_path / metrics_log.METRICS_FILE)
+  assert len({json.dumps(r["lambda"]) for r in records}) == 8  # a new λ at every step
+  # seen[k] counts lowerings before batch k; the first checkpoint is saved after batch 2.
+  assert len(lowerings) > 0 and seen[3] == seen[-1] == len(lowerings), (seen, len(lowerings))
+  graphdef, params, frozen = train.split_model(new_model())
+  state = train.init_train_state(params, train.make_optimizer(cfg))
+  # pylint: disable=protected-access
+  step = train._cached_train_step(graphdef, train._optimizer_key(cfg), meshes[8], 2, False, 0,
+                                  train._flat(sharding.param_shardings(state, meshes[8])),
+                                  train._flat(sharding.param_shardings(frozen, meshes[8])))
+  assert step._cache_size() == 1
