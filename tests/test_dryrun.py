@@ -44,6 +44,18 @@ def test_counts_match_the_real_model_and_fsdp_divides_the_params():
   assert "optimizer_state" in text and "activations_and_temps" in text and "'fsdp': 8" in text
 
 
+def test_remat_bounds_activation_memory_whatever_the_depth():
+  """Remat scans the layers: XLA keeps one layer's activations live, not all of them."""
+  temps = {}
+  for remat in ("none", "full"):
+    config = _config()
+    config.model.text.num_hidden_layers = 6
+    config.model.remat = remat
+    temps[remat] = dryrun.dry_run(config, jax.devices()[:1])["per_device_bytes"][
+        "activations_and_temps"]
+  assert temps["full"] < 0.6 * temps["none"], temps
+
+
 def test_bf16_and_remat_are_reported():
   config = _config()
   config.model.dtype = "bfloat16"

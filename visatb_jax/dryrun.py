@@ -21,13 +21,6 @@ from visatb_jax import train as train_lib
 from visatb_jax.model import factory
 
 GiB = float(1 << 30)
-# Measured with jax 0.10 on CPU: jax.checkpoint around each layer of an unrolled stack leaves XLA's
-# temp size unchanged (the recomputed forwards are scheduled together), while the same layers in a
-# lax.scan drop to one layer's worth. The model's layer stack is unrolled, so on CPU the figure is
-# the no-remat one.
-CPU_REMAT_CAVEAT = ("note: compiled for CPU devices, whose scheduler does not honour per-layer remat "
-                    "in an unrolled layer stack: activations_and_temps is an upper bound; compile "
-                    "on the target GPU/TPU for the figure that counts.")
 
 
 def _per_device_bytes(tree: Any, shardings: Any) -> int:
@@ -135,6 +128,4 @@ def format_report(r: dict[str, Any]) -> str:
   for name, b in r["per_device_bytes"].items():
     lines.append(f"  {name:24s} {gib(b)}")
   lines.append(f"  {'total (compiled step)':24s} {gib(r['compiled_total_per_device'])}")
-  if r["platform"] == "cpu" and r["remat"] != "none":
-    lines.append(CPU_REMAT_CAVEAT)
   return "\n".join(lines)
