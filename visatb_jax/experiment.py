@@ -148,6 +148,11 @@ class Experiment:
                                                 self.tokenizer_dir)
       fileio.sync("tokenizer")
     self.encoded_train()  # fail now, not in the middle of training, on bad samples
+    if self.loader_kind == "grain":
+      from visatb_jax.data import prepare
+      if fileio.is_primary():  # raw samples as array_record, read by every host's loader
+        prepare.prepare_mixture({"train": self.samples("train")}, self.prepared_dir)
+      fileio.sync("prepared mixture")
 
   def _pretrained_tokenizer_path(self) -> str:
     path = self.config.data.get("tokenizer") or self.config.model.get("path") or ""
@@ -246,7 +251,7 @@ class Experiment:
     tok, mc = self.tokenizer, self.model_config
     by_task: dict[str, list[packing.Example]] = {t: [] for t in self.task_names}
     stats = {t: {"samples": 0, "truncated": 0, "dropped_too_long": 0} for t in self.task_names}
-    for s in self.samples("train"):
+    for record, s in enumerate(self.samples("train")):
       t = s["task"]
       enc = template.encode_conversation(s["conversations"], tok, num_image_tokens=mc.num_image_tokens,
                                          max_len=int(self.config.data.max_len),
@@ -256,8 +261,12 @@ class Experiment:
         continue
       stats[t]["samples"] += 1
       stats[t]["truncated"] += int(enc.truncated)
-      imgs = images_lib.load_images(s.get("image_paths") or [], self.image_size)
-      by_task[t].append(packing.Example(enc.input_ids, enc.label_mask, self.task_names.index(t), imgs))
+      paths = s.get("image_paths") or []
+      # The small built-in benchmark lives in memory; user data is read when a batch is built
+      # (hundreds of thousands of images would not fit).
+      imgs = images_lib.load_images(paths, self.image_size) if self.source == "shapes" else paths
+      by_task[t].append(packing.Example(enc.input_ids, enc.label_mask, self.task_names.index(t),
+                                        imgs, record))
     # One row per task in the report, then what each file lost to invalid samples.
     report = {f"{t} (train)": stats[t] for t in self.task_names}
     for split in ("train", "val", "test"):
@@ -393,19 +402,54 @@ class Experiment:
       return
     dc, tc = self.config.data, self.config.train
     ds = packing.PackedDataset(examples, seq_len=int(dc.seq_len), max_images=int(dc.max_images),
-                               pad_id=self.tokenizer.pad_token_id, seed=int(self.config.seed))
+                               pad_id=self.tokenizer.pad_token_id, seed=int(self.config.seed),
+                               image_size=self.image_size)
     cfg = self.train_config(math.ceil(float(tc.epochs) * ds.num_rows / int(tc.batch_size)), tla)
     if gradient_method:
       options = (self.config.get("weighting_options") or {}).get(gradient_method) or {}
       cfg.update(gradient_method=gradient_method, gradient_method_options=dict(options))
     print(f"  {rel_dir}: {len(examples)} samples in {ds.num_rows} rows, {cfg['steps']} steps",
           flush=True)
-    train.train(self.new_model(), lambda step: ds.batch_at(step, int(tc.batch_size)),
-                np.asarray(lam, np.float32), cfg, directory, task_names=list(self.task_names),
-                mesh=self.mesh, weighting=weighting)
+    if self.loader_kind == "grain":
+      # Batches from the grain pipeline over the prepared mixture; its position is checkpointed.
+      data = self._grain_loader(examples)
+    else:
+      data = lambda step: ds.batch_at(step, int(tc.batch_size))  # noqa: E731
+    try:
+      train.train(self.new_model(), data, np.asarray(lam, np.float32), cfg, directory,
+                  task_names=list(self.task_names), mesh=self.mesh, weighting=weighting)
+    finally:
+      if hasattr(data, "close"):
+        data.close()
     fileio.atomic_write_json(os.path.join(directory, "run.json"), {
         "hash": stage_hash, "done": True, "train": cfg, "rows": ds.num_rows,
         "samples": len(examples), "packing_efficiency": ds.packing_efficiency()})
+
+  @property
+  def loader_kind(self) -> str:
+    """`memory` (default: encoded once, packed once, batch = f(step)) or `grain` (data/loader.py)."""
+    kind = self.config.data.get("loader") or "memory"
+    if kind not in ("memory", "grain"):
+      raise PipelineError(f"config.data.loader={kind!r}; known: memory, grain")
+    return kind
+
+  @property
+  def prepared_dir(self) -> str:
+    return self.path("data", "prepared")
+
+  def _grain_loader(self, examples: Sequence[packing.Example]):
+    from visatb_jax.data import loader as loader_lib
+    from visatb_jax.data import prepare
+    dc, tc = self.config.data, self.config.train
+    prepared = prepare.open_prepared(self.prepared_dir)
+    config = loader_lib.LoaderConfig(
+        tasks=tuple(self.task_names), seq_len=int(dc.seq_len), max_images=int(dc.max_images),
+        image_size=self.image_size, num_image_tokens=self.model_config.num_image_tokens,
+        max_len=int(dc.max_len), batch_size=int(tc.batch_size), seed=int(self.config.seed),
+        template=self.template, system=self.system_prompt,
+        worker_count=int(dc.get("loader_workers") or 0))
+    return loader_lib.Loader(prepared.data_source("train"), self.tokenizer, config,
+                             record_indices=[e.record for e in examples])
 
   def train_config(self, steps: int, tla: bool = False) -> dict:
     cfg = self.config.train.to_dict()

@@ -105,3 +105,20 @@ def test_missing_root_and_tokenizer_are_clear(user_setup, tmp_path):
   config.model.path = str(tmp_path / "nowhere")
   with pytest.raises(PipelineError, match="tokenizer directory .*nowhere does not exist"):
     pipeline.run(config, str(tmp_path / "b"), stages=["data"])
+
+
+def test_grain_loader_trains_the_prep_runs_and_checkpoints_its_position(user_setup, tmp_path):
+  import ml_collections
+  config = ml_collections.ConfigDict(json.loads(user_setup[0].to_json()))
+  config.data.loader = "grain"
+  workdir = tmp_path / "run"
+  pipeline.run(config, str(workdir), stages=["data", "prep"])
+  assert (workdir / "data" / "prepared" / "prepare.json").exists()
+  for name in ["mini"] + [f"{t}+mini" for t in TASKS if t != "chat"]:
+    run = workdir / "prep" / name
+    assert fileio.read_json(run / "run.json")["done"], name
+    steps = sorted(int(s) for s in os.listdir(run / "checkpoints") if s.isdigit())
+    state = run / "checkpoints" / str(steps[-1]) / "data" / "process_0-of-1.json"
+    assert state.exists(), name
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert all(np.isfinite(r["loss"]) for r in records) and records[-1]["tokens"] > 0

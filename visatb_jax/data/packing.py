@@ -33,6 +33,7 @@ class Example:
   label_mask: np.ndarray  # bool [n]
   task_id: int
   images: np.ndarray | Sequence[str | os.PathLike]
+  record: int = -1  # index of the sample in its split (a prepared mixture's record), -1 unknown
 
   @property
   def num_images(self) -> int:
