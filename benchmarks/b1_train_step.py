@@ -1,0 +1,263 @@
+"""B1: train-step throughput, JAX (this project) vs PyTorch transformers, same LLaVA, fp32 CPU.
+
+  python benchmarks/b1_train_step.py [--sizes tiny,100m] [--reps 7] [--warmup 2]
+                                     [--out benchmarks/results/b1.json]
+
+One random `transformers.LlavaForConditionalGeneration` per size is saved and loaded into our
+model with `hf_io.load_pretrained`, so both sides hold the same weights. A full step on each side:
+forward, the VITW loss (λ per task, one division), backward, global-norm clipping at 1.0 and
+AdamW (weight decay 0); the vision tower is frozen on both sides. JAX runs
+`train.make_train_step` (the project's compiled step, donated state); torch runs the same loss
+by hand with `clip_grad_norm_` and `torch.optim.AdamW` (the fastest CPU variant available) and
+the default (SDPA) attention. Each row is one unpacked sample (one segment, positions 0..L-1,
+since transformers has no segment-aware attention) with its images at fixed places.
+
+The two sides alternate step by step after a warm-up (compilation, allocator), so a load on the
+shared box hits both alike; reported: the median seconds per step of each side, steps/s and the
+ratio JAX/torch in steps/s, plus the first step's loss and gradient norm on both sides (same
+weights and batch, so they must agree: the two steps compute the same thing).
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import argparse
+import dataclasses
+import json
+import statistics
+import sys
+import tempfile
+import time
+from typing import Any
+
+import jax
+import numpy as np
+import torch
+import transformers
+
+from visatb_jax import train
+from visatb_jax.model import config as model_config
+from visatb_jax.model import hf_io
+
+IMAGE_TOKEN_ID = 4
+TASKS = 5
+
+
+@dataclasses.dataclass(frozen=True)
+class Size:
+  """A model size and the batch it is measured on."""
+
+  vision: dict[str, Any]
+  text: dict[str, Any]
+  rows: int
+  length: int
+  images_per_row: int
+
+
+# `tiny` is configs/demo.py's model (vocab 512 as the demo's tokenizer), 0.57M params; `100m` is a
+# Llama-style LM of 125.5M params (75.5M in the decoder layers, 2 x 24.6M embedding / head) with a
+# 3.4M-param CLIP tower: 128.8M in all.
+SIZES = {
+    "tiny": Size(
+        vision={"image_size": 48, "patch_size": 16, "hidden_size": 64, "intermediate_size": 128,
+                "num_hidden_layers": 3, "num_attention_heads": 4},
+        text={"vocab_size": 512, "hidden_size": 96, "intermediate_size": 256,
+              "num_hidden_layers": 3, "num_attention_heads": 4, "num_key_value_heads": 2,
+              "max_position_embeddings": 512},
+        rows=8, length=256, images_per_row=4),
+    "100m": Size(
+        vision={"image_size": 96, "patch_size": 16, "hidden_size": 256, "intermediate_size": 1024,
+                "num_hidden_layers": 4, "num_attention_heads": 4},
+        text={"vocab_size": 32000, "hidden_size": 768, "intermediate_size": 2048,
+              "num_hidden_layers": 12, "num_attention_heads": 12, "num_key_value_heads": 4,
+              "max_position_embeddings": 2048},
+        rows=8, length=256, images_per_row=1),
+}
+
+
+def llava_config(size: Size) -> model_config.LlavaConfig:
+  return model_config.LlavaConfig.from_dict(
+      {"vision": size.vision, "text": size.text, "image_token_id": IMAGE_TOKEN_ID})
+
+
+def build_pair(size: Size, *, seed: int = 0, attn: str = "sdpa"):
+  """(our config, our model, the transformers model) with identical random weights."""
+  cfg = llava_config(size)
+  torch.manual_seed(seed)
+  hf_config = transformers.LlavaConfig(**hf_io.config_to_hf(cfg))
+  hf_config._attn_implementation = attn  # Set before building, for every submodule.
+  for sub in (hf_config.vision_config, hf_config.text_config):
+    sub._attn_implementation = attn
+  hf = transformers.LlavaForConditionalGeneration(hf_config)
+  with tempfile.TemporaryDirectory() as tmp:
+    hf.save_pretrained(tmp)
+    ours = hf_io.load_pretrained(tmp)
+  return cfg, ours, hf
+
+
+def count_params(hf) -> dict[str, int]:
+  total = sum(p.numel() for p in hf.parameters())
+  vision = sum(p.numel() for n, p in hf.named_parameters() if "vision_tower" in n)
+  return {"total": total, "vision_tower": vision, "trainable": total - vision}
+
+
+def make_batch(cfg: model_config.LlavaConfig, size: Size, seed: int = 0) -> dict[str, np.ndarray]:
+  """One unpacked sample per row: image blocks early on, loss on the second half."""
+  rng = np.random.default_rng(seed)
+  rows, length, m, p = size.rows, size.length, size.images_per_row, cfg.num_image_tokens
+  ids = rng.integers(5, cfg.text.vocab_size, (rows, length)).astype(np.int32)
+  for k in range(m):
+    start = 2 + k * (p + 3)
+    ids[:, start:start + p] = IMAGE_TOKEN_ID
+  if 2 + m * (p + 3) > length // 2:
+    raise ValueError(f"{m} images of {p} tokens do not fit the prompt half of {length} tokens")
+  targets = np.zeros_like(ids)
+  targets[:, :-1] = ids[:, 1:]
+  mask = np.zeros((rows, length), np.float32)
+  mask[:, length // 2:-1] = 1.0
+  task_ids = np.where(mask > 0, rng.integers(0, TASKS, (rows, 1)), -1).astype(np.int32)
+  v = cfg.vision
+  images = rng.normal(size=(rows, m, v.image_size, v.image_size, 3)).astype(np.float32)
+  return {"input_ids": ids, "targets": targets, "loss_mask": mask, "task_ids": task_ids,
+          "positions": np.broadcast_to(np.arange(length, dtype=np.int32), (rows, length)).copy(),
+          "segment_ids": np.ones((rows, length), np.int32), "images": images}
+
+
+def torch_pixels(images: np.ndarray) -> torch.Tensor:
+  """[B, M, H, W, 3] -> transformers' [B * M, 3, H, W] (all images in order of appearance)."""
+  b, m, h, w, c = images.shape
+  return torch.from_numpy(np.ascontiguousarray(
+      images.reshape(b * m, h, w, c).transpose(0, 3, 1, 2)))
+
+
+LAM = np.linspace(0.5, 2.0, TASKS).astype(np.float32)
+LR = 1e-4
+
+
+def jax_step_fn(ours, batch):
+  """A closure running one project train step (state donated and carried along)."""
+  graphdef, params, frozen = train.split_model(ours, freeze_vision_tower=True)
+  tx = train.make_optimizer({"clip_norm": 1.0, "weight_decay": 0.0})
+  mesh = train.make_mesh(jax.devices()[:1])
+  step = train.make_train_step(graphdef, tx, mesh=mesh, donate=True)
+  holder = {"state": train.init_train_state(params, tx)}
+  frozen = train.replicate(frozen, mesh)
+  batch = train.shard_batch(batch, mesh)
+  lam, lr = np.asarray(LAM), np.float32(LR)
+
+  def run():
+    holder["state"], metrics = step(holder["state"], frozen, batch, lam, lr)
+    metrics = jax.block_until_ready(metrics)
+    return float(metrics["loss"]), float(metrics["grad_norm"])
+
+  return run
+
+
+def torch_step_fn(hf, batch):
+  """One transformers train step with the same loss, clipping and AdamW."""
+  hf.train()
+  hf.model.vision_tower.requires_grad_(False)
+  params = [p for p in hf.parameters() if p.requires_grad]
+  try:
+    opt = torch.optim.AdamW(params, lr=LR, weight_decay=0.0, fused=True)
+  except (RuntimeError, ValueError):
+    opt = torch.optim.AdamW(params, lr=LR, weight_decay=0.0, foreach=True)
+  ids = torch.from_numpy(batch["input_ids"]).long()
+  pixels = torch_pixels(batch["images"])
+  targets = torch.from_numpy(batch["targets"]).long()
+  task_ids = torch.from_numpy(batch["task_ids"]).long()
+  mask = torch.from_numpy(batch["loss_mask"])
+  valid = (mask > 0) & (task_ids >= 0)
+  weight = torch.where(valid, torch.from_numpy(LAM)[task_ids.clamp(0, TASKS - 1)] * mask, 0.0)
+
+  def run():
+    opt.zero_grad(set_to_none=True)
+    logits = hf(input_ids=ids, pixel_values=pixels).logits
+    nll = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(),
+                                            reduction="none").view_as(mask)
+    loss = torch.where(valid, nll * weight, 0.0).sum() / weight.sum()
+    loss.backward()
+    norm = torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
+    return float(loss.detach()), float(norm)
+
+  return run
+
+
+def interleaved(fns: dict[str, Any], *, warmup: int, reps: int) -> dict[str, list[float]]:
+  """Seconds per call of each function, alternating A, B, A, B, ... after `warmup` rounds."""
+  times = {name: [] for name in fns}
+  for i in range(warmup + reps):
+    for name, fn in fns.items():
+      t0 = time.perf_counter()
+      fn()
+      if i >= warmup:
+        times[name].append(time.perf_counter() - t0)
+  return times
+
+
+def bench_size(name: str, *, warmup: int, reps: int) -> dict[str, Any]:
+  size = SIZES[name]
+  cfg, ours, hf = build_pair(size)
+  batch = make_batch(cfg, size)
+  jax_run, torch_run = jax_step_fn(ours, batch), torch_step_fn(hf, batch)
+  t0 = time.perf_counter()
+  jax_loss, jax_norm = jax_run()  # Also the compilation.
+  compile_s = time.perf_counter() - t0
+  torch_loss, torch_norm = torch_run()
+  times = interleaved({"jax": jax_run, "torch": torch_run}, warmup=warmup, reps=reps)
+  med = {k: statistics.median(v) for k, v in times.items()}
+  return {
+      "config": {"vision": size.vision, "text": size.text, "image_token_id": IMAGE_TOKEN_ID,
+                 "rows": size.rows, "length": size.length, "images_per_row": size.images_per_row,
+                 "image_tokens_per_row": size.images_per_row * cfg.num_image_tokens},
+      "params": count_params(hf),
+      "first_step": {"jax_loss": jax_loss, "torch_loss": torch_loss,
+                     "rel_loss_diff": abs(jax_loss - torch_loss) / abs(torch_loss),
+                     "jax_grad_norm": jax_norm, "torch_grad_norm": torch_norm,
+                     "rel_grad_norm_diff": abs(jax_norm - torch_norm) / abs(torch_norm)},
+      "jax_compile_s": compile_s,
+      "seconds_per_step": {k: {"median": med[k], "all": v} for k, v in times.items()},
+      "steps_per_s": {k: 1.0 / med[k] for k in med},
+      "tokens_per_s": {k: size.rows * size.length / med[k] for k in med},
+      "ratio_jax_over_torch": med["torch"] / med["jax"],
+  }
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--sizes", default="tiny,100m")
+  parser.add_argument("--warmup", type=int, default=2)
+  parser.add_argument("--reps", type=int, default=7)
+  parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "b1.json"))
+  # Default: every core, as XLA's CPU client uses. On a loaded shared box torch's OpenMP threads
+  # can slow down badly (spinning barriers), which `--torch-threads 1` shows.
+  parser.add_argument("--torch-threads", type=int, default=os.cpu_count() or 1)
+  args = parser.parse_args(argv)
+  threads = os.cpu_count() or 1
+  torch.set_num_threads(args.torch_threads)
+  results = {"machine": {"cpu_count": threads, "torch_threads": torch.get_num_threads(),
+                         "jax": jax.__version__, "torch": torch.__version__,
+                         "transformers": transformers.__version__,
+                         "jax_devices": [str(d) for d in jax.devices()]},
+             "warmup": args.warmup, "reps": args.reps, "interleaved": True, "sizes": {}}
+  for name in args.sizes.split(","):
+    r = bench_size(name, warmup=args.warmup, reps=args.reps)
+    results["sizes"][name] = r
+    s, f = r["seconds_per_step"], r["first_step"]
+    print(f"B1 {name}: jax {r['steps_per_s']['jax']:.3f} steps/s ({s['jax']['median']:.3f} s), "
+          f"torch {r['steps_per_s']['torch']:.3f} steps/s ({s['torch']['median']:.3f} s), "
+          f"ratio jax/torch {r['ratio_jax_over_torch']:.2f}x; first-step loss rel diff "
+          f"{f['rel_loss_diff']:.1e}, grad-norm rel diff {f['rel_grad_norm_diff']:.1e}",
+          flush=True)
+  os.makedirs(os.path.dirname(args.out), exist_ok=True)
+  with open(args.out, "w") as f:
+    json.dump(results, f, indent=2)
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

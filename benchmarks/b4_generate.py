@@ -1,0 +1,145 @@
+"""B4: greedy generation with a KV cache, JAX (this project) vs transformers `generate`, CPU fp32.
+
+  python benchmarks/b4_generate.py [--sizes tiny,100m] [--new-tokens 32] [--reps 5] [--warmup 1]
+                                   [--out benchmarks/results/b4.json]
+
+The same models as B1 (`b1_train_step.SIZES`: the demo's tiny LLaVA and a 128.8M-param one), the
+same weights on both sides (saved by transformers, loaded by `hf_io.load_pretrained`). A batch of
+8 left-padded prompts of different lengths, each with one image; exactly `--new-tokens` tokens per
+row on both sides (no EOS: ours gets eos_id −1, transformers eos_token_id None). JAX runs
+`generate.greedy_generate` (prefill + a compiled while-loop of cached decode steps); torch runs
+`LlavaForConditionalGeneration.generate(do_sample=False)` with its default dynamic KV cache and
+SDPA attention, under `torch.inference_mode`. Both timings are whole calls (prefill, image tower
+and decoding, host transfer included; JAX's compilation is done in the warm-up), alternating call
+by call so that the shared box's load hits both alike. Reported: median seconds per call,
+generated tokens/s of each side, the ratio JAX/torch, and whether the tokens are equal.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from typing import Any
+
+import jax
+import numpy as np
+import torch
+import transformers
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import b1_train_step as b1
+
+from visatb_jax.model.generate import greedy_generate
+
+PROMPTS = 8
+
+
+def make_prompts(cfg, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """(ids int64 [B, L] left-padded, mask [B, L], images float32 [B, 1, H, W, 3]).
+
+  Each prompt: a few text tokens, one image block, then 8 to 40 text tokens.
+  """
+  rng = np.random.default_rng(seed)
+  p, vocab = cfg.num_image_tokens, cfg.text.vocab_size
+  rows = []
+  for i in range(PROMPTS):
+    tail = 8 + (i * 32) // (PROMPTS - 1)
+    rows.append(list(rng.integers(5, vocab, 3)) + [b1.IMAGE_TOKEN_ID] * p
+                + list(rng.integers(5, vocab, tail)))
+  length = max(map(len, rows))
+  ids = np.zeros((PROMPTS, length), np.int64)
+  mask = np.zeros((PROMPTS, length), np.int64)
+  for i, row in enumerate(rows):
+    ids[i, length - len(row):] = row
+    mask[i, length - len(row):] = 1
+  v = cfg.vision
+  images = rng.normal(size=(PROMPTS, 1, v.image_size, v.image_size, 3)).astype(np.float32)
+  return ids, mask, images
+
+
+def bench_size(name: str, *, new_tokens: int, warmup: int, reps: int) -> dict[str, Any]:
+  size = b1.SIZES[name]
+  cfg, ours, hf = b1.build_pair(size)
+  hf.eval()
+  ids, mask, images = make_prompts(cfg)
+  t_ids, t_mask = torch.from_numpy(ids), torch.from_numpy(mask)
+  pixels = b1.torch_pixels(images)
+
+  def run_jax():
+    return greedy_generate(ours, ids, mask, images, max_new_tokens=new_tokens, eos_id=-1,
+                           pad_id=0)
+
+  def run_torch():
+    with torch.inference_mode():
+      out = hf.generate(input_ids=t_ids, attention_mask=t_mask, pixel_values=pixels,
+                        do_sample=False, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                        eos_token_id=None, pad_token_id=0)
+    return out[:, ids.shape[1]:].numpy()
+
+  t0 = time.perf_counter()
+  jax_tokens = run_jax()  # Also the compilation.
+  compile_s = time.perf_counter() - t0
+  torch_tokens = run_torch()
+  if torch_tokens.shape != (PROMPTS, new_tokens):
+    raise RuntimeError(f"transformers generated {torch_tokens.shape}, expected "
+                       f"{(PROMPTS, new_tokens)}")
+  times = b1.interleaved({"jax": run_jax, "torch": run_torch}, warmup=warmup, reps=reps)
+  med = {k: statistics.median(v) for k, v in times.items()}
+  equal = jax_tokens == torch_tokens
+  # The first disagreeing column of each row (new_tokens where the row agrees entirely).
+  first_diff = [int(np.argmin(r)) if not r.all() else new_tokens for r in equal]
+  return {
+      "config": {"vision": size.vision, "text": size.text, "image_token_id": b1.IMAGE_TOKEN_ID,
+                 "prompts": PROMPTS, "prompt_columns": int(ids.shape[1]),
+                 "prompt_lengths": mask.sum(1).tolist(), "new_tokens": new_tokens},
+      "params": b1.count_params(hf),
+      "tokens_equal": bool(equal.all()),
+      "fraction_equal": float(equal.mean()),
+      "first_diff_per_row": first_diff,
+      "distinct_tokens": len(set(torch_tokens.ravel().tolist())),
+      "jax_compile_s": compile_s,
+      "seconds_per_call": {k: {"median": med[k], "all": v} for k, v in times.items()},
+      "tokens_per_s": {k: PROMPTS * new_tokens / med[k] for k in med},
+      "ratio_jax_over_torch": med["torch"] / med["jax"],
+  }
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--sizes", default="tiny,100m")
+  parser.add_argument("--new-tokens", type=int, default=32)
+  parser.add_argument("--warmup", type=int, default=1)
+  parser.add_argument("--reps", type=int, default=5)
+  parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "b4.json"))
+  # Default: every core, as XLA's CPU client uses. On a loaded shared box torch's OpenMP threads
+  # can slow down badly (spinning barriers), which `--torch-threads 1` shows.
+  parser.add_argument("--torch-threads", type=int, default=os.cpu_count() or 1)
+  args = parser.parse_args(argv)
+  threads = os.cpu_count() or 1
+  torch.set_num_threads(args.torch_threads)
+  results = {"machine": {"cpu_count": threads, "torch_threads": torch.get_num_threads(),
+                         "jax": jax.__version__, "torch": torch.__version__,
+                         "transformers": transformers.__version__},
+             "warmup": args.warmup, "reps": args.reps, "interleaved": True, "sizes": {}}
+  for name in args.sizes.split(","):
+    r = bench_size(name, new_tokens=args.new_tokens, warmup=args.warmup, reps=args.reps)
+    results["sizes"][name] = r
+    tps = r["tokens_per_s"]
+    print(f"B4 {name}: jax {tps['jax']:.1f} tok/s, torch {tps['torch']:.1f} tok/s, ratio jax/torch "
+          f"{r['ratio_jax_over_torch']:.2f}x; tokens equal: {r['tokens_equal']} "
+          f"({r['fraction_equal']:.3f}), {r['distinct_tokens']} distinct", flush=True)
+  os.makedirs(os.path.dirname(args.out), exist_ok=True)
+  with open(args.out, "w") as f:
+    json.dump(results, f, indent=2)
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
