@@ -26,7 +26,6 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import argparse
 import dataclasses
-import json
 import statistics
 import sys
 import tempfile
@@ -41,6 +40,8 @@ import transformers
 from visatb_jax import train
 from visatb_jax.model import config as model_config
 from visatb_jax.model import hf_io
+
+import common  # noqa: E402  (benchmarks/common.py, next to this script)
 
 IMAGE_TOKEN_ID = 4
 TASKS = 5
@@ -253,9 +254,7 @@ def main(argv=None) -> int:
           f"ratio jax/torch {r['ratio_jax_over_torch']:.2f}x; first-step loss rel diff "
           f"{f['rel_loss_diff']:.1e}, grad-norm rel diff {f['rel_grad_norm_diff']:.1e}",
           flush=True)
-  os.makedirs(os.path.dirname(args.out), exist_ok=True)
-  with open(args.out, "w") as f:
-    json.dump(results, f, indent=2)
+  common.write_json(args.out, results)
   return 0
 
 

@@ -19,7 +19,6 @@ import os
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -33,6 +32,8 @@ from flax import nnx
 from visatb_jax import loss, train
 from visatb_jax.model import config as model_config
 from visatb_jax.model import llava
+
+import common  # noqa: E402  (benchmarks/common.py, next to this script)
 
 ROWS, LENGTH, IMAGES, TASKS = 16, 256, 6, 5
 VOCABS = (512, 32_000)
@@ -138,9 +139,7 @@ def main(argv=None) -> int:
           f"VITW {1e3 * r['median_s_vitw']:.1f} ms vs mean CE {1e3 * r['median_s_mean_ce']:.1f} ms "
           f"median, overhead {100 * r['overhead']:+.2f} % (paired {100 * r['paired_overhead']:+.2f} "
           f"%), |Δloss| at λ=1 {r['abs_dloss_lambda1']:.1e}")
-  os.makedirs(os.path.dirname(args.out), exist_ok=True)
-  with open(args.out, "w") as f:
-    json.dump(results, f, indent=2)
+  common.write_json(args.out, results)
   return 0
 
 

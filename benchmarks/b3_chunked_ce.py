@@ -24,7 +24,6 @@ import os
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import argparse
-import json
 import sys
 import time
 
@@ -33,6 +32,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from visatb_jax import loss
+
+import common  # noqa: E402  (benchmarks/common.py, next to this script)
 
 VOCABS = (32_000, 152_064)  # LLaMA/Vicuna and Qwen2 vocabularies
 ROWS, TASKS = 4, 5
@@ -133,9 +134,7 @@ def main(argv=None) -> int:
           f"({100 * r['peak_ratio']:.1f} %; temp {100 * r['temp_ratio']:.1f} %); on "
           f"{r['run_tokens']} tokens: |Δloss| {r['abs_dloss']:.1e}, max rel grad err {r['max_rel_grad_err']:.1e}, "
           f"time {r['chunked']['seconds']:.1f} vs {r['full']['seconds']:.1f} s")
-  os.makedirs(os.path.dirname(args.out), exist_ok=True)
-  with open(args.out, "w") as f:
-    json.dump(results, f, indent=2)
+  common.write_json(args.out, results)
   return 0
 
 

@@ -22,7 +22,6 @@ import os
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -37,6 +36,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import b1_train_step as b1
 
 from visatb_jax.model.generate import greedy_generate
+
+import common  # noqa: E402  (benchmarks/common.py, next to this script)
 
 PROMPTS = 8
 
@@ -135,9 +136,7 @@ def main(argv=None) -> int:
     print(f"B4 {name}: jax {tps['jax']:.1f} tok/s, torch {tps['torch']:.1f} tok/s, ratio jax/torch "
           f"{r['ratio_jax_over_torch']:.2f}x; tokens equal: {r['tokens_equal']} "
           f"({r['fraction_equal']:.3f}), {r['distinct_tokens']} distinct", flush=True)
-  os.makedirs(os.path.dirname(args.out), exist_ok=True)
-  with open(args.out, "w") as f:
-    json.dump(results, f, indent=2)
+  common.write_json(args.out, results)
   return 0
 
 

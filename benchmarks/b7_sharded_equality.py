@@ -19,7 +19,6 @@ os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import argparse  # noqa: E402
-import json  # noqa: E402
 import sys  # noqa: E402
 
 import jax  # noqa: E402
@@ -30,6 +29,8 @@ from flax import nnx  # noqa: E402
 from visatb_jax import sharding, train  # noqa: E402
 from visatb_jax.model import config as model_config  # noqa: E402
 from visatb_jax.model import llava  # noqa: E402
+
+import common  # noqa: E402  (benchmarks/common.py, next to this script)
 
 MESHES = ({"data": 8}, {"data": 2, "fsdp": 2, "tensor": 2}, {"data": 1, "fsdp": 8, "tensor": 1},
           {"data": 2, "fsdp": 1, "tensor": 4})
@@ -101,9 +102,7 @@ def main(argv=None) -> int:
     r = results[name]
     print(f"B7 {name:>22}, 4 micro-batches: rel grad err {r['rel_grad_err']:.1e}, max per-param "
           f"{r['max_rel_leaf_err']:.1e}, rel loss err {r['rel_loss_err']:.1e}")
-  os.makedirs(os.path.dirname(args.out), exist_ok=True)
-  with open(args.out, "w") as f:
-    json.dump(results, f, indent=2)
+  common.write_json(args.out, results)
   return 0
 
 

@@ -13,7 +13,6 @@ single device JAX gives (CPU when none).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -26,6 +25,8 @@ from flax import nnx
 from visatb_jax import gradmtl, gradmtl_step, train
 from visatb_jax.model import config as model_config
 from visatb_jax.model import llava
+
+import common  # noqa: E402  (benchmarks/common.py, next to this script)
 
 ROWS, LENGTH, IMAGES, TASKS, VOCAB = 16, 256, 2, 5, 512
 
@@ -110,9 +111,7 @@ def main(argv=None) -> int:
                        "ratio_to_ew": median / ew}
     print(f"B8 {method:>7}: {median * 1e3:.0f} ms/step, {median / ew:.2f}× EW "
           f"(first call {first:.1f} s)")
-  os.makedirs(os.path.dirname(args.out), exist_ok=True)
-  with open(args.out, "w") as f:
-    json.dump(results, f, indent=2)
+  common.write_json(args.out, results)
   return 0
 
 

@@ -38,6 +38,15 @@ def micro_config():
   return config
 
 
+@pytest.fixture(scope="module")
+def meshes():
+  """{1: a mesh of one device, 8: the data mesh over all 8 simulated devices}."""
+  import jax
+  from visatb_jax import train
+  assert len(jax.devices()) == 8, "tests/conftest.py sets 8 simulated CPU devices"
+  return {1: train.make_mesh(jax.devices()[:1]), 8: train.make_mesh()}
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _shared_compilation_cache(tmp_path_factory):
   """One XLA cache for the session: pipelines in tests and their subprocesses compile once."""

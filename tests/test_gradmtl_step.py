@@ -10,39 +10,13 @@ from flax import nnx
 
 from visatb_jax import gradmtl, gradmtl_step, loss, train
 
+# The tiny model of the train-step tests: embed + image feature + MLP + head; TRACES counts traces.
+from test_train import TRACES, TinyModel, assert_rel_close, grads_of  # noqa: E402
+
 # Two tasks: every method compiles one solver per possible number of active tasks.
 VOCAB, DIM, SEQ, ROWS, T = 16, 8, 6, 8, 2
 LAM = np.array([2.0, 0.5], np.float32)
-TRACES = {"n": 0}  # incremented by Python only while jit traces the model
 METHODS = sorted(gradmtl.METHODS)
-
-
-class VisionTower(nnx.Module):
-  """Frozen by the trainer's default split; its parameter still feeds every token."""
-
-  def __init__(self, rngs: nnx.Rngs):
-    self.proj = nnx.Param(jax.random.normal(rngs.params(), (3, DIM)) * 0.5)
-
-  def __call__(self, images):
-    return jnp.mean(images, axis=(1, 2, 3)) @ self.proj
-
-
-class TinyModel(nnx.Module):
-  """Embed + image feature + MLP + head, following the Model contract."""
-
-  def __init__(self, rngs: nnx.Rngs):
-    self.vision_tower = VisionTower(rngs)
-    self.embed = nnx.Embed(VOCAB, DIM, rngs=rngs)
-    self.mlp = nnx.Linear(DIM, DIM, rngs=rngs)
-    self.lm_head = nnx.Linear(DIM, VOCAB, rngs=rngs)
-
-  def __call__(self, input_ids, images=None, positions=None, segment_ids=None):
-    TRACES["n"] += 1
-    h = self.embed(input_ids)
-    if images is not None:
-      h = h + self.vision_tower(images)[:, None, :]
-    h = h + jnp.tanh(self.mlp(h))
-    return self.lm_head(h)
 
 
 def make_batch(seed=0, rows=ROWS, task_of_row=None):
@@ -63,21 +37,7 @@ def make_batch(seed=0, rows=ROWS, task_of_row=None):
   }
 
 
-def assert_rel_close(a, b, tol=1e-5):
-  """Normwise relative error of every leaf pair ≤ tol."""
-  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
-    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
-    assert np.max(np.abs(x - y)) <= tol * max(np.max(np.abs(y)), 1e-30), (x, y)
-
-
-def deltas(old, new):
-  return jax.tree.map(lambda a, b: np.asarray(a) - np.asarray(b), old.params, new.params)
-
-
-@pytest.fixture(scope="module")
-def meshes():
-  assert len(jax.devices()) == 8, "tests/conftest.py sets 8 simulated CPU devices"
-  return {1: train.make_mesh(jax.devices()[:1]), 8: train.make_mesh()}
+deltas = grads_of  # old params − new params: the update of a step (−direction under SGD(1))
 
 
 def one_step(mesh, method, *, tx=None, accum_steps=1, batch=None, lam=LAM, options=None,

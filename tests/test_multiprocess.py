@@ -1,8 +1,9 @@
-"""The training loop across two real JAX processes on localhost (jax.distributed, CPU).
+"""Two real JAX processes on localhost (jax.distributed over CPU), 2 devices each.
 
-Each process holds 2 of the 4 devices and reads its own half of every global batch; the run must
-log the same losses as one process on 4 devices, only process 0 may write the metrics, and a
-resume from the checkpoint both processes wrote must continue the same run.
+initialize_distributed from the VISATB_* variables and a global batch assembled from both
+processes' rows; then the training loop: each process reads its own half of every global batch,
+the run must log the same losses as one process on 4 devices, only process 0 may write the
+metrics, and a resume from the checkpoint both processes wrote must continue the same run.
 """
 
 import json
@@ -18,7 +19,19 @@ from visatb_jax import metrics_log, train
 
 import test_train as tt
 
-_WORKER = r"""
+_SHARDING_WORKER = """
+from visatb_jax import sharding
+assert sharding.initialize_distributed() is True
+assert sharding.initialize_distributed() is True  # Idempotent.
+import jax, numpy as np
+mesh = sharding.make_mesh({"fsdp": 2})  # data takes the rest: 2 processes x 2 devices.
+rows = sharding.shard_batch({"x": np.full((2, 3), jax.process_index() + 1, np.float32)}, mesh)
+total = jax.jit(lambda a: a.sum(), out_shardings=sharding.replicated(mesh))(rows["x"])
+print("RESULT", jax.process_index(), jax.process_count(), jax.device_count(),
+      mesh.shape["data"], float(total), flush=True)
+"""
+
+_TRAIN_WORKER = r"""
 import json, sys
 from visatb_jax import sharding
 sharding.initialize_distributed()
@@ -39,14 +52,15 @@ print("DONE", jax.process_index(), jax.process_count(), jax.device_count(), flus
 """
 
 
-def _run_two_processes(tmp_path, workdir, crash_at=-1):
+def run_two_processes(tmp_path, source, *args):
+  """Runs `source` as 2 processes of one jax.distributed job; returns [(returncode, output)]."""
   with socket.socket() as s:
     s.bind(("localhost", 0))
     port = s.getsockname()[1]
   tests_dir = os.path.dirname(os.path.abspath(__file__))
   repo = os.path.dirname(tests_dir)
   script = tmp_path / "worker.py"
-  script.write_text(_WORKER)
+  script.write_text(source)
   procs = []
   for pid in range(2):
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "VISATB_", "TPU_"))}
@@ -55,7 +69,7 @@ def _run_two_processes(tmp_path, workdir, crash_at=-1):
                VISATB_COORDINATOR=f"localhost:{port}", VISATB_NUM_PROCESSES="2",
                VISATB_PROCESS_ID=str(pid))
     env.pop("JAX_COMPILATION_CACHE_DIR", None)
-    procs.append(subprocess.Popen([sys.executable, str(script), str(workdir), str(crash_at)],
+    procs.append(subprocess.Popen([sys.executable, str(script), *map(str, args)],
                                   env=env, cwd=repo, stdout=subprocess.PIPE,
                                   stderr=subprocess.STDOUT, text=True))
   outputs = []
@@ -66,11 +80,24 @@ def _run_two_processes(tmp_path, workdir, crash_at=-1):
     for p in procs:
       if p.poll() is None:
         p.kill()
-  for pid, (p, out) in enumerate(zip(procs, outputs, strict=True)):
+  return [(p.returncode, out) for p, out in zip(procs, outputs, strict=True)]
+
+
+def test_two_processes_on_localhost(tmp_path):
+  """initialize_distributed with the explicit VISATB_* variables, for real."""
+  for pid, (code, out) in enumerate(run_two_processes(tmp_path, _SHARDING_WORKER)):
+    assert code == 0, out[-3000:]
+    result = [line for line in out.splitlines() if line.startswith("RESULT")]
+    # Rows of process 0 hold 1, of process 1 hold 2: the global sum sees both hosts' rows.
+    assert result == [f"RESULT {pid} 2 4 2 {2 * 3 * 1 + 2 * 3 * 2:.1f}"], out[-3000:]
+
+
+def _train_two_processes(tmp_path, workdir, crash_at=-1):
+  for pid, (code, out) in enumerate(run_two_processes(tmp_path, _TRAIN_WORKER, workdir, crash_at)):
     if crash_at >= 0:
-      assert p.returncode == 3 and f"CRASH {pid}" in out, out[-3000:]
+      assert code == 3 and f"CRASH {pid}" in out, out[-3000:]
     else:
-      assert p.returncode == 0 and f"DONE {pid} 2 4" in out, out[-3000:]
+      assert code == 0 and f"DONE {pid} 2 4" in out, out[-3000:]
 
 
 def _losses(workdir):
@@ -83,9 +110,9 @@ def test_two_processes_train_like_one_and_resume(tmp_path):
   train.train(tt.new_model(), tt.make_batch, tt.LAM, tt.CFG, reference,
               mesh=train.make_mesh(jax.devices()[:4]), task_names=tt.TASKS)
   workdir = tmp_path / "two"
-  _run_two_processes(tmp_path, workdir, crash_at=4)  # after step 4; last checkpoint: 3
+  _train_two_processes(tmp_path, workdir, crash_at=4)  # after step 4; last checkpoint: 3
   assert sorted(os.listdir(workdir / "checkpoints")) == ["3"]
-  _run_two_processes(tmp_path, workdir)  # resumes from step 3 on both processes
+  _train_two_processes(tmp_path, workdir)  # resumes from step 3 on both processes
   got, want = _losses(workdir), _losses(reference)
   # One record per step: process 1 wrote nothing, and the resumed run appended from step 5.
   assert [s for s, _, _ in got] == [1, 2, 3, 4, 5, 6]

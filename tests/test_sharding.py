@@ -3,10 +3,6 @@
 Runs on the 8 simulated CPU devices of tests/conftest.py.
 """
 
-import os
-import socket
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -386,48 +382,3 @@ def test_logical_constraint_under_set_mesh():
     y = jax.jit(lambda x: sharding.with_logical_constraint(x * 2, ("batch", "length", "mlp")))(
         jnp.ones((8, 4, 6)))
   assert y.sharding.spec == P(("data", "fsdp"), None, "tensor")
-
-
-_WORKER = """
-from visatb_jax import sharding
-assert sharding.initialize_distributed() is True
-assert sharding.initialize_distributed() is True  # Idempotent.
-import jax, numpy as np
-mesh = sharding.make_mesh({"fsdp": 2})  # data takes the rest: 2 processes x 2 devices.
-rows = sharding.shard_batch({"x": np.full((2, 3), jax.process_index() + 1, np.float32)}, mesh)
-total = jax.jit(lambda a: a.sum(), out_shardings=sharding.replicated(mesh))(rows["x"])
-print("RESULT", jax.process_index(), jax.process_count(), jax.device_count(),
-      mesh.shape["data"], float(total), flush=True)
-"""
-
-
-def test_two_processes_on_localhost(tmp_path):
-  """initialize_distributed with the explicit VISATB_* variables, for real: 2 CPU processes."""
-  with socket.socket() as s:
-    s.bind(("localhost", 0))
-    port = s.getsockname()[1]
-  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  script = tmp_path / "worker.py"
-  script.write_text(_WORKER)
-  procs = []
-  for pid in range(2):
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "VISATB_", "TPU_"))}
-    env.update(JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2",
-               PYTHONPATH=repo, VISATB_COORDINATOR=f"localhost:{port}", VISATB_NUM_PROCESSES="2",
-               VISATB_PROCESS_ID=str(pid))
-    env.pop("JAX_COMPILATION_CACHE_DIR", None)
-    procs.append(subprocess.Popen([sys.executable, str(script)], env=env, cwd=repo,
-                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
-  outputs = []
-  try:
-    for p in procs:
-      outputs.append(p.communicate(timeout=120)[0])
-  finally:
-    for p in procs:
-      if p.poll() is None:
-        p.kill()
-  for pid, (p, out) in enumerate(zip(procs, outputs)):
-    assert p.returncode == 0, out[-3000:]
-    result = [l for l in out.splitlines() if l.startswith("RESULT")]
-    # Rows of process 0 hold 1, of process 1 hold 2: the global sum sees both hosts' rows.
-    assert result == [f"RESULT {pid} 2 4 2 {2 * 3 * 1 + 2 * 3 * 2:.1f}"], out[-3000:]

@@ -94,10 +94,6 @@ def grads_of(old, new):
   return jax.tree.map(lambda a, b: np.asarray(a) - np.asarray(b), old.params, new.params)
 
 
-@pytest.fixture(scope="module")
-def meshes():
-  assert len(jax.devices()) == 8, "tests/conftest.py sets 8 simulated CPU devices"
-  return {1: train.make_mesh(jax.devices()[:1]), 8: train.make_mesh()}
 
 
 def test_step_matches_host_reference(meshes):
