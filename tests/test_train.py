@@ -535,23 +535,49 @@ def test_restore_model_reads_legacy_single_item_checkpoint(tmp_path):
   jax.tree.map(np.testing.assert_array_equal, trainable(restored), trainable(model))
 
 
-def test_chunked_cross_entropy_step_equals_full_logits_step(meshes):
-  """ce_chunk_size: same loss and update as the full-logits step on a (tiny) real LLaVA."""
+def _tiny_llava_config(**fields):
   from visatb_jax.model.config import LlavaConfig
-  from visatb_jax.model.llava import LlavaForConditionalGeneration
-  config = LlavaConfig.from_dict({
+  return LlavaConfig.from_dict({
       "vision": {"image_size": 16, "patch_size": 8, "hidden_size": 16, "intermediate_size": 32,
                  "num_hidden_layers": 1, "num_attention_heads": 2},
       "text": {"vocab_size": 40, "hidden_size": 16, "intermediate_size": 32,
                "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 1},
-      "image_token_id": 3})
+      "image_token_id": 3, **fields})
+
+
+def _llava_batch():
   rng = np.random.default_rng(0)
   ids = np.concatenate([np.full((4, 4), 3), rng.integers(4, 40, (4, 12))], 1).astype(np.int32)
   mask = np.zeros(ids.shape, np.float32)
   mask[:, 6:-1] = 1.0
-  batch = {"input_ids": ids, "targets": np.roll(ids, -1, 1), "loss_mask": mask,
-           "task_ids": np.where(mask > 0, np.arange(4)[:, None] % 2, -1).astype(np.int32),
-           "images": rng.normal(size=(4, 1, 16, 16, 3)).astype(np.float32)}
+  return {"input_ids": ids, "targets": np.roll(ids, -1, 1), "loss_mask": mask,
+          "task_ids": np.where(mask > 0, np.arange(4)[:, None] % 2, -1).astype(np.int32),
+          "images": rng.normal(size=(4, 1, 16, 16, 3)).astype(np.float32)}
+
+
+def test_bf16_compute_keeps_float32_master_weights_and_state(meshes):
+  from visatb_jax.model.llava import LlavaForConditionalGeneration
+  out = {}
+  for dtype in ("float32", "bfloat16"):
+    graphdef, params, frozen = train.split_model(LlavaForConditionalGeneration(
+        _tiny_llava_config(dtype=dtype, param_dtype="float32"), rngs=nnx.Rngs(0)))
+    tx = train.make_optimizer({"clip_norm": 1.0, "weight_decay": 0.0})
+    state = train.init_train_state(params, tx)
+    step = train.make_train_step(graphdef, tx, mesh=meshes[1])
+    new, metrics = step(state, frozen, _llava_batch(), jnp.asarray(LAM), 1e-3)
+    dtypes = {x.dtype for x in jax.tree.leaves((new.params, new.opt_state)) if x.ndim}
+    assert dtypes == {jnp.dtype(jnp.float32)}, dtype  # master weights and Adam moments
+    out[dtype] = jax.device_get(metrics)
+  # bf16 matmuls: the loss moves by bf16 rounding only.
+  np.testing.assert_allclose(out["bfloat16"]["loss"], out["float32"]["loss"], rtol=2e-2)
+  assert out["bfloat16"]["loss"] != out["float32"]["loss"]
+
+
+def test_chunked_cross_entropy_step_equals_full_logits_step(meshes):
+  """ce_chunk_size: same loss and update as the full-logits step on a (tiny) real LLaVA."""
+  from visatb_jax.model.llava import LlavaForConditionalGeneration
+  config = _tiny_llava_config()
+  batch = _llava_batch()
   results = []
   for chunk in (0, 7):
     graphdef, params, frozen = train.split_model(
