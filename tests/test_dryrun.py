@@ -98,6 +98,5 @@ def test_lora_trains_adapters_and_projector_only():
   q_proj = 4 * (text.hidden_size + text.hidden_size) * text.num_hidden_layers
   projector = (vision.hidden_size + 1) * text.hidden_size + (text.hidden_size + 1) * text.hidden_size
   assert r["parameters"]["trainable"] == q_proj + projector
-  config.model.lora = {"rank": 4, "alpha": 8.0, "dropout": 0.1}
-  with pytest.raises(ValueError, match="lora.dropout=0.1"):
-    dryrun.dry_run(config, jax.devices()[:1])
+  config.model.lora = {"rank": 4, "alpha": 8.0, "dropout": 0.1, "target_modules": ("q_proj",)}
+  assert dryrun.dry_run(config, jax.devices()[:1])["parameters"]["trainable"] == q_proj + projector

@@ -620,5 +620,5 @@ def test_no_compilation_after_the_first_steps_of_a_run(tmp_path, meshes):
   # pylint: disable=protected-access
   step = train._cached_train_step(graphdef, train._optimizer_key(cfg), meshes[8], 2, False, 0,
                                   train._flat(sharding.param_shardings(state, meshes[8])),
-                                  train._flat(sharding.param_shardings(frozen, meshes[8])))
+                                  train._flat(sharding.param_shardings(frozen, meshes[8])), None)
   assert step._cache_size() == 1

@@ -28,12 +28,14 @@ def _per_device_bytes(tree: Any, shardings: Any) -> int:
   total = 0
   for leaf, sh in zip(jax.tree.leaves(tree), jax.tree.leaves(shardings), strict=True):
     shape = sh.shard_shape(leaf.shape) if leaf.shape else ()
-    total += math.prod(shape) * jnp.dtype(leaf.dtype).itemsize
+    total += math.prod(shape) * leaf.dtype.itemsize  # also PRNG key dtypes (LoRA dropout)
   return total
 
 
 def _count(tree: Any) -> int:
-  return sum(math.prod(x.shape) for x in jax.tree.leaves(tree))
+  """Parameters (floating-point leaves: not the LoRA dropout keys) in `tree`."""
+  return sum(math.prod(x.shape) for x in jax.tree.leaves(tree)
+             if jnp.issubdtype(x.dtype, jnp.floating))
 
 
 def abstract_batch(rows: int, seq_len: int, max_images: int, image_size: int) -> dict[str, Any]:

@@ -41,6 +41,7 @@ LamLike = Any  # float32 [T] array-like, or Callable[[int], array-like] of the s
 # is independent of any other use of the same seed (e.g. the model's initialisation).
 _WEIGHTING_RNG_SALT = 0x5EED1A3B
 _GRADMTL_SEED_SALT = 0x6AD3717C
+_DROPOUT_SEED_SALT = 0x0D20B0A7
 
 _DEFAULTS = {
     "accum_steps": 1,
@@ -118,9 +119,10 @@ def _flat(tree: Any) -> tuple[Any, tuple[Any, ...]]:
 @functools.lru_cache(maxsize=16)
 def _cached_train_step(graphdef: nnx.GraphDef, optimizer_key: tuple[float, float], mesh: Mesh,
                        accum_steps: int, tla: bool, ce_chunk_size: int, state_sharding_flat,
-                       frozen_sharding_flat):
+                       frozen_sharding_flat, dropout_seed: int | None = None):
   return make_train_step(graphdef, _optimizer(optimizer_key), mesh=mesh, accum_steps=accum_steps,
                          tla=tla, donate=True, ce_chunk_size=ce_chunk_size,
+                         dropout_seed=dropout_seed,
                          state_sharding=jax.tree.unflatten(*state_sharding_flat),
                          frozen_sharding=jax.tree.unflatten(*frozen_sharding_flat))
 
@@ -206,12 +208,17 @@ def _micro_batches(batch: Batch, accum_steps: int, mesh: Mesh) -> dict[str, jax.
 
 
 def _loss_sums(graphdef: nnx.GraphDef, params: nnx.State, frozen: nnx.State,
-               batch: Batch, lam: jax.Array, ce_chunk_size: int = 0):
+               batch: Batch, lam: jax.Array, ce_chunk_size: int = 0,
+               dropout_key: jax.Array | None = None):
   """Model forward + VITW sums on one (micro-)batch; the weighted sum is differentiated.
 
   With `ce_chunk_size`, the LM head and the cross-entropy run over chunks of that many tokens, so
-  the [tokens, vocab] logits never exist at once (loss.chunked_token_loss).
+  the [tokens, vocab] logits never exist at once (loss.chunked_token_loss). `dropout_key` gives
+  the LoRA adapters' dropout masks of this micro-batch (model/lora.py).
   """
+  if dropout_key is not None:
+    from visatb_jax.model import lora as lora_lib  # pylint: disable=g-import-not-at-top
+    frozen = lora_lib.with_dropout_key(frozen, dropout_key)
   model = nnx.merge(graphdef, params, frozen)
   inputs = dict(images=batch.get("images"), positions=batch.get("positions"),
                 segment_ids=batch.get("segment_ids"))
@@ -226,20 +233,28 @@ def _loss_sums(graphdef: nnx.GraphDef, params: nnx.State, frozen: nnx.State,
   return weighted, (weight, task_sum, task_count)
 
 
-def _accumulate(grad_fn, params, batch, accum_steps, mesh, num_tasks):
-  """Sums of (grads, weighted nll, weight, per-task nll, per-task count) over micro-batches."""
+def _accumulate(grad_fn, params, batch, accum_steps, mesh, num_tasks, key=None):
+  """Sums of (grads, weighted nll, weight, per-task nll, per-task count) over micro-batches.
+
+  `grad_fn(params, micro_batch, micro_key)`; micro-batch k gets `fold_in(key, k)` (None: None).
+  """
+  def micro_key(k):
+    return None if key is None else jax.random.fold_in(key, k)
+
   if accum_steps == 1:
-    (weighted, (weight, task_sum, task_count)), grads = grad_fn(params, batch)
+    (weighted, (weight, task_sum, task_count)), grads = grad_fn(params, batch, micro_key(0))
     return grads, weighted, weight, task_sum, task_count
 
-  def body(carry, micro):
-    (weighted, (weight, task_sum, task_count)), grads = grad_fn(params, micro)
+  def body(carry, xs):
+    micro, k = xs
+    (weighted, (weight, task_sum, task_count)), grads = grad_fn(params, micro, micro_key(k))
     return jax.tree.map(jnp.add, carry, (grads, weighted, weight, task_sum, task_count)), None
 
   zero = jnp.zeros((), jnp.float32)
   init = (jax.tree.map(jnp.zeros_like, params), zero, zero,
           jnp.zeros((num_tasks,), jnp.float32), jnp.zeros((num_tasks,), jnp.float32))
-  sums, _ = jax.lax.scan(body, init, _micro_batches(batch, accum_steps, mesh))
+  sums, _ = jax.lax.scan(body, init, (_micro_batches(batch, accum_steps, mesh),
+                                      jnp.arange(accum_steps)))
   return sums
 
 
@@ -254,6 +269,7 @@ def make_train_step(
     state_sharding: Any = None,
     frozen_sharding: Any = None,
     ce_chunk_size: int = 0,
+    dropout_seed: int | None = None,
 ) -> Callable[..., tuple[TrainState, dict[str, jax.Array]]]:
   """Jit-compiled `(state, frozen, batch, lam, lr) -> (state, metrics)`.
 
@@ -263,7 +279,10 @@ def make_train_step(
   leading axis is the global batch, sharded over `data`; state and frozen are
   replicated. `donate` lets XLA reuse the state's buffers (the input state is then
   deleted). `ce_chunk_size` > 0 computes the cross-entropy over chunks of that many tokens
-  (same loss and gradients, without the full [tokens, vocab] logits).
+  (same loss and gradients, without the full [tokens, vocab] logits). `dropout_seed` (a model
+  with LoRA dropout, in train mode): the masks of step s, micro-batch k come from
+  fold_in(fold_in(key(dropout_seed), s), k), a pure function of the step, so a resumed run draws
+  the same masks.
 
   Metrics: loss, per_task_loss [T], per_task_count [T], grad_norm (before clipping),
   weight_sum, tokens (number of loss tokens), lam [T] (the λ actually used).
@@ -278,9 +297,12 @@ def make_train_step(
       # Counts over the global batch, before any micro-batch split.
       lam = loss_lib.tla_lambda(batch["task_ids"], batch["loss_mask"], num_tasks)
     grad_fn = jax.value_and_grad(
-        lambda p, b: _loss_sums(graphdef, p, frozen, b, lam, ce_chunk_size), has_aux=True)
+        lambda p, b, key: _loss_sums(graphdef, p, frozen, b, lam, ce_chunk_size, key),
+        has_aux=True)
+    key = (None if dropout_seed is None
+           else jax.random.fold_in(jax.random.key(dropout_seed), state.step))
     grads, weighted, weight, task_sum, task_count = _accumulate(
-        grad_fn, state.params, batch, accum_steps, mesh, num_tasks)
+        grad_fn, state.params, batch, accum_steps, mesh, num_tasks, key)
     # The one division of the step. A batch without loss tokens has zero sums: divide by 1.
     denom = jnp.where(weight > 0, weight, 1.0)
     grads = jax.tree.map(lambda g: g / denom, grads)
@@ -448,6 +470,11 @@ def train(
     raise ValueError(f"{len(task_names)} task names for {num_tasks} task weights")
 
   tx, schedule = make_optimizer(cfg), make_schedule(cfg)
+  from visatb_jax.model import lora as lora_lib  # pylint: disable=g-import-not-at-top
+  dropout_seed = None
+  if lora_lib.has_dropout(model):
+    model.train()  # the adapters' dropout on; their masks come from the step (make_train_step)
+    dropout_seed = (int(_cfg(cfg, "seed")) ^ _DROPOUT_SEED_SALT) & 0x7FFFFFFF
   graphdef, params, frozen = split_model(
       model, freeze_vision_tower=bool(_cfg(cfg, "freeze_vision_tower")))
   state = init_train_state(params, tx)
@@ -472,6 +499,9 @@ def train(
   start = int(state.step)
 
   if method:
+    if dropout_seed is not None:
+      raise ValueError(f"gradient_method={method!r} does not draw LoRA dropout masks; use "
+                       "lora.dropout=0 with gradient methods")
     if weighting is not None or tla:
       raise ValueError(f"gradient_method={method!r} combines per-task gradients itself; it "
                        "cannot be used with a weighting strategy or tla")
@@ -489,7 +519,7 @@ def train(
     step_fn = _cached_train_step(graphdef, _optimizer_key(cfg), mesh,
                                  int(_cfg(cfg, "accum_steps")), tla,
                                  int(_cfg(cfg, "ce_chunk_size") or 0),
-                                 _flat(state_sharding), _flat(frozen_sharding))
+                                 _flat(state_sharding), _flat(frozen_sharding), dropout_seed)
   seed = int(_cfg(cfg, "seed"))
   log = metrics_log.MetricsLog(workdir, resume_step=start, enabled=jax.process_index() == 0)
   from tqdm.auto import tqdm  # pylint: disable=g-import-not-at-top
@@ -542,6 +572,8 @@ def train(
     log.close()
     ckpt.close()  # waits until every started save is complete
   nnx.update(model, state.params)
+  if dropout_seed is not None:
+    model.eval()  # generation and export see the deterministic model
   return model
 
 

@@ -325,3 +325,32 @@ def test_train_loop_updates_only_adapters_and_projector(tmp_path):
              if not np.array_equal(np.asarray(v.get_value()), before[p])}
   assert changed and all("lora" in map(str, p) or "multi_modal_projector" in p for p in changed)
   assert any("lora_b" in p for p in changed)
+
+
+def test_train_loop_draws_fresh_dropout_masks_per_step_reproducibly(tmp_path):
+  """LoRA dropout in training: masks from (seed, step, micro-batch), so two runs are equal and a
+  run differs from the same run without dropout; the model comes back in eval mode."""
+  rng = np.random.default_rng(0)
+  ids = np.concatenate([np.full((4, P), IMG), rng.integers(4, 64, (4, 12))], axis=1)
+  mask = np.zeros(ids.shape, np.float32)
+  mask[:, P:-1] = 1.0
+  batch = {"input_ids": ids.astype(np.int32), "targets": np.roll(ids, -1, 1).astype(np.int32),
+           "loss_mask": mask, "task_ids": np.where(mask > 0, 0, -1).astype(np.int32),
+           "images": rng.normal(size=(4, 1, 16, 16, 3)).astype(np.float32)}
+  cfg = {"steps": 3, "lr": 1e-2, "checkpoint_every": 3, "log_every": 1, "accum_steps": 2}
+
+  def run(name, dropout):
+    model = lora.apply_lora(_model(), rank=RANK, alpha=ALPHA, dropout=dropout, rngs=nnx.Rngs(1))
+    trained = train.train(model, lambda step: batch, np.ones(1, np.float32), cfg, tmp_path / name,
+                          mesh=train.make_mesh(jax.devices()[:1]))
+    losses = [r["loss"] for r in train.metrics_log.read_metrics(tmp_path / name / "metrics.jsonl")]
+    return trained, losses
+
+  a, losses_a = run("a", 0.5)
+  b, losses_b = run("b", 0.5)
+  _, losses_c = run("c", 0.0)
+  assert losses_a == losses_b and losses_a != losses_c
+  assert all(np.isfinite(losses_a))
+  np.testing.assert_array_equal(_logits(a, images=False), _logits(b, images=False))
+  # Back in eval mode: no dropout in the returned model's forward.
+  np.testing.assert_array_equal(_logits(a, images=False), _logits(a, images=False))

@@ -102,14 +102,9 @@ def _lora_options(model_cfg: Any) -> dict[str, Any] | None:
   lora = _get(model_cfg, "lora", None)
   if not lora or not int(_get(lora, "rank", 0) or 0):
     return None
-  dropout = float(_get(lora, "dropout", 0.0))
-  if dropout:
-    # Each step would need a fresh dropout key threaded through the train step; until it is,
-    # refuse rather than train with the same masks at every step.
-    raise ValueError(f"config.model.lora.dropout={dropout}: LoRA dropout is not supported by the "
-                     "train step yet; use 0")
   from visatb_jax.model import lora as lora_lib  # pylint: disable=g-import-not-at-top
   return {"rank": int(lora["rank"]), "alpha": float(_get(lora, "alpha", lora["rank"])),
+          "dropout": float(_get(lora, "dropout", 0.0)),
           "target_modules": tuple(_get(lora, "target_modules", lora_lib.LORA_TARGETS))}
 
 

@@ -169,6 +169,11 @@ def lora_layers(model: nnx.Module) -> dict[Path, LoRALinear]:
   return {tuple(p): m for p, m in nnx.iter_graph(model) if isinstance(m, LoRALinear)}
 
 
+def has_dropout(model: nnx.Module) -> bool:
+  """True when some adapter of `model` applies dropout (it then needs fresh keys every step)."""
+  return any(isinstance(v, LoRADropoutKey) for _, v in nnx.to_flat_state(nnx.state(model)))
+
+
 def has_lora(model: nnx.Module) -> bool:
   """Whether `model` holds any LoRA adapter (a `LoRALinear` or an `nnx.LoRAParam`)."""
   return bool(lora_layers(model)) or any(
