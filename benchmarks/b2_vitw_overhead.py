@@ -30,8 +30,6 @@ import optax
 from flax import nnx
 
 from visatb_jax import loss, train
-from visatb_jax.model import config as model_config
-from visatb_jax.model import llava
 
 import common  # noqa: E402  (benchmarks/common.py, next to this script)
 
@@ -39,16 +37,8 @@ ROWS, LENGTH, IMAGES, TASKS = 16, 256, 6, 5
 VOCABS = (512, 32_000)
 
 
-def _model(vocab: int) -> llava.LlavaForConditionalGeneration:
-  """configs/demo.py's model sizes with the given vocabulary."""
-  cfg = model_config.LlavaConfig.from_dict({
-      "vision": {"image_size": 48, "patch_size": 16, "hidden_size": 64, "intermediate_size": 128,
-                 "num_hidden_layers": 3, "num_attention_heads": 4},
-      "text": {"vocab_size": vocab, "hidden_size": 96, "intermediate_size": 256,
-               "num_hidden_layers": 3, "num_attention_heads": 4, "num_key_value_heads": 2,
-               "max_position_embeddings": 512},
-      "image_token_id": 4})
-  return llava.LlavaForConditionalGeneration(cfg, rngs=nnx.Rngs(0))
+def _model(vocab: int):
+  return common.demo_llava(vocab)
 
 
 def _batch(vocab: int, num_image_tokens: int) -> dict[str, jax.Array]:

@@ -24,11 +24,8 @@ import sys  # noqa: E402
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
-from flax import nnx  # noqa: E402
 
 from visatb_jax import sharding, train  # noqa: E402
-from visatb_jax.model import config as model_config  # noqa: E402
-from visatb_jax.model import llava  # noqa: E402
 
 import common  # noqa: E402  (benchmarks/common.py, next to this script)
 
@@ -38,13 +35,7 @@ ROWS, LENGTH, IMAGES, TASKS, VOCAB = 16, 128, 2, 5, 512
 
 
 def _model():
-  cfg = model_config.LlavaConfig.from_dict({
-      "vision": {"image_size": 48, "patch_size": 16, "hidden_size": 64, "intermediate_size": 128,
-                 "num_hidden_layers": 3, "num_attention_heads": 4},
-      "text": {"vocab_size": VOCAB, "hidden_size": 96, "intermediate_size": 256,
-               "num_hidden_layers": 3, "num_attention_heads": 4, "num_key_value_heads": 2},
-      "image_token_id": 4})
-  return llava.LlavaForConditionalGeneration(cfg, rngs=nnx.Rngs(0))
+  return common.demo_llava(VOCAB)
 
 
 def _batch(num_image_tokens: int) -> dict[str, np.ndarray]:

@@ -20,26 +20,16 @@ import time
 
 import jax
 import numpy as np
-from flax import nnx
 
 from visatb_jax import gradmtl, gradmtl_step, train
-from visatb_jax.model import config as model_config
-from visatb_jax.model import llava
 
 import common  # noqa: E402  (benchmarks/common.py, next to this script)
 
 ROWS, LENGTH, IMAGES, TASKS, VOCAB = 16, 256, 2, 5, 512
 
 
-def _model() -> llava.LlavaForConditionalGeneration:
-  cfg = model_config.LlavaConfig.from_dict({
-      "vision": {"image_size": 48, "patch_size": 16, "hidden_size": 64, "intermediate_size": 128,
-                 "num_hidden_layers": 3, "num_attention_heads": 4},
-      "text": {"vocab_size": VOCAB, "hidden_size": 96, "intermediate_size": 256,
-               "num_hidden_layers": 3, "num_attention_heads": 4, "num_key_value_heads": 2,
-               "max_position_embeddings": 512},
-      "image_token_id": 4})
-  return llava.LlavaForConditionalGeneration(cfg, rngs=nnx.Rngs(0))
+def _model():
+  return common.demo_llava(VOCAB)
 
 
 def _batch(num_image_tokens: int) -> dict[str, np.ndarray]:

@@ -38,8 +38,9 @@ def test_counts_match_the_real_model_and_fsdp_divides_the_params():
   sharded = dryrun.dry_run(_config(fsdp=8))
   assert sharded["devices"] == 8 and sharded["mesh"]["fsdp"] == 8
   ratio = sharded["per_device_bytes"]["trainable_params"] / pd["trainable_params"]
-  # Norm scales and odd-sized dimensions stay replicated, so not exactly 1/8.
-  assert 1 / 8 <= ratio < 0.3, ratio
+  # Norm scales and odd-sized dimensions stay replicated, so not exactly 1/8 of the bytes.
+  assert ratio >= 0.125, ratio  # nothing is split finer than the 8 devices
+  assert ratio < 0.3, ratio  # but the matrices are split
   text = dryrun.format_report(sharded)
   assert "optimizer_state" in text and "activations_and_temps" in text and "'fsdp': 8" in text
 
