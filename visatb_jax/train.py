@@ -489,6 +489,12 @@ def train(
   method = _cfg(cfg, "gradient_method")
   mtl_state = None
   if method:
+    if dropout_seed is not None:
+      raise ValueError(f"gradient_method={method!r} does not draw LoRA dropout masks; use "
+                       "lora.dropout=0 with gradient methods")
+    if weighting is not None or tla:
+      raise ValueError(f"gradient_method={method!r} combines per-task gradients itself; it "
+                       "cannot be used with a weighting strategy or tla")
     from visatb_jax import gradmtl_step  # pylint: disable=g-import-not-at-top
     # Salted like the weighting key: PCGrad's task order must not share the model's seed stream.
     mtl_seed = (int(_cfg(cfg, "seed")) ^ _GRADMTL_SEED_SALT) & 0x7FFFFFFF
@@ -499,13 +505,6 @@ def train(
   start = int(state.step)
 
   if method:
-    if dropout_seed is not None:
-      raise ValueError(f"gradient_method={method!r} does not draw LoRA dropout masks; use "
-                       "lora.dropout=0 with gradient methods")
-    if weighting is not None or tla:
-      raise ValueError(f"gradient_method={method!r} combines per-task gradients itself; it "
-                       "cannot be used with a weighting strategy or tla")
-    from visatb_jax import gradmtl_step  # pylint: disable=g-import-not-at-top
     options = tuple(sorted(dict(_cfg(cfg, "gradient_method_options") or {}).items()))
     mtl_fn = gradmtl_step.cached_gradmtl_train_step(
         graphdef, _optimizer_key(cfg), mesh, method, options, int(_cfg(cfg, "accum_steps")),
