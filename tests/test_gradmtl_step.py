@@ -11,30 +11,13 @@ from flax import nnx
 from visatb_jax import gradmtl, gradmtl_step, loss, train
 
 # The tiny model of the train-step tests: embed + image feature + MLP + head; TRACES counts traces.
-from test_train import TRACES, TinyModel, assert_rel_close, grads_of  # noqa: E402
+from test_train import (TRACES, TinyModel, assert_rel_close, grads_of,  # noqa: E402
+                        make_batch)
 
 # Two tasks: every method compiles one solver per possible number of active tasks.
-VOCAB, DIM, SEQ, ROWS, T = 16, 8, 6, 8, 2
+ROWS, T = 8, 2  # the rows and tasks of test_train.make_batch
 LAM = np.array([2.0, 0.5], np.float32)
 METHODS = sorted(gradmtl.METHODS)
-
-
-def make_batch(seed=0, rows=ROWS, task_of_row=None):
-  """Uneven loss tokens per row; row r belongs to task r % T unless `task_of_row` says."""
-  rng = np.random.default_rng(seed)
-  mask = np.zeros((rows, SEQ), np.float32)
-  for r in range(rows):
-    mask[r, SEQ - 1 - (r % (SEQ - 1)):] = 1.0
-  task_of_row = np.arange(rows) % T if task_of_row is None else np.asarray(task_of_row)
-  return {
-      "input_ids": rng.integers(0, VOCAB, (rows, SEQ)).astype(np.int32),
-      "targets": rng.integers(0, VOCAB, (rows, SEQ)).astype(np.int32),
-      "loss_mask": mask,
-      "task_ids": np.where(mask > 0, task_of_row[:, None], -1).astype(np.int32),
-      "positions": np.broadcast_to(np.arange(SEQ, dtype=np.int32), (rows, SEQ)).copy(),
-      "segment_ids": np.ones((rows, SEQ), np.int32),
-      "images": rng.normal(size=(rows, 1, 2, 2, 3)).astype(np.float32),
-  }
 
 
 deltas = grads_of  # old params − new params: the update of a step (−direction under SGD(1))

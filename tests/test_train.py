@@ -46,14 +46,16 @@ class TinyModel(nnx.Module):
     return self.lm_head(h)
 
 
-def make_batch(seed: int, rows: int = ROWS) -> dict[str, np.ndarray]:
+def make_batch(seed: int = 0, rows: int = ROWS, task_of_row=None) -> dict[str, np.ndarray]:
   """Batch contract by hand; uneven loss tokens per row so that per-shard normalisation
-  would give a different loss than global normalisation."""
+  would give a different loss than global normalisation. Row r belongs to task r % 2 unless
+  `task_of_row` says otherwise."""
   rng = np.random.default_rng(seed)
   mask = np.zeros((rows, SEQ), np.float32)
   for r in range(rows):
     mask[r, SEQ - 1 - (r % (SEQ - 1)):] = 1.0  # 1 .. SEQ-1 loss tokens
-  task_of_row = np.arange(rows) % len(TASKS)
+  task_of_row = (np.arange(rows) % len(TASKS) if task_of_row is None
+                 else np.asarray(task_of_row))
   return {
       "input_ids": rng.integers(0, VOCAB, (rows, SEQ)).astype(np.int32),
       "targets": rng.integers(0, VOCAB, (rows, SEQ)).astype(np.int32),

@@ -371,15 +371,12 @@ class Experiment:
     """
     info_path = os.path.join(directory, "run.json")
     fileio.sync(f"claim {directory}")  # every process decides on the same run.json
-    done = False
-    if os.path.exists(info_path):
-      info = fileio.read_json(info_path)
-      if info.get("hash") == stage_hash:
-        done = bool(info.get("done"))
-      elif fileio.is_primary():
-        shutil.rmtree(directory)
-    if not done:
+    info = fileio.read_json(info_path) if os.path.exists(info_path) else None
+    if info is not None and info.get("hash") != stage_hash and fileio.is_primary():
+      shutil.rmtree(directory)
+    if info is None or info.get("hash") != stage_hash:
       fileio.atomic_write_json(info_path, {"hash": stage_hash, "done": False})
+    done = info is not None and info.get("hash") == stage_hash and bool(info.get("done"))
     fileio.sync(f"claimed {directory}")
     return done
 

@@ -30,6 +30,7 @@ from visatb_jax import loss as loss_lib
 from visatb_jax import metrics_log
 from visatb_jax import sharding as sharding_lib
 from visatb_jax import weighting as weighting_lib
+from visatb_jax.model import lora as lora_lib
 
 DATA_AXIS = "data"
 CHECKPOINT_DIR = "checkpoints"
@@ -133,7 +134,6 @@ def _cached_train_step(graphdef: nnx.GraphDef, optimizer_key: tuple[float, float
 def trainable_filter(freeze_vision_tower: bool = True, lora: bool = False) -> nnx.filterlib.Filter:
   """What the optimizer updates: every nnx.Param except a frozen vision tower's; with LoRA, the
   adapters and the projector only (model/lora.py)."""
-  from visatb_jax.model import lora as lora_lib  # pylint: disable=g-import-not-at-top
   return lora_lib.trainable_filter(freeze_vision_tower, lora)
 
 
@@ -145,7 +145,6 @@ def split_model(
   A model carrying LoRA adapters trains only them (and the projector); the frozen rest holds no
   optimizer state.
   """
-  from visatb_jax.model import lora as lora_lib  # pylint: disable=g-import-not-at-top
   return nnx.split(model, trainable_filter(freeze_vision_tower, lora_lib.has_lora(model)), ...)
 
 
@@ -217,8 +216,7 @@ def _loss_sums(graphdef: nnx.GraphDef, params: nnx.State, frozen: nnx.State,
   the LoRA adapters' dropout masks of this micro-batch (model/lora.py).
   """
   if dropout_key is not None:
-    from visatb_jax.model import lora as lora_lib  # pylint: disable=g-import-not-at-top
-    frozen = lora_lib.with_dropout_key(frozen, dropout_key)
+      frozen = lora_lib.with_dropout_key(frozen, dropout_key)
   model = nnx.merge(graphdef, params, frozen)
   inputs = dict(images=batch.get("images"), positions=batch.get("positions"),
                 segment_ids=batch.get("segment_ids"))
@@ -470,7 +468,6 @@ def train(
     raise ValueError(f"{len(task_names)} task names for {num_tasks} task weights")
 
   tx, schedule = make_optimizer(cfg), make_schedule(cfg)
-  from visatb_jax.model import lora as lora_lib  # pylint: disable=g-import-not-at-top
   dropout_seed = None
   if lora_lib.has_dropout(model):
     model.train()  # the adapters' dropout on; their masks come from the step (make_train_step)

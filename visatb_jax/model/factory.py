@@ -22,6 +22,7 @@ from typing import Any
 
 import jax
 
+from visatb_jax.model import lora as lora_lib
 from visatb_jax.model.config import LlavaConfig
 from visatb_jax.model.llava import LlavaForConditionalGeneration
 
@@ -102,19 +103,16 @@ def _lora_options(model_cfg: Any) -> dict[str, Any] | None:
   lora = _get(model_cfg, "lora", None)
   if not lora or not int(_get(lora, "rank", 0) or 0):
     return None
-  from visatb_jax.model import lora as lora_lib  # pylint: disable=g-import-not-at-top
   return {"rank": int(lora["rank"]), "alpha": float(_get(lora, "alpha", lora["rank"])),
           "dropout": float(_get(lora, "dropout", 0.0)),
           "target_modules": tuple(_get(lora, "target_modules", lora_lib.LORA_TARGETS))}
 
 
-def _with_lora(model: LlavaForConditionalGeneration, model_cfg: Any,
+def _with_lora(model: LlavaForConditionalGeneration, options: dict[str, Any] | None,
                seed: int) -> LlavaForConditionalGeneration:
-  options = _lora_options(model_cfg)
   if options is None:
     return model
   from flax import nnx
-  from visatb_jax.model import lora as lora_lib  # pylint: disable=g-import-not-at-top
   return lora_lib.apply_lora(model, rngs=nnx.Rngs(seed), **options)
 
 
@@ -134,7 +132,7 @@ def build_model(model_cfg: Any, config: LlavaConfig, *,
   from flax import nnx
   kwargs = remat_options(_get(model_cfg, "remat", "none"))
   seed = int(_get(model_cfg, "init_seed", 0))
-  _lora_options(model_cfg)  # a bad LoRA setting fails before any weight is read
+  lora = _lora_options(model_cfg)  # a bad LoRA setting fails before any weight is read
   path = checkpoint_path(model_cfg)
   if path is not None:
     from visatb_jax.model import hf_io
@@ -144,12 +142,13 @@ def build_model(model_cfg: Any, config: LlavaConfig, *,
   else:
     model = LlavaForConditionalGeneration(config, rngs=nnx.Rngs(seed), **kwargs)
   # Adapters from their own seed stream: the same for every run of a pipeline.
-  return _with_lora(model, model_cfg, seed + 1)
+  return _with_lora(model, lora, seed + 1)
 
 
 def abstract_model(model_cfg: Any, config: LlavaConfig) -> LlavaForConditionalGeneration:
   """The model with ShapeDtypeStruct leaves: shapes and dtypes only, no memory, no weights read."""
   from flax import nnx
   kwargs = remat_options(_get(model_cfg, "remat", "none"))
+  lora = _lora_options(model_cfg)
   return nnx.eval_shape(lambda: _with_lora(
-      LlavaForConditionalGeneration(config, rngs=nnx.Rngs(0), **kwargs), model_cfg, 1))
+      LlavaForConditionalGeneration(config, rngs=nnx.Rngs(0), **kwargs), lora, 1))
