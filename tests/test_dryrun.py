@@ -57,6 +57,25 @@ def test_remat_bounds_activation_memory_whatever_the_depth():
   assert temps["full"] < 0.6 * temps["none"], temps
 
 
+def test_activation_memory_follows_rows_per_device_not_the_device_count():
+  """The model pins its activations to the batch axes: more FSDP devices with the same rows per
+  device must not cost more temporaries per device (without the constraints XLA followed the
+  sharded weights and kept the whole global batch's attention scores on every device)."""
+  temps = {}
+  for devices in (2, 8):
+    config = _config(fsdp=devices)
+    config.data.seq_len = 256
+    # Weights large against activations, as at 7B: XLA then prefers moving activations.
+    text = config.model.text
+    text.hidden_size, text.intermediate_size, text.num_hidden_layers = 1024, 2048, 1
+    text.num_attention_heads = text.num_key_value_heads = 16
+    config.train.batch_size = 2 * devices
+    config.train.accum_steps = 1
+    temps[devices] = dryrun.dry_run(config, jax.devices()[:devices])["per_device_bytes"][
+        "activations_and_temps"]
+  assert temps[8] < 1.25 * temps[2], temps  # unconstrained: 1.68x
+
+
 def test_bf16_and_remat_are_reported():
   config = _config()
   config.model.dtype = "bfloat16"

@@ -54,6 +54,7 @@ from jax.sharding import PartitionSpec as P
 
 from visatb_jax import gradmtl
 from visatb_jax import loss as loss_lib
+from visatb_jax import sharding as sharding_lib
 from visatb_jax import train as train_lib
 
 Batch = Mapping[str, Any]
@@ -268,7 +269,8 @@ def make_gradmtl_train_step(
   repl, data = train_lib.replicated(mesh), train_lib.data_sharded(mesh)
   state_sh = repl if state_sharding is None else state_sharding
   frozen_sh = repl if frozen_sharding is None else frozen_sharding
-  return jax.jit(step, in_shardings=(state_sh, frozen_sh, data, repl, repl, repl),
+  return jax.jit(sharding_lib.under_mesh(step, mesh),
+                 in_shardings=(state_sh, frozen_sh, data, repl, repl, repl),
                  out_shardings=(state_sh, repl, repl),
                  donate_argnums=(0, 5) if donate else ())
 

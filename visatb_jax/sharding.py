@@ -24,6 +24,7 @@ never an error, and a tiny model on a big mesh simply ends up (partly) replicate
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import math
 import os
@@ -398,6 +399,16 @@ def with_logical_constraint(x: jax.Array, logical_axes: Sequence[str | None],
         x, logical_to_spec(logical_axes, x.shape, abstract, rules))
   return jax.lax.with_sharding_constraint(
       x, NamedSharding(mesh, logical_to_spec(logical_axes, x.shape, mesh, rules)))
+
+
+def under_mesh(fn: Any, mesh: Mesh) -> Any:
+  """`fn` traced with `mesh` as the abstract mesh, so the model's `with_logical_constraint`
+  calls pin its activations (they are no-ops without one). Wrap a step before `jax.jit`."""
+  @functools.wraps(fn)
+  def wrapped(*args, **kwargs):
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+      return fn(*args, **kwargs)
+  return wrapped
 
 
 # ---------------------------------------------------------------------------- multi-host init

@@ -322,7 +322,8 @@ def make_train_step(
   repl, data = replicated(mesh), data_sharded(mesh)
   state_sh = repl if state_sharding is None else state_sharding
   frozen_sh = repl if frozen_sharding is None else frozen_sharding
-  return jax.jit(step, in_shardings=(state_sh, frozen_sh, data, repl, repl),
+  return jax.jit(sharding_lib.under_mesh(step, mesh),
+                 in_shardings=(state_sh, frozen_sh, data, repl, repl),
                  out_shardings=(state_sh, repl), donate_argnums=(0,) if donate else ())
 
 
