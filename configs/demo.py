@@ -83,9 +83,12 @@ def get_config() -> ml_collections.ConfigDict:
   c.eval.batch_size = 64
   c.eval.max_new_tokens = 40
 
-  # Final models trained besides VisATB; STL is the reference of ΔI / ΔE. Also available:
-  # "tla", and the dynamic weightings "rlw", "dwa", "igb" (options below, sized for the demo's
-  # ~190 steps per final run).
+  # The method of the run's own final model: "visatb" (λ from the prep runs), or any baseline
+  # below but "stl" (then the prep, validate and lambda stages are not needed and not run).
+  c.weighting = "visatb"
+  # Final models trained besides it; STL is the reference of ΔI / ΔE. Also available: "tla",
+  # the dynamic weightings "rlw", "dwa", "igb" (options below, sized for the demo's ~190 steps
+  # per final run) and the gradient methods "imgrad", "cagrad", "pcgrad", "mgda", "nash".
   c.baselines = ("ew", "stl")
   c.weighting_options = {"dwa": {"window": 10}, "igb": {"base_start": 10, "base_end": 30}}
   return c

@@ -1,6 +1,9 @@
 """The whole VisATB method as resumable stages (DESIGN.md, "The data flow").
 
-  data ─► prep (mini, <task>+mini) ─► validate ─► lambda ─► final (visatb + baselines) ─► test ─► report
+  data ─► prep (mini, <task>+mini) ─► validate ─► lambda ─► final (weighting + baselines) ─► test ─► report
+
+`config.weighting` names the method of the run's own final model (default "visatb"); prep,
+validate and lambda only run when VisATB is among the final models.
 
 A stage is skipped when `manifest.json` says it finished under the same stage hash. Inside a stage,
 every trained model and every score file carries that hash too, and training resumes from its last
@@ -27,7 +30,7 @@ _STAGE_INPUTS = (
     ("prep", ("model", "train", "prep")),
     ("validate", ("eval",)),
     ("lambda", ("balance",)),
-    ("final", ("baselines", "weighting_options")),
+    ("final", ("weighting", "baselines", "weighting_options")),
     ("test", ()),
     ("report", ()),
 )
@@ -92,8 +95,23 @@ def stage_lambda(exp: Experiment, stage_hash: str) -> None:
   _log("λ = " + ", ".join(f"{t}={report['lambda'][t]:.3f}" for t in exp.task_names))
 
 
+def main_method(config) -> str:
+  """`config.weighting`: the method of the run's own final model (default VisATB)."""
+  return str(config.get("weighting") or "visatb")
+
+
 def final_methods(exp: Experiment) -> list[str]:
-  return ["visatb"] + [m for m in exp.config.baselines if m != "visatb"]
+  main = main_method(exp.config)
+  return [main] + [m for m in exp.config.baselines if m != main]
+
+
+# Stages that exist only to produce VisATB's λ.
+BALANCE_STAGES = ("prep", "validate", "lambda")
+
+
+def needs_balance(config) -> bool:
+  """Whether VisATB is among the final models (else prep, validate and lambda are not run)."""
+  return main_method(config) == "visatb" or "visatb" in config.baselines
 
 
 # Dynamic loss-weighting baselines (METHOD.md section 9), run in the same train step.
@@ -103,7 +121,7 @@ GRADIENT_BASELINES = ("imgrad", "cagrad", "pcgrad", "mgda", "nash")
 
 
 def stage_final(exp: Experiment, stage_hash: str) -> None:
-  lam = exp.read_output("lambda.json")["lambda"]
+  lam = exp.read_output("lambda.json")["lambda"] if needs_balance(exp.config) else None
   ones = np.ones(exp.num_tasks, np.float32)
   for method in final_methods(exp):
     if method == "stl":
@@ -188,6 +206,12 @@ def run(config, workdir: str, *, stages: Sequence[str] | None = None) -> None:
   if unknown:
     raise PipelineError(f"unknown baseline(s) {unknown} in config.baselines; known: "
                         f"{list(KNOWN_METHODS)}")
+  main = main_method(config)
+  if main not in KNOWN_METHODS or main == "stl":
+    raise PipelineError(
+        f"config.weighting={main!r} is not a method of one final model; choose one of "
+        f"{[m for m in KNOWN_METHODS if m != 'stl']} (STL, one model per task, is a baseline: "
+        f"name it in config.baselines)")
   exp = Experiment(config, workdir)
   _use_compilation_cache(os.path.join(workdir, "xla_cache"))
   man = manifest.Manifest(workdir, config)
@@ -195,6 +219,9 @@ def run(config, workdir: str, *, stages: Sequence[str] | None = None) -> None:
   _log(f"run directory {os.path.abspath(workdir)}")
   for stage in STAGES:
     if stages and stage not in stages:
+      continue
+    if stage in BALANCE_STAGES and not needs_balance(config):
+      _log(f"stage {stage}: not needed (weighting={main!r}, no 'visatb' in baselines)")
       continue
     # Every process reads the manifest between the same two barriers, so all take the same path.
     fileio.sync(f"stage {stage}")

@@ -141,6 +141,7 @@ def paper_config(name: str, tasks: Mapping[str, Mapping[str, Any]], *, r_large: 
   c.eval.batch_size = 32
   c.eval.max_new_tokens = 128
 
+  c.weighting = "visatb"  # the run's own final model (pipeline.main_method)
   c.baselines = tuple(baselines)
   c.weighting_options = {}
   return c

@@ -101,6 +101,33 @@ def test_unknown_stage_and_task_are_clear_errors(tmp_path):
     pipeline.run(config, str(tmp_path))
 
 
+def test_weighting_selects_the_final_model_and_skips_the_balance_stages(tmp_path, capsys):
+  """weighting=ew without VisATB among the baselines: no prep runs, no λ, EW is the run's model."""
+  config = micro_config()
+  config.weighting = "ew"
+  config.baselines = ("stl",)
+  workdir = str(tmp_path / "ew")
+  pipeline.run(config, workdir)
+  logged = capsys.readouterr().out
+  for stage in pipeline.BALANCE_STAGES:
+    assert f"stage {stage}: not needed (weighting='ew'" in logged
+  assert not os.path.exists(os.path.join(workdir, "lambda.json"))
+  assert not os.path.exists(os.path.join(workdir, "prep"))
+  test = fileio.read_json(os.path.join(workdir, "scores", "test.json"))
+  assert set(test) == {"untrained", "ew", "stl"}
+  assert set(fileio.read_json(os.path.join(workdir, "report", "comparison.json"))) == {
+      "untrained", "ew"}
+  report = open(os.path.join(workdir, "report", "report.md"), encoding="utf-8").read()
+  assert "lambda.json" in report  # the balance section says it is not available
+
+  config.weighting = "stl"
+  with pytest.raises(pipeline.PipelineError, match="weighting='stl'.*config.baselines"):
+    pipeline.run(config, workdir)
+  config.weighting = "dwaa"
+  with pytest.raises(pipeline.PipelineError, match="weighting='dwaa'"):
+    pipeline.run(config, workdir)
+
+
 def _launch_cmd(workdir):
   overrides = [f"--config.{k}={v}" for k, v in MICRO_OVERRIDES.items()]
   return [sys.executable, "-m", "visatb_jax.launch", "--config", "demo.py", "--workdir", workdir,
