@@ -4,6 +4,8 @@ initialize_distributed from the VISATB_* variables and a global batch assembled 
 processes' rows; then the training loop: each process reads its own half of every global batch,
 the run must log the same losses as one process on 4 devices, only process 0 may write the
 metrics, and a resume from the checkpoint both processes wrote must continue the same run.
+Generation for validation: the prompt rows split over both hosts' devices, the parameters
+sharded across the hosts, the same tokens as one process, every answer on both processes.
 """
 
 import json
@@ -49,6 +51,31 @@ def get_batch(i):
 train.train(tt.new_model(), get_batch, tt.LAM, tt.CFG, workdir, mesh=train.make_mesh(),
             task_names=tt.TASKS)
 print("DONE", jax.process_index(), jax.process_count(), jax.device_count(), flush=True)
+"""
+
+
+_GENERATE_WORKER = r"""
+import sys
+from visatb_jax import sharding
+sharding.initialize_distributed()
+import jax, numpy as np
+from flax import nnx
+sys.path.insert(0, sys.argv[1])
+import test_generate as tg
+from visatb_jax.model.generate import greedy_generate
+mesh = sharding.make_mesh({"fsdp": 2})  # data 2 x fsdp 2 over both processes' devices
+model = tg.make_model()
+state = nnx.state(model)
+shardings = sharding.param_shardings(state, mesh)
+# Every process holds the same initial values; each supplies the shards its devices hold.
+nnx.update(model, jax.tree.map(
+    lambda x, s: jax.make_array_from_callback(x.shape, s, lambda i: np.asarray(x)[i]),
+    state, shardings))
+ids, mask, images = tg.make_prompts()
+rows = np.arange(4) % 3
+out = greedy_generate(model, ids[rows], mask[rows], images[rows], max_new_tokens=tg.NEW,
+                      eos_id=tg.NEVER, pad_id=tg.PAD, mesh=mesh)
+print("TOKENS", jax.process_index(), out.tolist(), flush=True)
 """
 
 
@@ -122,3 +149,17 @@ def test_two_processes_train_like_one_and_resume(tmp_path):
                                [tasks_want[t] for t in tt.TASKS], rtol=1e-5)
   assert sorted(os.listdir(workdir / "checkpoints")) == ["3", "6"]
   assert json.loads((workdir / metrics_log.METRICS_FILE).read_text().splitlines()[-1])["step"] == 6
+
+
+def test_generation_split_over_two_hosts_gives_every_process_every_answer(tmp_path):
+  sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "model"))
+  import test_generate as tg
+  from visatb_jax.model.generate import greedy_generate
+  ids, mask, images = tg.make_prompts()
+  rows = np.arange(4) % 3
+  want = greedy_generate(tg.make_model(), ids[rows], mask[rows], images[rows],
+                         max_new_tokens=tg.NEW, eos_id=tg.NEVER, pad_id=tg.PAD).tolist()
+  model_tests = os.path.join(os.path.dirname(os.path.abspath(__file__)), "model")
+  for pid, (code, out) in enumerate(run_two_processes(tmp_path, _GENERATE_WORKER, model_tests)):
+    assert code == 0, out[-3000:]
+    assert f"TOKENS {pid} {want}" in out, out[-3000:]

@@ -12,7 +12,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import tqdm
 
-from visatb_jax import metrics
+from visatb_jax import metrics, sharding
 from visatb_jax.data import images as images_lib
 from visatb_jax.data import template
 from visatb_jax.model import generate
@@ -79,9 +79,16 @@ def build_eval_sets(
 
 
 def generate_answers(model, eval_set: EvalSet, *, tokenizer, batch_size: int,
-                     max_new_tokens: int) -> list[str]:
-  """Greedy answers for one task; the last batch is padded so that no new shape compiles."""
+                     max_new_tokens: int, mesh=None) -> list[str]:
+  """Greedy answers for one task; the last batch is padded so that no new shape compiles.
+
+  With `mesh`, each batch's rows are split over its batch axes (all devices of all hosts decode
+  their share; `batch_size` is rounded up to a multiple of the shards) and every process gets
+  every answer.
+  """
   n = len(eval_set)
+  if mesh is not None:
+    batch_size = _round_up(batch_size, sharding.batch_shards(mesh))
   stop = tokenizer.eos_token_id if eval_set.stop_id is None else eval_set.stop_id
   answers = []
   for start in range(0, n, batch_size):
@@ -89,7 +96,7 @@ def generate_answers(model, eval_set: EvalSet, *, tokenizer, batch_size: int,
     tokens = generate.greedy_generate(
         model, eval_set.prompt_ids[idx], eval_set.prompt_mask[idx],
         images_lib.normalize(eval_set.images[idx]),
-        max_new_tokens=max_new_tokens, eos_id=stop, pad_id=tokenizer.pad_token_id)
+        max_new_tokens=max_new_tokens, eos_id=stop, pad_id=tokenizer.pad_token_id, mesh=mesh)
     tokens = np.asarray(tokens)[: min(batch_size, n - start)]
     for row in tokens:
       row = row[row != tokenizer.pad_token_id]
@@ -100,13 +107,14 @@ def generate_answers(model, eval_set: EvalSet, *, tokenizer, batch_size: int,
 
 def evaluate(model, eval_sets: Mapping[str, EvalSet], *, tokenizer, batch_size: int,
              max_new_tokens: int, tasks: Sequence[str] | None = None,
-             desc: str = "eval") -> tuple[dict[str, float], dict[str, list[str]]]:
-  """Scores `model` on each task → ({task: score}, {task: predictions})."""
+             desc: str = "eval", mesh=None) -> tuple[dict[str, float], dict[str, list[str]]]:
+  """Scores `model` on each task → ({task: score}, {task: predictions}); `mesh`: see
+  `generate_answers`."""
   scores, predictions = {}, {}
   for task in tqdm.tqdm(tasks or list(eval_sets), desc=desc, leave=False, disable=None):
     es = eval_sets[task]
     preds = generate_answers(model, es, tokenizer=tokenizer, batch_size=batch_size,
-                             max_new_tokens=max_new_tokens)
+                             max_new_tokens=max_new_tokens, mesh=mesh)
     refs = [[r] for r in es.references] if es.metric == "cider" else es.references
     scores[task] = float(metrics.score(es.metric, preds, refs))
     predictions[task] = preds

@@ -490,7 +490,7 @@ class Experiment:
     scores, preds = evaluate.evaluate(
         self.load_model(rel_dir), self.eval_sets(split), tokenizer=self.tokenizer,
         batch_size=int(ec.batch_size), max_new_tokens=int(ec.max_new_tokens), tasks=tasks,
-        desc=f"{rel_dir or 'untrained'} on {split}")
+        desc=f"{rel_dir or 'untrained'} on {split}", mesh=self.mesh)
     print(f"  {rel_dir or 'untrained'} on {split}: "
           + ", ".join(f"{t}={v:.3f}" for t, v in scores.items()), flush=True)
     fileio.atomic_write_json(cache, {"hash": stage_hash, "scores": scores,

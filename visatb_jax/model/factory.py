@@ -22,6 +22,7 @@ from typing import Any
 
 import jax
 
+from visatb_jax import sharding
 from visatb_jax.model import lora as lora_lib
 from visatb_jax.model.config import LlavaConfig
 from visatb_jax.model.llava import LlavaForConditionalGeneration
@@ -118,7 +119,6 @@ def _with_lora(model: LlavaForConditionalGeneration, options: dict[str, Any] | N
 
 def shardings_fn(mesh: jax.sharding.Mesh) -> Callable[[tuple[Any, ...], tuple[int, ...]], Any]:
   """Places each loaded parameter straight into its logical-axis sharding on `mesh`."""
-  from visatb_jax import sharding
 
   def fn(path, shape):
     axes = sharding.param_logical_axes(path, shape)
@@ -142,7 +142,12 @@ def build_model(model_cfg: Any, config: LlavaConfig, *,
   else:
     model = LlavaForConditionalGeneration(config, rngs=nnx.Rngs(seed), **kwargs)
   # Adapters from their own seed stream: the same for every run of a pipeline.
-  return _with_lora(model, lora, seed + 1)
+  model = _with_lora(model, lora, seed + 1)
+  if mesh is not None:
+    # Everything in its training sharding, so a restored or evaluated model runs on the mesh too.
+    state = nnx.state(model)
+    nnx.update(model, jax.device_put(state, sharding.param_shardings(state, mesh)))
+  return model
 
 
 def abstract_model(model_cfg: Any, config: LlavaConfig) -> LlavaForConditionalGeneration:

@@ -6,6 +6,11 @@ segment 0, real tokens segment 1, so real tokens never attend to padding.
 
 Output convention: `[B, max_new_tokens]` int32 generated tokens; the EOS token itself is NOT
 included — it and everything after it are `pad_id`.
+
+With a mesh, the prompt rows are split over the mesh's batch axes (every device of every host
+decodes its own rows; each process supplies the shards its devices hold from the same host array),
+the model's activation constraints apply, and the generated tokens come back replicated, so every
+process holds the whole batch's answers.
 """
 
 from __future__ import annotations
@@ -17,6 +22,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import Mesh
+
+from visatb_jax import sharding as sharding_lib
 
 
 def _check_prompt(prompt_ids: Any, prompt_mask: Any,
@@ -76,23 +84,33 @@ def _greedy(model, prompt_ids, prompt_mask, images, eos_id, pad_id, *, max_new_t
 
 
 @functools.lru_cache(maxsize=32)
-def _compiled(graphdef: nnx.GraphDef, max_new_tokens: int):
-  """One jitted pure function per model structure and output length; jax.jit caches per shape.
-
-  eos_id and pad_id are traced arguments, so changing them never recompiles.
+def _compiled(graphdef: nnx.GraphDef, max_new_tokens: int, mesh: Mesh | None = None):
+  """One jitted pure function per model structure, output length and mesh; jax.jit caches per
+  shape. eos_id and pad_id are traced arguments, so changing them never recompiles.
   """
 
-  @jax.jit
   def run(state, prompt_ids, prompt_mask, images, eos_id, pad_id):
     model = nnx.merge(graphdef, state)
     return _greedy(model, prompt_ids, prompt_mask, images, eos_id, pad_id,
                    max_new_tokens=max_new_tokens)
 
-  return run
+  if mesh is None:
+    return jax.jit(run)
+  # Replicated tokens: every process can read the whole batch's answers.
+  return jax.jit(sharding_lib.under_mesh(run, mesh),
+                 out_shardings=sharding_lib.replicated(mesh))
+
+
+def _on_mesh(x: np.ndarray, mesh: Mesh) -> jax.Array:
+  """A host array (the same on every process) as a global array split over the batch axes."""
+  sh = jax.sharding.NamedSharding(
+      mesh, sharding_lib.logical_to_spec(("batch",) + (None,) * (x.ndim - 1), x.shape, mesh))
+  return jax.make_array_from_callback(x.shape, sh, lambda index: x[index])
 
 
 def greedy_generate(model: nnx.Module, prompt_ids: Any, prompt_mask: Any, images: Any = None, *,
-                    max_new_tokens: int, eos_id: int, pad_id: int) -> np.ndarray:
+                    max_new_tokens: int, eos_id: int, pad_id: int,
+                    mesh: Mesh | None = None) -> np.ndarray:
   """Greedy decoding of a batch of left-padded prompts with a KV cache.
 
   Args:
@@ -103,16 +121,23 @@ def greedy_generate(model: nnx.Module, prompt_ids: Any, prompt_mask: Any, images
     max_new_tokens: tokens to generate per row.
     eos_id: stops a row; not included in the output (a negative id never stops).
     pad_id: fills a row after its EOS.
+    mesh: split the rows over this mesh's batch axes (the model's parameters live on it); every
+      process of a multi-host job must call with the same arguments. B should be a multiple of
+      the batch shards (`sharding.batch_shards`), else the rows are replicated.
 
   Returns:
     np.int32 [B, max_new_tokens].
   """
   ids, mask = _check_prompt(prompt_ids, prompt_mask, max_new_tokens)
   graphdef, state = nnx.split(model)
-  run = _compiled(graphdef, int(max_new_tokens))
-  images = None if images is None else jnp.asarray(images, jnp.float32)
-  out = run(state, jnp.asarray(ids), jnp.asarray(mask), images, jnp.int32(eos_id),
-            jnp.int32(pad_id))
+  run = _compiled(graphdef, int(max_new_tokens), mesh)
+  if mesh is None:
+    images = None if images is None else jnp.asarray(images, jnp.float32)
+    ids, mask = jnp.asarray(ids), jnp.asarray(mask)
+  else:
+    images = None if images is None else _on_mesh(np.asarray(images, np.float32), mesh)
+    ids, mask = _on_mesh(ids, mesh), _on_mesh(mask, mesh)
+  out = run(state, ids, mask, images, jnp.int32(eos_id), jnp.int32(pad_id))
   return np.asarray(out, np.int32)
 
 
