@@ -70,6 +70,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.prep = ml_collections.ConfigDict()
   c.prep.r_large = 1.0
   c.prep.r_mini = 0.125
+  # 1: the preparation runs one after another on the whole mesh; K > 1: K at a time, each on
+  # 1/K of the devices (one host's devices: a single-process run).
+  c.prep.parallel = 1
 
   c.balance = ml_collections.ConfigDict()
   c.balance.form = "real"

@@ -355,11 +355,23 @@ class Experiment:
     mesh_config = self.config.get("mesh")
     return sharding.make_mesh(mesh_config.to_dict() if mesh_config is not None else None)
 
-  def new_model(self):
-    """The initial model of every run: the checkpoint of `model.path`, or a seeded random init."""
+  def sub_meshes(self, count: int) -> list:
+    """`count` meshes of the config's shape over disjoint groups of the devices."""
+    from visatb_jax import sharding
+    mesh_config = self.config.get("mesh")
+    try:
+      return sharding.split_meshes(
+          mesh_config.to_dict() if mesh_config is not None else None, count)
+    except ValueError as e:
+      raise PipelineError(str(e)) from e
+
+  def new_model(self, mesh=None):
+    """The initial model of every run: the checkpoint of `model.path`, or a seeded random init,
+    placed on `mesh` (default: the whole mesh)."""
     from visatb_jax.model import factory
     try:
-      return factory.build_model(self.config.model, self.model_config, mesh=self.mesh)
+      return factory.build_model(self.config.model, self.model_config,
+                                 mesh=self.mesh if mesh is None else mesh)
     except (OSError, ValueError) as e:
       raise PipelineError(f"model: {e}") from e
 
@@ -391,7 +403,9 @@ class Experiment:
 
   def train_model(self, rel_dir: str, examples: Sequence[packing.Example], lam: np.ndarray, *,
                   stage_hash: str, tla: bool = False, weighting=None,
-                  gradient_method: str | None = None) -> None:
+                  gradient_method: str | None = None, mesh=None) -> None:
+    """Trains one model into `rel_dir` (skipped when done, resumed when interrupted) on `mesh`
+    (default: the whole mesh)."""
     from visatb_jax import train
     directory = self.path(rel_dir)
     if self._claim_dir(directory, stage_hash):
@@ -413,8 +427,9 @@ class Experiment:
     else:
       data = lambda step: ds.batch_at(step, int(tc.batch_size))  # noqa: E731
     try:
-      train.train(self.new_model(), data, np.asarray(lam, np.float32), cfg, directory,
-                  task_names=list(self.task_names), mesh=self.mesh, weighting=weighting)
+      mesh = self.mesh if mesh is None else mesh
+      train.train(self.new_model(mesh), data, np.asarray(lam, np.float32), cfg, directory,
+                  task_names=list(self.task_names), mesh=mesh, weighting=weighting)
     finally:
       if hasattr(data, "close"):
         data.close()

@@ -12,6 +12,7 @@ checkpoint, so a run killed at any moment resumes where it stopped and ends with
 
 from __future__ import annotations
 
+import concurrent.futures
 import os
 import time
 import warnings
@@ -58,16 +59,34 @@ def _prep_dir(name: str) -> str | None:
 
 
 def stage_prep(exp: Experiment, stage_hash: str) -> None:
+  """Trains the preparation models: one after another on the whole mesh, or with
+  `prep.parallel = K` side by side, K at a time, each on its own 1/K of the devices."""
   with warnings.catch_warnings():
     warnings.simplefilter("ignore")  # logged below, once
     messages = exp.subset_warnings()
   for w in messages:
     _log(f"warning: {w}")
-  for name in prep_model_names(exp):
-    examples = exp.prep_examples(name)
-    if examples is not None:
-      exp.train_model(_prep_dir(name), examples, np.ones(exp.num_tasks, np.float32),
-                      stage_hash=stage_hash)
+  names = [n for n in prep_model_names(exp) if n != "base"]  # base is the initial model
+  ones = np.ones(exp.num_tasks, np.float32)
+
+  def train_all(group, mesh=None):
+    for name in group:
+      exp.train_model(_prep_dir(name), exp.prep_examples(name), ones, stage_hash=stage_hash,
+                      mesh=mesh)
+
+  parallel = int(exp.config.prep.get("parallel") or 1)
+  if parallel <= 1:
+    train_all(names)
+    return
+  meshes = exp.sub_meshes(parallel)
+  _log(f"prep: {len(names)} runs, {parallel} side by side on {meshes[0].devices.size} "
+       f"device(s) each")
+  # Threads: JAX dispatch is thread-safe and each group's computations run on its own devices;
+  # the host work of one group (packing, batches, checkpoints) overlaps the others' steps.
+  with concurrent.futures.ThreadPoolExecutor(parallel, thread_name_prefix="prep") as pool:
+    futures = [pool.submit(train_all, names[k::parallel], mesh) for k, mesh in enumerate(meshes)]
+    for future in futures:
+      future.result()  # the first failure, with its own traceback
 
 
 def stage_validate(exp: Experiment, stage_hash: str) -> None:

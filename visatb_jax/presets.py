@@ -130,6 +130,9 @@ def paper_config(name: str, tasks: Mapping[str, Mapping[str, Any]], *, r_large: 
   c.prep = ml_collections.ConfigDict()
   c.prep.r_large = r_large
   c.prep.r_mini = r_mini
+  # 1: the preparation runs one after another on the whole mesh; K > 1: K at a time, each on
+  # 1/K of the devices (one host's devices: a single-process run).
+  c.prep.parallel = 1
 
   c.balance = ml_collections.ConfigDict()
   c.balance.form = form

@@ -153,6 +153,30 @@ def make_mesh(mesh_config: Any = None, devices: Sequence[jax.Device] | None = No
   return Mesh(_device_grid(shape, devices), MESH_AXES)
 
 
+def split_meshes(mesh_config: Any, count: int,
+                 devices: Sequence[jax.Device] | None = None) -> list[Mesh]:
+  """`count` meshes of the same config over disjoint, contiguous groups of `devices` (default:
+  all), for independent runs side by side (the preparation runs, `prep.parallel`).
+
+  Raises:
+    ValueError: `count` does not divide the device count, a group does not fit `mesh_config`, or
+      a multi-process job (its processes would have to agree on every collective of every group;
+      side-by-side runs are for one host's devices).
+  """
+  devices = jax.devices() if devices is None else list(devices)
+  if count < 1 or len(devices) % count:
+    raise ValueError(f"prep.parallel={count} must divide the {len(devices)} devices into equal "
+                     "groups")
+  if count > 1 and jax.process_count() > 1:
+    raise ValueError(f"prep.parallel={count} needs a single-process run (this job has "
+                     f"{jax.process_count()} processes); use prep.parallel=1")
+  size = len(devices) // count
+  try:
+    return [make_mesh(mesh_config, devices[k * size:(k + 1) * size]) for k in range(count)]
+  except ValueError as e:
+    raise ValueError(f"prep.parallel={count} gives groups of {size} devices: {e}") from e
+
+
 # --------------------------------------------------------------------------------- logical axes
 
 

@@ -10,9 +10,10 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 
-from visatb_jax import fileio, pipeline
+from visatb_jax import fileio, metrics_log, pipeline
 
 from conftest import MICRO_OVERRIDES, REPO, micro_config
 
@@ -99,6 +100,25 @@ def test_unknown_stage_and_task_are_clear_errors(tmp_path):
   config.task_order = ("caption", "vqa", "ocr")
   with pytest.raises(pipeline.PipelineError, match="'ocr'"):
     pipeline.run(config, str(tmp_path))
+
+
+def test_prep_runs_side_by_side_on_sub_meshes(finished_run, tmp_path, capsys):
+  """prep.parallel=2: the 5 preparation runs, two at a time on 4 devices each, train the same
+  models as one after another on all 8 (float sums in another order: 1e-4)."""
+  config = micro_config()
+  config.prep.parallel = 2
+  workdir = str(tmp_path / "parallel")
+  pipeline.run(config, workdir, stages=["data", "prep"])
+  assert "prep: 5 runs, 2 side by side on 4 device(s) each" in capsys.readouterr().out
+  for name in ["mini"] + [f"{t}+mini" for t in ("caption", "vqa", "count", "grounding")]:
+    assert fileio.read_json(os.path.join(workdir, "prep", name, "run.json"))["done"], name
+    got, want = (metrics_log.read_metrics(os.path.join(d, "prep", name, "metrics.jsonl"))
+                 for d in (workdir, finished_run))
+    assert [r["step"] for r in got] == [r["step"] for r in want], name
+    np.testing.assert_allclose([r["loss"] for r in got], [r["loss"] for r in want], rtol=1e-4)
+  config.prep.parallel = 3
+  with pytest.raises(pipeline.PipelineError, match="prep.parallel=3 must divide the 8 devices"):
+    pipeline.run(config, str(tmp_path / "three"), stages=["data", "prep"])
 
 
 def test_weighting_selects_the_final_model_and_skips_the_balance_stages(tmp_path, capsys):
