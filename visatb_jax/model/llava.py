@@ -15,8 +15,8 @@ from flax import nnx
 
 from visatb_jax.model.clip import CLIPVisionModel, activation
 from visatb_jax.model.config import LlavaConfig
-from visatb_jax.model.llama import (KVCache, LlamaModel, default_positions_and_segments, lm_logits,
-                                    make_lm_head)
+from visatb_jax.model.llama import (KVCache, LlamaModel, default_positions_and_segments, dense,
+                                    lm_logits, make_lm_head)
 
 
 class LlavaMultiModalProjector(nnx.Module):
@@ -29,7 +29,7 @@ class LlavaMultiModalProjector(nnx.Module):
     self.linear_2 = nnx.Linear(config.text.hidden_size, config.text.hidden_size, **kw)
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    return self.linear_2(activation(self.act_name)(self.linear_1(x)))
+    return dense(self.linear_2, activation(self.act_name)(dense(self.linear_1, x)))
 
 
 def splice_image_features(text_embeds: jax.Array, input_ids: jax.Array, features: jax.Array,
