@@ -1,4 +1,4 @@
-"""Tests of packing: the shift at every segment boundary, images, first-fit, batch_at."""
+"""Tests of packing: the shift at every segment boundary, images, first-fit, best fill, batch_at."""
 
 import numpy as np
 import pytest
@@ -7,7 +7,8 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from visatb_jax.data import images as img
-from visatb_jax.data.packing import Example, PackedDataset, pack, pack_rows, rows_to_batch
+from visatb_jax.data.packing import (Example, PackedDataset, pack, pack_rows, pack_rows_best_fill,
+                                     rows_to_batch)
 
 PAD = 3
 H = 2
@@ -99,6 +100,131 @@ def test_pack_rejects_oversized_examples():
     pack_rows([3, 11], [0, 0], seq_len=10, max_images=1)
   with pytest.raises(ValueError, match="example 0 has 2 images"):
     pack_rows([3], [2], seq_len=10, max_images=1)
+
+
+
+def _first_fit_decreasing(lengths, counts, seq_len, max_images):
+  order = np.argsort(-np.asarray(lengths), kind="stable")
+  rows = pack_rows([lengths[i] for i in order], [counts[i] for i in order], seq_len, max_images)
+  return [sorted(int(order[i]) for i in row) for row in rows]
+
+
+def test_best_fill_fills_rows_first_fit_decreasing_leaves_short():
+  lengths = [4, 4, 3, 3, 3, 3]
+  assert _first_fit_decreasing(lengths, [0] * 6, 10, 0) == [[0, 1], [2, 3, 4], [5]]
+  # Row 1: the greedy fill (4 + 4) leaves 2 free, the best pair (3 + 3) none.
+  assert pack_rows_best_fill(lengths, [0] * 6, 10, 0) == [[0, 2, 3], [1, 4, 5]]
+
+
+def test_best_fill_respects_the_image_cap():
+  # Tokens would fit one row; images (1 + 1 + 1) do not. Sample 0 opens, the fill takes sample 1,
+  # and with the cap reached only the text-only sample still fits.
+  assert pack_rows_best_fill([10, 10, 10, 10], [1, 1, 1, 0], 100, 2) == [[0, 1, 3], [2]]
+  # The 2-image sample opens and fills the cap alone.
+  assert pack_rows_best_fill([3, 3, 3], [2, 1, 1], 10, 2) == [[0], [1, 2]]
+  assert pack_rows_best_fill([5, 5], [0, 0], 10, 0) == [[0, 1]]
+
+
+def test_best_fill_ties_go_to_most_images_then_earliest_index():
+  assert pack_rows_best_fill([5, 5, 5, 5], [0] * 4, 10, 0) == [[0, 1], [2, 3]]
+  # The opener: of equal lengths, the most images first, whatever the index.
+  assert pack_rows_best_fill([5, 5], [0, 1], 5, 1) == [[1], [0]]
+  assert pack_rows_best_fill([5, 5], [1, 0], 5, 1) == [[0], [1]]
+  # The greedy fill: 6 opens, and of the 4s that fit, the 2-image one joins it, or of the 1-image
+  # ones the earliest.
+  assert pack_rows_best_fill([6, 4, 4], [0, 0, 2], 10, 2) == [[0, 2], [1]]
+  assert pack_rows_best_fill([6, 4, 4, 4], [0, 1, 0, 1], 10, 2) == [[0, 1], [2, 3]]
+  # Row 1 opens with 10, the greedy fill (7) leaves 3 free; the pairs 6 + 4 and 5 + 5 both
+  # fill it, and the earlier index pair wins.
+  assert pack_rows_best_fill([10, 7, 6, 5, 5, 4], [0] * 6, 20, 0) == [[0, 2, 5], [1, 3, 4]]
+  assert pack_rows_best_fill([10, 7, 5, 5, 6, 4], [0] * 6, 20, 0) == [[0, 2, 3], [1, 4, 5]]
+
+
+def test_best_fill_is_not_always_within_first_fit_decreasing_rows():
+  # A heuristic, no guarantee: row 3 takes 19 + 5 + 3 (full) where FFD takes 19 + 7, and the
+  # rest then packs into 3 rows instead of 2.
+  lengths = [24, 21, 19, 17, 12, 12, 7, 6, 5, 4, 3, 3]
+  assert len(_first_fit_decreasing(lengths, [0] * 12, 27, 0)) == 5
+  assert pack_rows_best_fill(lengths, [0] * 12, 27, 0) == [[0, 10], [1, 7], [2, 8, 11], [3, 6],
+                                                           [4, 5], [9]]
+  # With images: row 1 opens with 5 (1 image); the greedy fill (4, 1 image) leaves 1 free, the
+  # best pair 3 + 2 (text-only) none, and the two 4s left (1 + 3 images) then exceed the cap
+  # together. FFD puts the 1-image 4 with the 5, the text-only samples with the 3-image 4.
+  lengths, counts = [4, 5, 2, 4, 3], [1, 1, 0, 3, 0]
+  assert _first_fit_decreasing(lengths, counts, 10, 3) == [[0, 1], [2, 3, 4]]
+  assert pack_rows_best_fill(lengths, counts, 10, 3) == [[1, 2, 4], [3], [0]]
+
+
+def _reference_best_fill(lengths, counts, seq_len, max_images):
+  """The definition, by brute force."""
+  key = lambda i: (-lengths[i], -counts[i], i)  # noqa: E731
+
+  def fill(left, r, m):
+    taken = []
+    while fits := [i for i in left if lengths[i] <= r and counts[i] <= m]:
+      i = min(fits, key=key)
+      left.remove(i)
+      taken.append(i)
+      r, m = r - lengths[i], m - counts[i]
+    return taken, r
+
+  left, rows = set(range(len(lengths))), []
+  while left:
+    opener = min(left, key=key)
+    left.remove(opener)
+    r, m = seq_len - lengths[opener], max_images - counts[opener]
+    row, free = fill(set(left), r, m)
+    pairs = [(i, j) for i in left for j in left if i < j and lengths[i] + lengths[j] <= r
+             and counts[i] + counts[j] <= m]
+    if pairs:
+      i, j = min(pairs, key=lambda p: (-lengths[p[0]] - lengths[p[1]], p))
+      rest, pair_free = fill(left - {i, j}, r - lengths[i] - lengths[j], m - counts[i] - counts[j])
+      if pair_free < free:
+        row = [i, j] + rest
+    left -= set(row)
+    rows.append(sorted([opener] + row))
+  return rows
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.integers(1, 24), st.integers(0, 3), st.data())
+def test_best_fill_matches_reference(seq_len, max_images, data):
+  items = data.draw(st.lists(st.tuples(st.integers(1, seq_len), st.integers(0, max_images)),
+                             min_size=0, max_size=30))
+  lengths, counts = [n for n, _ in items], [k for _, k in items]
+  rows = pack_rows_best_fill(lengths, counts, seq_len, max_images)
+  assert rows == _reference_best_fill(lengths, counts, seq_len, max_images)
+  assert sorted(i for row in rows for i in row) == list(range(len(items)))
+  for row in rows:
+    assert row and sum(lengths[i] for i in row) <= seq_len
+    assert sum(counts[i] for i in row) <= max_images
+  # A pure function of its inputs, whatever their container.
+  assert pack_rows_best_fill(np.asarray(lengths, np.int64), tuple(counts), seq_len,
+                             max_images) == rows
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.integers(1, 2048), st.integers(0, 4)), min_size=1, max_size=400),
+       st.integers(4, 8))
+def test_best_fill_partitions_within_limits(items, max_images):
+  lengths, counts = zip(*items)
+  rows = pack_rows_best_fill(lengths, counts, 2048, max_images)
+  assert sorted(i for row in rows for i in row) == list(range(len(items)))
+  for row in rows:
+    assert sum(lengths[i] for i in row) <= 2048 and sum(counts[i] for i in row) <= max_images
+  assert rows == pack_rows_best_fill(lengths, counts, 2048, max_images)
+
+
+def test_best_fill_rejects_oversized_examples():
+  with pytest.raises(ValueError, match="example 1 has 11 tokens"):
+    pack_rows_best_fill([3, 11], [0, 0], seq_len=10, max_images=1)
+  with pytest.raises(ValueError, match="example 0 has 2 images"):
+    pack_rows_best_fill([3], [2], seq_len=10, max_images=1)
+  with pytest.raises(ValueError, match="example 0 has 0 tokens"):
+    pack_rows_best_fill([0], [0], seq_len=10, max_images=1)
+  with pytest.raises(ValueError, match="2 lengths but 1 image counts"):
+    pack_rows_best_fill([3, 3], [0], seq_len=10, max_images=1)
+  assert pack_rows_best_fill([], [], seq_len=10, max_images=1) == []
 
 
 def test_image_files_are_loaded_when_batched(tmp_path):

@@ -8,8 +8,9 @@ The pipeline of one host (``make_dataset``)::
     -> map(EncodeRecord)                decode, chat template + tokenizer, image bytes -> uint8;
                                         a sample too long for ``max_len`` becomes None (dropped)
     -> to_iter_dataset(read threads)
-    -> PackBatchesIterDataset           first-fit packing of windows of ``pack_window`` samples
-                                        (``packing.pack_rows``) into ``host_batch_size`` rows
+    -> PackBatchesIterDataset           best-fill packing of windows of ``pack_window`` samples
+                                        (``packing.pack_rows_best_fill``) into
+                                        ``host_batch_size`` rows
                                         (``packing.rows_to_batch``: the Batch contract)
     -> mp_prefetch(worker_count)        optional worker processes, each running all of the above
                                         on its own slice of the shuffled stream
@@ -145,8 +146,11 @@ class _PackBatchesIterator(grain.DatasetIterator):
     examples = list(itertools.islice(self._parent, self._window))
     if not examples:
       return False
-    rows = packing.pack_rows([len(ex) for ex in examples], [ex.num_images for ex in examples],
-                             self._seq_len, self._max_images)
+    # Best fill builds rows longest first; a row goes out once its last sample has arrived, so
+    # the rows follow the stream (lengths and tasks mixed, epochs in order), not their lengths.
+    rows = sorted(packing.pack_rows_best_fill([len(ex) for ex in examples],
+                                              [ex.num_images for ex in examples], self._seq_len,
+                                              self._max_images), key=max)
     if self._skip > len(rows):
       raise ValueError(f"iterator state skips {self._skip} rows of a window that packs into "
                        f"{len(rows)}: the state belongs to other data or settings")
