@@ -1,6 +1,7 @@
 """Tests for the Llama-style decoder: masking, GQA, KV cache, remat, and parity with transformers."""
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -9,7 +10,11 @@ import pytest
 from flax import nnx
 
 from visatb_jax.model.config import TextConfig
-from visatb_jax.model.llama import KVCache, LlamaForCausalLM, apply_rope, rope_cos_sin
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from visatb_jax.model.llama import (KVCache, LlamaForCausalLM, apply_rope, attention_mask,
+                                    causal_attention, query_block_size, rope_cos_sin)
 
 CFG = TextConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                  num_attention_heads=4, num_key_value_heads=2)
@@ -80,6 +85,39 @@ def test_packed_segments_equal_separate_rows(model):
   # Without segment ids the second sample would see the first: the mask is what makes them equal.
   leaky = _logits(model, ids, positions, jnp.ones_like(segments))
   assert np.abs(np.asarray(leaky[0, 5:9] - out[1, :4])).max() > 1e-3
+
+
+def test_query_block_size_rule():
+  assert [query_block_size(t) for t in (9, 64, 256, 512, 2048, 4097)] == [64, 64, 64, 64, 256, 513]
+
+
+@functools.partial(jax.jit, static_argnames="block")
+def _attention_and_grads(q, k, v, mask, ct, *, block):
+  out, vjp = jax.vjp(lambda q, k, v: causal_attention(q, k, v, mask, block), q, k, v)
+  return out, vjp(ct)
+
+
+@settings(max_examples=6, deadline=None)
+@given(t=st.integers(2, 40), block=st.integers(1, 17), cut=st.integers(0, 40),
+       seed=st.integers(0, 5))
+def test_causal_attention_in_blocks_equals_one_block(t, block, cut, seed):
+  # Packed rows (two samples, then padding) and a ragged last block: the blocks drop only keys no
+  # query of theirs may see, so outputs and gradients equal the one-block computation.
+  rng = np.random.default_rng(seed)
+  b, kvh, group, hd = 2, 2, 2, 4
+  q, ct = (jnp.asarray(rng.normal(size=(b, kvh, group, t, hd)), jnp.float32) for _ in range(2))
+  k, v = (jnp.asarray(rng.normal(size=(b, kvh, t, hd)), jnp.float32) for _ in range(2))
+  cut = min(cut, t)
+  seg = np.ones((b, t), np.int32)
+  seg[0, cut:] = 2
+  seg[1, max(t - 3, 1):] = 0
+  mask = attention_mask(jnp.arange(t), jnp.asarray(seg), jnp.asarray(seg))
+  out, grads = _attention_and_grads(q, k, v, mask, ct, block=block)
+  ref, ref_grads = _attention_and_grads(q, k, v, mask, ct, block=0)
+  np.testing.assert_allclose(out, ref, atol=1e-5)
+  for g, r in zip(grads, ref_grads):
+    np.testing.assert_allclose(g, r, atol=1e-5)
+  assert np.isfinite(np.asarray(out)).all()
 
 
 PAD_SEGMENTS = jnp.array([[0, 0, 0, 0, 0, 0], [0, 0, 1, 1, 1, 0]])
@@ -216,8 +254,9 @@ def load_torch_params(module: nnx.Module, named_params) -> None:
     var[...] = jnp.asarray(arr)
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2"])
-def test_parity_with_transformers(family):
+# 150 tokens: the training attention runs in 3 query blocks (query_block_size), 9 in one.
+@pytest.mark.parametrize("family,length", [("llama", 9), ("qwen2", 9), ("llama", 150)])
+def test_parity_with_transformers(family, length):
   torch = pytest.importorskip("torch")
   transformers = pytest.importorskip("transformers")
   common = dict(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
@@ -237,9 +276,9 @@ def test_parity_with_transformers(family):
         p.add_(0.1 * torch.randn_like(p))
   model = LlamaForCausalLM(cfg, rngs=nnx.Rngs(0))
   load_torch_params(model, hf.named_parameters())
-  ids = np.random.default_rng(0).integers(0, 97, (2, 9))
+  ids = np.random.default_rng(0).integers(0, 97, (2, length))
   with torch.no_grad():
     ref = hf(torch.tensor(ids)).logits.numpy()
-  out = _logits(model, jnp.asarray(ids, jnp.int32), jnp.broadcast_to(jnp.arange(9), (2, 9)),
-                jnp.ones((2, 9), jnp.int32))
+  out = _logits(model, jnp.asarray(ids, jnp.int32),
+                jnp.broadcast_to(jnp.arange(length), (2, length)), jnp.ones((2, length), jnp.int32))
   np.testing.assert_allclose(out, ref, atol=1e-4, rtol=1e-4)

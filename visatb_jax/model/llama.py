@@ -113,6 +113,50 @@ def attention_mask(q_slots: jax.Array, q_segments: jax.Array, k_segments: jax.Ar
   return causal & (q_segments[:, :, None] == k_segments[:, None, :])
 
 
+def query_block_size(t: int) -> int:
+  """Query rows per block of the training attention: at most 8 blocks, at least 64 rows each.
+
+  Block [a, z) needs keys [0, z) only, so blocks skip most of the causally masked upper triangle
+  that one [t, t] score matrix computes and throws away (8 blocks compute 56 % of it, 4 blocks
+  62 %). Why not smaller: each block adds a few small ops. B1's tiny model (t = 256), forward +
+  backward, in one process: 64 rows 11 % faster than one block, 32 rows slower than 64.
+  """
+  return max(64, -(-t // 8))
+
+
+def _attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+  """Softmax attention of scaled q [b, kvh, g, t, hd] over k, v [b, kvh, s, hd]; mask [b, t, s].
+
+  Both products run as plain batched matmuls over (row, kv head), with the group's queries
+  stacked along the query length: written as one 5-d einsum, XLA:CPU took 2.5x longer for
+  attention's forward + backward (BENCHMARKS.md, B1).
+  """
+  b, kvh, group, t, hd = q.shape
+  s = k.shape[2]
+  scores = jnp.einsum("bkqd,bksd->bkqs", q.reshape(b, kvh, group * t, hd), k,
+                      preferred_element_type=jnp.float32)
+  scores = _constrain(scores.reshape(b, kvh, group, t, s), _SCORE_AXES)
+  scores = jnp.where(mask[:, None, None], scores, _NEG)
+  probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype).reshape(b, kvh, group * t, s)
+  return jnp.einsum("bkqs,bksd->bkqd", probs, v).reshape(b, kvh, group, t, hd)
+
+
+def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
+                     block: int) -> jax.Array:
+  """`_attend` over a full sequence (keys = the queries' own slots), in query blocks of `block`.
+
+  Exact: every query sees only keys at slots <= its own (`mask` is causal), so block [a, z) loses
+  nothing by reading keys [0, z) only; each block's softmax is over all the keys it may see.
+  Args as `_attend`, with s = t; `block` <= 0 or >= t: one block.
+  """
+  t = q.shape[3]
+  if block <= 0 or block >= t:
+    return _attend(q, k, v, mask)
+  return jnp.concatenate(
+      [_attend(q[:, :, :, a:a + block], k[:, :, :a + block], v[:, :, :a + block],
+               mask[:, a:a + block, :a + block]) for a in range(0, t, block)], axis=3)
+
+
 class LlamaAttention(nnx.Module):
   """Grouped-query attention with rotary embeddings; einsum attention, float32 softmax."""
 
@@ -149,20 +193,14 @@ class LlamaAttention(nnx.Module):
       v = jax.lax.dynamic_update_slice(kv[1], v.astype(kv[1].dtype), (0, index, 0, 0))
       new_kv = (k, v)
       k, v = k.astype(q.dtype), v.astype(q.dtype)
-    # Query head h reads kv head h // group (HF repeat_kv), hence the [kv, group] split of heads.
-    # Both products run as plain batched matmuls over (row, kv head), with the group's queries
-    # stacked along the query length: written as one 5-d einsum, XLA:CPU took 2.5x longer for
-    # attention's forward + backward (BENCHMARKS.md, B1).
     kvh, group, hd = self.num_kv_heads, self.num_heads // self.num_kv_heads, self.head_dim
-    s = k.shape[1]
-    q = (q * hd**-0.5).reshape(b, t, kvh, group, hd).transpose(0, 2, 3, 1, 4)
-    q = q.reshape(b, kvh, group * t, hd)
+    # Query head h reads kv head h // group (HF repeat_kv), hence the [kv, group] split of heads.
+    q = (q * hd**-0.5).reshape(b, t, kvh, group, hd).transpose(0, 2, 3, 1, 4)  # [b, kvh, g, t, hd]
     k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [b, kvh, s, hd]
-    scores = jnp.einsum("bkqd,bksd->bkqs", q, k, preferred_element_type=jnp.float32)
-    scores = _constrain(scores.reshape(b, kvh, group, t, s), _SCORE_AXES)
-    scores = jnp.where(mask[:, None, None], scores, _NEG)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype).reshape(b, kvh, group * t, s)
-    out = jnp.einsum("bkqs,bksd->bkqd", probs, v).reshape(b, kvh, group, t, hd)
+    if kv is None:  # training: keys are this call's tokens, so the causal blocks apply
+      out = causal_attention(q, k, v, mask, query_block_size(t))
+    else:
+      out = _attend(q, k, v, mask)
     out = out.transpose(0, 3, 1, 2, 4).reshape(b, t, self.num_heads * hd)
     return dense(self.o_proj, out), new_kv
 
