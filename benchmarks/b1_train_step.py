@@ -1,6 +1,7 @@
 """B1: train-step throughput, JAX (this project) vs PyTorch transformers, same LLaVA, fp32 CPU.
 
   python benchmarks/b1_train_step.py [--sizes tiny,100m] [--reps 7] [--warmup 2]
+                                     [--torch-threads N] [--cores N]
                                      [--out benchmarks/results/b1.json]
 
 One random `transformers.LlavaForConditionalGeneration` per size is saved and loaded into our
@@ -237,10 +238,16 @@ def main(argv=None) -> int:
   # Default: every core, as XLA's CPU client uses. On a loaded shared box torch's OpenMP threads
   # can slow down badly (spinning barriers), which `--torch-threads 1` shows.
   parser.add_argument("--torch-threads", type=int, default=os.cpu_count() or 1)
+  # Both sides confined to the first N cores (the process's CPU affinity, set before JAX starts
+  # its thread pool), for a per-core comparison; torch then uses at most N threads.
+  parser.add_argument("--cores", type=int, default=0)
   args = parser.parse_args(argv)
   threads = os.cpu_count() or 1
-  torch.set_num_threads(args.torch_threads)
-  results = {"machine": {"cpu_count": threads, "torch_threads": torch.get_num_threads(),
+  if args.cores:
+    os.sched_setaffinity(0, set(range(args.cores)))
+  torch.set_num_threads(min(args.torch_threads, args.cores or args.torch_threads))
+  results = {"machine": {"cpu_count": threads, "cores_used": len(os.sched_getaffinity(0)),
+                         "torch_threads": torch.get_num_threads(),
                          "jax": jax.__version__, "torch": torch.__version__,
                          "transformers": transformers.__version__,
                          "jax_devices": [str(d) for d in jax.devices()]},
