@@ -8,11 +8,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-
-from visatb_jax.model.config import TextConfig
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from visatb_jax.model.config import TextConfig
 from visatb_jax.model.llama import (KVCache, LlamaForCausalLM, apply_rope, attention_mask,
                                     causal_attention, query_block_size, rope_cos_sin)
 
