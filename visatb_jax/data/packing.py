@@ -13,6 +13,7 @@ Per packed sample (segment) of tokens ``x[0..n-1]`` with label mask ``m[0..n-1]`
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import os
 from typing import Sequence
@@ -147,7 +148,7 @@ class _BestFill:
     self.prev = np.maximum.accumulate(np.where(self.count > 0, arange, -seq_len - 1), axis=1)
     self.avail = [np.flatnonzero(row) for row in self.count]
     self.left = self.count.sum(axis=1)
-    self.live = [c for c in range(len(self.image_values))]  # classes with items left
+    self.live = list(range(len(self.image_values)))  # classes with items left
 
   def _longest(self, c: int, r: int, virtual: dict) -> int:
     """The longest length <= r with items left in class c after the virtual takes (0: none)."""
@@ -265,9 +266,7 @@ class _BestFill:
       first = [(ca, a, 1), (cb, b, 1)]
       a_first = [takes[0][:2]] * min(takes[0][2], 2) + [t[:2] for t in takes[1:2]]
       if sorted(a_first[:2]) != sorted([(ca, a), (cb, b)]):  # Else B is A: same greedy fill.
-        virtual = {}
-        for key in ((ca, a), (cb, b)):
-          virtual[key] = virtual.get(key, 0) + 1
+        virtual = dict(collections.Counter([(ca, a), (cb, b)]))
         rest, pair_free = self.fill(r - a - b, m - int(self.image_values[ca])
                                     - int(self.image_values[cb]), virtual)
         if pair_free < free:
