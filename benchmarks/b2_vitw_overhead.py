@@ -29,7 +29,8 @@ import numpy as np
 import optax
 from flax import nnx
 
-from visatb_jax import loss, train
+from visatb_jax import train
+from visatb_jax.core import loss
 
 import common  # noqa: E402  (benchmarks/common.py, next to this script)
 

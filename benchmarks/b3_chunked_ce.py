@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from visatb_jax import loss
+from visatb_jax.core import loss
 
 import common  # noqa: E402  (benchmarks/common.py, next to this script)
 

@@ -24,7 +24,7 @@ import time
 
 import numpy as np
 
-from visatb_jax import fileio
+from visatb_jax.runtime import fileio
 from visatb_jax.data import images as images_lib
 from visatb_jax.data import loader, packing, prepare, shapes, sources, template
 from visatb_jax.data import tokenizer as tk

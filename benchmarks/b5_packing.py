@@ -75,8 +75,8 @@ def main(argv=None) -> int:
   parser.add_argument("--workdir", default=os.path.join(REPO, "runs", "b5"))
   parser.add_argument("--out", default=os.path.join(REPO, "benchmarks", "results", "b5_packing.json"))
   args = parser.parse_args(argv)
-  from visatb_jax import launch
-  from visatb_jax.experiment import Experiment
+  from visatb_jax.cli import launch
+  from visatb_jax.pipeline.experiment import Experiment
   config = launch.load_config(os.path.join(REPO, "configs", "demo.py"))
   exp = Experiment(config, args.workdir)
   exp.prepare_data()

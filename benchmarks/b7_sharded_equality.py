@@ -25,7 +25,8 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
-from visatb_jax import sharding, train  # noqa: E402
+from visatb_jax import train
+from visatb_jax.runtime import sharding  # noqa: E402
 
 import common  # noqa: E402  (benchmarks/common.py, next to this script)
 

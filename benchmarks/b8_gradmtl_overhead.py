@@ -21,7 +21,9 @@ import time
 import jax
 import numpy as np
 
-from visatb_jax import gradmtl, gradmtl_step, train
+from visatb_jax import train
+from visatb_jax.core import gradmtl
+from visatb_jax.train import gradmtl_step
 
 import common  # noqa: E402  (benchmarks/common.py, next to this script)
 

@@ -6,7 +6,7 @@ python -m visatb_jax.launch --config academic.py \
 Tasks and metrics: `visatb_jax.presets.academic_tasks`. R_large = 1, R_mini = 1/32 (METHOD.md §10).
 """
 
-from visatb_jax.presets import academic_tasks, paper_config
+from visatb_jax.pipeline.presets import academic_tasks, paper_config
 
 
 def get_config():

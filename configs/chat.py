@@ -9,7 +9,7 @@ task's mini subset alone. The paper judges these answers with GPT; here every sc
 CIDEr against the reference answer.
 """
 
-from visatb_jax.presets import paper_config, task
+from visatb_jax.pipeline.presets import paper_config, task
 
 
 def get_config():

@@ -11,7 +11,7 @@ Multiple-choice and classification answers are scored by exact match, captions a
 by CIDEr, all GPT-free.
 """
 
-from visatb_jax.presets import paper_config, task
+from visatb_jax.pipeline.presets import paper_config, task
 
 _GROUPS = {
     "captioning": {"coco": "cider", "textcap": "cider", "image-paragraph-captioning": "cider"},

@@ -8,7 +8,7 @@ a Qwen2 model: q/k/v biases and RoPE theta are read from its config.json. The si
 Qwen2-1.5B language model behind the LLaVA-1.5 tower) serve `--dry-run` without a checkpoint.
 """
 
-from visatb_jax.presets import academic_tasks, paper_config
+from visatb_jax.pipeline.presets import academic_tasks, paper_config
 
 
 def get_config():

@@ -27,7 +27,7 @@ MICRO_OVERRIDES = {
 
 def micro_config():
   """configs/demo.py shrunk by MICRO_OVERRIDES (a fresh, unlocked ConfigDict each call)."""
-  from visatb_jax import launch
+  from visatb_jax.cli import launch
   config = launch.load_config(os.path.join(REPO, "configs", "demo.py"))
   for key, value in MICRO_OVERRIDES.items():
     *path, leaf = key.split(".")

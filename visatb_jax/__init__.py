@@ -6,6 +6,6 @@ __version__ = "0.1.0"
 def __getattr__(name):
   # Lazy so that `import visatb_jax` stays cheap for the CLI and does not import jax eagerly.
   if name in ("compute_lambda", "balance_report", "lambda_from_components"):
-    from visatb_jax import balancing
+    from visatb_jax.core import balancing
     return getattr(balancing, name)
   raise AttributeError(f"module 'visatb_jax' has no attribute {name!r}")

@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from visatb_jax import fileio, pipeline
+from visatb_jax import pipeline
+from visatb_jax.runtime import fileio
 from visatb_jax.data import shapes, tokenizer as tokenizer_lib
-from visatb_jax.experiment import Experiment, PipelineError
+from visatb_jax.pipeline.experiment import Experiment, PipelineError
 from visatb_jax.model import hf_io
 from visatb_jax.model.config import LlavaConfig
 from visatb_jax.model.llava import LlavaForConditionalGeneration

@@ -13,7 +13,9 @@ import time
 import numpy as np
 import pytest
 
-from visatb_jax import fileio, metrics_log, pipeline
+from visatb_jax import pipeline
+from visatb_jax.runtime import fileio
+from visatb_jax.runtime import metrics_log
 
 from conftest import MICRO_OVERRIDES, REPO, micro_config
 

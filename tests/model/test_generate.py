@@ -110,7 +110,7 @@ def test_generation_split_over_a_mesh_gives_the_same_tokens(model, prompts, refe
   """Rows over the batch axes, parameters sharded by their logical axes: the same greedy tokens,
   replicated back to the host."""
   import jax
-  from visatb_jax import sharding
+  from visatb_jax.runtime import sharding
   mesh = sharding.make_mesh(axes, jax.devices()[:int(np.prod(list(axes.values())))])
   sharded = nnx.clone(model)
   state = nnx.state(sharded)

@@ -45,7 +45,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from etils import epath
 
-from visatb_jax import fileio
+from visatb_jax.runtime import fileio
 
 FORMAT_VERSION = "1.0.0"
 MARKER = "prepare.json"

@@ -33,7 +33,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 from PIL import Image, ImageDraw
 
-from visatb_jax.fileio import atomic_write_bytes, atomic_write_json, read_json
+from visatb_jax.runtime.fileio import atomic_write_bytes, atomic_write_json, read_json
 
 TASKS = ("caption", "vqa", "count", "grounding", "chat")
 TASK_METRICS = {

@@ -22,7 +22,7 @@ from typing import Any
 
 import jax
 
-from visatb_jax import sharding
+from visatb_jax.runtime import sharding
 from visatb_jax.model import lora as lora_lib
 from visatb_jax.model.config import LlavaConfig
 from visatb_jax.model.llava import LlavaForConditionalGeneration

@@ -24,7 +24,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
-from visatb_jax import sharding as sharding_lib
+from visatb_jax.runtime import sharding as sharding_lib
 
 
 def _check_prompt(prompt_ids: Any, prompt_mask: Any,

@@ -34,7 +34,7 @@ import numpy as np
 from flax import nnx
 from safetensors import safe_open
 
-from visatb_jax import fileio
+from visatb_jax.runtime import fileio
 from visatb_jax.model import lora as lora_lib
 from visatb_jax.model.clip import activation
 from visatb_jax.model.config import LlavaConfig, TextConfig, VisionConfig, to_jnp_dtype

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from visatb_jax.model.config import TextConfig
-from visatb_jax.sharding import with_logical_constraint as _constrain
+from visatb_jax.runtime.sharding import with_logical_constraint as _constrain
 
 _NEG = float(jnp.finfo(jnp.float32).min)  # Finite "minus infinity": masked scores never make NaN.
 

@@ -1,0 +1,224 @@
+"""Tests of the `python -m visatb_jax.balance` command line."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from visatb_jax.cli import balance
+from visatb_jax.core import balancing
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+EXAMPLE = os.path.join(ROOT, "examples", "scores_academic_like.json")
+EXAMPLE_TASKS = ["vqav2", "gqa", "ocrvqa", "textcaps", "refcoco"]
+
+SCORES = {
+    "mini":   {"a": 0.50, "b": 0.40, "c": 0.20},
+    "a+mini": {"a": 0.70, "b": 0.45, "c": 0.10},
+    "b+mini": {"a": 0.60, "b": 0.60, "c": 0.25},
+    "c+mini": {"a": 0.40, "b": 0.40, "c": 0.60},
+}
+
+
+def _write(path, obj) -> str:
+  path.write_text(obj if isinstance(obj, str) else json.dumps(obj))
+  return str(path)
+
+
+@pytest.fixture
+def scores_file(tmp_path) -> str:
+  return _write(tmp_path / "scores.json", SCORES)
+
+
+def _run(argv, capsys) -> tuple[int, str, str]:
+  code = balance.main(argv)
+  out, err = capsys.readouterr()
+  return code, out, err
+
+
+def test_table_output(scores_file, capsys):
+  code, out, err = _run([scores_file, "--fixed", "chat=1.5"], capsys)
+  assert code == 0 and err == ""
+  lines = out.splitlines()
+  assert "form=real" in lines[0] and "T=0.5" in lines[0] and "alpha=(0.25, 0.25, 0.5)" in lines[0]
+  header = next(line for line in lines if line.startswith("task"))
+  for column in ("C_out", "C_in", "D", "_out", "_in", "_D"):
+    assert column in header
+  lam = balancing.compute_lambda(SCORES, tasks=["a", "b", "c", "chat"], fixed={"chat": 1.5})
+  report = balancing.balance_report(SCORES, tasks=["a", "b", "c", "chat"], fixed={"chat": 1.5})
+  start = lines.index(header)
+  table = lines[start:lines.index("", start)]  # the task table ends at the first blank line
+  assert len(table) == 1 + 4
+  rows = {line.split()[0]: line.split() for line in table[1:]}
+  for task in ("a", "b", "c"):
+    row = rows[task]
+    assert len(row) == 8  # task + 7 numbers
+    expected = [report["c_out"][task], report["c_in"][task], report["d"][task],
+                report["lambda_out"][task], report["lambda_in"][task], report["lambda_d"][task],
+                lam[task]]
+    assert [float(v) for v in row[1:]] == pytest.approx(expected, abs=6e-5)
+  assert rows["chat"][1] == "(fixed)" and float(rows["chat"][-1]) == 1.5
+  # Columns are aligned: every row of the task table has the same width as the header.
+  assert len({len(line) for line in table}) == 1
+  assert "contributions" in out
+
+
+def test_json_output_matches_compute_lambda(scores_file, capsys):
+  code, out, err = _run([scores_file, "--json", "--temperature", "1", "--alpha", "0.5,0.25,0.25"],
+                        capsys)
+  assert code == 0 and err == ""
+  report = json.loads(out)
+  expected = balancing.compute_lambda(SCORES, tasks=["a", "b", "c"], temperature=1.0,
+                                      alpha=(0.5, 0.25, 0.25))
+  assert report["lambda"] == pytest.approx(expected, rel=1e-6)
+  assert report["temperature"] == 1.0 and report["alpha"] == [0.5, 0.25, 0.25]
+  assert set(report) == {"tasks", "balanced", "form", "temperature", "alpha", "C", "c_out", "c_in",
+                         "d", "lambda_out", "lambda_in", "lambda_d", "lambda", "fixed", "groups",
+                         "warnings"}
+  assert report["warnings"] == []
+
+
+def test_tasks_option_sets_the_order(scores_file, capsys):
+  code, out, _ = _run([scores_file, "--json", "--tasks", "c,a,b"], capsys)
+  assert code == 0
+  assert json.loads(out)["tasks"] == ["c", "a", "b"]
+
+
+def test_auto_temperature_and_groups(tmp_path, capsys):
+  scores = {"mini": {"a1": 0.4, "a2": 0.6, "b": 0.40, "c": 0.20},
+            "A+mini": {"a1": 0.6, "a2": 0.8, "b": 0.45, "c": 0.10},
+            "B+mini": {"a1": 0.5, "a2": 0.7, "b": 0.60, "c": 0.25},
+            "C+mini": {"a1": 0.3, "a2": 0.5, "b": 0.40, "c": 0.60}}
+  groups = {"a1": "A", "a2": "A", "b": "B", "c": "C"}
+  argv = [_write(tmp_path / "s.json", scores), "--groups", _write(tmp_path / "g.json", groups),
+          "--temperature", "auto"]
+  code, out, _ = _run(argv + ["--json"], capsys)
+  assert code == 0
+  report = json.loads(out)
+  assert report["balanced"] == ["A", "B", "C"] and report["groups"] == groups
+  expected = balancing.compute_lambda(scores, tasks=list(scores["mini"]), groups=groups,
+                                      temperature=report["temperature"])
+  assert report["lambda"] == pytest.approx(expected, rel=1e-6)
+  assert all(0.5 - 1e-5 <= v <= 2 + 1e-5 for v in report["lambda"].values())
+  code, out, _ = _run(argv, capsys)
+  assert code == 0 and "group" in out and f"T={report['temperature']:.6g}" in out
+
+
+@pytest.mark.parametrize("form", ["real", "precise", "base"])
+def test_bundled_example(form, capsys):
+  code, out, err = _run([EXAMPLE, "--form", form, "--fixed", "sharegpt=1.0", "--json"], capsys)
+  assert code == 0 and err == ""
+  report = json.loads(out)
+  assert report["balanced"] == EXAMPLE_TASKS
+  assert report["lambda"]["sharegpt"] == 1.0
+  assert sum(report["lambda"][t] for t in EXAMPLE_TASKS) == pytest.approx(5.0, rel=1e-5)
+
+
+def test_bundled_example_needs_sharegpt_fixed(capsys):
+  code, _, err = _run([EXAMPLE], capsys)
+  assert code == 2
+  assert "missing model 'sharegpt+mini'" in err and "fixed weight" in err
+
+
+def _assert_one_line_error(code: int, err: str, *needles: str) -> None:
+  assert code == 2
+  assert err.endswith("\n") and err.count("\n") == 1, err
+  assert err.startswith("error: ")
+  assert "Traceback" not in err
+  for needle in needles:
+    assert needle in err, (needle, err)
+
+
+@pytest.mark.parametrize("content, needles", [
+    (None, ["no such file"]),
+    ("{not json", ["invalid JSON", "line 1"]),
+    ("[1, 2]", ["expected a non-empty object"]),
+    ("{}", ["expected a non-empty object"]),
+    (json.dumps({"mini": [0.5]}), ["model 'mini' must map task -> score"]),
+    (json.dumps({k: v for k, v in SCORES.items() if k != "b+mini"}), ["missing model 'b+mini'"]),
+    (json.dumps({**SCORES, "a+mini": {"a": 0.7, "b": 0.45}}),
+     ["model 'a+mini' has no score for task 'c'"]),
+    (json.dumps({**SCORES, "b+mini": {"a": 0.6, "b": 0.35, "c": 0.25}}),
+     ["task 'b' did not improve with its own data", "V_b(b+mini)=0.35 <= V_b(mini)=0.4"]),
+    (json.dumps({**SCORES, "mini": {"a": 0.5, "b": "x", "c": 0.2}}),
+     ["model 'mini' on task 'b' is not a number"]),
+    ('{"mini": {"a": NaN, "b": 0.4, "c": 0.2}, "a+mini": {"a": 0.7, "b": 0.45, "c": 0.1}, '
+     '"b+mini": {"a": 0.6, "b": 0.6, "c": 0.25}, "c+mini": {"a": 0.4, "b": 0.4, "c": 0.6}}',
+     ["model 'mini' on task 'a' is not finite"]),
+])
+def test_bad_scores_file(tmp_path, capsys, content, needles):
+  path = str(tmp_path / "scores.json")
+  if content is not None:
+    _write(tmp_path / "scores.json", content)
+  code, out, err = _run([path], capsys)
+  assert out == ""
+  _assert_one_line_error(code, err, f"error: {path}: ", *needles)
+
+
+@pytest.mark.parametrize("argv, needles", [
+    (["--alpha", "1,2,3"], ["--alpha", "sum to 1"]),
+    (["--alpha", "a,b"], ["--alpha", "three comma-separated numbers"]),
+    (["--temperature", "hot"], ["--temperature", "'hot'"]),
+    (["--temperature", "-2"], ["--temperature", "> 0"]),
+    (["--fixed", "chat"], ["--fixed", "TASK=WEIGHT", "'chat'"]),
+    (["--fixed", "chat=-1"], ["--fixed", ">= 0"]),
+    (["--form", "fancy"], ["--form", "fancy"]),
+    (["--bogus"], ["unrecognized arguments: --bogus"]),
+    (["--tasks", "a"], ["scores.json", "at least 2 balanced tasks"]),
+    (["--tasks", ","], ["--tasks"]),
+    (["--on-degenerate", "ignore"], ["--on-degenerate", "'ignore'"]),
+])
+def test_bad_options(scores_file, capsys, argv, needles):
+  code, out, err = _run([scores_file] + argv, capsys)
+  assert out == ""
+  _assert_one_line_error(code, err, *needles)
+
+
+def test_on_degenerate_warn(tmp_path, capsys):
+  # Task b did not improve with its own data (0.35 < 0.4): an error by default; with
+  # --on-degenerate warn its column of C is zeroed, and one warning line goes to stderr.
+  bad = _write(tmp_path / "scores.json",
+               {**SCORES, "b+mini": {"a": 0.6, "b": 0.35, "c": 0.25}})
+  code, out, err = _run([bad, "--json"], capsys)
+  _assert_one_line_error(code, err, "task 'b' did not improve")
+  code, out, err = _run([bad, "--json", "--on-degenerate", "warn"], capsys)
+  assert code == 0
+  assert err == (f"warning: {bad}: task 'b' did not improve with its own data: "
+                 "V_b(b+mini)=0.35 <= V_b(mini)=0.4; C[i→b] set to 0 for every other i "
+                 "(on_degenerate='warn')\n")
+  report = json.loads(out)
+  assert [row[1] for row in report["C"]] == [0.0, 1.0, 0.0]
+  assert len(report["warnings"]) == 1 and report["warnings"][0] in err
+  scores = json.loads(open(bad, encoding="utf-8").read())
+  with pytest.warns(UserWarning):
+    expected = balancing.compute_lambda(scores, tasks=["a", "b", "c"], on_degenerate="warn")
+  assert report["lambda"] == pytest.approx(expected, rel=1e-6)
+  code, out, err = _run([bad, "--on-degenerate", "warn"], capsys)  # table output
+  assert code == 0 and "contributions" in out and err.count("\n") == 1
+  assert err.startswith("warning: ")
+
+
+@pytest.mark.parametrize("content, needles", [
+    ("[]", ["expected an object {task: group}"]),
+    (json.dumps({"a": "A", "b": 3, "c": "C"}), ["group of task 'b' must be a string"]),
+    (json.dumps({"a": "A", "b": "B"}), ["tasks ['c'] have no group"]),
+    ("{oops", ["invalid JSON"]),
+])
+def test_bad_groups_file(tmp_path, scores_file, capsys, content, needles):
+  groups = _write(tmp_path / "groups.json", content)
+  code, _, err = _run([scores_file, "--groups", groups], capsys)
+  _assert_one_line_error(code, err, f"{groups}: ", *needles)
+
+
+def test_module_entry_point_subprocess(tmp_path):
+  bad = _write(tmp_path / "scores.json", {k: v for k, v in SCORES.items() if k != "c+mini"})
+  env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+  proc = subprocess.run([sys.executable, "-m", "visatb_jax.balance", bad], capture_output=True,
+                        text=True, cwd=ROOT, env=env, timeout=120)
+  assert proc.returncode == 2 and proc.stdout == ""
+  assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
+  assert proc.stderr.startswith(f"error: {bad}: missing model 'c+mini'")

@@ -1,0 +1,208 @@
+"""Tests of the dynamic loss-weighting strategies (visatb_jax/weighting.py, METHOD.md §9)."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from visatb_jax.core import weighting
+
+T = 4
+RNG = jax.random.key(0)
+FIXED = {"fixed_mask": [False, True, False, False], "fixed_values": [0, 1.0, 0, 0]}
+# Small windows so that every dynamic rule is active within a dozen steps.
+OPTIONS = {
+    "ew": {},
+    "static": {"lam": [2.0, 1.0, 0.5, 0.5]},
+    "rlw": {},
+    "dwa": {"window": 2},
+    "igb": {"base_start": 1, "base_end": 3},
+}
+
+
+def _n_softmax(scores):
+  e = np.exp(np.asarray(scores, np.float64) - np.max(scores))
+  return len(scores) * e / e.sum()
+
+
+def _run(strategy, losses, counts=None, rng=RNG, state=None):
+  """Feeds the rows of `losses` as steps 0, 1, ...; returns the λ after each and the state."""
+  update = jax.jit(strategy.update)
+  state = strategy.init(len(losses[0])) if state is None else state
+  lams = []
+  for step, loss in enumerate(losses):
+    count = None if counts is None else jnp.asarray(counts[step], jnp.float32)
+    lam, state = update(state, jnp.asarray(loss, jnp.float32), step, rng, count)
+    np.testing.assert_array_equal(lam, state["lam"])
+    lams.append(np.asarray(lam))
+  return np.stack(lams), state
+
+
+def _random_losses(steps, seed=0):
+  return np.random.default_rng(seed).uniform(0.5, 3.0, size=(steps, T)).astype(np.float32)
+
+
+def test_registry():
+  assert set(weighting.STRATEGIES) == {"ew", "static", "tla", "rlw", "dwa", "igb"}
+  for name, options in OPTIONS.items():
+    assert weighting.get_strategy(name, **options).name == name
+  with pytest.raises(ValueError, match="unknown weighting strategy"):
+    weighting.get_strategy("gradnorm")
+  with pytest.raises(TypeError):
+    weighting.get_strategy("dwa", windw=3)
+  with pytest.raises(ValueError):
+    weighting.get_strategy("dwa", window=0)
+  with pytest.raises(ValueError):
+    weighting.get_strategy("igb", base_start=5, base_end=5)
+  with pytest.raises(ValueError, match="together"):
+    weighting.get_strategy("ew", fixed_mask=[True, False, False, False])
+
+
+@pytest.mark.parametrize("name", sorted(OPTIONS))
+@pytest.mark.parametrize("fixed", [False, True])
+def test_lambda_averages_one_over_free_tasks(name, fixed):
+  strategy = weighting.get_strategy(name, **OPTIONS[name], **(FIXED if fixed else {}))
+  state = strategy.init(T)
+  lams, _ = _run(strategy, _random_losses(9), state=state)
+  lams = np.concatenate([np.asarray(state["lam"])[None], lams])
+  free = ~np.asarray(FIXED["fixed_mask"]) if fixed else np.ones(T, bool)
+  assert np.all(lams > 0)
+  np.testing.assert_allclose(lams[:, free].mean(axis=1), 1.0, rtol=1e-6)
+  if fixed:
+    np.testing.assert_array_equal(lams[:, ~free], 1.0)
+  if name in ("rlw", "dwa", "igb"):
+    # The rule is really active by the end, not stuck at ones.
+    assert np.abs(lams[-1] - 1.0).max() > 1e-3
+
+
+def test_ew_and_tla_are_ones():
+  lams, _ = _run(weighting.get_strategy("ew"), _random_losses(3))
+  np.testing.assert_array_equal(lams, 1.0)
+  lams, _ = _run(weighting.get_strategy("ew", **FIXED), _random_losses(3))
+  np.testing.assert_array_equal(lams, 1.0)  # fixed value 1.0, others 1.0
+  tla = weighting.get_strategy("tla")
+  lams, _ = _run(tla, _random_losses(3))
+  np.testing.assert_array_equal(lams, 1.0)
+  with pytest.raises(TypeError):
+    weighting.get_strategy("tla", **FIXED)  # λ is decided in the train step, not here
+
+
+def test_static_normalises_and_keeps_fixed():
+  lam = [3.0, 5.0, 1.0, 2.0]
+  state = weighting.get_strategy("static", lam=lam, **FIXED).init(T)
+  # Free tasks 0, 2, 3 sum to 6 → scale 3/6; the fixed task keeps 1.0.
+  np.testing.assert_allclose(state["lam"], [1.5, 1.0, 0.5, 1.0], rtol=1e-6)
+  state = weighting.get_strategy("static", lam=lam, normalize=False).init(T)
+  np.testing.assert_array_equal(state["lam"], lam)
+  with pytest.raises(ValueError, match="3 entries for 4 tasks"):
+    weighting.get_strategy("static", lam=[1.0, 1.0, 1.0]).init(T)
+  with pytest.raises(ValueError):
+    weighting.get_strategy("static", lam=[1.0, float("nan"), 1.0, 1.0])
+  with pytest.raises(ValueError, match="shape"):
+    weighting.get_strategy("static", lam=[1.0] * 3, fixed_mask=[True, False],
+                           fixed_values=[1.0, 0.0]).init(3)
+
+
+def test_dwa_hand_computed_ratio():
+  dwa = weighting.get_strategy("dwa", window=2)
+  losses = [[2, 4], [2, 4],      # window 0: means (2, 4)
+            [1, 4], [1, 4],      # window 1: means (1, 4) → r = (1/2, 4/4)
+            [9, 0], [0.5, 2]]    # window 2: task 1 absent at step 4 (count 0)
+  counts = [[1, 1]] * 4 + [[1, 0], [1, 1]]
+  lams, state = _run(dwa, losses, counts)
+  # λ of steps 1..3 (returned after steps 0..2): ones, the first two windows are not closed.
+  np.testing.assert_array_equal(lams[:3], 1.0)
+  expected = 2 * np.exp([0.25, 0.5]) / np.exp([0.25, 0.5]).sum()  # N·softmax(r / 2)
+  np.testing.assert_allclose(lams[3], expected, rtol=1e-6)
+  np.testing.assert_allclose(lams[4], expected, rtol=1e-6)  # held within a window
+  # Window 2: task 0 mean (9 + 0.5)/2 = 4.75 → r0 = 4.75; task 1 only step 5 → 2, r1 = 2/4.
+  r = np.array([4.75 / 1, 2 / 4])
+  np.testing.assert_allclose(lams[5], _n_softmax(r / 2), rtol=1e-6)
+  assert int(state["windows"]) == 3
+
+
+def test_dwa_fixed_task_and_nan_loss():
+  dwa = weighting.get_strategy("dwa", window=1, fixed_mask=[False, False, True],
+                               fixed_values=[0.0, 0.0, 1.0])
+  # A NaN loss counts as absent: task 1's step-2 NaN leaves its window mean carried forward.
+  lams, _ = _run(dwa, [[1, 2, 5], [2, 1, 5], [4, float("nan"), 5]])
+  np.testing.assert_array_equal(lams[0], [1, 1, 1])
+  np.testing.assert_allclose(lams[1], [*_n_softmax(np.array([2, 0.5]) / 2), 1.0], rtol=1e-6)
+  np.testing.assert_allclose(lams[2], [*_n_softmax(np.array([2, 1]) / 2), 1.0], rtol=1e-6)
+
+
+def test_igb_hand_computed_base():
+  igb = weighting.get_strategy("igb", base_start=2, base_end=4)
+  losses = [[100, 100], [100, 100],   # before the base window: ignored
+            [1, 2], [3, 7],           # base window; task 1 absent at step 3
+            [4, 1], [float("nan"), 3]]
+  counts = [[1, 1]] * 3 + [[1, 0], [1, 1], [0, 1]]
+  lams, _ = _run(igb, losses, counts)
+  np.testing.assert_array_equal(lams[:3], 1.0)  # λ of steps 1..3
+  # Base: task 0 (1 + 3)/2 = 2, task 1 = 2 (its step-3 loss had no tokens).
+  np.testing.assert_allclose(lams[3], _n_softmax([3 / 2, 2 / 2]), rtol=1e-6)
+  np.testing.assert_allclose(lams[4], _n_softmax([4 / 2, 1 / 2]), rtol=1e-6)
+  # Task 0 absent at step 5: its last seen loss (4) stands in.
+  np.testing.assert_allclose(lams[5], _n_softmax([4 / 2, 3 / 2]), rtol=1e-6)
+
+
+def test_rlw_deterministic_given_rng_and_varies():
+  rlw = weighting.get_strategy("rlw")
+  update = jax.jit(rlw.update)
+  state = rlw.init(T)
+  loss = jnp.ones((T,), jnp.float32)
+  lam3, _ = update(state, loss, 3, RNG)
+  lam3_again, _ = update(state, loss, 3, RNG)
+  lam4, _ = update(state, loss, 4, RNG)
+  lam3_other, _ = update(state, loss, 3, jax.random.key(1))
+  np.testing.assert_array_equal(lam3, lam3_again)
+  assert np.abs(lam3 - lam4).max() > 1e-3  # a fresh z every step, even with the same key
+  assert np.abs(lam3 - lam3_other).max() > 1e-3
+  z = jax.random.normal(jax.random.fold_in(RNG, 4), (T,), jnp.float32)
+  np.testing.assert_allclose(lam3, _n_softmax(np.asarray(z)), rtol=1e-5)
+  # Over many steps λ is spread around 1, as N·softmax of standard normals is.
+  lams, _ = _run(rlw, np.ones((40, T), np.float32))
+  assert lams.std() > 0.2 and abs(lams.mean() - 1) < 1e-6
+
+
+@pytest.mark.parametrize("name", sorted(OPTIONS))
+def test_state_round_trips_through_tree(name):
+  strategy = weighting.get_strategy(name, **OPTIONS[name])
+  losses = _random_losses(8, seed=1)
+  lams, state = _run(strategy, losses[:5])
+  leaves, treedef = jax.tree.flatten(state)
+  assert all(isinstance(x, jax.Array) for x in leaves)  # arrays only: orbax-checkpointable
+  assert jax.tree.structure(strategy.init(T)) == treedef
+  # Through host numpy and back, as a checkpoint would.
+  restored = jax.tree.unflatten(treedef, [np.array(x) for x in leaves])
+  rest_direct, _ = _run(strategy, losses[5:], state=state)
+  rest_restored, _ = _run(strategy, losses[5:], state=restored)
+  np.testing.assert_array_equal(rest_direct, rest_restored)
+
+
+def test_jit_matches_eager():
+  dwa = weighting.get_strategy("dwa", window=2)
+  losses = _random_losses(6, seed=2)
+  jitted, _ = _run(dwa, losses)
+  state, eager = dwa.init(T), []
+  for step, loss in enumerate(losses):
+    lam, state = dwa.update(state, jnp.asarray(loss), step, RNG)
+    eager.append(np.asarray(lam))
+  np.testing.assert_allclose(jitted, np.stack(eager), rtol=1e-6)
+  lam, _ = weighting.jit_update(dwa, dwa.init(T), losses[0], 0, RNG)
+  np.testing.assert_array_equal(lam, 1.0)
+
+
+@settings(max_examples=25, deadline=None)
+@given(scores=st.lists(st.floats(-30, 30), min_size=5, max_size=5),
+       free=st.lists(st.booleans(), min_size=5, max_size=5).filter(any))
+def test_n_softmax_mean_one(scores, free):
+  free = np.asarray(free)
+  lam = np.asarray(weighting.n_softmax(jnp.asarray(scores, jnp.float32), jnp.asarray(free)))
+  assert np.all(np.isfinite(lam)) and np.all(lam[free] >= 0)
+  assert math.isclose(lam[free].mean(), 1.0, rel_tol=1e-5)
+  np.testing.assert_array_equal(lam[~free], 0.0)

@@ -1,0 +1,384 @@
+"""Tests for visatb_jax.sharding: meshes, logical-axis rules, sharded forward/grad, multi-host init.
+
+Runs on the 8 simulated CPU devices of tests/conftest.py.
+"""
+
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+from flax import nnx
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from visatb_jax.runtime import sharding
+from visatb_jax.model.config import LlavaConfig, TextConfig, VisionConfig
+from visatb_jax.model.llava import LlavaForConditionalGeneration
+
+IMG = 3
+CFG = LlavaConfig(
+    vision=VisionConfig(image_size=16, patch_size=8, hidden_size=32, intermediate_size=64,
+                        num_hidden_layers=1, num_attention_heads=4),
+    # attention_bias: exercises the bias rules; every sharded dim is divisible by 2.
+    text=TextConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                    num_attention_heads=4, num_key_value_heads=2, attention_bias=True),
+    # One layer everywhere keeps the two XLA compilations short; -1 makes the tower run it.
+    image_token_id=IMG, vision_feature_layer=-1)
+ROWS, LEN = 8, 16
+# Less LLVM optimisation: the test programs run once, their compilation is what costs time.
+_FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
+
+
+def _devices():
+  devices = jax.devices()
+  assert len(devices) >= 8, "tests/conftest.py sets 8 simulated CPU devices"
+  return devices[:8]
+
+
+# ------------------------------------------------------------------------------------------ mesh
+
+
+@pytest.mark.parametrize("config, shape", [
+    (None, (8, 1, 1)),
+    ({"data": -1}, (8, 1, 1)),
+    ({"data": 2, "fsdp": 4}, (2, 4, 1)),
+    ({"data": 2, "fsdp": 2, "tensor": 2}, (2, 2, 2)),
+    ({"fsdp": 4}, (2, 4, 1)),  # data takes the rest when no axis is -1.
+    ({"data": 2, "fsdp": -1}, (2, 4, 1)),
+    ({"fsdp": -1, "tensor": 2}, (1, 4, 2)),  # data defaults to 1 when another axis is -1.
+    (ml_collections.ConfigDict({"data": 1, "fsdp": 1, "tensor": -1}), (1, 1, 8)),
+])
+def test_make_mesh_shapes(config, shape):
+  mesh = sharding.make_mesh(config, _devices())
+  assert mesh.axis_names == ("data", "fsdp", "tensor")
+  assert tuple(mesh.shape[a] for a in mesh.axis_names) == shape
+  assert sorted(d.id for d in mesh.devices.flat) == sorted(d.id for d in _devices())
+
+
+def test_make_mesh_default_uses_all_devices():
+  mesh = sharding.make_mesh()
+  assert mesh.shape["data"] == len(jax.devices())
+
+
+@pytest.mark.parametrize("config, match", [
+    ({"data": 3}, r"data=3, fsdp=1, tensor=1.*product of the axis sizes is 3.*8 devices"),
+    ({"data": 2, "fsdp": 2}, r"product of the axis sizes is 4.*8 devices"),
+    ({"data": -1, "fsdp": -1}, r"at most one axis may be -1"),
+    ({"data": -1, "fsdp": 3}, r"fixed axes' product 3 does not divide the 8 devices"),
+    ({"data": 0}, r"data=0 must be a positive integer or -1"),
+    ({"data": 2.0, "fsdp": 4}, r"data=2.0"),
+    ({"fdsp": 8}, r"unknown field.*fdsp"),
+])
+def test_make_mesh_errors(config, match):
+  with pytest.raises(ValueError, match=match):
+    sharding.make_mesh(config, _devices())
+
+
+# --------------------------------------------------------------------------------- logical axes
+
+
+def test_logical_to_spec_divisibility_and_reuse():
+  mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2}, _devices())
+  # Divisible: sharded as the rules say.
+  assert sharding.logical_to_spec(("embed", "mlp"), (8, 6), mesh) == P("fsdp", "tensor")
+  # 7 rows: no divisor, replicated; 6 cols: the tuple (data, fsdp) falls back to its prefix.
+  assert sharding.logical_to_spec(("embed", "mlp"), (7, 3), mesh) == P()
+  assert sharding.logical_to_spec(("batch",), (8,), mesh) == P(("data", "fsdp"))
+  assert sharding.logical_to_spec(("batch",), (2,), mesh) == P("data")
+  assert sharding.logical_to_spec(("batch",), (3,), mesh) == P()
+  # A mesh axis is used at most once per array.
+  assert sharding.logical_to_spec(("heads", "vocab"), (4, 4), mesh) == P("tensor")
+  rules = sharding.logical_rules({"vocab": None})
+  assert sharding.logical_to_spec(("embed", "vocab"), (8, 8), mesh, rules) == P("fsdp")
+  with pytest.raises(ValueError, match="logical axis 'nope' has no rule"):
+    sharding.logical_to_spec(("nope",), (8,), mesh)
+
+
+def test_param_logical_axes_of_every_parameter(model):
+  flat = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
+  axes = {path: sharding.param_logical_axes(path, v[...].shape, strict=True)
+          for path, v in flat.items()}
+  assert len(axes) == len(flat) > 40
+  for path, a in axes.items():
+    assert len(a) == flat[path][...].ndim, path
+  lm = ("language_model", "layers", 0)
+  expected = {
+      lm + ("self_attn", "q_proj", "kernel"): ("embed", "heads"),
+      lm + ("self_attn", "q_proj", "bias"): ("heads",),
+      lm + ("self_attn", "k_proj", "kernel"): ("embed", "kv_heads"),
+      lm + ("self_attn", "v_proj", "bias"): ("kv_heads",),
+      lm + ("self_attn", "o_proj", "kernel"): ("heads", "embed"),
+      lm + ("mlp", "gate_proj", "kernel"): ("embed", "mlp"),
+      lm + ("mlp", "up_proj", "kernel"): ("embed", "mlp"),
+      lm + ("mlp", "down_proj", "kernel"): ("mlp", "embed"),
+      lm + ("input_layernorm", "scale"): ("norm",),
+      ("language_model", "norm", "scale"): ("norm",),
+      ("language_model", "embed_tokens", "embedding"): ("vocab", "embed"),
+      ("lm_head", "kernel"): ("embed", "vocab"),
+      ("multi_modal_projector", "linear_1", "kernel"): ("embed", "mlp"),
+      ("multi_modal_projector", "linear_2", "bias"): ("embed",),
+      ("vision_tower", "vision_model", "encoder", "layers", 0, "self_attn", "k_proj", "kernel"):
+          ("embed", "heads"),
+      ("vision_tower", "vision_model", "encoder", "layers", 0, "mlp", "fc2", "kernel"):
+          ("mlp", "embed"),
+      ("vision_tower", "vision_model", "pre_layrnorm", "bias"): ("norm",),
+      ("vision_tower", "vision_model", "encoder", "layers", 0, "layer_norm2", "scale"): ("norm",),
+      ("vision_tower", "vision_model", "embeddings", "patch_embedding", "kernel"):
+          (None, None, None, "embed"),
+      ("vision_tower", "vision_model", "embeddings", "position_embedding", "embedding"):
+          (None, "embed"),
+  }
+  for path, want in expected.items():
+    assert axes[path] == want, path
+  # Other path spellings give the same answer; unknown params are replicated unless strict.
+  assert sharding.param_logical_axes("lm_head.kernel", (32, 64)) == ("embed", "vocab")
+  assert sharding.param_logical_axes(("layers", "q_proj", "kernel"), (3, 32, 32)) == (
+      None, "embed", "heads")  # A stacked-layers axis stays unsharded.
+  assert sharding.param_logical_axes(("lora", "lora_a"), (32, 4)) == (None, None)
+  with pytest.raises(ValueError, match="no sharding rule for parameter lora.lora_a"):
+    sharding.param_logical_axes(("lora", "lora_a"), (32, 4), strict=True)
+
+
+def test_param_shardings_cover_train_state(model):
+  from visatb_jax import train  # pylint: disable=g-import-not-at-top
+  mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2}, _devices())
+  _, params, _ = train.split_model(model, freeze_vision_tower=True)
+  tx = train.make_optimizer({"clip_norm": 1.0, "weight_decay": 0.0})
+  abstract = jax.eval_shape(lambda: train.init_train_state(params, tx))
+  shardings = sharding.param_shardings(abstract, mesh)
+  assert shardings.step.spec == P()
+  q = shardings.params["language_model"]["layers"][0]["self_attn"]["q_proj"]["kernel"].get_value()
+  assert q == NamedSharding(mesh, P("fsdp", "tensor"))
+  # Adam moments follow their parameter.
+  mu = shardings.opt_state[1][0].mu
+  assert mu["lm_head"]["kernel"].get_value().spec == P("fsdp", "tensor")
+  assert mu["language_model"]["embed_tokens"]["embedding"].get_value().spec == P("tensor", "fsdp")
+  leaves = jax.tree.leaves(shardings)
+  assert leaves and all(isinstance(s, NamedSharding) for s in leaves)
+
+
+# ------------------------------------------------------------------ sharded == unsharded numerics
+
+
+def _batch():
+  rng = np.random.default_rng(0)
+  ids = rng.integers(4, CFG.text.vocab_size, size=(ROWS, LEN)).astype(np.int32)
+  ids[:, 2:2 + CFG.num_image_tokens] = IMG  # One image per row.
+  images = rng.normal(size=(ROWS, 1, 16, 16, 3)).astype(np.float32)
+  # Two packed samples per row: segment ids 1 then 2, positions restart.
+  segment_ids = np.where(np.arange(LEN) < 10, 1, 2).astype(np.int32)[None].repeat(ROWS, 0)
+  positions = np.concatenate([np.arange(10), np.arange(LEN - 10)]).astype(np.int32)[None]
+  return ids, images, np.repeat(positions, ROWS, 0), segment_ids
+
+
+def _rel_err(a, b):
+  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-30))
+
+
+@pytest.fixture(scope="module")
+def model():
+  """The tiny model with random values drawn by numpy.
+
+  The module structure is the real one; only the initialiser is bypassed, because eager NNX
+  initialisation compiles one small program per parameter shape (seconds on busy CPUs).
+  """
+  abstract = nnx.eval_shape(lambda: LlavaForConditionalGeneration(CFG, rngs=nnx.Rngs(0)))
+  rng = np.random.default_rng(0)
+
+  def draw(path, leaf):
+    values = rng.normal(0.0, 0.2, leaf.shape)
+    if getattr(path[-1], "key", None) == "scale":  # Norm scales near 1, as initialised.
+      values = 1.0 + values
+    return jnp.asarray(values.astype(leaf.dtype))
+
+  nnx.update(abstract, jax.tree_util.tree_map_with_path(
+      draw, nnx.state(abstract), is_leaf=lambda x: isinstance(x, jax.ShapeDtypeStruct)))
+  return abstract
+
+
+@pytest.fixture(scope="module")
+def runs(model):
+  """Logits and grads of mean(logits), once on one device and once on a (2, 2, 2) mesh.
+
+  One jit per placement computes both, so the test pays two compilations rather than four.
+  """
+  mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2}, _devices())
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  p_sh = sharding.param_shardings(params, mesh, strict=True)
+  r_sh = sharding.param_shardings(rest, mesh)
+  b_sh = sharding.batch_sharding(mesh)
+  batch = _batch()
+
+  def loss(p, r, *b):
+    logits = nnx.merge(graphdef, p, r)(*b)
+    return jnp.mean(logits), logits
+
+  def fwd_bwd(p, r, *b):
+    (_, logits), grads = jax.value_and_grad(loss, has_aux=True)(p, r, *b)
+    return logits, grads
+
+  want = jax.jit(fwd_bwd, compiler_options=_FAST_COMPILE)(params, rest, *batch)
+  s_params = jax.device_put(params, p_sh)
+  got = jax.jit(fwd_bwd, in_shardings=(p_sh, r_sh) + (b_sh,) * 4, out_shardings=(b_sh, p_sh),
+                compiler_options=_FAST_COMPILE)(
+      s_params, jax.device_put(rest, r_sh), *jax.device_put(batch, b_sh))
+  return {"mesh": mesh, "want": want, "got": got, "params": s_params, "batch_sharding": b_sh}
+
+
+def test_sharded_placement(runs):
+  assert runs["batch_sharding"].spec == P(("data", "fsdp"))
+  q = runs["params"]["language_model"]["layers"][0]["self_attn"]["q_proj"]["kernel"][...]
+  assert q.sharding.spec == P("fsdp", "tensor")
+  assert q.addressable_shards[0].data.shape == (16, 16)  # Really split, not replicated.
+  emb = runs["params"]["language_model"]["embed_tokens"]["embedding"][...]
+  assert emb.addressable_shards[0].data.shape == (32, 16)  # [vocab / tensor, embed / fsdp]
+
+
+def test_sharded_forward_equals_unsharded(runs):
+  got, want = runs["got"][0], runs["want"][0]
+  assert got.shape == (ROWS, LEN, CFG.text.vocab_size)
+  assert got.sharding.spec == P(("data", "fsdp"))
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5, rtol=0)
+
+
+def test_sharded_grad_equals_unsharded(runs):
+  flat_got = dict(nnx.to_flat_state(runs["got"][1]))
+  flat_want = dict(nnx.to_flat_state(runs["want"][1]))
+  assert flat_got.keys() == flat_want.keys()
+  scale = max(float(np.max(np.abs(v[...]))) for v in flat_want.values())
+  for path, g in flat_got.items():
+    g, w = np.asarray(g[...], np.float64), np.asarray(flat_want[path][...], np.float64)
+    # Relative to the whole gradient: some leaves are exactly 0 in exact arithmetic (a key bias
+    # does not change the softmax) and hold only rounding noise of either summation order.
+    assert np.max(np.abs(g - w)) <= 1e-5 * scale, path
+    if np.max(np.abs(w)) > 1e-4 * scale:  # Non-negligible leaves: 1e-5 relative on their own.
+      assert _rel_err(g, w) <= 1e-5, path
+  down = runs["got"][1]["language_model"]["layers"][0]["mlp"]["down_proj"]["kernel"][...]
+  assert down.sharding.spec == P("tensor", "fsdp")
+
+
+def test_shard_batch_and_logical_constraint():
+  mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2}, _devices())
+  batch = {"input_ids": np.arange(8 * 4, dtype=np.int32).reshape(8, 4)}
+  out = sharding.shard_batch(batch, mesh)
+  assert out["input_ids"].sharding.spec == P(("data", "fsdp"))
+  np.testing.assert_array_equal(np.asarray(out["input_ids"]), batch["input_ids"])
+  with pytest.raises(ValueError, match="6 rows is not divisible by the 4 batch shards"):
+    sharding.shard_batch({"x": np.zeros((6, 2))}, mesh)
+
+  @jax.jit
+  def f(x):
+    return sharding.with_logical_constraint(x * 2, ("batch", "length", "embed"), mesh)
+
+  y = f(jnp.ones((8, 4, 6)))
+  assert y.sharding.spec == P(("data", "fsdp"))  # embed -> fsdp already used by batch.
+  # No mesh anywhere: unchanged.
+  assert jax.jit(lambda x: sharding.with_logical_constraint(x, ("batch",)))(jnp.ones(3)).shape == (
+      3,)
+
+
+# ------------------------------------------------------------------------------ distributed init
+
+_DIST_ENV = ("VISATB_DISTRIBUTED", "VISATB_COORDINATOR", "VISATB_COORDINATOR_PORT",
+             "VISATB_NUM_PROCESSES", "VISATB_PROCESS_ID", "VISATB_LOCAL_DEVICE_IDS",
+             "SLURM_NTASKS", "SLURM_NPROCS", "SLURM_PROCID", "SLURM_LOCALID", "SLURM_JOB_ID",
+             "SLURM_STEP_NODELIST", "SLURM_JOB_NODELIST", "SLURM_NTASKS_PER_NODE",
+             "SLURM_TASKS_PER_NODE", "SLURM_STEP_TASKS_PER_NODE", "JAX_COORDINATOR_PORT",
+             "TPU_WORKER_HOSTNAMES", "TPU_PROCESS_ADDRESSES", "TPU_WORKER_ID",
+             "MEGASCALE_NUM_SLICES")
+
+
+@pytest.fixture
+def dist(monkeypatch):
+  """A clean environment, a fresh module flag, and a fake jax.distributed.initialize."""
+  for name in _DIST_ENV:
+    monkeypatch.delenv(name, raising=False)
+  monkeypatch.setattr(sharding, "_INITIALIZED", False)
+  monkeypatch.setattr(jax.distributed, "is_initialized", lambda: False)
+  calls = []
+  monkeypatch.setattr(jax.distributed, "initialize", lambda **kw: calls.append(kw))
+  return monkeypatch, calls
+
+
+def test_initialize_distributed_noop_without_env(dist):
+  monkeypatch, calls = dist
+  assert sharding.initialize_distributed() is False
+  monkeypatch.setenv("SLURM_NTASKS", "1")  # A one-task SLURM job is a single process.
+  monkeypatch.setenv("SLURM_PROCID", "0")
+  monkeypatch.setenv("TPU_WORKER_HOSTNAMES", "t1v-0")  # A single-host TPU VM.
+  assert sharding.initialize_distributed() is False
+  monkeypatch.setenv("VISATB_NUM_PROCESSES", "1")
+  assert sharding.initialize_distributed() is False
+  assert calls == []
+
+
+def test_initialize_distributed_explicit_env(dist):
+  monkeypatch, calls = dist
+  monkeypatch.setenv("VISATB_COORDINATOR", "10.0.0.1:1234")
+  monkeypatch.setenv("VISATB_NUM_PROCESSES", "4")
+  monkeypatch.setenv("VISATB_PROCESS_ID", "3")
+  monkeypatch.setenv("VISATB_LOCAL_DEVICE_IDS", "1")
+  monkeypatch.setenv("SLURM_NTASKS", "8")  # Explicit variables win over SLURM's.
+  monkeypatch.setenv("SLURM_PROCID", "5")
+  assert sharding.initialize_distributed() is True
+  assert calls == [{"coordinator_address": "10.0.0.1:1234", "num_processes": 4, "process_id": 3,
+                    "local_device_ids": [1], "cluster_detection_method": "deactivate"}]
+  assert sharding.initialize_distributed() is True  # Idempotent: no second call.
+  assert len(calls) == 1
+
+
+def test_initialize_distributed_explicit_env_errors(dist):
+  monkeypatch, calls = dist
+  monkeypatch.setenv("VISATB_NUM_PROCESSES", "2")
+  with pytest.raises(ValueError, match="needs VISATB_COORDINATOR and VISATB_PROCESS_ID"):
+    sharding.initialize_distributed()
+  monkeypatch.setenv("VISATB_COORDINATOR", "h:1")
+  monkeypatch.setenv("VISATB_PROCESS_ID", "2")
+  with pytest.raises(ValueError, match=r"VISATB_PROCESS_ID=2 outside \[0, 2\)"):
+    sharding.initialize_distributed()
+  assert calls == []
+
+
+def test_initialize_distributed_slurm_one_process_per_gpu(dist):
+  monkeypatch, calls = dist
+  for name, value in {"SLURM_JOB_ID": "4242", "SLURM_NTASKS": "16", "SLURM_PROCID": "9",
+                      "SLURM_LOCALID": "1", "SLURM_NTASKS_PER_NODE": "8",
+                      "SLURM_STEP_NODELIST": "gpu[017-018],gpu020"}.items():
+    monkeypatch.setenv(name, value)
+  assert sharding.initialize_distributed() is True
+  assert calls == [{"coordinator_address": f"gpu017:{61440 + 4242 % 4096}", "num_processes": 16,
+                    "process_id": 9, "local_device_ids": [1],
+                    "cluster_detection_method": "deactivate"}]
+
+
+def test_distributed_args_slurm_one_process_per_host(dist):
+  monkeypatch, _ = dist
+  env = {"SLURM_JOB_ID": "7", "SLURM_NTASKS": "2", "SLURM_PROCID": "1", "SLURM_LOCALID": "0",
+         "SLURM_TASKS_PER_NODE": "1(x2)", "SLURM_JOB_NODELIST": "node001,node002",
+         "VISATB_COORDINATOR_PORT": "5555"}
+  args = sharding.distributed_args(env)
+  assert args == sharding.DistributedArgs("slurm", "node001:5555", 2, 1, None)
+  assert sharding.first_slurm_host("a-b[1-2]") == "a-b1"
+  assert sharding.first_slurm_host("node[001,007-015],host2") == "node001"
+
+
+def test_initialize_distributed_tpu_auto(dist):
+  monkeypatch, calls = dist
+  monkeypatch.setenv("TPU_WORKER_HOSTNAMES", "t1v-n-0,t1v-n-1")
+  monkeypatch.setenv("TPU_WORKER_ID", "1")
+  assert sharding.initialize_distributed() is True
+  assert calls == [{}]  # JAX detects the rest (worker list, id) itself.
+  assert sharding.distributed_args({"VISATB_DISTRIBUTED": "1"}).source == "auto"
+  assert sharding.distributed_args({"VISATB_DISTRIBUTED": "0", "SLURM_NTASKS": "4",
+                                    "SLURM_PROCID": "0"}) is None
+
+
+def test_logical_constraint_under_set_mesh():
+  mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2}, _devices())
+  with jax.set_mesh(mesh):
+    y = jax.jit(lambda x: sharding.with_logical_constraint(x * 2, ("batch", "length", "mlp")))(
+        jnp.ones((8, 4, 6)))
+  assert y.sharding.spec == P(("data", "fsdp"), None, "tensor")

@@ -1,0 +1,1 @@
+"""The command lines: launch, balance, report, dryrun (`python -m visatb_jax.launch` etc.)."""

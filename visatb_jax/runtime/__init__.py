@@ -1,0 +1,1 @@
+"""What every stage runs on: sharding (mesh, rules, multi-host), fileio, checkpoint, metrics_log."""
