@@ -39,6 +39,7 @@ import torch
 import transformers
 
 from visatb_jax import train
+from visatb_jax.runtime import sharding
 from visatb_jax.model import config as model_config
 from visatb_jax.model import hf_io
 
@@ -143,11 +144,11 @@ def jax_step_fn(ours, batch):
   """A closure running one project train step (state donated and carried along)."""
   graphdef, params, frozen = train.split_model(ours, freeze_vision_tower=True)
   tx = train.make_optimizer({"clip_norm": 1.0, "weight_decay": 0.0})
-  mesh = train.make_mesh(jax.devices()[:1])
+  mesh = sharding.make_mesh(devices=jax.devices()[:1])
   step = train.make_train_step(graphdef, tx, mesh=mesh, donate=True)
   holder = {"state": train.init_train_state(params, tx)}
-  frozen = train.replicate(frozen, mesh)
-  batch = train.shard_batch(batch, mesh)
+  frozen = sharding.replicate(frozen, mesh)
+  batch = sharding.shard_batch(batch, mesh)
   lam, lr = np.asarray(LAM), np.float32(LR)
 
   def run():

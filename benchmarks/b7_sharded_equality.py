@@ -66,7 +66,7 @@ def _step(model, batch, mesh, accum):
                                state_sharding=state_sh, frozen_sharding=frozen_sh)
   lam = np.linspace(0.5, 2.0, TASKS).astype(np.float32)
   new, metrics = step(jax.device_put(state, state_sh), jax.device_put(frozen, frozen_sh),
-                      train.shard_batch(batch, mesh), lam, 1.0)
+                      sharding.shard_batch(batch, mesh), lam, 1.0)
   grads = jax.tree.map(lambda a, b: np.asarray(a, np.float64) - np.asarray(b, np.float64),
                        params, new.params)
   return grads, float(metrics["loss"])
@@ -78,7 +78,7 @@ def main(argv=None) -> int:
   args = parser.parse_args(argv)
   model = _model()
   batch = _batch(model.num_image_tokens)
-  ref_grads, ref_loss = _step(model, batch, train.make_mesh(jax.devices()[:1]), 1)
+  ref_grads, ref_loss = _step(model, batch, sharding.make_mesh(devices=jax.devices()[:1]), 1)
   results = {}
   for mesh_config in MESHES:
     grads, loss = _step(model, batch, sharding.make_mesh(mesh_config), 4)

@@ -22,6 +22,7 @@ import jax
 import numpy as np
 
 from visatb_jax import train
+from visatb_jax.runtime import sharding
 from visatb_jax.core import gradmtl
 from visatb_jax.train import gradmtl_step
 
@@ -74,15 +75,15 @@ def main(argv=None) -> int:
   parser.add_argument("--methods", default=",".join(sorted(gradmtl.METHODS)))
   parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "b8.json"))
   args = parser.parse_args(argv)
-  mesh = train.make_mesh(jax.devices()[:1])
+  mesh = sharding.make_mesh(devices=jax.devices()[:1])
   model = _model()
   tx = train.make_optimizer({"steps": 100, "lr": 1e-3})
   graphdef, params, frozen = train.split_model(model)
   num_params = sum(int(np.size(x)) for x in jax.tree.leaves(params))
   # The same step state every call (no donation), so every step does the same work.
-  state = train.replicate(train.init_train_state(params, tx), mesh)
-  frozen = train.replicate(frozen, mesh)
-  batch = train.shard_batch(_batch(model.num_image_tokens), mesh)
+  state = sharding.replicate(train.init_train_state(params, tx), mesh)
+  frozen = sharding.replicate(frozen, mesh)
+  batch = sharding.shard_batch(_batch(model.num_image_tokens), mesh)
   lam, lr = np.ones(TASKS, np.float32), np.float32(1e-3)
 
   ew_first, ew_times = _time(train.make_train_step(graphdef, tx, mesh=mesh),
@@ -96,7 +97,7 @@ def main(argv=None) -> int:
         f"EW {ew * 1e3:.0f} ms/step (first call {ew_first:.1f} s)")
   for method in args.methods.split(","):
     step = gradmtl_step.make_gradmtl_train_step(graphdef, tx, mesh=mesh, method=method)
-    mtl = train.replicate(gradmtl_step.init_mtl_state(method, TASKS), mesh)
+    mtl = sharding.replicate(gradmtl_step.init_mtl_state(method, TASKS), mesh)
     first, times = _time(step, (state, frozen, batch, lam, lr, mtl), args.steps)
     median = statistics.median(times)
     results[method] = {"first_call_s": first, "median_step_s": median, "step_s": times,

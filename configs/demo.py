@@ -63,7 +63,6 @@ def get_config() -> ml_collections.ConfigDict:
   # LM from scratch at this learning rate, it learns to ignore the image instead (measured:
   # vqa 0.30 unfrozen after 257 steps vs 0.44 frozen after 129 steps, vqa-only runs).
   c.train.freeze_vision_tower = True
-  c.train.tla = False
 
   # Preparation stage (METHOD.md section 2). The demo is far below the paper's recommended
   # sizes, which the pipeline reports as a warning.

@@ -42,9 +42,9 @@ def micro_config():
 def meshes():
   """{1: a mesh of one device, 8: the data mesh over all 8 simulated devices}."""
   import jax
-  from visatb_jax import train
+  from visatb_jax.runtime import sharding
   assert len(jax.devices()) == 8, "tests/conftest.py sets 8 simulated CPU devices"
-  return {1: train.make_mesh(jax.devices()[:1]), 8: train.make_mesh()}
+  return {1: sharding.make_mesh(devices=jax.devices()[:1]), 8: sharding.make_mesh()}
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from visatb_jax.cli import balance
 from visatb_jax.core import balancing
+from visatb_jax.core import bootstrap
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 EXAMPLE = os.path.join(ROOT, "examples", "scores_academic_like.json")
@@ -41,7 +44,8 @@ def _run(argv, capsys) -> tuple[int, str, str]:
 
 
 def test_table_output(scores_file, capsys):
-  code, out, err = _run([scores_file, "--fixed", "chat=1.5"], capsys)
+  # 'chat' has no scores: a fixed task without scores must be listed in --tasks.
+  code, out, err = _run([scores_file, "--fixed", "chat=1.5", "--tasks", "a,b,c,chat"], capsys)
   assert code == 0 and err == ""
   lines = out.splitlines()
   assert "form=real" in lines[0] and "T=0.5" in lines[0] and "alpha=(0.25, 0.25, 0.5)" in lines[0]
@@ -222,3 +226,209 @@ def test_module_entry_point_subprocess(tmp_path):
   assert proc.returncode == 2 and proc.stdout == ""
   assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
   assert proc.stderr.startswith(f"error: {bad}: missing model 'c+mini'")
+
+
+def _subprocess_env() -> dict:
+  return dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+
+
+def test_fixed_task_that_no_score_names(scores_file, capsys):
+  code, out, err = _run([scores_file, "--fixed", "zzz=1.0"], capsys)
+  assert out == ""
+  _assert_one_line_error(code, err, "error: --fixed: 'zzz'", "no model in", "--tasks")
+  code, out, err = _run([scores_file, "--fixed", "zzz=1.0", "yyy=2", "chat=1"], capsys)
+  _assert_one_line_error(code, err, "'zzz', 'yyy'", "these tasks")
+  # Listed in --tasks, it is deliberate: a task weighted without scores.
+  code, out, _ = _run([scores_file, "--fixed", "zzz=1.0", "--tasks", "a,b,c,zzz", "--json"],
+                      capsys)
+  assert code == 0 and json.loads(out)["lambda"]["zzz"] == 1.0
+
+
+def test_broken_pipe_exits_quietly(scores_file):
+  # `... --json | head -c 10`: the reader is gone before the command writes anything.
+  proc = subprocess.Popen([sys.executable, "-m", "visatb_jax.balance", scores_file, "--json"],
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT,
+                          env=_subprocess_env())
+  proc.stdout.close()
+  err = proc.stderr.read().decode()
+  proc.stderr.close()
+  assert proc.wait(timeout=120) == balance.EXIT_BROKEN_PIPE
+  assert err == ""
+
+
+# ----------------------------------------------------------------------------------------------
+# Per-sample input (--samples): bootstrap intervals.
+
+N_SAMPLES = {"a": 12, "b": 9, "c": 15}
+
+
+def _per_sample_lists(scores: dict, seed: int = 0, noise: float = 0.05) -> dict:
+  """{model: {task: [scores]}} whose means are `scores`, paired by a shared per-sample effect."""
+  rng = np.random.default_rng(seed)
+  common = {t: rng.normal(0.0, noise, n) for t, n in N_SAMPLES.items()}
+  out = {}
+  for model, row in scores.items():
+    out[model] = {}
+    for task, value in row.items():
+      e = common[task] + rng.normal(0.0, noise / 3, N_SAMPLES[task])
+      out[model][task] = [float(v) for v in value + e - e.mean()]
+  return out
+
+
+def _ids(task: str) -> list[str]:
+  # Sorted as strings, "s10" < "s2": the CLI must pair by sorted id, whatever the file order.
+  return [f"{task}-s{k}" for k in range(N_SAMPLES[task])]
+
+
+def _per_sample_file(path, lists: dict, shuffle_seed: int = 0) -> str:
+  """Writes {model: {task: {sample_id: score}}}, each model's ids in its own shuffled order."""
+  rnd = random.Random(shuffle_seed)
+  data = {}
+  for model, row in lists.items():
+    data[model] = {}
+    for task, values in row.items():
+      pairs = list(zip(sorted(_ids(task)), values))
+      rnd.shuffle(pairs)
+      data[model][task] = dict(pairs)
+  return _write(path, data)
+
+
+@pytest.fixture
+def samples_file(tmp_path) -> tuple[str, dict]:
+  lists = _per_sample_lists(SCORES)
+  return _per_sample_file(tmp_path / "samples.json", lists), lists
+
+
+def test_samples_json_matches_bootstrap_report(samples_file, capsys):
+  path, lists = samples_file
+  argv = ["--samples", path, "--json", "--resamples", "60", "--seed", "4", "--level", "0.8",
+          "--temperature", "auto", "--fixed", "chat=1.5", "--tasks", "a,b,c,chat"]
+  code, out, err = _run(argv, capsys)
+  assert code == 0 and err == ""
+  report = json.loads(out)
+  expected = bootstrap.bootstrap_report(lists, tasks=["a", "b", "c", "chat"], temperature="auto",
+                                        fixed={"chat": 1.5}, resamples=60, seed=4, level=0.8)
+  assert report == expected
+  assert report["bootstrap"]["samples"] == N_SAMPLES and report["noisy"] == []
+
+
+def test_samples_table(samples_file, capsys):
+  path, lists = samples_file
+  code, out, err = _run(["--samples", path, "--resamples", "50"], capsys)
+  assert code == 0 and err == ""
+  report = bootstrap.bootstrap_report(lists, tasks=["a", "b", "c"], resamples=50)
+  lines = out.splitlines()
+  assert "form=real" in lines[0] and "T=0.5" in lines[0]
+  assert "50 resamples" in lines[1] and "seed 0" in lines[1] and "0.9" in lines[1]
+  header = next(line for line in lines if line.startswith("task"))
+  assert header.split()[1:3] == ["gain", "C_out"]
+  start = lines.index(header)
+  table = lines[start:lines.index("", start)]
+  for line in table[1:]:
+    task = line.split()[0]
+    values = [float(v.strip("[],")) for v in line.split()[1:]]
+    assert len(values) == 8 * 3  # gain, C_out, C_in, D, λ_out, λ_in, λ_D, λ: value [lo, hi]
+    keys = ("gain", "c_out", "c_in", "d", "lambda_out", "lambda_in", "lambda_d", "lambda")
+    expected = []
+    for key in keys:
+      expected += [report[key][task]] + report["intervals"][key][task]
+    assert values == pytest.approx(expected, abs=6e-5)
+  assert "contributions" in out and "1.0000 [1.0000, 1.0000]" in out
+
+
+def test_samples_noisy_units_are_warned(tmp_path, capsys):
+  # b barely improves with its own data: its gain interval contains 0.
+  noisy = {**SCORES, "b+mini": {"a": 0.6, "b": 0.401, "c": 0.25}}
+  path = _per_sample_file(tmp_path / "s.json", _per_sample_lists(noisy, noise=0.1))
+  code, out, err = _run(["--samples", path, "--resamples", "200", "--json"], capsys)
+  assert code == 0
+  report = json.loads(out)
+  assert report["noisy"] == ["b"]
+  lo, hi = report["intervals"]["gain"]["b"]
+  assert err == (f"warning: {path}: task 'b': own-data gain V_b(b+mini) - V_b(mini) = "
+                 f"{report['gain']['b']:.4f} [{lo:.4f}, {hi:.4f}] contains 0 (level 0.9): its "
+                 "column of C is noise; --drop b leaves it out of C_out and C_in\n")
+  code, out, err = _run(["--samples", path, "--resamples", "200", "--json", "--drop", "b"],
+                        capsys)
+  assert code == 0 and err == ""
+  report = json.loads(out)
+  assert report["bootstrap"]["drop"] == ["b"] and report["c_in"]["b"] == 0.0
+  code, out, err = _run(["--samples", path, "--resamples", "200", "--drop", "b"], capsys)
+  assert code == 0 and "drop=b" in out.splitlines()[0]
+
+
+def test_drop_with_scores_file(scores_file, capsys):
+  code, out, _ = _run([scores_file, "--json", "--drop", "b"], capsys)
+  assert code == 0
+  expected = balancing.balance_report(SCORES, tasks=["a", "b", "c"], drop=["b"])
+  assert json.loads(out) == expected
+
+
+def _bad_samples(lists: dict, model: str, task: str, value) -> dict:
+  data = {m: {t: dict(zip(_ids(t), v)) for t, v in row.items()} for m, row in lists.items()}
+  data[model][task] = value
+  return data
+
+
+_LISTS = _per_sample_lists(SCORES)
+_B_IDS = _ids("b")
+
+
+@pytest.mark.parametrize("content, needles", [
+    (None, ["no such file"]),
+    ("[]", ["expected a non-empty object {model: {task: {sample_id: score}}}"]),
+    (json.dumps({"mini": [1]}), ["model 'mini' must map task -> {sample_id: score}"]),
+    (json.dumps(_bad_samples(_LISTS, "mini", "a", [0.5])),
+     ["model 'mini', task 'a': expected a non-empty object {sample_id: score}"]),
+    (json.dumps(_bad_samples(_LISTS, "mini", "a", {})), ["model 'mini', task 'a'"]),
+    (json.dumps(_bad_samples(_LISTS, "b+mini", "b", {**dict(zip(_B_IDS[1:], _LISTS["b+mini"]["b"])),
+                                                     "b-s99": 0.5})),
+     ["models 'mini' and 'b+mini' disagree on the sample ids of task 'b'",
+      "1 only in 'mini' ('b-s0')", "1 only in 'b+mini' ('b-s99')"]),
+    (json.dumps(_bad_samples(_LISTS, "c+mini", "b", dict(zip(_B_IDS[:-2],
+                                                             _LISTS["c+mini"]["b"])))),
+     ["disagree on the sample ids of task 'b'", "2 only in 'mini'"]),
+    (json.dumps(_bad_samples(_LISTS, "a+mini", "c", {**dict(zip(_ids("c"), _LISTS["a+mini"]["c"])),
+                                                     "c-s1": "x"})),
+     ["model 'a+mini', task 'c', sample 'c-s1': score is not a number: 'x'"]),
+    (json.dumps(_bad_samples(_LISTS, "a+mini", "b", {**dict(zip(_B_IDS, _LISTS["a+mini"]["b"])),
+                                                     "b-s3": float("nan")})),
+     ["model 'a+mini', task 'b', sample 'b-s3': score is not finite: nan"]),
+])
+def test_bad_samples_file(tmp_path, capsys, content, needles):
+  path = str(tmp_path / "samples.json")
+  if content is not None:
+    _write(tmp_path / "samples.json", content)
+  code, out, err = _run(["--samples", path], capsys)
+  assert out == ""
+  _assert_one_line_error(code, err, f"error: {path}: ", *needles)
+
+
+def test_missing_model_in_samples_file(tmp_path, capsys):
+  lists = {m: r for m, r in _LISTS.items() if m != "c+mini"}
+  path = _per_sample_file(tmp_path / "s.json", lists)
+  code, out, err = _run(["--samples", path], capsys)
+  _assert_one_line_error(code, err, f"error: {path}: missing model 'c+mini'")
+
+
+@pytest.mark.parametrize("argv, needles", [
+    ([], ["expected SCORES.json or --samples PER_SAMPLE.json"]),
+    (["SCORES", "--samples", "S"], ["either SCORES.json or --samples", "not both"]),
+    (["SCORES", "--resamples", "10"], ["--resamples: only with --samples"]),
+    (["SCORES", "--level", "0.5"], ["--level: only with --samples"]),
+    (["--samples", "S", "--resamples", "0"], ["--resamples: expected an integer >= 1"]),
+    (["--samples", "S", "--resamples", "x"], ["--resamples", "'x'"]),
+    (["--samples", "S", "--seed", "-1"], ["--seed: expected an integer >= 0"]),
+    (["--samples", "S", "--level", "1"], ["--level: expected a number in (0, 1)"]),
+])
+def test_bad_samples_options(tmp_path, samples_file, scores_file, capsys, argv, needles):
+  path, _ = samples_file
+  argv = [{"SCORES": scores_file, "S": path}.get(a, a) for a in argv]
+  code, out, err = _run(argv, capsys)
+  assert out == ""
+  _assert_one_line_error(code, err, *needles)
+
+
+def test_drop_unknown_unit(scores_file, capsys):
+  code, _, err = _run([scores_file, "--drop", "b", "x"], capsys)
+  _assert_one_line_error(code, err, "error: --drop: 'x' not among the balanced tasks")

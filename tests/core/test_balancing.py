@@ -947,3 +947,139 @@ def test_grad_hand_example_single_entry():
   with jax.enable_x64(True):
     fd = (lam_c(0.2 + 1e-6) - lam_c(0.2 - 1e-6)) / 2e-6
   assert np.isfinite(g) and g == pytest.approx(fd, rel=1e-4)
+
+
+# ----------------------------------------------------------------------------------------------
+# drop: columns of C left out of C_out / C_in (noisy own-data gain), and noisy_units.
+
+# Hand example, drop=["b"] (C is EXPECTED_C, reported in full):
+# C_out[i] = mean over the non-dropped j ≠ i:  a: C[a→c] = −0.25,
+#   b: (C[b→a] + C[b→c])/2 = (0.5 + 0.125)/2 = 0.3125,  c: C[c→a] = −0.5.
+# C_in = [(0.5 − 0.5)/2, 0 (dropped), (−0.25 + 0.125)/2] = [0, 0, −0.0625]; D unchanged.
+# λ_out = 3·softmax([−0.5, 0.625, −1.0]): exp = [0.606531, 1.868246, 0.367879], sum 2.842656
+#   → [0.640103, 1.971655, 0.388242].
+# λ_in = 3·softmax([0, 0, 0.125]): exp = [1, 1, 1.133148], sum 3.133148 → [0.957503, 0.957503,
+#   1.084993].
+# λ = 0.25·λ_out + 0.25·λ_in + 0.5·λ_D = [0.752985, 1.121204, 1.125810].
+DROP_B_C_OUT = [-0.25, 0.3125, -0.5]
+DROP_B_C_IN = [0.0, 0.0, -0.0625]
+
+
+def test_drop_hand_example():
+  r = B.balance_report(real_scores(), tasks=TASKS, drop=["b"])
+  _close(r["C"], EXPECTED_C)  # C itself is reported in full
+  _close(_vals(r["c_out"]), DROP_B_C_OUT)
+  _close(_vals(r["c_in"]), DROP_B_C_IN)
+  _close(_vals(r["d"]), EXPECTED_D)
+  _close(_vals(r["lambda_out"]), _n_softmax([-0.5, 0.625, -1.0]))
+  _close(_vals(r["lambda_in"]), _n_softmax([0.0, 0.0, 0.125]))
+  _close(_vals(r["lambda_d"]), EXPECTED_L_D)
+  _close(_vals(r["lambda_out"]), [0.640103, 1.971655, 0.388242], atol=2e-6)
+  _close(_vals(r["lambda_in"]), [0.957503, 0.957503, 1.084993], atol=2e-6)
+  _close(_vals(r["lambda"]), [0.752985, 1.121204, 1.125810], atol=2e-6)
+  assert set(r) == REPORT_KEYS
+  lam = B.compute_lambda(real_scores(), tasks=TASKS, drop=("b",))
+  _close(_vals(lam), _vals(r["lambda"]))
+
+
+def test_drop_two_and_all_units():
+  # drop a and b: C_out[a] = C[a→c] = −0.25, C_out[b] = C[b→c] = 0.125, C_out[c] = 0 (no kept
+  # receiver left); C_in = [0, 0, −0.0625].
+  r = B.balance_report(real_scores(), tasks=TASKS, drop=["a", "b"])
+  _close(_vals(r["c_out"]), [-0.25, 0.125, 0.0])
+  _close(_vals(r["c_in"]), [0.0, 0.0, -0.0625])
+  r = B.balance_report(real_scores(), tasks=TASKS, drop=TASKS)
+  _close(_vals(r["c_out"]) + _vals(r["c_in"]), [0.0] * 6)
+  _close(_vals(r["lambda_out"]) + _vals(r["lambda_in"]), [1.0] * 6)
+
+
+def test_drop_nothing_is_the_default():
+  assert B.balance_report(real_scores(), tasks=TASKS, drop=[]) == \
+      B.balance_report(real_scores(), tasks=TASKS)
+
+
+def test_drop_low_level():
+  c_out, c_in = B.outward_inward(jnp.asarray(EXPECTED_C), dropped=np.array([False, True, False]))
+  _close(c_out, DROP_B_C_OUT)
+  _close(c_in, DROP_B_C_IN)
+  with pytest.raises(ValueError, match=r"dropped must be a boolean vector of length 3"):
+    B.outward_inward(jnp.asarray(EXPECTED_C), dropped=[True, False])
+
+
+def test_drop_groups_and_fixed():
+  tasks = ["a1", "b", "a2", "c", "chat"]
+  r = B.balance_report(group_scores(), tasks=tasks, groups=GROUPS, fixed={"chat": 1.0},
+                       drop=["B"])
+  _close(_vals(r["c_out"], "ABC"), DROP_B_C_OUT, atol=1e-5)
+  _close(_vals(r["c_in"], "ABC"), DROP_B_C_IN, atol=1e-5)
+  assert r["lambda"]["chat"] == 1.0
+  with pytest.raises(ValueError, match=r"drop names \['b'\], which are not balanced groups"):
+    B.balance_report(group_scores(), tasks=tasks, groups=GROUPS, fixed={"chat": 1.0}, drop=["b"])
+  with pytest.raises(ValueError, match=r"drop names \['chat'\], which are not balanced tasks"):
+    B.balance_report(real_scores(), tasks=TASKS + ["chat"], fixed={"chat": 1.0}, drop=["chat"])
+
+
+@pytest.mark.parametrize("drop, match", [
+    (["zz", "a", "yy"],
+     r"drop names \['zz', 'yy'\], which are not balanced tasks \['a', 'b', 'c'\]"),
+    ("b", r"drop must be a sequence"),
+    ([1], r"drop must name balanced tasks \(strings\)"),
+    (None, r"drop must be a sequence"),
+])
+def test_drop_bad(drop, match):
+  with pytest.raises(ValueError, match=match):
+    B.compute_lambda(real_scores(), tasks=TASKS, drop=drop)
+
+
+def test_drop_jit_and_grad():
+  f = jax.jit(lambda s: _as_vector(B.compute_lambda(s, tasks=TASKS, drop=["b"])))
+  _close(f(real_scores()), [0.752985, 1.121204, 1.125810], atol=2e-6)
+  grad = jax.grad(lambda s: B.compute_lambda(s, tasks=TASKS, drop=["b"])["c"])(real_scores())
+  leaves = [float(g) for g in jax.tree.leaves(grad)]
+  assert all(np.isfinite(leaves)) and any(g != 0 for g in leaves)
+  # V_b(a+mini) and V_b(c+mini) only enter column b of C (C[a→b], C[c→b]): dropped, they no
+  # longer matter; b's own row does: C[b→a] still counts in C_out[b].
+  assert float(grad["a+mini"]["b"]) == 0 and float(grad["c+mini"]["b"]) == 0
+  assert float(grad["b+mini"]["a"]) != 0
+  full = jax.grad(lambda s: B.compute_lambda(s, tasks=TASKS)["c"])(real_scores())
+  assert float(full["a+mini"]["b"]) != 0
+
+
+def test_drop_with_on_degenerate_warn():
+  # b did not improve: "warn" zeroes its column but averages over N − 1; dropping it as well
+  # leaves the column out of the means, as in the hand example.
+  with pytest.warns(B.DegenerateScoresWarning):
+    r = B.balance_report(_bad_b(), tasks=TASKS, on_degenerate="warn", drop=["b"])
+  assert [row[1] for row in r["C"]] == [0.0, 1.0, 0.0]
+  assert r["c_in"]["b"] == 0.0
+
+
+def test_noisy_units():
+  gain = {"a": [0.01, 0.2], "b": [-0.01, 0.03], "c": [0.0, 0.1], "d": [-0.2, 0.0],
+          "e": [-0.3, -0.1]}
+  assert B.noisy_units(gain) == ["b", "c", "d"]
+  assert B.noisy_units({}) == []
+  with pytest.raises(ValueError, match=r"gain interval of 'a' must be \[lo, hi\]"):
+    B.noisy_units({"a": [0.1]})
+  with pytest.raises(ValueError, match=r"lo <= hi"):
+    B.noisy_units({"a": [0.2, 0.1]})
+  with pytest.raises(ValueError, match=r"finite"):
+    B.noisy_units({"a": [float("nan"), 0.1]})
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.integers(2, 6), st.integers(0, 2**31 - 1),
+       st.sampled_from([(0.25, 0.25, 0.5), (1.0, 0.0, 0.0), (0.2, 0.6, 0.2)]))
+def test_prop_auto_temperature_batch_matches_scalar(n, seed, alpha):
+  # Rows of every kind: feasible at the lower end, in between, and infeasible (spread ~ 100).
+  rng = np.random.default_rng(seed)
+  scale = np.array([0.01, 0.3, 1.0, 3.0, 100.0])[:, None, None]
+  x = rng.normal(size=(5, 3, n)) * scale
+  t, feasible = B.auto_temperature_batch(x[:, 0], x[:, 1], x[:, 2], alpha=alpha)
+  for r in range(x.shape[0]):
+    try:
+      expected = B.auto_temperature(x[r, 0], x[r, 1], x[r, 2], alpha=alpha)
+    except ValueError:
+      assert not feasible[r] and t[r] == B.AUTO_T_RANGE[1]
+    else:
+      assert feasible[r] and t[r] == expected

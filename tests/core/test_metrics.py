@@ -379,3 +379,148 @@ def test_scorers_registry_and_score():
 def test_score_unknown_metric():
   with pytest.raises(ValueError, match="unknown metric 'bleu'.*cider"):
     metrics.score("bleu", ["a"], ["a"])
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-sample scores
+# ---------------------------------------------------------------------------------------------
+
+
+def _assert_mean_is_score(metric, preds, refs, **options):
+  """sample_scores is float64 [n] and its mean is score() and the scalar scorer, to the bit."""
+  per = metrics.sample_scores(metric, preds, refs, **options)
+  assert per.dtype == np.float64 and per.shape == (len(preds),)
+  expected = metrics.score(metric, preds, refs, **options)
+  assert float(np.mean(per)) == expected
+  assert metrics.mean_score(per) == expected
+  # The route a caller takes: per-sample values keyed by id, then averaged in order.
+  by_id = dict(zip((f"s{i}" for i in range(len(per))), per.tolist()))
+  assert metrics.mean_score(list(by_id.values())) == expected
+  scalar = metrics.SCORERS[metric](preds, refs, **options)
+  assert (scalar[0] if isinstance(scalar, tuple) else scalar) == expected
+  return per
+
+
+def test_sample_scorers_cover_every_scorer():
+  assert set(metrics.SAMPLE_SCORERS) == set(metrics.SCORERS)
+
+
+def test_exact_match_sample_scores_hand_computed():
+  preds = ["Yes.", "blue ", "Red", "two", "circle"]
+  refs = ["yes", ["Blue", "navy"], "red.", ["2", "Two."], "square"]
+  per = _assert_mean_is_score("exact_match", preds, refs)
+  np.testing.assert_array_equal(per, [1.0, 1.0, 1.0, 1.0, 0.0])
+  np.testing.assert_array_equal(metrics.exact_match_scores(preds, refs), per)
+
+
+def test_accuracy_sample_scores_hand_computed():
+  preds = ["Cat.", "dog", "bird", "DOG"]
+  refs = ["cat", "dog", "fish", "cat"]
+  per = _assert_mean_is_score("accuracy", preds, refs, choices=["cat", "dog", "fish"])
+  np.testing.assert_array_equal(per, [1.0, 1.0, 0.0, 0.0])
+  # Outside the choices a prediction is wrong even when it equals the label.
+  np.testing.assert_array_equal(
+      metrics.accuracy_scores(["lion", "lion"], ["lion", "cat"]), [1.0, 0.0])
+  with pytest.raises(ValueError, match="not one of the choices"):
+    metrics.sample_scores("accuracy", ["lion"], ["lion"], choices=["cat"])
+
+
+def test_iou_sample_scores_hand_computed():
+  preds = ["[0.1, 0.1, 0.5, 0.5]", "[0.0, 0.0, 0.5, 0.5]", "[0, 0, 0.5, 0.5]", "no box here",
+           "[0.6, 0.1, 0.2, 0.5]"]
+  refs = ["[0.1, 0.1, 0.5, 0.5]", (0.25, 0.25, 0.75, 0.75), [0.0, 0.0, 1.0, 0.5],
+          "[0.1, 0.1, 0.5, 0.5]", "[0.1, 0.1, 0.5, 0.5]"]
+  # IoU 1 → hit; 1/7 → miss; exactly 0.5 → miss (needs >); unparsable; degenerate box.
+  per = _assert_mean_is_score("iou_accuracy", preds, refs)
+  np.testing.assert_array_equal(per, [1.0, 0.0, 0.0, 0.0, 0.0])
+  # At threshold 0.4 the exact-0.5 item becomes a hit.
+  per = _assert_mean_is_score("iou_accuracy", preds, refs, threshold=0.4)
+  np.testing.assert_array_equal(per, [1.0, 0.0, 1.0, 0.0, 0.0])
+  np.testing.assert_array_equal(metrics.iou_hits(preds, refs, threshold=0.4), per)
+  with pytest.raises(ValueError, match="threshold"):
+    metrics.sample_scores("iou_accuracy", preds, refs, threshold=1.0)
+
+
+def test_cider_sample_scores_are_the_per_image_scores():
+  preds = ["red red circle", "blue square"]
+  refs = [["red circle"], ["blue square"]]
+  per = _assert_mean_is_score("cider", preds, refs)
+  image1 = 10 * math.exp(-1 / 72) * (2 / math.sqrt(10) + 1 / math.sqrt(2)) / 4
+  np.testing.assert_allclose(per, [image1, 5.0], rtol=1e-12)
+  np.testing.assert_array_equal(per, metrics.cider_scores(preds, refs))
+  # The idf comes from the whole corpus: image 2 alone scores 0, not 5.
+  assert metrics.sample_scores("cider", preds[1:], refs[1:]).tolist() == [0.0]
+  # Options reach the scorer.
+  np.testing.assert_array_equal(metrics.sample_scores("cider", preds, refs, n=2, sigma=3.0),
+                                metrics.cider_scores(preds, refs, n=2, sigma=3.0))
+
+
+def test_cider_sample_scores_mean_on_a_larger_corpus():
+  preds = [c for c, _ in CAPTIONS]
+  refs = [r for _, r in CAPTIONS]
+  per = _assert_mean_is_score("cider", preds, refs)
+  _, coco_items = _coco_cider(preds, refs)
+  np.testing.assert_allclose(per, coco_items, atol=1e-6)
+
+
+def test_sample_scores_errors():
+  with pytest.raises(ValueError, match="unknown metric 'bleu'.*cider"):
+    metrics.sample_scores("bleu", ["a"], ["a"])
+  with pytest.raises(ValueError, match="no predictions"):
+    metrics.sample_scores("exact_match", [], [])
+  with pytest.raises(ValueError, match="2 predictions but 1 references"):
+    metrics.sample_scores("iou_accuracy", ["a", "b"], ["[0, 0, 1, 1]"])
+  with pytest.raises(ValueError, match="non-empty"):
+    metrics.mean_score([])
+
+
+_ANSWER = st.sampled_from(["yes", "Yes.", "no", " NO ", "cat", "dog.", "Dog", "two", ""])
+_LABEL = st.sampled_from(["yes", "no", "cat", "dog"])
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(_ANSWER, st.one_of(_LABEL, st.lists(_ANSWER, min_size=1, max_size=3))),
+                min_size=1, max_size=40))
+def test_exact_match_sample_mean_is_score_property(items):
+  preds = [p for p, _ in items]
+  refs = [r for _, r in items]
+  per = _assert_mean_is_score("exact_match", preds, refs)
+  assert set(per.tolist()) <= {0.0, 1.0}
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(_ANSWER, _LABEL), min_size=1, max_size=40), st.booleans())
+def test_accuracy_sample_mean_is_score_property(items, closed):
+  preds = [p for p, _ in items]
+  refs = [r for _, r in items]
+  options = {"choices": ["yes", "no", "cat", "dog"]} if closed else {}
+  per = _assert_mean_is_score("accuracy", preds, refs, **options)
+  assert set(per.tolist()) <= {0.0, 1.0}
+
+
+# Valid boxes by construction (x1 < x2, y1 < y2 on a 0.1 grid), not by filtering.
+_SPAN = st.tuples(st.integers(0, 9), st.integers(1, 10)).map(
+    lambda t: (min(t[0], t[1] - 1) / 10, t[1] / 10))
+_BOX = st.tuples(_SPAN, _SPAN).map(lambda s: (s[0][0], s[1][0], s[0][1], s[1][1]))
+_BOX_TEXT = _BOX.map(lambda b: "[" + ", ".join(f"{v:g}" for v in b) + "]")
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.one_of(_BOX_TEXT, st.sampled_from(["", "no box", "[0.5, 0, 0.2, 1]"])),
+                          _BOX), min_size=1, max_size=40),
+       st.sampled_from([0.0, 0.25, 0.5, 0.75]))
+def test_iou_sample_mean_is_score_property(items, threshold):
+  preds = [p for p, _ in items]
+  refs = [r for _, r in items]
+  per = _assert_mean_is_score("iou_accuracy", preds, refs, threshold=threshold)
+  assert set(per.tolist()) <= {0.0, 1.0}
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(_CANDIDATE, st.lists(_REFERENCE, min_size=1, max_size=3)),
+                min_size=1, max_size=12))
+def test_cider_sample_mean_is_score_property(corpus):
+  preds = [c for c, _ in corpus]
+  refs = [r for _, r in corpus]
+  per = _assert_mean_is_score("cider", preds, refs)
+  np.testing.assert_array_equal(per, metrics.cider_scores(preds, refs))

@@ -11,7 +11,9 @@ from flax import nnx
 from visatb_jax import pipeline
 from visatb_jax.runtime import fileio
 from visatb_jax.data import shapes, tokenizer as tokenizer_lib
-from visatb_jax.pipeline.experiment import Experiment, PipelineError
+from visatb_jax.pipeline import config as config_lib
+from visatb_jax.pipeline.errors import PipelineError
+from visatb_jax.pipeline.workspace import Workspace
 from visatb_jax.model import hf_io
 from visatb_jax.model.config import LlavaConfig
 from visatb_jax.model.llava import LlavaForConditionalGeneration
@@ -70,12 +72,12 @@ def test_prep_starts_from_the_checkpoint_and_lambda_comes_out(user_setup, tmp_pa
   workdir = str(tmp_path / "run")
   pipeline.run(config, workdir, stages=["data", "prep", "validate", "lambda"])
 
-  exp = Experiment(config, workdir)
-  start = nnx.state(exp.new_model(), nnx.Param)
+  ws = Workspace(config_lib.build(config), workdir)
+  start = nnx.state(ws.models.new_model(), nnx.Param)
   want = nnx.state(reference, nnx.Param)
   for a, b in zip(jax.tree.leaves(start), jax.tree.leaves(want), strict=True):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-  assert exp.tokenizer.get_vocab() == tokenizer_lib.load_pretrained_tokenizer(
+  assert ws.data.tokenizer.get_vocab() == tokenizer_lib.load_pretrained_tokenizer(
       config.model.path).get_vocab()
 
   validation = fileio.read_json(os.path.join(workdir, "scores", "validation.json"))

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from visatb_jax import pipeline
+from visatb_jax.pipeline.stages import BALANCE_STAGES
 from visatb_jax.runtime import fileio
 from visatb_jax.runtime import metrics_log
 
@@ -49,11 +50,11 @@ def test_pipeline_writes_every_output(finished_run):
   assert set(out["lambda.json"]["lambda"]) == set(tasks)
   assert out["lambda.json"]["lambda"]["chat"] == 1.0  # fixed weight, outside the balancing
   assert set(out["scores/validation.json"]) == {"mini"} | {f"{t}+mini" for t in balanced}
-  assert set(out["scores/test.json"]) == {"untrained", "visatb", "ew", "stl", "mgda"}
+  assert list(out["scores/test.json"]) == ["visatb", "ew", "stl", "mgda", "untrained"]
   for method, scores in out["scores/test.json"].items():
     assert set(scores) == set(tasks), method
   comparison = out["report/comparison.json"]
-  assert set(comparison) == {"untrained", "visatb", "ew", "mgda"}
+  assert set(comparison) == {"visatb", "ew", "mgda"}  # the untrained model is not a method
   assert comparison["ew"]["step_time_vs_ew"] == 1.0
   assert comparison["mgda"]["step_time_s"] > 0 and comparison["visatb"]["step_time_vs_ew"] > 0
   report = open(os.path.join(finished_run, "report", "report.md"), encoding="utf-8").read()
@@ -89,6 +90,29 @@ def test_changed_temperature_reruns_from_lambda_only(finished_run, tmp_path, cap
   logged = capsys.readouterr().out
   assert "stage validate: done, skipped" in logged and "stage lambda: start" in logged
   assert fileio.read_json(os.path.join(workdir, "lambda.json"))["temperature"] == 5.0
+
+
+def test_stale_inputs_are_never_used(finished_run, tmp_path, capsys):
+  """A model change makes every stage's inputs stale: a stage selected with --stages stops and
+  names the file and the stages to run; a full run redoes them and says why."""
+  workdir = str(tmp_path / "copy")
+  shutil.copytree(finished_run, workdir)
+  config = micro_config()
+  config.train.lr = 1e-4
+  before = _outputs(workdir)
+  for stages, stale in ((["lambda"], "validate"), (["test", "report"], "final")):
+    with pytest.raises(pipeline.PipelineError, match=rf"stage {stages[0]} needs .* from stage "
+                       rf"{stale}, which was made under another config; run --stages "
+                       rf"{stale},.*{stages[0]}"):
+      pipeline.run(config, workdir, stages=stages)
+  assert _outputs(workdir) == before  # nothing was touched
+  config = micro_config()
+  config.eval.max_new_tokens = 4  # validate and everything after it are stale; data, prep not
+  pipeline.run(config, workdir)
+  logged = capsys.readouterr().out
+  assert "stage prep: done, skipped" in logged
+  for stage in ("validate", "lambda", "final", "test", "report"):
+    assert f"stage {stage}: start (its config changed since it ran)" in logged, stage
 
 
 def test_unknown_stage_and_task_are_clear_errors(tmp_path):
@@ -131,14 +155,13 @@ def test_weighting_selects_the_final_model_and_skips_the_balance_stages(tmp_path
   workdir = str(tmp_path / "ew")
   pipeline.run(config, workdir)
   logged = capsys.readouterr().out
-  for stage in pipeline.BALANCE_STAGES:
+  for stage in BALANCE_STAGES:
     assert f"stage {stage}: not needed (weighting='ew'" in logged
   assert not os.path.exists(os.path.join(workdir, "lambda.json"))
   assert not os.path.exists(os.path.join(workdir, "prep"))
   test = fileio.read_json(os.path.join(workdir, "scores", "test.json"))
   assert set(test) == {"untrained", "ew", "stl"}
-  assert set(fileio.read_json(os.path.join(workdir, "report", "comparison.json"))) == {
-      "untrained", "ew"}
+  assert set(fileio.read_json(os.path.join(workdir, "report", "comparison.json"))) == {"ew"}
   report = open(os.path.join(workdir, "report", "report.md"), encoding="utf-8").read()
   assert "lambda.json" in report  # the balance section says it is not available
 

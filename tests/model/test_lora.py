@@ -8,6 +8,7 @@ import pytest
 from flax import nnx
 
 from visatb_jax import train
+from visatb_jax.runtime import sharding
 from visatb_jax.model import lora
 from visatb_jax.model.config import LlavaConfig, TextConfig, VisionConfig
 from visatb_jax.model.llava import LlavaForConditionalGeneration
@@ -320,7 +321,7 @@ def test_train_loop_updates_only_adapters_and_projector(tmp_path):
 
   cfg = {"steps": 3, "lr": 1e-2, "checkpoint_every": 3, "log_every": 1}
   trained = train.train(model, batch, np.ones(1, np.float32), cfg, tmp_path,
-                        mesh=train.make_mesh(jax.devices()[:1]))
+                        mesh=sharding.make_mesh(devices=jax.devices()[:1]))
   changed = {p for p, v in _flat(trained).items()
              if not np.array_equal(np.asarray(v.get_value()), before[p])}
   assert changed and all("lora" in map(str, p) or "multi_modal_projector" in p for p in changed)
@@ -342,7 +343,7 @@ def test_train_loop_draws_fresh_dropout_masks_per_step_reproducibly(tmp_path):
   def run(name, dropout):
     model = lora.apply_lora(_model(), rank=RANK, alpha=ALPHA, dropout=dropout, rngs=nnx.Rngs(1))
     trained = train.train(model, lambda step: batch, np.ones(1, np.float32), cfg, tmp_path / name,
-                          mesh=train.make_mesh(jax.devices()[:1]))
+                          mesh=sharding.make_mesh(devices=jax.devices()[:1]))
     losses = [r["loss"] for r in train.metrics_log.read_metrics(tmp_path / name / "metrics.jsonl")]
     return trained, losses
 

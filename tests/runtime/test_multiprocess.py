@@ -51,7 +51,7 @@ def get_batch(i):
     raise SystemExit(3)
   return tt.make_batch(i)
 
-train.train(tt.new_model(), get_batch, tt.LAM, tt.CFG, workdir, mesh=train.make_mesh(),
+train.train(tt.new_model(), get_batch, tt.LAM, tt.CFG, workdir, mesh=sharding.make_mesh(),
             task_names=tt.TASKS)
 print("DONE", jax.process_index(), jax.process_count(), jax.device_count(), flush=True)
 """
@@ -137,7 +137,7 @@ def _losses(workdir):
 def test_two_processes_train_like_one_and_resume(tmp_path):
   reference = tmp_path / "one"
   train.train(tt.new_model(), tt.make_batch, tt.LAM, tt.CFG, reference,
-              mesh=train.make_mesh(jax.devices()[:4]), task_names=tt.TASKS)
+              mesh=sharding.make_mesh(devices=jax.devices()[:4]), task_names=tt.TASKS)
   workdir = tmp_path / "two"
   _train_two_processes(tmp_path, workdir, crash_at=4)  # after step 4; last checkpoint: 3
   assert sorted(os.listdir(workdir / "checkpoints")) == ["3"]

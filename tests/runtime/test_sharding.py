@@ -141,6 +141,26 @@ def test_param_logical_axes_of_every_parameter(model):
     sharding.param_logical_axes(("lora", "lora_a"), (32, 4), strict=True)
 
 
+def test_a_parameter_no_rule_covers_is_an_error_naming_it():
+  """Replicating an unknown parameter by accident would cost its whole size on every device."""
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+
+  class Odd(nnx.Module):
+    def __init__(self):
+      self.lm_head = nnx.Linear(4, 8, rngs=nnx.Rngs(0))
+      self.mystery = nnx.Param(jnp.zeros((4, 4)))
+      self.counter = nnx.Variable(jnp.zeros((3,), jnp.int32))  # not a parameter: replicated
+
+  mesh = sharding.make_mesh({"data": -1}, _devices())
+  state = nnx.state(Odd())
+  with pytest.raises(ValueError, match="no sharding rule for parameter mystery of shape"):
+    sharding.param_shardings(state, mesh)
+  loose = sharding.param_shardings(state, mesh, strict=False)
+  assert loose["mystery"].get_value().is_fully_replicated
+  del state["mystery"]
+  assert sharding.param_shardings(state, mesh)["counter"].get_value().is_fully_replicated
+
+
 def test_param_shardings_cover_train_state(model):
   from visatb_jax import train  # pylint: disable=g-import-not-at-top
   mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2}, _devices())

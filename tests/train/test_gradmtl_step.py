@@ -9,6 +9,7 @@ import pytest
 from flax import nnx
 
 from visatb_jax import train
+from visatb_jax.runtime import sharding
 from visatb_jax.core import gradmtl
 from visatb_jax.train import gradmtl_step
 from visatb_jax.core import loss
@@ -31,12 +32,12 @@ def one_step(mesh, method, *, tx=None, accum_steps=1, batch=None, lam=LAM, optio
   """One gradient-method step from a fresh model: (old state, new state, metrics, mtl_state)."""
   tx = tx or optax.sgd(1.0)  # the update is exactly −direction
   graphdef, params, frozen = train.split_model(TinyModel(nnx.Rngs(seed)))
-  state = train.replicate(train.init_train_state(params, tx), mesh)
+  state = sharding.replicate(train.init_train_state(params, tx), mesh)
   step = gradmtl_step.make_gradmtl_train_step(graphdef, tx, mesh=mesh, method=method,
                                               method_options=options, accum_steps=accum_steps)
-  mtl = train.replicate(gradmtl_step.init_mtl_state(method, len(lam), seed=1), mesh)
-  batch = train.shard_batch(make_batch() if batch is None else batch, mesh)
-  new, metrics, mtl = step(state, train.replicate(frozen, mesh), batch, jnp.asarray(lam),
+  mtl = sharding.replicate(gradmtl_step.init_mtl_state(method, len(lam), seed=1), mesh)
+  batch = sharding.shard_batch(make_batch() if batch is None else batch, mesh)
+  new, metrics, mtl = step(state, sharding.replicate(frozen, mesh), batch, jnp.asarray(lam),
                            np.float32(1.0), mtl)
   return state, new, jax.device_get(metrics), mtl
 
@@ -47,7 +48,7 @@ def one_step(mesh, method, *, tx=None, accum_steps=1, batch=None, lam=LAM, optio
 def test_vjp_task_gradients_equal_separate_grads(meshes):
   graphdef, params, frozen = train.split_model(TinyModel(nnx.Rngs(0)))
   batch = {k: jnp.asarray(v) for k, v in make_batch().items()}
-  grads, weighted, weight, task_sum, task_count = jax.jit(
+  grads, (weighted, weight, task_sum, task_count) = jax.jit(
       lambda p: gradmtl_step.task_gradients(graphdef, p, frozen, batch, LAM))(params)
 
   def nll_sum(p, k):
@@ -147,8 +148,8 @@ def test_mgda_on_one_task_equals_the_plain_step(meshes, make_tx):
   graphdef, params, frozen = train.split_model(TinyModel(nnx.Rngs(0)))
   mesh = meshes[1]
   ew = train.make_train_step(graphdef, tx, mesh=mesh)
-  ew_new, ew_metrics = ew(train.replicate(train.init_train_state(params, tx), mesh),
-                          train.replicate(frozen, mesh), train.shard_batch(batch, mesh),
+  ew_new, ew_metrics = ew(sharding.replicate(train.init_train_state(params, tx), mesh),
+                          sharding.replicate(frozen, mesh), sharding.shard_batch(batch, mesh),
                           jnp.asarray(lam), np.float32(1.0))
   assert_rel_close(deltas(old, new), deltas(old, ew_new))
   np.testing.assert_allclose(metrics["mtl_weights"], [0.0, 1.0], atol=1e-6)
@@ -162,13 +163,13 @@ def test_methods_train_without_nan(meshes, method):
   mesh = meshes[1]
   tx = optax.adam(0.05)
   graphdef, params, frozen = train.split_model(TinyModel(nnx.Rngs(0)))
-  state = train.replicate(train.init_train_state(params, tx), mesh)
-  frozen = train.replicate(frozen, mesh)
+  state = sharding.replicate(train.init_train_state(params, tx), mesh)
+  frozen = sharding.replicate(frozen, mesh)
   step = gradmtl_step.make_gradmtl_train_step(graphdef, tx, mesh=mesh, method=method)
-  mtl = train.replicate(gradmtl_step.init_mtl_state(method, T, seed=0), mesh)
-  full = train.shard_batch(make_batch(), mesh)
+  mtl = sharding.replicate(gradmtl_step.init_mtl_state(method, T, seed=0), mesh)
+  full = sharding.shard_batch(make_batch(), mesh)
   # Task 1 absent from this batch: it must get weight 0 and no NaN anywhere.
-  partial = train.shard_batch(make_batch(1, task_of_row=np.zeros(ROWS, np.int64)), mesh)
+  partial = sharding.shard_batch(make_batch(1, task_of_row=np.zeros(ROWS, np.int64)), mesh)
   lam = jnp.ones((T,), jnp.float32)
   losses = []
   for i in range(8):
@@ -205,11 +206,11 @@ def test_new_lambda_does_not_recompile(meshes):
   mesh = meshes[8]
   tx = optax.sgd(0.1)
   graphdef, params, frozen = train.split_model(TinyModel(nnx.Rngs(0)))
-  state = train.replicate(train.init_train_state(params, tx), mesh)
-  frozen = train.replicate(frozen, mesh)
+  state = sharding.replicate(train.init_train_state(params, tx), mesh)
+  frozen = sharding.replicate(frozen, mesh)
   step = gradmtl_step.make_gradmtl_train_step(graphdef, tx, mesh=mesh, method="mgda")
-  mtl = train.replicate(gradmtl_step.init_mtl_state("mgda", T), mesh)
-  batch = train.shard_batch(make_batch(), mesh)
+  mtl = sharding.replicate(gradmtl_step.init_mtl_state("mgda", T), mesh)
+  batch = sharding.shard_batch(make_batch(), mesh)
   TRACES["n"] = 0
   results = []
   for lam in ([1.0, 1.0], [3.0, 0.2], [0.5, 0.0]):
@@ -232,3 +233,32 @@ def test_mtl_state_is_checkpointable(tmp_path):
   assert isinstance(restored, gradmtl_step.GradMTLState)
   np.testing.assert_array_equal(restored.alpha, state.alpha)
   np.testing.assert_array_equal(restored.key, state.key)
+
+
+@pytest.mark.parametrize("accum", [1, 2])
+def test_chunked_cross_entropy_gives_the_same_step(meshes, accum):
+  """ce_chunk_size on the per-task-gradient step: the same per-task gradients, loss and update
+  as the full-logits step, on a (tiny) real LLaVA."""
+  from visatb_jax.model.llava import LlavaForConditionalGeneration
+  from test_train import _llava_batch, _tiny_llava_config
+  config, batch = _tiny_llava_config(), _llava_batch()
+  results = []
+  for chunk in (0, 7):
+    graphdef, params, frozen = train.split_model(
+        LlavaForConditionalGeneration(config, rngs=nnx.Rngs(0)))
+    grads, sums = jax.jit(lambda p, g=graphdef, f=frozen, c=chunk: gradmtl_step.task_gradients(
+        g, p, f, batch, LAM, accum_steps=accum, mesh=meshes[1], ce_chunk_size=c))(params)
+    tx = optax.sgd(1.0)
+    step = gradmtl_step.make_gradmtl_train_step(graphdef, tx, mesh=meshes[1], method="mgda",
+                                                accum_steps=accum, ce_chunk_size=chunk)
+    state = train.init_train_state(params, tx)
+    new, metrics, _ = step(state, frozen, batch, jnp.asarray(LAM), np.float32(1.0),
+                           gradmtl_step.init_mtl_state("mgda", T))
+    results.append((jax.device_get(sums), grads, jax.device_get(metrics), deltas(state, new)))
+  (s_full, g_full, m_full, d_full), (s_chunk, g_chunk, m_chunk, d_chunk) = results
+  np.testing.assert_allclose(s_chunk.task_sum, s_full.task_sum, rtol=1e-6)
+  np.testing.assert_array_equal(s_chunk.task_count, s_full.task_count)
+  assert_rel_close(g_chunk, g_full)
+  np.testing.assert_allclose(m_chunk["loss"], m_full["loss"], rtol=1e-6)
+  np.testing.assert_allclose(m_chunk["per_task_loss"], m_full["per_task_loss"], rtol=1e-6)
+  assert_rel_close(d_chunk, d_full)

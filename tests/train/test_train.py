@@ -18,6 +18,8 @@ from visatb_jax.core import loss
 from visatb_jax.runtime import metrics_log
 from visatb_jax.runtime import sharding
 from visatb_jax.core import weighting
+from visatb_jax.train import step as step_lib
+from visatb_jax.train import vitw_step
 
 VOCAB, DIM, SEQ, ROWS, TASKS = 16, 8, 6, 8, ("caption", "vqa")
 TRACES = {"n": 0}  # incremented by Python only while jit traces the model
@@ -27,27 +29,29 @@ class VisionTower(nnx.Module):
   """Frozen by default; its parameter feeds every token, so gradients reach it."""
 
   def __init__(self, rngs: nnx.Rngs):
-    self.proj = nnx.Param(jax.random.normal(rngs.params(), (3, DIM)) * 0.5)
+    self.linear_1 = nnx.Linear(3, DIM, use_bias=False, rngs=rngs)
+    self.linear_1.kernel.value = jax.random.normal(rngs.params(), (3, DIM)) * 0.5
 
   def __call__(self, images):
-    return jnp.mean(images, axis=(1, 2, 3)) @ self.proj  # [B, M, H, W, 3] → [B, D]
+    return self.linear_1(jnp.mean(images, axis=(1, 2, 3)))  # [B, M, H, W, 3] → [B, D]
 
 
 class TinyModel(nnx.Module):
-  """Stand-in following the Model contract: embed + image feature + MLP + head."""
+  """Stand-in following the Model contract: embed + image feature + MLP + head (modules named as
+  in the real model, so that the sharding rules cover every parameter)."""
 
   def __init__(self, rngs: nnx.Rngs):
     self.vision_tower = VisionTower(rngs)
-    self.embed = nnx.Embed(VOCAB, DIM, rngs=rngs)
-    self.mlp = nnx.Linear(DIM, DIM, rngs=rngs)
+    self.embed_tokens = nnx.Embed(VOCAB, DIM, rngs=rngs)
+    self.up_proj = nnx.Linear(DIM, DIM, rngs=rngs)
     self.lm_head = nnx.Linear(DIM, VOCAB, rngs=rngs)
 
   def __call__(self, input_ids, images=None, positions=None, segment_ids=None):
     TRACES["n"] += 1
-    h = self.embed(input_ids)
+    h = self.embed_tokens(input_ids)
     if images is not None:
       h = h + self.vision_tower(images)[:, None, :]
-    h = h + jnp.tanh(self.mlp(h))
+    h = h + jnp.tanh(self.up_proj(h))
     return self.lm_head(h)
 
 
@@ -83,10 +87,10 @@ def one_step(mesh, *, accum_steps=1, tla=False, tx=None, lam=LAM, batch=None):
   """One train step from the same initial model; returns (old state, new state, metrics)."""
   tx = tx or optax.sgd(1.0)  # plain SGD: the update is exactly −grads
   graphdef, params, frozen = train.split_model(new_model())
-  state = train.replicate(train.init_train_state(params, tx), mesh)
+  state = sharding.replicate(train.init_train_state(params, tx), mesh)
   step = train.make_train_step(graphdef, tx, mesh=mesh, accum_steps=accum_steps, tla=tla)
-  batch = train.shard_batch(make_batch(0) if batch is None else batch, mesh)
-  new_state, metrics = step(state, train.replicate(frozen, mesh), batch, jnp.asarray(lam), 1.0)
+  batch = sharding.shard_batch(make_batch(0) if batch is None else batch, mesh)
+  new_state, metrics = step(state, sharding.replicate(frozen, mesh), batch, jnp.asarray(lam), 1.0)
   return state, new_state, jax.device_get(metrics)
 
 
@@ -138,8 +142,9 @@ def test_sharded_step_equals_single_device(meshes):
 def test_accumulation_equals_full_batch(meshes, tla, rows, accum):
   # rows=16, accum=2: each micro-batch of 8 rows is itself spread over the 8 devices.
   batch = make_batch(0, rows=rows)
-  old1, new1, m1 = one_step(meshes[8], accum_steps=1, tla=tla, batch=batch)
-  old4, new4, m4 = one_step(meshes[8], accum_steps=accum, tla=tla, batch=batch)
+  lam = np.ones_like(LAM) if tla else LAM
+  old1, new1, m1 = one_step(meshes[8], accum_steps=1, tla=tla, batch=batch, lam=lam)
+  old4, new4, m4 = one_step(meshes[8], accum_steps=accum, tla=tla, batch=batch, lam=lam)
   assert_rel_close(m4["loss"], m1["loss"])
   assert_rel_close(m4["per_task_count"], m1["per_task_count"])
   assert_rel_close(m4["grad_norm"], m1["grad_norm"])
@@ -150,14 +155,23 @@ def test_accumulation_equals_full_batch(meshes, tla, rows, accum):
     np.testing.assert_allclose(m4["loss"], np.mean(m1["per_task_loss"]), rtol=1e-5)
 
 
+def test_tla_keeps_base_weights(meshes):
+  """TLA with base weights w (a fixed-weight task): λ_k = w_k / count_k, so the loss is the
+  w-weighted mean of the per-task means."""
+  _, _, m = one_step(meshes[8], tla=True, lam=LAM)
+  np.testing.assert_allclose(m["lam"], LAM / m["per_task_count"], rtol=1e-6)
+  want = np.sum(LAM * m["per_task_loss"]) / np.sum(LAM)
+  np.testing.assert_allclose(m["loss"], want, rtol=1e-5)
+
+
 def test_new_lambda_does_not_recompile(meshes):
   tx = optax.sgd(0.1)
   graphdef, params, frozen = train.split_model(new_model())
   mesh = meshes[8]
-  state = train.replicate(train.init_train_state(params, tx), mesh)
-  frozen = train.replicate(frozen, mesh)
+  state = sharding.replicate(train.init_train_state(params, tx), mesh)
+  frozen = sharding.replicate(frozen, mesh)
   step = train.make_train_step(graphdef, tx, mesh=mesh)
-  batch = train.shard_batch(make_batch(0), mesh)
+  batch = sharding.shard_batch(make_batch(0), mesh)
   compiles = []
 
   def on_event(name, _, **kwargs):
@@ -199,10 +213,10 @@ def test_frozen_tower_untouched_and_without_optimizer_state(meshes):
   mesh = meshes[1]
   frozen_before = jax.tree.map(np.asarray, frozen)
   step = train.make_train_step(graphdef, tx, mesh=mesh)
-  new_state, _ = step(train.replicate(state, mesh), train.replicate(frozen, mesh),
-                      train.shard_batch(make_batch(0), mesh), jnp.asarray(LAM), 1.0)
-  tower = frozen["vision_tower"]["proj"][...]
-  np.testing.assert_array_equal(tower, frozen_before["vision_tower"]["proj"][...])
+  new_state, _ = step(sharding.replicate(state, mesh), sharding.replicate(frozen, mesh),
+                      sharding.shard_batch(make_batch(0), mesh), jnp.asarray(LAM), 1.0)
+  tower = frozen["vision_tower"]["linear_1"]["kernel"][...]
+  np.testing.assert_array_equal(tower, frozen_before["vision_tower"]["linear_1"]["kernel"][...])
   assert not np.array_equal(new_state.params["lm_head"]["kernel"][...],
                             params["lm_head"]["kernel"][...])
   # Unfrozen, the tower becomes trainable.
@@ -233,12 +247,12 @@ def test_one_compiled_step_serves_runs_of_any_length(tmp_path):
   """The schedule is an argument: runs of different lengths reuse one compiled step."""
   cfg_short = {**CFG, "steps": 2, "accum_steps": 1}
   cfg_long = {**cfg_short, "steps": 4, "lr": 3e-2}
-  mesh = train.make_mesh(jax.devices()[:1])
-  train._cached_train_step.cache_clear()
+  mesh = sharding.make_mesh(devices=jax.devices()[:1])
+  vitw_step.cached_train_step.cache_clear()
   train.train(new_model(), make_batch, LAM, cfg_short, tmp_path / "a", mesh=mesh)
-  assert train._cached_train_step.cache_info().misses == 1
+  assert vitw_step.cached_train_step.cache_info().misses == 1
   train.train(new_model(), make_batch, LAM, cfg_long, tmp_path / "b", mesh=mesh)
-  info = train._cached_train_step.cache_info()
+  info = vitw_step.cached_train_step.cache_info()
   assert (info.misses, info.hits) == (1, 1)  # the second run got the first run's step function
   assert info.currsize == 1
 
@@ -247,7 +261,7 @@ def test_one_compiled_step_serves_runs_of_any_length(tmp_path):
 
 CFG = {"steps": 6, "batch_size": ROWS, "accum_steps": 2, "lr": 1e-2, "warmup_frac": 0.2,
        "clip_norm": 1.0, "weight_decay": 0.0, "checkpoint_every": 3, "log_every": 1,
-       "seed": 0, "freeze_vision_tower": True, "tla": False}
+       "seed": 0, "freeze_vision_tower": True}
 TIMING = ("tokens_per_s", "elapsed_s")
 
 
@@ -353,8 +367,9 @@ def test_stateful_loader_resumes_at_the_saved_batch(tmp_path, meshes):
 def test_gradient_method_in_the_loop_resumes_identically(tmp_path, meshes, method):
   """Nash-MTL's α and PCGrad's key live in the checkpoint: a resumed run is the same run."""
   mesh = meshes[8]
-  cfg = dict(CFG, gradient_method=method, accum_steps=1)
-  straight = train.train(new_model(), make_batch, LAM, cfg, tmp_path / "a", mesh=mesh,
+  cfg = dict(CFG, accum_steps=1)
+  gradient = train.TrainMethod.gradient(method, np.ones(len(LAM)))
+  straight = train.train(new_model(), make_batch, gradient, cfg, tmp_path / "a", mesh=mesh,
                          task_names=TASKS)
 
   def crashing_batch(i):
@@ -363,12 +378,12 @@ def test_gradient_method_in_the_loop_resumes_identically(tmp_path, meshes, metho
     return make_batch(i)
 
   with pytest.raises(Crash):
-    train.train(new_model(), crashing_batch, LAM, cfg, tmp_path / "b", mesh=mesh,
+    train.train(new_model(), crashing_batch, gradient, cfg, tmp_path / "b", mesh=mesh,
                 task_names=TASKS)
   assert checkpoint.GRADMTL_ITEM in checkpoint.Checkpointer(tmp_path / "b" / "checkpoints").items()
   logged = metrics_log.read_metrics(tmp_path / "a" / metrics_log.METRICS_FILE)
   assert all(set(r["mtl_weights"]) == set(TASKS) for r in logged)
-  resumed = train.train(new_model(), make_batch, LAM, cfg, tmp_path / "b", mesh=mesh,
+  resumed = train.train(new_model(), make_batch, gradient, cfg, tmp_path / "b", mesh=mesh,
                         task_names=TASKS)
   jax.tree.map(np.testing.assert_array_equal, params_of(resumed), params_of(straight))
   plain = train.train(new_model(), make_batch, LAM, CFG, tmp_path / "c", mesh=mesh,
@@ -412,7 +427,7 @@ def test_metrics_truncation_skips_torn_line(tmp_path):
                                          {"data": 2, "fsdp": 1, "tensor": 4}])
 def test_step_on_multi_axis_meshes_equals_one_device(meshes, mesh_config):
   """data/fsdp/tensor meshes, parameters placed by the logical-axis rules, 2 micro-batches."""
-  mesh = train.make_mesh(mesh_config=mesh_config)
+  mesh = sharding.make_mesh(mesh_config)
   tx = optax.sgd(1.0)  # the update is exactly −grads
   graphdef, params, frozen = train.split_model(new_model())
   state = train.init_train_state(params, tx)
@@ -420,7 +435,7 @@ def test_step_on_multi_axis_meshes_equals_one_device(meshes, mesh_config):
   step = train.make_train_step(graphdef, tx, mesh=mesh, accum_steps=2, state_sharding=state_sh,
                                frozen_sharding=frozen_sh)
   new_state, metrics = step(jax.device_put(state, state_sh), jax.device_put(frozen, frozen_sh),
-                            train.shard_batch(make_batch(0), mesh), jnp.asarray(LAM), 1.0)
+                            sharding.shard_batch(make_batch(0), mesh), jnp.asarray(LAM), 1.0)
   old1, new1, m1 = one_step(meshes[1])
   assert_rel_close(grads_of(old1, new1), grads_of(train.init_train_state(params, tx), new_state))
   np.testing.assert_allclose(metrics["loss"], m1["loss"], rtol=1e-5)
@@ -456,8 +471,9 @@ def test_ew_strategy_equals_no_strategy(tmp_path, meshes):
   mesh, ones = meshes[1], np.ones(len(TASKS), np.float32)
   plain = train.train(new_model(), make_batch, ones, WCFG, tmp_path / "plain", mesh=mesh,
                       task_names=TASKS)
-  ew = train.train(new_model(), make_batch, None, WCFG, tmp_path / "ew", mesh=mesh,
-                   task_names=TASKS, weighting=weighting.get_strategy("ew"))
+  ew_method = train.TrainMethod.from_strategy(weighting.get_strategy("ew"), ones)
+  ew = train.train(new_model(), make_batch, ew_method, WCFG, tmp_path / "ew", mesh=mesh,
+                   task_names=TASKS)
   jax.tree.map(np.testing.assert_array_equal, params_of(ew), params_of(plain))
   rec_plain, rec_ew = (metrics_log.read_metrics(tmp_path / d / metrics_log.METRICS_FILE)
                        for d in ("plain", "ew"))
@@ -467,24 +483,16 @@ def test_ew_strategy_equals_no_strategy(tmp_path, meshes):
   assert checkpoint.Checkpointer(tmp_path / "plain" / "checkpoints").items() == {"state"}
   # Resuming across a change of weighting would change the λ sequence: refused.
   with pytest.raises(ValueError, match="without a weighting strategy"):
-    train.train(new_model(), make_batch, ones, WCFG, tmp_path / "plain", mesh=mesh,
-                weighting=weighting.get_strategy("ew"))
+    train.train(new_model(), make_batch, ew_method, WCFG, tmp_path / "plain", mesh=mesh)
   with pytest.raises(ValueError, match="called without a strategy"):
     train.train(new_model(), make_batch, ones, WCFG, tmp_path / "ew", mesh=mesh)
-  # TLA's λ is made by the step: the strategy and the config must agree.
-  with pytest.raises(ValueError, match="tla=True"):
-    train.train(new_model(), make_batch, ones, WCFG, tmp_path / "tla", mesh=mesh,
-                weighting=weighting.get_strategy("tla"))
-  with pytest.raises(ValueError, match="ignored"):
-    train.train(new_model(), make_batch, ones, {**WCFG, "tla": True}, tmp_path / "tla",
-                mesh=mesh, weighting=weighting.get_strategy("dwa"))
 
 
 @pytest.mark.parametrize("name", sorted(STRATEGY_OPTIONS))
 def test_strategy_lambda_sequence_is_the_strategy_on_logged_losses(tmp_path, meshes, name):
   strategy = weighting.get_strategy(name, **STRATEGY_OPTIONS[name])
-  train.train(new_model(), make_batch, LAM, WCFG, tmp_path, mesh=meshes[1], task_names=TASKS,
-              weighting=strategy)
+  train.train(new_model(), make_batch, train.TrainMethod.from_strategy(strategy, LAM), WCFG,
+              tmp_path, mesh=meshes[1], task_names=TASKS)
   records = metrics_log.read_metrics(tmp_path / metrics_log.METRICS_FILE)
   logged = lambdas(records)
   assert len(logged) == WCFG["steps"]
@@ -497,8 +505,9 @@ def test_strategy_lambda_sequence_is_the_strategy_on_logged_losses(tmp_path, mes
 @pytest.mark.parametrize("name", ["dwa", "rlw"])
 def test_resume_with_strategy_is_identical(tmp_path, meshes, name):
   strategy = weighting.get_strategy(name, **STRATEGY_OPTIONS[name])
-  run = functools.partial(train.train, mesh=meshes[1], task_names=TASKS, weighting=strategy)
-  straight = run(new_model(), make_batch, LAM, WCFG, tmp_path / "a")
+  run = functools.partial(train.train, mesh=meshes[1], task_names=TASKS)
+  method = train.TrainMethod.from_strategy(strategy, LAM)
+  straight = run(new_model(), make_batch, method, WCFG, tmp_path / "a")
 
   def crashing_batch(i):
     if i == 4:  # the last checkpoint is step 3
@@ -506,11 +515,11 @@ def test_resume_with_strategy_is_identical(tmp_path, meshes, name):
     return make_batch(i)
 
   with pytest.raises(Crash):
-    run(new_model(), crashing_batch, LAM, WCFG, tmp_path / "b")
+    run(new_model(), crashing_batch, method, WCFG, tmp_path / "b")
   # "New process": a fresh strategy object too (its jitted update is compiled anew).
-  resumed = train.train(new_model(), make_batch, LAM, WCFG, tmp_path / "b", mesh=meshes[1],
-                        task_names=TASKS,
-                        weighting=weighting.get_strategy(name, **STRATEGY_OPTIONS[name]))
+  fresh = weighting.get_strategy(name, **STRATEGY_OPTIONS[name])
+  resumed = train.train(new_model(), make_batch, train.TrainMethod.from_strategy(fresh, LAM),
+                        WCFG, tmp_path / "b", mesh=meshes[1], task_names=TASKS)
   jax.tree.map(np.testing.assert_array_equal, params_of(resumed), params_of(straight))
   rec_a, rec_b = (metrics_log.read_metrics(tmp_path / d / metrics_log.METRICS_FILE)
                   for d in ("a", "b"))
@@ -616,8 +625,8 @@ def test_no_compilation_after_the_first_steps_of_a_run(tmp_path, meshes):
 
   cfg = dict(CFG, steps=8, checkpoint_every=3)
   strategy = weighting.get_strategy("rlw")
-  train.train(new_model(), get_batch, None, cfg, tmp_path, mesh=meshes[8], task_names=TASKS,
-              weighting=strategy)
+  train.train(new_model(), get_batch, train.TrainMethod.from_strategy(strategy, LAM), cfg,
+              tmp_path, mesh=meshes[8], task_names=TASKS)
   records = metrics_log.read_metrics(tmp_path / metrics_log.METRICS_FILE)
   assert len({json.dumps(r["lambda"]) for r in records}) == 8  # a new λ at every step
   # seen[k] counts lowerings before batch k; the first checkpoint is saved after batch 2.
@@ -625,7 +634,8 @@ def test_no_compilation_after_the_first_steps_of_a_run(tmp_path, meshes):
   graphdef, params, frozen = train.split_model(new_model())
   state = train.init_train_state(params, train.make_optimizer(cfg))
   # pylint: disable=protected-access
-  step = train._cached_train_step(graphdef, train._optimizer_key(cfg), meshes[8], 2, False, 0,
-                                  train._flat(sharding.param_shardings(state, meshes[8])),
-                                  train._flat(sharding.param_shardings(frozen, meshes[8])), None)
+  step = vitw_step.cached_train_step(
+      graphdef, train.TrainConfig.of(cfg).optimizer_spec, meshes[8], 2, False, 0,
+      step_lib.flat_tree(sharding.param_shardings(state, meshes[8])),
+      step_lib.flat_tree(sharding.param_shardings(frozen, meshes[8])), None)
   assert step._cache_size() == 1

@@ -1,16 +1,30 @@
-"""Command line: VisATB task weights from a scores file.
+"""Command line: VisATB task weights from a scores file, or from per-sample scores with intervals.
 
     python -m visatb_jax.balance SCORES.json [--form real|precise|base] [--temperature 0.5|auto]
         [--alpha 0.25,0.25,0.5] [--fixed sharegpt=1.0 ...] [--groups GROUPS.json]
-        [--tasks a,b,c] [--on-degenerate error|warn] [--json]
+        [--tasks a,b,c] [--on-degenerate error|warn] [--drop UNIT ...] [--json]
+    python -m visatb_jax.balance --samples PER_SAMPLE.json [the same options]
+        [--resamples 1000] [--seed 0] [--level 0.9]
 
-SCORES.json is the scores pytree `{model_name: {task: score}}` (see `visatb_jax.balancing`);
+SCORES.json is the scores pytree `{model_name: {task: score}}` (see `visatb_jax.core.balancing`);
 GROUPS.json maps task -> group. Prints a table (one row per task: C_out, C_in, D, λ_out, λ_in, λ_D,
-λ, and the T used) or, with `--json`, the `balance_report` dict. Any malformed input is reported as
-one line `error: FILE: problem` on stderr with exit status 2. A task that did not improve with its
-own data (or a non-positive difficulty denominator) is such an error by default; with
-`--on-degenerate warn` it is masked instead (see `visatb_jax.balancing`) and reported as one line
-`warning: FILE: problem` per task on stderr, the output then following with exit status 0.
+λ, and the T used) or, with `--json`, the `balance_report` dict.
+
+PER_SAMPLE.json, as the pipeline writes it, holds each validation sample's own score,
+`{model_name: {task: {sample_id: score}}}`; every model must be scored on the same sample ids of a
+task (they are paired by id, in sorted order). The values are then those of the per-sample means,
+each printed as `value [lo, hi]`, a paired-bootstrap percentile interval (`--resamples`, `--seed`,
+`--level`; see `visatb_jax.core.bootstrap`), with an own-data "gain" column; `--json` prints the
+`bootstrap_report` dict. A unit whose gain interval contains 0 is listed as a `warning:` line on
+stderr: its column of C is noise, and `--drop UNIT` leaves it out of C_out/C_in.
+
+Any malformed input is reported as one line `error: FILE: problem` (or `error: --option: problem`)
+on stderr with exit status 2; so is a `--fixed` task that no model scores, unless `--tasks` lists
+it. A task that did not improve with its own data (or a non-positive difficulty denominator) is
+such an error by default; with `--on-degenerate warn` it is masked instead (see
+`visatb_jax.core.balancing`) and reported as one line `warning: FILE: problem` per task on
+stderr, the output then following with exit status 0. When stdout is closed early (`| head`), the
+command stops quietly with exit status 1.
 """
 
 from __future__ import annotations
@@ -18,12 +32,16 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any, NoReturn
 
 EXIT_USAGE = 2
+EXIT_BROKEN_PIPE = 1  # as Python itself on EPIPE
+DEFAULT_RESAMPLES = 1000
+DEFAULT_LEVEL = 0.9
 
 
 class InputError(Exception):
@@ -40,7 +58,11 @@ class _Parser(argparse.ArgumentParser):
 def _parser() -> argparse.ArgumentParser:
   p = _Parser(prog="python -m visatb_jax.balance",
               description="VisATB task weights (lambda) from a validation-scores file.")
-  p.add_argument("scores", metavar="SCORES.json", help="{model_name: {task: score}}")
+  p.add_argument("scores", metavar="SCORES.json", nargs="?",
+                 help="{model_name: {task: score}} (or give --samples instead)")
+  p.add_argument("--samples", metavar="PER_SAMPLE.json",
+                 help="{model_name: {task: {sample_id: score}}}: balance the per-sample means "
+                 "and print paired-bootstrap intervals")
   p.add_argument("--form", default="real", choices=("real", "precise", "base"),
                  help="real (default), precise or base")
   p.add_argument("--temperature", default="0.5", help="T > 0 or 'auto' (default 0.5)")
@@ -55,7 +77,15 @@ def _parser() -> argparse.ArgumentParser:
                  help="a task that did not improve with its own data (or a difficulty "
                  "denominator <= 0): error (default) stops; warn sets its contributions "
                  "C[i->task] (or its D) to 0 and prints a warning")
-  p.add_argument("--json", action="store_true", help="print the balance report as JSON")
+  p.add_argument("--drop", nargs="+", action="extend", default=[], metavar="UNIT",
+                 help="balanced tasks (or groups) whose column of C is left out of C_out and "
+                 "C_in, e.g. those whose own-data gain is noise")
+  p.add_argument("--resamples", type=int, metavar="R",
+                 help=f"bootstrap resamples, with --samples (default {DEFAULT_RESAMPLES})")
+  p.add_argument("--seed", type=int, help="bootstrap seed, with --samples (default 0)")
+  p.add_argument("--level", type=float,
+                 help=f"interval coverage in (0, 1), with --samples (default {DEFAULT_LEVEL})")
+  p.add_argument("--json", action="store_true", help="print the report as JSON")
   return p
 
 
@@ -88,6 +118,59 @@ def _load_scores(path: str) -> dict[str, Any]:
       raise InputError(f"{path}: model {model!r} must map task -> score, got "
                        f"{type(row).__name__}")
   return scores
+
+
+def _load_per_sample(path: str) -> dict[str, dict[str, list[float]]]:
+  """`{model: {task: {sample_id: score}}}` as `{model: {task: [scores by sorted sample id]}}`.
+
+  Raises:
+    InputError: malformed file, a score that is not a finite number, or models disagreeing on a
+      task's sample ids.
+  """
+  data = _load_json(path)
+  if not isinstance(data, dict) or not data:
+    raise InputError(f"{path}: expected a non-empty object {{model: {{task: {{sample_id: "
+                     "score}}}}")
+  ids: dict[str, tuple[str, list[str]]] = {}  # task -> (first model having it, its sample ids)
+  out: dict[str, dict[str, list[float]]] = {}
+  for model, row in data.items():
+    if not isinstance(row, dict):
+      raise InputError(f"{path}: model {model!r} must map task -> {{sample_id: score}}, got "
+                       f"{type(row).__name__}")
+    out[model] = {}
+    for task, per in row.items():
+      if not isinstance(per, dict) or not per:
+        raise InputError(f"{path}: model {model!r}, task {task!r}: expected a non-empty object "
+                         "{sample_id: score}")
+      keys = sorted(per)
+      first, first_keys = ids.setdefault(task, (model, keys))
+      if keys != first_keys:
+        raise InputError(f"{path}: {_id_disagreement(task, first, first_keys, model, keys)}")
+      for sample_id in keys:
+        _check_sample(per[sample_id], model, task, sample_id, path)
+      out[model][task] = [float(per[k]) for k in keys]
+  return out
+
+
+def _check_sample(value: Any, model: str, task: str, sample_id: str, path: str) -> None:
+  where = f"{path}: model {model!r}, task {task!r}, sample {sample_id!r}"
+  if isinstance(value, bool) or not isinstance(value, (int, float)):
+    raise InputError(f"{where}: score is not a number: {value!r}")
+  if not math.isfinite(value):
+    raise InputError(f"{where}: score is not finite: {value!r}")
+
+
+def _id_disagreement(task: str, first: str, first_keys: Sequence[str], model: str,
+                     keys: Sequence[str]) -> str:
+  """Says how two models' sample ids of one task differ (counts and a few examples)."""
+  a, b = set(first_keys), set(keys)
+
+  def only(ids: set[str], owner: str) -> str:
+    examples = ", ".join(repr(i) for i in sorted(ids)[:3]) + (", ..." if len(ids) > 3 else "")
+    return f"{len(ids)} only in {owner!r} ({examples})"
+  parts = [only(x, owner) for x, owner in ((a - b, first), (b - a, model)) if x]
+  return (f"models {first!r} and {model!r} disagree on the sample ids of task {task!r}: "
+          f"{'; '.join(parts)}; every model must be scored on the same samples")
 
 
 def _load_groups(path: str) -> dict[str, str]:
@@ -138,14 +221,41 @@ def _default_tasks(scores: Mapping[str, Mapping[str, Any]]) -> list[str]:
 
 
 def _task_list(args: argparse.Namespace, scores: Mapping[str, Any],
-               fixed: Mapping[str, float]) -> list[str]:
+               fixed: Mapping[str, float], path: str) -> list[str]:
+  """The task order; fixed tasks are appended, and must be scored or listed in --tasks."""
   if args.tasks is not None:
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     if not tasks:
       raise InputError("--tasks: expected a comma-separated list of tasks")
   else:
     tasks = _default_tasks(scores)
+  scored = {t for row in scores.values() for t in row}
+  # A fixed task needs no scores, but one that nothing names is most likely a typo.
+  unknown = [t for t in fixed if t not in scored and t not in tasks]
+  if unknown:
+    raise InputError(f"--fixed: {', '.join(repr(t) for t in unknown)}: no model in {path} scores "
+                     f"{'this task' if len(unknown) == 1 else 'these tasks'}; list it in --tasks "
+                     "to weight a task without scores")
   return tasks + [t for t in fixed if t not in tasks]
+
+
+def _bootstrap_options(args: argparse.Namespace) -> dict[str, Any]:
+  """--resamples/--seed/--level, checked; they only make sense with --samples."""
+  given = [f"--{k}" for k in ("resamples", "seed", "level") if getattr(args, k) is not None]
+  if args.samples is None:
+    if given:
+      raise InputError(f"{given[0]}: only with --samples PER_SAMPLE.json")
+    return {}
+  resamples = DEFAULT_RESAMPLES if args.resamples is None else args.resamples
+  seed = 0 if args.seed is None else args.seed
+  level = DEFAULT_LEVEL if args.level is None else args.level
+  if resamples < 1:
+    raise InputError(f"--resamples: expected an integer >= 1, got {resamples}")
+  if seed < 0:
+    raise InputError(f"--seed: expected an integer >= 0, got {seed}")
+  if not 0 < level < 1:
+    raise InputError(f"--level: expected a number in (0, 1), e.g. 0.9, got {level:g}")
+  return {"resamples": resamples, "seed": seed, "level": level}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -201,17 +311,78 @@ def format_report(report: Mapping[str, Any], stream: Any = None) -> str:
   return "\n\n".join([settings, _table(rows), c_title + "\n" + _table(c_rows)])
 
 
+def _fmt_iv(value: float, interval: Sequence[float]) -> str:
+  lo, hi = interval
+  return f"{value:.4f} [{lo:.4f}, {hi:.4f}]"
+
+
+_UNIT_COLUMNS = ("gain", "c_out", "c_in", "d", "lambda_out", "lambda_in", "lambda_d")
+
+
+def format_bootstrap_report(report: Mapping[str, Any], stream: Any = None) -> str:
+  """The human-readable form of a bootstrap report: every value as `value [lo, hi]`."""
+  lam, arrow = _symbols(stream or sys.stdout)
+  groups = report["groups"] or {}
+  fixed = report["fixed"]
+  iv = report["intervals"]
+  boot = report["bootstrap"]
+  t = f"{report['temperature']:.6g}"
+  if iv["temperature"][0] != iv["temperature"][1]:
+    t = _fmt_iv(report["temperature"], iv["temperature"])
+  settings = (f"form={report['form']}  T={t}  "
+              f"alpha=({', '.join(f'{a:g}' for a in report['alpha'])})"
+              + (f"  drop={','.join(boot['drop'])}" if boot["drop"] else ""))
+  counts = sorted(set(boot["samples"].values()))
+  samples = f"{counts[0]}" if len(counts) == 1 else f"{counts[0]}-{counts[-1]}"
+  about = (f"paired bootstrap: {boot['resamples']} resamples, seed {boot['seed']}, "
+           f"{boot['level']:g} percentile intervals [lo, hi], {samples} samples per task")
+  header = ["task"] + (["group"] if groups else []) + [
+      "gain", "C_out", "C_in", "D", f"{lam}_out", f"{lam}_in", f"{lam}_D", lam]
+  rows = [header]
+  for task in report["tasks"]:
+    unit = groups.get(task) or task
+    if task in fixed:
+      cells = ["-"] * len(_UNIT_COLUMNS)
+    else:
+      cells = [_fmt_iv(report[k][unit], iv[k][unit]) for k in _UNIT_COLUMNS]
+    cells.append(_fmt_iv(report["lambda"][task], iv["lambda"][task]))
+    label = task + (" (fixed)" if task in fixed else "")
+    rows.append([label] + ([groups.get(task) or "-"] if groups else []) + cells)
+  units = report["balanced"]
+  c_rows = [[f"C[i{arrow}j]"] + list(units)]
+  c_rows += [[f"{u} {arrow}"] + [_fmt_iv(v, i) for v, i in zip(row, row_iv)]
+             for u, row, row_iv in zip(units, report["C"], iv["C"])]
+  c_title = "contributions (row = contributor i, column = receiver j):"
+  return "\n\n".join([settings + "\n" + about, _table(rows), c_title + "\n" + _table(c_rows)])
+
+
+def _noisy_warning(report: Mapping[str, Any], unit: str) -> str:
+  """One line: a unit's own-data gain interval contains 0."""
+  form = report["form"]
+  own, ref = (unit, "base") if form == "base" else (f"{unit}+mini", "mini")
+  kind = "group" if report["groups"] else "task"
+  gain = _fmt_iv(report["gain"][unit], report["intervals"]["gain"][unit])
+  return (f"{kind} {unit!r}: own-data gain V_{unit}({own}) - V_{unit}({ref}) = {gain} contains 0 "
+          f"(level {report['bootstrap']['level']:g}): its column of C is noise; --drop {unit} "
+          "leaves it out of C_out and C_in")
+
+
 # ----------------------------------------------------------------------------------------------
 
 
 def _run(argv: Sequence[str] | None) -> int:
   args = _parser().parse_args(argv)
+  if (args.scores is None) == (args.samples is None):
+    raise InputError("expected SCORES.json or --samples PER_SAMPLE.json" if args.scores is None
+                     else "give either SCORES.json or --samples PER_SAMPLE.json, not both")
   temperature = _parse_temperature(args.temperature)
   alpha = _parse_alpha(args.alpha)
   fixed = _parse_fixed(args.fixed)
+  bootstrap_options = _bootstrap_options(args)
   groups = _load_groups(args.groups) if args.groups is not None else None
-  scores = _load_scores(args.scores)
-  tasks = _task_list(args, scores, fixed)
+  path = args.scores if args.samples is None else args.samples
+  scores = _load_scores(path) if args.samples is None else _load_per_sample(path)
+  tasks = _task_list(args, scores, fixed, path)
   # Imported here so that argument and file errors are reported without loading jax.
   from visatb_jax.core import balancing
   for option, check, value in (("--temperature", balancing.check_temperature, temperature),
@@ -221,25 +392,40 @@ def _run(argv: Sequence[str] | None) -> int:
     except ValueError as e:
       raise InputError(f"{option}: {e}") from None
   try:
-    balancing.balanced_units(tasks, fixed, groups)
+    units = balancing.balanced_units(tasks, fixed, groups)
   except ValueError as e:
-    raise InputError(f"{args.groups or args.scores}: {e}") from None
+    raise InputError(f"{args.groups or path}: {e}") from None
+  unknown = [u for u in dict.fromkeys(args.drop) if u not in units]
+  if unknown:
+    kind = "groups" if groups is not None else "tasks"
+    raise InputError(f"--drop: {', '.join(repr(u) for u in unknown)} not among the balanced "
+                     f"{kind} {units}")
+  options = dict(tasks=tasks, form=args.form, temperature=temperature, alpha=alpha,
+                 fixed=fixed or None, groups=groups, on_degenerate=args.on_degenerate,
+                 drop=args.drop)
   try:
     # The degenerate-data warnings are printed below, one line each, from the report.
     with warnings.catch_warnings():
       warnings.simplefilter("ignore", balancing.DegenerateScoresWarning)
-      report = balancing.balance_report(scores, tasks=tasks, form=args.form,
-                                        temperature=temperature, alpha=alpha,
-                                        fixed=fixed or None, groups=groups,
-                                        on_degenerate=args.on_degenerate)
+      if args.samples is None:
+        report = balancing.balance_report(scores, **options)
+      else:
+        from visatb_jax.core import bootstrap
+        report = bootstrap.bootstrap_report(scores, **options, **bootstrap_options)
   except ValueError as e:
-    raise InputError(f"{args.scores}: {e}") from None
+    raise InputError(f"{path}: {e}") from None
   for message in report["warnings"]:
-    print(f"warning: {args.scores}: {_one_line(message)}", file=sys.stderr)
+    print(f"warning: {path}: {_one_line(message)}", file=sys.stderr)
+  if args.samples is not None:
+    for unit in report["noisy"]:
+      if unit not in args.drop:
+        print(f"warning: {path}: {_noisy_warning(report, unit)}", file=sys.stderr)
   if args.json:
     print(json.dumps(report, indent=2))
-  else:
+  elif args.samples is None:
     print(format_report(report))
+  else:
+    print(format_bootstrap_report(report))
   return 0
 
 
@@ -257,7 +443,20 @@ def _one_line(text: str) -> str:
 
 
 def run_cli() -> None:
-  sys.exit(main())
+  """The `python -m visatb_jax.balance` entry point: exits with main()'s status.
+
+  A reader that stops early (`| head`) closes stdout: the command then exits quietly with
+  status 1 instead of printing a BrokenPipeError traceback.
+  """
+  try:
+    status = main()
+    sys.stdout.flush()  # inside the try: a pipe closed early fails here, not at exit
+  except BrokenPipeError:
+    # Python would flush stdout again at exit and fail again: point it at /dev/null first.
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    status = EXIT_BROKEN_PIPE
+  sys.exit(status)
 
 
 if __name__ == "__main__":

@@ -64,21 +64,21 @@ def dry_run(config: Any, devices: Sequence[jax.Device] | None = None) -> dict[st
                                 else mesh_config, devices)
   model_cfg = factory.model_config(config.model)
   model = factory.abstract_model(config.model, model_cfg)
-  tc = config.train.to_dict() if hasattr(config.train, "to_dict") else dict(config.train)
-  tc.setdefault("steps", 1)
+  train_section = config.train.to_dict() if hasattr(config.train, "to_dict") else dict(config.train)
+  tc = train_lib.TrainConfig.of(
+      {**{k: v for k, v in train_section.items() if k != "epochs"}, "steps": 1})
   graphdef, params, frozen = train_lib.split_model(
-      model, freeze_vision_tower=bool(tc.get("freeze_vision_tower", True)))
+      model, freeze_vision_tower=tc.freeze_vision_tower)
   tx = train_lib.make_optimizer(tc)
   state = jax.eval_shape(lambda p: train_lib.init_train_state(p, tx), params)
   state_sh = sharding_lib.param_shardings(state, mesh)
   frozen_sh = sharding_lib.param_shardings(frozen, mesh)
-  rows, seq_len = int(tc["batch_size"]), int(config.data.seq_len)
+  rows, seq_len = int(tc.batch_size), int(config.data.seq_len)
   batch = abstract_batch(rows, seq_len, int(config.data.max_images), model_cfg.vision.image_size)
   num_tasks = len(config.task_order)
   step = train_lib.make_train_step(
-      graphdef, tx, mesh=mesh, accum_steps=int(tc.get("accum_steps", 1)), donate=True,
-      state_sharding=state_sh, frozen_sharding=frozen_sh,
-      ce_chunk_size=int(tc.get("ce_chunk_size", 0) or 0))
+      graphdef, tx, mesh=mesh, accum_steps=tc.accum_steps, donate=True,
+      state_sharding=state_sh, frozen_sharding=frozen_sh, ce_chunk_size=tc.ce_chunk_size)
   data_sh = sharding_lib.batch_sharding(mesh)
   repl = sharding_lib.replicated(mesh)
   lowered = step.lower(
@@ -92,10 +92,10 @@ def dry_run(config: Any, devices: Sequence[jax.Device] | None = None) -> dict[st
       "mesh": dict(mesh.shape),
       "devices": int(mesh.devices.size),
       "platform": mesh.devices.flat[0].platform,
-      "batch": {"rows": rows, "seq_len": seq_len, "accum_steps": int(tc.get("accum_steps", 1))},
+      "batch": {"rows": rows, "seq_len": seq_len, "accum_steps": tc.accum_steps},
       "dtype": model_cfg.dtype, "param_dtype": model_cfg.param_dtype,
       "remat": str(config.model.get("remat") or "none"),
-      "ce_chunk_size": int(tc.get("ce_chunk_size", 0) or 0),
+      "ce_chunk_size": tc.ce_chunk_size,
       "parameters": {"trainable": _count(params), "frozen": _count(frozen)},
       "per_device_bytes": {
           "trainable_params": _per_device_bytes(state.params, state_sh.params),

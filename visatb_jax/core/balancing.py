@@ -66,6 +66,19 @@ the working dtype, so a score within rounding of the threshold may go either way
 be warned and "warnings" is empty: call `validate_scores(..., on_degenerate="warn")` on the
 concrete scores to get the messages. With "error" under tracing the formulas run unmasked, as the
 values could not be checked.
+
+Noisy own-data gain, `drop` **(choice, beyond the paper)**. Every score V_j(m) is a mean over the
+n_j validation samples of unit j, so the own-data gain V_j(own_j) − V_j(ref), the denominator of
+column j of C, carries sampling noise. When its bootstrap interval contains 0
+(`visatb_jax.core.bootstrap.bootstrap_report`, its "noisy" list, or `noisy_units` on its
+intervals) the unit may not really have improved with its own data, and column j of C is a ratio
+of noise to noise. `compute_lambda(..., drop=[j, ...])` / `balance_report(..., drop=...)` then
+leave such columns out: for a dropped unit j, C[i→j] (i ≠ j) is left out of every C_out mean
+(C_out[i] = mean over the non-dropped j ≠ i, 0 if there are none) and C_in[j] = 0; D[j], its row
+of C (its contributions to the others) and C itself, reported in full, are unchanged. Unlike
+on_degenerate="warn", which zeroes a degenerate column but still averages over N − 1, a dropped
+column does not count in the mean. `drop` names balanced units (groups with `groups`); it is a
+static mask, so everything stays jittable and differentiable.
 """
 
 from __future__ import annotations
@@ -73,7 +86,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -84,8 +97,8 @@ __all__ = [
     "AUTO_T_RANGE", "DEFAULT_ALPHA", "FORMS", "MIN_RELATIVE_DENOMINATOR", "ON_DEGENERATE",
     "WEIGHT_BOUNDS", "DegenerateScoresWarning", "auto_temperature", "balance_report",
     "balanced_units", "check_alpha", "check_temperature", "compute_lambda", "contribution_matrix",
-    "difficulties", "lambda_components", "lambda_from_components", "outward_inward",
-    "validate_scores",
+    "auto_temperature_batch", "difficulties", "lambda_components", "lambda_from_components",
+    "noisy_units", "outward_inward", "validate_scores",
 ]
 
 FORMS = ("real", "precise", "base")
@@ -542,30 +555,34 @@ def validate_scores(scores: Scores, tasks: Sequence[str], form: str = "real",
 # The formulas (METHOD.md §3–5).
 
 
-def _contributions(own: Array, ref: Array, valid: Array | None = None) -> Array:
+def _contributions(own: Array, ref: Array, valid: Array | None = None, xp: Any = jnp) -> Array:
   """C[i, j] = (own[i, j] − ref[j]) / (own[j, j] − ref[j]), with C[j, j] = 1 exactly.
 
   With a `valid` mask [N], a receiver j with valid[j] False gets C[i, j] = 0 for i ≠ j; its
   denominator is replaced by 1 before dividing, so that neither the values nor the gradients of
-  the branch not taken hold inf/NaN.
+  the branch not taken hold inf/NaN. Leading batch axes are allowed (own [..., N, N], ref and
+  valid [..., N]), and `xp` may be numpy (the bootstrap runs these formulas in float64 numpy).
   """
-  gain = own - ref[None, :]
-  den = jnp.diagonal(gain)
+  gain = own - ref[..., None, :]
+  den = xp.diagonal(gain, axis1=-2, axis2=-1)
   if valid is None:
-    c = gain / den[None, :]
+    c = gain / den[..., None, :]
   else:
-    safe = jnp.where(valid, den, jnp.ones_like(den))
-    c = jnp.where(valid[None, :], gain / safe[None, :], jnp.zeros_like(gain))
+    safe = xp.where(valid, den, xp.ones_like(den))
+    c = xp.where(valid[..., None, :], gain / safe[..., None, :], xp.zeros_like(gain))
   # x / x is 1 already; `where` makes it exact and keeps its gradient exactly 0.
-  return jnp.where(jnp.eye(own.shape[0], dtype=bool), jnp.ones_like(c), c)
+  return xp.where(xp.eye(own.shape[-1], dtype=bool), xp.ones_like(c), c)
 
 
-def _difficulty(num: Array, den: Array, valid: Array | None = None) -> Array:
-  """D = 1 − num / den; with a `valid` mask, D = 0 where it is False (safe denominator as in C)."""
+def _difficulty(num: Array, den: Array, valid: Array | None = None, xp: Any = jnp) -> Array:
+  """D = 1 − num / den; with a `valid` mask, D = 0 where it is False (safe denominator as in C).
+
+  Elementwise: any leading batch axes, `xp` jnp or numpy as in `_contributions`.
+  """
   if valid is None:
     return 1.0 - num / den
-  safe = jnp.where(valid, den, jnp.ones_like(den))
-  return jnp.where(valid, 1.0 - num / safe, jnp.zeros_like(num))
+  safe = xp.where(valid, den, xp.ones_like(den))
+  return xp.where(valid, 1.0 - num / safe, xp.zeros_like(num))
 
 
 def contribution_matrix(scores: Scores, tasks: Sequence[str], form: str = "real", *,
@@ -598,14 +615,39 @@ def difficulties(scores: Scores, tasks: Sequence[str], form: str = "real", *,
   return _difficulty(p.table.d_num, p.table.d_den, p.d_valid)
 
 
-def outward_inward(c: Array) -> tuple[Array, Array]:
-  """(C_out, C_in): C_out[i] = mean_{j≠i} C[i, j], C_in[i] = mean_{j≠i} C[j, i]."""
+def outward_inward(c: Array, *, dropped: Any = None) -> tuple[Array, Array]:
+  """(C_out, C_in): C_out[i] = mean_{j≠i} C[i, j], C_in[i] = mean_{j≠i} C[j, i].
+
+  `dropped`: optional boolean [N], True for the units whose column is left out (see `drop` in
+  the module docstring): C_out[i] averages only over the non-dropped j ≠ i (0 if none is left)
+  and a dropped unit's C_in is 0.
+  """
   c = jnp.asarray(c)
   if c.ndim != 2 or c.shape[0] != c.shape[1] or c.shape[0] < 2:
     raise ValueError(f"C must be a square matrix of size >= 2, got shape {c.shape}")
-  n = c.shape[0]
-  off = jnp.where(jnp.eye(n, dtype=bool), jnp.zeros_like(c), c)
-  return off.sum(axis=1) / (n - 1), off.sum(axis=0) / (n - 1)
+  if dropped is not None:
+    dropped = jnp.asarray(dropped, dtype=bool)
+    if dropped.shape != c.shape[:1]:
+      raise ValueError(f"dropped must be a boolean vector of length {c.shape[0]}, got shape "
+                       f"{dropped.shape}")
+  return _outward_inward(c, dropped)
+
+
+def _outward_inward(c: Array, dropped: Array | None = None,
+                    xp: Any = jnp) -> tuple[Array, Array]:
+  """`outward_inward` without checks; C may have leading batch axes ([..., N, N]), `xp` numpy."""
+  n = c.shape[-1]
+  off = xp.where(xp.eye(n, dtype=bool), xp.zeros_like(c), c)
+  if dropped is None:
+    return off.sum(axis=-1) / (n - 1), off.sum(axis=-2) / (n - 1)
+  kept = ~dropped
+  # Number of kept receivers j ≠ i for each contributor i; max(·, 1) keeps 0/0 out (the sum is
+  # 0 then, so C_out[i] = 0).
+  count = kept.sum() - kept.astype(int)
+  c_out = xp.where(kept, off, xp.zeros_like(off)).sum(axis=-1)
+  c_out = c_out / xp.maximum(count, 1).astype(c_out.dtype)
+  c_in = off.sum(axis=-2) / (n - 1)
+  return c_out, xp.where(kept, c_in, xp.zeros_like(c_in))
 
 
 def _check_vectors(*vectors: Any, xp: Any = jnp) -> tuple[Any, ...]:
@@ -641,12 +683,72 @@ def lambda_from_components(c_out: Array, c_in: Array, d: Array, *, temperature: 
 # Automatic temperature.
 
 
-def _np_weights(x: np.ndarray, sign: np.ndarray, t: float, alpha: np.ndarray) -> np.ndarray:
-  """Final weights in float64: x is [3, N] = (C_out, C_in, D), sign flips C_in."""
-  z = sign[:, None] * x / t
-  z = np.exp(z - z.max(axis=1, keepdims=True))
-  components = x.shape[1] * z / z.sum(axis=1, keepdims=True)
-  return alpha @ components
+def _np_components(x: np.ndarray, t: np.ndarray) -> np.ndarray:
+  """(λ_out, λ_in, λ_D) [R, 3, N] in float64 numpy from x [R, 3, N] = (C_out, C_in, D), T [R].
+
+  The formulas of `lambda_components`, for R rows at once.
+  """
+  sign = np.array([1.0, -1.0, 1.0])
+  z = sign[:, None] * x / t[:, None, None]
+  z = np.exp(z - z.max(axis=-1, keepdims=True))
+  return x.shape[-1] * z / z.sum(axis=-1, keepdims=True)
+
+
+def _np_weights(x: np.ndarray, t: np.ndarray, alpha: np.ndarray) -> np.ndarray:
+  """Final weights λ [R, N] in float64 from x [R, 3, N] = (C_out, C_in, D) and T [R]."""
+  components = _np_components(x, t)
+  # Written out (not `alpha @ components`) so that every row is computed by the same operations.
+  return alpha[0] * components[:, 0] + alpha[1] * components[:, 1] + alpha[2] * components[:, 2]
+
+
+def _auto_search(x: np.ndarray, alpha: np.ndarray, t_range: tuple[float, float],
+                 bounds: tuple[float, float]) -> tuple[np.ndarray, np.ndarray]:
+  """The search of `auto_temperature` for R rows at once: (T [R], feasible [R]).
+
+  Row by row it takes exactly the steps of a scalar search: the first feasible point of the log
+  grid, then bisection (in log scale) of the step before it until its relative width is at most
+  `AUTO_RELATIVE_TOLERANCE`. Rows with no feasible grid point get T = t_range[1] and False.
+  The loops run over the grid points and the bisection steps, never over the rows.
+  """
+  t_lo, t_hi = t_range
+  w_lo, w_hi = bounds
+  rows = x.shape[0]
+
+  def feasible(ix: np.ndarray, t: np.ndarray) -> np.ndarray:
+    w = _np_weights(x[ix], t, alpha)
+    return np.all((w >= w_lo) & (w <= w_hi), axis=-1)
+
+  grid = np.geomspace(t_lo, t_hi, AUTO_GRID_POINTS)
+  first = np.full(rows, -1)  # index of the first feasible grid point, -1 while none
+  for k, t in enumerate(grid):
+    todo = np.flatnonzero(first < 0)
+    if todo.size == 0:
+      break
+    ok = feasible(todo, np.full(todo.size, float(t)))
+    first[todo[ok]] = k
+  found = first >= 0
+  out = np.full(rows, float(t_hi))
+  out[found & (first == 0)] = t_lo
+  bisect = np.flatnonzero(found & (first > 0))
+  lo, hi = grid[first[bisect] - 1].astype(np.float64), grid[first[bisect]].astype(np.float64)
+  # Invariant: lo infeasible, hi feasible.
+  active = hi - lo > AUTO_RELATIVE_TOLERANCE * hi
+  while active.any():
+    ix = np.flatnonzero(active)
+    mid = np.sqrt(lo[ix] * hi[ix])
+    ok = feasible(bisect[ix], mid)
+    hi[ix[ok]] = mid[ok]
+    lo[ix[~ok]] = mid[~ok]
+    active[ix] = hi[ix] - lo[ix] > AUTO_RELATIVE_TOLERANCE * hi[ix]
+  out[bisect] = hi
+  return out, found
+
+
+def _check_t_range(t_range: tuple[float, float]) -> tuple[float, float]:
+  t_lo, t_hi = (float(v) for v in t_range)
+  if not (0 < t_lo < t_hi and math.isfinite(t_hi)):
+    raise ValueError(f"t_range must satisfy 0 < low < high < inf, got {t_range!r}")
+  return t_lo, t_hi
 
 
 def auto_temperature(c_out: Any, c_in: Any, d: Any, *, alpha: Sequence[float] = DEFAULT_ALPHA,
@@ -659,6 +761,7 @@ def auto_temperature(c_out: Any, c_in: Any, d: Any, *, alpha: Sequence[float] = 
   `AUTO_RELATIVE_TOLERANCE` (a feasible pocket narrower than one grid step, ~5 %, can be missed).
   Returns `t_range[0]` when that is already feasible. Needs concrete values (not jittable); the
   search runs in float64, so float32 weights at the returned T may exceed a bound by rounding.
+  `auto_temperature_batch` runs the same search for many rows at once.
 
   Raises:
     ValueError: no T in `t_range` is feasible, or the inputs are traced.
@@ -667,37 +770,37 @@ def auto_temperature(c_out: Any, c_in: Any, d: Any, *, alpha: Sequence[float] = 
   if any(_is_traced(v) for v in (c_out, c_in, d)):
     raise ValueError("temperature='auto' needs concrete scores (it is not jittable): pick T "
                      "eagerly (balance_report(...)['temperature']) and pass the number")
-  x = np.stack(_check_vectors(c_out, c_in, d, xp=np))
-  t_lo, t_hi = (float(v) for v in t_range)
-  if not (0 < t_lo < t_hi and math.isfinite(t_hi)):
-    raise ValueError(f"t_range must satisfy 0 < low < high < inf, got {t_range!r}")
-  sign = np.array([1.0, -1.0, 1.0])
-  w_lo, w_hi = bounds
-
-  def feasible(t: float) -> bool:
-    w = _np_weights(x, sign, t, a)
-    return bool(np.all(w >= w_lo) and np.all(w <= w_hi))
-
-  grid = np.geomspace(t_lo, t_hi, AUTO_GRID_POINTS)
-  ok = [feasible(float(t)) for t in grid]
-  if not any(ok):
-    w = _np_weights(x, sign, t_hi, a)
+  x = np.stack(_check_vectors(c_out, c_in, d, xp=np))[None]
+  t_lo, t_hi = _check_t_range(t_range)
+  t, found = _auto_search(x, a, (t_lo, t_hi), bounds)
+  if not found[0]:
+    w = _np_weights(x, np.array([t_hi]), a)
+    w_lo, w_hi = bounds
     raise ValueError(
         f"temperature='auto': no T in [{t_lo:g}, {t_hi:g}] keeps every weight within "
         f"[{w_lo:g}, {w_hi:g}] (at T={t_hi:g} they range over [{w.min():.4g}, {w.max():.4g}]); "
         "the contributions/difficulties are too spread: check the scores or pass a temperature")
-  k = ok.index(True)
-  if k == 0:
-    return t_lo
-  lo, hi = float(grid[k - 1]), float(grid[k])
-  # Invariant: lo infeasible, hi feasible.
-  while hi - lo > AUTO_RELATIVE_TOLERANCE * hi:
-    mid = math.sqrt(lo * hi)
-    if feasible(mid):
-      hi = mid
-    else:
-      lo = mid
-  return hi
+  return float(t[0])
+
+
+def auto_temperature_batch(c_out: Any, c_in: Any, d: Any, *,
+                           alpha: Sequence[float] = DEFAULT_ALPHA,
+                           t_range: tuple[float, float] = AUTO_T_RANGE,
+                           bounds: tuple[float, float] = WEIGHT_BOUNDS
+                           ) -> tuple[np.ndarray, np.ndarray]:
+  """`auto_temperature` for each row of [R, N] arrays at once, without raising.
+
+  Returns:
+    (T [R] float64, feasible [R] bool): row r's T is what `auto_temperature` returns for row r;
+    where no T in `t_range` is feasible, feasible is False and T = t_range[1] (the flattest
+    weights the range allows) instead of an error.
+  """
+  a = np.asarray(check_alpha(alpha), dtype=np.float64)
+  x = np.stack([np.asarray(v, dtype=np.float64) for v in (c_out, c_in, d)], axis=1)
+  if x.ndim != 3 or x.shape[0] < 1 or x.shape[2] < 1:
+    raise ValueError(f"c_out, c_in and d must be [R, N] arrays of one shape, got "
+                     f"{[np.shape(v) for v in (c_out, c_in, d)]}")
+  return _auto_search(x, a, _check_t_range(t_range), bounds)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -721,19 +824,60 @@ class _Balance:
   warnings: tuple[str, ...]
 
 
+def _check_drop(drop: Sequence[str], plan: _Plan) -> np.ndarray | None:
+  """The `drop` names as a boolean mask over the balanced units (None when nothing is dropped)."""
+  if isinstance(drop, (str, bytes)) or not isinstance(drop, Iterable):
+    raise ValueError(f"drop must be a sequence of balanced {plan.kind} names, got {drop!r}")
+  names = list(drop)
+  bad = [u for u in names if not isinstance(u, str)]
+  if bad:
+    raise ValueError(f"drop must name balanced {plan.kind}s (strings), got {bad!r}")
+  unknown = [u for u in dict.fromkeys(names) if u not in plan.units]
+  if unknown:
+    raise ValueError(f"drop names {unknown}, which are not balanced {plan.kind}s "
+                     f"{list(plan.units)}")
+  mask = np.array([u in names for u in plan.units])
+  return mask if mask.any() else None
+
+
+def noisy_units(intervals_gain: Mapping[str, Sequence[float]]) -> list[str]:
+  """The units whose own-data gain interval [lo, hi] contains 0 (lo <= 0 <= hi), in order.
+
+  `intervals_gain` is `bootstrap_report(...)["intervals"]["gain"]`; the result is what to pass as
+  `drop` (see "Noisy own-data gain" in the module docstring).
+
+  Raises:
+    ValueError: an interval that is not two finite numbers lo <= hi.
+  """
+  noisy = []
+  for unit, interval in intervals_gain.items():
+    try:
+      lo, hi = (float(v) for v in interval)
+    except (TypeError, ValueError) as e:
+      raise ValueError(f"gain interval of {unit!r} must be [lo, hi], got {interval!r}") from e
+    if not (math.isfinite(lo) and math.isfinite(hi) and lo <= hi):
+      raise ValueError(f"gain interval of {unit!r} must be finite with lo <= hi, got "
+                       f"{interval!r}")
+    if lo <= 0 <= hi:
+      noisy.append(unit)
+  return noisy
+
+
 def _balance(scores: Scores, tasks: Sequence[str], form: str, temperature: Any,
              alpha: Sequence[float], fixed: Mapping[str, float] | None,
-             groups: Mapping[str, str] | None, on_degenerate: str) -> _Balance:
+             groups: Mapping[str, str] | None, on_degenerate: str,
+             drop: Sequence[str] = ()) -> _Balance:
   form = _check_form(form)
   alpha = check_alpha(alpha)
   check_temperature(temperature)
   on_degenerate = _check_on_degenerate(on_degenerate)
   plan = _resolve(tasks, fixed, groups)
+  dropped = _check_drop(drop, plan)
   # Warnings point at the caller of compute_lambda / balance_report.
   p = _prepare(scores, plan, form, on_degenerate, stacklevel=3)
   c = _contributions(p.table.own, p.table.ref, p.c_valid)
   d = _difficulty(p.table.d_num, p.table.d_den, p.d_valid)
-  c_out, c_in = outward_inward(c)
+  c_out, c_in = outward_inward(c, dropped=dropped)
   if isinstance(temperature, str):
     temperature = auto_temperature(c_out, c_in, d, alpha=alpha)
   l_out, l_in, l_d = lambda_components(c_out, c_in, d, temperature=temperature)
@@ -763,7 +907,7 @@ def compute_lambda(scores: Scores, *, tasks: Sequence[str], form: str = "real",
                    temperature: float | str = 0.5, alpha: Sequence[float] = DEFAULT_ALPHA,
                    fixed: Mapping[str, float] | None = None,
                    groups: Mapping[str, str] | None = None,
-                   on_degenerate: str = "error") -> dict[str, Any]:
+                   on_degenerate: str = "error", drop: Sequence[str] = ()) -> dict[str, Any]:
   """VisATB task weights λ for every task in `tasks` (METHOD.md §3–6).
 
   Args:
@@ -780,6 +924,9 @@ def compute_lambda(scores: Scores, *, tasks: Sequence[str], form: str = "real",
       data or a difficulty denominator that is not clearly positive; "warn" issues a
       `DegenerateScoresWarning` per such case and sets the unit's column of C (off the diagonal),
       or its D, to 0 (the project's choice, see the module docstring).
+    drop: balanced units (groups with `groups`) whose column of C is left out of C_out and C_in
+      (their C_in is 0), e.g. the units whose own-data gain is within noise (`noisy_units`); the
+      project's choice beyond the paper, see "Noisy own-data gain" in the module docstring.
 
   Returns:
     task -> λ: python floats when the scores are concrete; 0-d jax arrays when traced (under
@@ -788,10 +935,10 @@ def compute_lambda(scores: Scores, *, tasks: Sequence[str], form: str = "real",
   Raises:
     ValueError: bad arguments, missing models/scores, fewer than 2 balanced units, or (concrete
       scores only) non-finite scores, or with on_degenerate="error" denominators <= 0 / near 0;
-      the message names the model and task. Under tracing value problems cannot be detected: use
-      `validate_scores` first.
+      the message names the model and task; `drop` naming a unit that is not balanced. Under
+      tracing value problems cannot be detected: use `validate_scores` first.
   """
-  b = _balance(scores, tasks, form, temperature, alpha, fixed, groups, on_degenerate)
+  b = _balance(scores, tasks, form, temperature, alpha, fixed, groups, on_degenerate, drop)
   return _task_lambdas(b, _is_traced(b.lam))
 
 
@@ -799,10 +946,11 @@ def balance_report(scores: Scores, *, tasks: Sequence[str], form: str = "real",
                    temperature: float | str = 0.5, alpha: Sequence[float] = DEFAULT_ALPHA,
                    fixed: Mapping[str, float] | None = None,
                    groups: Mapping[str, str] | None = None,
-                   on_degenerate: str = "error") -> dict[str, Any]:
+                   on_degenerate: str = "error", drop: Sequence[str] = ()) -> dict[str, Any]:
   """`compute_lambda` plus its diagnostics, as a JSON-serialisable dict when concrete.
 
-  Same arguments as `compute_lambda`. Keys: "tasks" (all, in order), "balanced" (the balanced
+  Same arguments as `compute_lambda` (with `drop`, "C" is still reported in full; only
+  "c_out"/"c_in" and what follows change). Keys: "tasks" (all, in order), "balanced" (the balanced
   units: tasks, or groups in order of first appearance), "form", "temperature" (the T used),
   "alpha" (list), "C" (list of rows; row = contributor, column = receiver, order of "balanced"),
   "c_out", "c_in", "d", "lambda_out", "lambda_in", "lambda_d" (each unit -> float), "lambda"
@@ -812,7 +960,7 @@ def balance_report(scores: Scores, *, tasks: Sequence[str], form: str = "real",
   present, [] when none, with "error", or when traced). When the scores are traced, numbers are
   0-d jax arrays and "C" is an [N, N] jax array.
   """
-  b = _balance(scores, tasks, form, temperature, alpha, fixed, groups, on_degenerate)
+  b = _balance(scores, tasks, form, temperature, alpha, fixed, groups, on_degenerate, drop)
   traced = _is_traced(b.lam)
   units = b.plan.units
 

@@ -9,7 +9,10 @@ Overall metrics (METHOD.md §8), for tasks i with metrics k and sign s_ik (+1 if
 
 Per-task scorers take a list of predictions and a list of references (one entry per item):
 `exact_match`, `accuracy`, `iou_accuracy` (each in [0, 1]) and `cider` (CIDEr-D on the COCO caption
-evaluation's scale, [0, 10]). `SCORERS` and `score` give the evaluation loop one entry point.
+evaluation's scale, [0, 10]). Each has a per-sample form (`exact_match_scores`, `accuracy_scores`,
+`iou_hits`, `cider_scores`) whose `mean_score` is the scalar, so a score and the per-sample values
+that a bootstrap resamples cannot drift apart. `SCORERS`, `SAMPLE_SCORERS`, `score` and
+`sample_scores` give the evaluation loop one entry point.
 
 Everything here is plain Python/numpy: nothing needs jax, Java or a network.
 """
@@ -148,8 +151,20 @@ def delta_zero_shot(ew: Mapping[str, TaskValue], method: Mapping[str, TaskValue]
 
 
 # ---------------------------------------------------------------------------------------------
-# Shared input checks
+# Aggregation and shared input checks
 # ---------------------------------------------------------------------------------------------
+
+
+def mean_score(values: Sequence[float] | np.ndarray) -> float:
+  """The score that per-sample values aggregate to: their float64 mean.
+
+  Every scalar score here is computed by this function from the per-sample values, so a caller
+  holding the per-sample values (e.g. {sample_id: value}.values(), in order) gets the same float.
+  """
+  values = np.asarray(values, np.float64)
+  if values.ndim != 1 or values.size == 0:
+    raise ValueError(f"need a non-empty 1-D list of per-sample scores, got shape {values.shape}")
+  return float(np.mean(values))
 
 
 def _check_lengths(predictions: Sequence[Any], references: Sequence[Any]) -> None:
@@ -185,34 +200,49 @@ def normalize_answer(s: str) -> str:
   return s
 
 
-def exact_match(predictions: Sequence[str], references: Sequence[str | Sequence[str]]) -> float:
-  """Fraction of items whose normalised prediction equals one of the normalised references.
+def exact_match_scores(predictions: Sequence[str],
+                       references: Sequence[str | Sequence[str]]) -> np.ndarray:
+  """Per item 1.0 if the normalised prediction equals one of the normalised references, else 0.0.
 
   Args:
     predictions: one generated answer per item.
     references: per item, the acceptable answer or a list of acceptable answers.
+
+  Returns:
+    float64 [n].
   """
   _check_lengths(predictions, references)
-  hits = 0
+  hits = np.zeros(len(predictions))
   for i, (pred, refs) in enumerate(zip(predictions, references)):
     accepted = {normalize_answer(r) for r in _reference_list(i, refs)}
-    hits += normalize_answer(pred) in accepted
-  return hits / len(predictions)
+    hits[i] = normalize_answer(pred) in accepted
+  return hits
 
 
-def accuracy(predictions: Sequence[str], references: Sequence[str],
-             choices: Sequence[str] | None = None) -> float:
-  """Closed-set accuracy: fraction of items whose normalised prediction equals the label.
+def exact_match(predictions: Sequence[str], references: Sequence[str | Sequence[str]]) -> float:
+  """Fraction of items whose normalised prediction equals one of the normalised references.
+
+  The mean of `exact_match_scores` (same arguments).
+  """
+  return mean_score(exact_match_scores(predictions, references))
+
+
+def accuracy_scores(predictions: Sequence[str], references: Sequence[str],
+                    choices: Sequence[str] | None = None) -> np.ndarray:
+  """Per item 1.0 if the normalised prediction equals the (closed-set) label, else 0.0.
 
   Args:
     predictions: one generated answer per item.
     references: one label per item.
     choices: the label set. A prediction outside it counts as wrong; a reference outside it is a
       data error (ValueError), since no prediction could then be right.
+
+  Returns:
+    float64 [n].
   """
   _check_lengths(predictions, references)
   allowed = None if choices is None else {normalize_answer(c) for c in choices}
-  hits = 0
+  hits = np.zeros(len(predictions))
   for i, (pred, ref) in enumerate(zip(predictions, references)):
     if not isinstance(ref, str):
       raise ValueError(f"item {i}: reference {ref!r} is not a string")
@@ -220,8 +250,14 @@ def accuracy(predictions: Sequence[str], references: Sequence[str],
     if allowed is not None and label not in allowed:
       raise ValueError(f"item {i}: reference {ref!r} is not one of the choices")
     answer = normalize_answer(pred)
-    hits += (allowed is None or answer in allowed) and answer == label
-  return hits / len(predictions)
+    hits[i] = (allowed is None or answer in allowed) and answer == label
+  return hits
+
+
+def accuracy(predictions: Sequence[str], references: Sequence[str],
+             choices: Sequence[str] | None = None) -> float:
+  """Closed-set accuracy: the mean of `accuracy_scores` (same arguments)."""
+  return mean_score(accuracy_scores(predictions, references, choices))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -277,6 +313,35 @@ def _reference_box(i: int, ref: str | Sequence[float]) -> Box:
   return box
 
 
+def _check_threshold(threshold: float) -> None:
+  if not 0.0 <= threshold < 1.0:
+    raise ValueError(f"threshold must be in [0, 1), got {threshold}")
+
+
+def _iou_items(predictions: Sequence[str], references: Sequence[str | Sequence[float]],
+               threshold: float) -> tuple[np.ndarray, np.ndarray]:
+  """(hit, parsed) per item: float64 1.0/0.0 hits and bool "the prediction parsed as a box"."""
+  _check_threshold(threshold)
+  _check_lengths(predictions, references)
+  hits = np.zeros(len(predictions))
+  parsed = np.zeros(len(predictions), bool)
+  for i, (pred, ref) in enumerate(zip(predictions, references)):
+    target = _reference_box(i, ref)
+    box = parse_box(pred)
+    parsed[i] = box is not None
+    hits[i] = box is not None and box_iou(box, target) > threshold
+  return hits, parsed
+
+
+def iou_hits(predictions: Sequence[str], references: Sequence[str | Sequence[float]],
+             threshold: float = 0.5) -> np.ndarray:
+  """Per item 1.0 if the predicted box has IoU > `threshold` with the reference box, else 0.0.
+
+  Arguments as in `iou_accuracy`; an unparsable prediction scores 0.0. Returns float64 [n].
+  """
+  return _iou_items(predictions, references, threshold)[0]
+
+
 def iou_accuracy(predictions: Sequence[str], references: Sequence[str | Sequence[float]],
                  threshold: float = 0.5) -> tuple[float, dict[str, int]]:
   """Fraction of predicted boxes with IoU > `threshold` against the reference box.
@@ -287,22 +352,11 @@ def iou_accuracy(predictions: Sequence[str], references: Sequence[str | Sequence
     threshold: a hit needs IoU strictly above it.
 
   Returns:
-    (score, {"unparsable": n}): n counts predictions that `parse_box` rejects (no box, wrong
-    format, out-of-range or degenerate box); each scores 0.
+    (score, {"unparsable": n}): the score is the mean of `iou_hits`; n counts predictions that
+    `parse_box` rejects (no box, wrong format, out-of-range or degenerate box); each scores 0.
   """
-  if not 0.0 <= threshold < 1.0:
-    raise ValueError(f"threshold must be in [0, 1), got {threshold}")
-  _check_lengths(predictions, references)
-  hits = 0
-  unparsable = 0
-  for i, (pred, ref) in enumerate(zip(predictions, references)):
-    target = _reference_box(i, ref)
-    box = parse_box(pred)
-    if box is None:
-      unparsable += 1
-    elif box_iou(box, target) > threshold:
-      hits += 1
-  return hits / len(predictions), {"unparsable": unparsable}
+  hits, parsed = _iou_items(predictions, references, threshold)
+  return mean_score(hits), {"unparsable": int((~parsed).sum())}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -361,6 +415,13 @@ def cider_scores(predictions: Sequence[str], references: Sequence[str | Sequence
   scores 0 (every idf is 0). ℓ is the length in tokens; the COCO code counts bigrams instead,
   which gives the same difference whenever both sides are non-empty, and an empty side scores 0
   either way. Tokenisation: `cider_tokenize`.
+
+  These are CIDEr-D's per-sample scores: their `mean_score` is the corpus score (`cider`). Each
+  depends on the whole corpus through the idf, so a bootstrap that resamples them keeps the full
+  corpus's idf rather than recomputing it per resample.
+
+  Returns:
+    float64 [n].
   """
   _check_lengths(predictions, references)
   if n < 1 or sigma <= 0.0:
@@ -402,7 +463,7 @@ def cider(predictions: Sequence[str], references: Sequence[str | Sequence[str]],
     n: the largest n-gram order.
     sigma: the width of the Gaussian length penalty.
   """
-  return float(cider_scores(predictions, references, n=n, sigma=sigma).mean())
+  return mean_score(cider_scores(predictions, references, n=n, sigma=sigma))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -416,14 +477,37 @@ SCORERS: dict[str, Callable[..., Any]] = {
     "cider": cider,
 }
 
+# Same names as SCORERS: each scalar scorer is the mean of its per-sample scorer.
+SAMPLE_SCORERS: dict[str, Callable[..., np.ndarray]] = {
+    "exact_match": exact_match_scores,
+    "accuracy": accuracy_scores,
+    "iou_accuracy": iou_hits,
+    "cider": cider_scores,
+}
+
+
+def sample_scores(metric_name: str, predictions: Sequence[Any], references: Sequence[Any],
+                  **options: Any) -> np.ndarray:
+  """Per-sample scores (float64 [n]) of a registered metric; their `mean_score` is `score`.
+
+  exact_match, accuracy and iou_accuracy give 1.0 or 0.0 per sample; cider gives each image's
+  CIDEr-D within the corpus being scored (see `cider_scores`). Keyword options go to the scorer
+  (e.g. `choices` for accuracy, `threshold` for iou_accuracy, `n`/`sigma` for cider).
+  """
+  if metric_name not in SAMPLE_SCORERS:
+    raise ValueError(f"unknown metric {metric_name!r}; known: {sorted(SAMPLE_SCORERS)}")
+  values = np.asarray(SAMPLE_SCORERS[metric_name](predictions, references, **options),
+                      np.float64)
+  if values.shape != (len(predictions),):  # a guard on the registry, not on the caller
+    raise AssertionError(f"{metric_name}: {values.shape} per-sample scores for "
+                         f"{len(predictions)} predictions")
+  return values
+
 
 def score(metric_name: str, predictions: Sequence[Any], references: Sequence[Any],
           **kwargs: Any) -> float:
-  """The scalar score of a registered metric (details such as iou_accuracy's are dropped).
+  """The scalar score of a registered metric: `mean_score` of `sample_scores`.
 
   Keyword arguments go to the scorer (e.g. `choices` for accuracy, `threshold` for iou_accuracy).
   """
-  if metric_name not in SCORERS:
-    raise ValueError(f"unknown metric {metric_name!r}; known: {sorted(SCORERS)}")
-  result = SCORERS[metric_name](predictions, references, **kwargs)
-  return float(result[0] if isinstance(result, tuple) else result)
+  return mean_score(sample_scores(metric_name, predictions, references, **kwargs))

@@ -2,6 +2,10 @@
 
 Prompts are encoded and images loaded once per split (`build_eval_sets`); the same arrays then
 serve every model that is evaluated, so a pipeline with many models pays for that only once.
+
+`evaluate_samples` also keeps every sample's own score, keyed by the sample's id, so that the
+uncertainty of a score can be bootstrapped; a task's score is `metrics.mean_score` of its
+per-sample scores, to the bit.
 """
 
 from __future__ import annotations
@@ -21,7 +25,11 @@ from visatb_jax.model import generate
 
 @dataclasses.dataclass
 class EvalSet:
-  """One task's prompts, left-padded to a common length, with their images and references."""
+  """One task's prompts, left-padded to a common length, with their images and references.
+
+  `ids` names each row's sample (unique within the task); left empty, it is filled with
+  f"{task}-{row}".
+  """
   task: str
   metric: str
   prompt_ids: np.ndarray    # int32 [n, P], left-padded
@@ -29,9 +37,58 @@ class EvalSet:
   images: np.ndarray        # uint8 [n, 1, H, W, 3]
   references: list[str]
   stop_id: int | None = None  # the token that ends an answer (None: the tokenizer's eos)
+  ids: list[str] = dataclasses.field(default_factory=list)
+
+  def __post_init__(self):
+    if not self.ids:
+      self.ids = [_fallback_id(self.task, row) for row in range(len(self.references))]
+    if len(self.ids) != len(self.references):
+      raise ValueError(f"task {self.task!r}: {len(self.ids)} ids for {len(self.references)} "
+                       "references")
+    _check_unique_ids(self.task, self.ids)
 
   def __len__(self) -> int:
     return len(self.references)
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalResult:
+  """What `evaluate_samples` returns, per task.
+
+  scores: {task: score}, each `metrics.mean_score` of the task's per-sample scores.
+  samples: {task: {sample id: that sample's score}}, in eval-set order.
+  predictions: {task: the generated answers}, in eval-set order.
+  """
+  scores: dict[str, float]
+  samples: dict[str, dict[str, float]]
+  predictions: dict[str, list[str]]
+
+
+def _fallback_id(task: str, row: int) -> str:
+  """The id of a sample that has none: its task and its row in the task's eval set."""
+  return f"{task}-{row}"
+
+
+def _check_unique_ids(task: str, ids: Sequence[str]) -> None:
+  seen = set()
+  for sample_id in ids:
+    if sample_id in seen:
+      raise ValueError(f"task {task!r}: sample id {sample_id!r} appears more than once")
+    seen.add(sample_id)
+
+
+def sample_ids(task: str, task_samples: Sequence[Mapping]) -> list[str]:
+  """Each sample's `id` as a string (f"{task}-{row}" where it has none or an empty one).
+
+  Raises:
+    ValueError (naming the task and the id): an id that appears twice.
+  """
+  ids = []
+  for row, s in enumerate(task_samples):
+    raw = s.get("id")
+    ids.append(_fallback_id(task, row) if raw is None or raw == "" else str(raw))
+  _check_unique_ids(task, ids)
+  return ids
 
 
 def _round_up(n: int, multiple: int) -> int:
@@ -61,21 +118,23 @@ def build_eval_sets(
   for task, task_samples in by_task.items():
     if not task_samples:
       raise ValueError(f"task {task!r} has no samples in this split")
+    ids = sample_ids(task, task_samples)  # before the encoding work, so a duplicate fails fast
     encoded = [template.encode_prompt(s["conversations"], tokenizer, num_image_tokens=num_image_tokens,
                                       system=system, template=template_name)
                for s in task_samples]
     length = _round_up(max(len(ids) for ids, _ in encoded), pad_to)
-    ids = np.full((len(encoded), length), pad_id, np.int32)
+    prompt_ids = np.full((len(encoded), length), pad_id, np.int32)
     mask = np.zeros((len(encoded), length), np.int32)
     for r, (p, _) in enumerate(encoded):
-      ids[r, length - len(p):] = p
+      prompt_ids[r, length - len(p):] = p
       mask[r, length - len(p):] = 1
     imgs = np.zeros((len(encoded), 1, image_size, image_size, 3), np.uint8)
     for r, s in enumerate(task_samples):
       if s.get("image_path"):
         imgs[r, 0] = images_lib.load_image(s["image_path"], image_size)
-    out[task] = EvalSet(task, task_metrics[task], ids, mask, imgs, [ref for _, ref in encoded],
-                        stop_id=template.stop_token_id(tokenizer, template_name))
+    out[task] = EvalSet(task, task_metrics[task], prompt_ids, mask, imgs,
+                        [ref for _, ref in encoded],
+                        stop_id=template.stop_token_id(tokenizer, template_name), ids=ids)
   return out
 
 
@@ -106,17 +165,41 @@ def generate_answers(model, eval_set: EvalSet, *, tokenizer, batch_size: int,
   return answers
 
 
-def evaluate(model, eval_sets: Mapping[str, EvalSet], *, tokenizer, batch_size: int,
-             max_new_tokens: int, tasks: Sequence[str] | None = None,
-             desc: str = "eval", mesh=None) -> tuple[dict[str, float], dict[str, list[str]]]:
-  """Scores `model` on each task → ({task: score}, {task: predictions}); `mesh`: see
-  `generate_answers`."""
-  scores, predictions = {}, {}
+def score_predictions(eval_set: EvalSet, predictions: Sequence[str]) -> dict[str, float]:
+  """{sample id: score} of one task's predictions (in eval-set order), by the task's metric.
+
+  `metrics.mean_score(list(result.values()))` is the task's score.
+  """
+  # CIDEr takes a list of references per image; each sample here has one.
+  refs = ([[r] for r in eval_set.references] if eval_set.metric == "cider"
+          else eval_set.references)
+  per_sample = metrics.sample_scores(eval_set.metric, list(predictions), refs)
+  return dict(zip(eval_set.ids, per_sample.tolist()))
+
+
+def evaluate_samples(model, eval_sets: Mapping[str, EvalSet], *, tokenizer, batch_size: int,
+                     max_new_tokens: int, tasks: Sequence[str] | None = None,
+                     desc: str = "eval", mesh=None) -> EvalResult:
+  """Scores `model` on each task (all of `eval_sets`, or `tasks`), keeping per-sample scores.
+
+  `mesh`: see `generate_answers`.
+  """
+  scores, samples, predictions = {}, {}, {}
   for task in tqdm.tqdm(tasks or list(eval_sets), desc=desc, leave=False, disable=None):
     es = eval_sets[task]
     preds = generate_answers(model, es, tokenizer=tokenizer, batch_size=batch_size,
                              max_new_tokens=max_new_tokens, mesh=mesh)
-    refs = [[r] for r in es.references] if es.metric == "cider" else es.references
-    scores[task] = float(metrics.score(es.metric, preds, refs))
+    samples[task] = score_predictions(es, preds)
+    scores[task] = metrics.mean_score(list(samples[task].values()))
     predictions[task] = preds
-  return scores, predictions
+  return EvalResult(scores=scores, samples=samples, predictions=predictions)
+
+
+def evaluate(model, eval_sets: Mapping[str, EvalSet], *, tokenizer, batch_size: int,
+             max_new_tokens: int, tasks: Sequence[str] | None = None,
+             desc: str = "eval", mesh=None) -> tuple[dict[str, float], dict[str, list[str]]]:
+  """Scores `model` on each task → ({task: score}, {task: predictions}); `mesh`: see
+  `generate_answers`. `evaluate_samples` also gives the per-sample scores."""
+  result = evaluate_samples(model, eval_sets, tokenizer=tokenizer, batch_size=batch_size,
+                            max_new_tokens=max_new_tokens, tasks=tasks, desc=desc, mesh=mesh)
+  return result.scores, result.predictions

@@ -124,7 +124,6 @@ def paper_config(name: str, tasks: Mapping[str, Mapping[str, Any]], *, r_large: 
   c.train.checkpoint_every = 500
   c.train.log_every = 10
   c.train.freeze_vision_tower = True
-  c.train.tla = False
   c.train.ce_chunk_size = 2048  # tokens per chunk of the cross-entropy; 0 = full logits
 
   c.prep = ml_collections.ConfigDict()
@@ -144,7 +143,7 @@ def paper_config(name: str, tasks: Mapping[str, Mapping[str, Any]], *, r_large: 
   c.eval.batch_size = 32
   c.eval.max_new_tokens = 128
 
-  c.weighting = "visatb"  # the run's own final model (pipeline.main_method)
+  c.weighting = "visatb"  # the run's own final model (pipeline/methods.py names them all)
   c.baselines = tuple(baselines)
   c.weighting_options = {}
   return c

@@ -1,8 +1,16 @@
 """Run report: `report/report.md` plus PNG plots, built from what the pipeline wrote.
 
 Every input is optional, so the report can be regenerated at any point of a run (a partial run
-simply says which parts are not available yet). Nothing here imports jax: the report is cheap to
-rebuild from the command line, `python -m visatb_jax.pipeline.report WORKDIR`.
+simply says which parts are not available yet). The report builds `report/comparison.json` (ΔI% and
+ΔE% of each method against STL, step times relative to EW) itself from `scores/test.json`,
+`config.json` and the final runs' metrics, so a run directory alone is enough to rebuild it. Nothing
+here imports jax: the report is cheap to rebuild from the command line,
+`python -m visatb_jax.report WORKDIR`.
+
+When `lambda.json` carries bootstrap intervals (`visatb_jax.core.bootstrap.bootstrap_report`), the
+tables show "value [low, high]", the λ chart has error bars, the contribution heatmap hatches the
+entries whose interval contains 0, and a paragraph says in plain words what the intervals allow to
+conclude. Without intervals the report is rendered as before.
 
 Plots are drawn on bare `matplotlib.figure.Figure` objects (Agg canvas, no pyplot global state),
 rendered into memory and written atomically like every other output of a run.
@@ -19,20 +27,32 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
+from matplotlib import patches as mpatches
 from matplotlib import ticker
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from visatb_jax.runtime.fileio import atomic_write_bytes, atomic_write_text, read_json
+from visatb_jax.core import metrics
+from visatb_jax.runtime.fileio import (atomic_write_bytes, atomic_write_json, atomic_write_text,
+                                       read_json)
 
 LAMBDA_PNG = "lambda.png"
 CONTRIBUTION_PNG = "contribution.png"
 LOSS_CURVES_PNG = "loss_curves.png"
 REPORT_MD = "report.md"
+COMPARISON_JSON = "comparison.json"
+
+# The pretrained model scored before any training: a reference row, not a method.
+UNTRAINED = "untrained"
+REPORT_STAGE = "report"
 
 _MISSING = "—"
 # Order of the λ components in tables and in the bar chart: (balance-report key, label).
 _COMPONENTS = (("lambda_out", "λ_out"), ("lambda_in", "λ_in"), ("lambda_d", "λ_D"))
+# Marks a C entry whose interval contains 0, in the markdown table.
+_ZERO_MARK = "†"
+# Hatch of the heatmap cells whose interval contains 0.
+_ZERO_HATCH = "///"
 
 
 @dataclasses.dataclass
@@ -47,6 +67,9 @@ class RunFiles:
   data_stats: dict | None = None
   final_runs: dict[str, list[dict]] = dataclasses.field(default_factory=dict)
   prep_runs: dict[str, list[dict]] = dataclasses.field(default_factory=dict)
+  config: dict | None = None
+  validation_samples: dict | None = None
+  test_samples: dict | None = None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -119,12 +142,92 @@ def load_run(workdir: str) -> RunFiles:
       balance=_load_json(join("lambda.json")),
       validation=_load_json(join("scores", "validation.json")),
       test=_load_json(join("scores", "test.json")),
-      comparison=_load_json(join("report", "comparison.json")),
+      comparison=_load_json(join("report", COMPARISON_JSON)),
       manifest=_load_json(join("manifest.json")),
       data_stats=_load_json(join("data_stats.json")),
       final_runs=_load_runs(join("final")),
       prep_runs=_load_runs(join("prep")),
+      config=_load_json(join("config.json")),
+      validation_samples=_load_json(join("scores", "validation_samples.json")),
+      test_samples=_load_json(join("scores", "test_samples.json")),
   )
+
+
+# ----------------------------------------------------------------------------------------------
+# Comparison with STL (report/comparison.json).
+
+
+def _direction(spec: Any) -> bool | list[bool]:
+  """A config's higher_is_better: a bool, or one bool per metric; unset means higher is better."""
+  if spec is None:
+    return True
+  if isinstance(spec, (list, tuple)):
+    return [bool(s) for s in spec]
+  return bool(spec)
+
+
+def higher_is_better(config: Mapping | None, tasks: Sequence[str]) -> dict[str, bool | list[bool]]:
+  """{task: higher_is_better} for `tasks`, from a run's config.json dump (True where not given)."""
+  specs = (config or {}).get("tasks") or {}
+  out = {}
+  for task in tasks:
+    spec = specs.get(task)
+    out[task] = _direction(spec.get("higher_is_better") if isinstance(spec, Mapping) else None)
+  return out
+
+
+def compare_methods(test: Mapping[str, Mapping], directions: Mapping[str, Any] | None,
+                    step_times: Mapping[str, float | None] | None = None) -> dict[str, dict]:
+  """ΔI%, ΔE% and per-task I% of every method of `test` against its "stl" entry.
+
+  Args:
+    test: scores/test.json, {method: {task: score}}; "stl" is the baseline and "untrained" (the
+      model before training) is no method, so neither gets an entry.
+    directions: {task: higher_is_better} of the scored tasks (see `higher_is_better`).
+    step_times: {method: median seconds per step or None} of the methods whose final run logged
+      metrics; each compared method among them gets "step_time_s", and "step_time_vs_ew" when
+      both its time and EW's are known.
+
+  Returns:
+    {method: metrics.delta_metrics(...)}, or {"error": message} for a method whose ΔI is undefined
+    (e.g. an STL score of 0); {} without an "stl" entry.
+  """
+  if "stl" not in test:
+    return {}
+  comparison: dict[str, dict] = {}
+  for method, scores in test.items():
+    if method in ("stl", UNTRAINED):
+      continue
+    try:
+      comparison[method] = metrics.delta_metrics(test["stl"], scores, higher_is_better=directions)
+    except ValueError as e:  # e.g. an STL score of 0: ΔI is undefined, say so in the report
+      comparison[method] = {"error": str(e)}
+  times = {m: s for m, s in (step_times or {}).items() if m in comparison}
+  for method, seconds in times.items():
+    comparison[method]["step_time_s"] = seconds
+    if seconds is not None and times.get("ew"):
+      comparison[method]["step_time_vs_ew"] = seconds / times["ew"]
+  return comparison
+
+
+def build_comparison(workdir: str) -> dict[str, dict]:
+  """The content of `report/comparison.json`, computed from the run directory alone.
+
+  Reads scores/test.json ({} when absent or without STL scores), config.json for each scored task's
+  higher_is_better (True when the file or the task is missing) and final/<method>/metrics.jsonl for
+  the step times. See `compare_methods`.
+  """
+  test = _load_json(os.path.join(workdir, "scores", "test.json"))
+  if not isinstance(test, Mapping) or "stl" not in test:
+    return {}
+  config = _load_json(os.path.join(workdir, "config.json"))
+  directions = higher_is_better(config, list(test["stl"]))
+  times = {}
+  for method in test:
+    path = os.path.join(workdir, "final", method, "metrics.jsonl")
+    if method not in ("stl", UNTRAINED) and os.path.exists(path):
+      times[method] = step_seconds(read_metrics(path))
+  return compare_methods(test, directions, times)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -171,22 +274,34 @@ def _ordered_keys(dicts: Sequence[Mapping], preferred: Sequence[str] = ()) -> li
   return [k for k in preferred if k in seen] + [k for k in seen if k not in preferred]
 
 
+def _method_order(methods: Sequence[str]) -> list[str]:
+  """STL and EW first, the other methods in their order, "untrained" last (it is no method)."""
+  ordered = _ordered_keys([dict.fromkeys(methods)], ["stl", "ew"])
+  return [m for m in ordered if m != UNTRAINED] + [m for m in ordered if m == UNTRAINED]
+
+
 def _tasks_hint(run: RunFiles) -> list[str]:
-  """The run's task order (from the balance report) to lay out task columns consistently."""
+  """The run's task order (balance report, else config) to lay out task columns consistently."""
   if run.balance and isinstance(run.balance.get("tasks"), list):
     return list(run.balance["tasks"])
+  if run.config and isinstance(run.config.get("task_order"), list):
+    return list(run.config["task_order"])
   return []
 
 
 def _unit_lambda(balance: Mapping, unit: str) -> float | None:
   """Final λ of a balanced unit: its own entry, or the λ its group's tasks received."""
-  lam = balance.get("lambda") or {}
-  if unit in lam:
-    return lam[unit]
+  return _unit_entry(balance.get("lambda") or {}, balance, unit)
+
+
+def _unit_entry(per_task: Mapping[str, Any], balance: Mapping, unit: str) -> Any | None:
+  """A unit's entry of a {task: value} mapping: its own, or that of its group's first task."""
+  if unit in per_task:
+    return per_task[unit]
   members = [t for t, g in (balance.get("groups") or {}).items() if g == unit]
   for task in members:
-    if task in lam:
-      return lam[task]
+    if task in per_task:
+      return per_task[task]
   return None
 
 
@@ -211,6 +326,173 @@ def _matrix(balance: Mapping) -> np.ndarray | None:
   return c
 
 
+def _is_number(v: Any) -> bool:
+  return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+# ----------------------------------------------------------------------------------------------
+# Bootstrap intervals of the balance report.
+
+
+def _as_interval(value: Any) -> tuple[float, float] | None:
+  """[low, high] as a float pair, or None when absent or malformed."""
+  if (isinstance(value, (list, tuple)) and len(value) == 2
+      and all(_is_number(v) for v in value)):
+    return float(value[0]), float(value[1])
+  return None
+
+
+def _intervals(balance: Mapping) -> dict:
+  """The balance report's "intervals" ({} for a report without bootstrap)."""
+  intervals = balance.get("intervals")
+  return intervals if isinstance(intervals, Mapping) else {}
+
+
+def _interval(balance: Mapping, key: str, unit: str) -> tuple[float, float] | None:
+  """Interval of a per-unit quantity (`key` as in the report: "c_out", "lambda_d", ...)."""
+  per_unit = _intervals(balance).get(key)
+  return _as_interval(per_unit.get(unit)) if isinstance(per_unit, Mapping) else None
+
+
+def _unit_lambda_interval(balance: Mapping, unit: str) -> tuple[float, float] | None:
+  """Interval of a unit's final λ (its own task's, or its group's tasks')."""
+  per_task = _intervals(balance).get("lambda")
+  if not isinstance(per_task, Mapping):
+    return None
+  return _as_interval(_unit_entry(per_task, balance, unit))
+
+
+def contribution_intervals(balance: Mapping) -> np.ndarray | None:
+  """C's intervals as an array of shape [units, units, 2] (low, high), or None if absent."""
+  n = len(balance.get("balanced") or [])
+  try:
+    bounds = np.asarray(_intervals(balance).get("C"), dtype=np.float64)
+  except (TypeError, ValueError):
+    return None
+  if n == 0 or bounds.shape != (n, n, 2):
+    return None
+  return bounds
+
+
+def zero_in_interval(bounds: np.ndarray) -> np.ndarray:
+  """Boolean mask of the [..., 2] intervals that contain 0 (sign not established)."""
+  return (bounds[..., 0] <= 0.0) & (bounds[..., 1] >= 0.0)
+
+
+def _fmt_interval(value: Any, interval: tuple[float, float] | None, digits: int = 4) -> str:
+  """"value [low, high]", or the value alone without (or with a zero-width) interval.
+
+  The bounds get one significant digit less than the value: they are rougher than it.
+  """
+  text = _fmt(value, digits)
+  if interval is None or (interval[0] == interval[1] == value):
+    return text
+  bound = max(2, digits - 1)
+  return f"{text} [{_fmt(interval[0], bound)}, {_fmt(interval[1], bound)}]"
+
+
+def _fmt_level(level: Any) -> str:
+  return f"{100.0 * level:g} %" if _is_number(level) else "bootstrap"
+
+
+def interval_note(balance: Mapping) -> str | None:
+  """The one sentence saying what the intervals are; None without intervals."""
+  if not _intervals(balance):
+    return None
+  boot = balance.get("bootstrap") if isinstance(balance.get("bootstrap"), Mapping) else {}
+  level, resamples = boot.get("level"), boot.get("resamples")
+  text = f"Intervals: {_fmt_level(level)} paired-bootstrap intervals"
+  text += (f" over {resamples} resamples of the validation samples" if _is_number(resamples)
+           else " over resamples of the validation samples")
+  details = []
+  if _is_number(boot.get("seed")):
+    details.append(f"seed {boot['seed']}")
+  samples = boot.get("samples")
+  if isinstance(samples, Mapping) and samples:
+    details.append("n = " + ", ".join(f"{t} {n}" for t, n in samples.items()))
+  if details:
+    text += f" ({'; '.join(details)})"
+  text += "."
+  # Resamples the maths had to patch up: many of them mean the intervals are rough.
+  for key, what in (("degenerate_resamples", "needed a degenerate-data mask"),
+                    ("infeasible_temperature_resamples", "had no feasible automatic T")):
+    if _is_number(boot.get(key)) and boot[key] > 0:
+      text += f" {boot[key]} resamples {what}."
+  return text
+
+
+def _fmt_weight(value: float, interval: tuple[float, float]) -> str:
+  return f"λ = {value:.2f} [{interval[0]:.2f}, {interval[1]:.2f}]"
+
+
+def uncertainty_paragraph(balance: Mapping) -> str | None:
+  """Plain words on what the intervals establish; None without intervals.
+
+  Which balanced tasks' weights are distinguishable from 1 (equal weighting: the interval excludes
+  1), which are not, and which units' own-data gain is within noise (its interval contains 0).
+  """
+  per_task = _intervals(balance).get("lambda")
+  if not isinstance(per_task, Mapping):
+    per_task = {}
+  fixed = balance.get("fixed") or {}
+  lam = balance.get("lambda") or {}
+  clear, unclear = [], []
+  for task in _ordered_keys([lam], balance.get("tasks") or []):
+    interval, value = _as_interval(per_task.get(task)), lam.get(task)
+    if task in fixed or interval is None or not _is_number(value):
+      continue
+    if interval[0] > 1.0:
+      clear.append(f"{task} is up-weighted: {_fmt_weight(value, interval)}")
+    elif interval[1] < 1.0:
+      clear.append(f"{task} is down-weighted: {_fmt_weight(value, interval)}")
+    else:
+      unclear.append(f"{task} ({_fmt_weight(value, interval)})")
+  sentences = []
+  if clear:
+    sentences.append("Weights distinguishable from 1 (equal weighting; the interval excludes 1): "
+                     + "; ".join(clear) + ".")
+  if unclear:
+    sentences.append("Not distinguishable from 1 (the interval contains 1, so these tasks may "
+                     "as well be weighted equally): " + "; ".join(unclear) + ".")
+  sentences += _noise_sentences(balance)
+  return " ".join(sentences) if sentences else None
+
+
+def dropped_units(balance: Mapping) -> list[str]:
+  """Units whose column of C was left out of C_out / C_in ("dropped", or bootstrap "drop")."""
+  boot = balance.get("bootstrap") if isinstance(balance.get("bootstrap"), Mapping) else {}
+  names = balance.get("dropped") or boot.get("drop") or []
+  return [u for u in names if isinstance(u, str)]
+
+
+def _noise_sentences(balance: Mapping) -> list[str]:
+  """What the "noisy" and dropped units of a bootstrap report mean."""
+  out = []
+  noisy = [u for u in balance.get("noisy") or [] if isinstance(u, str)]
+  dropped = dropped_units(balance)
+  if noisy:
+    gains = []
+    for unit in noisy:
+      interval = _interval(balance, "gain", unit)
+      value = (balance.get("gain") or {}).get(unit)
+      gains.append(f"{unit} (gain = {_fmt_interval(value, interval, 3)})" if interval
+                   else unit)
+    kept = [u for u in noisy if u not in dropped]
+    consequence = (f"the weights still rest on it through C_out and C_in ({', '.join(kept)} "
+                   "not dropped)" if kept else "it is dropped from C_out and C_in")
+    out.append(
+        "Noisy own-data gain (its interval contains 0): " + ", ".join(gains) + ". Such a unit did "
+        "not measurably improve with its own data; the contributions it receives (its column of "
+        f"C) are divided by that gain and are mostly noise, and {consequence}. A larger "
+        "validation set, a larger large subset or more preparation steps would help.")
+  elif "noisy" in balance:
+    out.append("Every unit's own-data gain is clearly above 0.")
+  if dropped:
+    out.append("Dropped: " + ", ".join(dropped) + " (a dropped unit's column of C is left out "
+               "of every C_out and its C_in is 0; C itself is shown in full).")
+  return out
+
+
 # ----------------------------------------------------------------------------------------------
 # Markdown sections.
 
@@ -218,23 +500,29 @@ def _matrix(balance: Mapping) -> np.ndarray | None:
 def _summary_section(balance: dict | None) -> str:
   if balance is None:
     return "## Task balance\n\n" + _not_available("Balance report", "lambda.json")
-  parts = ["## Task balance", _balance_settings(balance), "### Weights per balanced unit",
-           _lambda_table(balance), "### Final weight per task", _task_lambda_table(balance),
-           "### Inter-task contribution C (row = contributor, column = receiver)",
-           _contribution_table(balance)]
+  parts = ["## Task balance", _balance_settings(balance)]
+  note, paragraph = interval_note(balance), uncertainty_paragraph(balance)
+  if note or paragraph:
+    parts.append("### Uncertainty\n\n" + "\n\n".join(p for p in (note, paragraph) if p))
+  parts += ["### Weights per balanced unit", _lambda_table(balance),
+            "### Final weight per task", _task_lambda_table(balance),
+            "### Inter-task contribution C (row = contributor, column = receiver)",
+            _contribution_table(balance)]
   return "\n\n".join(parts)
 
 
 def _balance_settings(balance: Mapping) -> str:
   fixed = balance.get("fixed") or {}
   alpha = balance.get("alpha")
+  temperature = _fmt_interval(balance.get("temperature"),
+                              _as_interval(_intervals(balance).get("temperature")))
   lines = [
       f"- Tasks: {', '.join(balance.get('tasks') or [])}",
       f"- Balanced units: {', '.join(balance.get('balanced') or [])}",
       "- Fixed-weight tasks: "
       + (", ".join(f"{t} ({_fmt(w)})" for t, w in fixed.items()) if fixed else "none"),
       f"- Form: {balance.get('form', _MISSING)}",
-      f"- Temperature T: {_fmt(balance.get('temperature'))}",
+      f"- Temperature T: {temperature}",
       f"- α (out, in, D): {_fmt(alpha)}",
   ]
   members = _group_members(balance)
@@ -244,24 +532,31 @@ def _balance_settings(balance: Mapping) -> str:
 
 
 def _lambda_table(balance: Mapping) -> str:
-  header = ["unit", "C_out", "C_in", "D"] + [label for _, label in _COMPONENTS] + ["λ"]
+  # The gain column only for a bootstrap report (an old lambda.json renders as before).
+  keys = ["c_out", "c_in", "d"] + [k for k, _ in _COMPONENTS]
+  labels = ["C_out", "C_in", "D"] + [label for _, label in _COMPONENTS]
+  if isinstance(balance.get("gain"), Mapping):
+    keys.append("gain")
+    labels.append("gain")
   rows = []
   for unit in balance.get("balanced") or []:
-    values = [(balance.get(k) or {}).get(unit) for k in ("c_out", "c_in", "d")]
-    values += [(balance.get(k) or {}).get(unit) for k, _ in _COMPONENTS]
-    values.append(_unit_lambda(balance, unit))
-    rows.append([unit] + [_fmt(v) for v in values])
-  return _md_table(header, rows)
+    cells = [_fmt_interval((balance.get(k) or {}).get(unit), _interval(balance, k, unit))
+             for k in keys]
+    cells.append(_fmt_interval(_unit_lambda(balance, unit), _unit_lambda_interval(balance, unit)))
+    rows.append([unit] + cells)
+  return _md_table(["unit"] + labels + ["λ"], rows)
 
 
 def _task_lambda_table(balance: Mapping) -> str:
   fixed = balance.get("fixed") or {}
   task_group = {t: g for t, g in (balance.get("groups") or {}).items() if g is not None}
   lam = balance.get("lambda") or {}
+  per_task = _intervals(balance).get("lambda")
+  per_task = per_task if isinstance(per_task, Mapping) else {}
   rows = []
   for task in _ordered_keys([lam], balance.get("tasks") or []):
     role = "fixed" if task in fixed else task_group.get(task, "balanced")
-    rows.append([task, _fmt(lam.get(task)), role])
+    rows.append([task, _fmt_interval(lam.get(task), _as_interval(per_task.get(task))), role])
   return _md_table(["task", "λ", "role"], rows)
 
 
@@ -270,75 +565,141 @@ def _contribution_table(balance: Mapping) -> str:
   if c is None:
     return "_C matrix missing or malformed in `lambda.json`._"
   units = balance["balanced"]
-  rows = [[f"{u} →"] + [_fmt(float(v)) for v in c[i]] for i, u in enumerate(units)]
-  return _md_table(["contributor \\ receiver"] + list(units), rows)
+  bounds = contribution_intervals(balance)
+  rows = []
+  for i, u in enumerate(units):
+    row = [f"{u} →"]
+    for j, v in enumerate(c[i]):
+      if bounds is None:
+        row.append(_fmt(float(v)))
+        continue
+      interval = (float(bounds[i, j, 0]), float(bounds[i, j, 1]))
+      mark = _ZERO_MARK if zero_in_interval(bounds[i, j]) else ""
+      row.append(_fmt_interval(float(v), interval) + mark)
+    rows.append(row)
+  table = _md_table(["contributor \\ receiver"] + list(units), rows)
+  if bounds is not None and np.any(zero_in_interval(bounds)):
+    table += (f"\n\n{_ZERO_MARK} the interval contains 0: the sign of this contribution is not "
+              "established (hatched in the heatmap).")
+  return table
+
+
+def sample_counts(samples: Any) -> dict[str, str]:
+  """{task: "n = 100"} from per-sample scores {model: {task: {sample_id: score}}}.
+
+  Models scored on different numbers of samples of a task give a range ("n = 90–100").
+  """
+  counts: dict[str, set[int]] = {}
+  if not isinstance(samples, Mapping):
+    return {}
+  for per_task in samples.values():
+    if not isinstance(per_task, Mapping):
+      continue
+    for task, scores in per_task.items():
+      if isinstance(scores, Mapping):
+        counts.setdefault(task, set()).add(len(scores))
+  out = {}
+  for task, ns in counts.items():
+    low, high = min(ns), max(ns)
+    out[task] = f"n = {low}" if low == high else f"n = {low}–{high}"
+  return out
 
 
 def _score_table(scores: Mapping[str, Mapping[str, float]], row_order: Sequence[str],
-                 task_order: Sequence[str], highlight: bool, row_label: str) -> str:
-  """Rows = models / methods, columns = tasks; optionally the best value per task in bold."""
+                 task_order: Sequence[str], highlight: bool, row_label: str,
+                 directions: Mapping[str, Any] | None = None,
+                 counts: Mapping[str, str] | None = None) -> str:
+  """Rows = models / methods, columns = tasks; optionally the best value per task in bold.
+
+  `directions` ({task: higher_is_better}) decides whether the best is the largest (the default)
+  or the smallest value; `counts` ({task: "n = ..."}) goes into the column headers.
+  """
   rows_keys = _ordered_keys([scores], row_order)
   tasks = _ordered_keys(list(scores.values()), task_order)
   best = {}
   for t in tasks:
-    values = [scores[r][t] for r in rows_keys if _is_number(scores[r].get(t))]
-    best[t] = max(values) if values else None
+    # The untrained model is a reference, not a contender for the best score.
+    values = [scores[r][t] for r in rows_keys
+              if r != UNTRAINED and _is_number(scores[r].get(t))]
+    pick = min if (directions or {}).get(t) is False else max
+    best[t] = pick(values) if values else None
   rows = []
   for r in rows_keys:
     row = [r]
     for t in tasks:
       v = scores[r].get(t)
       text = _fmt(v)
-      if highlight and _is_number(v) and v == best[t]:
+      if highlight and r != UNTRAINED and _is_number(v) and v == best[t]:
         text = f"**{text}**"
       row.append(text)
     rows.append(row)
-  return _md_table([row_label] + tasks, rows)
+  header = [f"{t} ({counts[t]})" if counts and t in counts else t for t in tasks]
+  return _md_table([row_label] + header, rows)
 
 
-def _is_number(v: Any) -> bool:
-  return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-
-def _validation_section(validation: dict | None, tasks: Sequence[str]) -> str:
+def _validation_section(validation: dict | None, tasks: Sequence[str],
+                        samples: Any = None) -> str:
   title = "## Validation scores (preparation models × tasks)"
   if validation is None:
     return f"{title}\n\n" + _not_available("Validation scores", "scores/validation.json")
   # The paper's order: the reference model first, then one `<task>+mini` per task.
   order = ["base", "mini"] + [f"{t}+mini" for t in tasks] + list(tasks)
   return f"{title}\n\n" + _score_table(validation, order, tasks, highlight=False,
-                                            row_label="model")
+                                       row_label="model", counts=sample_counts(samples))
 
 
-def _test_section(test: dict | None, tasks: Sequence[str]) -> str:
+def _test_section(test: dict | None, tasks: Sequence[str], config: Mapping | None = None,
+                  samples: Any = None) -> str:
   title = "## Test scores (methods × tasks)"
   if test is None:
     return f"{title}\n\n" + _not_available("Test scores", "scores/test.json")
-  note = ("Higher is better; the best score per task is in **bold**. `stl` holds, per task, the "
-          "single-task model's score on its own task.")
-  order = ["untrained", "stl", "ew"]
-  return f"{title}\n\n{note}\n\n" + _score_table(test, order, tasks, highlight=True,
-                                            row_label="method")
+  task_cols = _ordered_keys(list(test.values()), tasks)
+  directions = higher_is_better(config, task_cols)
+  lower = [t for t in task_cols if directions[t] is False]
+  direction = ("Higher is better" if not lower
+               else f"Higher is better, except for {', '.join(lower)} (lower is better)")
+  note = (f"{direction}; the best score per task is in **bold**. `stl` holds, per task, the "
+          f"single-task model's score on its own task; `{UNTRAINED}` is the model before "
+          "training.")
+  return f"{title}\n\n{note}\n\n" + _score_table(
+      test, _method_order(list(test)), tasks, highlight=True, row_label="method",
+      directions=directions, counts=sample_counts(samples))
 
 
 def _comparison_section(comparison: dict | None, tasks: Sequence[str]) -> str:
   title = "## Comparison with single-task learning (STL)"
   if comparison is None:
-    return f"{title}\n\n" + _not_available("Comparison", "report/comparison.json")
+    return f"{title}\n\n" + _not_available("Comparison", "scores/test.json")
+  if not comparison:
+    return f"{title}\n\n_No STL scores in `scores/test.json`: nothing to compare against._"
   per_task = [m.get("per_task") or {} for m in comparison.values()]
   task_cols = _ordered_keys(per_task, tasks)
-  rows = []
-  for method, m in comparison.items():
+  rows, errors = [], []
+  for method in _method_order(list(comparison)):
+    m = comparison[method]
     pt = m.get("per_task") or {}
     ratio = m.get("step_time_vs_ew")
     rows.append([method, _fmt(m.get("delta_i")), _fmt(m.get("delta_e")),
                  "" if ratio is None else f"{ratio:.2f}×"]
                 + [_fmt(pt.get(t)) for t in task_cols])
+    if m.get("error"):
+      errors.append(f"- {method}: {m['error']}")
   note = ("ΔI% = overall relative improvement over STL (higher is better); ΔE% = mean per-task "
           "loss against STL (lower is better); step time = median seconds per optimizer step "
           "relative to EW's; the task columns hold each task's I_i in %.")
   header = ["method", "ΔI %", "ΔE %", "step time vs EW"] + [f"I ({t})" for t in task_cols]
-  return f"{title}\n\n{note}\n\n" + _md_table(header, rows)
+  text = f"{title}\n\n{note}\n\n" + _md_table(header, rows)
+  if errors:
+    text += "\n\nNot computed:\n\n" + "\n".join(errors)
+  return text
+
+
+def _stage_status(name: str, info: Any) -> str:
+  status = info.get("status", _MISSING) if isinstance(info, dict) else str(info)
+  # The report is written while its own stage runs: "running" would be stale once it is read.
+  if name == REPORT_STAGE and status == "running":
+    return "this report"
+  return str(status)
 
 
 def _timing_section(manifest: dict | None) -> str:
@@ -349,10 +710,9 @@ def _timing_section(manifest: dict | None) -> str:
   rows, total = [], 0.0
   for name, info in stages.items():
     seconds = info.get("seconds") if isinstance(info, dict) else None
-    status = info.get("status", _MISSING) if isinstance(info, dict) else str(info)
     if _is_number(seconds):
       total += seconds
-    rows.append([name, str(status), _fmt_seconds(seconds)])
+    rows.append([name, _stage_status(name, info), _fmt_seconds(seconds)])
   rows.append(["**total**", "", _fmt_seconds(total)])
   head = f"Config hash: `{manifest.get('config_hash', _MISSING)}`"
   return f"{title}\n\n{head}\n\n" + _md_table(["stage", "status", "time"], rows)
@@ -418,12 +778,20 @@ def _training_section(runs: Mapping[str, list[dict]], kind: str, has_plot: bool)
   return "\n\n".join(parts)
 
 
-def _plots_section(images: Mapping[str, bool]) -> str:
+def _plots_section(images: Mapping[str, bool], balance: Mapping | None = None) -> str:
   parts = ["## Plots"]
+  level = _fmt_level(((balance or {}).get("bootstrap") or {}).get("level"))
   if images.get(LAMBDA_PNG):
-    parts.append(f"### Task weights\n\n![λ components per balanced unit]({LAMBDA_PNG})")
+    text = f"### Task weights\n\n![λ components per balanced unit]({LAMBDA_PNG})"
+    if balance is not None and _intervals(balance).get("lambda"):
+      text += f"\n\nError bars: the {level} interval of λ."
+    parts.append(text)
   if images.get(CONTRIBUTION_PNG):
-    parts.append(f"### Inter-task contribution\n\n![contribution matrix C]({CONTRIBUTION_PNG})")
+    text = f"### Inter-task contribution\n\n![contribution matrix C]({CONTRIBUTION_PNG})"
+    if balance is not None and contribution_intervals(balance) is not None:
+      text += (f"\n\nHatched cells: the {level} interval of C[i→j] contains 0 (the sign of the "
+               "contribution is not established).")
+    parts.append(text)
   if len(parts) == 1:
     parts.append(_not_available("Balance plots", "lambda.json"))
   return "\n\n".join(parts)
@@ -436,11 +804,11 @@ def render_markdown(run: RunFiles, title: str, images: Mapping[str, bool]) -> st
   sections = [
       f"# {title}\n\nRun directory: `{os.path.abspath(run.workdir)}`",
       _summary_section(run.balance),
-      _validation_section(run.validation, tasks),
-      _test_section(run.test, tasks),
+      _validation_section(run.validation, tasks, run.validation_samples),
+      _test_section(run.test, tasks, run.config, run.test_samples),
       _comparison_section(run.comparison, tasks),
       _training_section(runs, kind, images.get(LOSS_CURVES_PNG, False)),
-      _plots_section(images),
+      _plots_section(images, run.balance),
       _timing_section(run.manifest),
       _data_stats_section(run.data_stats),
   ]
@@ -459,42 +827,82 @@ def _save_figure(fig: Figure, path: str) -> None:
   atomic_write_bytes(path, buf.getvalue())
 
 
-def plot_lambda(balance: Mapping, path: str) -> None:
-  """Grouped bars of λ_out, λ_in, λ_D and λ per balanced unit; the line at 1 is EW."""
+def _lambda_errors(balance: Mapping, units: Sequence[str], values: Sequence[float]
+                   ) -> np.ndarray | None:
+  """Asymmetric error bars [2, units] (below, above) of λ from its intervals; None without any.
+
+  A unit without an interval gets NaN (no bar). A percentile interval may in rare cases exclude
+  the estimate itself; the bar is then clipped at the estimate (matplotlib needs errors >= 0).
+  """
+  intervals = [_unit_lambda_interval(balance, u) for u in units]
+  if all(i is None for i in intervals):
+    return None
+  errors = np.full((2, len(units)), np.nan)
+  for k, (interval, value) in enumerate(zip(intervals, values)):
+    if interval is not None and math.isfinite(value):
+      errors[:, k] = max(0.0, value - interval[0]), max(0.0, interval[1] - value)
+  return errors
+
+
+def lambda_figure(balance: Mapping) -> Figure:
+  """Grouped bars of λ_out, λ_in, λ_D and λ per balanced unit; the line at 1 is EW.
+
+  With bootstrap intervals the λ bars carry asymmetric error bars (the λ interval).
+  """
   units = list(balance.get("balanced") or [])
   series = [(label, [(balance.get(k) or {}).get(u, np.nan) for u in units])
             for k, label in _COMPONENTS]
-  series.append(("λ", [_nan_if_none(_unit_lambda(balance, u)) for u in units]))
+  lam = [_nan_if_none(_unit_lambda(balance, u)) for u in units]
+  series.append(("λ", lam))
+  errors = _lambda_errors(balance, units, lam)
   fig = Figure(figsize=(max(6.0, 1.1 * len(units) + 2.0), 4.0))
   ax = fig.add_subplot()
   x = np.arange(len(units))
   width = 0.8 / len(series)
   for k, (label, values) in enumerate(series):
+    extra = {}
+    if label == "λ" and errors is not None:
+      extra = {"yerr": errors, "capsize": 3, "error_kw": {"elinewidth": 1, "ecolor": "black"}}
     ax.bar(x + (k - (len(series) - 1) / 2) * width, np.asarray(values, dtype=float), width,
-           label=label)
+           label=label, **extra)
   ax.axhline(1.0, color="black", linestyle="--", linewidth=1)
   # Many units: slanted labels, and the legend moves further down to clear them.
   slanted = len(units) > 6
   ax.set_xticks(x, units, rotation=30 if slanted else 0, ha="right" if slanted else "center")
   ax.set_ylabel("weight")
-  ax.set_title(f"Task weights (T = {_fmt(balance.get('temperature'))})")
+  title = f"Task weights (T = {_fmt(balance.get('temperature'))})"
+  if errors is not None:
+    level = _fmt_level((balance.get("bootstrap") or {}).get("level"))
+    title += f"; error bars: {level} interval of λ"
+  ax.set_title(title)
   ax.legend(ncols=len(series), loc="upper center", bbox_to_anchor=(0.5, -0.3 if slanted else -0.12),
             frameon=False)
-  _save_figure(fig, path)
+  return fig
+
+
+def plot_lambda(balance: Mapping, path: str) -> None:
+  """Writes `lambda_figure` as a PNG."""
+  _save_figure(lambda_figure(balance), path)
 
 
 def _nan_if_none(v: float | None) -> float:
   return np.nan if v is None else float(v)
 
 
-def plot_contribution(balance: Mapping, c: np.ndarray, path: str) -> None:
-  """Heatmap of C: contributor on the y axis, receiver on the x axis, values annotated."""
+def contribution_figure(balance: Mapping, c: np.ndarray) -> Figure:
+  """Heatmap of C: contributor on the y axis, receiver on the x axis, values annotated.
+
+  With bootstrap intervals each cell also shows its interval, and the cells whose interval
+  contains 0 are hatched (a legend entry says so).
+  """
   units = list(balance["balanced"])
   n = len(units)
+  bounds = contribution_intervals(balance)
   # Symmetric limits so that 0 (no effect) sits at the neutral middle of the colour map.
   finite = c[np.isfinite(c)]
   limit = max(1.0, float(np.max(np.abs(finite)))) if finite.size else 1.0
-  fig = Figure(figsize=(max(4.5, 0.9 * n + 2.5), max(3.8, 0.8 * n + 1.8)))
+  cell = 0.9 if bounds is None else 1.3  # room for the interval under the value
+  fig = Figure(figsize=(max(4.5, cell * n + 2.5), max(3.8, 0.8 * n + 1.8)))
   ax = fig.add_subplot()
   image = ax.imshow(c, cmap="RdBu", vmin=-limit, vmax=limit)
   fig.colorbar(image, ax=ax, shrink=0.8, label="C[i→j]")
@@ -507,23 +915,42 @@ def plot_contribution(balance: Mapping, c: np.ndarray, path: str) -> None:
     for j in range(n):
       # Dark text on the pale middle of the map, white on its saturated ends.
       strong = np.isfinite(c[i, j]) and abs(c[i, j]) > 0.6 * limit
-      ax.text(j, i, _fmt(float(c[i, j]), 3), ha="center", va="center", fontsize=9,
-              color="white" if strong else "black")
-  _save_figure(fig, path)
+      color = "white" if strong else "black"
+      text = _fmt(float(c[i, j]), 3)
+      if bounds is not None and i != j:
+        text += f"\n[{_fmt(float(bounds[i, j, 0]), 2)}, {_fmt(float(bounds[i, j, 1]), 2)}]"
+      ax.text(j, i, text, ha="center", va="center", fontsize=8 if bounds is not None else 9,
+              color=color)
+  if bounds is not None:
+    zero = zero_in_interval(bounds)
+    for i, j in zip(*np.nonzero(zero)):
+      ax.add_patch(mpatches.Rectangle((j - 0.5, i - 0.5), 1.0, 1.0, fill=False, hatch=_ZERO_HATCH,
+                                      edgecolor="dimgray", linewidth=0.0))
+    level = _fmt_level((balance.get("bootstrap") or {}).get("level"))
+    legend = mpatches.Patch(facecolor="white", edgecolor="dimgray", hatch=_ZERO_HATCH,
+                            label=f"{level} interval contains 0")
+    ax.legend(handles=[legend], loc="upper center", bbox_to_anchor=(0.5, -0.18 if n > 4 else -0.1),
+              frameon=False)
+  return fig
 
 
-def plot_loss_curves(runs: Mapping[str, list[dict]], path: str) -> bool:
-  """One subplot per task, one line per run; False (and nothing written) without per-task losses."""
+def plot_contribution(balance: Mapping, c: np.ndarray, path: str) -> None:
+  """Writes `contribution_figure` as a PNG."""
+  _save_figure(contribution_figure(balance, c), path)
+
+
+def loss_curves_figure(runs: Mapping[str, list[dict]]) -> Figure | None:
+  """One subplot per task, one line per run; None without per-task losses."""
   tasks = _ordered_keys([r.get("per_task_loss") or {} for recs in runs.values() for r in recs])
   if not tasks:
-    return False
+    return None
   ncols = min(3, len(tasks))
   nrows = math.ceil(len(tasks) / ncols)
   fig = Figure(figsize=(4.2 * ncols, 3.0 * nrows), layout="constrained")
   axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
   for ax, task in zip(axes, tasks):
     for name, records in runs.items():
-      steps, losses = _task_curve(records, task)
+      steps, losses = task_curve(records, task)
       if steps.size:
         ax.plot(steps, losses, label=name, linewidth=1.2)
     ax.set_title(task)
@@ -535,12 +962,30 @@ def plot_loss_curves(runs: Mapping[str, list[dict]], path: str) -> bool:
     ax.set_visible(False)
   handles, labels = axes[0].get_legend_handles_labels()
   fig.legend(handles, labels, loc="outside upper center", ncols=min(len(labels), 5), frameon=False)
+  return fig
+
+
+def plot_loss_curves(runs: Mapping[str, list[dict]], path: str) -> bool:
+  """Writes `loss_curves_figure` as a PNG; False (and nothing written) without per-task losses."""
+  fig = loss_curves_figure(runs)
+  if fig is None:
+    return False
   _save_figure(fig, path)
   return True
 
 
-def _task_curve(records: Sequence[dict], task: str) -> tuple[np.ndarray, np.ndarray]:
-  pairs = [(r["step"], (r.get("per_task_loss") or {}).get(task)) for r in records]
+def task_curve(records: Sequence[dict], task: str) -> tuple[np.ndarray, np.ndarray]:
+  """(steps, losses) of one task; steps where the logged batch held none of it are left out.
+
+  The trainer logs a loss of 0 for a task without tokens in the batch (`per_task_count` 0): that
+  is no measurement, and plotting it would draw a spurious dive to 0.
+  """
+  pairs = []
+  for r in records:
+    count = (r.get("per_task_count") or {}).get(task)
+    if _is_number(count) and count <= 0:
+      continue
+    pairs.append((r["step"], (r.get("per_task_loss") or {}).get(task)))
   pairs = [(s, v) for s, v in pairs if _is_number(s) and _is_number(v)]
   if not pairs:
     return np.zeros(0), np.zeros(0)
@@ -586,9 +1031,15 @@ def write_plots(run: RunFiles, report_dir: str) -> dict[str, bool]:
 
 
 def write_report(workdir: str, *, title: str = "VisATB run") -> str:
-  """Writes `workdir/report/report.md` and its plots; returns the markdown file's path."""
-  run = load_run(workdir)
+  """Writes `workdir/report/` (comparison.json, report.md, plots); returns report.md's path.
+
+  comparison.json is (re)built from scores/test.json whenever that file exists (see
+  `build_comparison`); a run without test scores gets none.
+  """
   report_dir = os.path.join(workdir, "report")
+  if os.path.isfile(os.path.join(workdir, "scores", "test.json")):
+    atomic_write_json(os.path.join(report_dir, COMPARISON_JSON), build_comparison(workdir))
+  run = load_run(workdir)
   images = write_plots(run, report_dir)
   path = os.path.join(report_dir, REPORT_MD)
   atomic_write_text(path, render_markdown(run, title, images))

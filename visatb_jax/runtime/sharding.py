@@ -33,6 +33,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -340,7 +341,7 @@ def _shape_of(leaf: Any) -> tuple[int, ...]:
 
 
 def param_shardings(state: Any, mesh: Mesh, rules: LogicalRules | None = None, *,
-                    strict: bool = False) -> Any:
+                    strict: bool = True) -> Any:
   """A pytree of NamedSharding with the structure of `state`, one per array leaf.
 
   Args:
@@ -349,7 +350,10 @@ def param_shardings(state: Any, mesh: Mesh, rules: LogicalRules | None = None, *
       are scalars, hence replicated), or `jax.eval_shape` of one (no memory needed).
     mesh: the device mesh.
     rules: logical name -> mesh axes; default `DEFAULT_RULES`.
-    strict: raise for a non-scalar leaf that no rule covers (see `param_logical_axes`).
+    strict: raise for a floating-point leaf (a parameter or its optimizer moment) that no rule
+      covers, naming it (see `param_logical_axes`); the default, since a parameter replicated by
+      accident costs its full size on every device. Integer leaves (RNG keys, counters) and
+      scalars are replicated.
 
   Returns:
     Usable as `jax.jit` in/out shardings or as the target of `jax.device_put(state, ...)`.
@@ -358,7 +362,9 @@ def param_shardings(state: Any, mesh: Mesh, rules: LogicalRules | None = None, *
 
   def one(path, leaf):
     shape = _shape_of(leaf)
-    axes = param_logical_axes(path, shape, strict=strict)
+    dtype = getattr(leaf, "dtype", None)
+    is_float = dtype is not None and jnp.issubdtype(dtype, jnp.inexact)
+    axes = param_logical_axes(path, shape, strict=strict and is_float)
     return NamedSharding(mesh, logical_to_spec(axes, shape, mesh, rules))
 
   return jax.tree_util.tree_map_with_path(one, state)
@@ -367,6 +373,11 @@ def param_shardings(state: Any, mesh: Mesh, rules: LogicalRules | None = None, *
 def replicated(mesh: Mesh) -> NamedSharding:
   """Every device holds the whole array (scalars, λ, learning rate)."""
   return NamedSharding(mesh, P())
+
+
+def replicate(tree: Any, mesh: Mesh) -> Any:
+  """Puts every array of `tree` on all devices of `mesh`."""
+  return jax.device_put(tree, replicated(mesh))
 
 
 def batch_sharding(mesh: Mesh, rules: LogicalRules | None = None) -> NamedSharding:

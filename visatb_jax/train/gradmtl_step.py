@@ -1,6 +1,6 @@
 """Jit train step that combines per-task gradients with a `gradmtl` method.
 
-The counterpart of `train.make_train_step` for the gradient-combination baselines (IMGrad,
+The counterpart of `vitw_step.make_train_step` for the gradient-combination baselines (IMGrad,
 CAGrad, PCGrad, MGDA, Nash-MTL): the same arguments and metrics, plus a small `GradMTLState`
 carried from step to step (Nash-MTL's previous α, PCGrad's random key).
 
@@ -17,7 +17,7 @@ How G is built. One forward pass gives per_task_nll_sum [T]; `jax.vjp` of it, vm
 T one-hot cotangents, gives the T gradients of the trainable parameters from that single forward
 (the backward is batched over T: its activation cotangents are T times those of one backward,
 e.g. [T, B, L, V] for the logits). With accumulation the per-task NLL-sum gradients and counts
-are summed over micro-batches (`lax.scan`, rows strided as in train.py) and divided once.
+are summed over micro-batches (`step.accumulate`, rows strided as in the VITW step) and divided once.
 G = gradmtl.flatten_task_grads(...) is [T, P] float32 with P the number of trainable parameters
 (the vision tower is frozen by the trainer): T·P·4 bytes, plus the [T, …] per-task gradient tree
 it is raveled from — fine for small models, the limit of this step for large ones.
@@ -34,7 +34,7 @@ gradient) and `pcgrad` with `reduction="mean"` are multiplied by K; `pcgrad` (su
 (Gᵀα) and `mgda` (a convex combination, as the MGDA-UB and Nash-MTL releases step with it) are
 not. Then global-norm clipping and Adam (`tx`) as in the EW step, and `lr` multiplies the update.
 
-Metrics: those of `train.make_train_step` (loss is the λ-weighted VITW loss, for logging only;
+Metrics: those of `step.step_metrics` (loss is the λ-weighted VITW loss, for logging only;
 grad_norm is the norm of the combined direction before clipping) plus `mtl_weights` [T]: the
 weights m with direction = Σ_k m_k ∇L_k (scale included, 0 for inactive tasks).
 """
@@ -53,9 +53,8 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from visatb_jax.core import gradmtl
-from visatb_jax.core import loss as loss_lib
-from visatb_jax.runtime import sharding as sharding_lib
-from visatb_jax.train import loop as train_lib
+from visatb_jax.train import state as state_lib
+from visatb_jax.train import step as step_lib
 
 Batch = Mapping[str, Any]
 # Arguments the step supplies itself; a user cannot set them through method_options.
@@ -108,52 +107,31 @@ def direction_scale(method: str, method_options: Mapping[str, Any] | None, num_a
 # --------------------------------------------------------------------------- per-task grads
 
 
-def _task_sums(graphdef: nnx.GraphDef, frozen: nnx.State, batch: Batch, lam: jax.Array,
-               params: nnx.State):
-  """per_task_nll_sum [T] (differentiated) and the other VITW sums of one (micro-)batch."""
-  model = nnx.merge(graphdef, params, frozen)
-  logits = model(batch["input_ids"], images=batch.get("images"),
-                 positions=batch.get("positions"), segment_ids=batch.get("segment_ids"))
-  weighted, weight, task_sum, task_count = loss_lib.token_loss(
-      logits, batch["targets"], batch["loss_mask"], batch["task_ids"], lam)
-  return task_sum, (weighted, weight, task_count)
-
-
-def _micro_task_grads(graphdef, frozen, lam, params, batch):
-  """One forward, then the vjp vmapped over the T one-hot cotangents."""
-  task_sum, vjp_fn, (weighted, weight, task_count) = jax.vjp(
-      functools.partial(_task_sums, graphdef, frozen, batch, lam), params, has_aux=True)
-  (grads,) = jax.vmap(vjp_fn)(jnp.eye(task_sum.shape[0], dtype=task_sum.dtype))
-  return grads, weighted, weight, task_sum, task_count
-
-
 def task_gradients(graphdef: nnx.GraphDef, params: nnx.State, frozen: nnx.State, batch: Batch,
-                   lam: jax.Array, *, accum_steps: int = 1, mesh: Mesh | None = None):
+                   lam: jax.Array, *, accum_steps: int = 1, mesh: Mesh | None = None,
+                   ce_chunk_size: int = 0):
   """Per-task gradients of the NLL sums, and the VITW sums, over the whole (global) batch.
 
-  Returns (grads, weighted_nll_sum, weight_sum, per_task_nll_sum [T], per_task_count [T]) where
-  every leaf of `grads` is [T, *param.shape]: row k = ∂ per_task_nll_sum[k] / ∂ params, summed
-  over the `accum_steps` micro-batches (nothing is divided). `mesh` is needed for accum_steps > 1.
+  Returns (grads, LossSums) where every leaf of `grads` is [T, *param.shape]: row k =
+  ∂ per_task_nll_sum[k] / ∂ params, summed over the `accum_steps` micro-batches (nothing is
+  divided). One forward per micro-batch, then its vjp vmapped over the T one-hot cotangents.
+  `mesh` is needed for accum_steps > 1; `ce_chunk_size` as in the VITW step.
   """
   lam = jnp.asarray(lam, jnp.float32)
-  fn = functools.partial(_micro_task_grads, graphdef, frozen, lam, params)
-  if accum_steps == 1:
-    return fn(batch)
-  if mesh is None:
+  if accum_steps > 1 and mesh is None:
     raise ValueError("task_gradients needs the mesh when accum_steps > 1")
-  num_tasks = lam.shape[0]
 
-  def body(carry, micro):
-    return jax.tree.map(jnp.add, carry, fn(micro)), None
+  def micro(micro_batch, key):
+    del key
+    def task_sum(p):
+      sums = step_lib.forward_sums(graphdef, p, frozen, micro_batch, lam,
+                                   ce_chunk_size=ce_chunk_size)
+      return sums.task_sum, sums
+    task_sums, vjp_fn, sums = jax.vjp(task_sum, params, has_aux=True)
+    (grads,) = jax.vmap(vjp_fn)(jnp.eye(task_sums.shape[0], dtype=task_sums.dtype))
+    return grads, sums
 
-  zero = jnp.zeros((), jnp.float32)
-  zeros_t = jnp.zeros((num_tasks,), jnp.float32)
-  init = (jax.tree.map(lambda p: jnp.zeros((num_tasks, *p.shape), p.dtype), params),
-          zero, zero, zeros_t, zeros_t)
-  # pylint: disable-next=protected-access
-  micro = train_lib._micro_batches(batch, accum_steps, mesh)
-  sums, _ = jax.lax.scan(body, init, micro)
-  return sums
+  return step_lib.accumulate(micro, batch, accum_steps, mesh)
 
 
 # ----------------------------------------------------------------------------- combination
@@ -222,10 +200,11 @@ def make_gradmtl_train_step(
     donate: bool = False,
     state_sharding: Any = None,
     frozen_sharding: Any = None,
-) -> Callable[..., tuple[train_lib.TrainState, dict[str, jax.Array], GradMTLState]]:
+    ce_chunk_size: int = 0,
+) -> Callable[..., tuple[state_lib.TrainState, dict[str, jax.Array], GradMTLState]]:
   """Jit-compiled `(state, frozen, batch, lam, lr, mtl_state) -> (state, metrics, mtl_state)`.
 
-  As `train.make_train_step` (no `tla`: every task is already its own mean loss), with the
+  As `vitw_step.make_train_step` (no `tla`: every task is already its own mean loss), with the
   update direction from `gradmtl.METHODS[method](G, **method_options)` on the per-task
   gradients (see the module docstring), and `mtl_state` from `init_mtl_state` threaded through.
   `method_options` are static (c, alpha, iters, reduction, ...). `donate` also donates the
@@ -236,56 +215,43 @@ def make_gradmtl_train_step(
   options = _check_method(method, method_options)
   task_sh = _task_axis_shardings(state_sharding, mesh)
 
-  def step(state: train_lib.TrainState, frozen: nnx.State, batch: Batch, lam: jax.Array,
+  def step(state: state_lib.TrainState, frozen: nnx.State, batch: Batch, lam: jax.Array,
            lr: jax.Array, mtl_state: GradMTLState):
     lam = lam.astype(jnp.float32)
-    grads, weighted, weight, task_sum, task_count = task_gradients(
-        graphdef, state.params, frozen, batch, lam, accum_steps=accum_steps, mesh=mesh)
+    grads, sums = task_gradients(graphdef, state.params, frozen, batch, lam,
+                                 accum_steps=accum_steps, mesh=mesh, ce_chunk_size=ce_chunk_size)
     if task_sh is not None:
       grads = jax.lax.with_sharding_constraint(grads, task_sh)
     # The one division of the step: row k becomes ∇(λ_k · mean NLL of task k).
-    row_scale = jnp.where(task_count > 0, lam / jnp.where(task_count > 0, task_count, 1.0), 0.0)
+    count = sums.task_count
+    row_scale = jnp.where(count > 0, lam / jnp.where(count > 0, count, 1.0), 0.0)
     G = gradmtl.flatten_task_grads(grads) * row_scale[:, None]
-    active = (task_count > 0) & (lam > 0)
+    active = (count > 0) & (lam > 0)
     d, mtl_weights, mtl_state = combine(G, active, method, options, mtl_state=mtl_state)
     direction = gradmtl.unflatten(d, state.params)
-    updates, opt_state = tx.update(direction, state.opt_state, state.params)
-    updates = jax.tree.map(lambda u: (lr * u).astype(u.dtype), updates)
-    new_state = train_lib.TrainState(
-        step=state.step + 1, params=optax.apply_updates(state.params, updates),
-        opt_state=opt_state)
-    metrics = {
-        "loss": loss_lib.safe_divide(weighted, weight),
-        "per_task_loss": loss_lib.per_task_mean(task_sum, task_count),
-        "per_task_count": task_count,
-        "grad_norm": optax.tree.norm(direction),
-        "weight_sum": weight,
-        "tokens": jnp.sum((batch["loss_mask"] > 0) & (batch["task_ids"] >= 0)),
-        "lam": lam,
-        "mtl_weights": mtl_weights,
-    }
+    new_state = state_lib.apply_direction(state, tx, direction, lr)
+    metrics = step_lib.step_metrics(sums, batch, lam, direction)
+    metrics["mtl_weights"] = mtl_weights
     return new_state, metrics, mtl_state
 
-  repl, data = train_lib.replicated(mesh), train_lib.data_sharded(mesh)
-  state_sh = repl if state_sharding is None else state_sharding
-  frozen_sh = repl if frozen_sharding is None else frozen_sharding
-  return jax.jit(sharding_lib.under_mesh(step, mesh),
-                 in_shardings=(state_sh, frozen_sh, data, repl, repl, repl),
-                 out_shardings=(state_sh, repl, repl),
-                 donate_argnums=(0, 5) if donate else ())
+  return step_lib.jit_step(step, mesh, state_sharding=state_sharding,
+                           frozen_sharding=frozen_sharding, extra_in=1, extra_out=1,
+                           donate=donate, donate_extra=(5,))
 
 
 @functools.lru_cache(maxsize=16)
-def cached_gradmtl_train_step(graphdef: nnx.GraphDef, optimizer_key: tuple[float, float],
+def cached_gradmtl_train_step(graphdef: nnx.GraphDef, optimizer_spec: tuple[float, float],
                               mesh: Mesh, method: str, method_options: tuple[tuple[str, Any], ...],
-                              accum_steps: int, state_sharding_flat, frozen_sharding_flat):
-  """`make_gradmtl_train_step` with donation, memoised like `train._cached_train_step`.
+                              accum_steps: int, ce_chunk_size: int, state_sharding_flat,
+                              frozen_sharding_flat):
+  """`make_gradmtl_train_step` with donation, memoised like `vitw_step.cached_train_step`.
 
-  `method_options` as sorted (name, value) pairs; the sharding arguments as `train._flat` gives.
+  `method_options` as sorted (name, value) pairs; the sharding arguments as `step.flat_tree`
+  gives them.
   """
-  # pylint: disable=protected-access
   return make_gradmtl_train_step(
-      graphdef, train_lib._optimizer(optimizer_key), mesh=mesh, method=method,
+      graphdef, state_lib.optimizer_from_spec(optimizer_spec), mesh=mesh, method=method,
       method_options=dict(method_options), accum_steps=accum_steps, donate=True,
-      state_sharding=jax.tree.unflatten(*state_sharding_flat),
-      frozen_sharding=jax.tree.unflatten(*frozen_sharding_flat))
+      ce_chunk_size=ce_chunk_size,
+      state_sharding=step_lib.unflat_tree(state_sharding_flat),
+      frozen_sharding=step_lib.unflat_tree(frozen_sharding_flat))

@@ -1,0 +1,374 @@
+"""The run config: built once from a config file's ConfigDict, every default and check in one
+place, before any stage runs.
+
+A mistake in a config (a bad α, an unknown method option, a mesh that does not divide the
+devices, a non-positive epoch count) is a `ConfigError` naming the field, raised before the data
+stage rather than after hours of preparation runs.
+
+Stages see the config through `RunConfig.restricted(sections)`: a view that raises when a stage
+reads a section its hash does not cover, so a stage's output can never depend on a setting whose
+change would not re-run it (docs/architecture.md, "Stage inputs").
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+from visatb_jax.core import balancing, gradmtl, metrics
+from visatb_jax.core import weighting as weighting_lib
+from visatb_jax.data import template as template_lib
+from visatb_jax.pipeline import methods as methods_lib
+from visatb_jax.pipeline.errors import ConfigError
+from visatb_jax.pipeline.tasks import TaskPlan
+from visatb_jax.train.state import TrainConfig
+
+DATA_SOURCES = ("shapes", "llava_json")
+LOADERS = ("memory", "grain")
+BALANCE_FORMS = ("real", "precise", "base")
+ON_DEGENERATE = ("error", "warn")
+ON_NOISY_GAIN = ("warn", "error", "drop")
+MESH_AXES = ("data", "fsdp", "tensor")
+
+# Sections every stage may read without hashing them: where the run executes (the device mesh)
+# and what it is called, not what it computes.
+UNHASHED = ("name", "mesh")
+
+
+def _plain(value: Any) -> Any:
+  """A ConfigDict / FieldReference / tuple tree as plain dicts, lists and scalars."""
+  if hasattr(value, "to_dict"):
+    value = value.to_dict()
+  if isinstance(value, Mapping):
+    return {str(k): _plain(v) for k, v in value.items()}
+  if isinstance(value, (list, tuple)):
+    return [_plain(v) for v in value]
+  return value
+
+
+def _get(section: Mapping[str, Any], key: str, default: Any = None) -> Any:
+  value = section.get(key, default)
+  return default if value is None else value
+
+
+def _number(where: str, value: Any, *, kind: type = float, minimum: float | None = None,
+            exclusive: bool = False, maximum: float | None = None) -> Any:
+  try:
+    if isinstance(value, bool) or (kind is int and float(value) != int(value)):
+      raise TypeError
+    out = kind(value)
+  except (TypeError, ValueError):
+    raise ConfigError(f"config.{where} must be {'an integer' if kind is int else 'a number'}, "
+                      f"got {value!r}") from None
+  if isinstance(out, float) and not math.isfinite(out):
+    raise ConfigError(f"config.{where} must be finite, got {value!r}")
+  if minimum is not None and (out <= minimum if exclusive else out < minimum):
+    raise ConfigError(f"config.{where} must be {'>' if exclusive else '>='} {minimum}, got {value!r}")
+  if maximum is not None and out > maximum:
+    raise ConfigError(f"config.{where} must be <= {maximum}, got {value!r}")
+  return out
+
+
+def _choice(where: str, value: Any, choices: Sequence[str]) -> str:
+  if value not in choices:
+    raise ConfigError(f"config.{where}={value!r}; choose one of {list(choices)}")
+  return value
+
+
+@dataclasses.dataclass(frozen=True)
+class BalanceConfig:
+  form: str = "real"
+  temperature: float | str = 0.5
+  alpha: tuple[float, float, float] = balancing.DEFAULT_ALPHA
+  on_degenerate: str = "error"
+  on_noisy_gain: str = "warn"
+  resamples: int = 1000
+  level: float = 0.9
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+  """Every setting of a run, checked; `sections` keeps each section's plain values for hashing."""
+
+  name: str
+  seed: int
+  tasks: TaskPlan
+  balance: BalanceConfig
+  methods: tuple[str, ...]  # the run's own final model first, then the baselines
+  method_options: Mapping[str, Mapping[str, Any]]
+  train_epochs: float
+  sections: Mapping[str, Any]  # section -> plain value (dicts, lists, scalars)
+
+  @property
+  def main_method(self) -> str:
+    return self.methods[0]
+
+  @property
+  def needs_balance(self) -> bool:
+    """Whether VisATB is among the final models (else prep, validate and lambda are skipped)."""
+    return any(methods_lib.get(m).needs_balance for m in self.methods)
+
+  def section(self, name: str) -> Any:
+    """A section's plain value, or a dotted field of one ("balance.form")."""
+    head, _, rest = name.partition(".")
+    value = self.sections[head]
+    for key in filter(None, rest.split(".")):
+      value = value.get(key) if isinstance(value, Mapping) else None
+    return value
+
+  def train_config(self, steps: int) -> TrainConfig:
+    fields = {k: v for k, v in self.sections["train"].items() if k != "epochs"}
+    return TrainConfig.of({**fields, "steps": max(1, int(steps)), "seed": self.seed})
+
+  def restricted(self, allowed: Iterable[str], stage: str) -> ConfigView:
+    return ConfigView(self, frozenset(allowed) | frozenset(UNHASHED), stage)
+
+
+class StageInputError(RuntimeError):
+  """A stage read a config section its hash does not cover: a bug in the stage's declaration."""
+
+
+class ConfigView:
+  """The RunConfig as one stage may see it: sections outside `allowed` raise StageInputError.
+
+  `allowed` holds section names ("data") or dotted fields ("balance.form"); RunConfig's derived
+  attributes are mapped to the sections they come from.
+  """
+
+  _SOURCES = {"name": "name", "seed": "seed", "tasks": "tasks", "balance": "balance",
+              "methods": "methods", "method_options": "methods", "main_method": "methods",
+              "needs_balance": "methods", "train_epochs": "train", "train_config": "train"}
+
+  def __init__(self, config: RunConfig, allowed: frozenset[str], stage: str):
+    self._config, self._allowed, self._stage = config, allowed, stage
+
+  def _check(self, name: str) -> None:
+    head = name.partition(".")[0]
+    if name in self._allowed or head in self._allowed:
+      return
+    raise StageInputError(
+        f"stage {self._stage!r} read config.{name}, which its hash does not cover; add it to the "
+        "stage's sections in pipeline/stages.py")
+
+  def section(self, name: str) -> Any:
+    self._check(name)
+    return self._config.section(name)
+
+  def __getattr__(self, name: str) -> Any:
+    if name.startswith("_"):
+      raise AttributeError(name)
+    if name == "balance":
+      return _BalanceView(self)
+    self._check(self._SOURCES.get(name, name))
+    return getattr(self._config, name)
+
+
+class _BalanceView:
+  """config.balance field by field, so that prep may read balance.form alone."""
+
+  def __init__(self, view: ConfigView):
+    self._view = view
+
+  def __getattr__(self, name: str) -> Any:
+    self._view._check(f"balance.{name}")  # pylint: disable=protected-access
+    return getattr(self._view._config.balance, name)  # pylint: disable=protected-access
+
+
+# ------------------------------------------------------------------------------------ building
+
+
+def _task_plan(tasks: Mapping[str, Any], order: Sequence[str], needs_balance: bool) -> TaskPlan:
+  if not order:
+    raise ConfigError("config.task_order is empty")
+  if len(set(order)) != len(order):
+    raise ConfigError(f"config.task_order has duplicates: {list(order)}")
+  for t in order:
+    if t not in tasks:
+      raise ConfigError(f"task {t!r} is in config.task_order but not in config.tasks")
+    info = tasks[t]
+    metric = info.get("metric")
+    if metric is not None and metric not in metrics.SCORERS:
+      raise ConfigError(f"config.tasks.{t}.metric={metric!r}; known: {sorted(metrics.SCORERS)}")
+    if info.get("fixed_weight") is not None:
+      _number(f"tasks.{t}.fixed_weight", info["fixed_weight"], minimum=0.0)
+  try:
+    plan = TaskPlan.from_config(tasks, order)
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
+  if needs_balance and len(plan.balanced_units) < 2:
+    raise ConfigError(f"VisATB needs at least 2 balanced tasks or groups, got "
+                      f"{list(plan.balanced_units)}")
+  unscored = [t for t in plan.balanced_tasks if t not in plan.eval_tasks]
+  if unscored:
+    raise ConfigError(f"balanced task(s) {unscored} have no metric; λ is computed from validation "
+                      "scores, so only fixed-weight tasks may go unscored")
+  return plan
+
+
+def _balance(section: Mapping[str, Any]) -> BalanceConfig:
+  form = _choice("balance.form", _get(section, "form", "real"), BALANCE_FORMS)
+  try:
+    alpha = balancing.check_alpha(tuple(_get(section, "alpha", balancing.DEFAULT_ALPHA)))
+  except (TypeError, ValueError) as e:
+    raise ConfigError(f"config.balance.alpha: {e}") from None
+  try:
+    temperature = balancing.check_temperature(_get(section, "temperature", 0.5))
+  except (TypeError, ValueError) as e:
+    raise ConfigError(f"config.balance.temperature: {e}") from None
+  return BalanceConfig(
+      form=form, temperature=temperature, alpha=tuple(alpha),
+      on_degenerate=_choice("balance.on_degenerate", _get(section, "on_degenerate", "error"),
+                            ON_DEGENERATE),
+      on_noisy_gain=_choice("balance.on_noisy_gain", _get(section, "on_noisy_gain", "warn"),
+                            ON_NOISY_GAIN),
+      resamples=_number("balance.resamples", _get(section, "resamples", 1000), kind=int,
+                        minimum=1),
+      level=_number("balance.level", _get(section, "level", 0.9), minimum=0.0, exclusive=True,
+                    maximum=0.999))
+
+
+def _check_method_options(name: str, options: Mapping[str, Any], num_tasks: int) -> None:
+  spec = methods_lib.get(name)
+  where = f"config.weighting_options.{name}"
+  if spec.kind == "dynamic":
+    try:
+      weighting_lib.get_strategy(name, fixed_mask=(False,) * num_tasks,
+                                 fixed_values=(1.0,) * num_tasks, **options)
+    except (TypeError, ValueError) as e:
+      raise ConfigError(f"{where}: {e}") from None
+  elif spec.kind == "gradient":
+    fn = gradmtl.METHODS[name]
+    reserved = {"rng", "prev_alpha"}
+    params = {p for p in inspect.signature(fn).parameters if p != "G"} - reserved
+    unknown = sorted(set(options) - params)
+    if unknown:
+      raise ConfigError(f"{where}: unknown option(s) {unknown}; {name} takes {sorted(params)}")
+  elif options:
+    raise ConfigError(f"{where}: {name} takes no options, got {sorted(options)}")
+
+
+def _methods(config: Mapping[str, Any], num_tasks: int) -> tuple[tuple[str, ...], dict]:
+  main = _get(config, "weighting", "visatb")
+  known = sorted(methods_lib.REGISTRY)
+  if main not in methods_lib.REGISTRY or methods_lib.get(main).per_task:
+    raise ConfigError(
+        f"config.weighting={main!r} is not a method of one final model; choose one of "
+        f"{[m for m in known if not methods_lib.get(m).per_task]} (STL, one model per task, is a "
+        "baseline: name it in config.baselines)")
+  baselines = list(_get(config, "baselines", ()))
+  unknown = [m for m in baselines if m not in methods_lib.REGISTRY]
+  if unknown:
+    raise ConfigError(f"unknown baseline(s) {unknown} in config.baselines; known: {known}")
+  options = _plain(_get(config, "weighting_options", {}))
+  for name, opts in options.items():
+    if name not in methods_lib.REGISTRY:
+      raise ConfigError(f"config.weighting_options.{name}: no such method; known: {known}")
+    _check_method_options(name, opts or {}, num_tasks)
+  methods = tuple(dict.fromkeys([main] + baselines))
+  return methods, {m: dict(options.get(m) or {}) for m in methods}
+
+
+def _check_train(section: Mapping[str, Any]) -> float:
+  epochs = _number("train.epochs", _get(section, "epochs", 1.0), minimum=0.0, exclusive=True)
+  fields = {k: v for k, v in section.items() if k != "epochs"}
+  for key in ("batch_size", "accum_steps"):
+    if key in fields and fields[key] is not None:
+      _number(f"train.{key}", fields[key], kind=int, minimum=1)
+  try:
+    TrainConfig.of({**fields, "steps": 1})
+  except (TypeError, ValueError) as e:
+    raise ConfigError(f"config.{e}" if str(e).startswith("train.") else f"config.train: {e}") from None
+  if "batch_size" not in fields:
+    raise ConfigError("config.train.batch_size is required (packed rows per optimizer step)")
+  return epochs
+
+
+def _check_data(section: Mapping[str, Any], plan: TaskPlan) -> None:
+  source = _choice("data.source", section.get("source"), DATA_SOURCES)
+  _choice("data.loader", _get(section, "loader", "memory"), LOADERS)
+  _choice("data.template", _get(section, "template", template_lib.DEFAULT_TEMPLATE),
+          sorted(template_lib.TEMPLATES))
+  for key in ("max_len", "seq_len", "max_images"):
+    _number(f"data.{key}", section.get(key), kind=int, minimum=1)
+  if int(section["max_len"]) > int(section["seq_len"]):
+    raise ConfigError(f"config.data.max_len={section['max_len']} is longer than a packed row "
+                      f"(config.data.seq_len={section['seq_len']})")
+  if source == "shapes":
+    from visatb_jax.data import shapes  # pylint: disable=g-import-not-at-top
+    unknown = sorted(set(plan.names) - set(shapes.TASKS))
+    if unknown:
+      raise ConfigError(f"unknown task(s) {unknown} for the shapes benchmark (it has "
+                        f"{list(shapes.TASKS)})")
+  elif not section.get("root"):
+    raise ConfigError("config.data.root is empty: set it to the directory of the task files "
+                      "(--config.data.root=/data/...)")
+
+
+def _check_prep(section: Mapping[str, Any]) -> None:
+  r_large = _number("prep.r_large", section.get("r_large"), minimum=0.0, exclusive=True,
+                    maximum=1.0)
+  r_mini = _number("prep.r_mini", section.get("r_mini"), minimum=0.0, exclusive=True,
+                   maximum=1.0)
+  if r_mini > r_large:
+    raise ConfigError(f"config.prep.r_mini={r_mini} is larger than config.prep.r_large={r_large} "
+                      "(the mini subset is drawn from the large one)")
+  _number("prep.parallel", _get(section, "parallel", 1), kind=int, minimum=1)
+
+
+def _check_mesh(mesh: Mapping[str, Any] | None, num_devices: int | None) -> None:
+  if not mesh:
+    return
+  unknown = sorted(set(mesh) - set(MESH_AXES))
+  if unknown:
+    raise ConfigError(f"config.mesh has unknown axes {unknown}; axes: {list(MESH_AXES)}")
+  for axis, size in mesh.items():
+    if size != -1:
+      _number(f"mesh.{axis}", size, kind=int, minimum=1)
+  if num_devices is not None:
+    from visatb_jax.runtime import sharding  # pylint: disable=g-import-not-at-top
+    try:
+      sharding.mesh_shape(mesh, num_devices)
+    except ValueError as e:
+      raise ConfigError(f"config.mesh: {e}") from None
+
+
+def build(config: Any, *, num_devices: int | None = None) -> RunConfig:
+  """The checked RunConfig of a config file's ConfigDict (or a plain dict of the same shape).
+
+  `num_devices`: check that the mesh divides them (None: not checked).
+
+  Raises:
+    ConfigError: one line naming the field and what is wrong with it.
+  """
+  raw = _plain(config)
+  for key in ("tasks", "task_order", "data", "model", "train", "prep", "eval"):
+    if key not in raw:
+      raise ConfigError(f"config.{key} is missing")
+  try:
+    methods, options = _methods(raw, len(raw["task_order"]))
+    needs_balance = any(methods_lib.get(m).needs_balance for m in methods)
+    plan = _task_plan(raw["tasks"], raw["task_order"], needs_balance)
+  except ConfigError:
+    raise
+  balance = _balance(raw.get("balance") or {})
+  epochs = _check_train(raw["train"])
+  _check_data(raw["data"], plan)
+  _check_prep(raw["prep"])
+  for key in ("batch_size", "max_new_tokens"):
+    _number(f"eval.{key}", raw["eval"].get(key), kind=int, minimum=1)
+  _check_mesh(raw.get("mesh"), num_devices)
+  sections = {
+      "name": str(raw.get("name") or "run"),
+      "seed": _number("seed", _get(raw, "seed", 0), kind=int),
+      "tasks": {"tasks": raw["tasks"], "task_order": list(raw["task_order"])},
+      "data": raw["data"], "model": raw["model"], "mesh": raw.get("mesh"),
+      "train": raw["train"], "prep": raw["prep"], "eval": raw["eval"],
+      "balance": dataclasses.asdict(balance),
+      "methods": {"methods": list(methods), "options": options},
+  }
+  return RunConfig(name=sections["name"], seed=sections["seed"], tasks=plan, balance=balance,
+                   methods=methods, method_options=options, train_epochs=epochs,
+                   sections=sections)

@@ -1,0 +1,121 @@
+"""The run's models: the mesh, the initial model, training a model into a run sub-directory
+(skipped when done, resumed when interrupted) and scoring a model on a split (cached)."""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+from visatb_jax.data import packing
+from visatb_jax.data import tokenizer as tokenizer_lib
+from visatb_jax.pipeline.errors import PipelineError
+
+if TYPE_CHECKING:
+  from visatb_jax.pipeline.workspace import Workspace
+  from visatb_jax.train.method import TrainMethod
+
+
+class Models:
+  """Models of one run directory."""
+
+  def __init__(self, ws: Workspace):
+    self._ws = ws
+
+  @functools.cached_property
+  def mesh(self):
+    from visatb_jax.runtime import sharding  # pylint: disable=g-import-not-at-top
+    return sharding.make_mesh(self._ws.config.section("mesh"))
+
+  def sub_meshes(self, count: int) -> list:
+    """`count` meshes of the config's shape over disjoint groups of the devices."""
+    from visatb_jax.runtime import sharding  # pylint: disable=g-import-not-at-top
+    try:
+      return sharding.split_meshes(self._ws.config.section("mesh"), count)
+    except ValueError as e:
+      raise PipelineError(str(e)) from e
+
+  @functools.cached_property
+  def model_config(self):
+    from visatb_jax.model import factory  # pylint: disable=g-import-not-at-top
+    tok = self._ws.data.tokenizer
+    try:
+      return factory.model_config(self._ws.config.section("model"), vocab_size=len(tok),
+                                  image_token_id=tokenizer_lib.image_token_id(tok))
+    except (OSError, ValueError) as e:
+      raise PipelineError(f"model: {e}") from e
+
+  def new_model(self, mesh=None):
+    """The initial model of every run: the checkpoint of `model.path`, or a seeded random init,
+    placed on `mesh` (default: the whole mesh)."""
+    from visatb_jax.model import factory  # pylint: disable=g-import-not-at-top
+    try:
+      return factory.build_model(self._ws.config.section("model"), self.model_config,
+                                 mesh=self.mesh if mesh is None else mesh)
+    except (OSError, ValueError) as e:
+      raise PipelineError(f"model: {e}") from e
+
+  def train(self, rel_dir: str, examples: Sequence[packing.Example], method: TrainMethod, *,
+            stage_hash: str, mesh=None) -> None:
+    """Trains one model into `rel_dir` with `method` (skipped when done, resumed when
+    interrupted) on `mesh` (default: the whole mesh)."""
+    from visatb_jax import train as train_lib  # pylint: disable=g-import-not-at-top
+    ws = self._ws
+    if ws.dir.claim(rel_dir, stage_hash):
+      print(f"  {rel_dir}: trained, skipped", flush=True)
+      return
+    data, train = ws.config.section("data"), ws.config.section("train")
+    ds = packing.PackedDataset(examples, seq_len=int(data["seq_len"]),
+                               max_images=int(data["max_images"]),
+                               pad_id=ws.data.tokenizer.pad_token_id, seed=int(ws.config.seed),
+                               image_size=int(self.model_config.vision.image_size))
+    batch_size = int(train["batch_size"])
+    cfg = ws.config.train_config(math.ceil(ws.config.train_epochs * ds.num_rows / batch_size))
+    print(f"  {rel_dir}: {len(examples)} samples in {ds.num_rows} rows, {cfg.steps} steps",
+          flush=True)
+    if ws.data.loader_kind == "grain":
+      batches = ws.data.grain_loader(examples)
+    else:
+      batches = lambda step: ds.batch_at(step, batch_size)  # noqa: E731
+    mesh = self.mesh if mesh is None else mesh
+    try:
+      train_lib.train(self.new_model(mesh), batches, method, cfg, ws.dir.path(rel_dir),
+                      task_names=list(ws.config.tasks.names), mesh=mesh)
+    finally:
+      if hasattr(batches, "close"):
+        batches.close()
+    ws.dir.finish(rel_dir, {"hash": stage_hash, "method": method.name, "train": cfg.to_dict(),
+                            "rows": ds.num_rows, "samples": len(examples),
+                            "packing_efficiency": ds.packing_efficiency()})
+
+  def load(self, rel_dir: str | None):
+    """The trained model in `rel_dir`, or the untrained initial model for None."""
+    model = self.new_model()
+    if rel_dir is None:
+      return model
+    from visatb_jax import train as train_lib  # pylint: disable=g-import-not-at-top
+    info = self._ws.dir.run_info(rel_dir)
+    return train_lib.restore_model(model, info["train"], self._ws.dir.path(rel_dir))
+
+  def score(self, rel_dir: str | None, split: str, *, stage_hash: str,
+            tasks: Sequence[str] | None = None) -> tuple[dict[str, float], dict[str, dict]]:
+    """(scores, per-sample scores) of a trained model (None: the untrained one) on `split`,
+    cached in its directory."""
+    from visatb_jax.pipeline import evaluation  # pylint: disable=g-import-not-at-top
+    ws = self._ws
+    tasks = list(tasks or ws.config.tasks.eval_tasks)
+    where = rel_dir or "untrained"
+    cached = ws.dir.cached_scores(where, split, stage_hash, tasks)
+    if cached is not None:
+      return cached
+    ev = ws.config.section("eval")
+    result = evaluation.evaluate_samples(
+        self.load(rel_dir), ws.data.eval_sets(split), tokenizer=ws.data.tokenizer,
+        batch_size=int(ev["batch_size"]), max_new_tokens=int(ev["max_new_tokens"]), tasks=tasks,
+        desc=f"{where} on {split}", mesh=self.mesh)
+    print(f"  {where} on {split}: " + ", ".join(f"{t}={v:.3f}" for t, v in result.scores.items()),
+          flush=True)
+    ws.dir.cache_scores(where, split, stage_hash, result.scores, result.samples,
+                        result.predictions)
+    return dict(result.scores), dict(result.samples)
