@@ -3,7 +3,7 @@
 python -m visatb_jax.launch --config academic.py \
     --config.data.root=/data/visatb/academic --config.model.path=/models/llava-1.5-7b-hf
 
-Tasks and metrics: `visatb_jax.presets.academic_tasks`. R_large = 1, R_mini = 1/32 (METHOD.md §10).
+Tasks and metrics: `visatb_jax.presets.academic_tasks`. R_large = 1, R_mini = 1/32 (docs/method.md §10).
 """
 
 from visatb_jax.pipeline.presets import academic_tasks, paper_config

@@ -4,7 +4,7 @@ python -m visatb_jax.launch --config chat.py \
     --config.data.root=/data/visatb/chat --config.model.path=/models/llava-1.5-7b-hf
 
 Free-form answers have no format to learn, so the pretrained model itself is the reference
-(METHOD.md §7): the preparation models are `base` (not trained), each task alone, and each
+(docs/method.md §7): the preparation models are `base` (not trained), each task alone, and each
 task's mini subset alone. The paper judges these answers with GPT; here every score is GPT-free:
 CIDEr against the reference answer.
 """

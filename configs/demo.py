@@ -64,7 +64,7 @@ def get_config() -> ml_collections.ConfigDict:
   # vqa 0.30 unfrozen after 257 steps vs 0.44 frozen after 129 steps, vqa-only runs).
   c.train.freeze_vision_tower = True
 
-  # Preparation stage (METHOD.md section 2). The demo is far below the paper's recommended
+  # Preparation stage (docs/method.md section 2). The demo is far below the paper's recommended
   # sizes, which the pipeline reports as a warning.
   c.prep = ml_collections.ConfigDict()
   c.prep.r_large = 1.0

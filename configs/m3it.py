@@ -3,7 +3,7 @@
 python -m visatb_jax.launch --config m3it.py \
     --config.data.root=/data/visatb/m3it --config.model.path=/models/llava-1.5-7b-hf
 
-Balancing runs over the groups captioning, classification, VQA, reasoning and generation (METHOD.md
+Balancing runs over the groups captioning, classification, VQA, reasoning and generation (docs/method.md
 §6); every task gets its group's λ. R_large = 1/4, R_mini = 1/32 (§10). The 17 task names are
 M3IT's; the exact selection of the paper's release may differ — edit the registry to match your
 files (a task's file is data.root/{task}_{split}.json unless its `files` says otherwise).

@@ -8,4 +8,7 @@ def __getattr__(name):
   if name in ("compute_lambda", "balance_report", "lambda_from_components"):
     from visatb_jax.core import balancing
     return getattr(balancing, name)
+  if name == "bootstrap_report":
+    from visatb_jax.core import bootstrap
+    return bootstrap.bootstrap_report
   raise AttributeError(f"module 'visatb_jax' has no attribute {name!r}")

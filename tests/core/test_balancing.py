@@ -868,7 +868,7 @@ def test_prop_auto_temperature_is_lowest_feasible(case, alpha):
 
 def _np_reference(scores: dict, tasks: list[str], temperature: float,
                   alpha=(0.25, 0.25, 0.5)) -> np.ndarray:
-  """METHOD.md §3–5 in float64 numpy, written independently of the library."""
+  """docs/method.md §3–5 in float64 numpy, written independently of the library."""
   n = len(tasks)
   v = np.array([[scores[f"{ti}+mini"][tj] for tj in tasks] for ti in tasks], np.float64)
   m = np.array([scores["mini"][t] for t in tasks], np.float64)

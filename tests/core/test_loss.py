@@ -1,4 +1,4 @@
-"""Tests of the VITW token loss (METHOD.md §1)."""
+"""Tests of the VITW token loss (docs/method.md §1)."""
 
 import math
 

@@ -1,4 +1,4 @@
-"""Tests of the dynamic loss-weighting strategies (visatb_jax/weighting.py, METHOD.md §9)."""
+"""Tests of the dynamic loss-weighting strategies (visatb_jax/weighting.py, docs/method.md §9)."""
 
 import math
 

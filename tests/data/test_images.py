@@ -52,3 +52,34 @@ def test_normalize_uses_clip_statistics():
   mean, std = np.array(images.OPENAI_CLIP_MEAN), np.array(images.OPENAI_CLIP_STD)
   assert out.dtype == np.float32 and out.shape == (1, 1, 3)
   np.testing.assert_allclose(out[0, 0], (np.array([0, 1, 128 / 255]) - mean) / std, rtol=1e-6)
+
+
+def _png(path, value=0):
+  Image.fromarray(np.full((16, 16, 3), value, np.uint8)).save(path)
+  return path
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "corrupt_data", "missing"])
+def test_check_images_names_the_first_bad_file_and_why(tmp_path, damage):
+  good = [_png(tmp_path / f"good{i}.png", 40 * i) for i in range(3)]
+  bad = tmp_path / "bad.png"
+  data = _png(bad, 7).read_bytes()
+  if damage == "truncated":  # the header opens; the pixels do not decode
+    bad.write_bytes(data[:len(data) // 2])
+  elif damage == "garbage":
+    bad.write_bytes(b"not a png at all")
+  elif damage == "corrupt_data":
+    bad.write_bytes(data[:40] + bytes(20) + data[60:])
+  else:
+    bad.unlink()
+  later_bad = tmp_path / "later.png"
+  later_bad.write_bytes(b"also bad")
+  with pytest.raises(ValueError, match=r"bad\.png: \S") as info:
+    images.check_images([*good[:2], bad, later_bad, good[2]])
+  assert isinstance(info.value, images.ImageError)
+  assert "later.png" not in str(info.value) and "\n" not in str(info.value)
+
+
+def test_check_images_accepts_good_files(tmp_path):
+  images.check_images([_png(tmp_path / "a.png"), str(_png(tmp_path / "b.png", 255))])
+  images.check_images([])

@@ -1,6 +1,6 @@
 """VisATB task balancing: contributions, difficulties and task weights λ (pure JAX).
 
-The maths follows `METHOD.md` (sections 3 to 7). `V_j(m)` is the validation score of model `m` on
+The maths follows `docs/method.md` (sections 3 to 7). `V_j(m)` is the validation score of model `m` on
 task (or group) `j`, higher is better. With N balanced units (tasks, or groups of tasks):
 
 * Inter-task contribution (§3), "real" and "precise" forms::
@@ -43,7 +43,7 @@ scores whenever the scores are concrete. Under `jax.jit` / `jax.grad` the scores
 cannot be inspected, so call `validate_scores` on the concrete scores first. Computation uses
 JAX's default float dtype (float32 unless `jax_enable_x64` is on).
 
-Degenerate data (METHOD.md §3: never a silent inf/NaN). A denominator is degenerate when it is not
+Degenerate data (docs/method.md §3: never a silent inf/NaN). A denominator is degenerate when it is not
 clearly positive: a unit j whose own-data gain V_j(own_j) − V_j(ref) is <=
 `MIN_RELATIVE_DENOMINATOR` × max(|V_j(own_j)|, |V_j(ref)|) (it did not, or barely, improve with its
 own data), or a difficulty denominator (V_i(i+mini) real, V_i(i) precise/base) that is <=
@@ -103,7 +103,7 @@ __all__ = [
 
 FORMS = ("real", "precise", "base")
 DEFAULT_ALPHA = (0.25, 0.25, 0.5)
-# METHOD.md §5: the recommended T is the lowest one keeping every final weight within these bounds.
+# docs/method.md §5: the recommended T is the lowest one keeping every final weight within these bounds.
 WEIGHT_BOUNDS = (0.5, 2.0)
 # Search range of temperature="auto": a log grid of AUTO_GRID_POINTS over it, refined by bisection.
 AUTO_T_RANGE = (0.05, 20.0)
@@ -393,7 +393,7 @@ def _table(raw: Mapping[tuple[str, int], tuple[Any, ...]], plan: _Plan, form: st
   else:
     def unit(values):
       vals = [jnp.asarray(v, dtype=float) for v in values]
-      # Group score = mean of its tasks' scores (METHOD.md §6).
+      # Group score = mean of its tasks' scores (docs/method.md §6).
       return vals[0] if len(vals) == 1 else jnp.mean(jnp.stack(vals))
     stack = jnp.stack
   n = len(plan.units)
@@ -552,7 +552,7 @@ def validate_scores(scores: Scores, tasks: Sequence[str], form: str = "real",
 
 
 # ----------------------------------------------------------------------------------------------
-# The formulas (METHOD.md §3–5).
+# The formulas (docs/method.md §3–5).
 
 
 def _contributions(own: Array, ref: Array, valid: Array | None = None, xp: Any = jnp) -> Array:
@@ -673,7 +673,7 @@ def lambda_components(c_out: Array, c_in: Array, d: Array, *,
 
 def lambda_from_components(c_out: Array, c_in: Array, d: Array, *, temperature: float,
                            alpha: Sequence[float] = DEFAULT_ALPHA) -> Array:
-  """Final λ = α_out·λ_out + α_in·λ_in + α_D·λ_D (METHOD.md §5); α must sum to 1."""
+  """Final λ = α_out·λ_out + α_in·λ_in + α_D·λ_D (docs/method.md §5); α must sum to 1."""
   a_out, a_in, a_d = check_alpha(alpha)
   l_out, l_in, l_d = lambda_components(c_out, c_in, d, temperature=temperature)
   return a_out * l_out + a_in * l_in + a_d * l_d
@@ -908,7 +908,7 @@ def compute_lambda(scores: Scores, *, tasks: Sequence[str], form: str = "real",
                    fixed: Mapping[str, float] | None = None,
                    groups: Mapping[str, str] | None = None,
                    on_degenerate: str = "error", drop: Sequence[str] = ()) -> dict[str, Any]:
-  """VisATB task weights λ for every task in `tasks` (METHOD.md §3–6).
+  """VisATB task weights λ for every task in `tasks` (docs/method.md §3–6).
 
   Args:
     scores: `{model_name: {task: score}}`, higher is better; python floats, numpy or jax

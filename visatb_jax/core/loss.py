@@ -1,4 +1,4 @@
-"""VITW: token-level task-weighted cross-entropy (METHOD.md §1).
+"""VITW: token-level task-weighted cross-entropy (docs/method.md §1).
 
 Every function here returns *sums*, never means: the train step divides the weighted
 NLL sum by the weight sum exactly once, over the global batch of one optimizer step

@@ -1,6 +1,6 @@
 """Evaluation metrics: ΔI% / ΔE% against a baseline, and per-task scorers.
 
-Overall metrics (METHOD.md §8), for tasks i with metrics k and sign s_ik (+1 if higher is better,
+Overall metrics (docs/method.md §8), for tasks i with metrics k and sign s_ik (+1 if higher is better,
 -1 otherwise):
 
     I_i  = (1/K_i) Σ_k s_ik · (M_e,ik − M_b,ik) / M_b,ik
@@ -100,7 +100,7 @@ def task_improvement(task: str, baseline: TaskValue, method: TaskValue,
 
 def delta_metrics(baseline: Mapping[str, TaskValue], method: Mapping[str, TaskValue],
                   higher_is_better: Mapping[str, Direction] | None = None) -> dict[str, Any]:
-  """ΔI% and ΔE% of `method` against `baseline` (METHOD.md §8).
+  """ΔI% and ΔE% of `method` against `baseline` (docs/method.md §8).
 
   Args:
     baseline: {task: value}, a value being one metric (float) or a list of metric values.

@@ -1,4 +1,4 @@
-"""Dynamic loss-weighting strategies as pure `(init, update)` pairs (METHOD.md §9).
+"""Dynamic loss-weighting strategies as pure `(init, update)` pairs (docs/method.md §9).
 
 Every strategy produces the per-task weights λ [T] that enter the VITW loss
 (`loss.token_loss`). Its state is a flat dict of arrays, so it is a pytree that orbax can
@@ -26,7 +26,7 @@ finite (NaN/inf). Absent tasks take no part in any running average; strategies f
 to the last value they saw. Note that `train.py`'s metrics report 0 (not NaN) for absent
 tasks, so callers should pass `per_task_count`.
 
-Fixed-weight tasks (METHOD.md §5, e.g. the text-only chat task at 1.0). Every strategy
+Fixed-weight tasks (docs/method.md §5, e.g. the text-only chat task at 1.0). Every strategy
 accepts `fixed_mask` (bool [T]) and `fixed_values` (float [T], read only where the mask is
 set): fixed tasks always get their value, and the dynamic rule runs over the other tasks
 only, normalised so that their λ averages 1 (for the softmax rules: N_free · softmax over
@@ -116,7 +116,7 @@ def _make_fixed(fixed_mask: Any, fixed_values: Any) -> _Fixed:
 def n_softmax(scores: jax.Array, free: jax.Array) -> jax.Array:
   """N_free · softmax(scores) over the `free` tasks; 0 elsewhere (to be overwritten).
 
-  The result averages exactly 1 over the free tasks, the normalisation of METHOD.md §5.
+  The result averages exactly 1 over the free tasks, the normalisation of docs/method.md §5.
   """
   scores = jnp.where(free, scores.astype(jnp.float32), -jnp.inf)
   n_free = jnp.sum(free).astype(jnp.float32)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from typing import Sequence
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 from PIL import Image
@@ -45,6 +45,32 @@ def load_image(path: str | os.PathLike, size: int) -> np.ndarray:
   if image.size != (size, size):
     image = image.resize((size, size), Image.Resampling.BICUBIC)
   return np.asarray(image, dtype=np.uint8)
+
+
+def check_images(paths: Iterable[str | os.PathLike]) -> None:
+  """Decodes every image file once, so that a bad one stops a run before training starts.
+
+  A truncated or corrupt file often opens (PIL reads the header only) and fails only when its
+  pixels are decoded, which is why each file is fully loaded here.
+
+  Raises:
+    ImageError: (a ValueError) for the first file that is missing or cannot be decoded; the
+      message names the file and says why.
+  """
+  for path in paths:
+    path = os.fspath(path)
+    try:
+      with Image.open(path) as f:
+        f.load()
+    except (OSError, Image.DecompressionBombError, ValueError, SyntaxError) as e:
+      raise ImageError(f"cannot read image {path}: {_reason(e)}") from e
+
+
+def _reason(error: BaseException) -> str:
+  """What went wrong, without the path the message already names."""
+  if isinstance(error, OSError) and error.strerror:
+    return error.strerror
+  return str(error) or type(error).__name__
 
 
 def load_images(paths: Sequence[str | os.PathLike], size: int) -> np.ndarray:

@@ -44,6 +44,9 @@ TASK_METRICS = {
     "chat": "exact_match",
 }
 SPLITS = ("train", "val", "test")
+# Images for a pretraining run (pipeline's pretrain stage): drawn from their own random streams,
+# so none of them is an image of the task splits.
+PRETRAIN_SPLIT = "pretrain"
 SHAPES = ("circle", "square", "triangle")
 COLORS = {
     "red": (220, 40, 40),
@@ -349,7 +352,8 @@ def _turns(pairs: Sequence[tuple[str, str]]) -> list[dict[str, str]]:
 
 def sample_rng(seed: int, split: str, task: str, index: int) -> np.random.Generator:
   """The generator of one sample: independent of every other sample, split size and task size."""
-  return np.random.default_rng([seed, SPLITS.index(split), TASKS.index(task), index])
+  return np.random.default_rng([seed, (SPLITS + (PRETRAIN_SPLIT,)).index(split),
+                                TASKS.index(task), index])
 
 
 def make_sample(*, seed: int, split: str, task: str, index: int, grid: int, cell: int,
@@ -392,9 +396,10 @@ def _task_sizes(sizes: Mapping[str, int | Mapping[str, int]], split: str) -> dic
 
 
 def _validate(sizes: Mapping[str, Any], grid: int, cell: int, max_objects: int) -> None:
-  unknown = set(sizes) - set(SPLITS)
+  unknown = set(sizes) - set(SPLITS) - {PRETRAIN_SPLIT}
   if unknown:
-    raise ValueError(f"unknown splits {sorted(unknown)}; expected a subset of {SPLITS}")
+    raise ValueError(f"unknown splits {sorted(unknown)}; expected a subset of "
+                     f"{SPLITS + (PRETRAIN_SPLIT,)}")
   if grid < 1 or cell < 6:
     raise ValueError(f"grid must be >= 1 and cell >= 6 pixels, got grid={grid}, cell={cell}")
   if not 1 <= max_objects <= min(grid * grid, len(COLORS) * len(SHAPES)):

@@ -1,4 +1,4 @@
-"""Mini and large subsets of every task (METHOD.md section 2).
+"""Mini and large subsets of every task (docs/method.md section 2).
 
 One seeded permutation per task: the large subset is its first ceil(R_large * n) samples and the
 mini subset its first ceil(R_mini * n), so mini is always inside large and both are fixed by the seed.

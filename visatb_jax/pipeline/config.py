@@ -107,6 +107,11 @@ class RunConfig:
     return self.methods[0]
 
   @property
+  def pretrain(self) -> Mapping[str, Any] | None:
+    """The pretrain stage's settings (None: the runs start from the initial model)."""
+    return self.sections.get("pretrain")
+
+  @property
   def needs_balance(self) -> bool:
     """Whether VisATB is among the final models (else prep, validate and lambda are skipped)."""
     return any(methods_lib.get(m).needs_balance for m in self.methods)
@@ -139,6 +144,7 @@ class ConfigView:
   """
 
   _SOURCES = {"name": "name", "seed": "seed", "tasks": "tasks", "balance": "balance",
+              "pretrain": "pretrain",
               "methods": "methods", "method_options": "methods", "main_method": "methods",
               "needs_balance": "methods", "train_epochs": "train", "train_config": "train"}
 
@@ -318,6 +324,49 @@ def _check_prep(section: Mapping[str, Any]) -> None:
   _number("prep.parallel", _get(section, "parallel", 1), kind=int, minimum=1)
 
 
+PRETRAIN_TRAINS = ("projector", "projector+lm")
+
+
+def _pretrain(section: Mapping[str, Any] | None, data: Mapping[str, Any]) -> dict | None:
+  """The pretrain stage's settings with defaults, or None when it is not configured.
+
+  `tasks`: {task: samples} of a generated split of the built-in benchmark (its own images, none
+  shared with the task splits); or `files`: LLaVA JSON files for a `llava_json` source.
+  `trains`: "projector" (LLaVA's stage-1 alignment) or "projector+lm" (also the language model,
+  standing in for a pretrained LM). `epochs`, `lr`, `batch_size` (default: train.batch_size).
+  """
+  if not section:
+    return None
+  out = {"tasks": dict(section.get("tasks") or {}), "files": list(section.get("files") or []),
+         "trains": section.get("trains") or "projector+lm",
+         "epochs": section.get("epochs", 1.0), "lr": section.get("lr"),
+         "batch_size": section.get("batch_size")}
+  unknown = sorted(set(section) - set(out))
+  if unknown:
+    raise ConfigError(f"config.pretrain has unknown field(s) {unknown}; fields: {sorted(out)}")
+  _choice("pretrain.trains", out["trains"], PRETRAIN_TRAINS)
+  _number("pretrain.epochs", out["epochs"], minimum=0.0, exclusive=True)
+  if out["lr"] is None:
+    raise ConfigError("config.pretrain.lr is required (the pretraining learning rate)")
+  _number("pretrain.lr", out["lr"], minimum=0.0, exclusive=True)
+  if out["batch_size"] is not None:
+    _number("pretrain.batch_size", out["batch_size"], kind=int, minimum=1)
+  if data.get("source") == "shapes":
+    from visatb_jax.data import shapes  # pylint: disable=g-import-not-at-top
+    if not out["tasks"] or out["files"]:
+      raise ConfigError("config.pretrain: the shapes source pretrains on generated samples: set "
+                        "pretrain.tasks = {task: samples}, not pretrain.files")
+    for task, count in out["tasks"].items():
+      if task not in shapes.TASKS:
+        raise ConfigError(f"config.pretrain.tasks: unknown task {task!r} for the shapes benchmark "
+                          f"(it has {list(shapes.TASKS)})")
+      _number(f"pretrain.tasks.{task}", count, kind=int, minimum=1)
+  elif not out["files"] or out["tasks"]:
+    raise ConfigError("config.pretrain: a llava_json source pretrains on files: set "
+                      "pretrain.files = [path, ...], not pretrain.tasks")
+  return out
+
+
 def _check_mesh(mesh: Mapping[str, Any] | None, num_devices: int | None) -> None:
   if not mesh:
     return
@@ -360,12 +409,13 @@ def build(config: Any, *, num_devices: int | None = None) -> RunConfig:
   for key in ("batch_size", "max_new_tokens"):
     _number(f"eval.{key}", raw["eval"].get(key), kind=int, minimum=1)
   _check_mesh(raw.get("mesh"), num_devices)
+  pretrain = _pretrain(raw.get("pretrain"), raw["data"])
   sections = {
       "name": str(raw.get("name") or "run"),
       "seed": _number("seed", _get(raw, "seed", 0), kind=int),
       "tasks": {"tasks": raw["tasks"], "task_order": list(raw["task_order"])},
       "data": raw["data"], "model": raw["model"], "mesh": raw.get("mesh"),
-      "train": raw["train"], "prep": raw["prep"], "eval": raw["eval"],
+      "train": raw["train"], "prep": raw["prep"], "eval": raw["eval"], "pretrain": pretrain,
       "balance": dataclasses.asdict(balance),
       "methods": {"methods": list(methods), "options": options},
   }

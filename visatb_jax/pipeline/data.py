@@ -192,16 +192,16 @@ class DataStore:
         raise PipelineError(f"task {t!r} has no samples in the {split} split ({where})")
     return wanted
 
-  @functools.lru_cache(maxsize=None)
-  def encoded_train(self) -> dict[str, list[packing.Example]]:
-    """Every training sample as token ids + label mask + image, grouped by task; counts saved."""
+  def _encode(self, samples: Sequence[dict], names: Sequence[str]
+              ) -> tuple[dict[str, list[packing.Example]], dict[str, dict[str, int]]]:
+    """Samples as token ids + label mask + images, grouped by task (task ids: index in `names`),
+    and per-task counts of kept, truncated and dropped samples."""
     tok, mc = self.tokenizer, self._ws.models.model_config
     image_size = int(mc.vision.image_size)
-    names = self._plan.names
     max_len = int(self._data["max_len"])
     by_task: dict[str, list[packing.Example]] = {t: [] for t in names}
     stats = {t: {"samples": 0, "truncated": 0, "dropped_too_long": 0} for t in names}
-    for record, s in enumerate(self.samples("train")):
+    for record, s in enumerate(samples):
       t = s["task"]
       enc = template.encode_conversation(s["conversations"], tok,
                                          num_image_tokens=mc.num_image_tokens, max_len=max_len,
@@ -215,8 +215,15 @@ class DataStore:
       # The small built-in benchmark lives in memory; user data is read when a batch is built
       # (hundreds of thousands of images would not fit).
       imgs = images_lib.load_images(paths, image_size) if self.source == "shapes" else paths
-      by_task[t].append(packing.Example(enc.input_ids, enc.label_mask, names.index(t), imgs,
+      by_task[t].append(packing.Example(enc.input_ids, enc.label_mask, list(names).index(t), imgs,
                                         record))
+    return by_task, stats
+
+  @functools.lru_cache(maxsize=None)
+  def encoded_train(self) -> dict[str, list[packing.Example]]:
+    """Every training sample as token ids + label mask + image, grouped by task; counts saved."""
+    names = self._plan.names
+    by_task, stats = self._encode(self.samples("train"), names)
     # One row per task in the report, then what each file lost to invalid samples.
     report = {f"{t} (train)": stats[t] for t in names}
     for split in ("train", "val", "test"):
@@ -227,8 +234,48 @@ class DataStore:
     for t, exs in by_task.items():
       if not exs:
         raise PipelineError(f"task {t!r} has no usable training samples (data.max_len="
-                            f"{max_len}; stats: {stats[t]})")
+                            f"{self._data['max_len']}; stats: {stats[t]})")
     return by_task
+
+  # --- pretraining --------------------------------------------------------------------------------
+
+  def pretrain_samples(self) -> list[dict]:
+    """The pretrain stage's samples: a generated split of the built-in benchmark (images of its
+    own) or the configured LLaVA JSON files; every sample's task is the pretraining task."""
+    settings = self._ws.config.section("pretrain")
+    if self.source == "shapes":
+      root = self._ws.dir.path("data", "pretrain")
+      if fileio.is_primary():
+        sh = self._data["shapes"]
+        shapes.generate_benchmark(root, seed=int(self._ws.config.seed),
+                                  sizes={shapes.PRETRAIN_SPLIT: dict(settings["tasks"])},
+                                  grid=sh["grid"], cell=sh["cell"], max_objects=sh["max_objects"])
+      fileio.sync("pretrain benchmark")
+      loaded = sources.load_samples(os.path.join(root, f"{shapes.PRETRAIN_SPLIT}.json"))
+      return list(loaded.samples)
+    out = []
+    for path in settings["files"]:
+      path = os.path.expanduser(path)
+      if not os.path.isfile(path):
+        raise PipelineError(f"config.pretrain.files: {path} does not exist")
+      try:
+        loaded = sources.load_samples(path, image_root=self._data.get("image_root") or None,
+                                      task="pretrain",
+                                      on_missing_image=self._data.get("on_missing_image") or "error")
+      except ValueError as e:
+        raise PipelineError(str(e)) from e
+      out += [{**s, "task": "pretrain"} for s in loaded.samples]
+    return out
+
+  def pretrain_examples(self) -> tuple[list[str], list[packing.Example]]:
+    """(the pretraining tasks, their encoded samples)."""
+    samples = self.pretrain_samples()
+    names = list(dict.fromkeys(s["task"] for s in samples))
+    by_task, stats = self._encode(samples, names)
+    examples = [e for t in names for e in by_task[t]]
+    if not examples:
+      raise PipelineError(f"the pretrain stage has no usable samples (stats: {stats})")
+    return names, examples
 
   # --- subsets and training sets ------------------------------------------------------------------
 

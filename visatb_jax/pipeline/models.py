@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from collections.abc import Sequence
@@ -11,6 +12,8 @@ from typing import TYPE_CHECKING
 from visatb_jax.data import packing
 from visatb_jax.data import tokenizer as tokenizer_lib
 from visatb_jax.pipeline.errors import PipelineError
+
+PRETRAIN_DIR = "pretrain"
 
 if TYPE_CHECKING:
   from visatb_jax.pipeline.workspace import Workspace
@@ -46,20 +49,37 @@ class Models:
     except (OSError, ValueError) as e:
       raise PipelineError(f"model: {e}") from e
 
-  def new_model(self, mesh=None):
-    """The initial model of every run: the checkpoint of `model.path`, or a seeded random init,
-    placed on `mesh` (default: the whole mesh)."""
+  def new_model(self, mesh=None, *, from_base: bool = True):
+    """The model every run starts from, placed on `mesh` (default: the whole mesh): the
+    checkpoint of `model.path` or a seeded random init, then, when a pretrain stage is configured
+    (and `from_base`), the parameters it trained."""
     from visatb_jax.model import factory  # pylint: disable=g-import-not-at-top
     try:
-      return factory.build_model(self._ws.config.section("model"), self.model_config,
-                                 mesh=self.mesh if mesh is None else mesh)
+      model = factory.build_model(self._ws.config.section("model"), self.model_config,
+                                  mesh=self.mesh if mesh is None else mesh)
     except (OSError, ValueError) as e:
       raise PipelineError(f"model: {e}") from e
+    if from_base and self._ws.config.pretrain:
+      from visatb_jax import train as train_lib  # pylint: disable=g-import-not-at-top
+      info = self._ws.dir.run_info(PRETRAIN_DIR)
+      model = train_lib.restore_model(model, info["train"], self._ws.dir.path(PRETRAIN_DIR))
+    return model
+
+  def base_description(self, pretrained: bool = True) -> dict:
+    """What a run starts from, recorded in its run.json."""
+    model = self._ws.config.section("model")
+    start = {"init": model.get("path") or f"random (model.init_seed={model.get('init_seed', 0)})"}
+    if pretrained and self._ws.config.pretrain:
+      start["pretrained"] = {"dir": PRETRAIN_DIR,
+                             "hash": self._ws.dir.run_info(PRETRAIN_DIR).get("hash")}
+    return start
 
   def train(self, rel_dir: str, examples: Sequence[packing.Example], method: TrainMethod, *,
-            stage_hash: str, mesh=None) -> None:
+            stage_hash: str, mesh=None, pretrain: bool = False,
+            task_names: Sequence[str] | None = None) -> None:
     """Trains one model into `rel_dir` with `method` (skipped when done, resumed when
-    interrupted) on `mesh` (default: the whole mesh)."""
+    interrupted) on `mesh` (default: the whole mesh). `pretrain`: the pretrain stage's run (its
+    own settings, from the initial model)."""
     from visatb_jax import train as train_lib  # pylint: disable=g-import-not-at-top
     ws = self._ws
     if ws.dir.claim(rel_dir, stage_hash):
@@ -70,22 +90,34 @@ class Models:
                                max_images=int(data["max_images"]),
                                pad_id=ws.data.tokenizer.pad_token_id, seed=int(ws.config.seed),
                                image_size=int(self.model_config.vision.image_size))
-    batch_size = int(train["batch_size"])
-    cfg = ws.config.train_config(math.ceil(ws.config.train_epochs * ds.num_rows / batch_size))
+    if pretrain:
+      settings = ws.config.pretrain
+      batch_size = int(settings["batch_size"] or train["batch_size"])
+      steps = math.ceil(float(settings["epochs"]) * ds.num_rows / batch_size)
+      accum = int(train.get("accum_steps") or 1)
+      cfg = dataclasses.replace(
+          ws.config.train_config(steps), lr=float(settings["lr"]), batch_size=batch_size,
+          accum_steps=accum if batch_size % accum == 0 else 1,
+          trainable="projector" if settings["trains"] == "projector" else "model")
+    else:
+      batch_size = int(train["batch_size"])
+      cfg = ws.config.train_config(math.ceil(ws.config.train_epochs * ds.num_rows / batch_size))
     print(f"  {rel_dir}: {len(examples)} samples in {ds.num_rows} rows, {cfg.steps} steps",
           flush=True)
-    if ws.data.loader_kind == "grain":
+    if ws.data.loader_kind == "grain" and not pretrain:
       batches = ws.data.grain_loader(examples)
     else:
       batches = lambda step: ds.batch_at(step, batch_size)  # noqa: E731
     mesh = self.mesh if mesh is None else mesh
     try:
-      train_lib.train(self.new_model(mesh), batches, method, cfg, ws.dir.path(rel_dir),
-                      task_names=list(ws.config.tasks.names), mesh=mesh)
+      train_lib.train(self.new_model(mesh, from_base=not pretrain), batches, method, cfg,
+                      ws.dir.path(rel_dir), task_names=list(task_names or ws.config.tasks.names),
+                      mesh=mesh)
     finally:
       if hasattr(batches, "close"):
         batches.close()
-    ws.dir.finish(rel_dir, {"hash": stage_hash, "method": method.name, "train": cfg.to_dict(),
+    ws.dir.finish(rel_dir, {"hash": stage_hash, "method": method.name, "start": self.base_description(pretrained=not pretrain),
+                            "train": cfg.to_dict(),
                             "rows": ds.num_rows, "samples": len(examples),
                             "packing_efficiency": ds.packing_efficiency()})
 

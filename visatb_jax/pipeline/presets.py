@@ -1,4 +1,4 @@
-"""What the paper's configs share (METHOD.md section 10): the LLaVA-1.5-7B recipe on user data.
+"""What the paper's configs share (docs/method.md section 10): the LLaVA-1.5-7B recipe on user data.
 
 `configs/academic.py`, `m3it.py`, `chat.py` and `qwen2vl.py` call `paper_config` and add their
 task registry. Only the data directory and the checkpoint are left to the user
@@ -32,7 +32,7 @@ def task(metric: str | None, *, group: str | None = None, fixed_weight: float | 
   Args:
     metric: scorer of visatb_jax.metrics ("cider", "exact_match", "accuracy", "iou_accuracy");
       None for a task that is trained but never scored (it must have a fixed weight).
-    group: balancing group (METHOD.md section 6); all balanced tasks or none have one.
+    group: balancing group (docs/method.md section 6); all balanced tasks or none have one.
     fixed_weight: λ kept out of the balancing (ShareGPT = 1.0 in the paper).
     higher_is_better: direction of the metric.
     prompt_suffix: an instruction appended (after a newline) to every human turn that does not

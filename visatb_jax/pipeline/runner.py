@@ -23,7 +23,8 @@ from visatb_jax.pipeline.workspace import Workspace
 from visatb_jax.runtime import fileio
 
 # What each stage writes, named in the messages about stale inputs.
-_OUTPUTS = {"data": "data/", "prep": "prep/", "validate": "scores/validation.json",
+_OUTPUTS = {"data": "data/", "pretrain": "pretrain/", "prep": "prep/",
+            "validate": "scores/validation.json",
             "lambda": "lambda.json", "final": "final/", "test": "scores/test.json",
             "report": "report/"}
 
@@ -54,12 +55,18 @@ def _use_compilation_cache(directory: str) -> None:
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 
+def _needed(stage: stages_lib.Stage, run_config: config_lib.RunConfig) -> bool:
+  if stage.balance_only and not run_config.needs_balance:
+    return False
+  return not (stage.pretrain_only and not run_config.pretrain)
+
+
 def _check_inputs(stage: stages_lib.Stage, run_config: config_lib.RunConfig, man: Manifest,
                   hashes: dict[str, str], selected: Sequence[str] | None, workdir: str) -> None:
   """Stops a stage whose inputs are missing or were made under another config."""
   for name in stage.inputs:
     producer = next(s for s in stages_lib.STAGES if s.name == name)
-    if producer.balance_only and not run_config.needs_balance:
+    if not _needed(producer, run_config):
       continue
     if man.is_done(name, hashes[name]):
       continue
@@ -106,9 +113,10 @@ def run(config: Any, workdir: str, *, stages: Sequence[str] | None = None,
   for stage in stages_lib.STAGES:
     if stages and stage.name not in stages:
       continue
-    if stage.balance_only and not config.needs_balance:
-      stages_lib.log(f"stage {stage.name}: not needed (weighting={config.main_method!r}, no "
-                     "'visatb' in baselines)")
+    if not _needed(stage, config):
+      why = ("no config.pretrain" if stage.pretrain_only else
+             f"weighting={config.main_method!r}, no 'visatb' in baselines")
+      stages_lib.log(f"stage {stage.name}: not needed ({why})")
       continue
     # Every process reads the manifest between the same two barriers, so all take the same path.
     fileio.sync(f"stage {stage.name}")

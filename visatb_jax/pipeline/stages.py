@@ -1,6 +1,7 @@
 """The stages of the VisATB pipeline, each with the config sections it reads.
 
-  data ─► prep (mini, <task>+mini) ─► validate ─► lambda ─► final (every method) ─► test ─► report
+  data ─► pretrain ─► prep (mini, <u>+mini) ─► validate ─► lambda ─► final (every method) ─► test
+       ─► report
 
 A stage's hash covers the sections it declares plus the hash of the stage before it, so it covers
 everything the stage can read: the workspace hands each stage a config view limited to those
@@ -20,6 +21,7 @@ import numpy as np
 
 from visatb_jax.core import balancing, bootstrap
 from visatb_jax.pipeline import methods as methods_lib
+from visatb_jax.pipeline import models as models_lib
 from visatb_jax.pipeline.errors import PipelineError
 from visatb_jax.pipeline.workspace import Workspace
 from visatb_jax.runtime import fileio
@@ -36,6 +38,7 @@ class Stage:
   run: Callable[[Workspace, str], None]
   inputs: tuple[str, ...] = ()  # stages whose outputs it reads
   balance_only: bool = False  # needed only when VisATB is among the final models
+  pretrain_only: bool = False  # needed only when config.pretrain is set
 
 
 # --- data ----------------------------------------------------------------------------------------
@@ -43,6 +46,19 @@ class Stage:
 
 def stage_data(ws: Workspace, stage_hash: str) -> None:
   ws.data.prepare()
+
+
+# --- pretrain ------------------------------------------------------------------------------------
+
+
+def stage_pretrain(ws: Workspace, stage_hash: str) -> None:
+  """Trains the base model every later run starts from (LLaVA's stage-1 alignment and pretrained
+  LM, on data of its own)."""
+  names, examples = ws.data.pretrain_examples()
+  method = methods_lib.get("ew").train_method(np.ones(len(names), np.float32),
+                                              (False,) * len(names))
+  ws.models.train(models_lib.PRETRAIN_DIR, examples, method, stage_hash=stage_hash,
+                  pretrain=True, task_names=names)
 
 
 # --- prep ----------------------------------------------------------------------------------------
@@ -229,11 +245,14 @@ def stage_report(ws: Workspace, stage_hash: str) -> None:
 STAGES: tuple[Stage, ...] = (
     # The data stage encodes the training set with the model's image-token count and image size.
     Stage("data", ("seed", "tasks", "data", "model"), stage_data),
-    Stage("prep", ("train", "prep", "balance.form"), stage_prep, ("data",), balance_only=True),
+    # It reads train.* for what it does not set itself (clip norm, warm-up, checkpoints).
+    Stage("pretrain", ("pretrain", "train"), stage_pretrain, ("data",), pretrain_only=True),
+    Stage("prep", ("prep", "balance.form"), stage_prep, ("data", "pretrain"),
+          balance_only=True),
     Stage("validate", ("eval",), stage_validate, ("prep",), balance_only=True),
     Stage("lambda", ("balance",), stage_lambda, ("validate",), balance_only=True),
     # final reads lambda.json when VisATB is among its methods.
-    Stage("final", ("methods",), stage_final, ("data", "lambda")),
+    Stage("final", ("methods",), stage_final, ("data", "pretrain", "lambda")),
     Stage("test", (), stage_test, ("final",)),
     Stage("report", (), stage_report),
 )

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 import tempfile
 from typing import Any
@@ -39,25 +40,78 @@ def sync(name: str) -> None:
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 
+# Temporary files of atomic writes: `.tmp-atomic-<8 random chars>.<target's name>`, next to their
+# target so that the rename stays on one file system. The infix keeps the name apart from other
+# scratch names (`.tmp-tokenizer-*` directories, a user's `.tmp-notes`).
+TEMP_PREFIX = ".tmp-atomic-"
+_TEMP_NAME = re.compile(r"\.tmp-atomic-[a-z0-9_]{8}\..+")
+# The names this module used before TEMP_PREFIX: `.tmp-<8 random chars><target's name>`. Their
+# leftovers are removed as well, but only when their target's name looks like a file's.
+_LEGACY_TEMP_NAME = re.compile(r"\.tmp-[a-z0-9_]{8}[^/]*\.[A-Za-z0-9]+")
+
+
+def is_temporary_name(name: str) -> bool:
+  """True for the name of an atomic write's temporary file (this version's or an older one's)."""
+  return bool(_TEMP_NAME.fullmatch(name) or _LEGACY_TEMP_NAME.fullmatch(name))
+
+
+def remove_stale_temporaries(directory: str | os.PathLike) -> list[str]:
+  """Deletes the temporary files that killed atomic writes left under `directory`, recursively.
+
+  Only regular files whose name is an atomic write's temporary name are removed; directories and
+  symbolic links are never touched. Call it only when no write into `directory` is under way
+  (before a run starts). A directory that does not exist holds nothing to remove.
+
+  Returns:
+    The paths removed.
+  """
+  removed = []
+  for root, _, files in os.walk(os.fspath(directory)):
+    for name in files:
+      path = os.path.join(root, name)
+      if is_temporary_name(name) and os.path.isfile(path) and not os.path.islink(path):
+        os.unlink(path)
+        removed.append(path)
+  return removed
+
+
+def _with_target(error: OSError, path: str) -> OSError:
+  """`error` as an OSError of the same kind that names `path`, the file the caller asked for.
+
+  The original names the temporary file or nothing at all (a failed write or fsync: no space
+  left on the device); the user needs the target.
+  """
+  if error.filename == path and error.filename2 is None:
+    return error
+  return OSError(error.errno, error.strerror or str(error), path)
+
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-  """Writes `data` to `path` through a temporary file and a rename; only on the primary process."""
+  """Writes `data` to `path` through a temporary file and a rename; only on the primary process.
+
+  Raises:
+    OSError: the write failed; its `filename` is `path` and its `strerror` says why.
+  """
   if not is_primary():
     return
   path = os.fspath(path)
   directory = os.path.dirname(path) or "."
-  os.makedirs(directory, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=os.path.basename(path))
+  tmp = None
   try:
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=TEMP_PREFIX,
+                               suffix="." + os.path.basename(path))
     with os.fdopen(fd, "wb") as f:
       f.write(data)
       f.flush()
       os.fsync(f.fileno())
     os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp creates 0600; give the file the usual mode
     os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
+  except BaseException as e:
+    if tmp is not None and os.path.exists(tmp):
       os.unlink(tmp)
+    if isinstance(e, OSError):
+      raise _with_target(e, path) from e
     raise
 
 

@@ -9,8 +9,11 @@ is checkpointed with the model. A killed run resumes from its last checkpoint wi
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
+import signal
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
@@ -45,6 +48,88 @@ _DROPOUT_SEED_SALT = 0x0D20B0A7
 
 class TrainingDiverged(RuntimeError):
   """The loss became NaN/inf; the last good checkpoint is left in place."""
+
+
+class Preempted(RuntimeError):
+  """SIGTERM (a preemption notice) stopped training; a checkpoint of the step reached is saved.
+
+  Attributes:
+    step: the step saved, from which the same command resumes.
+    directory: the checkpoint directory.
+  """
+
+  def __init__(self, step: int, directory: str):
+    super().__init__(f"training stopped at step {step} by SIGTERM; the checkpoint of step {step} "
+                     f"is saved in {directory}, and re-running the same command resumes from it")
+    self.step = step
+    self.directory = directory
+
+
+# Step ids for JAX's preemption sync, counted over every train() call of the process: the sync
+# point is "the largest id any host has reached, plus one", so the ids must never repeat, or a
+# notice that arrives between two runs could name a step the next run has already passed.
+_PREEMPTION_SYNC_IDS = itertools.count(1)
+
+
+class _PreemptionWatch:
+  """Notices SIGTERM during train() and says at which step boundary every process stops.
+
+  One process: a SIGTERM handler (installed from the main thread only: Python allows no other)
+  sets a flag, read at every step boundary. Several processes: JAX's preemption sync service
+  (its own SIGTERM notifier, started by `jax.distributed.initialize`) picks one step id for all
+  hosts, so every host saves the same step; without that service, every host gathers every
+  host's flag at every step boundary instead.
+  """
+
+  def __init__(self):
+    self._received = threading.Event()
+    self._previous: Any = None
+    self._installed = False
+    self._mode = "local" if jax.process_count() == 1 else "jax"
+
+  def __enter__(self) -> _PreemptionWatch:
+    if self._mode == "local":
+      self._install()
+    return self
+
+  def __exit__(self, *exc_info) -> None:
+    if self._installed:
+      signal.signal(signal.SIGTERM, self._previous)
+      self._installed = False
+
+  def _install(self) -> None:
+    if threading.current_thread() is not threading.main_thread():
+      return  # e.g. side-by-side preparation runs: SIGTERM keeps its usual effect
+    previous = signal.getsignal(signal.SIGTERM)
+    if previous is None:
+      return  # installed outside Python (e.g. JAX's notifier): it cannot be restored, leave it
+    self._previous = previous
+    signal.signal(signal.SIGTERM, lambda signum, frame: self._received.set())
+    self._installed = True
+
+  def should_stop(self) -> bool:
+    """Whether to save and stop at this step boundary; every process calls it at every one."""
+    if self._mode == "jax":
+      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+      try:
+        return multihost_utils.reached_preemption_sync_point(next(_PREEMPTION_SYNC_IDS))
+      except RuntimeError:  # the service is off (jax_enable_preemption_service=False)
+        self._mode = "gather"
+        self._install()
+    if self._mode == "gather":
+      return self._gathered()
+    return self._received.is_set()
+
+  def stopped_after_loop(self) -> bool:
+    """Whether SIGTERM arrived after the last step boundary (the final checkpoint is saved)."""
+    if self._mode == "gather":
+      return self._gathered()
+    return self._mode == "local" and self._received.is_set()
+
+  def _gathered(self) -> bool:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    flags = multihost_utils.process_allgather(np.int32(self._received.is_set()))
+    return bool(np.any(flags))
 
 
 def _non_finite_tasks(per_task_loss: np.ndarray, task_names: Sequence[str]) -> list[str]:
@@ -143,8 +228,13 @@ def train(
     mesh: default: a mesh over all devices (`sharding.make_mesh`).
     task_names: names of the T tasks in logs; default `task0`, `task1`, ...
 
+  SIGTERM (a preempted VM, a scheduler's time limit) does not stop training at once: at the
+  next step boundary the current step is checkpointed like a regular save and `Preempted` is
+  raised; in a multi-process run every process stops at the same step (`_PreemptionWatch`).
+
   Raises:
     TrainingDiverged: the loss became NaN/inf (the diverged state is not saved).
+    Preempted: SIGTERM arrived; the step reached is saved and a new call resumes from it.
     ValueError: inconsistent task count, or a checkpoint written by another kind of method.
   """
   workdir = os.fspath(workdir)
@@ -164,7 +254,8 @@ def train(
                        "use lora.dropout=0 with gradient methods")
     model.train()  # the adapters' dropout on; their masks come from the step (vitw_step)
     dropout_seed = (cfg.seed ^ _DROPOUT_SEED_SALT) & 0x7FFFFFFF
-  graphdef, params, frozen = split_model(model, freeze_vision_tower=cfg.freeze_vision_tower)
+  graphdef, params, frozen = split_model(model, freeze_vision_tower=cfg.freeze_vision_tower,
+                                        trainable=cfg.trainable)
   state = init_train_state(params, tx)
   state_sharding = sharding_lib.param_shardings(state, mesh)
   frozen_sharding = sharding_lib.param_shardings(frozen, mesh)
@@ -205,47 +296,60 @@ def train(
   bar = tqdm(total=cfg.steps, initial=start, disable=None, desc="train", unit="step")
   t0 = t_window = time.perf_counter()
   window_tokens = 0
+
+  def save(done: int) -> None:
+    # The weighting state saved with step `done` already holds the λ of index `done`,
+    # the first step a resumed run trains.
+    extras = {} if wstate is None else {checkpoint_lib.WEIGHTING_ITEM: wstate}
+    if iterator is not None:
+      extras[checkpoint_lib.DATA_ITEM] = iterator
+    if mtl_state is not None:
+      extras[checkpoint_lib.GRADMTL_ITEM] = mtl_state
+    ckpt.save(done, state, extras)
+
   try:
-    for index in range(start, cfg.steps):
-      if iterator is not None:
-        local_batch = next(iterator)
-        rows = _check_batch(local_batch, cfg, mesh, jax.process_count())
-        window_tokens += _input_tokens(local_batch) * jax.process_count()
-      else:
-        host_batch = get_batch(index)
-        rows = _check_batch(host_batch, cfg, mesh)
-        window_tokens += _input_tokens(host_batch)
-        local_batch = _process_rows(host_batch, rows)
-      lam_i = (method.lam_at(index) if wstate is None
-               else np.asarray(jax.device_get(wstate["lam"]), np.float32))
-      state, device_metrics = step_fn(state, frozen, sharding_lib.shard_batch(local_batch, mesh),
-                                      lam_i, np.float32(schedule(index)))
-      metrics = jax.device_get(device_metrics)
-      done = index + 1
-      # Before any save: a diverged state must never replace the last good checkpoint.
-      _check_finite(metrics, done, task_names)
-      if wstate is not None:
-        # The λ of the next step, from the losses of this one (weighting.py's contract).
-        _, wstate = weighting_lib.jit_update(
-            weighting, wstate, device_metrics["per_task_loss"], index,
-            weighting_rng(cfg.seed, index), device_metrics["per_task_count"])
-      bar.update(1)
-      if done % cfg.log_every == 0 or done == cfg.steps:
-        now = time.perf_counter()
-        log.write(metrics_log.make_record(
-            step=done, metrics=metrics, task_names=task_names, lr=float(schedule(index)),
-            tokens_per_s=window_tokens / max(now - t_window, 1e-9), elapsed_s=now - t0))
-        bar.set_postfix(loss=f"{float(metrics['loss']):.4f}")
-        t_window, window_tokens = now, 0
-      if done % cfg.checkpoint_every == 0 or done == cfg.steps:
-        # The weighting state saved with step `done` already holds the λ of index `done`,
-        # the first step a resumed run trains.
-        extras = {} if wstate is None else {checkpoint_lib.WEIGHTING_ITEM: wstate}
+    with _PreemptionWatch() as preemption:
+      for index in range(start, cfg.steps):
         if iterator is not None:
-          extras[checkpoint_lib.DATA_ITEM] = iterator
-        if mtl_state is not None:
-          extras[checkpoint_lib.GRADMTL_ITEM] = mtl_state
-        ckpt.save(done, state, extras)
+          local_batch = next(iterator)
+          rows = _check_batch(local_batch, cfg, mesh, jax.process_count())
+          window_tokens += _input_tokens(local_batch) * jax.process_count()
+        else:
+          host_batch = get_batch(index)
+          rows = _check_batch(host_batch, cfg, mesh)
+          window_tokens += _input_tokens(host_batch)
+          local_batch = _process_rows(host_batch, rows)
+        lam_i = (method.lam_at(index) if wstate is None
+                 else np.asarray(jax.device_get(wstate["lam"]), np.float32))
+        state, device_metrics = step_fn(state, frozen,
+                                        sharding_lib.shard_batch(local_batch, mesh), lam_i,
+                                        np.float32(schedule(index)))
+        metrics = jax.device_get(device_metrics)
+        done = index + 1
+        # Before any save: a diverged state must never replace the last good checkpoint.
+        _check_finite(metrics, done, task_names)
+        if wstate is not None:
+          # The λ of the next step, from the losses of this one (weighting.py's contract).
+          _, wstate = weighting_lib.jit_update(
+              weighting, wstate, device_metrics["per_task_loss"], index,
+              weighting_rng(cfg.seed, index), device_metrics["per_task_count"])
+        bar.update(1)
+        if done % cfg.log_every == 0 or done == cfg.steps:
+          now = time.perf_counter()
+          log.write(metrics_log.make_record(
+              step=done, metrics=metrics, task_names=task_names, lr=float(schedule(index)),
+              tokens_per_s=window_tokens / max(now - t_window, 1e-9), elapsed_s=now - t0))
+          bar.set_postfix(loss=f"{float(metrics['loss']):.4f}")
+          t_window, window_tokens = now, 0
+        saved = done % cfg.checkpoint_every == 0 or done == cfg.steps
+        if saved:
+          save(done)
+        if preemption.should_stop():
+          if not saved:
+            save(done)
+          raise Preempted(done, ckpt.directory)
+      if preemption.stopped_after_loop():
+        raise Preempted(max(start, cfg.steps), ckpt.directory)
   finally:
     bar.close()
     log.close()
@@ -296,7 +400,8 @@ def restore_model(model: nnx.Module, cfg: TrainConfig | Mapping[str, Any],
   A weighting strategy's state stored in the same checkpoint is not read.
   """
   cfg = TrainConfig.of(cfg)
-  graphdef, params, _ = split_model(model, freeze_vision_tower=cfg.freeze_vision_tower)
+  graphdef, params, _ = split_model(model, freeze_vision_tower=cfg.freeze_vision_tower,
+                                    trainable=cfg.trainable)
   del graphdef
   ckpt = checkpoint_lib.Checkpointer(os.path.join(os.fspath(workdir), CHECKPOINT_DIR),
                                      max_to_keep=2)

@@ -18,6 +18,9 @@ from flax import nnx, struct
 from visatb_jax.model import lora as lora_lib
 
 
+TRAINABLE = ("model", "projector")
+
+
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
   """One training run's settings: the single place of their defaults and checks.
@@ -39,6 +42,9 @@ class TrainConfig:
   seed: int = 0
   freeze_vision_tower: bool = True
   ce_chunk_size: int = 0
+  # What the optimizer updates: "model" (every parameter but a frozen tower's; with LoRA, the
+  # adapters and the projector) or "projector" (LLaVA's stage-1 alignment).
+  trainable: str = "model"
 
   def __post_init__(self):
     positive = {"steps": self.steps, "accum_steps": self.accum_steps,
@@ -55,6 +61,8 @@ class TrainConfig:
     for name in ("clip_norm", "weight_decay", "ce_chunk_size"):
       if getattr(self, name) < 0:
         raise ValueError(f"train.{name} must be >= 0, got {getattr(self, name)}")
+    if self.trainable not in TRAINABLE:
+      raise ValueError(f"train.trainable={self.trainable!r}; choose one of {list(TRAINABLE)}")
     if self.batch_size is not None and self.batch_size % self.accum_steps:
       raise ValueError(f"train.batch_size={self.batch_size} is not divisible by "
                        f"train.accum_steps={self.accum_steps} (the micro-batches)")
@@ -74,7 +82,7 @@ class TrainConfig:
         raise ValueError(f"train config field {required!r} is required")
     types = {"steps": int, "lr": float, "accum_steps": int, "warmup_frac": float,
              "clip_norm": float, "weight_decay": float, "checkpoint_every": int, "log_every": int,
-             "seed": int, "freeze_vision_tower": bool, "ce_chunk_size": int}
+             "seed": int, "freeze_vision_tower": bool, "ce_chunk_size": int, "trainable": str}
     cast = {k: (types[k](v) if k in types and v is not None else v) for k, v in items.items()}
     if cast.get("batch_size") is not None:
       cast["batch_size"] = int(cast["batch_size"])
@@ -123,17 +131,21 @@ def optimizer_from_spec(spec: tuple[float, float]) -> optax.GradientTransformati
   return optax.chain(*parts)
 
 
-def trainable_filter(freeze_vision_tower: bool = True, lora: bool = False) -> nnx.filterlib.Filter:
+def trainable_filter(freeze_vision_tower: bool = True, lora: bool = False,
+                     trainable: str = "model") -> nnx.filterlib.Filter:
   """What the optimizer updates: every nnx.Param except a frozen vision tower's; with LoRA, the
-  adapters and the projector only (model/lora.py)."""
+  adapters and the projector only (model/lora.py); with trainable="projector", the projector."""
+  if trainable == "projector":
+    return nnx.All(nnx.Param, nnx.PathContains("multi_modal_projector"))
   return lora_lib.trainable_filter(freeze_vision_tower, lora)
 
 
 def split_model(
-    model: nnx.Module, *, freeze_vision_tower: bool = True
+    model: nnx.Module, *, freeze_vision_tower: bool = True, trainable: str = "model"
 ) -> tuple[nnx.GraphDef, nnx.State, nnx.State]:
   """(graphdef, trainable params, everything else: frozen params, rng state, ...)."""
-  return nnx.split(model, trainable_filter(freeze_vision_tower, lora_lib.has_lora(model)), ...)
+  return nnx.split(
+      model, trainable_filter(freeze_vision_tower, lora_lib.has_lora(model), trainable), ...)
 
 
 @struct.dataclass

@@ -1,0 +1,120 @@
+"""SIGTERM during train(): the step reached is checkpointed, `Preempted` is raised, and a new call
+resumes from that step and ends with the parameters of an uninterrupted run."""
+
+import functools
+import os
+import signal
+import sys
+import threading
+
+import jax
+import numpy as np
+import pytest
+
+from visatb_jax import train
+from visatb_jax.core import weighting
+from visatb_jax.runtime import checkpoint
+from visatb_jax.runtime import metrics_log
+from visatb_jax.train.loop import Preempted
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from test_train import (CFG, LAM, STRATEGY_OPTIONS, TASKS, WCFG, deterministic,  # noqa: E402
+                        make_batch, new_model, params_of)
+
+
+class _Leaked(Exception):
+  pass
+
+
+@pytest.fixture
+def sigterm_guard():
+  """A SIGTERM handler of the test's own while it runs: a signal that train() failed to catch
+  fails the test instead of killing pytest, and train() must hand it back when it returns."""
+
+  def leaked(signum, frame):
+    raise _Leaked("SIGTERM reached the handler train() should have replaced")
+
+  previous = signal.signal(signal.SIGTERM, leaked)
+  yield leaked
+  signal.signal(signal.SIGTERM, previous)
+
+
+def _sigterm_at(step_index: int, served: list[int]):
+  """get_batch that sends this process SIGTERM while it serves the batch of `step_index`."""
+
+  def get_batch(i):
+    served.append(i)
+    if i == step_index:
+      os.kill(os.getpid(), signal.SIGTERM)
+    return make_batch(i)
+
+  return get_batch
+
+
+def _steps(workdir):
+  return checkpoint.Checkpointer(workdir / "checkpoints").all_steps()
+
+
+@pytest.mark.parametrize("method_name", ["static", "rlw"])
+@pytest.mark.parametrize("signal_at,stop", [(3, 4), (2, 3)])  # between / at regular saves (3, 6)
+def test_sigterm_saves_the_step_and_a_rerun_resumes_identically(
+    tmp_path, meshes, sigterm_guard, signal_at, stop, method_name):
+  if method_name == "static":
+    method, cfg = (lambda: LAM), CFG
+  else:  # a dynamic λ: its state is one of the extras every save must hold
+    method = lambda: train.TrainMethod.from_strategy(  # noqa: E731
+        weighting.get_strategy("rlw", **STRATEGY_OPTIONS["rlw"]), LAM)
+    cfg = WCFG
+  run = functools.partial(train.train, mesh=meshes[1], task_names=TASKS)
+  straight = run(new_model(), make_batch, method(), cfg, tmp_path / "a")
+
+  served = []
+  with pytest.raises(Preempted, match=f"step {stop}.*same command") as info:
+    run(new_model(), _sigterm_at(signal_at, served), method(), cfg, tmp_path / "b")
+  assert info.value.step == stop and served == list(range(stop))  # stopped at the boundary
+  assert _steps(tmp_path / "b")[-1] == stop
+  assert signal.getsignal(signal.SIGTERM) is sigterm_guard  # the previous handler is back
+
+  served = []
+  resumed = run(new_model(), _sigterm_at(-1, served), method(), cfg, tmp_path / "b")
+  assert served == list(range(stop, cfg["steps"]))
+  jax.tree.map(np.testing.assert_array_equal, params_of(resumed), params_of(straight))
+  rec_a, rec_b = (metrics_log.read_metrics(tmp_path / d / metrics_log.METRICS_FILE)
+                  for d in ("a", "b"))
+  assert deterministic(rec_b) == deterministic(rec_a)
+
+
+def test_sigterm_in_the_last_step_keeps_the_final_checkpoint(tmp_path, meshes, sigterm_guard):
+  last = CFG["steps"] - 1
+  with pytest.raises(Preempted) as info:
+    train.train(new_model(), _sigterm_at(last, []), LAM, CFG, tmp_path, mesh=meshes[1],
+                task_names=TASKS)
+  assert info.value.step == CFG["steps"] and _steps(tmp_path) == [3, CFG["steps"]]
+  # The re-run has nothing left to train and returns the trained model.
+  served = []
+  train.train(new_model(), _sigterm_at(-1, served), LAM, CFG, tmp_path, mesh=meshes[1],
+              task_names=TASKS)
+  assert served == []
+
+
+def test_training_in_a_thread_leaves_the_signal_handlers_alone(tmp_path, meshes, sigterm_guard):
+  """Python sets handlers from the main thread only; a trainer in another thread must not try."""
+  seen, errors = [], []
+
+  def get_batch(i):
+    seen.append(signal.getsignal(signal.SIGTERM))
+    return make_batch(i)
+
+  def worker():
+    try:
+      train.train(new_model(), get_batch, LAM, {**CFG, "steps": 2}, tmp_path, mesh=meshes[1],
+                  task_names=TASKS)
+    except BaseException as e:  # pylint: disable=broad-except
+      errors.append(e)
+
+  thread = threading.Thread(target=worker)
+  thread.start()
+  thread.join()
+  assert not errors, errors
+  assert seen and all(h is sigterm_guard for h in seen)
+  assert _steps(tmp_path) == [2]
