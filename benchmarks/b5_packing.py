@@ -76,11 +76,12 @@ def main(argv=None) -> int:
   parser.add_argument("--out", default=os.path.join(REPO, "benchmarks", "results", "b5_packing.json"))
   args = parser.parse_args(argv)
   from visatb_jax.cli import launch
-  from visatb_jax.pipeline.experiment import Experiment
+  from visatb_jax.pipeline import config as config_lib
+  from visatb_jax.pipeline.workspace import Workspace
   config = launch.load_config(os.path.join(REPO, "configs", "demo.py"))
-  exp = Experiment(config, args.workdir)
-  exp.prepare_data()
-  examples = exp.task_examples(exp.task_names)
+  ws = Workspace(config_lib.build(config), args.workdir)
+  ws.data.prepare()
+  examples = ws.data.task_examples(ws.config.tasks.names)
   ds = packing.PackedDataset(examples, seq_len=int(config.data.seq_len),
                              max_images=int(config.data.max_images), pad_id=0, seed=0)
   shapes = {"samples": len(examples), "rows": ds.num_rows, "seq_len": ds.seq_len,

@@ -56,7 +56,7 @@ def _conflict_averse_direction(G, w, scale):
 
 
 def test_registry():
-  assert set(gradmtl.METHODS) == {"imgrad", "cagrad", "pcgrad", "mgda", "nash"}
+  assert set(gradmtl.METHODS) == {"imgrad", "cagrad", "pcgrad", "mgda", "nash", "graddrop"}
 
 
 def test_flatten_and_unflatten_round_trip():
@@ -237,11 +237,12 @@ def _degenerate_inputs():
 
 @pytest.mark.parametrize("name", sorted(gradmtl.METHODS))
 def test_degenerate_inputs_give_finite_directions(name):
-  options = {"rng": jax.random.key(0)} if name == "pcgrad" else {}
+  options = {"rng": jax.random.key(0)} if name in ("pcgrad", "graddrop") else {}
   for case, G in _degenerate_inputs().items():
     d, w = JIT[name](jnp.asarray(G), **options)
     assert np.all(np.isfinite(d)) and np.all(np.isfinite(w)), (name, case)
-    np.testing.assert_allclose(d, np.asarray(w) @ G, rtol=1e-4, atol=1e-5, err_msg=case)
+    if name != "graddrop" or case in ("all_same", "all_zero"):  # GradDrop: only without conflict
+      np.testing.assert_allclose(d, np.asarray(w) @ G, rtol=1e-4, atol=1e-5, err_msg=case)
     if case == "all_same":
       # One gradient repeated: every method returns a positive multiple of it.
       cos = d @ G[0] / (np.linalg.norm(d) * np.linalg.norm(G[0]))
@@ -253,3 +254,84 @@ def test_cagrad_with_c_zero_is_mean_gradient():
   d, w = jax.jit(lambda G: gradmtl.cagrad(G, c=0.0))(jnp.asarray(G))
   np.testing.assert_allclose(d, G.mean(0), rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(w, np.full(T, 1 / T), rtol=1e-6)
+
+
+# ------------------------------------------------------------------------------ GradDrop
+
+
+def _graddrop_reference(G, u, leak=0.0):
+  """Chen et al.'s GradDrop in numpy (float64), given the uniform draw u [P]."""
+  G = np.asarray(G, np.float64)
+  mass = np.abs(G).sum(0)
+  purity = np.where(mass > 0, 0.5 * (1 + G.sum(0) / np.where(mass > 0, mass, 1)), 0.5)
+  mask = ((purity > u) & (G > 0)) | ((purity < u) & (G < 0))
+  kept = leak * G + (1 - leak) * mask * G
+  row = np.abs(G).sum(1)
+  weights = np.where(row > 0, np.abs(kept).sum(1) / np.where(row > 0, row, 1), 1.0)
+  return kept.sum(0), weights
+
+
+def test_graddrop_agreeing_signs_is_the_sum():
+  # Signs differ between coordinates but every coordinate's tasks agree (zeros allowed).
+  G = np.array([[1.0, -2.0, 0.0, 3.0, 0.0],
+                [0.5, -1.0, -4.0, 0.0, 0.0],
+                [2.0, 0.0, -1.0, 1.0, 0.0]], np.float32)
+  for seed in range(5):
+    d, w = JIT["graddrop"](jnp.asarray(G), rng=jax.random.key(seed))
+    np.testing.assert_array_equal(d, G.sum(0))
+    np.testing.assert_array_equal(w, [1.0, 1.0, 1.0])
+  # One task: nothing to conflict with.
+  d, w = JIT["graddrop"](jnp.asarray(G[:1] - 0.7), rng=jax.random.key(0))
+  np.testing.assert_array_equal(d, G[0] - 0.7)
+  np.testing.assert_array_equal(w, [1.0])
+
+
+def test_graddrop_matches_numpy_reference():
+  G = _fixed_G(6)
+  key = jax.random.key(11)
+  u = np.asarray(jax.random.uniform(key, (P,), jnp.float32), np.float64)
+  for leak in (0.0, 0.3, 1.0):
+    d, w = jax.jit(lambda G, k, leak=leak: gradmtl.graddrop(G, rng=k, leak=leak))(
+        jnp.asarray(G), key)
+    d_ref, w_ref = _graddrop_reference(G, u, leak)
+    np.testing.assert_allclose(d, d_ref, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(w, w_ref, rtol=1e-5)
+  # leak = 1 passes everything: the plain sum.
+  np.testing.assert_allclose(d, G.sum(0), rtol=1e-5, atol=1e-6)
+  # With conflicts and no leak something is dropped: every weight < 1, d is not weights @ G.
+  d, w = JIT["graddrop"](jnp.asarray(G), rng=key)
+  assert np.all(np.asarray(w) < 1) and np.all(np.asarray(w) > 0)
+  assert np.abs(np.asarray(d) - np.asarray(w) @ G).max() > 1e-2
+
+
+def test_graddrop_hand_computed_conflict():
+  # Coordinate 0: (3, −1) → P = ½(1 + 2/4) = 0.75: d = 3 w.p. 0.75, −1 w.p. 0.25.
+  # Coordinate 1: (1, −1) → P = ½: d = ±1 with equal odds. Coordinate 2: (2, 1) → d = 3 always.
+  n = 20000
+  G = np.tile(np.array([[3.0, 1.0, 2.0], [-1.0, -1.0, 1.0]], np.float32), (1, n))
+  d, w = JIT["graddrop"](jnp.asarray(G), rng=jax.random.key(0))
+  d = np.asarray(d).reshape(n, 3)
+  assert set(np.unique(d[:, 0])) == {3.0, -1.0} and set(np.unique(d[:, 1])) == {1.0, -1.0}
+  np.testing.assert_array_equal(d[:, 2], 3.0)
+  assert abs(np.mean(d[:, 0] == 3.0) - 0.75) < 0.015   # 5 standard errors ≈ 0.015
+  assert abs(np.mean(d[:, 1] == 1.0) - 0.5) < 0.018
+  # Kept mass: task 0 keeps its 3 w.p. 0.75, its 1 w.p. ½, its 2 always: (0.75·3 + ½ + 2) / 6.
+  np.testing.assert_allclose(w, [(0.75 * 3 + 0.5 + 2) / 6, (0.25 + 0.5 + 1) / 3], atol=0.01)
+
+
+def test_graddrop_seeded_randomness():
+  G = jnp.asarray(_fixed_G(7))
+  d1, w1 = JIT["graddrop"](G, rng=jax.random.key(3))
+  d2, w2 = JIT["graddrop"](G, rng=jax.random.key(3))
+  d3, _ = JIT["graddrop"](G, rng=jax.random.key(4))
+  np.testing.assert_array_equal(d1, d2)
+  np.testing.assert_array_equal(w1, w2)
+  assert np.abs(np.asarray(d1) - np.asarray(d3)).max() > 1e-3
+  # A raw uint32 key works too (the train step stores raw key data).
+  d4, _ = JIT["graddrop"](G, rng=jax.random.key_data(jax.random.key(3)))
+  np.testing.assert_array_equal(d1, d4)
+
+
+def test_graddrop_leak_is_checked():
+  with pytest.raises(ValueError, match="leak"):
+    gradmtl.graddrop(jnp.ones((2, 3)), rng=jax.random.key(0), leak=1.5)

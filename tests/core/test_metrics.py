@@ -1,13 +1,15 @@
-"""Tests for visatb_jax.metrics: ΔI/ΔE, exact match, accuracy, IoU accuracy, CIDEr-D."""
+"""Tests for visatb_jax.core.metrics: ΔI/ΔE and every per-task scorer."""
 
 from __future__ import annotations
 
 import math
+import shutil
 
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from pycocoevalcap.cider.cider import Cider
 from pycocoevalcap.cider.cider_scorer import CiderScorer
 
 from visatb_jax.core import metrics
@@ -142,11 +144,21 @@ def test_accuracy_open_and_closed_set():
   assert metrics.accuracy(["lion"], ["cat"], choices=choices) == 0.0
 
 
+def test_accuracy_list_references():
+  # A list of labels: any of them is right; with choices, every one must be a choice.
+  assert metrics.accuracy(["Dog", "cat"], [["dog", "puppy"], ["dog"]]) == 0.5
+  assert metrics.accuracy(["dog"], [["dog", "cat"]], choices=["cat", "dog"]) == 1.0
+  with pytest.raises(ValueError, match="item 0.*not one of the choices"):
+    metrics.accuracy(["dog"], [["dog", "puppy"]], choices=["cat", "dog"])
+
+
 def test_accuracy_errors():
   with pytest.raises(ValueError, match="item 0.*'lion' is not one of the choices"):
     metrics.accuracy(["cat"], ["lion"], choices=["cat", "dog"])
   with pytest.raises(ValueError, match="item 0.*not a string"):
-    metrics.accuracy(["cat"], [["cat"]])
+    metrics.accuracy(["cat"], [[3]])
+  with pytest.raises(ValueError, match="item 0 has no references"):
+    metrics.accuracy(["cat"], [[]])
   with pytest.raises(ValueError, match="1 predictions but 2 references"):
     metrics.accuracy(["cat"], ["cat", "dog"])
 
@@ -170,7 +182,13 @@ def test_accuracy_errors():
         ("[0.1, 0.2, 0.3]", None),               # 3 numbers
         ("[0.1, 0.2, 0.3, 0.4, 0.5]", None),     # 5 numbers
         ("[0.1 0.2 0.3 0.4]", None),             # no commas
-        ("the box is [0.1, 0.2, 0.3, 0.4]", None),
+        # The first box anywhere in the answer, as the RefCOCO evaluations read it.
+        ("the box is [0.1, 0.2, 0.3, 0.4]", (0.1, 0.2, 0.3, 0.4)),
+        ("It is at [0.1, 0.2, 0.5, 0.6]. Not [0.2, 0.2, 0.3, 0.3].", (0.1, 0.2, 0.5, 0.6)),
+        ("[[0.1, 0.2, 0.3, 0.4]]", (0.1, 0.2, 0.3, 0.4)),
+        ("near [0.1, 0.2, 0.3] or [0.2, 0.3, 0.4, 0.5]", (0.2, 0.3, 0.4, 0.5)),  # 3 numbers: no box
+        ("[0.5, 0.2, 0.3, 0.4], i.e. [0.1, 0.2, 0.3, 0.4]", None),  # the FIRST box is invalid
+        ("[1, 2, 3, 4] pixels", None),           # out of [0, 1]
         ("a red circle", None),                  # garbage
         ("", None),
         ("[a, b, c, d]", None),
@@ -218,6 +236,18 @@ def test_iou_accuracy_counts_hits_and_unparsable():
   # A lower threshold turns the exact-0.5 case into a hit: 2 / 5.
   value, _ = metrics.iou_accuracy(preds, refs, threshold=0.4)
   assert value == pytest.approx(2 / 5)
+
+
+def test_iou_several_reference_boxes():
+  box = "[0, 0, 0.5, 0.5]"
+  # Hit if IoU > threshold with any reference: text boxes, number boxes, or a mix.
+  refs = [["[0.5, 0.5, 1, 1]", "[0, 0, 0.5, 0.5]"], [(0.5, 0.5, 1.0, 1.0), [0.0, 0.0, 0.5, 0.6]],
+          ["[0.5, 0.5, 1, 1]"], (0.0, 0.0, 0.5, 0.5)]
+  np.testing.assert_array_equal(metrics.iou_hits([box] * 4, refs), [1.0, 1.0, 0.0, 1.0])
+  with pytest.raises(ValueError, match="item 0.*not a valid box"):
+    metrics.iou_hits([box], [[]])
+  with pytest.raises(ValueError, match="item 0.*not a valid box"):
+    metrics.iou_hits([box], [["[0, 0, 0.5, 0.5]", "no box"]])
 
 
 def test_iou_accuracy_errors():
@@ -342,6 +372,66 @@ def test_cider_matches_pycocoevalcap_property(corpus):
   assert 0.0 <= metrics.cider(preds, refs) <= 10.0 + 1e-9
 
 
+def test_cider_matches_pycocoevalcap_cider_class_multi_reference():
+  # pycocoevalcap's public `Cider` (CIDEr-D) on a multi-reference corpus: {image: [refs]} and
+  # {image: [candidate]}. `Cider` only splits on spaces, so both sides get our tokenisation.
+  preds = [c for c, _ in CAPTIONS]
+  refs = [r for _, r in CAPTIONS]
+  assert max(len(r) for r in refs) == 3
+  gts = {i: [" ".join(metrics.cider_tokenize(x)) for x in r] for i, r in enumerate(refs)}
+  res = {i: [" ".join(metrics.cider_tokenize(p))] for i, p in enumerate(preds)}
+  coco_mean, coco_items = Cider().compute_score(gts, res)
+  np.testing.assert_allclose(metrics.cider_scores(preds, refs), coco_items, atol=1e-9)
+  assert metrics.cider(preds, refs) == pytest.approx(coco_mean, abs=1e-9)
+  # Several references differ from one: the per-reference mean, not the best reference.
+  single = metrics.cider_scores(preds, [r[:1] for r in refs])
+  assert np.abs(single - metrics.cider_scores(preds, refs)).max() > 0.1
+
+
+# Captions on which the PTB tokenizer and `cider_tokenize` agree: words, spaces, sentence
+# punctuation and double quotes.
+PTB_CORPUS = [
+    ("A man riding a wave on top of a surfboard.",
+     ["A man riding a wave on top of a surfboard.", "A surfer rides a large wave, in the ocean!",
+      "a person on a surf board riding a wave"]),
+    ("Two dogs play with a frisbee in the park",
+     ["Two dogs are playing frisbee; in a green park.", "A pair of dogs chase a frisbee.",
+      "dogs playing in the grass"]),
+    ("a plate of food with broccoli and rice",
+     ["A plate with rice, broccoli and chicken.", "A \"healthy\" meal of rice and broccoli?"]),
+    ("a red bus on a city street",
+     ["A red double decker bus drives down the street.", "A bus on a busy city street: red."]),
+]
+
+
+@pytest.mark.skipif(shutil.which("java") is None, reason="pycocoevalcap's PTBTokenizer needs Java")
+def test_cider_matches_coco_caption_pipeline_with_ptb_tokenizer():
+  # Imported here: the module is only usable with Java.
+  from pycocoevalcap.tokenizer import ptbtokenizer  # pylint: disable=g-import-not-at-top
+
+  preds = [c for c, _ in PTB_CORPUS]
+  refs = [r for _, r in PTB_CORPUS]
+  tokenizer = ptbtokenizer.PTBTokenizer()
+  gts = tokenizer.tokenize({i: [{"caption": x} for x in r] for i, r in enumerate(refs)})
+  res = tokenizer.tokenize({i: [{"caption": p}] for i, p in enumerate(preds)})
+  # On this corpus the two tokenisations agree token for token ...
+  for i, r in enumerate(refs):
+    assert gts[i] == [" ".join(metrics.cider_tokenize(x)) for x in r]
+    assert res[i] == [" ".join(metrics.cider_tokenize(preds[i]))]
+  # ... so the scores are the COCO caption evaluation's (PTB tokenizer, then Cider).
+  coco_mean, coco_items = Cider().compute_score(gts, res)
+  np.testing.assert_allclose(metrics.cider_scores(preds, refs), coco_items, atol=1e-9)
+  assert metrics.cider(preds, refs) == pytest.approx(coco_mean, abs=1e-9)
+  assert coco_mean > 0.3
+  # The differences `cider_tokenize` documents.
+  differing = ["A man's hat", "don't", "e.g. the U.S.", "black-and-white", "(sleeping)"]
+  ptb = tokenizer.tokenize({i: [{"caption": c}] for i, c in enumerate(differing)})
+  assert [ptb[i][0] for i in range(len(differing))] == [
+      "a man 's hat", "do n't", "e.g. the u.s.", "black-and-white", "-lrb- sleeping -rrb-"]
+  assert [" ".join(metrics.cider_tokenize(c)) for c in differing] == [
+      "a mans hat", "dont", "eg the us", "blackandwhite", "sleeping"]
+
+
 def test_cider_errors():
   with pytest.raises(ValueError, match="2 predictions but 1 references"):
     metrics.cider(["a", "b"], [["a"]])
@@ -365,7 +455,8 @@ def test_cider_bare_string_reference_is_one_reference():
 
 
 def test_scorers_registry_and_score():
-  assert set(metrics.SCORERS) == {"exact_match", "accuracy", "iou_accuracy", "cider"}
+  assert set(metrics.SCORERS) == {"exact_match", "accuracy", "iou_accuracy", "cider",
+                                  "vqa_accuracy", "multiple_choice", "pope", "mme"}
   assert metrics.score("exact_match", ["Yes."], ["yes"]) == 1.0
   got = metrics.score("iou_accuracy", ["[0, 0, 1, 1]", "bad"], ["[0, 0, 1, 1]", "[0, 0, 1, 1]"])
   assert isinstance(got, float) and got == pytest.approx(0.5)
@@ -379,6 +470,19 @@ def test_scorers_registry_and_score():
 def test_score_unknown_metric():
   with pytest.raises(ValueError, match="unknown metric 'bleu'.*cider"):
     metrics.score("bleu", ["a"], ["a"])
+
+
+def test_metric_options_and_unknown_option():
+  assert metrics.metric_options("iou_accuracy") == ("threshold",)
+  assert metrics.metric_options("cider") == ("n", "sigma")
+  assert metrics.metric_options("multiple_choice") == ("choices",)
+  assert metrics.metric_options("accuracy") == ("choices",)
+  for name in ("exact_match", "vqa_accuracy", "pope", "mme"):
+    assert metrics.metric_options(name) == ()
+  with pytest.raises(ValueError, match="'exact_match' takes no option.*'threshold'"):
+    metrics.score("exact_match", ["a"], ["a"], threshold=0.5)
+  with pytest.raises(ValueError, match="'iou_accuracy'.*'thresh'.*'threshold'"):
+    metrics.sample_scores("iou_accuracy", ["[0, 0, 1, 1]"], ["[0, 0, 1, 1]"], thresh=0.5)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -524,3 +628,299 @@ def test_cider_sample_mean_is_score_property(corpus):
   refs = [r for _, r in corpus]
   per = _assert_mean_is_score("cider", preds, refs)
   np.testing.assert_array_equal(per, metrics.cider_scores(preds, refs))
+
+
+# ---------------------------------------------------------------------------------------------
+# VQA soft accuracy
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "raw, expected",
+    [
+        # Every expected value is what the official vqaEval.py (processPunctuation, then
+        # processDigitArticle) gives for the raw answer.
+        ("Two", "2"),                            # number words → digits
+        ("none", "0"),
+        ("The One", "1"),
+        ("ten", "10"),
+        ("the dog", "dog"),                      # articles removed
+        ("A dog.", "dog"),                       # and a period not followed by a digit
+        ("an apple", "apple"),
+        ("dont", "don't"),                       # contractions written without an apostrophe
+        ("isnt", "isn't"),
+        ("wont", "won't"),
+        ("can't", "can't"),                      # the apostrophe is not punctuation there
+        ("Im", "im"),                            # capital keys never match after lower-casing
+        ("yes!", "yes"),                         # mark not touching a space → a space
+        ("hot dog?", "hot dog"),
+        ("black-and-white", "black and white"),
+        ("black - white", "black white"),        # touching a space → deleted
+        ("(a) cat", "cat"),
+        ("1,000", "1000"),                       # digit,digit: every mark deleted
+        ("x, 1,2", "x 12"),
+        ("3.5", "3.5"),                          # a period before a digit stays
+        ("12.", "12"),
+        ("e.g.", "eg"),
+        ("3:00", "3:00"),                        # ":" is not in the official list
+        ("a/b", "b"),                            # "/" → space, then "a" is an article
+        ("Yes\n", "yes"),
+        ("  Red\tcar ", "red car"),
+        ("...", ""),
+    ],
+)
+def test_vqa_normalize_official_cases(raw, expected):
+  assert metrics.vqa_normalize(raw) == expected
+
+
+def test_vqa_normalisation_tables():
+  assert len(metrics.VQA_CONTRACTIONS) == 120
+  assert metrics.VQA_DIGITS["none"] == "0" and len(metrics.VQA_DIGITS) == 12
+  assert metrics.VQA_ARTICLES == ("a", "an", "the")
+  assert "'" not in metrics.VQA_PUNCTUATION and ":" not in metrics.VQA_PUNCTUATION
+  assert len(metrics.VQA_PUNCTUATION) == 21
+
+
+@pytest.mark.parametrize("matches, expected", [(0, 0.0), (1, 0.3), (2, 0.6), (3, 0.9), (4, 1.0),
+                                               (10, 1.0)])
+def test_vqa_accuracy_ten_humans(matches, expected):
+  # m of the 10 humans gave the answer. Leaving out one of them leaves m − 1, leaving out any
+  # other leaves m: acc = (m·min((m − 1)/3, 1) + (10 − m)·min(m/3, 1)) / 10, e.g.
+  # m = 1: 9 · 1/3 / 10 = 0.3;  m = 2: (2 · 1/3 + 8 · 2/3) / 10 = 0.6;  m = 3: (3 · 2/3 + 7) / 10.
+  humans = ["cat"] * matches + ["dog"] * (10 - matches)
+  assert metrics.vqa_accuracy_scores(["cat"], [humans])[0] == pytest.approx(expected, abs=1e-12)
+
+
+def test_vqa_accuracy_normalises_both_sides():
+  humans = ["2", "two", "Two.", "three", "3", "3", "3", "three", "four", "the 4"]
+  # "2" after normalisation: 3 humans; "3": 5 humans; "4": 2 humans; "5": none.
+  preds = ["Two", "3!", "4", "five", "2 dogs"]
+  np.testing.assert_allclose(metrics.vqa_accuracy_scores(preds, [humans] * 5),
+                             [0.9, 1.0, 0.6, 0.0, 0.0], atol=1e-12)
+  assert metrics.vqa_accuracy(preds, [humans] * 5) == pytest.approx(2.5 / 5)
+
+
+def test_vqa_accuracy_few_references():
+  # One reference is the answer key: a normalised match scores 1.
+  np.testing.assert_array_equal(
+      metrics.vqa_accuracy_scores(["The Dog.", "cat"], ["dog", ["dog"]]), [1.0, 0.0])
+  # Two references, both "dog": each leave-one-out subset has 1 match → 1/3.
+  assert metrics.vqa_accuracy_scores(["dog"], [["dog", "dog"]])[0] == pytest.approx(1 / 3)
+
+
+def test_vqa_accuracy_errors():
+  with pytest.raises(ValueError, match="item 0 has no references"):
+    metrics.vqa_accuracy(["a"], [[]])
+  with pytest.raises(ValueError, match="2 predictions but 1 references"):
+    metrics.vqa_accuracy(["a", "b"], [["a"]])
+
+
+# ---------------------------------------------------------------------------------------------
+# Multiple choice
+# ---------------------------------------------------------------------------------------------
+
+ANIMALS = ["cat", "dog", "bird", "fish"]
+
+
+@pytest.mark.parametrize(
+    "answer, expected",
+    [
+        ("A", "A"), ("b", "B"), ("(C)", "C"), ("[D]", "D"), ("A.", "A"), ("B)", "B"),
+        ("C:", "C"), (" (D). ", "D"),
+        ("A. cat", "A"), ("(B) dog", "B"), ("C) bird, since it flies", "C"),
+        ("The answer is D.", "D"), ("the correct answer is (B)", "B"), ("Answer: C", "C"),
+        ("The answer is option A", "A"), ("The correct option is B.", "B"),
+        ("I choose choice (C).", "C"), ("so (D) must be right", "D"),
+        ("dog", "B"), ("Fish.", "D"),                       # the option text itself
+        ("It is a bird.", "C"),                             # one option's text, as words
+        ("E", None),                                        # not one of the options
+        ("The answer is E", None),
+        ("a cat or a dog", None),                           # two options' texts
+        ("either (A) or (B)", None),                        # two letters
+        ("I think B", None),                                # a bare letter in a sentence
+        ("catfish", None),                                  # whole words only
+        ("", None),
+    ],
+)
+def test_parse_choice_with_options(answer, expected):
+  assert metrics.parse_choice(answer, ANIMALS) == expected
+  mapping = dict(zip("ABCD", ANIMALS))
+  assert metrics.parse_choice(answer, mapping) == expected
+
+
+def test_parse_choice_without_options():
+  assert metrics.parse_choice("The answer is F.") == "F"
+  assert metrics.parse_choice("(G) obviously") == "G"
+  assert metrics.parse_choice("dog") is None             # no option texts to compare
+  assert metrics.parse_choice("the answer is a dog") is None  # lower-case "a" is an article
+  assert metrics.parse_choice(None) is None
+  # A mapping may skip letters: only its letters count.
+  assert metrics.parse_choice("B", {"A": "x", "C": "y"}) is None
+  assert metrics.parse_choice("y", {"A": "x", "C": "y"}) == "C"
+
+
+def test_multiple_choice_scores_hand_computed():
+  preds = ["A", "The answer is (C).", "dog", "B. dog", "no idea"]
+  refs = ["A", "(B)", "B", ["B", "D"], "C"]
+  # A ✓; C vs B ✗; "dog" is option B ✓; B in {B, D} ✓; unparsed ✗.
+  per = _assert_mean_is_score("multiple_choice", preds, refs, choices=ANIMALS)
+  np.testing.assert_array_equal(per, [1.0, 0.0, 1.0, 1.0, 0.0])
+  # Per-item options: a list of texts, a mapping, or None (letters only).
+  per_item = [ANIMALS, {"A": "red", "B": "blue", "C": "green"}, None]
+  np.testing.assert_array_equal(
+      metrics.multiple_choice_scores(["fish", "Blue.", "(B)"], ["D", "B", "B"], per_item),
+      [1.0, 1.0, 1.0])
+  # Without options only letters parse.
+  np.testing.assert_array_equal(metrics.multiple_choice_scores(["A", "dog"], ["A", "B"]),
+                                [1.0, 0.0])
+
+
+def test_multiple_choice_errors():
+  with pytest.raises(ValueError, match="item 0.*'E' is not the letter of one of its options"):
+    metrics.multiple_choice(["A"], ["E"], choices=ANIMALS)
+  with pytest.raises(ValueError, match="item 0.*'cat' is not the letter"):
+    metrics.multiple_choice(["A"], ["cat"], choices=ANIMALS)
+  with pytest.raises(ValueError, match="2 per-item entries for 3 predictions"):
+    metrics.multiple_choice(["A"] * 3, ["A"] * 3, choices=[ANIMALS, ANIMALS])
+  with pytest.raises(ValueError, match="item 0: option key 'a'"):
+    metrics.multiple_choice(["A"], ["A"], choices=[{"a": "cat"}])
+  with pytest.raises(ValueError, match="empty list of options"):
+    metrics.multiple_choice(["A"], ["A"], choices=[{}])
+
+
+# ---------------------------------------------------------------------------------------------
+# POPE and MME
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "answer, expected",
+    [
+        ("Yes", "yes"), ("No", "no"), ("no.", "no"), ("No, there is not.", "no"),
+        ("There is not a dog.", "no"), ("Yes. No dog is missing.", "yes"),  # first sentence only
+        ("no,", "no"), ("NO", "yes"), ("Nope", "yes"),                       # as the official rule
+        ("There is a dog in the image", "yes"), ("", "yes"),
+    ],
+)
+def test_pope_answer(answer, expected):
+  assert metrics.pope_answer(answer) == expected
+
+
+def test_pope_scores_and_report_hand_computed():
+  preds = ["Yes", "yes, there is", "No.", "No", "Yes", "There is no cat.", "yes", "no"]
+  refs = ["yes", "yes", "yes", "no", "no", "no", ["Yes."], "no"]
+  # read: y y n n y n y n; labels: y y y n n n y n
+  # TP = 3 (items 0, 1, 6), FP = 1 (item 4), FN = 1 (item 2), TN = 3 (items 3, 5, 7).
+  per = _assert_mean_is_score("pope", preds, refs)
+  np.testing.assert_array_equal(per, [1, 1, 0, 1, 0, 1, 1, 1])
+  report = metrics.pope_report(preds, refs)
+  assert report == pytest.approx({"accuracy": 6 / 8, "precision": 3 / 4, "recall": 3 / 4,
+                                  "f1": 3 / 4, "yes_ratio": 4 / 8})
+  assert report["accuracy"] == metrics.score("pope", preds, refs)
+  # No "yes" answer at all: precision, recall and F1 are 0, not NaN.
+  report = metrics.pope_report(["no", "no"], ["yes", "no"])
+  assert report == {"accuracy": 0.5, "precision": 0.0, "recall": 0.0, "f1": 0.0,
+                    "yes_ratio": 0.0}
+
+
+def test_pope_errors():
+  with pytest.raises(ValueError, match="item 0.*'maybe'.*'yes' or 'no'"):
+    metrics.pope(["yes"], ["maybe"])
+  with pytest.raises(ValueError, match="item 0.*one label"):
+    metrics.pope(["yes"], [["yes", "no"]])
+
+
+@pytest.mark.parametrize(
+    "answer, expected",
+    [("yes", "yes"), ("No", "no"), ("Yes, it is.", "yes"), ("no.", "no"),
+     ("not sure", "no"),                         # "no" within the first 4 characters
+     ("I think yes", "other"), ("Nope", "no"), ("", "other"), ("The answer is yes", "other")],
+)
+def test_mme_answer(answer, expected):
+  assert metrics.mme_answer(answer) == expected
+
+
+def test_mme_score_hand_computed():
+  # Three images with their two questions (one "yes", one "no" each).
+  preds = ["Yes", "No", "Yes", "Yes", "No", "maybe"]
+  refs = ["yes", "no", "yes", "no", "yes", "no"]
+  pair_ids = ["img1", "img1", "img2", "img2", "img3", "img3"]
+  # right: ✓ ✓ ✓ ✗ ✗ ✗ → accuracy 3/6; only img1 has both right → accuracy+ 1/3.
+  per = _assert_mean_is_score("mme", preds, refs)
+  np.testing.assert_array_equal(per, [1, 1, 1, 0, 0, 0])
+  report = metrics.mme_report(preds, refs, pair_ids)
+  assert report == pytest.approx({"accuracy": 0.5, "accuracy_plus": 1 / 3,
+                                  "score": 100 * (0.5 + 1 / 3)})
+  assert metrics.mme_score(preds, refs, pair_ids) == pytest.approx(83.3333333)
+  assert metrics.mme_score(refs, refs, pair_ids) == 200.0
+  # Pairs need not be adjacent: here each image has one wrong answer → accuracy+ 0.
+  assert metrics.mme_score(preds, refs, ["img1", "img2", "img3", "img1", "img2", "img3"]) == (
+      pytest.approx(100 * (0.5 + 0.0)))
+  with pytest.raises(ValueError, match="5 pair ids for 6 predictions"):
+    metrics.mme_score(preds, refs, pair_ids[:5])
+
+
+# ---------------------------------------------------------------------------------------------
+# Every scorer: list references, per-sample means
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "metric, pred, bare, listed, options",
+    [
+        ("exact_match", "Dog", "dog", ["cat", "dog"], {}),
+        ("accuracy", "dog", "dog", ["cat", "dog"], {}),
+        ("iou_accuracy", "[0, 0, 1, 1]", "[0, 0, 1, 1]", ["[0, 0, 0.2, 0.2]", "[0, 0, 1, 1]"], {}),
+        ("vqa_accuracy", "dog", "dog", ["dog"] * 4, {}),
+        ("multiple_choice", "B", "B", ["A", "B"], {"choices": ANIMALS}),
+        ("pope", "Yes", "yes", ["yes"], {}),
+        ("mme", "No", "no", ["no", "No."], {}),
+    ],
+)
+def test_every_scorer_takes_a_string_or_a_list_of_strings(metric, pred, bare, listed, options):
+  assert metrics.sample_scores(metric, [pred], [bare], **options).tolist() == [1.0]
+  assert metrics.sample_scores(metric, [pred], [listed], **options).tolist() == [1.0]
+
+
+_VQA_ANSWER = st.sampled_from(["2", "two", "Two.", "dog", "the dog", "a cat", "cat", "yes", "no"])
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(_VQA_ANSWER, st.one_of(_VQA_ANSWER,
+                                                 st.lists(_VQA_ANSWER, min_size=1, max_size=10))),
+                min_size=1, max_size=30))
+def test_vqa_accuracy_sample_mean_is_score_property(items):
+  preds = [p for p, _ in items]
+  refs = [r for _, r in items]
+  per = _assert_mean_is_score("vqa_accuracy", preds, refs)
+  assert np.all((per >= 0) & (per <= 1))
+
+
+_MC_ANSWER = st.sampled_from(["A", "(B)", "C.", "D. fish", "The answer is A", "dog", "bird.",
+                              "no idea", "E"])
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(_MC_ANSWER, st.sampled_from(["A", "B", "C", "D"])), min_size=1,
+                max_size=30))
+def test_multiple_choice_sample_mean_is_score_property(items):
+  preds = [p for p, _ in items]
+  refs = [r for _, r in items]
+  per = _assert_mean_is_score("multiple_choice", preds, refs, choices=ANIMALS)
+  assert set(per.tolist()) <= {0.0, 1.0}
+
+
+_YES_NO = st.sampled_from(["Yes", "no", "No, it is not.", "yes.", "not sure", "maybe", ""])
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(_YES_NO, st.sampled_from(["yes", "no"])), min_size=1, max_size=30))
+def test_pope_and_mme_sample_means_are_their_accuracies(items):
+  preds = [p for p, _ in items]
+  refs = [r for _, r in items]
+  for metric in ("pope", "mme"):
+    per = _assert_mean_is_score(metric, preds, refs)
+    assert set(per.tolist()) <= {0.0, 1.0}
+  assert metrics.pope_report(preds, refs)["accuracy"] == metrics.score("pope", preds, refs)
+  pair_ids = [i // 2 for i in range(len(preds))]
+  assert metrics.mme_report(preds, refs, pair_ids)["accuracy"] == metrics.score("mme", preds, refs)

@@ -47,7 +47,7 @@ def _random_losses(steps, seed=0):
 
 
 def test_registry():
-  assert set(weighting.STRATEGIES) == {"ew", "static", "tla", "rlw", "dwa", "igb"}
+  assert set(weighting.STRATEGIES) == {"ew", "static", "rlw", "dwa", "igb"}
   for name, options in OPTIONS.items():
     assert weighting.get_strategy(name, **options).name == name
   with pytest.raises(ValueError, match="unknown weighting strategy"):
@@ -79,16 +79,13 @@ def test_lambda_averages_one_over_free_tasks(name, fixed):
     assert np.abs(lams[-1] - 1.0).max() > 1e-3
 
 
-def test_ew_and_tla_are_ones():
+def test_ew_is_ones():
   lams, _ = _run(weighting.get_strategy("ew"), _random_losses(3))
   np.testing.assert_array_equal(lams, 1.0)
   lams, _ = _run(weighting.get_strategy("ew", **FIXED), _random_losses(3))
   np.testing.assert_array_equal(lams, 1.0)  # fixed value 1.0, others 1.0
-  tla = weighting.get_strategy("tla")
-  lams, _ = _run(tla, _random_losses(3))
-  np.testing.assert_array_equal(lams, 1.0)
-  with pytest.raises(TypeError):
-    weighting.get_strategy("tla", **FIXED)  # λ is decided in the train step, not here
+  with pytest.raises(ValueError, match="unknown weighting strategy 'tla'"):
+    weighting.get_strategy("tla")  # TLA's λ is made in the train step (train/vitw_step.py)
 
 
 def test_static_normalises_and_keeps_fixed():
@@ -107,32 +104,112 @@ def test_static_normalises_and_keeps_fixed():
                            fixed_values=[1.0, 0.0]).init(3)
 
 
-def test_dwa_hand_computed_ratio():
+def _dwa_reference(losses, counts=None, *, window, temperature=2.0, fixed_mask=None,
+                   fixed_values=None):
+  """Sliding-window DWA written out in numpy: the λ returned after each step (for the next).
+
+  Each task keeps the list of its observed losses (present: count > 0 and finite); once it has
+  2·window of them, w_k = mean(last window) / mean(the window before), else w_k = 1; λ over the
+  free tasks is N_free · softmax(w / T), and exactly 1 until some free task has 2·window losses.
+  """
+  losses = np.asarray(losses, np.float64)
+  num_tasks = losses.shape[1]
+  fixed = np.zeros(num_tasks, bool) if fixed_mask is None else np.asarray(fixed_mask, bool)
+  values = np.zeros(num_tasks) if fixed_values is None else np.asarray(fixed_values, np.float64)
+  observed = [[] for _ in range(num_tasks)]
+  out = []
+  for step, loss in enumerate(losses):
+    for k in range(num_tasks):
+      if np.isfinite(loss[k]) and (counts is None or counts[step][k] > 0):
+        observed[k].append(loss[k])
+    ready = np.array([len(o) >= 2 * window for o in observed])
+    lam = np.ones(num_tasks)
+    if np.any(ready & ~fixed):
+      w = np.array([np.mean(o[-window:]) / np.mean(o[-2 * window:-window]) if r else 1.0
+                    for o, r in zip(observed, ready)])
+      lam[~fixed] = _n_softmax(w[~fixed] / temperature)
+    lam[fixed] = values[fixed]
+    out.append(lam)
+  return np.stack(out)
+
+
+def test_dwa_hand_computed_window_one():
+  # window=1: w_k = L_k(s) / L_k(s − 1), the per-step rule; λ for step s + 1.
+  dwa = weighting.get_strategy("dwa", window=1)
+  lams, state = _run(dwa, [[2, 4], [1, 4], [1, 2], [3, 1]])
+  np.testing.assert_array_equal(lams[0], 1.0)  # one loss each: nothing to compare yet
+  for s, w in [(1, [1 / 2, 4 / 4]), (2, [1 / 1, 2 / 4]), (3, [3 / 1, 1 / 2])]:
+    e = np.exp(np.asarray(w) / 2)
+    np.testing.assert_allclose(lams[s], 2 * e / e.sum(), rtol=1e-6)
+  np.testing.assert_array_equal(state["seen"], [4, 4])
+
+
+def test_dwa_hand_computed_sliding_window():
   dwa = weighting.get_strategy("dwa", window=2)
-  losses = [[2, 4], [2, 4],      # window 0: means (2, 4)
-            [1, 4], [1, 4],      # window 1: means (1, 4) → r = (1/2, 4/4)
-            [9, 0], [0.5, 2]]    # window 2: task 1 absent at step 4 (count 0)
-  counts = [[1, 1]] * 4 + [[1, 0], [1, 1]]
-  lams, state = _run(dwa, losses, counts)
-  # λ of steps 1..3 (returned after steps 0..2): ones, the first two windows are not closed.
-  np.testing.assert_array_equal(lams[:3], 1.0)
-  expected = 2 * np.exp([0.25, 0.5]) / np.exp([0.25, 0.5]).sum()  # N·softmax(r / 2)
-  np.testing.assert_allclose(lams[3], expected, rtol=1e-6)
-  np.testing.assert_allclose(lams[4], expected, rtol=1e-6)  # held within a window
-  # Window 2: task 0 mean (9 + 0.5)/2 = 4.75 → r0 = 4.75; task 1 only step 5 → 2, r1 = 2/4.
-  r = np.array([4.75 / 1, 2 / 4])
-  np.testing.assert_allclose(lams[5], _n_softmax(r / 2), rtol=1e-6)
-  assert int(state["windows"]) == 3
+  losses = [[2, 4], [2, 4], [1, 4], [1, 4],
+            [9, 0], [0.5, 2], [1, 3]]
+  counts = [[1, 1]] * 4 + [[1, 0], [1, 1], [1, 1]]   # task 1 absent at step 4
+  lams, _ = _run(dwa, losses, counts)
+  np.testing.assert_array_equal(lams[:3], 1.0)   # fewer than 4 losses per task
+  # After step 3: task 0 (1 + 1)/2 over (2 + 2)/2 = 1/2; task 1 (4 + 4)/(4 + 4) = 1.
+  np.testing.assert_allclose(lams[3], _n_softmax([0.25, 0.5]), rtol=1e-6)
+  # After step 4 (task 1 absent, its ratio unchanged): task 0 (1 + 9)/2 over (2 + 1)/2 = 10/3.
+  np.testing.assert_allclose(lams[4], _n_softmax([10 / 3 / 2, 0.5]), rtol=1e-6)
+  # After step 5: task 0 (9 + 0.5)/(1 + 1) = 4.75; task 1's last four: 4, 4, 4, 2 → 6/8.
+  np.testing.assert_allclose(lams[5], _n_softmax([4.75 / 2, 0.75 / 2]), rtol=1e-6)
+  # After step 6: task 0 (0.5 + 1)/(1 + 9) = 0.15; task 1 (2 + 3)/(4 + 4) = 5/8.
+  np.testing.assert_allclose(lams[6], _n_softmax([0.075, 0.3125]), rtol=1e-6)
+  np.testing.assert_allclose(lams, _dwa_reference(losses, counts, window=2), rtol=1e-6)
+
+
+@pytest.mark.parametrize("window", [1, 3, 5])
+def test_dwa_matches_numpy_reference(window):
+  rng = np.random.default_rng(window)
+  steps = 40
+  # Decreasing losses with noise, tasks absent now and then, a NaN loss.
+  losses = (np.linspace(3, 1, steps)[:, None] * rng.uniform(0.7, 1.3, (steps, T))
+            ).astype(np.float32)
+  losses[7, 2] = np.nan
+  counts = (rng.uniform(size=(steps, T)) > 0.2).astype(np.float32)
+  counts[:, 3] = 0
+  counts[25:, 3] = 1                                  # task 3 joins late
+  options = {"window": window, "temperature": 1.5, **FIXED}
+  lams, _ = _run(weighting.get_strategy("dwa", **options), losses, counts)
+  expected = _dwa_reference(losses, counts, **options)
+  np.testing.assert_allclose(lams, expected, rtol=2e-6)
+  assert np.abs(expected[-1] - 1).max() > 1e-2      # the rule is active, not stuck at ones
+
+
+def test_dwa_at_window_boundaries_is_per_epoch_dwa():
+  # Every task present at every step, `window` steps per "epoch": the λ of the first step of
+  # epoch e ≥ 2 is the paper's DWA from the mean losses of epochs e − 1 and e − 2.
+  window, epochs = 4, 5
+  losses = _random_losses(window * epochs, seed=3)
+  lams, _ = _run(weighting.get_strategy("dwa", window=window), losses)
+  means = losses.reshape(epochs, window, T).astype(np.float64).mean(axis=1)
+  for e in range(2, epochs):
+    np.testing.assert_allclose(lams[e * window - 1], _n_softmax(means[e - 1] / means[e - 2] / 2),
+                               rtol=1e-6)
+  np.testing.assert_array_equal(lams[:2 * window - 1], 1.0)
 
 
 def test_dwa_fixed_task_and_nan_loss():
   dwa = weighting.get_strategy("dwa", window=1, fixed_mask=[False, False, True],
                                fixed_values=[0.0, 0.0, 1.0])
-  # A NaN loss counts as absent: task 1's step-2 NaN leaves its window mean carried forward.
+  # A NaN loss counts as absent: task 1's step-2 NaN leaves its last ratio (1/2) in place.
   lams, _ = _run(dwa, [[1, 2, 5], [2, 1, 5], [4, float("nan"), 5]])
   np.testing.assert_array_equal(lams[0], [1, 1, 1])
   np.testing.assert_allclose(lams[1], [*_n_softmax(np.array([2, 0.5]) / 2), 1.0], rtol=1e-6)
-  np.testing.assert_allclose(lams[2], [*_n_softmax(np.array([2, 1]) / 2), 1.0], rtol=1e-6)
+  np.testing.assert_allclose(lams[2], [*_n_softmax(np.array([2, 0.5]) / 2), 1.0], rtol=1e-6)
+
+
+def test_dwa_neutral_ratio_for_unready_or_zero_losses():
+  dwa = weighting.get_strategy("dwa", window=1)
+  # Task 1 is seen once only, task 2 has an earlier loss of 0: both get the neutral ratio 1.
+  lams, _ = _run(dwa, [[1, 1, 0], [2, 1, 3], [4, 1, 1]], counts=[[1, 1, 1], [1, 0, 1],
+                                                                  [1, 0, 1]])
+  np.testing.assert_allclose(lams[1], _n_softmax(np.array([2, 1, 1]) / 2), rtol=1e-6)
+  np.testing.assert_allclose(lams[2], _n_softmax(np.array([2, 1, 1 / 3]) / 2), rtol=1e-6)
 
 
 def test_igb_hand_computed_base():

@@ -19,6 +19,7 @@ import numpy as np
 
 from visatb_jax import train
 from visatb_jax.runtime import metrics_log
+from visatb_jax.runtime import sharding
 
 TESTS = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(TESTS, "train"))
@@ -165,3 +166,61 @@ def test_generation_split_over_two_hosts_gives_every_process_every_answer(tmp_pa
   for pid, (code, out) in enumerate(run_two_processes(tmp_path, _GENERATE_WORKER, model_tests)):
     assert code == 0, out[-3000:]
     assert f"TOKENS {pid} {want}" in out, out[-3000:]
+
+
+_PREEMPT_WORKER = r"""
+import os, signal, sys, time
+from visatb_jax.runtime import sharding
+sharding.initialize_distributed()
+import jax
+import test_train as tt
+from visatb_jax import train
+from visatb_jax.train.loop import Preempted
+workdir, signal_at, steps = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+served = []
+
+def get_batch(i):
+  served.append(i)
+  # SIGTERM reaches process 1 only: the notice must reach process 0 through JAX's service.
+  if i == signal_at and jax.process_index() == 1:
+    os.kill(os.getpid(), signal.SIGTERM)
+  if i >= signal_at >= 0:
+    time.sleep(0.5)  # leaves the notice time to travel before the run ends
+  return tt.make_batch(i)
+
+cfg = {**tt.CFG, "steps": steps}
+try:
+  train.train(tt.new_model(), get_batch, tt.LAM, cfg, workdir, mesh=sharding.make_mesh(),
+              task_names=tt.TASKS)
+except Preempted as e:
+  print("PREEMPTED", jax.process_index(), e.step, served[0], served[-1], flush=True)
+  sys.exit(143)
+print("DONE", jax.process_index(), served[0] if served else -1, flush=True)
+"""
+
+
+def test_two_processes_stop_at_the_same_step_on_sigterm_and_resume(tmp_path):
+  """One host gets SIGTERM; both save the same step (JAX's preemption sync) and resume from it."""
+  steps, signal_at = 12, 2
+  reference = tmp_path / "one"
+  train.train(tt.new_model(), tt.make_batch, tt.LAM, {**tt.CFG, "steps": steps}, reference,
+              mesh=sharding.make_mesh(devices=jax.devices()[:4]), task_names=tt.TASKS)
+  workdir = tmp_path / "two"
+  results = run_two_processes(tmp_path, _PREEMPT_WORKER, workdir, signal_at, steps)
+  stopped = []
+  for pid, (code, out) in enumerate(results):
+    line = [l.split() for l in out.splitlines() if l.startswith("PREEMPTED")]
+    assert code == 143 and line and line[0][1] == str(pid), out[-3000:]
+    stopped.append(int(line[0][2]))
+  stop = stopped[0]
+  assert stopped == [stop, stop] and signal_at < stop < steps, stopped
+  assert str(stop) in os.listdir(workdir / "checkpoints")
+  assert max(int(d) for d in os.listdir(workdir / "checkpoints") if d.isdigit()) == stop
+
+  for pid, (code, out) in enumerate(run_two_processes(tmp_path, _PREEMPT_WORKER, workdir, -1,
+                                                      steps)):
+    assert code == 0 and f"DONE {pid} {stop}" in out, out[-3000:]  # resumed at the saved step
+  got, want = _losses(workdir), _losses(reference)
+  assert [s for s, _, _ in got] == list(range(1, steps + 1))
+  for (_, loss_got, _), (_, loss_want, _) in zip(got, want, strict=True):
+    np.testing.assert_allclose(loss_got, loss_want, rtol=1e-5)

@@ -107,7 +107,7 @@ def test_combine_runs_the_method_on_active_rows_only():
 
 def test_combine_scales_and_empty_batch():
   G = np.array([[1.0, 0.0], [0.0, 2.0]], np.float32)
-  assert [gradmtl_step.direction_scale(m, None, 3) for m in METHODS] == [3, 3, 1, 1, 1]
+  assert [gradmtl_step.direction_scale(m, None, 3) for m in METHODS] == [3, 1, 3, 1, 1, 1]
   # PCGrad's "mean" reduction is scaled back to a sum; "sum" is not.
   key = gradmtl_step.init_mtl_state("pcgrad", 2)
   d_sum, _, _ = gradmtl_step.combine(G, np.array([True, True]), "pcgrad", mtl_state=key)

@@ -97,6 +97,23 @@ def test_sigterm_in_the_last_step_keeps_the_final_checkpoint(tmp_path, meshes, s
   assert served == []
 
 
+def test_sigterm_during_the_final_save_reaches_the_previous_handler(
+    tmp_path, meshes, sigterm_guard, monkeypatch):
+  """After the last check, the signal is not swallowed: the handler train() replaced gets it."""
+  close = checkpoint.Checkpointer.close
+
+  def close_with_sigterm(self):
+    os.kill(os.getpid(), signal.SIGTERM)
+    close(self)
+
+  monkeypatch.setattr(checkpoint.Checkpointer, "close", close_with_sigterm)
+  with pytest.raises(_Leaked):
+    train.train(new_model(), make_batch, LAM, {**CFG, "steps": 2}, tmp_path, mesh=meshes[1],
+                task_names=TASKS)
+  monkeypatch.undo()
+  assert _steps(tmp_path) == [2]  # the save completed before the signal was passed on
+
+
 def test_training_in_a_thread_leaves_the_signal_handlers_alone(tmp_path, meshes, sigterm_guard):
   """Python sets handlers from the main thread only; a trainer in another thread must not try."""
   seen, errors = [], []

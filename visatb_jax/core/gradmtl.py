@@ -1,25 +1,29 @@
-"""Gradient-combination methods for multi-task learning: IMGrad, CAGrad, PCGrad, MGDA, Nash-MTL.
+"""Gradient-combination methods for multi-task learning: IMGrad, CAGrad, PCGrad, MGDA, Nash-MTL,
+GradDrop.
 
 Every method is a pure, jittable function of G, the [T, P] matrix whose row k is task k's
 flattened gradient of the shared parameters (see `flatten_task_grads`), and returns
 
-    (direction [P], weights [T])   with   direction == weights @ G   (up to rounding).
+    (direction [P], weights [T])   with   direction == weights @ G   (up to rounding)
 
-All of them combine the task gradients linearly, so each one is solved in the T×T Gram
-space A = G Gᵀ (cheap: T is small) and the P-dimensional work is one Gram product and one
-weighted sum. The small solvers run inside JAX (no scipy at run time); scipy is only the
-reference in the tests. The Gram matrix is rescaled by its mean diagonal before solving:
-every objective here is invariant to a positive rescaling of G (or scales trivially), and
-this keeps the float32 solvers well scaled whatever the gradients' magnitude.
+for every method but GradDrop. Those five combine the task gradients linearly, so each one is
+solved in the T×T Gram space A = G Gᵀ (cheap: T is small) and the P-dimensional work is one
+Gram product and one weighted sum. The small solvers run inside JAX (no scipy at run time);
+scipy is only the reference in the tests. The Gram matrix is rescaled by its mean diagonal
+before solving: every objective here is invariant to a positive rescaling of G (or scales
+trivially), and this keeps the float32 solvers well scaled whatever the gradients' magnitude.
+GradDrop (`graddrop`) instead masks G coordinate by coordinate, so its direction is no linear
+combination of the rows; its weights are the fraction of each task's gradient mass it keeps.
 
 Scale conventions follow the papers' releases: `mgda` returns a convex combination (the
 scale of one task gradient), `cagrad`/`imgrad` are built on the *mean* gradient g0,
 `pcgrad` sums the projected gradients (Yu et al.; `reduction="mean"` averages them as the
-CAGrad/IMGrad repositories do), `nash` returns Gᵀα. Multiply by T to put a mean-based
-direction on the scale of a summed loss, as those releases do before the optimizer step.
+CAGrad/IMGrad repositories do), `nash` returns Gᵀα, `graddrop` sums the kept components.
+Multiply by T to put a mean-based direction on the scale of a summed loss, as those releases
+do before the optimizer step.
 
-Under `jax.jit`, G, `rng` (pcgrad) and `prev_alpha` (nash) are array arguments; every other
-option (c, alpha, iters, reduction, ...) is a Python value and must be static.
+Under `jax.jit`, G, `rng` (pcgrad, graddrop) and `prev_alpha` (nash) are array arguments; every
+other option (c, alpha, iters, reduction, leak, ...) is a Python value and must be static.
 """
 
 from __future__ import annotations
@@ -396,6 +400,68 @@ def nash(G: jax.Array, *, iters: int = 20, prev_alpha: jax.Array | None = None,
   return _combine(alpha, G), alpha
 
 
+# ----------------------------------------------------------------------------- GradDrop
+
+
+def graddrop(G: jax.Array, *, rng: jax.Array,
+             leak: float = 0.0) -> tuple[jax.Array, jax.Array]:
+  """GradDrop (Chen et al., NeurIPS 2020, "Just Pick a Sign"): sign-consistent gradient dropout.
+
+  Coordinate by coordinate p of the shared parameters, the gradient sign purity
+
+      P_p = ½ · (1 + Σ_k G_kp / Σ_k |G_kp|)          (½ where every G_kp is 0)
+
+  is the probability of keeping the positive side. One uniform draw U_p ∈ [0, 1) per coordinate,
+  shared by the tasks, picks the side: task k's component is kept when G_kp > 0 and U_p < P_p, or
+  G_kp < 0 and U_p ≥ P_p (the paper's mask; its ties have probability 0). The direction is
+
+      d_p = Σ_k (ℓ + (1 − ℓ)·M_kp) · G_kp,           ℓ = `leak`,
+
+  so leak=0 is GradDrop and leak=1 the plain sum; the paper's per-task leaks are one shared
+  value here. Where every task's component has the same sign, P_p is 1 or 0 and nothing is
+  dropped: if the tasks never conflict, d = Σ_k g_k.
+
+  Where it acts. The paper applies the mask to the gradients with respect to a shared
+  activation layer, summed over the batch; here, as for the other methods of this module, it
+  acts on G, i.e. each coordinate of the flattened shared parameters is one unit.
+
+  Weights. The mask differs from coordinate to coordinate, so d is not weights @ G. The returned
+  weights are the fraction of each task's gradient mass that enters d,
+
+      w_k = Σ_p |(ℓ + (1 − ℓ)·M_kp)·G_kp| / Σ_p |G_kp|    (1 for a zero gradient: nothing dropped),
+
+  in [0, 1]; d == weights @ G exactly when no component is dropped (e.g. no conflict, leak=1).
+  The direction is a sum over tasks, on the scale of a summed loss like `pcgrad`'s.
+
+  Args:
+    G: [T, P] per-task gradients.
+    rng: a JAX random key; the mask is a deterministic function of (G, rng).
+    leak: the fraction of every task's gradient that passes unmasked, in [0, 1] (static).
+
+  Returns:
+    (direction [P] in the dtype of G, weights [T] float32).
+  """
+  if not 0.0 <= leak <= 1.0:
+    raise ValueError(f"graddrop leak must be in [0, 1], got {leak}")
+  g = G.astype(jnp.float32)
+  positive = jnp.sum(jnp.maximum(g, 0.0), axis=0)
+  negative = jnp.sum(jnp.maximum(-g, 0.0), axis=0)
+  mass = positive + negative
+  # P = ½(1 + Σg / Σ|g|) written as Σg⁺ / (Σg⁺ + Σg⁻): the same number, but exactly 1 (or 0)
+  # where no component is negative (or positive), so an agreeing column is never dropped.
+  purity = jnp.where(mass > 0, positive / jnp.where(mass > 0, mass, 1.0), 0.5)
+  keep_positive = jax.random.uniform(rng, purity.shape, jnp.float32) < purity
+  mask = jnp.where(g > 0, keep_positive[None, :], (g < 0) & ~keep_positive[None, :])
+  kept = jnp.where(mask, g, 0.0)
+  if leak:
+    kept = leak * g + (1.0 - leak) * kept
+  task_mass = jnp.sum(jnp.abs(g), axis=1)
+  weights = jnp.where(task_mass > 0,
+                      jnp.sum(jnp.abs(kept), axis=1) / jnp.where(task_mass > 0, task_mass, 1.0),
+                      1.0)
+  return jnp.sum(kept, axis=0).astype(G.dtype), weights
+
+
 # ----------------------------------------------------------------------------- registry
 
 METHODS: dict[str, Callable[..., tuple[jax.Array, jax.Array]]] = {
@@ -404,4 +470,5 @@ METHODS: dict[str, Callable[..., tuple[jax.Array, jax.Array]]] = {
     "pcgrad": pcgrad,  # needs rng=
     "mgda": mgda,
     "nash": nash,  # takes prev_alpha= (its previous returned weights)
+    "graddrop": graddrop,  # needs rng=; its weights are kept-mass fractions, not coefficients
 }

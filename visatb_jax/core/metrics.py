@@ -1,24 +1,39 @@
 """Evaluation metrics: ΔI% / ΔE% against a baseline, and per-task scorers.
 
-Overall metrics (docs/method.md §8), for tasks i with metrics k and sign s_ik (+1 if higher is better,
--1 otherwise):
+Overall metrics (docs/method.md §8), for tasks i with metrics k and sign s_ik (+1 if higher is
+better, -1 otherwise):
 
     I_i  = (1/K_i) Σ_k s_ik · (M_e,ik − M_b,ik) / M_b,ik
     ΔI%  = 100 · mean_i I_i
     ΔE%  = 100 · mean_i max(0, −I_i)
 
-Per-task scorers take a list of predictions and a list of references (one entry per item):
-`exact_match`, `accuracy`, `iou_accuracy` (each in [0, 1]) and `cider` (CIDEr-D on the COCO caption
-evaluation's scale, [0, 10]). Each has a per-sample form (`exact_match_scores`, `accuracy_scores`,
-`iou_hits`, `cider_scores`) whose `mean_score` is the scalar, so a score and the per-sample values
-that a bootstrap resamples cannot drift apart. `SCORERS`, `SAMPLE_SCORERS`, `score` and
-`sample_scores` give the evaluation loop one entry point.
+Per-task scorers take a list of predictions and a list of references (one entry per item; an
+item's reference is a string or a list of strings, several acceptable answers). Every scorer is a
+per-sample function in `SAMPLE_SCORERS` whose `mean_score` is the scalar of the same name in
+`SCORERS`, so a score and the per-sample values that a bootstrap resamples cannot drift apart:
+
+  name             per-sample value                                 scalar (the mean), range
+  exact_match      normalised match with any reference              [0, 1]
+  accuracy         closed-set label match                           [0, 1]
+  iou_accuracy     IoU > threshold with a reference box             [0, 1]
+  cider            the image's CIDEr-D within the corpus            [0, 10]
+  vqa_accuracy     VQA soft accuracy, min(#humans agreeing / 3, 1)  [0, 1]
+  multiple_choice  parsed option letter is the correct one          [0, 1]
+  pope             yes/no answer is right                           [0, 1] (POPE's accuracy)
+  mme              yes/no answer is right                           [0, 1] (MME's accuracy)
+
+POPE's headline F1 and MME's score (accuracy + accuracy+) are not means of per-sample values:
+`pope_report` and `mme_score` compute them from the same answers. The pipeline's score tables
+(validation and test scores, λ, ΔI / ΔE, the bootstrap) use `score`, the mean of the per-sample
+values: accuracy for POPE and MME. `score` and `sample_scores` give the evaluation loop one entry
+point; a scorer's options (IoU threshold, choices, ...) are keyword options of both.
 
 Everything here is plain Python/numpy: nothing needs jax, Java or a network.
 """
 
 from __future__ import annotations
 
+import inspect
 import math
 import re
 import string
@@ -227,15 +242,15 @@ def exact_match(predictions: Sequence[str], references: Sequence[str | Sequence[
   return mean_score(exact_match_scores(predictions, references))
 
 
-def accuracy_scores(predictions: Sequence[str], references: Sequence[str],
+def accuracy_scores(predictions: Sequence[str], references: Sequence[str | Sequence[str]],
                     choices: Sequence[str] | None = None) -> np.ndarray:
   """Per item 1.0 if the normalised prediction equals the (closed-set) label, else 0.0.
 
   Args:
     predictions: one generated answer per item.
-    references: one label per item.
-    choices: the label set. A prediction outside it counts as wrong; a reference outside it is a
-      data error (ValueError), since no prediction could then be right.
+    references: per item, the label or a list of acceptable labels.
+    choices: option `choices`, the label set. A prediction outside it counts as wrong; a
+      reference outside it is a data error (ValueError), since no prediction could then be right.
 
   Returns:
     float64 [n].
@@ -243,20 +258,18 @@ def accuracy_scores(predictions: Sequence[str], references: Sequence[str],
   _check_lengths(predictions, references)
   allowed = None if choices is None else {normalize_answer(c) for c in choices}
   hits = np.zeros(len(predictions))
-  for i, (pred, ref) in enumerate(zip(predictions, references)):
-    if not isinstance(ref, str):
-      raise ValueError(f"item {i}: reference {ref!r} is not a string")
-    label = normalize_answer(ref)
-    if allowed is not None and label not in allowed:
-      raise ValueError(f"item {i}: reference {ref!r} is not one of the choices")
+  for i, (pred, refs) in enumerate(zip(predictions, references)):
+    labels = {normalize_answer(r) for r in _reference_list(i, refs)}
+    if allowed is not None and not labels <= allowed:
+      raise ValueError(f"item {i}: reference {refs!r} is not one of the choices")
     answer = normalize_answer(pred)
-    hits[i] = (allowed is None or answer in allowed) and answer == label
+    hits[i] = (allowed is None or answer in allowed) and answer in labels
   return hits
 
 
-def accuracy(predictions: Sequence[str], references: Sequence[str],
+def accuracy(predictions: Sequence[str], references: Sequence[str | Sequence[str]],
              choices: Sequence[str] | None = None) -> float:
-  """Closed-set accuracy: the mean of `accuracy_scores` (same arguments)."""
+  """Closed-set accuracy: the mean of `accuracy_scores` (same arguments and options)."""
   return mean_score(accuracy_scores(predictions, references, choices))
 
 
@@ -265,9 +278,8 @@ def accuracy(predictions: Sequence[str], references: Sequence[str],
 # ---------------------------------------------------------------------------------------------
 
 _NUMBER = r"\s*([-+]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d+)?)\s*"
-# The whole answer must be the box (an optional trailing period aside): text around it means the
-# model did not learn the answer format, which the metric should show rather than hide.
-_BOX_RE = re.compile(r"^\s*\[" + ",".join([_NUMBER] * 4) + r"\]\s*\.?\s*$")
+# Four comma-separated numbers in square brackets, anywhere in the answer.
+_BOX_RE = re.compile(r"\[" + ",".join([_NUMBER] * 4) + r"\]")
 
 
 def _is_valid_box(box: Sequence[float]) -> bool:
@@ -279,15 +291,19 @@ def _is_valid_box(box: Sequence[float]) -> bool:
 
 
 def parse_box(text: Any) -> Box | None:
-  """Parses "[x1, y1, x2, y2]" (values in [0, 1], x1 < x2, y1 < y2) into a tuple, else None.
+  """The first "[x1, y1, x2, y2]" in `text` as a tuple, or None.
 
-  Whitespace around the numbers and the brackets and one trailing period are allowed. Missing
-  brackets, a wrong count of numbers, other text, out-of-range values and degenerate boxes
-  (x2 <= x1 or y2 <= y1) all give None.
+  As in the RefCOCO evaluations of LVLMs (Qwen-VL's and InternVL's take the first match of their
+  box pattern in the answer), the box may sit anywhere in the answer ("It is at
+  [0.1, 0.2, 0.5, 0.6]." or "[[0.1, 0.2, 0.5, 0.6]]"), and only the FIRST bracketed group of
+  exactly four comma-separated numbers counts: when it is invalid (a value outside [0, 1],
+  x2 <= x1 or y2 <= y1) the answer has no box, even if a valid one follows. Whitespace around
+  the numbers is allowed; groups of three or five numbers, numbers without commas and other
+  brackets are not boxes.
   """
   if not isinstance(text, str):
     return None
-  match = _BOX_RE.match(text)
+  match = _BOX_RE.search(text)
   if match is None:
     return None
   box = tuple(float(g) for g in match.groups())
@@ -303,14 +319,31 @@ def box_iou(a: Sequence[float], b: Sequence[float]) -> float:
   return inter / union if union > 0.0 else 0.0
 
 
-def _reference_box(i: int, ref: str | Sequence[float]) -> Box:
-  try:
-    box = parse_box(ref) if isinstance(ref, str) else tuple(float(v) for v in ref)
-  except (TypeError, ValueError):
-    box = None
+def _as_number_box(ref: Any) -> Box | None:
+  """`ref` as a box if it is four numbers (not text), else None."""
+  if isinstance(ref, (str, bytes)) or not isinstance(ref, (Sequence, np.ndarray)) or len(ref) != 4:
+    return None
+  if not all(isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool)
+             for v in ref):
+    return None
+  return tuple(float(v) for v in ref)
+
+
+def _one_box(i: int, ref: Any) -> Box:
+  """One reference box: box text or four numbers; ValueError naming item i otherwise."""
+  box = parse_box(ref) if isinstance(ref, str) else _as_number_box(ref)
   if box is None or not _is_valid_box(box):
     raise ValueError(f"item {i}: reference {ref!r} is not a valid box")
   return box
+
+
+def _reference_boxes(i: int, ref: Any) -> list[Box]:
+  """Item i's reference boxes: one box (text or four numbers) or a non-empty list of boxes."""
+  if isinstance(ref, str) or _as_number_box(ref) is not None:
+    return [_one_box(i, ref)]
+  if not isinstance(ref, (Sequence, np.ndarray)) or len(ref) == 0:
+    raise ValueError(f"item {i}: reference {ref!r} is not a valid box")
+  return [_one_box(i, r) for r in ref]
 
 
 def _check_threshold(threshold: float) -> None:
@@ -318,7 +351,7 @@ def _check_threshold(threshold: float) -> None:
     raise ValueError(f"threshold must be in [0, 1), got {threshold}")
 
 
-def _iou_items(predictions: Sequence[str], references: Sequence[str | Sequence[float]],
+def _iou_items(predictions: Sequence[str], references: Sequence[Any],
                threshold: float) -> tuple[np.ndarray, np.ndarray]:
   """(hit, parsed) per item: float64 1.0/0.0 hits and bool "the prediction parsed as a box"."""
   _check_threshold(threshold)
@@ -326,34 +359,38 @@ def _iou_items(predictions: Sequence[str], references: Sequence[str | Sequence[f
   hits = np.zeros(len(predictions))
   parsed = np.zeros(len(predictions), bool)
   for i, (pred, ref) in enumerate(zip(predictions, references)):
-    target = _reference_box(i, ref)
+    targets = _reference_boxes(i, ref)
     box = parse_box(pred)
     parsed[i] = box is not None
-    hits[i] = box is not None and box_iou(box, target) > threshold
+    hits[i] = box is not None and max(box_iou(box, t) for t in targets) > threshold
   return hits, parsed
 
 
-def iou_hits(predictions: Sequence[str], references: Sequence[str | Sequence[float]],
+def iou_hits(predictions: Sequence[str], references: Sequence[Any],
              threshold: float = 0.5) -> np.ndarray:
-  """Per item 1.0 if the predicted box has IoU > `threshold` with the reference box, else 0.0.
+  """Per item 1.0 if the predicted box has IoU > `threshold` with a reference box, else 0.0.
 
-  Arguments as in `iou_accuracy`; an unparsable prediction scores 0.0. Returns float64 [n].
+  Arguments and options as in `iou_accuracy`; an answer without a valid box scores 0.0.
+  Returns float64 [n].
   """
   return _iou_items(predictions, references, threshold)[0]
 
 
-def iou_accuracy(predictions: Sequence[str], references: Sequence[str | Sequence[float]],
+def iou_accuracy(predictions: Sequence[str], references: Sequence[Any],
                  threshold: float = 0.5) -> tuple[float, dict[str, int]]:
-  """Fraction of predicted boxes with IoU > `threshold` against the reference box.
+  """Fraction of predicted boxes with IoU > `threshold` against a reference box.
 
   Args:
-    predictions: generated answers, each expected to be "[x1, y1, x2, y2]" (see `parse_box`).
-    references: per item, the box as text in the same format or as four numbers.
-    threshold: a hit needs IoU strictly above it.
+    predictions: generated answers; the first "[x1, y1, x2, y2]" in each is its box
+      (`parse_box`).
+    references: per item, the box as text or as four numbers, or a list of such boxes (a hit
+      needs IoU above the threshold with any of them).
+    threshold: option `threshold` (default 0.5): a hit needs IoU strictly above it.
 
   Returns:
-    (score, {"unparsable": n}): the score is the mean of `iou_hits`; n counts predictions that
-    `parse_box` rejects (no box, wrong format, out-of-range or degenerate box); each scores 0.
+    (score, {"unparsable": n}): the score is the mean of `iou_hits`; n counts answers in which
+    `parse_box` finds no valid box (none, or an out-of-range or degenerate first box); each
+    scores 0.
   """
   hits, parsed = _iou_items(predictions, references, threshold)
   return mean_score(hits), {"unparsable": int((~parsed).sum())}
@@ -369,9 +406,23 @@ _PUNCTUATION = str.maketrans("", "", string.punctuation)
 def cider_tokenize(text: str) -> list[str]:
   """Lower-cases, deletes ASCII punctuation and splits on whitespace.
 
-  The COCO caption evaluation tokenises with the Stanford PTB tokenizer (Java) and then drops
-  punctuation tokens; this is a Java-free stand-in. It differs on contractions and possessives
-  ("man's" → "mans" here, "man 's" there) and on hyphenated or dotted words ("e.g." → "eg").
+  Which tokenisation, and why. The COCO caption evaluation (pycocoevalcap's `PTBTokenizer`)
+  runs the Stanford PTB tokenizer (Java) over every caption, lower-cases, and drops the
+  punctuation tokens of a fixed list; its `Cider` then splits the result on spaces. This project
+  scores without Java (docs/method.md §8), so this function stands in for that step. Both agree
+  on captions made of words, spaces and sentence punctuation (, . ; : ! ? and double quotes),
+  which is nearly every caption a model writes; there our CIDEr-D equals pycocoevalcap's
+  (tests/core/test_metrics.py runs the Java pipeline where Java exists). They differ where PTB
+  splits or keeps what this deletes:
+
+    text                   PTB + pycocoevalcap          here
+    "man's", "don't"       man 's / do n't              mans / dont
+    "e.g.", "U.S.", "3.5"  e.g. / u.s. / 3.5            eg / us / 35
+    "black-and-white"      black-and-white              blackandwhite
+    "(sleeping)"           -lrb- sleeping -rrb-         sleeping
+    "$5", "10%", "&"       $ 5 / 10 % / &               5 / 10 / (dropped)
+
+  ("-lrb-" survives in pycocoevalcap because it drops "-LRB-" after lower-casing.)
   """
   return text.lower().translate(_PUNCTUATION).split()
 
@@ -459,11 +510,452 @@ def cider(predictions: Sequence[str], references: Sequence[str | Sequence[str]],
 
   Args:
     predictions: one generated caption per image.
-    references: per image, a list of reference captions (a bare string is one reference).
-    n: the largest n-gram order.
-    sigma: the width of the Gaussian length penalty.
+    references: per image, a list of reference captions (a bare string is one reference);
+      several references give multi-reference CIDEr-D (the mean over them, as in `cider_scores`).
+    n: option `n` (default 4), the largest n-gram order.
+    sigma: option `sigma` (default 6.0), the width of the Gaussian length penalty.
   """
   return mean_score(cider_scores(predictions, references, n=n, sigma=sigma))
+
+
+# ---------------------------------------------------------------------------------------------
+# VQA soft accuracy (VQAv2, TextVQA, VizWiz)
+# ---------------------------------------------------------------------------------------------
+
+# The answer normalisation tables of the official VQA evaluation (GT-Vision-Lab/VQA,
+# PythonEvaluationTools/vqaEvaluation/vqaEval.py, last revised in 2021), transcribed as they are.
+# Keys with capitals ("Im", "Ive", ...) can never match (answers are lower-cased first); they are
+# kept so that the table stays the official one.
+VQA_CONTRACTIONS: dict[str, str] = {
+    'aint': "ain't", 'arent': "aren't", 'cant': "can't", 'couldve': "could've",
+    'couldnt': "couldn't", "couldn'tve": "couldn't've", "couldnt've": "couldn't've",
+    'didnt': "didn't", 'doesnt': "doesn't", 'dont': "don't", 'hadnt': "hadn't",
+    "hadnt've": "hadn't've", "hadn'tve": "hadn't've", 'hasnt': "hasn't", 'havent': "haven't",
+    'hed': "he'd", "hed've": "he'd've", "he'dve": "he'd've", 'hes': "he's", 'howd': "how'd",
+    'howll': "how'll", 'hows': "how's", "Id've": "I'd've", "I'dve": "I'd've", 'Im': "I'm",
+    'Ive': "I've", 'isnt': "isn't", 'itd': "it'd", "itd've": "it'd've", "it'dve": "it'd've",
+    'itll': "it'll", "let's": "let's", 'maam': "ma'am", 'mightnt': "mightn't",
+    "mightnt've": "mightn't've", "mightn'tve": "mightn't've", 'mightve': "might've",
+    'mustnt': "mustn't", 'mustve': "must've", 'neednt': "needn't", 'notve': "not've",
+    'oclock': "o'clock", 'oughtnt': "oughtn't", "ow's'at": "'ow's'at", "'ows'at": "'ow's'at",
+    "'ow'sat": "'ow's'at", 'shant': "shan't", "shed've": "she'd've", "she'dve": "she'd've",
+    "she's": "she's", 'shouldve': "should've", 'shouldnt': "shouldn't",
+    "shouldnt've": "shouldn't've", "shouldn'tve": "shouldn't've", "somebody'd": 'somebodyd',
+    "somebodyd've": "somebody'd've", "somebody'dve": "somebody'd've",
+    'somebodyll': "somebody'll", 'somebodys': "somebody's", 'someoned': "someone'd",
+    "someoned've": "someone'd've", "someone'dve": "someone'd've", 'someonell': "someone'll",
+    'someones': "someone's", 'somethingd': "something'd", "somethingd've": "something'd've",
+    "something'dve": "something'd've", 'somethingll': "something'll", 'thats': "that's",
+    'thered': "there'd", "thered've": "there'd've", "there'dve": "there'd've",
+    'therere': "there're", 'theres': "there's", 'theyd': "they'd", "theyd've": "they'd've",
+    "they'dve": "they'd've", 'theyll': "they'll", 'theyre': "they're", 'theyve': "they've",
+    'twas': "'twas", 'wasnt': "wasn't", "wed've": "we'd've", "we'dve": "we'd've",
+    'weve': "we've", 'werent': "weren't", 'whatll': "what'll", 'whatre': "what're",
+    'whats': "what's", 'whatve': "what've", 'whens': "when's", 'whered': "where'd",
+    'wheres': "where's", 'whereve': "where've", 'whod': "who'd", "whod've": "who'd've",
+    "who'dve": "who'd've", 'wholl': "who'll", 'whos': "who's", 'whove': "who've",
+    'whyll': "why'll", 'whyre': "why're", 'whys': "why's", 'wont': "won't",
+    'wouldve': "would've", 'wouldnt': "wouldn't", "wouldnt've": "wouldn't've",
+    "wouldn'tve": "wouldn't've", 'yall': "y'all", "yall'll": "y'all'll", "y'allll": "y'all'll",
+    "yall'd've": "y'all'd've", "y'alld've": "y'all'd've", "y'all'dve": "y'all'd've",
+    'youd': "you'd", "youd've": "you'd've", "you'dve": "you'd've", 'youll': "you'll",
+    'youre': "you're", 'youve': "you've",
+}
+VQA_DIGITS: dict[str, str] = {
+    "none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4", "five": "5",
+    "six": "6", "seven": "7", "eight": "8", "nine": "9", "ten": "10",
+}
+VQA_ARTICLES: tuple[str, ...] = ("a", "an", "the")
+VQA_PUNCTUATION: tuple[str, ...] = (
+    ";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<", "@", "`",
+    ",", "?", "!")
+# As written in the official code: "(?!<=\d)" is a lookahead for the text "<=" and a digit (a
+# slip for the lookbehind "(?<!\d)"), so the pattern removes every period not followed by a digit.
+_VQA_PERIOD_STRIP = re.compile(r"(?!<=\d)(\.)(?!\d)")
+_VQA_COMMA_STRIP = re.compile(r"(\d)(\,)(\d)")
+# The official code calls `periodStrip.sub("", text, re.UNICODE)`: the flag lands in `count`, so at
+# most re.UNICODE (= 32) periods go. Kept: it only matters for answers with over 32 periods.
+_VQA_PERIOD_COUNT = int(re.UNICODE)
+
+
+def _vqa_punctuation(text: str) -> str:
+  """The official `processPunctuation`.
+
+  Each mark of VQA_PUNCTUATION is deleted where it touches a space (or wherever the answer has a
+  digit-comma-digit, so "1,000" → "1000"), else replaced by a space ("black-and-white" →
+  "black and white"); then periods not followed by a digit are deleted ("3.5" stays).
+  """
+  out = text
+  delete_all = _VQA_COMMA_STRIP.search(text) is not None
+  for mark in VQA_PUNCTUATION:
+    # The test reads the original text, the replacement the text rewritten so far (as there).
+    if delete_all or mark + " " in text or " " + mark in text:
+      out = out.replace(mark, "")
+    else:
+      out = out.replace(mark, " ")
+  return _VQA_PERIOD_STRIP.sub("", out, count=_VQA_PERIOD_COUNT)
+
+
+def _vqa_digit_article(text: str) -> str:
+  """The official `processDigitArticle`: lower-case, number words → digits, drop articles, then
+  expand contractions written without their apostrophe ("dont" → "don't")."""
+  words = [VQA_DIGITS.get(w, w) for w in text.lower().split()]
+  words = [w for w in words if w not in VQA_ARTICLES]
+  return " ".join(VQA_CONTRACTIONS.get(w, w) for w in words)
+
+
+def vqa_normalize(answer: str) -> str:
+  """An answer normalised as by the official VQA evaluation.
+
+  Newlines and tabs become spaces, surrounding whitespace goes, then `_vqa_punctuation` and
+  `_vqa_digit_article`: "Two dogs." → "2 dogs", "the 1,000 ones!" → "1000 ones",
+  "dont know" → "don't know".
+  """
+  text = answer.replace("\n", " ").replace("\t", " ").strip()
+  return _vqa_digit_article(_vqa_punctuation(text))
+
+
+def _vqa_item_accuracy(answer: str, humans: Sequence[str]) -> float:
+  """min(#matching human answers / 3, 1), averaged over the leave-one-out subsets of `humans`."""
+  if len(humans) == 1:
+    # With one reference there are no annotators to agree: it is the answer key.
+    return float(answer == humans[0])
+  matches = sum(h == answer for h in humans)
+  # Leaving out a matching answer leaves matches − 1 of them, leaving out another leaves all.
+  total = sum(min((matches - (h == answer)) / 3.0, 1.0) for h in humans)
+  return total / len(humans)
+
+
+def vqa_accuracy_scores(predictions: Sequence[str],
+                        references: Sequence[str | Sequence[str]]) -> np.ndarray:
+  """Per item the VQA soft accuracy of the official VQAv2 / TextVQA / VizWiz evaluation.
+
+  With the item's human answers h_1..h_n (ten in those datasets) and the prediction, all
+  normalised by `vqa_normalize`,
+
+      acc = (1/n) Σ_j min(#{k ≠ j : h_k = prediction} / 3, 1),
+
+  the mean over the n leave-one-out subsets of "min(#humans who gave that answer / 3, 1)": an
+  answer given by 3 or more of the 10 humans scores 1, by 2 of them 0.6, by 1 of them 0.3.
+  An item with a single reference (a bare string) scores 1.0 on a normalised match, else 0.0;
+  with 2 to 9 references the same formula applies (so at most (n − 1)/3 for n ≤ 3).
+
+  Normalisation of the references. The official code (2021 revision) normalises the prediction
+  and the human answers only when the ten answers are not all identical; its answer files were
+  normalised when the dataset was built, and LLaVA-style submissions normalise the prediction
+  with the same processor beforehand. Here both sides are always normalised: that is the official
+  score of a normalised prediction, and it keeps raw references (TextVQA, user data) comparable.
+
+  Options: none. Returns float64 [n], each in [0, 1].
+  """
+  _check_lengths(predictions, references)
+  scores = np.zeros(len(predictions))
+  for i, (pred, refs) in enumerate(zip(predictions, references)):
+    humans = [vqa_normalize(r) for r in _reference_list(i, refs)]
+    scores[i] = _vqa_item_accuracy(vqa_normalize(pred), humans)
+  return scores
+
+
+def vqa_accuracy(predictions: Sequence[str], references: Sequence[str | Sequence[str]]) -> float:
+  """VQA accuracy in [0, 1] (the official one × 1/100): the mean of `vqa_accuracy_scores`."""
+  return mean_score(vqa_accuracy_scores(predictions, references))
+
+
+# ---------------------------------------------------------------------------------------------
+# Multiple choice (ScienceQA, MMBench, SEED-Bench, ...)
+# ---------------------------------------------------------------------------------------------
+
+_LETTERS = string.ascii_uppercase
+# The whole answer is one letter: "A", "a", "(A)", "[A]", "A.", "A)", "A:", "(A).".
+_LETTER_ONLY_RE = re.compile(r"[(\[]?([A-Za-z])[)\]]?[.:)]?")
+# The answer starts with a letter marker and goes on: "A. text", "(A) text", "A) text", "A: text".
+_LETTER_LEAD_RE = re.compile(r"(?:\(([A-Z])\)|\[([A-Z])\]|([A-Z])[.:)])\s")
+# "The answer is A", "the correct answer is (B).", "Answer: C", "answer: option D".
+_ANSWER_IS_RE = re.compile(
+    r"(?i:\banswer\b(?:\s+is)?\s*:?\s*(?:option\s+)?)[(\[]?([A-Z])(?![A-Za-z0-9])")
+# "The correct option is B", "I choose option (C)", "choice D".
+_OPTION_IS_RE = re.compile(
+    r"(?i:\b(?:option|choice)\b(?:\s+is)?\s*:?\s*)[(\[]?([A-Z])(?![A-Za-z0-9])")
+_PAREN_LETTER_RE = re.compile(r"[(\[]([A-Z])[)\]]")
+
+Options = Union[Mapping[str, str], Sequence[str]]
+
+
+def _option_map(options: Options | None, where: str) -> dict[str, str] | None:
+  """{letter: option text} from a letter → text mapping or a list of texts (A, B, ... in order)."""
+  if options is None:
+    return None
+  if isinstance(options, Mapping):
+    out = {}
+    for letter, text in options.items():
+      if not (isinstance(letter, str) and len(letter) == 1 and letter in _LETTERS):
+        raise ValueError(f"{where}: option key {letter!r} is not a capital letter A–Z")
+      if not isinstance(text, str):
+        raise ValueError(f"{where}: option {letter} is {text!r}, not a string")
+      out[letter] = text
+  elif isinstance(options, Sequence) and not isinstance(options, str):
+    if len(options) > len(_LETTERS):
+      raise ValueError(f"{where}: {len(options)} options, at most {len(_LETTERS)}")
+    if not all(isinstance(t, str) for t in options):
+      raise ValueError(f"{where}: options {options!r} are not all strings")
+    out = dict(zip(_LETTERS, options))
+  else:
+    raise ValueError(f"{where}: choices must be a list of option texts or a mapping letter → "
+                     f"text, got {options!r}")
+  if not out:
+    raise ValueError(f"{where}: empty list of options")
+  return out
+
+
+def _unique(letters: Sequence[str]) -> str | None:
+  distinct = set(letters)
+  return distinct.pop() if len(distinct) == 1 else None
+
+
+def parse_choice(text: Any, options: Options | None = None) -> str | None:
+  """The option letter an answer picks, or None.
+
+  Rules, in order (the first that gives an allowed letter wins; with `options`, allowed letters
+  are their letters, else A–Z):
+
+    1. the whole answer is a letter, any case: "A", "b", "(A)", "[C]", "A.", "A)", "A:";
+    2. it starts with a capital letter marker and goes on: "A. text", "(A) text", "A) text";
+    3. the first "answer [is] [:] [option] X": "The answer is A", "Answer: (B).";
+    4. the first "option / choice [is] X": "The correct option is C";
+    5. one distinct parenthesised capital letter anywhere: "... so (D) is right";
+    6. with options: the normalised answer (`normalize_answer`) equals one option's text;
+    7. with options: exactly one option's normalised text occurs in the answer as whole words.
+
+  Capital letters only beyond rule 1, so the article in "a dog" or the pronoun "I" is never an
+  option. An answer that names the letter in no such form ("I think B") is not parsed.
+  """
+  if not isinstance(text, str):
+    return None
+  letters = _option_map(options, "parse_choice")
+  allowed = set(letters) if letters is not None else set(_LETTERS)
+  answer = text.strip()
+  match = _LETTER_ONLY_RE.fullmatch(answer)
+  if match and match.group(1).upper() in allowed:
+    return match.group(1).upper()
+  match = _LETTER_LEAD_RE.match(answer)
+  lead = next(g for g in match.groups() if g) if match else None
+  if lead in allowed:
+    return lead
+  for pattern in (_ANSWER_IS_RE, _OPTION_IS_RE):
+    found = [m.group(1) for m in pattern.finditer(answer) if m.group(1) in allowed]
+    if found:
+      return found[0]
+  letter = _unique([m for m in _PAREN_LETTER_RE.findall(answer) if m in allowed])
+  if letter is not None:
+    return letter
+  if letters is None:
+    return None
+  normalized = normalize_answer(answer)
+  exact = [k for k, v in letters.items() if normalize_answer(v) == normalized]
+  if exact:
+    return _unique(exact)
+  words = f" {_words(answer)} "
+  return _unique([k for k, v in letters.items() if _words(v) and f" {_words(v)} " in words])
+
+
+def _words(text: str) -> str:
+  """Lower-case alphanumeric words of `text`, space-joined (for whole-word containment)."""
+  return " ".join(re.findall(r"[a-z0-9]+", text.lower()))
+
+
+def _per_sample_options(choices: Any, n: int) -> list[Options | None]:
+  """The `choices` option as one entry per item.
+
+  Accepted: None (no options), one mapping letter → text or one list of option texts shared by
+  every item, or a list of n per-item entries (each a mapping, a list of texts, or None).
+  """
+  if choices is None:
+    return [None] * n
+  if isinstance(choices, Mapping):
+    return [choices] * n
+  if not isinstance(choices, Sequence) or isinstance(choices, str):
+    raise ValueError(f"choices must be a list or a mapping, got {choices!r}")
+  if choices and all(isinstance(c, str) for c in choices):
+    return [choices] * n
+  if len(choices) != n:
+    raise ValueError(f"choices has {len(choices)} per-item entries for {n} predictions")
+  return list(choices)
+
+
+def _reference_letters(i: int, refs: str | Sequence[str],
+                       options: dict[str, str] | None) -> set[str]:
+  """Item i's correct letters ("A", "(A)", "A." ...), each one of its options' letters."""
+  out = set()
+  for ref in _reference_list(i, refs):
+    match = _LETTER_ONLY_RE.fullmatch(ref.strip())
+    letter = match.group(1).upper() if match else None
+    if letter is None or (options is not None and letter not in options):
+      raise ValueError(f"item {i}: reference {ref!r} is not the letter of one of its options")
+    out.add(letter)
+  return out
+
+
+def multiple_choice_scores(predictions: Sequence[str], references: Sequence[str | Sequence[str]],
+                           choices: Any = None) -> np.ndarray:
+  """Per item 1.0 if the answer picks the correct option letter (`parse_choice`), else 0.0.
+
+  Args:
+    predictions: one generated answer per item.
+    references: per item, the correct letter ("A", "(A)" or "A."), or a list of accepted letters.
+    choices: option `choices`: the items' options, so that an answer giving the option's text
+      counts and letters beyond the options do not. One list of option texts (lettered A, B, ...)
+      or one mapping letter → text shared by all items, or a list with one such entry (or None)
+      per item. Default None: letters only, any of A–Z.
+
+  Returns:
+    float64 [n]; an answer no rule parses scores 0.0.
+  """
+  _check_lengths(predictions, references)
+  per_item = _per_sample_options(choices, len(predictions))
+  hits = np.zeros(len(predictions))
+  for i, (pred, refs, options) in enumerate(zip(predictions, references, per_item)):
+    letters = _option_map(options, f"item {i}")
+    correct = _reference_letters(i, refs, letters)
+    hits[i] = parse_choice(pred, letters) in correct
+  return hits
+
+
+def multiple_choice(predictions: Sequence[str], references: Sequence[str | Sequence[str]],
+                    choices: Any = None) -> float:
+  """Multiple-choice accuracy: the mean of `multiple_choice_scores` (same arguments, options)."""
+  return mean_score(multiple_choice_scores(predictions, references, choices))
+
+
+# ---------------------------------------------------------------------------------------------
+# Yes/no benchmarks: POPE and MME
+# ---------------------------------------------------------------------------------------------
+
+
+def _yes_no_label(i: int, refs: str | Sequence[str]) -> str:
+  """Item i's label, "yes" or "no" (any case, one trailing period); a list must agree."""
+  labels = {normalize_answer(r) for r in _reference_list(i, refs)}
+  if len(labels) != 1 or not labels <= {"yes", "no"}:
+    raise ValueError(f"item {i}: reference {refs!r} is not one label, 'yes' or 'no'")
+  return labels.pop()
+
+
+def pope_answer(text: str) -> str:
+  """"yes" or "no" as POPE's official evaluation reads an answer.
+
+  Only the text before the first period counts; commas are deleted; the answer is "no" when a
+  space-separated word of it is "No", "no" or "not", and "yes" otherwise (so "NO" and "Nope" read
+  as yes, as there).
+  """
+  first = text.split(".")[0] if "." in text else text
+  words = first.replace(",", "").split(" ")
+  return "no" if ("No" in words or "not" in words or "no" in words) else "yes"
+
+
+def pope_scores(predictions: Sequence[str],
+                references: Sequence[str | Sequence[str]]) -> np.ndarray:
+  """Per item 1.0 if `pope_answer` of the prediction is the label ("yes"/"no"), else 0.0.
+
+  Their mean is POPE's accuracy; POPE's headline F1 is in `pope_report`. Options: none.
+  Returns float64 [n].
+  """
+  _check_lengths(predictions, references)
+  return np.array([float(pope_answer(p) == _yes_no_label(i, r))
+                   for i, (p, r) in enumerate(zip(predictions, references))])
+
+
+def pope(predictions: Sequence[str], references: Sequence[str | Sequence[str]]) -> float:
+  """POPE accuracy: the mean of `pope_scores` (the score the pipeline's tables use)."""
+  return mean_score(pope_scores(predictions, references))
+
+
+def _ratio(numerator: int | float, denominator: int | float) -> float:
+  return float(numerator / denominator) if denominator else 0.0
+
+
+def pope_report(predictions: Sequence[str],
+                references: Sequence[str | Sequence[str]]) -> dict[str, float]:
+  """POPE's corpus metrics, "yes" being the positive class, each in [0, 1].
+
+  Returns:
+    {"accuracy", "precision", "recall", "f1", "yes_ratio"} as POPE's evaluation prints them
+    (yes_ratio: the fraction of answers read as "yes"). `accuracy` is exactly `pope(...)`. A
+    precision or recall with a zero denominator (no "yes" answer, no "yes" label) is 0, and so
+    is F1 when both are 0.
+  """
+  correct = pope_scores(predictions, references)
+  said_yes = np.array([pope_answer(p) == "yes" for p in predictions])
+  is_yes = np.array([_yes_no_label(i, r) == "yes" for i, r in enumerate(references)])
+  tp = int(np.sum(said_yes & is_yes))
+  precision = _ratio(tp, int(np.sum(said_yes)))
+  recall = _ratio(tp, int(np.sum(is_yes)))
+  return {"accuracy": mean_score(correct), "precision": precision, "recall": recall,
+          "f1": _ratio(2 * precision * recall, precision + recall),
+          "yes_ratio": float(np.mean(said_yes))}
+
+
+def mme_answer(text: str) -> str:
+  """"yes", "no" or "other" as MME's official `calculation.py` reads an answer.
+
+  Lower-cased; "yes" or "no" as it is; otherwise "yes" if its first 4 characters contain "yes",
+  else "no" if they contain "no" ("not sure" reads as no, as there), else "other".
+  """
+  answer = text.lower()
+  if answer in ("yes", "no"):
+    return answer
+  prefix = answer[:4]
+  if "yes" in prefix:
+    return "yes"
+  return "no" if "no" in prefix else "other"
+
+
+def mme_scores(predictions: Sequence[str],
+               references: Sequence[str | Sequence[str]]) -> np.ndarray:
+  """Per question 1.0 if `mme_answer` of the prediction is the label ("yes"/"no"), else 0.0.
+
+  Their mean is MME's accuracy of the subtask; its score (accuracy + accuracy+) is
+  `mme_score`. Options: none. Returns float64 [n].
+  """
+  _check_lengths(predictions, references)
+  return np.array([float(mme_answer(p) == _yes_no_label(i, r))
+                   for i, (p, r) in enumerate(zip(predictions, references))])
+
+
+def mme(predictions: Sequence[str], references: Sequence[str | Sequence[str]]) -> float:
+  """MME accuracy in [0, 1]: the mean of `mme_scores` (the score the pipeline's tables use)."""
+  return mean_score(mme_scores(predictions, references))
+
+
+def mme_report(predictions: Sequence[str], references: Sequence[str | Sequence[str]],
+               pair_ids: Sequence[Any]) -> dict[str, float]:
+  """MME's metrics of one subtask: {"accuracy", "accuracy_plus", "score"}.
+
+  Args:
+    predictions, references: as in `mme_scores`, one per question.
+    pair_ids: per question, the id of its image (MME asks two questions per image, one "yes"
+      and one "no").
+
+  Returns:
+    accuracy: fraction of questions answered right (= `mme(...)`); accuracy_plus: fraction of
+    images whose questions are all answered right (MME counts images with both right); score:
+    100 · (accuracy + accuracy_plus), in [0, 200], MME's subtask score (its perception and
+    cognition totals are sums of these over the subtasks).
+  """
+  correct = mme_scores(predictions, references)
+  if len(pair_ids) != len(correct):
+    raise ValueError(f"{len(pair_ids)} pair ids for {len(correct)} predictions")
+  by_image: dict[Any, bool] = {}
+  for pair, right in zip(pair_ids, correct):
+    by_image[pair] = by_image.get(pair, True) and bool(right)
+  accuracy = mean_score(correct)
+  accuracy_plus = float(np.mean(list(by_image.values())))
+  return {"accuracy": accuracy, "accuracy_plus": accuracy_plus,
+          "score": 100.0 * (accuracy + accuracy_plus)}
+
+
+def mme_score(predictions: Sequence[str], references: Sequence[str | Sequence[str]],
+              pair_ids: Sequence[Any]) -> float:
+  """MME's score of one subtask, 100 · (accuracy + accuracy+) in [0, 200] (see `mme_report`)."""
+  return mme_report(predictions, references, pair_ids)["score"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -475,6 +967,10 @@ SCORERS: dict[str, Callable[..., Any]] = {
     "accuracy": accuracy,
     "iou_accuracy": iou_accuracy,
     "cider": cider,
+    "vqa_accuracy": vqa_accuracy,
+    "multiple_choice": multiple_choice,
+    "pope": pope,
+    "mme": mme,
 }
 
 # Same names as SCORERS: each scalar scorer is the mean of its per-sample scorer.
@@ -483,19 +979,45 @@ SAMPLE_SCORERS: dict[str, Callable[..., np.ndarray]] = {
     "accuracy": accuracy_scores,
     "iou_accuracy": iou_hits,
     "cider": cider_scores,
+    "vqa_accuracy": vqa_accuracy_scores,
+    "multiple_choice": multiple_choice_scores,
+    "pope": pope_scores,
+    "mme": mme_scores,
 }
+
+
+def metric_options(metric_name: str) -> tuple[str, ...]:
+  """The keyword options a registered metric accepts (e.g. ("threshold",) for iou_accuracy)."""
+  if metric_name not in SAMPLE_SCORERS:
+    raise ValueError(f"unknown metric {metric_name!r}; known: {sorted(SAMPLE_SCORERS)}")
+  params = inspect.signature(SAMPLE_SCORERS[metric_name]).parameters
+  return tuple(name for name in params if name not in ("predictions", "references"))
 
 
 def sample_scores(metric_name: str, predictions: Sequence[Any], references: Sequence[Any],
                   **options: Any) -> np.ndarray:
   """Per-sample scores (float64 [n]) of a registered metric; their `mean_score` is `score`.
 
-  exact_match, accuracy and iou_accuracy give 1.0 or 0.0 per sample; cider gives each image's
-  CIDEr-D within the corpus being scored (see `cider_scores`). Keyword options go to the scorer
-  (e.g. `choices` for accuracy, `threshold` for iou_accuracy, `n`/`sigma` for cider).
+  A reference is a string or a list of strings (several acceptable answers; iou_accuracy also
+  takes boxes as four numbers). Keyword options go to the scorer (`metric_options`):
+
+    accuracy         choices (the closed label set)
+    iou_accuracy     threshold (IoU a hit must exceed, default 0.5)
+    cider            n (largest n-gram, default 4), sigma (length penalty width, default 6)
+    multiple_choice  choices (option texts: one list or mapping letter → text, or one per item)
+    exact_match, vqa_accuracy, pope, mme: none
+
+  Every scorer but cider gives a per-sample value that depends on that sample alone (1.0 / 0.0,
+  or VQA's soft accuracy); cider gives each image's CIDEr-D within the corpus being scored (see
+  `cider_scores`).
+
+  Raises:
+    ValueError: an unknown metric or option, or invalid predictions, references or options.
   """
-  if metric_name not in SAMPLE_SCORERS:
-    raise ValueError(f"unknown metric {metric_name!r}; known: {sorted(SAMPLE_SCORERS)}")
+  unknown = sorted(set(options) - set(metric_options(metric_name)))
+  if unknown:
+    raise ValueError(f"metric {metric_name!r} takes no option(s) {unknown}; its options: "
+                     f"{list(metric_options(metric_name))}")
   values = np.asarray(SAMPLE_SCORERS[metric_name](predictions, references, **options),
                       np.float64)
   if values.shape != (len(predictions),):  # a guard on the registry, not on the caller
@@ -505,9 +1027,6 @@ def sample_scores(metric_name: str, predictions: Sequence[Any], references: Sequ
 
 
 def score(metric_name: str, predictions: Sequence[Any], references: Sequence[Any],
-          **kwargs: Any) -> float:
-  """The scalar score of a registered metric: `mean_score` of `sample_scores`.
-
-  Keyword arguments go to the scorer (e.g. `choices` for accuracy, `threshold` for iou_accuracy).
-  """
-  return mean_score(sample_scores(metric_name, predictions, references, **kwargs))
+          **options: Any) -> float:
+  """The scalar score of a registered metric: `mean_score` of `sample_scores` (same options)."""
+  return mean_score(sample_scores(metric_name, predictions, references, **options))

@@ -32,7 +32,9 @@ set): fixed tasks always get their value, and the dynamic rule runs over the oth
 only, normalised so that their λ averages 1 (for the softmax rules: N_free · softmax over
 the N_free non-fixed tasks).
 
-Strategies: `ew`, `static`, `tla`, `rlw`, `dwa`, `igb`; see `get_strategy`.
+Strategies: `ew`, `static`, `rlw`, `dwa`, `igb`; see `get_strategy`. (TLA's λ needs each task's
+count over the global batch, which only the train step sees: it is made there,
+`train/vitw_step.py`.)
 """
 
 from __future__ import annotations
@@ -154,7 +156,7 @@ def _inputs(per_task_loss: Any, step: Any) -> tuple[jax.Array, jax.Array]:
   return jnp.asarray(per_task_loss, jnp.float32), jnp.asarray(step, jnp.int32)
 
 
-# -------------------------------------------------------------------- EW, TLA, static
+# ------------------------------------------------------------------------- EW, static
 
 
 def _constant(name: str, lam_of: Callable[[int], jax.Array]) -> Strategy:
@@ -178,17 +180,6 @@ def _ew(fixed: _Fixed) -> Strategy:
     return _ones(num_tasks, fixed)
 
   return _constant("ew", lam_of)
-
-
-def _tla() -> Strategy:
-  """TLA marker: λ = 1 here; the real λ_k = 1 / count_k is computed inside the train step.
-
-  Task-level averaging needs each task's token count over the *global* batch of the step,
-  which only the train step sees; `train.make_train_step(..., tla=True)` replaces the λ it
-  receives by `loss.tla_lambda`. This strategy exists so that `weighting=tla` resolves like
-  the others; the caller must also set the train config's `tla=True`.
-  """
-  return _constant("tla", lambda num_tasks: jnp.ones((num_tasks,), jnp.float32))
 
 
 def _static(lam: Any, fixed: _Fixed, normalize: bool) -> Strategy:
@@ -239,45 +230,54 @@ def _rlw(fixed: _Fixed) -> Strategy:
 
 
 def _dwa(fixed: _Fixed, window: int, temperature: float) -> Strategy:
-  """DWA (Liu et al., MTAN 2019): λ_k = N · softmax(r_k / T), r_k = L̄_k(w−1) / L̄_k(w−2).
+  """DWA (Liu et al., MTAN 2019) on sliding windows, updated every step.
 
-  As in the paper's release, where L̄ is a task's mean training loss over a whole epoch and
-  λ is held constant for the next epoch, L̄ here is the mean over a window of `window`
-  consecutive steps (steps [i·window, (i+1)·window)); λ changes only when a window closes
-  and is 1 until two windows have closed. The mean is over the steps at which the task
-  was present (unweighted by token counts, like the release's per-batch average); a task
-  absent for a whole window carries its previous window's mean forward (ratio 1, neutral).
+  The paper's rule, λ_k(t) = N · softmax_k(w_k(t−1) / T) with w_k(t−1) = L_k(t−1) / L_k(t−2),
+  takes L_k(t) as task k's mean training loss over epoch t. Training here lasts about one epoch,
+  so an "epoch" becomes a window of `window` steps that slides by one step at every update:
+
+      w_k = mean of task k's last `window` losses / mean of the `window` losses before those,
+
+  and the λ returned after step s (for step s + 1) is N · softmax(w / T) over the free tasks.
+  Both means are over the steps at which task k was present (unweighted by token counts, like
+  the release's per-batch average): an absent step is skipped, not counted as a loss, so the two
+  windows are the task's last 2·`window` observed losses, and a task absent now keeps the ratio
+  of the losses it last saw. window=1 compares a task's last two losses (the per-step rule).
+  With `window` steps per epoch and every task present at every step, the λ of the first step
+  of each epoch is exactly the paper's per-epoch DWA. A task with fewer than 2·`window`
+  observed losses (or a non-positive earlier mean) gets the neutral ratio 1; λ is exactly 1
+  until some free task has 2·`window` observations.
+
+  State: `history` [2·window, T], each task's last 2·window observed losses in a ring indexed
+  by its own `seen` count [T] (the slot of its next loss is seen % (2·window)).
   """
+  size = 2 * window
 
   def init(num_tasks: int) -> State:
     fixed.check(num_tasks)
-    nan = jnp.full((num_tasks,), jnp.nan, jnp.float32)
-    zeros = jnp.zeros((num_tasks,), jnp.float32)
-    return {"lam": _ones(num_tasks, fixed), "sum": zeros, "count": zeros,
-            "prev1": nan, "prev2": nan, "windows": jnp.zeros((), jnp.int32)}
-
-  def close_window(state: State) -> State:
-    seen = state["count"] > 0
-    mean = jnp.where(seen, state["sum"] / jnp.where(seen, state["count"], 1.0), state["prev1"])
-    windows = state["windows"] + 1
-    ratio = _safe_ratio(mean, state["prev1"])
-    free = fixed.free(mean.shape[0])
-    lam = jnp.where(windows >= 2, fixed.apply(n_softmax(ratio / temperature, free)),
-                    state["lam"])
-    zeros = jnp.zeros_like(mean)
-    return {"lam": lam, "sum": zeros, "count": zeros, "prev1": mean, "prev2": state["prev1"],
-            "windows": windows}
+    return {"lam": _ones(num_tasks, fixed),
+            "history": jnp.zeros((size, num_tasks), jnp.float32),
+            "seen": jnp.zeros((num_tasks,), jnp.int32)}
 
   def update(state, per_task_loss, step, rng, per_task_count=None):
     del rng
-    per_task_loss, step = _inputs(per_task_loss, step)
+    per_task_loss, _ = _inputs(per_task_loss, step)
+    num_tasks = per_task_loss.shape[0]
     present = present_tasks(per_task_loss, per_task_count)
-    state = dict(state)
-    state["sum"] = state["sum"] + jnp.where(present, per_task_loss, 0.0)
-    state["count"] = state["count"] + present.astype(jnp.float32)
-    last_of_window = (step + 1) % window == 0
-    state = jax.lax.cond(last_of_window, close_window, dict, state)
-    return state["lam"], state
+    slots = jnp.arange(size)[:, None]
+    write = present[None, :] & (slots == (state["seen"] % size)[None, :])
+    history = jnp.where(write, per_task_loss[None, :], state["history"])
+    seen = state["seen"] + present.astype(jnp.int32)
+    # Age 0 is the task's newest loss; only read once the task has filled its ring.
+    age = (seen[None, :] - 1 - slots) % size
+    recent = jnp.sum(jnp.where(age < window, history, 0.0), axis=0) / window
+    earlier = jnp.sum(jnp.where(age >= window, history, 0.0), axis=0) / window
+    ready = seen >= size
+    ratio = jnp.where(ready, _safe_ratio(recent, earlier), 1.0)
+    free = fixed.free(num_tasks)
+    dynamic = fixed.apply(n_softmax(ratio / temperature, free))
+    lam = jnp.where(jnp.any(ready & free), dynamic, _ones(num_tasks, fixed))
+    return lam, {"lam": lam, "history": history, "seen": seen}
 
   return Strategy("dwa", init, update)
 
@@ -326,10 +326,6 @@ def _ew_factory(*, fixed_mask=None, fixed_values=None) -> Strategy:
   return _ew(_make_fixed(fixed_mask, fixed_values))
 
 
-def _tla_factory() -> Strategy:
-  return _tla()
-
-
 def _static_factory(*, lam: Sequence[float], fixed_mask=None, fixed_values=None,
                     normalize: bool = True) -> Strategy:
   return _static(lam, _make_fixed(fixed_mask, fixed_values), normalize)
@@ -358,7 +354,6 @@ def _igb_factory(*, base_start: int = 100, base_end: int = 200, fixed_mask=None,
 STRATEGIES: dict[str, Callable[..., Strategy]] = {
     "ew": _ew_factory,
     "static": _static_factory,
-    "tla": _tla_factory,
     "rlw": _rlw_factory,
     "dwa": _dwa_factory,
     "igb": _igb_factory,
@@ -368,12 +363,11 @@ STRATEGIES: dict[str, Callable[..., Strategy]] = {
 def get_strategy(name: str, **options: Any) -> Strategy:
   """The strategy `name` with its options.
 
-  Options (all keyword-only; every strategy but `tla` also takes `fixed_mask`/`fixed_values`):
+  Options (all keyword-only; every strategy also takes `fixed_mask`/`fixed_values`):
     ew:     none.
     static: lam [T] (required); normalize=True rescales the non-fixed entries to mean 1.
-    tla:    none (λ is computed in the train step, see `_tla`).
     rlw:    none; the randomness comes from the `rng` passed to `update`.
-    dwa:    window=50 (steps per averaging window), temperature=2.0.
+    dwa:    window=50 (steps per loss mean; the two windows slide every step), temperature=2.0.
     igb:    base_start=100, base_end=200 (the base-loss window, in steps).
 
   Raises:

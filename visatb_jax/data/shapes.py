@@ -284,10 +284,15 @@ def vqa_qa(rng: np.random.Generator, objects: Sequence[ShapeObject], grid: int) 
   return _pick(rng, SHAPE_QUESTIONS).format(where=where), obj.shape
 
 
-def count_qa(rng: np.random.Generator, objects: Sequence[ShapeObject]) -> tuple[str, str]:
-  """Count all shapes (half the time), or those of one colour / one kind (may be zero)."""
+COUNT_SCOPES = ("any", "all")
+
+
+def count_qa(rng: np.random.Generator, objects: Sequence[ShapeObject],
+             scope: str = "any") -> tuple[str, str]:
+  """Count all shapes (half the time), or those of one colour / one kind (may be zero); with
+  scope="all", always all of them (an easier task for a small model)."""
   kind = rng.random()
-  if kind < 0.5:
+  if kind < 0.5 or scope == "all":
     return _pick(rng, COUNT_ALL_QUESTIONS), str(len(objects))
   if kind < 0.75:
     # Mostly a colour that is present, sometimes any colour, so "0" is a possible answer.
@@ -357,7 +362,8 @@ def sample_rng(seed: int, split: str, task: str, index: int) -> np.random.Genera
 
 
 def make_sample(*, seed: int, split: str, task: str, index: int, grid: int, cell: int,
-                max_objects: int) -> tuple[dict[str, Any], np.ndarray | None]:
+                max_objects: int, count_scope: str = "any"
+                ) -> tuple[dict[str, Any], np.ndarray | None]:
   """One sample (Sample contract) and its image pixels (None for the text-only chat task)."""
   rng = sample_rng(seed, split, task, index)
   sample_id = f"{task}-{split}-{index:06d}"
@@ -371,7 +377,7 @@ def make_sample(*, seed: int, split: str, task: str, index: int, grid: int, cell
   elif task == "vqa":
     question, answer = vqa_qa(rng, objects, grid)
   elif task == "count":
-    question, answer = count_qa(rng, objects)
+    question, answer = count_qa(rng, objects, count_scope)
   elif task == "grounding":
     question, answer = grounding_qa(rng, objects, width, height)
   else:
@@ -408,17 +414,21 @@ def _validate(sizes: Mapping[str, Any], grid: int, cell: int, max_objects: int) 
 
 
 def _manifest_args(seed: int, sizes: Mapping[str, Any], grid: int, cell: int,
-                   max_objects: int) -> dict[str, Any]:
+                   max_objects: int, count_scope: str = "any") -> dict[str, Any]:
   # JSON round trip so the comparison with a stored manifest is between like types.
   plain_sizes = {split: (dict(v) if isinstance(v, Mapping) else int(v))
                  for split, v in sizes.items()}
-  return {"seed": int(seed), "sizes": plain_sizes, "grid": int(grid), "cell": int(cell),
+  args = {"seed": int(seed), "sizes": plain_sizes, "grid": int(grid), "cell": int(cell),
           "max_objects": int(max_objects), "version": GENERATOR_VERSION}
+  if count_scope != "any":  # absent by default, so earlier manifests stay valid
+    args["count_scope"] = count_scope
+  return args
 
 
 def generate_benchmark(root: str | os.PathLike, *, seed: int,
                        sizes: Mapping[str, int | Mapping[str, int]], grid: int = 3, cell: int = 16,
-                       max_objects: int = 4, num_threads: int = 8) -> dict[str, Any]:
+                       max_objects: int = 4, num_threads: int = 8,
+                       count_scope: str = "any") -> dict[str, Any]:
   """Writes the shapes benchmark under ``root`` and returns its paths and counts.
 
   Args:
@@ -429,6 +439,7 @@ def generate_benchmark(root: str | os.PathLike, *, seed: int,
     grid: cells per side; position words are the 3x3 names when ``grid == 3``.
     cell: pixels per cell side.
     max_objects: at most this many shapes per image (at least one).
+    count_scope: "any" (count all shapes, or those of one colour or kind) or "all" (always all).
     num_threads: threads writing PNG files (I/O only; the content does not depend on it).
 
   Returns:
@@ -438,7 +449,9 @@ def generate_benchmark(root: str | os.PathLike, *, seed: int,
   """
   _validate(sizes, grid, cell, max_objects)
   root = os.path.abspath(os.fspath(root))
-  args = _manifest_args(seed, sizes, grid, cell, max_objects)
+  if count_scope not in COUNT_SCOPES:
+    raise ValueError(f"count_scope={count_scope!r}; choose one of {COUNT_SCOPES}")
+  args = _manifest_args(seed, sizes, grid, cell, max_objects, count_scope)
   manifest_path = os.path.join(root, MANIFEST)
   if os.path.exists(manifest_path):
     stored = read_json(manifest_path)
@@ -452,7 +465,8 @@ def generate_benchmark(root: str | os.PathLike, *, seed: int,
       for task in TASKS:
         for index in range(task_sizes[task]):
           sample, pixels = make_sample(seed=seed, split=split, task=task, index=index, grid=grid,
-                                       cell=cell, max_objects=max_objects)
+                                       cell=cell, max_objects=max_objects,
+                                       count_scope=count_scope)
           samples.append(sample)
           if pixels is not None:
             path = os.path.join(root, sample["image"])

@@ -220,8 +220,14 @@ def _balance(section: Mapping[str, Any]) -> BalanceConfig:
     alpha = balancing.check_alpha(tuple(_get(section, "alpha", balancing.DEFAULT_ALPHA)))
   except (TypeError, ValueError) as e:
     raise ConfigError(f"config.balance.alpha: {e}") from None
+  temperature = _get(section, "temperature", 0.5)
+  if isinstance(temperature, str) and temperature != "auto":
+    try:  # from the command line a number may arrive as text
+      temperature = float(temperature)
+    except ValueError:
+      pass
   try:
-    temperature = balancing.check_temperature(_get(section, "temperature", 0.5))
+    temperature = balancing.check_temperature(temperature)
   except (TypeError, ValueError) as e:
     raise ConfigError(f"config.balance.temperature: {e}") from None
   return BalanceConfig(
@@ -308,6 +314,8 @@ def _check_data(section: Mapping[str, Any], plan: TaskPlan) -> None:
     if unknown:
       raise ConfigError(f"unknown task(s) {unknown} for the shapes benchmark (it has "
                         f"{list(shapes.TASKS)})")
+    _choice("data.shapes.count_scope", (section.get("shapes") or {}).get("count_scope") or "any",
+            shapes.COUNT_SCOPES)
   elif not section.get("root"):
     raise ConfigError("config.data.root is empty: set it to the directory of the task files "
                       "(--config.data.root=/data/...)")

@@ -136,7 +136,8 @@ class DataStore:
   def _prepare_shapes(self) -> None:
     sh = self._data["shapes"]
     shapes.generate_benchmark(self.root, seed=int(self._ws.config.seed), sizes=dict(sh["sizes"]),
-                              grid=sh["grid"], cell=sh["cell"], max_objects=sh["max_objects"])
+                              grid=sh["grid"], cell=sh["cell"], max_objects=sh["max_objects"],
+                              count_scope=sh.get("count_scope") or "any")
     if not os.path.exists(self.tokenizer_dir):  # written whole or not at all
       # Whole rendered conversations, so that the system prompt and role tags, which every
       # sample repeats, become a handful of merged tokens.
@@ -249,7 +250,8 @@ class DataStore:
         sh = self._data["shapes"]
         shapes.generate_benchmark(root, seed=int(self._ws.config.seed),
                                   sizes={shapes.PRETRAIN_SPLIT: dict(settings["tasks"])},
-                                  grid=sh["grid"], cell=sh["cell"], max_objects=sh["max_objects"])
+                                  grid=sh["grid"], cell=sh["cell"], max_objects=sh["max_objects"],
+                                  count_scope=sh.get("count_scope") or "any")
       fileio.sync("pretrain benchmark")
       loaded = sources.load_samples(os.path.join(root, f"{shapes.PRETRAIN_SPLIT}.json"))
       return list(loaded.samples)

@@ -75,6 +75,7 @@ REGISTRY: dict[str, MethodSpec] = {spec.name: spec for spec in (
     MethodSpec("pcgrad", "gradient"),
     MethodSpec("mgda", "gradient"),
     MethodSpec("nash", "gradient"),
+    MethodSpec("graddrop", "gradient"),
 )}
 
 

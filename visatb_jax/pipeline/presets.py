@@ -12,6 +12,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import ml_collections
+from ml_collections import config_dict
 
 # LLaVA-1.5-7B: CLIP ViT-L/14-336 (feature layer -2) + 2-layer GELU MLP + Vicuna-7B-v1.5.
 LLAVA15_7B_VISION = {"image_size": 336, "patch_size": 14, "hidden_size": 1024,
@@ -22,6 +23,12 @@ VICUNA_7B_TEXT = {"vocab_size": 32064, "hidden_size": 4096, "intermediate_size":
                   "max_position_embeddings": 4096, "rms_norm_eps": 1e-5}
 # <image> in the llava-hf tokenizer (32000 Llama tokens + <image> + <pad>, padded to 32064).
 LLAVA15_IMAGE_TOKEN_ID = 32000
+
+
+def temperature(value: float | str) -> config_dict.FieldReference:
+  """`balance.temperature`: a number or "auto", typed so that either can replace the other from
+  the command line (`--config.balance.temperature=auto`)."""
+  return config_dict.FieldReference(value, field_type=object)
 
 
 def task(metric: str | None, *, group: str | None = None, fixed_weight: float | None = None,
@@ -135,7 +142,7 @@ def paper_config(name: str, tasks: Mapping[str, Mapping[str, Any]], *, r_large: 
 
   c.balance = ml_collections.ConfigDict()
   c.balance.form = form
-  c.balance.temperature = 0.5
+  c.balance.temperature = temperature(0.5)
   c.balance.alpha = (0.25, 0.25, 0.5)
   c.balance.on_degenerate = "error"
 

@@ -58,7 +58,7 @@ from visatb_jax.train import step as step_lib
 
 Batch = Mapping[str, Any]
 # Arguments the step supplies itself; a user cannot set them through method_options.
-_STEP_OPTIONS = {"pcgrad": ("rng",), "nash": ("prev_alpha",)}
+_STEP_OPTIONS = {"pcgrad": ("rng",), "graddrop": ("rng",), "nash": ("prev_alpha",)}
 
 
 @struct.dataclass
@@ -142,7 +142,8 @@ def combine(G: jax.Array, active: jax.Array, method: str,
             mtl_state: GradMTLState) -> tuple[jax.Array, jax.Array, GradMTLState]:
   """`method` on the active rows of G [T, P] → (direction [P], weights [T], next state).
 
-  direction = weights @ G, on the summed-loss scale (`direction_scale`); inactive tasks get
+  direction = weights @ G (GradDrop: the kept share of each row, the direction not being a
+  linear combination), on the summed-loss scale (`direction_scale`); inactive tasks get
   weight 0 and do not enter the solver. Jittable; `method`/`method_options` are static.
   """
   options = _check_method(method, method_options)
@@ -161,7 +162,7 @@ def combine(G: jax.Array, active: jax.Array, method: str,
       rows = jnp.arange(num_tasks) if k == num_tasks else order[:k]
       g_active = G if k == num_tasks else jnp.take(G, rows, axis=0)
       kwargs = dict(options)
-      if method == "pcgrad":
+      if "rng" in _STEP_OPTIONS.get(method, ()):
         kwargs["rng"] = rng
       if method == "nash":
         kwargs["prev_alpha"] = prev_alpha[rows]

@@ -92,10 +92,14 @@ class _PreemptionWatch:
       self._install()
     return self
 
-  def __exit__(self, *exc_info) -> None:
-    if self._installed:
-      signal.signal(signal.SIGTERM, self._previous)
-      self._installed = False
+  def __exit__(self, exc_type, exc_value, traceback) -> None:
+    if not self._installed:
+      return
+    signal.signal(signal.SIGTERM, self._previous)
+    self._installed = False
+    if exc_type is None and self._received.is_set():
+      # Arrived after the last check: the handler train() replaced gets it, as if never replaced.
+      signal.raise_signal(signal.SIGTERM)
 
   def _install(self) -> None:
     if threading.current_thread() is not threading.main_thread():
@@ -307,8 +311,9 @@ def train(
       extras[checkpoint_lib.GRADMTL_ITEM] = mtl_state
     ckpt.save(done, state, extras)
 
-  try:
-    with _PreemptionWatch() as preemption:
+  # Around the `finally` too: a SIGTERM while the last saves complete only sets the flag.
+  with _PreemptionWatch() as preemption:
+    try:
       for index in range(start, cfg.steps):
         if iterator is not None:
           local_batch = next(iterator)
@@ -350,10 +355,10 @@ def train(
           raise Preempted(done, ckpt.directory)
       if preemption.stopped_after_loop():
         raise Preempted(max(start, cfg.steps), ckpt.directory)
-  finally:
-    bar.close()
-    log.close()
-    ckpt.close()  # waits until every started save is complete
+    finally:
+      bar.close()
+      log.close()
+      ckpt.close()  # waits until every started save is complete
   nnx.update(model, state.params)
   if dropout_seed is not None:
     model.eval()  # generation and export see the deterministic model

@@ -1,0 +1,262 @@
+"""Every bad input to `python -m visatb_jax.launch` is one line `error: ...` and an exit code.
+
+Each case runs the command on a copy of a run directory whose data stage is done (the micro
+config of tests/conftest.py), and checks the exit code, that stderr is exactly one line naming
+what is wrong, and that the files already in the run directory are unchanged.
+"""
+
+import errno
+import hashlib
+import json
+import os
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import MICRO_OVERRIDES, REPO
+from visatb_jax.runtime import fileio
+
+# absl's log-line format ("W1202 04:14:49.045 ... file.py:123] ..."): orbax's warnings that a
+# save took long may appear once training has started; they are not the error line.
+_ABSL_WARNING = ("W", "I")
+
+
+def _command(workdir, *extra):
+  overrides = [f"--config.{k}={v}" for k, v in MICRO_OVERRIDES.items()]
+  return [sys.executable, "-m", "visatb_jax.launch", "--config", "demo.py", "--workdir",
+          str(workdir), *overrides, *extra]
+
+
+def _launch(workdir, *extra, timeout=240, **kwargs):
+  return subprocess.run(_command(workdir, *extra), cwd=REPO, capture_output=True, text=True,
+                        timeout=timeout, **kwargs)
+
+
+def _error_line(stderr: str) -> str:
+  """The one line of stderr (absl warning lines aside), which must be an `error: ...` line."""
+  lines = [l for l in stderr.splitlines()
+           if l.strip() and not (l[:1] in _ABSL_WARNING and l[1:5].isdigit())]
+  assert len(lines) == 1 and lines[0].startswith("error: "), stderr[-3000:]
+  return lines[0]
+
+
+def _snapshot(directory) -> dict[str, str]:
+  out = {}
+  for root, _, files in os.walk(directory):
+    for name in files:
+      path = os.path.join(root, name)
+      with open(path, "rb") as f:
+        out[os.path.relpath(path, directory)] = hashlib.sha256(f.read()).hexdigest()
+  return out
+
+
+def _assert_unchanged(before: dict[str, str], workdir, *, except_for=()) -> None:
+  after = _snapshot(workdir)
+  changed = [p for p, h in before.items() if p not in except_for and after.get(p) != h]
+  assert not changed, changed
+
+
+@pytest.fixture(scope="module")
+def data_done(tmp_path_factory):
+  """A run directory whose data stage is done."""
+  workdir = tmp_path_factory.mktemp("data_done") / "run"
+  proc = _launch(workdir, "--stages", "data")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  return workdir
+
+
+@pytest.fixture
+def run_dir(data_done, tmp_path):
+  """A fresh copy of `data_done` and its snapshot."""
+  workdir = tmp_path / "run"
+  shutil.copytree(data_done, workdir)
+  return workdir, _snapshot(workdir)
+
+
+# ----------------------------------------------------------------------- 1, 2: config overrides
+
+
+def test_unknown_field_is_one_line_with_absl_suggestion(run_dir):
+  workdir, before = run_dir
+  proc = _launch(workdir, "--config.train.lrr=1")
+  assert proc.returncode == 2
+  line = _error_line(proc.stderr)
+  assert "train.lrr" in line and 'Did you mean "lr"' in line, line
+  _assert_unchanged(before, workdir)
+
+
+def test_field_the_config_does_not_declare_is_named(run_dir):
+  workdir, before = run_dir
+  proc = _launch(workdir, "--config.data.root=/somewhere")
+  assert proc.returncode == 2
+  line = _error_line(proc.stderr)
+  assert "data.root" in line and "'root'" in line, line
+  _assert_unchanged(before, workdir)
+
+
+def test_bad_value_of_a_field_is_one_line(run_dir):
+  workdir, before = run_dir
+  proc = _launch(workdir, "--config.train.lr=fast")
+  assert proc.returncode == 2
+  assert "train.lr" in _error_line(proc.stderr)
+  _assert_unchanged(before, workdir)
+
+
+# ------------------------------------------------------------------------- 3: Ctrl-C, SIGTERM
+
+
+def _wait_for_stage(workdir, stage, proc, timeout=180):
+  manifest = os.path.join(workdir, "manifest.json")
+  deadline = time.monotonic() + timeout
+  while time.monotonic() < deadline and proc.poll() is None:
+    try:
+      with open(manifest, encoding="utf-8") as f:
+        if stage in json.load(f)["stages"]:
+          return
+    except (OSError, ValueError, KeyError):
+      pass
+    time.sleep(0.1)
+  raise AssertionError(f"stage {stage} did not start; exit code {proc.poll()}")
+
+
+@pytest.mark.parametrize("sig,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_stop_signal_is_one_line_saying_what_is_kept_and_how_to_resume(run_dir, sig, code):
+  workdir, before = run_dir
+  proc = subprocess.Popen(_command(workdir), cwd=REPO, stdout=subprocess.DEVNULL,
+                          stderr=subprocess.PIPE, text=True)
+  try:
+    _wait_for_stage(workdir, "prep", proc)
+    time.sleep(1.0)
+    proc.send_signal(sig)
+    stderr = proc.communicate(timeout=120)[1]
+  finally:
+    if proc.poll() is None:
+      proc.kill()
+  assert proc.returncode == code, stderr[-3000:]
+  line = _error_line(stderr)
+  # SIGTERM during a training run saves its step first ("preempted: ... step N ...").
+  assert "same command" in line and ("(data)" in line or "preempted: " in line), line
+  _assert_unchanged(before, workdir, except_for={"manifest.json", "data_stats.json"})
+  assert not [p for p in _snapshot(workdir) if fileio.is_temporary_name(os.path.basename(p))]
+
+
+def test_signal_dropped_by_a_callback_is_delivered_again(tmp_path):
+  """A stop signal whose exception lands in a `__del__` (printed and dropped by Python) still
+  stops the run."""
+  script = tmp_path / "dropped.py"
+  script.write_text(
+      "import signal, sys\n"
+      "from visatb_jax.cli import launch\n"
+      "launch._handle_stop_signals()\n"
+      "class Dropper:\n"
+      "  def __del__(self):\n"
+      "    signal.raise_signal(signal.SIGTERM)\n"
+      "    sum(range(1000))  # the handler runs here; its exception is dropped\n"
+      "try:\n"
+      "  Dropper()\n"
+      "  sum(range(100000))\n"
+      "  print('NOT STOPPED')\n"
+      "except launch._Terminated:\n"
+      "  print('STOPPED')\n")
+  proc = subprocess.run([sys.executable, str(script)], cwd=REPO, capture_output=True, text=True,
+                        timeout=120, env={**os.environ, "PYTHONPATH": REPO})
+  assert proc.stdout.strip() == "STOPPED", proc.stdout + proc.stderr
+  assert "Exception ignored" not in proc.stderr
+
+
+# ------------------------------------------------------------------------------ 4: I/O errors
+
+
+def test_run_directory_under_a_file_names_the_path(tmp_path):
+  blocker = tmp_path / "a_file"
+  blocker.write_text("not a directory")
+  proc = _launch(blocker / "run")
+  assert proc.returncode == 2
+  line = _error_line(proc.stderr)
+  assert str(blocker / "run") in line and os.strerror(errno.ENOTDIR) in line, line
+  assert blocker.read_text() == "not a directory"
+
+
+def _limit_file_size():
+  # A write past 64 bytes fails (EFBIG) as a write to a full disk does (ENOSPC).
+  signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+  resource.setrlimit(resource.RLIMIT_FSIZE, (64, 64))
+
+
+def test_failed_write_names_the_target_and_the_reason(run_dir):
+  workdir, before = run_dir
+  proc = _launch(workdir, preexec_fn=_limit_file_size)
+  assert proc.returncode == 2
+  line = _error_line(proc.stderr)
+  assert str(workdir / "config.json") in line and os.strerror(errno.EFBIG) in line, line
+  _assert_unchanged(before, workdir)
+  assert set(_snapshot(workdir)) == set(before)  # no temporary file left behind
+
+
+def test_atomic_write_error_carries_the_target_path(tmp_path, monkeypatch):
+  target = tmp_path / "out" / "x.json"
+
+  def disk_full(fd):
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+  monkeypatch.setattr(os, "fsync", disk_full)
+  with pytest.raises(OSError) as info:
+    fileio.atomic_write_json(target, {"a": 1})
+  assert info.value.errno == errno.ENOSPC and info.value.filename == str(target)
+  assert os.listdir(target.parent) == []
+  monkeypatch.undo()
+  (tmp_path / "ro").write_text("")
+  with pytest.raises(NotADirectoryError) as info:
+    fileio.atomic_write_text(tmp_path / "ro" / "y.txt", "y")
+  assert info.value.filename == str(tmp_path / "ro" / "y.txt")
+
+
+# ------------------------------------------------------------------- 5: leftover temporaries
+
+
+def test_temporaries_of_killed_writes_are_removed_and_nothing_else(run_dir):
+  workdir, before = run_dir
+  images = workdir / "data" / "shapes" / "images" / "train"
+  stale = [images / ".tmp-atomic-k3j2h1a9.000001.png",  # this version's temporary name
+           images / ".tmp-k3j2h1a9000002.png",  # the name before it
+           workdir / ".tmp-ab_4cd9zmanifest.json"]
+  kept = [workdir / ".tmp-tokenizer-abcd1234" / "tokenizer.json",  # a scratch directory's file
+          images / "notes.tmp-atomic-k3j2h1a9.txt", images / ".tmp-short.png",
+          workdir / ".tmp-atomic-notrandom"]
+  for path in stale + kept:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"partial")
+  os.symlink(images / ".tmp-k3j2h1a9000002.png", images / ".tmp-atomic-s1mlink1.x.png")
+  proc = _launch(workdir, "--stages", "data")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert proc.stderr == ""
+  assert not [p for p in stale if p.exists()]
+  assert all(p.read_bytes() == b"partial" for p in kept)
+  assert os.path.islink(images / ".tmp-atomic-s1mlink1.x.png")  # links are never followed
+  _assert_unchanged(before, workdir, except_for={"manifest.json"})
+
+
+def test_remove_stale_temporaries_in_a_missing_directory(tmp_path):
+  assert fileio.remove_stale_temporaries(tmp_path / "missing") == []
+
+
+# ----------------------------------------------------------------------------- 6: a bad image
+
+
+def test_corrupt_image_is_one_line_naming_the_file(run_dir):
+  workdir, before = run_dir
+  train = json.loads((workdir / "data" / "shapes" / "train.json").read_text())
+  image = workdir / "data" / "shapes" / next(s["image"] for s in train if s.get("image"))
+  data = image.read_bytes()
+  image.write_bytes(data[:len(data) // 2])
+  proc = _launch(workdir)
+  assert proc.returncode == 2
+  line = _error_line(proc.stderr)
+  assert str(image) in line and "truncated" in line, line
+  _assert_unchanged({**before, os.path.relpath(image, workdir): _snapshot(image.parent)[
+      image.name]}, workdir, except_for={"manifest.json"})
