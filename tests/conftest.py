@@ -22,6 +22,11 @@ MICRO_OVERRIDES = {
     "eval.batch_size": 8, "eval.max_new_tokens": 8, "prep.r_mini": 0.25,
     # One gradient-combination baseline, so that the per-task-gradient step runs end to end.
     "baselines": ("ew", "stl", "mgda"),
+    # Every task of the benchmark, and no pretrain stage (tests/e2e/test_pretrain.py adds one).
+    "task_order": ("caption", "vqa", "count", "grounding", "chat"),
+    "pretrain": None,
+    "data.shapes.count_scope": "any",
+    "balance.temperature": 0.5,
 }
 
 

@@ -83,3 +83,18 @@ def test_check_images_names_the_first_bad_file_and_why(tmp_path, damage):
 def test_check_images_accepts_good_files(tmp_path):
   images.check_images([_png(tmp_path / "a.png"), str(_png(tmp_path / "b.png", 255))])
   images.check_images([])
+
+
+@pytest.mark.parametrize("damage", ["truncated", "corrupt_data"])
+def test_check_images_refuses_damage_even_when_pil_tolerates_truncation(tmp_path, damage,
+                                                                        monkeypatch):
+  """tensorflow_datasets turns LOAD_TRUNCATED_IMAGES on for the whole process when imported."""
+  from PIL import ImageFile
+  monkeypatch.setattr(ImageFile, "LOAD_TRUNCATED_IMAGES", True)
+  data = _png(tmp_path / "x.png", 9).read_bytes()
+  bad = tmp_path / "bad.png"
+  bad.write_bytes(data[:len(data) // 2] if damage == "truncated"
+                  else data[:40] + bytes(20) + data[60:])
+  with pytest.raises(images.ImageError, match="bad.png"):
+    images.check_images([bad])
+  assert ImageFile.LOAD_TRUNCATED_IMAGES is True  # the setting is left as it was

@@ -20,6 +20,7 @@ import signal
 import sys
 import threading
 from collections.abc import Sequence
+from typing import NoReturn
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -172,7 +173,13 @@ class _Terminated(BaseException):
   """SIGTERM outside training (training itself saves a checkpoint first: `loop.Preempted`)."""
 
 
-_STOPPING = threading.Event()  # set once main handles the stop: later SIGTERMs change nothing
+_STOPPING = threading.Event()  # set once main handles a stop: later signals change nothing
+
+
+def _stopping() -> None:
+  """From here on, a second Ctrl-C or SIGTERM cannot interrupt the message and the exit."""
+  _STOPPING.set()
+  signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _raise_terminated(signum, frame) -> None:
@@ -181,19 +188,25 @@ def _raise_terminated(signum, frame) -> None:
     raise _Terminated()
 
 
+_RESEND_DELAY_S = 0.05
+
+
 def _redeliver_dropped_signals(unraisable) -> None:
   """`sys.unraisablehook`: a stop signal whose exception was dropped is delivered again.
 
   Python runs a signal handler between any two bytecodes, also inside a garbage-collection or
   `__del__` callback, where a raised exception is printed ("Exception ignored in ...") and
-  dropped: the run would go on. Raising the signal again runs the handler at the next bytecode.
+  dropped: the run would go on. The signal is sent again shortly, from another thread, so that its
+  handler runs once this hook has returned (here, its exception would be dropped too).
   """
-  if isinstance(unraisable.exc_value, KeyboardInterrupt):
-    signal.raise_signal(signal.SIGINT)
-  elif isinstance(unraisable.exc_value, _Terminated):
-    signal.raise_signal(signal.SIGTERM)
-  else:
+  stop = {KeyboardInterrupt: signal.SIGINT, _Terminated: signal.SIGTERM}
+  signum = next((s for e, s in stop.items() if isinstance(unraisable.exc_value, e)), None)
+  if signum is None:
     sys.__unraisablehook__(unraisable)
+  elif not _STOPPING.is_set():
+    resend = threading.Timer(_RESEND_DELAY_S, os.kill, args=(os.getpid(), signum))
+    resend.daemon = True
+    resend.start()
 
 
 def _handle_stop_signals() -> None:
@@ -209,7 +222,7 @@ def _handle_stop_signals() -> None:
     signal.signal(signal.SIGTERM, _raise_terminated)
 
 
-def _exit_at_once(code: int) -> None:
+def _exit_at_once(code: int) -> NoReturn:
   """Ends the process with `code` without the interpreter's shutdown.
 
   A stop signal may land while XLA compiles or runs in its own threads, or while side-by-side
@@ -269,14 +282,13 @@ def main(argv: Sequence[str]) -> int:
     _handle_stop_signals()
     return _run_pipeline(config, workdir, stages)
   except KeyboardInterrupt:
-    _STOPPING.set()
+    _stopping()
     _error(_interrupted_message(workdir, "interrupted"))
     _exit_at_once(EXIT_INTERRUPTED)
   except _Terminated:
-    _STOPPING.set()
+    _stopping()
     _error(_interrupted_message(workdir, "terminated by SIGTERM"))
     _exit_at_once(EXIT_PREEMPTED)
-  return EXIT_ERROR  # not reached
 
 
 def run_cli() -> None:

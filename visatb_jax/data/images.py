@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageFile
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -51,19 +52,38 @@ def check_images(paths: Iterable[str | os.PathLike]) -> None:
   """Decodes every image file once, so that a bad one stops a run before training starts.
 
   A truncated or corrupt file often opens (PIL reads the header only) and fails only when its
-  pixels are decoded, which is why each file is fully loaded here.
+  pixels are decoded, which is why each file is verified (structure and checksums) and fully
+  loaded here, with truncated files refused whatever `ImageFile.LOAD_TRUNCATED_IMAGES` says.
 
   Raises:
     ImageError: (a ValueError) for the first file that is missing or cannot be decoded; the
       message names the file and says why.
   """
-  for path in paths:
-    path = os.fspath(path)
-    try:
-      with Image.open(path) as f:
-        f.load()
-    except (OSError, Image.DecompressionBombError, ValueError, SyntaxError) as e:
-      raise ImageError(f"cannot read image {path}: {_reason(e)}") from e
+  with _strict_decoding():
+    for path in paths:
+      path = os.fspath(path)
+      try:
+        with Image.open(path) as f:
+          f.verify()
+        with Image.open(path) as f:  # verify() leaves the image unusable: decode a fresh one
+          f.load()
+      except (OSError, Image.DecompressionBombError, ValueError, SyntaxError) as e:
+        raise ImageError(f"cannot read image {path}: {_reason(e)}") from e
+
+
+@contextlib.contextmanager
+def _strict_decoding() -> Iterator[None]:
+  """Truncated files fail to load while the block runs.
+
+  tensorflow_datasets sets PIL's process-wide LOAD_TRUNCATED_IMAGES when imported, after which
+  a truncated file loads without error, its missing rows grey.
+  """
+  previous = ImageFile.LOAD_TRUNCATED_IMAGES
+  ImageFile.LOAD_TRUNCATED_IMAGES = False
+  try:
+    yield
+  finally:
+    ImageFile.LOAD_TRUNCATED_IMAGES = previous
 
 
 def _reason(error: BaseException) -> str:

@@ -75,30 +75,29 @@ def remove_stale_temporaries(directory: str | os.PathLike) -> list[str]:
   return removed
 
 
-def _with_target(error: OSError, path: str) -> OSError:
-  """`error` as an OSError of the same kind that names `path`, the file the caller asked for.
-
-  The original names the temporary file or nothing at all (a failed write or fsync: no space
-  left on the device); the user needs the target.
-  """
-  if error.filename == path and error.filename2 is None:
-    return error
-  return OSError(error.errno, error.strerror or str(error), path)
+def _naming(path: str, error: OSError, reason: str | None = None) -> OSError:
+  """`error` as an OSError of the same kind (errno) whose `filename` is `path`."""
+  return OSError(error.errno, reason or error.strerror or str(error), path)
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
   """Writes `data` to `path` through a temporary file and a rename; only on the primary process.
 
   Raises:
-    OSError: the write failed; its `filename` is `path` and its `strerror` says why.
+    OSError: the write failed. Its `filename` is `path` (not the temporary file, and a failed
+      write or fsync, e.g. no space left on the device, names no file at all) and its `strerror`
+      says why.
   """
   if not is_primary():
     return
   path = os.fspath(path)
   directory = os.path.dirname(path) or "."
-  tmp = None
   try:
     os.makedirs(directory, exist_ok=True)
+  except OSError as e:
+    raise _naming(path, e, f"cannot create directory {e.filename}: {e.strerror}") from e
+  tmp = None
+  try:
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=TEMP_PREFIX,
                                suffix="." + os.path.basename(path))
     with os.fdopen(fd, "wb") as f:
@@ -111,7 +110,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     if tmp is not None and os.path.exists(tmp):
       os.unlink(tmp)
     if isinstance(e, OSError):
-      raise _with_target(e, path) from e
+      raise _naming(path, e) from e
     raise
 
 
