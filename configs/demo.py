@@ -82,6 +82,7 @@ def get_config() -> ml_collections.ConfigDict:
   # The base model every run starts from (pipeline stage `pretrain`): captions and text-only
   # chat on 1,536 generated samples whose images none of the task splits use.
   c.pretrain = ml_collections.ConfigDict()
+  c.pretrain.enabled = True  # --config.pretrain.enabled=false: start from the random init
   c.pretrain.tasks = {"caption": 1024, "chat": 512}
   c.pretrain.trains = "projector+lm"
   c.pretrain.epochs = 2.0

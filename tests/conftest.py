@@ -24,7 +24,7 @@ MICRO_OVERRIDES = {
     "baselines": ("ew", "stl", "mgda"),
     # Every task of the benchmark, and no pretrain stage (tests/e2e/test_pretrain.py adds one).
     "task_order": ("caption", "vqa", "count", "grounding", "chat"),
-    "pretrain": None,
+    "pretrain.enabled": False,
     "data.shapes.count_scope": "any",
     "balance.temperature": 0.5,
 }

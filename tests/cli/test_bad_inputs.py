@@ -14,22 +14,37 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 
 import pytest
 
-from conftest import MICRO_OVERRIDES, REPO
+from conftest import REPO
 from visatb_jax.runtime import fileio
+
+TESTS = os.path.join(REPO, "tests")
 
 # absl's log-line format ("W1202 04:14:49.045 ... file.py:123] ..."): orbax's warnings that a
 # save took long may appear once training has started; they are not the error line.
 _ABSL_WARNING = ("W", "I")
 
 
+def _micro_config_file() -> str:
+  """A config file of conftest's micro config (some of its overrides, e.g. `pretrain: None`, have
+  no command-line spelling)."""
+  path = os.path.join(tempfile.gettempdir(), f"visatb_micro_config_{os.getpid()}.py")
+  with open(path, "w", encoding="utf-8") as f:
+    f.write(f"import sys\nsys.path.insert(0, {TESTS!r})\n"
+            "from conftest import micro_config as get_config  # noqa: F401\n")
+  return path
+
+
+_MICRO_CONFIG = _micro_config_file()
+
+
 def _command(workdir, *extra):
-  overrides = [f"--config.{k}={v}" for k, v in MICRO_OVERRIDES.items()]
-  return [sys.executable, "-m", "visatb_jax.launch", "--config", "demo.py", "--workdir",
-          str(workdir), *overrides, *extra]
+  return [sys.executable, "-m", "visatb_jax.launch", "--config", _MICRO_CONFIG, "--workdir",
+          str(workdir), *extra]
 
 
 def _launch(workdir, *extra, timeout=240, **kwargs):
@@ -98,14 +113,6 @@ def test_field_the_config_does_not_declare_is_named(run_dir):
   assert proc.returncode == 2
   line = _error_line(proc.stderr)
   assert "data.root" in line and "'root'" in line, line
-  _assert_unchanged(before, workdir)
-
-
-def test_bad_value_of_a_field_is_one_line(run_dir):
-  workdir, before = run_dir
-  proc = _launch(workdir, "--config.train.lr=fast")
-  assert proc.returncode == 2
-  assert "train.lr" in _error_line(proc.stderr)
   _assert_unchanged(before, workdir)
 
 
@@ -254,7 +261,9 @@ def test_remove_stale_temporaries_in_a_missing_directory(tmp_path):
 def test_corrupt_image_is_one_line_naming_the_file(run_dir):
   workdir, before = run_dir
   train = json.loads((workdir / "data" / "shapes" / "train.json").read_text())
-  image = workdir / "data" / "shapes" / next(s["image"] for s in train if s.get("image"))
+  # A vqa sample: every one is trained on (some captions are too long for the micro config).
+  image = workdir / "data" / "shapes" / next(s["image"] for s in train
+                                             if s.get("image") and s["task"] == "vqa")
   image.write_bytes(b"\x89PNG\r\n\x1a\n but not an image")
   before[str(image.relative_to(workdir))] = _snapshot(image.parent)[image.name]
   proc = _launch(workdir)

@@ -131,25 +131,22 @@ def _load_per_sample(path: str) -> dict[str, dict[str, list[float]]]:
   if not isinstance(data, dict) or not data:
     raise InputError(f"{path}: expected a non-empty object {{model: {{task: {{sample_id: "
                      "score}}}}")
-  ids: dict[str, tuple[str, list[str]]] = {}  # task -> (first model having it, its sample ids)
-  out: dict[str, dict[str, list[float]]] = {}
   for model, row in data.items():
     if not isinstance(row, dict):
       raise InputError(f"{path}: model {model!r} must map task -> {{sample_id: score}}, got "
                        f"{type(row).__name__}")
-    out[model] = {}
     for task, per in row.items():
       if not isinstance(per, dict) or not per:
         raise InputError(f"{path}: model {model!r}, task {task!r}: expected a non-empty object "
                          "{sample_id: score}")
-      keys = sorted(per)
-      first, first_keys = ids.setdefault(task, (model, keys))
-      if keys != first_keys:
-        raise InputError(f"{path}: {_id_disagreement(task, first, first_keys, model, keys)}")
-      for sample_id in keys:
-        _check_sample(per[sample_id], model, task, sample_id, path)
-      out[model][task] = [float(per[k]) for k in keys]
-  return out
+      for sample_id, value in per.items():
+        _check_sample(value, model, task, sample_id, path)
+  from visatb_jax.core import bootstrap  # pylint: disable=g-import-not-at-top  (jax)
+  try:
+    aligned = bootstrap.align_by_id(data)
+  except ValueError as e:
+    raise InputError(f"{path}: {e}") from None
+  return {m: {t: [float(v) for v in vs] for t, vs in row.items()} for m, row in aligned.items()}
 
 
 def _check_sample(value: Any, model: str, task: str, sample_id: str, path: str) -> None:
@@ -158,19 +155,6 @@ def _check_sample(value: Any, model: str, task: str, sample_id: str, path: str) 
     raise InputError(f"{where}: score is not a number: {value!r}")
   if not math.isfinite(value):
     raise InputError(f"{where}: score is not finite: {value!r}")
-
-
-def _id_disagreement(task: str, first: str, first_keys: Sequence[str], model: str,
-                     keys: Sequence[str]) -> str:
-  """Says how two models' sample ids of one task differ (counts and a few examples)."""
-  a, b = set(first_keys), set(keys)
-
-  def only(ids: set[str], owner: str) -> str:
-    examples = ", ".join(repr(i) for i in sorted(ids)[:3]) + (", ..." if len(ids) > 3 else "")
-    return f"{len(ids)} only in {owner!r} ({examples})"
-  parts = [only(x, owner) for x, owner in ((a - b, first), (b - a, model)) if x]
-  return (f"models {first!r} and {model!r} disagree on the sample ids of task {task!r}: "
-          f"{'; '.join(parts)}; every model must be scored on the same samples")
 
 
 def _load_groups(path: str) -> dict[str, str]:

@@ -127,6 +127,9 @@ def _parse_flags(argv: Sequence[str]) -> list[str]:
     _error(e)
   except (AttributeError, KeyError) as e:  # ml_collections: an override of an undeclared field
     _error(_unknown_field_message(e, argv))
+  except KeyboardInterrupt:  # the config file is loaded while parsing (it may import jax)
+    _error("interrupted while loading the config; nothing was run")
+    sys.exit(EXIT_INTERRUPTED)
   sys.exit(EXIT_ERROR)
 
 
@@ -135,8 +138,8 @@ def _dry_run(config) -> int:
   try:
     result = dryrun.dry_run(config)
   except (OSError, ValueError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
+    _error(e)
+    return EXIT_ERROR
   print(dryrun.format_report(result))
   return 0
 

@@ -371,3 +371,38 @@ def bootstrap_report(per_sample: PerSample, *, tasks: Sequence[str], form: str =
           "infeasible_temperature_resamples": int((~draws["temperature_feasible"]).sum()),
       },
   }
+
+
+def align_by_id(per_sample: Mapping[str, Mapping[str, Mapping[str, float]]]
+                ) -> dict[str, dict[str, list[float]]]:
+  """`{model: {task: {sample_id: score}}}` → `{model: {task: [score by sorted sample id]}}`, the
+  input of `bootstrap_report` (as the pipeline stores per-sample scores).
+
+  Raises:
+    ValueError: two models were scored on different samples of a task (says which, with a few
+      of the ids that differ).
+  """
+  ids: dict[str, tuple[str, list[str]]] = {}  # task -> (first model having it, its sample ids)
+  out: dict[str, dict[str, list[float]]] = {}
+  for model, row in per_sample.items():
+    out[model] = {}
+    for task, scores in row.items():
+      keys = sorted(scores)
+      first, first_keys = ids.setdefault(task, (model, keys))
+      if keys != first_keys:
+        raise ValueError(_id_disagreement(task, first, first_keys, model, keys))
+      out[model][task] = [scores[k] for k in keys]
+  return out
+
+
+def _id_disagreement(task: str, first: str, first_keys: Sequence[str], model: str,
+                     keys: Sequence[str]) -> str:
+  """Says how two models' sample ids of one task differ (counts and a few examples)."""
+  a, b = set(first_keys), set(keys)
+
+  def only(ids: set[str], owner: str) -> str:
+    examples = ", ".join(repr(i) for i in sorted(ids)[:3]) + (", ..." if len(ids) > 3 else "")
+    return f"{len(ids)} only in {owner!r} ({examples})"
+  parts = [only(x, owner) for x, owner in ((a - b, first), (b - a, model)) if x]
+  return (f"models {first!r} and {model!r} disagree on the sample ids of task {task!r}: "
+          f"{'; '.join(parts)}; every model must be scored on the same samples")

@@ -342,9 +342,11 @@ def _pretrain(section: Mapping[str, Any] | None, data: Mapping[str, Any]) -> dic
   shared with the task splits); or `files`: LLaVA JSON files for a `llava_json` source.
   `trains`: "projector" (LLaVA's stage-1 alignment) or "projector+lm" (also the language model,
   standing in for a pretrained LM). `epochs`, `lr`, `batch_size` (default: train.batch_size).
+  `enabled=False` turns the stage off (`--config.pretrain.enabled=false`).
   """
-  if not section:
+  if not section or not section.get("enabled", True):
     return None
+  section = {k: v for k, v in section.items() if k != "enabled"}
   out = {"tasks": dict(section.get("tasks") or {}), "files": list(section.get("files") or []),
          "trains": section.get("trains") or "projector+lm",
          "epochs": section.get("epochs", 1.0), "lr": section.get("lr"),

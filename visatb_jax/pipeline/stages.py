@@ -117,26 +117,6 @@ def stage_validate(ws: Workspace, stage_hash: str) -> None:
 # --- lambda --------------------------------------------------------------------------------------
 
 
-def aligned_samples(per_sample: dict[str, dict[str, dict[str, float]]]
-                    ) -> dict[str, dict[str, list[float]]]:
-  """{model: {task: {id: score}}} → {model: {task: [score, ...]}}, ids sorted alike per task.
-
-  Raises PipelineError when two models were scored on different samples of a task.
-  """
-  ids: dict[str, list[str]] = {}
-  out: dict[str, dict[str, list[float]]] = {}
-  for model, tasks in per_sample.items():
-    out[model] = {}
-    for task, scores in tasks.items():
-      order = sorted(scores)
-      if task in ids and ids[task] != order:
-        raise PipelineError(f"scores/validation_samples.json: model {model!r} was scored on other "
-                            f"samples of task {task!r} than the other models")
-      ids.setdefault(task, order)
-      out[model][task] = [float(scores[i]) for i in order]
-  return out
-
-
 def noisy_gain_message(unit: str, report: dict) -> str:
   low, high = report["intervals"]["gain"][unit]
   level = report["bootstrap"]["level"]
@@ -175,7 +155,10 @@ def balance_from_samples(ws: Workspace, per_sample: dict) -> dict:
 
 
 def stage_lambda(ws: Workspace, stage_hash: str) -> None:
-  per_sample = aligned_samples(ws.dir.read_output("scores", "validation_samples.json"))
+  try:
+    per_sample = bootstrap.align_by_id(ws.dir.read_output("scores", "validation_samples.json"))
+  except ValueError as e:
+    raise PipelineError(f"scores/validation_samples.json: {e}") from e
   report = balance_from_samples(ws, per_sample)
   for w in report["warnings"]:
     log(f"warning: {w}")
