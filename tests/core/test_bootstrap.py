@@ -382,8 +382,8 @@ def test_prop_no_noise_collapses_onto_the_point(case, temperature):
 
 def test_align_by_id_orders_samples_alike_and_names_a_disagreement():
   by_id = {"mini": {"a": {"s2": 0.0, "s1": 1.0}}, "a+mini": {"a": {"s1": 1.0, "s2": 1.0}}}
-  assert bootstrap.align_by_id(by_id) == {"mini": {"a": [1.0, 0.0]}, "a+mini": {"a": [1.0, 1.0]}}
+  assert BS.align_by_id(by_id) == {"mini": {"a": [1.0, 0.0]}, "a+mini": {"a": [1.0, 1.0]}}
   by_id["a+mini"]["a"] = {"s1": 1.0, "s3": 1.0}
   with pytest.raises(ValueError, match=r"models 'mini' and 'a\+mini' disagree on the sample ids "
                      r"of task 'a': 1 only in 'mini' \('s2'\); 1 only in 'a\+mini' \('s3'\)"):
-    bootstrap.align_by_id(by_id)
+    BS.align_by_id(by_id)
