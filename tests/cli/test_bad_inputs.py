@@ -14,7 +14,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 
 import pytest
@@ -29,27 +28,24 @@ TESTS = os.path.join(REPO, "tests")
 _ABSL_WARNING = ("W", "I")
 
 
-def _micro_config_file() -> str:
-  """A config file of conftest's micro config (some of its overrides, e.g. `pretrain: None`, have
-  no command-line spelling)."""
-  path = os.path.join(tempfile.gettempdir(), f"visatb_micro_config_{os.getpid()}.py")
-  with open(path, "w", encoding="utf-8") as f:
-    f.write(f"import sys\nsys.path.insert(0, {TESTS!r})\n"
-            "from conftest import micro_config as get_config  # noqa: F401\n")
-  return path
+@pytest.fixture(scope="module")
+def micro(tmp_path_factory) -> str:
+  """A config file of conftest's micro config (some of its overrides, e.g. `pretrain: None`,
+  have no command-line spelling)."""
+  path = tmp_path_factory.mktemp("config") / "micro.py"
+  path.write_text(f"import sys\nsys.path.insert(0, {TESTS!r})\n"
+                  "from conftest import micro_config as get_config  # noqa: F401\n")
+  return str(path)
 
 
-_MICRO_CONFIG = _micro_config_file()
-
-
-def _command(workdir, *extra):
-  return [sys.executable, "-m", "visatb_jax.launch", "--config", _MICRO_CONFIG, "--workdir",
+def _command(config, workdir, *extra):
+  return [sys.executable, "-m", "visatb_jax.launch", "--config", config, "--workdir",
           str(workdir), *extra]
 
 
-def _launch(workdir, *extra, timeout=240, **kwargs):
-  return subprocess.run(_command(workdir, *extra), cwd=REPO, capture_output=True, text=True,
-                        timeout=timeout, **kwargs)
+def _launch(config, workdir, *extra, timeout=240, **kwargs):
+  return subprocess.run(_command(config, workdir, *extra), cwd=REPO, capture_output=True,
+                        text=True, timeout=timeout, **kwargs)
 
 
 def _error_line(stderr: str) -> str:
@@ -79,10 +75,10 @@ def _assert_unchanged(before: dict[str, str], workdir, *, except_for=()) -> None
 
 
 @pytest.fixture(scope="module")
-def data_done(tmp_path_factory):
+def data_done(tmp_path_factory, micro):
   """A run directory whose data stage is done."""
   workdir = tmp_path_factory.mktemp("data_done") / "run"
-  proc = _launch(workdir, "--stages", "data")
+  proc = _launch(micro, workdir, "--stages", "data")
   assert proc.returncode == 0, proc.stderr[-3000:]
   return workdir
 
@@ -98,18 +94,18 @@ def run_dir(data_done, tmp_path):
 # ----------------------------------------------------------------------- 1, 2: config overrides
 
 
-def test_unknown_field_is_one_line_with_absl_suggestion(run_dir):
+def test_unknown_field_is_one_line_with_absl_suggestion(run_dir, micro):
   workdir, before = run_dir
-  proc = _launch(workdir, "--config.train.lrr=1")
+  proc = _launch(micro, workdir, "--config.train.lrr=1")
   assert proc.returncode == 2
   line = _error_line(proc.stderr)
   assert "train.lrr" in line and 'Did you mean "lr"' in line, line
   _assert_unchanged(before, workdir)
 
 
-def test_field_the_config_does_not_declare_is_named(run_dir):
+def test_field_the_config_does_not_declare_is_named(run_dir, micro):
   workdir, before = run_dir
-  proc = _launch(workdir, "--config.data.root=/somewhere")
+  proc = _launch(micro, workdir, "--config.data.root=/somewhere")
   assert proc.returncode == 2
   line = _error_line(proc.stderr)
   assert "data.root" in line and "'root'" in line, line
@@ -134,9 +130,10 @@ def _wait_for_stage(workdir, stage, proc, timeout=180):
 
 
 @pytest.mark.parametrize("sig,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
-def test_stop_signal_is_one_line_saying_what_is_kept_and_how_to_resume(run_dir, sig, code):
+def test_stop_signal_is_one_line_saying_what_is_kept_and_how_to_resume(run_dir, micro, sig,
+                                                                        code):
   workdir, before = run_dir
-  proc = subprocess.Popen(_command(workdir), cwd=REPO, stdout=subprocess.DEVNULL,
+  proc = subprocess.Popen(_command(micro, workdir), cwd=REPO, stdout=subprocess.DEVNULL,
                           stderr=subprocess.PIPE, text=True)
   try:
     _wait_for_stage(workdir, "prep", proc)
@@ -181,10 +178,10 @@ def test_signal_dropped_by_a_callback_is_delivered_again(tmp_path):
 # ------------------------------------------------------------------------------ 4: I/O errors
 
 
-def test_run_directory_under_a_file_names_the_path(tmp_path):
+def test_run_directory_under_a_file_names_the_path(tmp_path, micro):
   blocker = tmp_path / "a_file"
   blocker.write_text("not a directory")
-  proc = _launch(blocker / "run")
+  proc = _launch(micro, blocker / "run")
   assert proc.returncode == 2
   line = _error_line(proc.stderr)
   assert str(blocker / "run") in line and os.strerror(errno.ENOTDIR) in line, line
@@ -197,9 +194,9 @@ def _limit_file_size():
   resource.setrlimit(resource.RLIMIT_FSIZE, (64, 64))
 
 
-def test_failed_write_names_the_target_and_the_reason(run_dir):
+def test_failed_write_names_the_target_and_the_reason(run_dir, micro):
   workdir, before = run_dir
-  proc = _launch(workdir, preexec_fn=_limit_file_size)
+  proc = _launch(micro, workdir, preexec_fn=_limit_file_size)
   assert proc.returncode == 2
   line = _error_line(proc.stderr)
   assert str(workdir / "config.json") in line and os.strerror(errno.EFBIG) in line, line
@@ -229,7 +226,7 @@ def test_atomic_write_error_carries_the_target_path(tmp_path, monkeypatch):
 # ------------------------------------------------------------------- 5: leftover temporaries
 
 
-def test_temporaries_of_killed_writes_are_removed_and_nothing_else(run_dir):
+def test_temporaries_of_killed_writes_are_removed_and_nothing_else(run_dir, micro):
   workdir, before = run_dir
   images = workdir / "data" / "shapes" / "images" / "train"
   stale = [images / ".tmp-atomic-k3j2h1a9.000001.png",  # this version's temporary name
@@ -242,7 +239,7 @@ def test_temporaries_of_killed_writes_are_removed_and_nothing_else(run_dir):
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(b"partial")
   os.symlink(kept[0], images / ".tmp-atomic-s1mlink1.x.png")
-  proc = _launch(workdir, "--stages", "data")
+  proc = _launch(micro, workdir, "--stages", "data")
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert proc.stderr == ""
   assert not [p for p in stale if p.exists()]
@@ -258,7 +255,7 @@ def test_remove_stale_temporaries_in_a_missing_directory(tmp_path):
 # ----------------------------------------------------------------------------- 6: a bad image
 
 
-def test_corrupt_image_is_one_line_naming_the_file(run_dir):
+def test_corrupt_image_is_one_line_naming_the_file(run_dir, micro):
   workdir, before = run_dir
   train = json.loads((workdir / "data" / "shapes" / "train.json").read_text())
   # A vqa sample: every one is trained on (some captions are too long for the micro config).
@@ -266,7 +263,7 @@ def test_corrupt_image_is_one_line_naming_the_file(run_dir):
                                              if s.get("image") and s["task"] == "vqa")
   image.write_bytes(b"\x89PNG\r\n\x1a\n but not an image")
   before[str(image.relative_to(workdir))] = _snapshot(image.parent)[image.name]
-  proc = _launch(workdir)
+  proc = _launch(micro, workdir)
   assert proc.returncode == 2
   line = _error_line(proc.stderr)
   assert str(image) in line and "cannot" in line, line

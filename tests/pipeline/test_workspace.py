@@ -165,3 +165,13 @@ def test_a_stage_cannot_read_a_section_its_hash_omits(ws):
     view.section("eval")
   with pytest.raises(StageInputError, match="config.methods"):
     view.needs_balance  # pylint: disable=pointless-statement
+
+
+def test_a_corrupt_image_is_named_by_the_data_stage(tmp_path):
+  w = workspace(micro_config(), tmp_path)
+  w.data.prepare()
+  victim = next(s for s in w.data.samples("test") if s.get("image_path"))["image_path"]
+  with open(victim, "r+b") as f:  # a PNG cut short: the header still opens
+    f.truncate(60)
+  with pytest.raises(PipelineError, match=os.path.basename(victim)):
+    workspace(micro_config(), tmp_path).data.prepare()

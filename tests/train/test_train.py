@@ -29,8 +29,9 @@ class VisionTower(nnx.Module):
   """Frozen by default; its parameter feeds every token, so gradients reach it."""
 
   def __init__(self, rngs: nnx.Rngs):
-    self.linear_1 = nnx.Linear(3, DIM, use_bias=False, rngs=rngs)
-    self.linear_1.kernel.value = jax.random.normal(rngs.params(), (3, DIM)) * 0.5
+    self.linear_1 = nnx.Linear(
+        3, DIM, use_bias=False, rngs=rngs,
+        kernel_init=lambda key, shape, dtype: jax.random.normal(key, shape, dtype) * 0.5)
 
   def __call__(self, images):
     return self.linear_1(jnp.mean(images, axis=(1, 2, 3)))  # [B, M, H, W, 3] → [B, D]

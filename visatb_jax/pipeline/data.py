@@ -117,6 +117,12 @@ class DataStore:
                                                 self.tokenizer_dir)
       fileio.sync("tokenizer")
     self.encoded_train()  # fail now, not in the middle of training, on bad samples
+    try:  # every image decoded once: a corrupt file is named now, not in a later stage
+      images_lib.check_images(sorted({p for split in ("train", "val", "test")
+                                      for s in self.samples(split)
+                                      for p in s.get("image_paths") or []}))
+    except ValueError as e:
+      raise PipelineError(str(e)) from e
     if self.loader_kind == "grain":
       from visatb_jax.data import prepare  # pylint: disable=g-import-not-at-top
       if fileio.is_primary():  # raw samples as array_record, read by every host's loader
