@@ -18,21 +18,29 @@ import sys
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PREVIOUS_DEMO = ["--config.pretrain.enabled=false",
+                 "--config.task_order=('caption','vqa','count','grounding','chat')",
+                 "--config.data.shapes.count_scope=any", "--config.data.shapes.sizes.val=128",
+                 "--config.data.shapes.sizes.test=128", "--config.balance.temperature=0.5"]
 
 
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--workdir", default=os.path.join(REPO, "runs", "b6"))
   parser.add_argument("--out", default=os.path.join(REPO, "benchmarks", "results", "b6.json"))
+  parser.add_argument("--previous-demo", action="store_true",
+                      help="the demo as it was before the pretrain stage (5 tasks, 128 validation "
+                      "samples, T = 0.5): the same job as earlier B6 figures, on today's code")
   args = parser.parse_args(argv)
+  overrides = PREVIOUS_DEMO if args.previous_demo else []
   shutil.rmtree(args.workdir, ignore_errors=True)
   t0 = time.time()
   subprocess.run([sys.executable, "-m", "visatb_jax.launch", "--config", "configs/demo.py",
-                  "--workdir", args.workdir], cwd=REPO, check=True)
+                  "--workdir", args.workdir, *overrides], cwd=REPO, check=True)
   wall = time.time() - t0
   with open(os.path.join(args.workdir, "manifest.json")) as f:
     recorded = json.load(f)["stages"]
-  order = ("data", "prep", "validate", "lambda", "final", "test", "report")
+  order = ("data", "pretrain", "prep", "validate", "lambda", "final", "test", "report")
   stages = {k: recorded[k]["seconds"] for k in order if k in recorded}
   with open(os.path.join(args.workdir, "scores", "test.json")) as f:
     test = json.load(f)

@@ -8,6 +8,7 @@ import pytest
 from flax import nnx
 
 from visatb_jax import train
+from visatb_jax.runtime import metrics_log
 from visatb_jax.runtime import sharding
 from visatb_jax.model import lora
 from visatb_jax.model.config import LlavaConfig, TextConfig, VisionConfig
@@ -344,7 +345,7 @@ def test_train_loop_draws_fresh_dropout_masks_per_step_reproducibly(tmp_path):
     model = lora.apply_lora(_model(), rank=RANK, alpha=ALPHA, dropout=dropout, rngs=nnx.Rngs(1))
     trained = train.train(model, lambda step: batch, np.ones(1, np.float32), cfg, tmp_path / name,
                           mesh=sharding.make_mesh(devices=jax.devices()[:1]))
-    losses = [r["loss"] for r in train.metrics_log.read_metrics(tmp_path / name / "metrics.jsonl")]
+    losses = [r["loss"] for r in metrics_log.read_metrics(tmp_path / name / "metrics.jsonl")]
     return trained, losses
 
   a, losses_a = run("a", 0.5)

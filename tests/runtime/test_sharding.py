@@ -139,6 +139,11 @@ def test_param_logical_axes_of_every_parameter(model):
   assert sharding.param_logical_axes(("lora", "lora_a"), (32, 4)) == (None, None)
   with pytest.raises(ValueError, match="no sharding rule for parameter lora.lora_a"):
     sharding.param_logical_axes(("lora", "lora_a"), (32, 4), strict=True)
+  # A LoRA adapter follows the layer it adapts: A on its input axis, B on its output axis.
+  assert sharding.param_logical_axes(("mlp", "down_proj", "lora", "lora_a"), (64, 2),
+                                     strict=True) == ("mlp", None)
+  assert sharding.param_logical_axes(("self_attn", "q_proj", "lora", "lora_b"), (2, 32),
+                                     strict=True) == (None, "heads")
 
 
 def test_a_parameter_no_rule_covers_is_an_error_naming_it():

@@ -293,6 +293,11 @@ def _lookup(names: Sequence[str]) -> LogicalAxes | None:
     return ("embed",)
   if leaf == "embedding" and module in _EMBEDDING_AXES:
     return _EMBEDDING_AXES[module]
+  if leaf in ("lora_a", "lora_b") and len(names) > 2 and names[-3] in _KERNEL_AXES:
+    # A LoRA adapter of a linear layer: A [in, rank] follows the layer's input axis, B
+    # [rank, out] its output axis; the rank stays whole.
+    in_axis, out_axis = _KERNEL_AXES[names[-3]][-2:]
+    return (in_axis, None) if leaf == "lora_a" else (None, out_axis)
   if module in _KERNEL_AXES and leaf in ("kernel", "bias"):
     axes = _KERNEL_AXES[module]
     if in_vision and module in ("k_proj", "v_proj"):
