@@ -406,12 +406,9 @@ def build(config: Any, *, num_devices: int | None = None) -> RunConfig:
   for key in ("tasks", "task_order", "data", "model", "train", "prep", "eval"):
     if key not in raw:
       raise ConfigError(f"config.{key} is missing")
-  try:
-    methods, options = _methods(raw, len(raw["task_order"]))
-    needs_balance = any(methods_lib.get(m).needs_balance for m in methods)
-    plan = _task_plan(raw["tasks"], raw["task_order"], needs_balance)
-  except ConfigError:
-    raise
+  methods, options = _methods(raw, len(raw["task_order"]))
+  needs_balance = any(methods_lib.get(m).needs_balance for m in methods)
+  plan = _task_plan(raw["tasks"], raw["task_order"], needs_balance)
   balance = _balance(raw.get("balance") or {})
   epochs = _check_train(raw["train"])
   _check_data(raw["data"], plan)

@@ -19,7 +19,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from visatb_jax.core import balancing, bootstrap
+from visatb_jax.core import bootstrap
 from visatb_jax.pipeline import methods as methods_lib
 from visatb_jax.pipeline import models as models_lib
 from visatb_jax.pipeline.errors import PipelineError
