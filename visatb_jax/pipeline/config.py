@@ -38,14 +38,14 @@ MESH_AXES = ("data", "fsdp", "tensor")
 UNHASHED = ("name", "mesh")
 
 
-def _plain(value: Any) -> Any:
+def plain(value: Any) -> Any:
   """A ConfigDict / FieldReference / tuple tree as plain dicts, lists and scalars."""
   if hasattr(value, "to_dict"):
     value = value.to_dict()
   if isinstance(value, Mapping):
-    return {str(k): _plain(v) for k, v in value.items()}
+    return {str(k): plain(v) for k, v in value.items()}
   if isinstance(value, (list, tuple)):
-    return [_plain(v) for v in value]
+    return [plain(v) for v in value]
   return value
 
 
@@ -274,7 +274,7 @@ def _methods(config: Mapping[str, Any], num_tasks: int) -> tuple[tuple[str, ...]
   unknown = [m for m in baselines if m not in methods_lib.REGISTRY]
   if unknown:
     raise ConfigError(f"unknown baseline(s) {unknown} in config.baselines; known: {known}")
-  options = _plain(_get(config, "weighting_options", {}))
+  options = plain(_get(config, "weighting_options", {}))
   for name, opts in options.items():
     if name not in methods_lib.REGISTRY:
       raise ConfigError(f"config.weighting_options.{name}: no such method; known: {known}")
@@ -402,7 +402,7 @@ def build(config: Any, *, num_devices: int | None = None) -> RunConfig:
   Raises:
     ConfigError: one line naming the field and what is wrong with it.
   """
-  raw = _plain(config)
+  raw = plain(config)
   for key in ("tasks", "task_order", "data", "model", "train", "prep", "eval"):
     if key not in raw:
       raise ConfigError(f"config.{key} is missing")

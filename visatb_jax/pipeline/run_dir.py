@@ -23,22 +23,14 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
+from visatb_jax.pipeline import config as config_lib
 from visatb_jax.pipeline.errors import PipelineError
 from visatb_jax.runtime import fileio
 
 
-def _canonical(obj: Any) -> Any:
-  if hasattr(obj, "to_dict"):
-    obj = obj.to_dict()
-  if isinstance(obj, Mapping):
-    return {str(k): _canonical(v) for k, v in sorted(obj.items(), key=lambda kv: str(kv[0]))}
-  if isinstance(obj, (list, tuple)):
-    return [_canonical(v) for v in obj]
-  return obj
-
-
 def config_hash(obj: Any) -> str:
-  blob = json.dumps(_canonical(obj), sort_keys=True, default=str).encode()
+  # Key order never matters: json sorts every level.
+  blob = json.dumps(config_lib.plain(obj), sort_keys=True, default=str).encode()
   return hashlib.sha256(blob).hexdigest()[:16]
 
 
