@@ -3,12 +3,11 @@
 python -m visatb_jax.launch --config m3it.py \
     --config.data.root=/data/visatb/m3it --config.model.path=/models/llava-1.5-7b-hf
 
-Balancing runs over the groups captioning, classification, VQA, reasoning and generation (docs/method.md
-§6); every task gets its group's λ. R_large = 1/4, R_mini = 1/32 (§10). The 17 task names are
-M3IT's; the exact selection of the paper's release may differ — edit the registry to match your
-files (a task's file is data.root/{task}_{split}.json unless its `files` says otherwise).
-Multiple-choice and classification answers are scored by exact match, captions and generation
-by CIDEr, all GPT-free.
+Balancing runs over the groups captioning, classification, VQA, reasoning and generation
+(docs/method.md §6); every task gets its group's λ. R_large = 1/4, R_mini = 1/32, T = 1.0 (§10).
+The 17 tasks are grouped by M3IT's own taxonomy under its dataset names (a task's file is
+data.root/{task}_{split}.json unless its `files` says otherwise). Captioning and generation are
+scored by CIDEr, every other task by exact match against its reference answer, all GPT-free.
 """
 
 from visatb_jax.pipeline.presets import paper_config, task
@@ -16,15 +15,15 @@ from visatb_jax.pipeline.presets import paper_config, task
 _GROUPS = {
     "captioning": {"coco": "cider", "textcap": "cider", "image-paragraph-captioning": "cider"},
     "classification": {"coco-goi": "exact_match", "coco-text": "exact_match",
-                       "imagenet": "exact_match", "snli-ve": "exact_match"},
-    "vqa": {"vqa-v2": "exact_match", "gqa": "exact_match", "ocr-vqa": "exact_match",
-            "text-vqa": "exact_match", "okvqa": "exact_match"},
+                       "imagenet": "exact_match", "snli-ve": "exact_match",
+                       "coco-itm": "exact_match", "mocheg": "exact_match"},
+    "vqa": {"gqa": "exact_match", "ocr-vqa": "exact_match", "shapes": "exact_match"},
     "reasoning": {"clevr": "exact_match", "nlvr": "exact_match", "science-qa": "exact_match"},
-    "generation": {"vist": "cider", "visual-dialog": "cider"},
+    "generation": {"visual-dialog": "cider", "multi30k": "cider"},
 }
 
 
 def get_config():
   tasks = {name: task(metric, group=group)
            for group, members in _GROUPS.items() for name, metric in members.items()}
-  return paper_config("m3it", tasks, r_large=0.25, r_mini=1 / 32)
+  return paper_config("m3it", tasks, r_large=0.25, r_mini=1 / 32, temperature=1.0)

@@ -6,7 +6,6 @@ what is wrong, and that the files already in the run directory are unchanged.
 """
 
 import errno
-import hashlib
 import json
 import os
 import resource
@@ -19,13 +18,12 @@ import time
 import pytest
 
 from conftest import REPO
+from one_line import assert_unchanged as _assert_unchanged
+from one_line import error_line as _error_line
+from one_line import snapshot as _snapshot
 from visatb_jax.runtime import fileio
 
 TESTS = os.path.join(REPO, "tests")
-
-# absl's log-line format ("W1202 04:14:49.045 ... file.py:123] ..."): orbax's warnings that a
-# save took long may appear once training has started; they are not the error line.
-_ABSL_WARNING = ("W", "I")
 
 
 @pytest.fixture(scope="module")
@@ -46,32 +44,6 @@ def _command(config, workdir, *extra):
 def _launch(config, workdir, *extra, timeout=240, **kwargs):
   return subprocess.run(_command(config, workdir, *extra), cwd=REPO, capture_output=True,
                         text=True, timeout=timeout, **kwargs)
-
-
-def _error_line(stderr: str) -> str:
-  """The one line of stderr (absl warning lines aside), which must be an `error: ...` line."""
-  lines = [l for l in stderr.splitlines()
-           if l.strip() and not (l[:1] in _ABSL_WARNING and l[1:5].isdigit())]
-  assert len(lines) == 1 and lines[0].startswith("error: "), stderr[-3000:]
-  return lines[0]
-
-
-def _snapshot(directory) -> dict[str, str]:
-  out = {}
-  for root, _, files in os.walk(directory):
-    for name in files:
-      path = os.path.join(root, name)
-      if os.path.islink(path):
-        continue
-      with open(path, "rb") as f:
-        out[os.path.relpath(path, directory)] = hashlib.sha256(f.read()).hexdigest()
-  return out
-
-
-def _assert_unchanged(before: dict[str, str], workdir, *, except_for=()) -> None:
-  after = _snapshot(workdir)
-  changed = [p for p, h in before.items() if p not in except_for and after.get(p) != h]
-  assert not changed, changed
 
 
 @pytest.fixture(scope="module")
@@ -268,3 +240,25 @@ def test_corrupt_image_is_one_line_naming_the_file(run_dir, micro):
   line = _error_line(proc.stderr)
   assert str(image) in line and "cannot" in line, line
   _assert_unchanged(before, workdir, except_for={"manifest.json"})
+
+
+# --------------------------------------------------------- 7: another config's run directory
+
+
+def test_another_configs_run_directory_is_refused(run_dir, micro):
+  """A config whose data stage differs from the one that finished there: refused, untouched;
+  `--overwrite` then replaces it."""
+  workdir, before = run_dir
+  data_hash = fileio.read_json(workdir / "manifest.json")["stages"]["data"]["hash"]
+  proc = _launch(micro, workdir, "--config.data.max_len=100")
+  assert proc.returncode == 2
+  line = _error_line(proc.stderr)
+  assert (f"error: run directory {workdir} was made by another config: this one would replace "
+          "the outputs of stage(s) data; run with --overwrite" in line), line
+  _assert_unchanged(before, workdir)
+  assert set(_snapshot(workdir)) == set(before)
+
+  proc = _launch(micro, workdir, "--config.data.max_len=100", "--stages", "data", "--overwrite")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "stage data: start (its config changed since it ran)" in proc.stdout
+  assert fileio.read_json(workdir / "manifest.json")["stages"]["data"]["hash"] != data_hash

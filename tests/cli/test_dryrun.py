@@ -1,4 +1,8 @@
-"""--dry-run: abstract model, compiled step for a mesh, per-device memory — without weights."""
+"""--dry-run: abstract model, compiled step for a mesh, per-device memory — without weights.
+
+Tests that only need the memory figures pass `analyse=False`: the cost analysis (runtime/cost.py,
+tested on its own in tests/runtime/test_cost.py) dumps and parses the compiled HLO.
+"""
 
 import os
 import subprocess
@@ -25,7 +29,7 @@ def _config(**mesh):
 
 def test_counts_match_the_real_model_and_fsdp_divides_the_params():
   config = _config()
-  single = dryrun.dry_run(config, jax.devices()[:1])
+  single = dryrun.dry_run(config, jax.devices()[:1], analyse=False)
   model = factory.build_model(config.model, factory.model_config(config.model))
   trainable = sum(int(np.prod(x.shape)) for path, x in nnx.to_flat_state(nnx.state(model, nnx.Param))
                   if "vision_tower" not in path)
@@ -35,7 +39,7 @@ def test_counts_match_the_real_model_and_fsdp_divides_the_params():
   assert pd["optimizer_state"] >= 2 * trainable * 4  # Adam's two moments, float32
   assert pd["activations_and_temps"] > 0
 
-  sharded = dryrun.dry_run(_config(fsdp=8))
+  sharded = dryrun.dry_run(_config(fsdp=8), analyse=False)
   assert sharded["devices"] == 8 and sharded["mesh"]["fsdp"] == 8
   ratio = sharded["per_device_bytes"]["trainable_params"] / pd["trainable_params"]
   # Norm scales and odd-sized dimensions stay replicated, so not exactly 1/8 of the bytes.
@@ -52,8 +56,8 @@ def test_remat_bounds_activation_memory_whatever_the_depth():
     config = _config()
     config.model.text.num_hidden_layers = 6
     config.model.remat = remat
-    temps[remat] = dryrun.dry_run(config, jax.devices()[:1])["per_device_bytes"][
-        "activations_and_temps"]
+    temps[remat] = dryrun.dry_run(config, jax.devices()[:1], analyse=False)[
+        "per_device_bytes"]["activations_and_temps"]
   assert temps["full"] < 0.6 * temps["none"], temps
 
 
@@ -71,8 +75,8 @@ def test_activation_memory_follows_rows_per_device_not_the_device_count():
     text.num_attention_heads = text.num_key_value_heads = 16
     config.train.batch_size = 2 * devices
     config.train.accum_steps = 1
-    temps[devices] = dryrun.dry_run(config, jax.devices()[:devices])["per_device_bytes"][
-        "activations_and_temps"]
+    temps[devices] = dryrun.dry_run(config, jax.devices()[:devices], analyse=False)[
+        "per_device_bytes"]["activations_and_temps"]
   assert temps[8] < 1.25 * temps[2], temps  # unconstrained: 1.68x
 
 
@@ -80,7 +84,7 @@ def test_bf16_and_remat_are_reported():
   config = _config()
   config.model.dtype = "bfloat16"
   config.model.remat = "dots_with_no_batch_dims_saveable"
-  r = dryrun.dry_run(config, jax.devices()[:1])
+  r = dryrun.dry_run(config, jax.devices()[:1], analyse=False)
   assert r["dtype"] == "bfloat16" and r["param_dtype"] == "float32"
   assert r["remat"] == "dots_with_no_batch_dims_saveable"
   assert jax.devices()  # the step compiled on the local devices
@@ -100,6 +104,7 @@ def test_cli_dry_run_without_weights(tmp_path):
       timeout=300)
   assert out.returncode == 0, out.stderr[-2000:]
   assert "on 4 cpu device(s)" in out.stdout and "total (compiled step)" in out.stdout
+  assert "memory at the peak" in out.stdout and "PLANNING ESTIMATE" in out.stdout
   assert not os.path.exists(tmp_path / "runs")
 
 
@@ -107,16 +112,63 @@ def test_bad_remat_name_is_a_clear_error():
   config = _config()
   config.model.remat = "sometimes"
   with pytest.raises(ValueError, match="config.model.remat='sometimes' is not a remat policy"):
-    dryrun.dry_run(config, jax.devices()[:1])
+    dryrun.dry_run(config, jax.devices()[:1], analyse=False)
 
 
 def test_lora_trains_adapters_and_projector_only():
   config = _config()
   config.model.lora = {"rank": 4, "alpha": 8.0, "dropout": 0.0, "target_modules": ("q_proj",)}
-  r = dryrun.dry_run(config, jax.devices()[:1])
+  r = dryrun.dry_run(config, jax.devices()[:1], analyse=False)
   text, vision = config.model.text, config.model.vision
   q_proj = 4 * (text.hidden_size + text.hidden_size) * text.num_hidden_layers
   projector = (vision.hidden_size + 1) * text.hidden_size + (text.hidden_size + 1) * text.hidden_size
   assert r["parameters"]["trainable"] == q_proj + projector
   config.model.lora = {"rank": 4, "alpha": 8.0, "dropout": 0.1, "target_modules": ("q_proj",)}
-  assert dryrun.dry_run(config, jax.devices()[:1])["parameters"]["trainable"] == q_proj + projector
+  assert dryrun.dry_run(config, jax.devices()[:1], analyse=False)["parameters"][
+      "trainable"] == q_proj + projector
+
+
+def test_cost_report_on_8_devices():
+  """The analysis of the compiled step: the peak's buffers traced to the model code, compiled
+  FLOPs near the model's, FSDP's collectives against their minimum, a roofline per chip; a
+  second dry run, served by the session's persistent compilation cache, still gets its buffers."""
+  config = _config(fsdp=8)
+  config.model.remat = "full"
+  config.model.dtype = "bfloat16"
+  config.data.seq_len = 192  # a step no other test compiles
+  config.train.batch_size, config.train.accum_steps = 16, 1  # 2 rows per device
+  r = dryrun.dry_run(config)
+  c = r["cost"]
+  peak = c["peak_buffers"]
+  assert peak and [b.bytes for b in peak] == sorted((b.bytes for b in peak), reverse=True)
+  assert any(b.source.startswith("model/llama.py:") for b in peak)
+  assert any(b.role == "argument" and b.source.startswith("batch[") for b in peak)
+  # Remat recomputes the forward (+1/3 on the dense FLOPs), the causal query blocks skip about
+  # half the scores that the model formula counts: about 1.0 for this attention-heavy model.
+  assert 0.8 < c["flops_ratio"] < 1.5, c["flops_ratio"]
+  assert c["collectives"]["all-gather"]["count"] > 0
+  assert 1.0 <= c["wire_ratio"] < 4.0, c["wire_ratio"]
+  assert set(c["roofline"]) == {"v5p", "h100", "h200"}
+  assert all(0 < e["mfu"] <= 1 and e["step_s"] > 0 for e in c["roofline"].values())
+  text = dryrun.format_report(r)
+  for part in ("memory at the peak", "full-remat activation estimate", "compiled / model",
+               "FSDP minimum", "PLANNING ESTIMATE", "h100", "459"):
+    assert part in text, part
+  only = dryrun.format_report(r, targets=["v5p"])
+  assert "  v5p " in only and "  h100 " not in only
+  with pytest.raises(ValueError, match="unknown target 'tpu'"):
+    dryrun.format_report(r, targets=["tpu"])
+  assert dryrun.check_targets(None) == ["v5p", "h100", "h200"]
+
+  again = dryrun.dry_run(config)["cost"]
+  assert again["flops"] == c["flops"] and again["peak_buffers"] == peak
+
+
+def test_unknown_roofline_target_is_refused_before_compiling(tmp_path):
+  out = subprocess.run(
+      [sys.executable, "-m", "visatb_jax.launch", "--config", "demo.py", "--dry-run",
+       "--target=h100,tpu9"], cwd=REPO, capture_output=True, text=True, timeout=300,
+      env={**os.environ, "PYTHONPATH": REPO})
+  assert out.returncode == 2, out.stderr[-2000:]
+  lines = [l for l in out.stderr.splitlines() if l.strip()]
+  assert len(lines) == 1 and lines[0].startswith("error: ") and "'tpu9'" in lines[0], out.stderr

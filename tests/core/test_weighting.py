@@ -5,6 +5,7 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -21,6 +22,7 @@ OPTIONS = {
     "rlw": {},
     "dwa": {"window": 2},
     "igb": {"base_start": 1, "base_end": 3},
+    "uw": {"lr": 0.05},
 }
 
 
@@ -47,7 +49,7 @@ def _random_losses(steps, seed=0):
 
 
 def test_registry():
-  assert set(weighting.STRATEGIES) == {"ew", "static", "rlw", "dwa", "igb"}
+  assert set(weighting.STRATEGIES) == {"ew", "static", "rlw", "dwa", "igb", "uw"}
   for name, options in OPTIONS.items():
     assert weighting.get_strategy(name, **options).name == name
   with pytest.raises(ValueError, match="unknown weighting strategy"):
@@ -60,6 +62,9 @@ def test_registry():
     weighting.get_strategy("igb", base_start=5, base_end=5)
   with pytest.raises(ValueError, match="together"):
     weighting.get_strategy("ew", fixed_mask=[True, False, False, False])
+  for bad_lr in (0.0, -1e-2, float("nan")):
+    with pytest.raises(ValueError, match="uw lr"):
+      weighting.get_strategy("uw", lr=bad_lr)
 
 
 @pytest.mark.parametrize("name", sorted(OPTIONS))
@@ -74,7 +79,7 @@ def test_lambda_averages_one_over_free_tasks(name, fixed):
   np.testing.assert_allclose(lams[:, free].mean(axis=1), 1.0, rtol=1e-6)
   if fixed:
     np.testing.assert_array_equal(lams[:, ~free], 1.0)
-  if name in ("rlw", "dwa", "igb"):
+  if name in ("rlw", "dwa", "igb", "uw"):
     # The rule is really active by the end, not stuck at ones.
     assert np.abs(lams[-1] - 1.0).max() > 1e-3
 
@@ -283,3 +288,76 @@ def test_n_softmax_mean_one(scores, free):
   assert np.all(np.isfinite(lam)) and np.all(lam[free] >= 0)
   assert math.isclose(lam[free].mean(), 1.0, rel_tol=1e-5)
   np.testing.assert_array_equal(lam[~free], 0.0)
+
+
+# -------------------------------------------------------------------------------------- UW
+
+
+def _uw_run(losses, counts=None, **options):
+  """The UW states after each of the steps 0, 1, ... fed with the rows of `losses`."""
+  uw = weighting.get_strategy("uw", **options)
+  update = jax.jit(uw.update)
+  state, states = uw.init(len(losses[0])), []
+  for step, loss in enumerate(losses):
+    count = None if counts is None else jnp.asarray(counts[step], jnp.float32)
+    _, state = update(state, jnp.asarray(loss, jnp.float32), step, RNG, count)
+    states.append(jax.tree.map(np.asarray, state))
+  return states
+
+
+def test_uw_gradient_is_the_analytical_one():
+  """∂/∂s_t Σ exp(−s)·L + s = 1 − exp(−s_t)·L_t on active tasks, 0 on the others (even NaN)."""
+  rng = np.random.default_rng(3)
+  log_var = jnp.asarray(rng.normal(size=6), jnp.float32)
+  loss = rng.uniform(0.1, 5.0, size=6).astype(np.float32)
+  active = np.array([True, True, False, True, False, True])
+  loss[4] = np.nan  # an absent task's loss may be anything
+  grad = jax.grad(weighting.uw_objective)(log_var, jnp.asarray(loss), jnp.asarray(active))
+  expected = np.where(active, 1.0 - np.exp(-np.asarray(log_var, np.float64)) * loss, 0.0)
+  np.testing.assert_allclose(grad, expected, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("lr,steps,tol",
+                         [(weighting.UW_LR, 700, 2e-3), (0.05, 300, 1e-4)])
+def test_uw_reaches_the_known_optimum_s_equals_log_loss(lr, steps, tol):
+  """For constant losses the minimiser of Σ exp(−s)·L + s is s_t = log L_t, so λ ∝ 1/L."""
+  losses = np.array([0.5, 1.0, 2.0, 4.0], np.float32)
+  final = _uw_run(np.tile(losses, (steps, 1)), lr=lr)[-1]
+  np.testing.assert_allclose(final["log_var"], np.log(losses), atol=tol)
+  np.testing.assert_allclose(final["lam"], _n_softmax(-np.log(losses)), rtol=10 * tol)
+  np.testing.assert_allclose(final["lam"], 4 * (1 / losses) / np.sum(1 / losses), rtol=10 * tol)
+
+
+def test_uw_adam_is_optax_adam_on_the_analytical_gradient():
+  """With every task present, s follows optax.adam(lr) on the gradient 1 − exp(−s)·L."""
+  lr, losses = 0.05, _random_losses(25, seed=4)
+  states = _uw_run(losses, lr=lr)
+  tx = optax.adam(lr)
+  s = jnp.zeros((T,), jnp.float32)
+  opt_state = tx.init(s)
+  for loss, state in zip(losses, states):
+    grad = 1.0 - jnp.exp(-s) * loss
+    updates, opt_state = tx.update(grad, opt_state, s)
+    s = optax.apply_updates(s, updates)
+    np.testing.assert_allclose(state["log_var"], s, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(state["lam"], _n_softmax(-np.asarray(s)), rtol=1e-5)
+
+
+def test_uw_fixed_and_absent_tasks_keep_their_state():
+  losses = _random_losses(6, seed=5)
+  counts = np.ones_like(losses)
+  counts[3:, 2] = 0  # task 2 absent from step 3 on (its loss there is reported as 0)
+  losses[3:, 2] = 0.0
+  states = _uw_run(losses, counts, lr=0.05, **FIXED)
+  fixed = np.asarray(FIXED["fixed_mask"])
+  for state in states:
+    np.testing.assert_array_equal(state["log_var"][fixed], 0.0)  # a fixed task has no s
+    np.testing.assert_array_equal(state["adam_count"][fixed], 0)
+    np.testing.assert_array_equal(state["lam"][fixed], 1.0)
+    np.testing.assert_allclose(state["lam"][~fixed], _n_softmax(-state["log_var"][~fixed]),
+                               rtol=1e-6)
+  for key in ("log_var", "adam_mu", "adam_nu", "adam_count"):
+    for state in states[3:]:
+      np.testing.assert_array_equal(state[key][2], states[2][key][2])
+  np.testing.assert_array_equal(states[-1]["adam_count"], [6, 0, 3, 6])
+  assert np.all(np.abs(states[-1]["log_var"][[0, 3]] - states[2]["log_var"][[0, 3]]) > 1e-3)

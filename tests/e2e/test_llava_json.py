@@ -125,3 +125,43 @@ def test_grain_loader_trains_the_prep_runs_and_checkpoints_its_position(user_set
     assert state.exists(), name
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert all(np.isfinite(r["loss"]) for r in records) and records[-1]["tokens"] > 0
+
+
+def test_an_edited_task_file_reruns_the_data_stage_and_every_later_one(user_setup, tmp_path,
+                                                                         capsys):
+  """Same config, a task file edited in place: a stage selected with --stages refuses its stale
+  inputs in one line; a full run redoes data and what follows, naming the file, unasked."""
+  import shutil  # pylint: disable=g-import-not-at-top
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  config = ml_collections.ConfigDict(json.loads(user_setup[0].to_json()))
+  config.data.root = str(tmp_path / "data")
+  shutil.copytree(user_setup[0].data.root, config.data.root)  # the module's files stay as they are
+  # data, final, test and report of one model on two tasks: the fewest steps that show it.
+  config.weighting, config.baselines, config.task_order = "ew", (), ("count", "chat")
+  config.train.epochs, config.eval.max_new_tokens = 0.5, 2
+  workdir = str(tmp_path / "run")
+  pipeline.run(config, workdir)
+  path = os.path.join(config.data.root, "count_train.json")
+  rows = fileio.read_json(path)
+  rows[0]["conversations"][-1]["value"] += " shapes"
+  fileio.atomic_write_json(path, rows)
+  test_scores = fileio.read_json(os.path.join(workdir, "scores", "test.json"))
+  capsys.readouterr()
+
+  with pytest.raises(PipelineError) as info:
+    pipeline.run(config, workdir, stages=["test"])
+  message = str(info.value)
+  assert "\n" not in message and "--overwrite" not in message, message
+  assert (f"which is stale: input file {path} changed since it ran; run --stages data,final,test "
+          in message), message
+
+  pipeline.run(config, workdir)
+  logged = capsys.readouterr().out
+  for stage in ("data", "final", "test", "report"):
+    assert f"stage {stage}: start (input file {path} changed since it ran)" in logged, stage
+  manifest = fileio.read_json(os.path.join(workdir, "manifest.json"))
+  assert all(manifest["stages"][s]["inputs"][path]["sha256"] == manifest["stages"]["data"]
+             ["inputs"][path]["sha256"] for s in ("final", "test", "report"))
+  assert set(fileio.read_json(os.path.join(workdir, "scores", "test.json"))) == set(test_scores)
+  pipeline.run(config, workdir)
+  assert "stage data: done, skipped" in capsys.readouterr().out

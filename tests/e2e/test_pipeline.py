@@ -87,7 +87,7 @@ def test_changed_temperature_reruns_from_lambda_only(finished_run, tmp_path, cap
   shutil.copytree(finished_run, workdir)  # the other tests compare against finished_run
   config = micro_config()
   config.balance.temperature = 5.0
-  pipeline.run(config, workdir, stages=["validate", "lambda"])
+  pipeline.run(config, workdir, stages=["validate", "lambda"], overwrite=True)
   logged = capsys.readouterr().out
   assert "stage validate: done, skipped" in logged and "stage lambda: start" in logged
   assert fileio.read_json(os.path.join(workdir, "lambda.json"))["temperature"] == 5.0
@@ -109,7 +109,7 @@ def test_stale_inputs_are_never_used(finished_run, tmp_path, capsys):
   assert _outputs(workdir) == before  # nothing was touched
   config = micro_config()
   config.eval.max_new_tokens = 4  # validate and everything after it are stale; data, prep not
-  pipeline.run(config, workdir)
+  pipeline.run(config, workdir, overwrite=True)
   logged = capsys.readouterr().out
   assert "stage prep: done, skipped" in logged
   for stage in ("validate", "lambda", "final", "test", "report"):

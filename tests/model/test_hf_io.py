@@ -265,7 +265,7 @@ def test_bf16_checkpoints(tmp_path):
     def get_tensor(self, key):
       raise TypeError("bf16 is not supported by the numpy backend")
 
-  np.testing.assert_array_equal(hf_io._read(NoBf16(), file, key).view(np.uint16),
+  np.testing.assert_array_equal(hf_io.read_tensor(NoBf16(), file, key).view(np.uint16),
                                 raw.view(np.uint16))
   # Ours saved as bf16: transformers reads the same values back.
   out = str(tmp_path / "ours_bf16")
@@ -394,3 +394,68 @@ def test_missing_key_shape_mismatch_and_extra_keys(llama, tmp_path):
     hf_io.load_pretrained(bad)
   np.testing.assert_allclose(_ours(hf_io.load_pretrained(bad, strict=False)), ref, atol=1e-4,
                              rtol=0)
+
+
+# ---------------------------------------------------------------- check_checkpoint (issue #17)
+
+
+def _first_line_only(e) -> str:
+  message = str(e.value)
+  assert "\n" not in message, message
+  return message
+
+
+def test_check_checkpoint_accepts_a_checkpoint_without_reading_weights(llama):
+  hf, _, path = llama
+  assert hf_io.check_checkpoint(path).text.vocab_size == VOCAB
+
+
+def test_check_checkpoint_names_a_missing_or_empty_directory(tmp_path):
+  with pytest.raises(FileNotFoundError) as e:
+    hf_io.check_checkpoint(tmp_path / "nowhere")
+  assert str(tmp_path / "nowhere") in _first_line_only(e)
+  with pytest.raises(FileNotFoundError) as e:
+    hf_io.check_checkpoint(tmp_path)
+  message = _first_line_only(e)
+  assert f"no config.json in checkpoint directory {tmp_path}" in message
+  assert "save_pretrained" in message  # What a checkpoint directory must hold.
+
+
+@pytest.mark.parametrize("content, what", [
+    (b'{"model_type": "llava", "text_con', "is not valid JSON"),  # Truncated copy.
+    (b"\x89PNG\r\n\x1a\n\x00\x00", "is not valid JSON"),  # Binary garbage.
+    (b"[1, 2]", "holds a JSON list, not an object"),
+])
+def test_corrupt_config_json_is_one_line_naming_the_file(llama, tmp_path, content, what):
+  _, _, path = llama
+  bad = tmp_path / "ckpt"
+  shutil.copytree(path, bad)
+  (bad / "config.json").write_bytes(content)
+  with pytest.raises(ValueError) as e:
+    hf_io.check_checkpoint(bad)
+  message = _first_line_only(e)
+  assert str(bad / "config.json") in message and what in message, message
+
+
+def test_config_json_of_another_architecture_is_its_own_error(llama, tmp_path):
+  hf, _, path = llama
+  bad = tmp_path / "lm"
+  shutil.copytree(path, bad)
+  (bad / "config.json").write_text(hf.config.text_config.to_json_string())
+  with pytest.raises(hf_io.UnsupportedModelError) as e:
+    hf_io.check_checkpoint(bad)
+  message = _first_line_only(e)
+  assert str(bad / "config.json") in message and "'llama'" in message, message
+
+
+def test_missing_weight_files_are_named_before_any_read(llama, tmp_path):
+  _, _, path = llama
+  bad = tmp_path / "ckpt"
+  bad.mkdir()
+  shutil.copy(os.path.join(path, "config.json"), bad)
+  (bad / "pytorch_model.bin").write_bytes(b"")
+  with pytest.raises(FileNotFoundError) as e:
+    hf_io.check_checkpoint(bad)
+  message = _first_line_only(e)
+  assert f"no model.safetensors or model.safetensors.index.json in {bad}" in message
+  assert "pytorch_model.bin" in message, message

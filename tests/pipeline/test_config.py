@@ -78,7 +78,7 @@ def test_changing_the_form_reruns_prep(tmp_path, capsys):
   pipeline.run(config, workdir, stages=["data", "prep"])
   capsys.readouterr()
   config.balance.form = "precise"
-  pipeline.run(config, workdir, stages=["data", "prep"])
+  pipeline.run(config, workdir, stages=["data", "prep"], overwrite=True)
   logged = capsys.readouterr().out
   assert "stage data: done, skipped" in logged
   assert "stage prep: start (its config changed since it ran)" in logged

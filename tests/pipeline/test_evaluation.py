@@ -189,3 +189,151 @@ def test_evaluate_is_evaluate_samples_without_the_samples(half_right, result, to
   assert predictions == {t: result.predictions[t] for t in ("cls", "vqa")}
   with pytest.raises(dataclasses.FrozenInstanceError):
     result.scores = {}  # type: ignore[misc]
+
+
+# --- references: a sample's "answers", else its last assistant turn ---------------------------
+
+
+def _qa(task, sample_id, answer, *, answers=None, image_path=None, turns=()):
+  """A sample whose last assistant turn is `answer`, after the earlier rounds `turns`."""
+  conversations = []
+  for q, a in list(turns) + [("<image>\nWhat is it?", answer)]:
+    conversations += [{"from": "human", "value": q}, {"from": "gpt", "value": a}]
+  sample = {"id": sample_id, "task": task, "conversations": conversations,
+            "image_path": image_path}
+  if answers is not None:
+    sample["answers"] = answers
+  return sample
+
+
+def test_answers_are_the_references_and_multi_reference_scorers_get_them_all(tok):
+  samples = [
+      _qa("vqa", "v0", "blue", answers=["red", "red", "blue"]),
+      _qa("vqa", "v1", "green", turns=[("<image>\nAnd this?", "red")]),  # no answers: last turn
+      _qa("cap", "c0", "a red circle", answers=["a red circle", "one red round shape"]),
+      _qa("cap", "c1", "a blue square"),
+      _qa("yn", "y0", "no", answers=["yes", "no"]),
+  ]
+  sets = evaluation.build_eval_sets(
+      samples, tokenizer=tok, task_metrics={"vqa": "vqa_accuracy", "cap": "cider", "yn": "pope"},
+      num_image_tokens=4, image_size=IMAGE_SIZE)
+  assert sets["vqa"].references == [["red", "red", "blue"], "green"]
+  assert sets["cap"].references == [["a red circle", "one red round shape"], "a blue square"]
+
+  # VQA soft accuracy over the three human answers: "red" matches 2 of them. With the last turn
+  # ("blue") alone it would score 0.
+  per = evaluation.score_predictions(sets["vqa"], ["red", "green"])
+  assert per == {"v0": pytest.approx((1 / 3 + 1 / 3 + 2 / 3) / 3), "v1": 1.0}
+  # Multi-reference CIDEr-D: the per-sample values of the scorer given every reference.
+  preds = ["one red round shape", "a blue square"]
+  want = metrics.cider_scores(preds, [["a red circle", "one red round shape"], ["a blue square"]])
+  np.testing.assert_array_equal(list(evaluation.score_predictions(sets["cap"], preds).values()),
+                                want)
+  # POPE scores against one label: the first answer ("yes"), not the disagreeing pair.
+  assert evaluation.score_predictions(sets["yn"], ["Yes, there is."]) == {"y0": 1.0}
+  assert evaluation.MULTI_REFERENCE_METRICS <= set(metrics.SAMPLE_SCORERS)
+
+
+def test_a_malformed_answers_field_is_named(tok):
+  for bad in ([], "red", ["red", 3]):
+    with pytest.raises(ValueError, match=r"task 'vqa', sample 'v0'.*'answers' must be"):
+      evaluation.build_eval_sets([_qa("vqa", "v0", "red", answers=bad)], tokenizer=tok,
+                                 task_metrics={"vqa": "exact_match"}, num_image_tokens=4,
+                                 image_size=IMAGE_SIZE)
+
+
+def test_llava_json_answers_are_kept_and_bad_ones_skipped(tmp_path):
+  import json
+  from visatb_jax.data import sources
+  conv = [{"from": "human", "value": "Q?"}, {"from": "gpt", "value": "red"}]
+  path = tmp_path / "vqa_test.json"
+  path.write_text(json.dumps([
+      {"id": "a", "conversations": conv, "answers": ["red", "crimson"]},
+      {"id": "b", "conversations": conv},
+      {"id": "c", "conversations": conv, "answers": []},
+  ]))
+  loaded = sources.load_samples(path)
+  assert [s["id"] for s in loaded.samples] == ["a", "b"]
+  assert loaded.skipped == {"bad_answers": 1}
+  assert [sources.scoring_references(s) for s in loaded.samples] == [["red", "crimson"], ["red"]]
+
+
+def test_metric_options_reach_the_scorer(tok):
+  samples = [_qa("box", "b0", "[0.1, 0.1, 0.5, 0.5]")]
+  build = lambda options: evaluation.build_eval_sets(  # noqa: E731
+      samples, tokenizer=tok, task_metrics={"box": "iou_accuracy"}, num_image_tokens=4,
+      image_size=IMAGE_SIZE, task_options=options)
+  pred = ["[0.1, 0.1, 0.5, 0.45]"]  # IoU 0.875
+  assert evaluation.score_predictions(build(None)["box"], pred) == {"b0": 1.0}
+  assert evaluation.score_predictions(build({"box": {"threshold": 0.9}})["box"], pred) == {
+      "b0": 0.0}
+
+
+# --- a sample is answered with all of its images ------------------------------------------------
+
+
+def _manual_answers(model, tok, samples):
+  """Greedy decoding by full forward passes (no cache), every image of a sample in its slot.
+
+  The samples share their prompt length and image count, so that they decode as one batch.
+  """
+  import jax
+  from visatb_jax.data import images as images_lib
+  graphdef, state = nnx.split(model)
+
+  @jax.jit
+  def last_logits(st, ids, mask, imgs):
+    # Left padding (segment 0, never attended to) keeps one shape, hence one compilation.
+    positions = jax.numpy.maximum(jax.numpy.cumsum(mask, axis=1) - 1, 0)
+    return nnx.merge(graphdef, st)(ids, imgs, positions, mask)[:, -1]
+
+  prompt = np.stack([template.encode_prompt(s["conversations"], tok,
+                                            num_image_tokens=model.config.num_image_tokens)[0]
+                     for s in samples]).astype(np.int32)
+  imgs = np.stack([images_lib.normalize(images_lib.load_images(s["image_paths"], IMAGE_SIZE))
+                   for s in samples])
+  n, length = len(samples), prompt.shape[1] + NEW_TOKENS
+  ids = np.full((n, length), tok.pad_token_id, np.int32)
+  mask = np.zeros((n, length), np.int32)
+  ids[:, NEW_TOKENS:], mask[:, NEW_TOKENS:] = prompt, 1
+  out = []
+  for _ in range(NEW_TOKENS):
+    token = np.argmax(np.asarray(last_logits(state, ids, mask, imgs)), -1).astype(np.int32)
+    out.append(token)
+    ids, mask = np.roll(ids, -1, axis=1), np.roll(mask, -1, axis=1)
+    ids[:, -1], mask[:, -1] = token, 1
+  out = np.stack(out, axis=1)
+  answers = []
+  for row in out:
+    stop = np.flatnonzero(row == tok.eos_token_id)
+    row = row[:stop[0]] if stop.size else row
+    answers.append(tok.decode(row[row != tok.pad_token_id].tolist(),
+                              skip_special_tokens=True).strip())
+  return answers
+
+
+def test_a_two_image_sample_is_answered_with_both_images(tok, model, tmp_path):
+  colours = [(200, 20, 20), (20, 20, 200), (20, 200, 20), (240, 240, 240), (10, 10, 10)]
+  paths = []
+  for k, colour in enumerate(colours):
+    paths.append(str(tmp_path / f"{k}.png"))
+    Image.new("RGB", (IMAGE_SIZE, IMAGE_SIZE), colour).save(paths[-1])
+  question = "<image>\n<image>\nWhat changed?"
+  samples = [{"id": f"pair{k}", "task": "pair", "image_paths": [paths[0], p],
+              "conversations": [{"from": "human", "value": question},
+                                {"from": "gpt", "value": "red"}]} for k, p in enumerate(paths)]
+  samples.append({"id": "one", "task": "pair", "image_paths": [paths[1]],
+                  "conversations": [{"from": "human", "value": "<image>\nWhat?"},
+                                    {"from": "gpt", "value": "blue"}]})
+  es = evaluation.build_eval_sets(samples, tokenizer=tok, task_metrics={"pair": "exact_match"},
+                                  num_image_tokens=model.config.num_image_tokens,
+                                  image_size=IMAGE_SIZE)["pair"]
+  assert es.images.shape == (len(samples), 2, IMAGE_SIZE, IMAGE_SIZE, 3)
+  assert not es.images[-1, 1].any()  # the one-image sample's second slot stays empty
+  got = evaluation.generate_answers(model, es, tokenizer=tok, batch_size=BATCH,
+                                    max_new_tokens=NEW_TOKENS)
+  assert got[:len(paths)] == _manual_answers(model, tok, samples[:len(paths)])
+  assert got[-1:] == _manual_answers(model, tok, samples[-1:])
+  # Not vacuous: the pairs share their first image, yet their answers differ, so an evaluation
+  # that read only the first image would answer them all alike.
+  assert len(set(got[:len(paths)])) > 1

@@ -14,6 +14,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from visatb_jax.runtime import sharding
+from visatb_jax.model import qwen2vl
 from visatb_jax.model.config import LlavaConfig, TextConfig, VisionConfig
 from visatb_jax.model.llava import LlavaForConditionalGeneration
 
@@ -283,6 +284,117 @@ def test_sharded_grad_equals_unsharded(runs):
       assert _rel_err(g, w) <= 1e-5, path
   down = runs["got"][1]["language_model"]["layers"][0]["mlp"]["down_proj"]["kernel"][...]
   assert down.sharding.spec == P("tensor", "fsdp")
+
+
+# ------------------------------------------------------------------------ Qwen2-VL (issue #19)
+
+Q_IMG, Q_GRID = 3, (1, 4, 4)  # One 4x4-patch image (4 merged tokens) per row.
+Q_CFG = qwen2vl.Qwen2VLConfig(
+    # patch_size 2: 24 values per patch keeps the packed pixels small.
+    vision=qwen2vl.Qwen2VLVisionConfig(depth=1, embed_dim=32, hidden_size=32, num_heads=4,
+                                       mlp_ratio=2, patch_size=2),
+    text=TextConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                    num_attention_heads=4, num_key_value_heads=2, attention_bias=True),
+    image_token_id=Q_IMG, mrope_section=(2, 1, 1))
+
+
+def _random_params(module_fn):
+  """`module_fn()` built abstractly, its parameters drawn by numpy (as the `model` fixture)."""
+  abstract = nnx.eval_shape(module_fn)
+  rng = np.random.default_rng(0)
+
+  def draw(path, leaf):
+    values = rng.normal(0.0, 0.2, leaf.shape)
+    if getattr(path[-1], "key", None) == "scale":
+      values = 1.0 + values
+    return jnp.asarray(values.astype(leaf.dtype))
+
+  nnx.update(abstract, jax.tree_util.tree_map_with_path(
+      draw, nnx.state(abstract), is_leaf=lambda x: isinstance(x, jax.ShapeDtypeStruct)))
+  return abstract
+
+
+@pytest.fixture(scope="module")
+def qwen():
+  return _random_params(lambda: qwen2vl.Qwen2VLForConditionalGeneration(Q_CFG,
+                                                                        rngs=nnx.Rngs(0)))
+
+
+def test_qwen2vl_every_parameter_has_a_rule(qwen):
+  mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2}, _devices())
+  params = nnx.state(qwen, nnx.Param)
+  shardings = sharding.param_shardings(params, mesh, strict=True)  # Raises on an uncovered one.
+  flat = dict(nnx.to_flat_state(params))
+  axes = {p: sharding.param_logical_axes(p, v[...].shape, strict=True) for p, v in flat.items()}
+  block, merger = ("visual", "blocks", 0), ("visual", "merger")
+  expected = {
+      block + ("attn", "qkv", "kernel"): ("embed", None),
+      block + ("attn", "qkv", "bias"): (None,),
+      block + ("attn", "proj", "kernel"): ("heads", "embed"),
+      block + ("attn", "proj", "bias"): ("embed",),
+      block + ("mlp", "fc1", "kernel"): ("embed", "mlp"),
+      block + ("mlp", "fc2", "bias"): ("embed",),
+      block + ("norm1", "scale"): ("norm",),
+      block + ("norm2", "bias"): ("norm",),
+      merger + ("ln_q", "scale"): ("norm",),
+      merger + ("mlp", 0, "kernel"): ("embed", "mlp"),
+      merger + ("mlp", 0, "bias"): ("mlp",),
+      merger + ("mlp", 2, "kernel"): ("mlp", "embed"),
+      merger + ("mlp", 2, "bias"): ("embed",),
+      ("visual", "patch_embed", "proj", "kernel"): (None, "embed"),
+      ("language_model", "layers", 0, "self_attn", "k_proj", "bias"): ("kv_heads",),
+      ("lm_head", "kernel"): ("embed", "vocab"),
+  }
+  for path, want in expected.items():
+    assert axes[path] == want, path
+  # The same rules through a jax tree path and a dotted string (index-aware in both).
+  qkv = shardings["visual"]["blocks"][0]["attn"]["qkv"]["kernel"].get_value()
+  assert qkv.spec == P("fsdp")  # Never split over the q / k / v thirds of its output.
+  assert sharding.param_logical_axes("visual.merger.mlp.2.kernel", (128, 32)) == ("mlp", "embed")
+  # Only the merger's Linears have indexed rules: index 1 is its (parameter-free) GELU.
+  with pytest.raises(ValueError, match="no sharding rule for parameter visual.merger.mlp.1"):
+    sharding.param_logical_axes("visual.merger.mlp.1.kernel", (4, 4), strict=True)
+
+
+def _qwen_batch():
+  rng = np.random.default_rng(1)
+  n_img = int(np.prod(Q_GRID)) // Q_CFG.vision.merge_unit
+  ids = rng.integers(7, Q_CFG.text.vocab_size, size=(ROWS, LEN)).astype(np.int32)
+  ids[:, 2:2 + n_img] = Q_IMG  # One image per row, in the first of two packed samples.
+  segment_ids = np.where(np.arange(LEN) < 10, 1, 2).astype(np.int32)[None].repeat(ROWS, 0)
+  grids = [Q_GRID] * ROWS
+  positions, _ = qwen2vl.get_rope_index(ids, grids, segment_ids=segment_ids,
+                                        image_token_id=Q_IMG)
+  pixels = rng.normal(size=(ROWS * int(np.prod(Q_GRID)), Q_CFG.vision.patch_dim))
+  vision = qwen2vl.vision_batch(pixels.astype(np.float32), grids)
+  return ids, vision, positions, segment_ids
+
+
+def test_qwen2vl_sharded_forward_equals_unsharded(qwen):
+  mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2}, _devices())
+  graphdef, params, rest = nnx.split(qwen, nnx.Param, ...)
+  p_sh = sharding.param_shardings(params, mesh, strict=True)
+  r_sh = sharding.param_shardings(rest, mesh)
+  b_sh = sharding.batch_sharding(mesh)
+  pos_sh = NamedSharding(mesh, P(None, *b_sh.spec))  # [3, B, L]: rows on the second axis.
+  batch = _qwen_batch()
+  # The patches of all rows form one sequence (images of any size): replicated.
+  in_sh = (p_sh, r_sh, b_sh, sharding.replicated(mesh), pos_sh, b_sh)
+
+  def forward(p, r, ids, vision, positions, segment_ids):
+    return nnx.merge(graphdef, p, r)(ids, vision, positions, segment_ids)
+
+  want = jax.jit(forward, compiler_options=_FAST_COMPILE)(params, rest, *batch)
+  placed = [jax.device_put(x, s) for x, s in zip((params, rest) + batch, in_sh)]
+  # Under the mesh, so the decoder's activation constraints apply as in training.
+  got = jax.jit(sharding.under_mesh(forward, mesh), in_shardings=in_sh, out_shardings=b_sh,
+                compiler_options=_FAST_COMPILE)(*placed)
+  assert got.shape == (ROWS, LEN, Q_CFG.text.vocab_size)
+  assert got.sharding.spec == P(("data", "fsdp"))
+  merger_in = placed[0]["visual"]["merger"]["mlp"][0]["kernel"][...]
+  assert merger_in.addressable_shards[0].data.shape == (64, 64)  # [width / fsdp, / tensor].
+  assert float(np.std(np.asarray(want))) > 1e-2  # A vacuous model would match anything.
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5, rtol=0)
 
 
 def test_shard_batch_and_logical_constraint():

@@ -1,1 +1,2 @@
-"""The command lines: launch, balance, report, dryrun (`python -m visatb_jax.launch` etc.)."""
+"""The command lines: launch, evaluate, balance, report, dryrun (`python -m visatb_jax.launch`
+etc.)."""

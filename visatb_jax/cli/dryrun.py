@@ -1,24 +1,35 @@
-"""`--dry-run`: build the config's model abstractly, compile its train step, report memory per device.
+"""`--dry-run`: build the config's model abstractly, compile its train step, report its costs.
 
 Nothing is allocated and no weight is read: the model is `jax.eval_shape`d (its shapes come from
 the checkpoint's config.json when `model.path` exists, else from the config's sizes), the train
 state and the global batch are ShapeDtypeStructs carrying their shardings, and the step is lowered
 and compiled for the config's mesh over the devices at hand. XLA's memory analysis of the
 compiled step gives the peak of temporaries (activations, gradients, collectives' buffers).
+
+With `analyse` (the default) the report also reads the compiled, partitioned HLO of one device
+(`runtime/cost.py`): the buffers live at the memory peak and the model code they come from, the
+step's FLOPs against the model's, its collectives against FSDP's minimum, and a roofline of the
+step on TPU v5p, H100 and H200 (a planning estimate).
 """
 
 from __future__ import annotations
 
+import glob
 import math
+import os
+import tempfile
+import time
 from collections.abc import Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 
-from visatb_jax.runtime import sharding as sharding_lib
 from visatb_jax import train as train_lib
 from visatb_jax.model import factory
+from visatb_jax.model import llama
+from visatb_jax.runtime import cost
+from visatb_jax.runtime import sharding as sharding_lib
 
 GiB = float(1 << 30)
 
@@ -56,9 +67,13 @@ def _with_sharding(tree: Any, shardings: Any) -> Any:
                       tree, shardings)
 
 
-def dry_run(config: Any, devices: Sequence[jax.Device] | None = None) -> dict[str, Any]:
-  """Compiles the train step of `config` for its mesh (over `devices`, default all) and returns
-  the model's sizes and the step's memory per device."""
+def lower_step(config: Any, devices: Sequence[jax.Device] | None = None
+               ) -> tuple[Any, dict[str, Any]]:
+  """Lowers the train step of `config` for its mesh (over `devices`, default all).
+
+  Returns the lowered step and what `dry_run` reports besides it: the mesh, the model config,
+  the abstract parameters and their shardings, and the per-device bytes of each argument.
+  """
   mesh_config = config.get("mesh")
   mesh = sharding_lib.make_mesh(mesh_config.to_dict() if hasattr(mesh_config, "to_dict")
                                 else mesh_config, devices)
@@ -86,34 +101,339 @@ def dry_run(config: Any, devices: Sequence[jax.Device] | None = None) -> dict[st
       {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=data_sh) for k, v in batch.items()},
       jax.ShapeDtypeStruct((num_tasks,), jnp.float32, sharding=repl),
       jax.ShapeDtypeStruct((), jnp.float32, sharding=repl))
-  compiled = lowered.compile()
-  mem = compiled.memory_analysis()
-  return {
-      "mesh": dict(mesh.shape),
-      "devices": int(mesh.devices.size),
-      "platform": mesh.devices.flat[0].platform,
-      "batch": {"rows": rows, "seq_len": seq_len, "accum_steps": tc.accum_steps},
-      "dtype": model_cfg.dtype, "param_dtype": model_cfg.param_dtype,
-      "remat": str(config.model.get("remat") or "none"),
-      "ce_chunk_size": tc.ce_chunk_size,
-      "parameters": {"trainable": _count(params), "frozen": _count(frozen)},
+  info = {
+      "mesh": mesh, "model_cfg": model_cfg, "train": tc, "rows": rows, "seq_len": seq_len,
+      "max_images": int(config.data.max_images), "params": params, "frozen": frozen,
+      "param_shardings": state_sh.params, "frozen_shardings": frozen_sh,
       "per_device_bytes": {
           "trainable_params": _per_device_bytes(state.params, state_sh.params),
           "optimizer_state": _per_device_bytes(state.opt_state, state_sh.opt_state),
           "frozen_params": _per_device_bytes(frozen, frozen_sh),
           "batch": _per_device_bytes(batch, jax.tree.map(lambda _: data_sh, batch)),
+      },
+  }
+  return lowered, info
+
+
+def compile_step(config: Any, devices: Sequence[jax.Device] | None = None,
+                 compiler_options: dict[str, Any] | None = None) -> tuple[Any, dict[str, Any]]:
+  """`lower_step`, compiled (with XLA `compiler_options`): (compiled step, info)."""
+  lowered, info = lower_step(config, devices)
+  return lowered.compile(compiler_options), info
+
+
+def _dump_options(directory: str, nonce: int | None = None) -> dict[str, Any]:
+  """XLA options that write the optimized module and its buffer live ranges to `directory`.
+
+  XLA dumps only when it compiles, and the persistent compilation cache ignores the dump flags
+  in its key, so a cached step would leave no dump: `nonce` (a debug option that only changes
+  how many buffers XLA's own buffer-assignment printout lists) forces a fresh compilation.
+  """
+  options = {"xla_dump_to": directory, "xla_dump_hlo_as_text": True}
+  if nonce is not None:
+    options["xla_debug_buffer_assignment_show_max"] = nonce
+  return options
+
+
+def _live_range_text(directory: str) -> str | None:
+  paths = sorted(glob.glob(os.path.join(directory, "*after_optimizations-live-range.txt")))
+  if not paths:
+    return None
+  with open(paths[-1]) as f:
+    return f.read()
+
+
+def _compile_with_dump(config: Any, devices: Sequence[jax.Device] | None
+                       ) -> tuple[Any, dict[str, Any], str | None]:
+  """`compile_step`, plus XLA's live-range dump of the compiled step (None if XLA wrote none)."""
+  with tempfile.TemporaryDirectory(prefix="visatb_dryrun_") as directory:
+    compiled, info = compile_step(config, devices, _dump_options(directory))
+    live = _live_range_text(directory)
+    if live is None:  # served by the persistent cache: nothing was compiled, nothing dumped
+      nonce = 1000 + time.time_ns() % 1_000_000
+      compiled, info = compile_step(config, devices, _dump_options(directory, nonce))
+      live = _live_range_text(directory)
+  return compiled, info, live
+
+
+def _leaf_items(tree: Any) -> list[tuple[str, Any]]:
+  return [(jax.tree_util.keystr(path), leaf)
+          for path, leaf in jax.tree_util.tree_leaves_with_path(tree)]
+
+
+def _matrix_params(tree: Any, part: str) -> int:
+  """Elements of the matrices (rank >= 2 floating-point leaves) of one part of the model:
+  "decoder" (language model layers and LM head, not the input embedding, a gather),
+  "projector" or "vision"."""
+  total = 0
+  for name, leaf in _leaf_items(tree):
+    if len(leaf.shape) < 2 or not jnp.issubdtype(leaf.dtype, jnp.floating):
+      continue
+    where = ("vision" if "vision_tower" in name else "projector"
+             if "multi_modal_projector" in name else "embedding" if "embed_tokens" in name
+             else "decoder")
+    total += math.prod(leaf.shape) if where == part else 0
+  return total
+
+
+def _fsdp_sharded_elements(tree: Any, shardings: Any) -> int:
+  """Elements of the floating-point leaves that FSDP splits (their spec names `fsdp`)."""
+  total = 0
+  for leaf, sh in zip(jax.tree.leaves(tree), jax.tree.leaves(shardings), strict=True):
+    axes = [a for entry in sh.spec if entry is not None
+            for a in (entry if isinstance(entry, tuple) else (entry,))]
+    if "fsdp" in axes and jnp.issubdtype(leaf.dtype, jnp.floating):
+      total += math.prod(leaf.shape)
+  return total
+
+
+def model_flops(info: dict[str, Any]) -> dict[str, Any]:
+  """The model's FLOPs per step (all devices) and their formula (`cost.decoder_flops_per_token`
+  for the decoder on every token; the projector on image tokens; the frozen tower forward)."""
+  cfg, params, frozen = info["model_cfg"], info["params"], info["frozen"]
+  text, vision = cfg.text, cfg.vision
+  both = (params, frozen)
+  n_dec = sum(_matrix_params(t, "decoder") for t in both)
+  if text.tie_word_embeddings:  # the LM head is the embedding matrix, used as a matmul
+    n_dec += text.vocab_size * text.hidden_size
+  n_dec_trainable = _matrix_params(params, "decoder")
+  per_token = cost.decoder_flops_per_token(
+      matmul_params=n_dec, trainable_matmul_params=n_dec_trainable,
+      layers=text.num_hidden_layers, seq_len=info["seq_len"],
+      attention_width=text.num_attention_heads * text.head_dim)
+  tokens = info["rows"] * info["seq_len"]
+  images = info["rows"] * info["max_images"]  # every slot runs the tower, filled or not
+  n_proj = sum(_matrix_params(t, "projector") for t in both)
+  projector = (4 * n_proj + 2 * _matrix_params(params, "projector")) * cfg.num_image_tokens
+  tower = cost.vit_forward_flops(
+      layers=cfg.vision_feature_layer % (vision.num_hidden_layers + 1),
+      tokens=vision.num_patches + 1, hidden=vision.hidden_size,
+      intermediate=vision.intermediate_size, patches=vision.num_patches,
+      patch_inputs=vision.num_channels * vision.patch_size ** 2)
+  if _matrix_params(params, "vision"):  # a trainable tower also runs backward
+    tower *= 3
+  total = tokens * per_token["total"] + images * (projector + tower)
+  return {"total": total, "per_token": total / tokens, "tokens": tokens, "images": images,
+          "decoder_per_token": per_token, "vision_per_image": tower,
+          "projector_per_image": projector, "n_decoder": n_dec,
+          "n_decoder_trainable": n_dec_trainable}
+
+
+def _activation_estimate(info: dict[str, Any]) -> dict[str, float]:
+  """`cost.full_remat_activation_bytes` per row, and for the rows of one device's micro-batch."""
+  cfg, tc, mesh = info["model_cfg"], info["train"], info["mesh"]
+  text, seq_len = cfg.text, info["seq_len"]
+  per_row = cost.full_remat_activation_bytes(
+      layers=text.num_hidden_layers, seq_len=seq_len, hidden=text.hidden_size,
+      intermediate=text.intermediate_size, heads=text.num_attention_heads,
+      act_bytes=jnp.dtype(cfg.compute_dtype).itemsize, score_bytes=4,  # float32 softmax
+      score_fraction=cost.causal_block_fraction(seq_len, llama.query_block_size(seq_len)))
+  rows = info["rows"] / tc.accum_steps / sharding_lib.batch_shards(mesh)
+  return {**per_row, "rows_per_device": rows, "per_device": rows * per_row["total"]}
+
+
+def _fsdp_minimum(info: dict[str, Any], remat: str) -> dict[str, Any]:
+  cfg, mesh, tc = info["model_cfg"], info["mesh"], info["train"]
+  compute = jnp.dtype(cfg.compute_dtype).itemsize
+  trainable = sum(math.prod(x.shape) for x in jax.tree.leaves(info["params"])
+                  if jnp.issubdtype(x.dtype, jnp.floating))
+  gathers = 2 if remat != "none" else 1
+  minimum = cost.fsdp_min_wire_bytes(
+      gathered_trainable_bytes=compute * _fsdp_sharded_elements(
+          info["params"], info["param_shardings"]),
+      gathered_frozen_bytes=compute * _fsdp_sharded_elements(
+          info["frozen"], info["frozen_shardings"]),
+      gradient_bytes=trainable * jnp.dtype(cfg.params_dtype).itemsize,
+      fsdp=int(mesh.shape["fsdp"]), data=int(mesh.shape["data"]),
+      accum_steps=tc.accum_steps, gathers_per_pass=gathers)
+  return {**minimum, "gathers_per_pass": gathers, "compute_bytes": compute,
+          "grad_bytes": jnp.dtype(cfg.params_dtype).itemsize}
+
+
+def _xla_flops(compiled: Any) -> float | None:
+  analysis = compiled.cost_analysis()
+  if isinstance(analysis, (list, tuple)):  # older JAX: one dict per module
+    analysis = analysis[0] if analysis else None
+  return None if not analysis else float(analysis.get("flops", 0.0))
+
+
+def analyse_step(hlo_text: str, xla_flops: float | None, info: dict[str, Any],
+                 live_range: str | None, remat: str, temps: int | None,
+                 top: int = 12) -> dict[str, Any]:
+  """FLOPs, collectives, HBM traffic, the peak's buffers and the rooflines of a compiled step.
+
+  Args:
+    hlo_text: `compiled.as_text()`, the optimized, partitioned module of one device.
+    xla_flops: XLA's `cost_analysis()` FLOPs, reported for comparison only.
+    info: `compile_step`'s second result.
+    live_range: XLA's live-range dump of the step, None when there is none.
+    remat: the config's `model.remat`.
+    temps: XLA's temp_size_in_bytes.
+    top: buffers to list.
+  """
+  module = cost.parse_hlo(hlo_text)
+  counts = cost.execution_counts(module)
+  devices = int(info["mesh"].devices.size)
+  flops = cost.matmul_flops(module, counts)
+  model = model_flops(info)
+  ops = cost.collectives(module, counts)
+  totals = cost.collective_totals(ops)
+  wire = sum(t["wire_bytes"] for t in totals.values())
+  hbm = cost.hbm_bytes(module, counts)
+  peak = cost.peak_buffers(module, cost.parse_live_range_peak(live_range)) if live_range else []
+  estimate = _activation_estimate(info)
+  minimum = _fsdp_minimum(info, remat)
+  by_group = cost.wire_bytes_by_group(ops, as_on_accelerators=True)
+  model_per_device = model["total"] / devices
+  return {
+      "flops": flops, "xla_cost_analysis_flops": xla_flops,
+      "flops_by_pass": _largest(cost.matmul_flops_by(
+          module, counts, lambda i: _pass_of(cost.op_name_of(i, module)))),
+      "unknown_trip_counts": list(counts.unknown_trip_counts),
+      "model_flops": model, "flops_ratio": flops * devices / model["total"],
+      "hbm_bytes": hbm,
+      "hbm_by_source": _largest(cost.hbm_bytes_by(
+          module, counts, lambda i: cost.source_of(i, module)), 5),
+      "collectives": totals, "wire_bytes": wire,
+      "scatter_like_all_reduce_wire": sum(c.runs * c.wire_bytes * c.scatter_share for c in ops),
+      "widened_wire": sum(c.runs * c.wire_bytes for c in ops if c.widened),
+      "wire_as_on_accelerators": _wire_as_on_accelerators(ops),
+      "all_gather_by_pass": _all_gather_by_pass(ops),
+      "largest_collectives": _largest_collectives(ops, top=6),
+      "wire_by_dtype": _wire_by_dtype(ops),
+      "fsdp_minimum": minimum,
+      "wire_ratio": wire / minimum["total"] if minimum["total"] else None,
+      "accelerator_wire_ratio": (_wire_as_on_accelerators(ops) / minimum["total"]
+                                 if minimum["total"] else None),
+      "peak_buffers": peak[:top], "peak_buffers_total": sum(b.bytes for b in peak),
+      "peak_by_source": _peak_by_source(peak, top=8),
+      "activation_estimate": estimate,
+      "temps_over_estimate": temps / estimate["per_device"] if temps and estimate[
+          "per_device"] else None,
+      "roofline": {name: {**cost.roofline(flops=flops, hbm_bytes=hbm, wire_by_group=by_group,
+                                          model_flops=model_per_device, chip=chip),
+                          "chip": chip}
+                   for name, chip in cost.CHIPS.items()},
+  }
+
+
+def _wire_as_on_accelerators(ops: Sequence[cost.Collective]) -> float:
+  """Wire bytes once the two XLA:CPU artifacts are undone (`cost.wire_bytes_by_group`)."""
+  return sum(cost.wire_bytes_by_group(ops, as_on_accelerators=True).values())
+
+
+def _pass_of(op_name: str) -> str:
+  """"fwd", "bwd remat" (the recomputed forward) or "bwd"."""
+  tags = cost.short_op_name(op_name).split(" ")
+  return " ".join(tags[:2] if len(tags) > 2 and tags[1] == "remat" else tags[:1])
+
+
+def _largest(values: dict[str, float], top: int | None = None) -> dict[str, float]:
+  return dict(sorted(values.items(), key=lambda kv: -kv[1])[:top])
+
+
+def _all_gather_by_pass(ops: Sequence[cost.Collective]) -> dict[str, float]:
+  """Wire bytes of the all-gathers by pass ("fwd", "bwd remat", "bwd"): how often the weights
+  are gathered."""
+  out: dict[str, float] = {}
+  for c in ops:
+    if c.kind == "all-gather":
+      out[_pass_of(c.op_name)] = out.get(_pass_of(c.op_name), 0.0) + c.runs * c.wire_bytes
+  return _largest(out)
+
+
+def _largest_collectives(ops: Sequence[cost.Collective], top: int) -> list[dict[str, Any]]:
+  """The collectives that send the most per step, merged by (kind, shape, source, op)."""
+  merged: dict[tuple, dict[str, Any]] = {}
+  for c in ops:
+    key = (c.kind, cost.describe_shape(c.shape), c.source, cost.short_op_name(c.op_name),
+           c.group, c.scatter_share, c.widened)
+    m = merged.setdefault(key, {"kind": c.kind, "shape": key[1], "source": c.source,
+                                "op": key[3], "group": c.group, "scatter_share": c.scatter_share,
+                                "widened": c.widened, "runs": 0.0, "wire_bytes": 0.0})
+    m["runs"] += c.runs
+    m["wire_bytes"] += c.runs * c.wire_bytes
+  return sorted(merged.values(), key=lambda m: -m["wire_bytes"])[:top]
+
+
+def _wire_by_dtype(ops: Sequence[cost.Collective]) -> dict[str, float]:
+  """"all-gather f32" -> wire bytes per step: shows what precision the weights travel in."""
+  out: dict[str, float] = {}
+  for c in ops:
+    arrays = cost.array_shapes(c.shape)
+    key = f"{c.kind} {arrays[0][0] if arrays else '?'}"
+    out[key] = out.get(key, 0.0) + c.runs * c.wire_bytes
+  return _largest(out)
+
+
+def _peak_by_source(peak: Sequence[cost.PeakBuffer], top: int) -> list[dict[str, Any]]:
+  merged: dict[tuple[str, str], dict[str, Any]] = {}
+  for b in peak:
+    m = merged.setdefault((b.role, b.source), {"role": b.role, "source": b.source, "bytes": 0,
+                                               "buffers": 0})
+    m["bytes"] += b.bytes
+    m["buffers"] += 1
+  return sorted(merged.values(), key=lambda m: -m["bytes"])[:top]
+
+
+def dry_run(config: Any, devices: Sequence[jax.Device] | None = None, *,
+            analyse: bool = True) -> dict[str, Any]:
+  """Compiles the train step of `config` for its mesh (over `devices`, default all) and returns
+  the model's sizes and the step's memory per device; with `analyse`, also `analyse_step`'s
+  figures under "cost"."""
+  live = None
+  if analyse:
+    compiled, info, live = _compile_with_dump(config, devices)
+  else:
+    compiled, info = compile_step(config, devices)
+  mesh, model_cfg, tc = info["mesh"], info["model_cfg"], info["train"]
+  mem = compiled.memory_analysis()
+  remat = str(config.model.get("remat") or "none")
+  temps = None if mem is None else int(mem.temp_size_in_bytes)
+  result = {
+      "mesh": dict(mesh.shape),
+      "devices": int(mesh.devices.size),
+      "platform": mesh.devices.flat[0].platform,
+      "batch": {"rows": info["rows"], "seq_len": info["seq_len"], "accum_steps": tc.accum_steps},
+      "dtype": model_cfg.dtype, "param_dtype": model_cfg.param_dtype,
+      "remat": remat,
+      "ce_chunk_size": tc.ce_chunk_size,
+      "parameters": {"trainable": _count(info["params"]), "frozen": _count(info["frozen"])},
+      "per_device_bytes": {
+          **info["per_device_bytes"],
           # XLA's peak of temporaries: activations kept for the backward pass, gradients,
           # collective buffers. None where the backend does not report it.
-          "activations_and_temps": None if mem is None else int(mem.temp_size_in_bytes),
+          "activations_and_temps": temps,
       },
       "compiled_total_per_device": None if mem is None else int(
           mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes
           + mem.temp_size_in_bytes),
   }
+  if analyse:
+    result["cost"] = analyse_step(compiled.as_text(), _xla_flops(compiled), info, live, remat,
+                                  temps)
+  return result
 
 
-def format_report(r: dict[str, Any]) -> str:
-  """A readable table of `dry_run`'s result."""
+def _size(b: float | None) -> str:
+  if b is None:
+    return "n/a"
+  if b >= GiB / 4:
+    return f"{b / GiB:.2f} GiB"
+  if b >= 1 << 20:
+    return f"{b / (1 << 20):.1f} MiB"
+  return f"{b / 1024:.1f} KiB"
+
+
+def _seconds(t: float) -> str:
+  if t >= 0.1:
+    return f"{t:.2f} s"
+  return f"{t * 1e3:.2f} ms" if t >= 1e-4 else f"{t * 1e6:.1f} us"
+
+
+def format_report(r: dict[str, Any], targets: Sequence[str] | None = None) -> str:
+  """A readable table of `dry_run`'s result (rooflines for `targets`, default all of
+  `cost.CHIPS`)."""
   def gib(b):
     if b is None:
       return "n/a"
@@ -130,4 +450,133 @@ def format_report(r: dict[str, Any]) -> str:
   for name, b in r["per_device_bytes"].items():
     lines.append(f"  {name:24s} {gib(b)}")
   lines.append(f"  {'total (compiled step)':24s} {gib(r['compiled_total_per_device'])}")
+  if "cost" in r:
+    c = r["cost"]
+    lines += ([""] + _memory_lines(r, c) + [""] + _flops_lines(r, c) + [""]
+              + _collective_lines(r, c) + [""] + _roofline_lines(c, targets))
   return "\n".join(lines)
+
+
+def _memory_lines(r: dict[str, Any], c: dict[str, Any]) -> list[str]:
+  est = c["activation_estimate"]
+  lines = ["memory at the peak (XLA's live ranges of the compiled step; arguments included):"]
+  if not c["peak_buffers"]:
+    lines.append("  n/a: XLA wrote no live-range dump for this step")
+  else:
+    lines.append(f"  {len(c['peak_buffers'])} largest of the buffers live at the peak "
+                 f"({_size(c['peak_buffers_total'])} in all):")
+    for b in c["peak_buffers"]:
+      lines.append(f"    {_size(b.bytes):>10s}  {b.shape:28s} {b.role:10s} "
+                   f"{cost.short_op_name(b.op_name):24s} {b.source}")
+    lines.append("  by source line:")
+    for g in c["peak_by_source"]:
+      lines.append(f"    {_size(g['bytes']):>10s}  {g['buffers']:4d} buffer(s)  {g['role']:10s} "
+                   f"{g['source']}")
+  lines.append(
+      f"  full-remat activation estimate per row: L·S·d·bytes {_size(est['residuals'])} (saved "
+      f"layer inputs) + one layer's working set {_size(est['layer'])} = {_size(est['total'])}; "
+      f"x {est['rows_per_device']:g} rows per device = {_size(est['per_device'])}")
+  ratio = c["temps_over_estimate"]
+  lines.append(f"  measured temporaries / estimate: {'n/a' if ratio is None else f'{ratio:.2f}'}"
+               " (the rest: gradients and their accumulator, gathered weights, loss chunk, "
+               "vision tower; see the buffers above)")
+  return lines
+
+
+def _flops_lines(r: dict[str, Any], c: dict[str, Any]) -> list[str]:
+  m = c["model_flops"]
+  dec = m["decoder_per_token"]
+  devices = r["devices"]
+  per_token = c["flops"] * devices / m["tokens"]
+  xla = c["xla_cost_analysis_flops"]
+  lines = [
+      "FLOPs (matmuls and convolutions of the partitioned HLO, each loop body x its trip count):",
+      f"  compiled: {c['flops']:.3e} per device per step = {per_token:.3e} per token "
+      f"(x {devices} devices / {m['tokens']:,} tokens)",
+      f"  XLA cost_analysis(): {'n/a' if xla is None else f'{xla:.3e}'} per device: it counts "
+      "each while-loop body once (layers and micro-batches are scans), hence not used",
+      f"  model: {m['per_token']:.3e} per token = decoder 2N fwd + 2N act. grad + 2N_trainable "
+      f"weight grad ({dec['dense']:.3e}; N = {m['n_decoder'] / 1e6:,.0f}M matmul params, "
+      f"{m['n_decoder_trainable'] / 1e6:,.0f}M trainable) + attention 12·L·S·w "
+      f"({dec['attention']:.3e}; full S x S, not halved for the causal mask) + projector and "
+      f"frozen vision forward per image slot ({m['images']:,} slots)",
+      f"  compiled / model: {c['flops_ratio']:.2f} (remat {r['remat']}); compiled by pass: "
+      + ", ".join(f"{k} {v / c['flops']:.0%}" for k, v in c["flops_by_pass"].items()),
+  ]
+  if c["unknown_trip_counts"]:
+    lines.append(f"  (loops without a known trip count, counted once: "
+                 f"{', '.join(c['unknown_trip_counts'])})")
+  return lines
+
+
+def _collective_lines(r: dict[str, Any], c: dict[str, Any]) -> list[str]:
+  m = c["fsdp_minimum"]
+  lines = ["collectives per device per step (wire: bytes one device sends, ring algorithms; "
+           "buffer: the array gathered or reduced):",
+           f"  {'kind':20s} {'count':>8s} {'buffer':>11s} {'wire':>11s}"]
+  for kind, t in sorted(c["collectives"].items(), key=lambda kv: -kv[1]["wire_bytes"]):
+    lines.append(f"  {kind:20s} {t['count']:8.0f} {_size(t['buffer_bytes']):>11s} "
+                 f"{_size(t['wire_bytes']):>11s}")
+  lines.append(f"  {'total':20s} {'':8s} {'':11s} {_size(c['wire_bytes']):>11s}")
+  lines.append("  by dtype: " + ", ".join(f"{k} {_size(v)}" for k, v in
+                                          c["wire_by_dtype"].items() if v))
+  lines.append("  all-gathers by pass: " + ", ".join(
+      f"{k} {_size(v)}" for k, v in c["all_gather_by_pass"].items()))
+  lines.append(f"  XLA:CPU artifacts: {_size(c['widened_wire'])} are f32 collectives of bf16 data "
+               "(XLA:CPU computes bf16 in f32; TPU/GPU move bf16, half); "
+               f"{_size(c['scatter_like_all_reduce_wire'])} are all-reduces of which each device "
+               "keeps 1/n (TPU/GPU compile reduce-scatters, half)")
+  ratio, acc = c["wire_ratio"], c["accelerator_wire_ratio"]
+  lines.append(
+      f"  FSDP minimum: {_size(m['total'])} = accum x ({m['gathers_per_pass']} x gather trainable "
+      f"+ gather frozen, in {m['compute_bytes']}-byte compute dtype, + reduce-scatter grads in "
+      f"{m['grad_bytes']} bytes) x (n-1)/n [+ grad all-reduce over data]")
+  lines.append(
+      f"  measured / minimum: {'n/a' if ratio is None else f'{ratio:.2f}'} as compiled, "
+      f"{'n/a' if acc is None else f'{acc:.2f}'} without the XLA:CPU artifacts "
+      f"({_size(c['wire_as_on_accelerators'])})")
+  lines.append("  largest:")
+  for g in c["largest_collectives"]:
+    note = (f" ({g['scatter_share']:.0%} a reduce-scatter on TPU/GPU)" if g["scatter_share"]
+            else "") + (
+        " (bf16 data)" if g["widened"] else "")
+    lines.append(f"    {_size(g['wire_bytes']):>10s}  {g['kind']} {g['shape']} over {g['group']} "
+                 f"x{g['runs']:g}  {g['op']}  {g['source']}{note}")
+  return lines
+
+
+def check_targets(targets: Sequence[str] | None) -> list[str]:
+  """The roofline targets to print (default: every chip of `cost.CHIPS`); ValueError naming an
+  unknown one (check before compiling: a 7B step takes minutes)."""
+  unknown = [t for t in targets or () if t not in cost.CHIPS]
+  if unknown:
+    raise ValueError(f"unknown target {unknown[0]!r}; known: {sorted(cost.CHIPS)}")
+  return list(targets) if targets else list(cost.CHIPS)
+
+
+def _roofline_lines(c: dict[str, Any], targets: Sequence[str] | None) -> list[str]:
+  names = check_targets(targets)
+  lines = ["roofline, a PLANNING ESTIMATE per device: step = max(compute, HBM, communication), "
+           "each at the chip's peak and perfectly overlapped (no-overlap bound: their sum); "
+           f"compiled FLOPs, HBM bytes of the CPU-compiled HLO ({_size(c['hbm_bytes'])}: a proxy, "
+           "high where XLA:CPU widened bf16 to f32), collective wire bytes without the XLA:CPU "
+           f"artifacts ({_size(c['wire_as_on_accelerators'])}):",
+           f"  {'target':10s} {'bf16 TFLOP/s':>12s} {'HBM GB/s':>9s} {'link GB/s':>15s} "
+           f"{'compute':>8s} {'HBM':>8s} {'comm':>8s} {'step':>8s} {'MFU':>5s} "
+           f"{'(no overlap)':>12s}"]
+  for name in names:
+    e = c["roofline"][name]
+    chip, t = e["chip"], e["times"]
+    link = f"{chip.link_bytes_per_s / 1e9:.0f} {chip.link}"
+    if chip.scale_up:
+      link += f"/{chip.scale_out_bytes_per_s / 1e9:.0f}"
+    lines.append(
+        f"  {name:10s} {chip.bf16_flops_per_s / 1e12:12.0f} {chip.hbm_bytes_per_s / 1e9:9.0f} "
+        f"{link:>15s} {_seconds(t['compute']):>8s} {_seconds(t['memory']):>8s} "
+        f"{_seconds(t['communication']):>8s} {_seconds(e['step_s']):>8s} {e['mfu']:5.0%} "
+        f"{e['mfu_no_overlap']:12.0%}  ({e['bound']}-bound)")
+  lines.append("  HBM traffic by source line: " + ", ".join(
+      f"{k} {v / c['hbm_bytes']:.0%}" for k, v in c["hbm_by_source"].items()))
+  lines.append("  peaks: dense bf16, HBM and one-direction link bandwidth per chip "
+               "(runtime/cost.py CHIPS, with sources); GPUs: NVLink within 8, InfiniBand beyond")
+  return lines

@@ -1,10 +1,12 @@
 """Command line: run the whole VisATB pipeline, or some of its stages.
 
   python -m visatb_jax.launch --config configs/demo.py [--config.train.epochs=2]
-      [--workdir runs/demo] [--stages prep,validate]
+      [--workdir runs/demo] [--stages prep,validate] [--overwrite]
   python -m visatb_jax.launch --config academic.py --dry-run [--dry_run_devices=8]
 
-`--config NAME.py` is looked up as given, then in the project's `configs/` folder.
+`--config NAME.py` is looked up as given, then in the project's `configs/` folder. A run
+directory whose finished stages another config made is refused (exit 2, nothing touched) unless
+`--overwrite` is given.
 
 Every problem the user must act on ends the command with one line `error: ...` on stderr:
 exit code 2 for a bad flag, config field or input, an image that does not decode, an I/O error
@@ -75,12 +77,18 @@ def _rewrite_config_arg(argv: Sequence[str]) -> list[str]:
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (default runs/<config name>).")
 _STAGES = flags.DEFINE_list("stages", ["all"], "Stages to run, comma separated, or 'all'.")
+_OVERWRITE = flags.DEFINE_bool(
+    "overwrite", False, "Replace the outputs of stages that another config finished in the run "
+    "directory (without it such a run stops before touching anything).")
 _DRY_RUN = flags.DEFINE_bool(
     "dry_run", False, "Build the model abstractly (no weights), compile the train step for the "
     "config's mesh and print per-device parameter, optimizer and activation memory.")
 _DRY_RUN_DEVICES = flags.DEFINE_integer(
     "dry_run_devices", 0, "With --dry-run: simulate this many CPU devices (e.g. the chips of the "
     "target slice) instead of using the local ones.")
+_TARGET = flags.DEFINE_list(
+    "target", [], "With --dry-run: the chips whose roofline estimate to print (v5p, h100, h200; "
+    "default all).")
 
 
 def _error(message: str) -> None:
@@ -136,11 +144,12 @@ def _parse_flags(argv: Sequence[str]) -> list[str]:
 def _dry_run(config) -> int:
   from visatb_jax.cli import dryrun
   try:
+    targets = dryrun.check_targets(_TARGET.value)  # before minutes of compiling
     result = dryrun.dry_run(config)
   except (OSError, ValueError) as e:
     _error(e)
     return EXIT_ERROR
-  print(dryrun.format_report(result))
+  print(dryrun.format_report(result, targets=targets))
   return 0
 
 
@@ -239,7 +248,7 @@ def _exit_at_once(code: int) -> NoReturn:
   os._exit(code)  # pylint: disable=protected-access
 
 
-def _run_pipeline(config, workdir: str, stages: list[str] | None) -> int:
+def _run_pipeline(config, workdir: str, stages: list[str] | None, overwrite: bool = False) -> int:
   """Runs the pipeline; every error the user must act on is one line and an exit code."""
   from visatb_jax import pipeline  # pylint: disable=g-import-not-at-top
   from visatb_jax.data import images  # pylint: disable=g-import-not-at-top
@@ -249,7 +258,7 @@ def _run_pipeline(config, workdir: str, stages: list[str] | None) -> int:
     if fileio.is_primary():
       # Left by atomic writes of a killed run; nothing writes into the run directory yet.
       fileio.remove_stale_temporaries(workdir)
-    pipeline.run(config, workdir, stages=stages)
+    pipeline.run(config, workdir, stages=stages, overwrite=overwrite)
   except loop.Preempted as e:
     _error(f"preempted: {e}")
     return EXIT_PREEMPTED
@@ -283,7 +292,7 @@ def main(argv: Sequence[str]) -> int:
       return _dry_run(config)
     stages = None if _STAGES.value == ["all"] else _STAGES.value
     _handle_stop_signals()
-    return _run_pipeline(config, workdir, stages)
+    return _run_pipeline(config, workdir, stages, _OVERWRITE.value)
   except KeyboardInterrupt:
     _stopping()
     _error(_interrupted_message(workdir, "interrupted"))

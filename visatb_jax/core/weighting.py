@@ -32,15 +32,17 @@ set): fixed tasks always get their value, and the dynamic rule runs over the oth
 only, normalised so that their λ averages 1 (for the softmax rules: N_free · softmax over
 the N_free non-fixed tasks).
 
-Strategies: `ew`, `static`, `rlw`, `dwa`, `igb`; see `get_strategy`. (TLA's λ needs each task's
-count over the global batch, which only the train step sees: it is made there,
-`train/vitw_step.py`.)
+Strategies: `ew`, `static`, `rlw`, `dwa`, `igb`, `uw`; see `get_strategy`. (TLA's λ needs each
+task's count over the global batch, which only the train step sees: it is made there,
+`train/vitw_step.py`.) UW's learned log-variances s and their Adam moments are strategy state
+like any other, so they are checkpointed with the model and restored on resume.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -53,6 +55,9 @@ InitFn = Callable[[int], State]
 UpdateFn = Callable[..., tuple[jax.Array, State]]
 
 DWA_TEMPERATURE = 2.0
+# UW's own Adam (see `_uw`): optax's defaults for the moments, a learning rate for s alone.
+UW_LR = 1e-2
+UW_ADAM_B1, UW_ADAM_B2, UW_ADAM_EPS = 0.9, 0.999, 1e-8
 
 
 @dataclasses.dataclass(frozen=True)
@@ -319,6 +324,80 @@ def _igb(fixed: _Fixed, base_start: int, base_end: int) -> Strategy:
   return Strategy("igb", init, update)
 
 
+# -------------------------------------------------------------------------------- UW
+
+
+def uw_objective(log_var: jax.Array, per_task_loss: jax.Array, active: jax.Array) -> jax.Array:
+  """Σ_t exp(−s_t)·L_t + s_t over the `active` tasks (Kendall, Gal & Cipolla 2018).
+
+  The form with s_t = log σ_t² and no ½: LibMTL writes ½(exp(−s)·L + s), the same function up to
+  a constant factor, hence the same minimiser s_t = log L_t, and the factor cancels in Adam's
+  normalised step and in VITW's division by Σλ. Inactive tasks add nothing and get no gradient.
+  """
+  # Zero the inactive losses before they enter: a NaN there would turn the masked gradient NaN.
+  loss = jnp.where(active, per_task_loss, 0.0)
+  terms = jnp.exp(-log_var) * loss + log_var
+  return jnp.sum(jnp.where(active, terms, 0.0))
+
+
+def _adam_step(param: jax.Array, grad: jax.Array, mu: jax.Array, nu: jax.Array,
+               count: jax.Array, lr: float,
+               active: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+  """optax.adam's update, element by element, applied only where `active`.
+
+  Each task keeps its own step count, so its bias correction counts only the steps it was
+  present at: an absent task's s stays where it is instead of drifting on stale momentum.
+  """
+  new_count = count + active.astype(jnp.int32)
+  new_mu = UW_ADAM_B1 * mu + (1.0 - UW_ADAM_B1) * grad
+  new_nu = UW_ADAM_B2 * nu + (1.0 - UW_ADAM_B2) * grad * grad
+  steps = jnp.maximum(new_count, 1).astype(jnp.float32)
+  mu_hat = new_mu / (1.0 - UW_ADAM_B1 ** steps)
+  nu_hat = new_nu / (1.0 - UW_ADAM_B2 ** steps)
+  new_param = param - lr * mu_hat / (jnp.sqrt(nu_hat) + UW_ADAM_EPS)
+  return tuple(jnp.where(active, new, old) for new, old in
+               ((new_param, param), (new_mu, mu), (new_nu, nu), (new_count, count)))
+
+
+def _uw(fixed: _Fixed, lr: float) -> Strategy:
+  """UW (uncertainty weighting, Kendall et al. 2018) inside VITW.
+
+  One log-variance s_t per free task, learned by minimising `uw_objective` on the per-task
+  mean losses L_t of each step: ∂/∂s_t = 1 − exp(−s_t)·L_t, so s_t tends to log L_t. The task
+  weights are exp(−s_t) rescaled to average 1 over the free tasks, i.e. λ = N_free·softmax(−s),
+  used as token weights in VITW like every other dynamic λ (the paper's release runs all its
+  dynamic baselines that way); fixed tasks keep their value and have no s.
+
+  s has its own Adam at a constant rate `lr` rather than the model's optimizer: at the model's
+  2e-5 (cosine to 0, clipped jointly with the model's gradient) s could move only a few
+  hundredths in a one-epoch run, and UW would be EW. s starts at 0 (σ = 1), so λ = 1 at step 0
+  like every other method; λ depends only on the differences between the s_t.
+
+  State: `log_var` [T] (s), its Adam moments `adam_mu`, `adam_nu` [T] and per-task step counts
+  `adam_count` [T], and `lam`.
+  """
+
+  def init(num_tasks: int) -> State:
+    fixed.check(num_tasks)
+    zeros = jnp.zeros((num_tasks,), jnp.float32)
+    return {"lam": _ones(num_tasks, fixed), "log_var": zeros, "adam_mu": zeros,
+            "adam_nu": zeros, "adam_count": jnp.zeros((num_tasks,), jnp.int32)}
+
+  def update(state, per_task_loss, step, rng, per_task_count=None):
+    del rng
+    per_task_loss, _ = _inputs(per_task_loss, step)
+    free = fixed.free(per_task_loss.shape[0])
+    active = present_tasks(per_task_loss, per_task_count) & free
+    grad = jax.grad(uw_objective)(state["log_var"], per_task_loss, active)
+    log_var, mu, nu, count = _adam_step(state["log_var"], grad, state["adam_mu"],
+                                        state["adam_nu"], state["adam_count"], lr, active)
+    lam = fixed.apply(n_softmax(-log_var, free))
+    return lam, {"lam": lam, "log_var": log_var, "adam_mu": mu, "adam_nu": nu,
+                 "adam_count": count}
+
+  return Strategy("uw", init, update)
+
+
 # --------------------------------------------------------------------------- registry
 
 
@@ -351,12 +430,19 @@ def _igb_factory(*, base_start: int = 100, base_end: int = 200, fixed_mask=None,
   return _igb(_make_fixed(fixed_mask, fixed_values), int(base_start), int(base_end))
 
 
+def _uw_factory(*, lr: float = UW_LR, fixed_mask=None, fixed_values=None) -> Strategy:
+  if not (math.isfinite(float(lr)) and float(lr) > 0):
+    raise ValueError(f"uw lr must be a finite number > 0, got {lr}")
+  return _uw(_make_fixed(fixed_mask, fixed_values), float(lr))
+
+
 STRATEGIES: dict[str, Callable[..., Strategy]] = {
     "ew": _ew_factory,
     "static": _static_factory,
     "rlw": _rlw_factory,
     "dwa": _dwa_factory,
     "igb": _igb_factory,
+    "uw": _uw_factory,
 }
 
 
@@ -369,6 +455,7 @@ def get_strategy(name: str, **options: Any) -> Strategy:
     rlw:    none; the randomness comes from the `rng` passed to `update`.
     dwa:    window=50 (steps per loss mean; the two windows slide every step), temperature=2.0.
     igb:    base_start=100, base_end=200 (the base-loss window, in steps).
+    uw:     lr=1e-2 (the Adam learning rate of the log-variances s, constant).
 
   Raises:
     ValueError: unknown name or invalid option value. TypeError: unknown option.

@@ -14,7 +14,12 @@ Rules applied by :func:`load_samples`:
   ``no_conversations``, ``bad_turn`` (not a dict with string ``from``/``value``), ``unknown_role``,
   ``not_alternating`` (must alternate human/gpt starting with human), ``no_assistant_turn``,
   ``image_token_mismatch`` (placeholders other than none or one per image), ``bad_image_field``,
+  ``bad_answers`` (an ``"answers"`` field that is not a non-empty list of strings),
   ``not_an_object``.
+* An optional ``"answers": [str, ...]`` beside the conversations lists the sample's references:
+  scoring uses them instead of the last assistant turn (:func:`scoring_references`), and every one
+  of them where the task's metric takes several (e.g. VQA soft accuracy, multi-reference CIDEr).
+  Training and the generation prompt still come from the conversations alone.
 * Roles ``user``/``assistant`` are renamed ``human``/``gpt``. A sample with images but no
   ``<image>`` placeholder gets ``"<image>\\n"`` prepended to its first human turn (as LLaVA does).
 * Image paths resolve against ``image_root`` or the JSON file's directory; ``image_paths`` (list)
@@ -156,6 +161,40 @@ def image_list(sample: dict[str, Any]) -> list[str]:
   raise SampleError("bad_image_field", f"'image' must be a string or a list of strings: {image!r}")
 
 
+def answer_list(sample: dict[str, Any]) -> list[str] | None:
+  """The sample's ``"answers"`` (None when absent).
+
+  Raises:
+    SampleError: ``bad_answers``, when present but not a non-empty list of strings.
+  """
+  answers = sample.get("answers")
+  if answers is None:
+    return None
+  if (not isinstance(answers, list) or not answers
+      or not all(isinstance(a, str) for a in answers)):
+    raise SampleError("bad_answers",
+                      f"'answers' must be a non-empty list of strings: {answers!r}")
+  return list(answers)
+
+
+def scoring_references(sample: dict[str, Any]) -> list[str]:
+  """The reference(s) a sample is scored against: its ``"answers"``, else its last gpt turn.
+
+  One convention for every split and source, so that a file with several human answers per
+  question (VQAv2, TextVQA) scores the same whether it is a trained or a zero-shot task.
+
+  Raises:
+    ValueError: a malformed ``"answers"`` field, or a conversation without an assistant turn.
+  """
+  answers = answer_list(sample)
+  if answers is not None:
+    return answers
+  for turn in reversed(sample.get("conversations") or []):
+    if ROLE_ALIASES.get(str(turn.get("from", "")).lower()) == "gpt":
+      return [turn["value"]]
+  raise ValueError(f"sample {sample.get('id')!r} has no assistant turn to score against")
+
+
 def place_image_tokens(turns: list[dict[str, str]], num_images: int) -> list[dict[str, str]]:
   """Checks the ``<image>`` placeholders; adds one per image to the first human turn if none."""
   count = sum(t["value"].count(IMAGE_PLACEHOLDER) for t in turns)
@@ -210,6 +249,7 @@ def load_samples(path: str | os.PathLike, *, image_root: str | os.PathLike | Non
                        f"from the file name")
     try:
       relative = image_list(record)
+      answer_list(record)  # a bad "answers" is skipped and counted here, not raised at scoring
       turns = place_image_tokens(normalize_conversations(record.get("conversations")),
                                  len(relative))
     except SampleError as e:

@@ -1,10 +1,14 @@
-"""NNX LLaVA: CLIP vision tower -> projector -> Llama-style decoder, plus KV-cache generation."""
+"""NNX vision-language models: LLaVA (CLIP tower -> projector -> Llama-style decoder) and Qwen2-VL
+(ViT with 2-D rotary -> patch merger -> Qwen2 decoder with M-RoPE), plus KV-cache generation."""
 
 from visatb_jax.model.clip import CLIPVisionModel
 from visatb_jax.model.config import LlavaConfig, TextConfig, VisionConfig, to_jnp_dtype
 from visatb_jax.model.generate import greedy_generate, greedy_generate_nocache
 from visatb_jax.model.llama import KVCache, LlamaForCausalLM, LlamaModel
 from visatb_jax.model.llava import LlavaForConditionalGeneration, splice_image_features
+from visatb_jax.model.qwen2vl import (Qwen2VLConfig, Qwen2VLForConditionalGeneration,
+                                      Qwen2VLTextModel, Qwen2VLVisionConfig, VisionBatch,
+                                      get_rope_index, vision_batch)
 
 __all__ = [
     "CLIPVisionModel",
@@ -13,10 +17,17 @@ __all__ = [
     "LlamaModel",
     "LlavaConfig",
     "LlavaForConditionalGeneration",
+    "Qwen2VLConfig",
+    "Qwen2VLForConditionalGeneration",
+    "Qwen2VLTextModel",
+    "Qwen2VLVisionConfig",
     "TextConfig",
+    "VisionBatch",
     "VisionConfig",
+    "get_rope_index",
     "greedy_generate",
     "greedy_generate_nocache",
     "splice_image_features",
     "to_jnp_dtype",
+    "vision_batch",
 ]

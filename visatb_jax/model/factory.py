@@ -2,8 +2,14 @@
 
 `config.model` fields read here (all optional except the sizes of a model without a path):
 
-  path          a local LLaVA checkpoint directory (config.json + safetensors); empty = random init
-  vision, text  sizes (HF field names) of a randomly initialised model; ignored with a path
+  path          a local LLaVA checkpoint directory (config.json + safetensors); empty = random init.
+                A Qwen2-VL checkpoint (config.json `model_type: qwen2_vl`) builds a Qwen2-VL
+                (model/qwen2vl.py, loaded by qwen2vl_io) instead; the pipeline does not feed it yet
+  vision_path, text_path, projector_path
+                instead of `path`, all three: the model composed from separate parts, as LLaVA-1.5's
+                fine-tuning starts (a CLIPVisionModel directory, a LlamaForCausalLM directory such
+                as Vicuna, the stage-1 `mm_projector.bin` / `.safetensors`; hf_io.load_composed)
+  vision, text  sizes (HF field names) of a randomly initialised model; ignored with a path or parts
   init_seed     seed of the random initialisation
   dtype         compute dtype: "float32" (default) or "bfloat16" (float32 master weights stay)
   param_dtype   parameter storage dtype, "float32" by default
@@ -22,10 +28,15 @@ from typing import Any
 
 import jax
 
-from visatb_jax.runtime import sharding
+from visatb_jax.runtime import fileio, sharding
 from visatb_jax.model import lora as lora_lib
 from visatb_jax.model.config import LlavaConfig
 from visatb_jax.model.llava import LlavaForConditionalGeneration
+from visatb_jax.model.qwen2vl import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+
+ModelConfig = LlavaConfig | Qwen2VLConfig
+Model = LlavaForConditionalGeneration | Qwen2VLForConditionalGeneration
+QWEN2_VL = "qwen2_vl"  # config.json `model_type` of a Qwen2-VL checkpoint.
 
 # Policies worth naming in a config; any other attribute of jax.checkpoint_policies works too.
 REMAT_CHOICES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable",
@@ -62,25 +73,87 @@ def checkpoint_path(model_cfg: Any) -> str | None:
   return path
 
 
+def checkpoint_model_type(path: str) -> str | None:
+  """`model_type` of `<path>/config.json`; None when it is missing, unreadable or has none.
+
+  Only picks the loader: hf_io / qwen2vl_io read the file again and name any problem with it.
+  """
+  try:
+    hf = fileio.read_json(os.path.join(path, "config.json"))
+  except (OSError, ValueError, UnicodeDecodeError):  # JSONDecodeError is a ValueError.
+    return None
+  return hf.get("model_type") if isinstance(hf, dict) else None
+
+
+def _is_qwen2vl(path: str | None) -> bool:
+  return path is not None and checkpoint_model_type(path) == QWEN2_VL
+
+
+PART_FIELDS = ("vision_path", "text_path", "projector_path")
+
+
+def model_parts(model_cfg: Any) -> dict[str, str] | None:
+  """{vision_path, text_path, projector_path} of a model composed from parts; None without parts.
+
+  Raises:
+    ValueError: parts together with `model.path`, or only some of the three (one line, naming the
+      fields).
+  """
+  parts = {k: os.path.expanduser(os.fspath(_get(model_cfg, k, ""))) for k in PART_FIELDS}
+  given = [k for k, v in parts.items() if v]
+  if not given:
+    return None
+  if _get(model_cfg, "path", ""):
+    raise ValueError(f"config.model.path and config.model.{{{','.join(given)}}} are both set: use "
+                     "model.path for one LLaVA checkpoint, or all of model.vision_path, "
+                     "model.text_path and model.projector_path for separate parts")
+  missing = [k for k in PART_FIELDS if k not in given]
+  if missing:
+    raise ValueError(f"config.model.{{{','.join(given)}}} set without config.model."
+                     f"{{{','.join(missing)}}}: a model composed from parts needs all of "
+                     "model.vision_path, model.text_path and model.projector_path")
+  return parts
+
+
+def start_description(model_cfg: Any) -> str:
+  """What a model starts from, in words (for run records)."""
+  parts = model_parts(model_cfg)
+  if parts is not None:
+    return ("composed: " + ", ".join(f"{k.split('_')[0]} {v}" for k, v in parts.items()))
+  return (_get(model_cfg, "path", "")
+          or f"random (model.init_seed={_get(model_cfg, 'init_seed', 0)})")
+
+
 def dtypes(model_cfg: Any) -> dict[str, str]:
   return {"dtype": str(_get(model_cfg, "dtype", "float32")),
           "param_dtype": str(_get(model_cfg, "param_dtype", "float32"))}
 
 
 def model_config(model_cfg: Any, *, vocab_size: int | None = None,
-                 image_token_id: int | None = None) -> LlavaConfig:
-  """The LlavaConfig of a config's model (from the checkpoint's config.json when it has a path).
+                 image_token_id: int | None = None) -> ModelConfig:
+  """The config of a config's model (from the checkpoint's config.json when it has a path): a
+  `Qwen2VLConfig` for a Qwen2-VL checkpoint, else a `LlavaConfig`.
 
   `vocab_size` and `image_token_id` come from the tokenizer of a randomly initialised model; for a
-  checkpoint they are checked against its config.json instead.
+  checkpoint they are checked against its config.json instead; a model composed from parts grows
+  its vocabulary to hold them (hf_io.vocab_with_image_token).
   """
+  parts = model_parts(model_cfg)
+  if parts is not None:
+    from visatb_jax.model import hf_io
+    return hf_io.composed_config(**parts, vocab_size=vocab_size, image_token_id=image_token_id,
+                                 **dtypes(model_cfg))
   path = checkpoint_path(model_cfg)
   if path is not None:
-    from visatb_jax.model import hf_io
-    config = hf_io.load_config(path, **dtypes(model_cfg))
+    if _is_qwen2vl(path):
+      from visatb_jax.model import qwen2vl_io
+      config, token_field = qwen2vl_io.load_config(path, **dtypes(model_cfg)), "image_token_id"
+    else:
+      from visatb_jax.model import hf_io
+      config, token_field = hf_io.load_config(path, **dtypes(model_cfg)), "image_token_index"
     if image_token_id is not None and image_token_id != config.image_token_id:
       raise ValueError(f"the tokenizer's <image> id {image_token_id} differs from "
-                       f"image_token_index {config.image_token_id} in {path}/config.json")
+                       f"{token_field} {config.image_token_id} in {path}/config.json")
     if vocab_size is not None and vocab_size > config.text.vocab_size:
       raise ValueError(f"the tokenizer has {vocab_size} tokens but the checkpoint's vocabulary "
                        f"(text_config.vocab_size in {path}/config.json) is "
@@ -109,8 +182,14 @@ def _lora_options(model_cfg: Any) -> dict[str, Any] | None:
           "target_modules": tuple(_get(lora, "target_modules", lora_lib.LORA_TARGETS))}
 
 
-def _with_lora(model: LlavaForConditionalGeneration, options: dict[str, Any] | None,
-               seed: int) -> LlavaForConditionalGeneration:
+def model_class(config: ModelConfig) -> type[Model]:
+  """The model class a config describes: Qwen2-VL for a `Qwen2VLConfig`, else LLaVA."""
+  if isinstance(config, Qwen2VLConfig):
+    return Qwen2VLForConditionalGeneration
+  return LlavaForConditionalGeneration
+
+
+def _with_lora(model: Model, options: dict[str, Any] | None, seed: int) -> Model:
   if options is None:
     return model
   from flax import nnx
@@ -126,21 +205,32 @@ def shardings_fn(mesh: jax.sharding.Mesh) -> Callable[[tuple[Any, ...], tuple[in
   return fn
 
 
-def build_model(model_cfg: Any, config: LlavaConfig, *,
-                mesh: jax.sharding.Mesh | None = None) -> LlavaForConditionalGeneration:
-  """The model: weights from `model.path`, else initialised from `model.init_seed`."""
+def build_model(model_cfg: Any, config: ModelConfig, *,
+                mesh: jax.sharding.Mesh | None = None) -> Model:
+  """The model: weights from `model.path` or the three part paths, else initialised from
+  `model.init_seed`. A Qwen2-VL checkpoint at `model.path` gives a Qwen2-VL."""
   from flax import nnx
   kwargs = remat_options(_get(model_cfg, "remat", "none"))
   seed = int(_get(model_cfg, "init_seed", 0))
   lora = _lora_options(model_cfg)  # a bad LoRA setting fails before any weight is read
+  parts = model_parts(model_cfg)
   path = checkpoint_path(model_cfg)
-  if path is not None:
+  placement = None if mesh is None else shardings_fn(mesh)
+  if parts is not None:
     from visatb_jax.model import hf_io
-    model = hf_io.load_pretrained(path, **dtypes(model_cfg),
-                                  shardings_fn=None if mesh is None else shardings_fn(mesh),
-                                  **kwargs)
+    # `config` came from model_config with the tokenizer's ids: the same vocabulary growth.
+    model = hf_io.load_composed(**parts, vocab_size=config.text.vocab_size,
+                                image_token_id=config.image_token_id, **dtypes(model_cfg),
+                                shardings_fn=placement, **kwargs)
+  elif _is_qwen2vl(path):
+    from visatb_jax.model import qwen2vl_io
+    model = qwen2vl_io.load_pretrained(path, **dtypes(model_cfg), shardings_fn=placement,
+                                       **kwargs)
+  elif path is not None:
+    from visatb_jax.model import hf_io
+    model = hf_io.load_pretrained(path, **dtypes(model_cfg), shardings_fn=placement, **kwargs)
   else:
-    model = LlavaForConditionalGeneration(config, rngs=nnx.Rngs(seed), **kwargs)
+    model = model_class(config)(config, rngs=nnx.Rngs(seed), **kwargs)
   # Adapters from their own seed stream: the same for every run of a pipeline.
   model = _with_lora(model, lora, seed + 1)
   if mesh is not None:
@@ -150,10 +240,13 @@ def build_model(model_cfg: Any, config: LlavaConfig, *,
   return model
 
 
-def abstract_model(model_cfg: Any, config: LlavaConfig) -> LlavaForConditionalGeneration:
-  """The model with ShapeDtypeStruct leaves: shapes and dtypes only, no memory, no weights read."""
+def abstract_model(model_cfg: Any, config: ModelConfig) -> Model:
+  """The model with ShapeDtypeStruct leaves: shapes and dtypes only, no memory, no weights read.
+
+  The class follows `config` (what `model_config` returned): Qwen2-VL or LLaVA.
+  """
   from flax import nnx
   kwargs = remat_options(_get(model_cfg, "remat", "none"))
   lora = _lora_options(model_cfg)
-  return nnx.eval_shape(lambda: _with_lora(
-      LlavaForConditionalGeneration(config, rngs=nnx.Rngs(0), **kwargs), lora, 1))
+  cls = model_class(config)
+  return nnx.eval_shape(lambda: _with_lora(cls(config, rngs=nnx.Rngs(0), **kwargs), lora, 1))

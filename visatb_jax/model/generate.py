@@ -27,8 +27,16 @@ from jax.sharding import Mesh
 from visatb_jax.runtime import sharding as sharding_lib
 
 
-def _check_prompt(prompt_ids: Any, prompt_mask: Any,
-                  max_new_tokens: int) -> tuple[np.ndarray, np.ndarray]:
+def check_prompt(prompt_ids: Any, prompt_mask: Any,
+                 max_new_tokens: int) -> tuple[np.ndarray, np.ndarray]:
+  """(ids, mask) as int32 numpy after checking they are left-padded prompts [B, L].
+
+  Shared by every greedy decoder (this module, qwen2vl), hence public.
+
+  Raises:
+    ValueError: shapes differ or are not 2-D, max_new_tokens < 1, a mask value other than 0 / 1,
+      or a row that is not left-padded or has no real token (the rows are named).
+  """
   ids = np.asarray(prompt_ids, np.int32)
   mask = np.asarray(prompt_mask, np.int32)
   if ids.ndim != 2 or ids.shape != mask.shape:
@@ -60,7 +68,21 @@ def _greedy(model, prompt_ids, prompt_mask, images, eos_id, pad_id, *, max_new_t
                                last_only=True)
   lengths = prompt_mask.sum(axis=1).astype(jnp.int32)
 
-  tok = jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32)
+  # Token i - 1 (just produced) sits at position length + i - 1 of its row.
+  return decode_greedily(model, logits, cache, lambda i: (lengths + i - 1)[:, None], eos_id,
+                         pad_id, max_new_tokens=max_new_tokens)
+
+
+def decode_greedily(model, prefill_logits, cache, position_of, eos_id, pad_id, *,
+                    max_new_tokens: int) -> jax.Array:
+  """The tokens [B, max_new_tokens] after a prefill: a while_loop of one-token decode steps that
+  stops when every row has produced `eos_id` (then padded with `pad_id`).
+
+  `position_of(i)`: the positions of the token produced at step i - 1, the model's layout (the
+  LLaVA decoder's [B, 1], Qwen2-VL's M-RoPE [3, B, 1]).
+  """
+  b = prefill_logits.shape[0]
+  tok = jnp.argmax(prefill_logits[:, -1], axis=-1).astype(jnp.int32)
   done = tok == eos_id
   out = jnp.full((b, max_new_tokens), pad_id, jnp.int32).at[:, 0].set(jnp.where(done, pad_id, tok))
 
@@ -70,9 +92,7 @@ def _greedy(model, prompt_ids, prompt_mask, images, eos_id, pad_id, *, max_new_t
 
   def body(carry):
     i, tok, cache, out, done = carry
-    # Token i - 1 (just produced) sits at position length + i - 1 of its row.
-    positions = (lengths + i - 1)[:, None]
-    logits, cache = model.decode(model.embed_inputs(tok[:, None]), positions,
+    logits, cache = model.decode(model.embed_inputs(tok[:, None]), position_of(i),
                                  jnp.ones((b, 1), jnp.int32), cache)
     tok = jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32)
     finished = done | (tok == eos_id)
@@ -128,7 +148,7 @@ def greedy_generate(model: nnx.Module, prompt_ids: Any, prompt_mask: Any, images
   Returns:
     np.int32 [B, max_new_tokens].
   """
-  ids, mask = _check_prompt(prompt_ids, prompt_mask, max_new_tokens)
+  ids, mask = check_prompt(prompt_ids, prompt_mask, max_new_tokens)
   graphdef, state = nnx.split(model)
   run = _compiled(graphdef, int(max_new_tokens), mesh)
   if mesh is None:
@@ -172,7 +192,7 @@ def greedy_generate_nocache(model: nnx.Module, prompt_ids: Any, prompt_mask: Any
   generated tokens are embedded as text, never spliced with image features, as in the cached path.
   Needs `model.embed_inputs`, `model.language_model` and `model.logits`.
   """
-  ids, mask = _check_prompt(prompt_ids, prompt_mask, max_new_tokens)
+  ids, mask = check_prompt(prompt_ids, prompt_mask, max_new_tokens)
   images = None if images is None else jnp.asarray(images, jnp.float32)
   graphdef, state = nnx.split(model)
   next_token = _compiled_next_token(graphdef)

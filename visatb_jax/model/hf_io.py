@@ -5,7 +5,9 @@ layout `model.language_model.*`, `model.vision_tower.*`, `model.multi_modal_proj
 `lm_head.weight`, or the older `language_model.model.*`, `language_model.lm_head.weight`,
 `vision_tower.*`, `multi_modal_projector.*`; the CLIP tower with or without its `vision_model.`
 level) and `save_pretrained` writes one that `transformers.LlavaForConditionalGeneration
-.from_pretrained` loads unchanged.
+.from_pretrained` loads unchanged. `load_composed` builds the same model from separate parts, as
+LLaVA-1.5's fine-tuning starts: a CLIP vision tower directory, a Llama/Qwen2 causal-LM directory
+and a stage-1 projector file (`mm_projector.bin` / `.safetensors`).
 
 Parameter names map one to one: our module paths are the HF ones, and only the leaves differ —
 `kernel` <-> `weight` (Linear transposed: torch stores (out, in), NNX (in, out); conv
@@ -13,20 +15,23 @@ Parameter names map one to one: our module paths are the HF ones, and only the l
 
 Memory: the model is built abstractly (`nnx.eval_shape`) and filled one tensor at a time, each read
 once from its file and placed straight on its devices, so the host never holds more than one
-checkpoint tensor beyond the parameters already placed. No torch is needed at any point.
+checkpoint tensor beyond the parameters already placed. No torch is needed, except to read a
+part saved as a PyTorch pickle (`.bin`) in `load_composed`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
 import logging
 import math
 import os
+import pickle
 import re
-from collections.abc import Callable, Iterator, Mapping
-from typing import Any
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -45,6 +50,9 @@ logger = logging.getLogger(__name__)
 CONFIG_NAME = "config.json"
 SAFE_WEIGHTS_NAME = "model.safetensors"
 SAFE_WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
+TORCH_WEIGHTS_NAME = "pytorch_model.bin"
+TORCH_WEIGHTS_INDEX_NAME = "pytorch_model.bin.index.json"
+TORCH_SUFFIXES = (".bin", ".pt", ".pth")
 ARCHITECTURE = "LlavaForConditionalGeneration"
 
 # (path of one parameter in our module tree, its shape) -> where that parameter lives.
@@ -131,6 +139,14 @@ def _vision_config(d: Mapping[str, Any] | None) -> VisionConfig:
   return VisionConfig.from_dict({k: d[k] for k in _CLIP_VISION_DEFAULTS})
 
 
+class UnsupportedModelError(ValueError):
+  """A config.json of another architecture than LLaVA (e.g. a bare language model)."""
+
+
+class TorchRequiredError(ValueError):
+  """A PyTorch `.bin` file to read without torch installed; the message says how to convert it."""
+
+
 def config_from_hf(hf: Mapping[str, Any], *, dtype: str = "float32",
                    param_dtype: str = "float32") -> LlavaConfig:
   """Maps a transformers `LlavaConfig` dict (a parsed config.json) to our `LlavaConfig`.
@@ -147,8 +163,9 @@ def config_from_hf(hf: Mapping[str, Any], *, dtype: str = "float32",
   model_type = hf.get("model_type")
   architectures = hf.get("architectures") or [ARCHITECTURE]
   if model_type not in (None, "llava") or ARCHITECTURE not in architectures:
-    raise ValueError(f"unsupported model: model_type {model_type!r}, architectures "
-                     f"{architectures}; expected model_type 'llava' with {ARCHITECTURE}")
+    raise UnsupportedModelError(f"unsupported model: model_type {model_type!r}, architectures "
+                                f"{architectures}; expected model_type 'llava' with "
+                                f"{ARCHITECTURE}")
   text = _text_config(hf.get("text_config"))
   # transformers ties when either level asks for it.
   if hf.get("tie_word_embeddings"):
@@ -202,21 +219,56 @@ def config_to_hf(config: LlavaConfig, *, torch_dtype: str = "float32") -> dict[s
               torch_dtype=torch_dtype)
 
 
+def _json_object(file: str) -> dict[str, Any]:
+  """A JSON file that must hold an object (a config.json); errors name the file."""
+  try:
+    value = fileio.read_json(file)
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    # UnicodeDecodeError: a binary file; its message would not name the file.
+    raise ValueError(f"{file} is not valid JSON ({e}): replace it with the checkpoint's own "
+                     "config.json") from e
+  if not isinstance(value, dict):
+    raise ValueError(f"{file} holds a JSON {type(value).__name__}, not an object: replace it with "
+                     "the checkpoint's own config.json")
+  return value
+
+
 def load_config(path: str | os.PathLike, *, dtype: str = "float32",
                 param_dtype: str = "float32") -> LlavaConfig:
-  """Reads `<path>/config.json` as a `LlavaConfig` (no weights are touched)."""
+  """Reads `<path>/config.json` as a `LlavaConfig` (no weights are touched).
+
+  Raises:
+    FileNotFoundError: no such directory, or no config.json in it.
+    UnsupportedModelError: a config.json of another architecture.
+    ValueError: an unreadable config.json, or one using features this port lacks.
+  """
   path = _checkpoint_dir(path)
   config_file = os.path.join(path, CONFIG_NAME)
   if not os.path.isfile(config_file):
-    raise FileNotFoundError(f"no {CONFIG_NAME} in checkpoint directory {path}")
-  try:
-    hf = fileio.read_json(config_file)
-  except json.JSONDecodeError as e:
-    raise ValueError(f"{config_file} is not valid JSON: {e}") from e
+    raise FileNotFoundError(f"no {CONFIG_NAME} in checkpoint directory {path}: expected a Hugging "
+                            f"Face LLaVA checkpoint ({CONFIG_NAME} and {SAFE_WEIGHTS_NAME}, as "
+                            "save_pretrained writes)")
+  hf = _json_object(config_file)
   try:
     return config_from_hf(hf, dtype=dtype, param_dtype=param_dtype)
+  except UnsupportedModelError as e:
+    raise UnsupportedModelError(f"{config_file}: {e}") from e
   except (ValueError, TypeError, KeyError) as e:
     raise ValueError(f"{config_file}: {e}") from e
+
+
+def check_checkpoint(path: str | os.PathLike) -> LlavaConfig:
+  """What a LLaVA checkpoint directory shows without reading a weight: config.json and the files.
+
+  Cheap enough for a config check before any work starts: the config and the weight files' names,
+  not their headers (shapes are checked when `load_pretrained` reads them).
+
+  Raises:
+    as `load_config`, and FileNotFoundError for missing weight files.
+  """
+  config = load_config(path)
+  weight_files(os.fspath(path))
+  return config
 
 
 # ---------------------------------------------------------------- parameter names and transposes
@@ -230,7 +282,7 @@ _PREFIXES = (("model.language_model.", "language_model."),
              ("model.vision_tower.", "vision_tower."),
              ("model.multi_modal_projector.", "multi_modal_projector."))
 # Buffers that older checkpoints carry and that the model recomputes: never loaded, never "extra".
-_IGNORED = re.compile(r"(^|\.)(position_ids|rotary_emb\.inv_freq)$")
+IGNORED_KEYS = re.compile(r"(^|\.)(position_ids|rotary_emb\.inv_freq)$")
 
 
 def hf_name(path: tuple[Any, ...]) -> str:
@@ -301,25 +353,36 @@ def _checkpoint_dir(path: str | os.PathLike) -> str:
   return path
 
 
-def _weight_files(path: str) -> list[str]:
-  """The safetensors files of a checkpoint (index first, else the single file); all must exist."""
-  index_file = os.path.join(path, SAFE_WEIGHTS_INDEX_NAME)
+def _listed_files(path: str, index_name: str, single_name: str) -> list[str] | None:
+  """The weight files of a directory by its index, else its single file; None when it has neither.
+
+  Every listed shard must exist.
+  """
+  index_file = os.path.join(path, index_name)
   if os.path.isfile(index_file):
     try:
       weight_map = fileio.read_json(index_file)["weight_map"]
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
-      raise ValueError(f"{index_file} is not a safetensors index (no weight_map): {e}") from e
-    files = sorted(set(weight_map.values()))
-  elif os.path.isfile(os.path.join(path, SAFE_WEIGHTS_NAME)):
-    files = [SAFE_WEIGHTS_NAME]
+      files = sorted(set(weight_map.values()))
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as e:
+      raise ValueError(f"{index_file} is not a weight index (no weight_map): {e}") from e
+  elif os.path.isfile(os.path.join(path, single_name)):
+    files = [single_name]
   else:
-    others = sorted(f for f in os.listdir(path) if f.endswith((".bin", ".pt", ".pth")))
-    hint = f" (found {others}: convert them to safetensors first)" if others else ""
-    raise FileNotFoundError(f"no {SAFE_WEIGHTS_NAME} or {SAFE_WEIGHTS_INDEX_NAME} in {path}{hint}")
+    return None
   for name in files:
     if not os.path.isfile(os.path.join(path, name)):
       raise FileNotFoundError(f"shard {name} listed in {index_file} is missing from {path}")
   return [os.path.join(path, name) for name in files]
+
+
+def weight_files(path: str) -> list[str]:
+  """The safetensors files of a checkpoint (index first, else the single file); all must exist."""
+  files = _listed_files(path, SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME)
+  if files is None:
+    others = sorted(f for f in os.listdir(path) if f.endswith(TORCH_SUFFIXES))
+    hint = f" (found {others}: convert them to safetensors first)" if others else ""
+    raise FileNotFoundError(f"no {SAFE_WEIGHTS_NAME} or {SAFE_WEIGHTS_INDEX_NAME} in {path}{hint}")
+  return files
 
 
 def _read_raw(file: str, key: str) -> np.ndarray:
@@ -341,17 +404,84 @@ def _read_raw(file: str, key: str) -> np.ndarray:
   return np.frombuffer(data, dtype).reshape(info["shape"])
 
 
-def _read(handle: Any, file: str, key: str) -> np.ndarray:
+def read_tensor(handle: Any, file: str, key: str) -> np.ndarray:
+  """Tensor `key` of an open safetensors `handle` on `file`, whatever its dtype."""
   try:
     return handle.get_tensor(key)
   except (TypeError, ValueError, RuntimeError):  # Older safetensors: "bf16 not supported" etc.
     return _read_raw(file, key)
 
 
+def _require_torch(what: str, how: str) -> Any:
+  """The torch module; without it a one-line TorchRequiredError saying how to convert instead."""
+  try:
+    import torch  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    raise TorchRequiredError(f"{what}, which needs torch to read, and torch is not installed: "
+                             "install torch, or convert it to safetensors once where torch is "
+                             f"installed: {how}") from None
+  return torch
+
+
+def convert_file_command(file: str) -> str:
+  """A shell command that rewrites a torch.save'd state dict as safetensors next to it."""
+  out = os.path.splitext(file)[0] + ".safetensors"
+  return ("python -c \"import torch; from safetensors.torch import save_file; "
+          f"sd = torch.load({file!r}, map_location='cpu', weights_only=True); "
+          f"save_file({{k: v.contiguous() for k, v in sd.items()}}, {out!r})\" "
+          f"and use {out}")
+
+
+def _torch_state_dict(file: str) -> Mapping[str, Any]:
+  """A torch.save'd flat state dict, memory-mapped where the file allows it (no copy in RAM)."""
+  torch = _require_torch(f"{file} is a PyTorch pickle", convert_file_command(file))
+  try:
+    try:
+      state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError:  # Files of the pre-zip format cannot be memory-mapped.
+      state = torch.load(file, map_location="cpu", weights_only=True)
+  except (RuntimeError, ValueError, EOFError, pickle.UnpicklingError) as e:
+    first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    raise ValueError(f"cannot read {file} with torch.load: {first}") from e
+  if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+    raise ValueError(f"{file} is not a flat state dict of tensors (as "
+                     "torch.save(model.state_dict()) writes)")
+  return state
+
+
+def _torch_numpy(tensor: Any) -> np.ndarray:
+  """A CPU torch tensor as numpy; bfloat16 (which numpy lacks) by its bits, as ml_dtypes'."""
+  import torch  # pylint: disable=g-import-not-at-top
+  tensor = tensor.detach().cpu()
+  if tensor.dtype == torch.bfloat16:
+    return tensor.view(torch.int16).numpy().view(jnp.bfloat16)
+  return tensor.numpy()
+
+
+class _TensorFile(NamedTuple):
+  """One open weight file: its keys, each key's stored shape, and a reader of one tensor."""
+  keys: list[str]
+  shape: Callable[[str], tuple[int, ...]]
+  read: Callable[[str], np.ndarray]
+
+
+@contextlib.contextmanager
+def _open_tensors(file: str) -> Iterator[_TensorFile]:
+  """Opens safetensors natively, a PyTorch pickle (.bin) through torch."""
+  if file.endswith(TORCH_SUFFIXES):
+    state = _torch_state_dict(file)
+    yield _TensorFile(list(state), lambda k: tuple(state[k].shape),
+                      lambda k: _torch_numpy(state[k]))
+    return
+  with safe_open(file, framework="numpy") as f:
+    yield _TensorFile(list(f.keys()), lambda k: tuple(f.get_slice(k).get_shape()),
+                      lambda k: read_tensor(f, file, k))
+
+
 # ---------------------------------------------------------------- load
 
 
-def _place(arr: np.ndarray, dtype: Any, sharding: jax.sharding.Sharding | None) -> jax.Array:
+def place_array(arr: np.ndarray, dtype: Any, sharding: jax.sharding.Sharding | None) -> jax.Array:
   """Host tensor -> device array in `dtype`, each device receiving only its own slice."""
   if sharding is None:
     return jnp.asarray(arr, dtype)
@@ -372,6 +502,131 @@ def _abstract_model(config: LlavaConfig, model_kwargs: tuple[tuple[str, Any], ..
   abstract = nnx.eval_shape(lambda: LlavaForConditionalGeneration(config, rngs=nnx.Rngs(0),
                                                                   **dict(model_kwargs)))
   return nnx.split(abstract)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Source:
+  """Where one parameter comes from: file, key there and stored shape (HF layout).
+
+  `rows`: the rows it has once loaded when the vocabulary grows (new rows are appended).
+  """
+  file: str
+  key: str
+  shape: tuple[int, ...]
+  rows: int | None = None
+
+
+def _index(files: Iterable[str], rename: Callable[[str], str | None], where: str,
+           into: dict[str, _Source]) -> dict[str, _Source]:
+  """Adds every tensor of `files` to `into` under `rename(key)` (None: not a weight of ours).
+
+  Headers only: no tensor data is read.
+  """
+  for file in files:
+    with _open_tensors(file) as f:
+      for key in f.keys:
+        name = None if IGNORED_KEYS.search(key) else rename(key)
+        if name is None:
+          continue
+        if name in into:
+          raise ValueError(f"weights {into[name].key!r} and {key!r} both map to {name!r} "
+                           f"({where} mixes key layouts)")
+        into[name] = _Source(file, key, f.shape(key))
+  return into
+
+
+def _abstract_params(config: LlavaConfig, model_kwargs: Mapping[str, Any]
+                     ) -> tuple[nnx.GraphDef, nnx.State, list[tuple[tuple[Any, ...], Any]]]:
+  """(graphdef, fresh abstract state, its (path, Param) list) of the model to fill."""
+  graphdef, state = _abstract_model(config, tuple(sorted(model_kwargs.items())))
+  # Fresh Variables around the cached shapes: filling them must not touch the cache.
+  state = jax.tree.map(lambda x: x, state)
+  flat = list(nnx.to_flat_state(state))
+  others = [".".join(map(str, p)) for p, v in flat if not isinstance(v, nnx.Param)]
+  if others:
+    raise ValueError(f"the model has non-parameter state {others} that a checkpoint cannot fill")
+  return graphdef, state, flat
+
+
+_Plan = dict[str, list[tuple[_Source, tuple[Any, ...], Any, tuple[int, ...] | None]]]
+
+
+def _plan(params: list[tuple[tuple[Any, ...], Any]], sources: Mapping[str, _Source], *,
+          missing: Callable[[str, tuple[Any, ...], tuple[int, ...]], str],
+          hint: str) -> tuple[_Plan, set[str]]:
+  """({file: what to read from it}, names used): every name and shape checked before any data."""
+  plan: _Plan = {}
+  wanted = set()
+  for p, var in params:
+    name = hf_name(p)
+    shape = tuple(var.get_value().shape)
+    perm = _perm(p, len(shape))
+    if name not in sources:
+      raise ValueError(missing(name, p, shape))
+    src = sources[name]
+    expected = shape if perm is None else tuple(shape[i] for i in _inverse(perm))
+    loaded = src.shape if src.rows is None else (src.rows,) + src.shape[1:]
+    if loaded != expected:
+      raise ValueError(f"shape mismatch for {src.key!r} in {src.file}: checkpoint has "
+                       f"{src.shape}, the model expects {expected} ({hint})")
+    wanted.add(name)
+    plan.setdefault(src.file, []).append((src, p, var, perm))
+  return plan, wanted
+
+
+def _check_extra(sources: Mapping[str, _Source], wanted: set[str], config: LlavaConfig,
+                 where: str, strict: bool) -> None:
+  extra = sorted(src.key for n, src in sources.items() if n not in wanted
+                 and not (config.text.tie_word_embeddings and n == "lm_head.weight"))
+  if not extra:
+    return
+  if strict:
+    raise ValueError(f"unexpected weights in {where} that the model has no parameter for: "
+                     f"{extra} (pass strict=False to skip them)")
+  logger.warning("skipping %d unexpected weights in %s: %s", len(extra), where, extra)
+
+
+def _grow_rows(arr: np.ndarray, rows: int) -> np.ndarray:
+  """`arr` with rows appended up to `rows`, each the mean of the existing rows.
+
+  As transformers' `resize_token_embeddings(mean_resizing=True)`, minus its noise: it samples new
+  rows from N(mean, 1e-9 · covariance), i.e. the mean to within ~3e-5 of a row's spread; the
+  mean itself keeps loading deterministic.
+  """
+  mean = arr.astype(np.float32).mean(axis=0, keepdims=True).astype(arr.dtype)
+  return np.concatenate([arr, np.repeat(mean, rows - arr.shape[0], axis=0)])
+
+
+def _fill(plan: _Plan, param_dtype: Any, mesh: jax.sharding.Mesh | None,
+          shardings_fn: ShardingsFn | None) -> None:
+  """Reads each planned tensor once and places it on its devices."""
+  for file, entries in plan.items():  # One open per file, each tensor read exactly once.
+    with _open_tensors(file) as f:
+      for src, p, var, perm in entries:
+        arr = f.read(src.key)
+        if src.rows is not None:
+          arr = _grow_rows(arr, src.rows)
+        if perm is not None:
+          arr = arr.transpose(perm)  # A view: the copy happens once, on the way to the device.
+        sharding = None
+        if shardings_fn is not None:
+          sharding = shardings_fn(p, arr.shape)
+        elif mesh is not None:
+          sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+        var.set_value(place_array(arr, param_dtype, sharding))
+        del arr
+
+
+def _load(config: LlavaConfig, sources: Mapping[str, _Source], *, where: str,
+          missing: Callable[[str, tuple[Any, ...], tuple[int, ...]], str], hint: str,
+          param_dtype: str, mesh: jax.sharding.Mesh | None, shardings_fn: ShardingsFn | None,
+          strict: bool, model_kwargs: Mapping[str, Any]) -> LlavaForConditionalGeneration:
+  """The model of `config` with every parameter read from `sources`."""
+  graphdef, state, params = _abstract_params(config, model_kwargs)
+  plan, wanted = _plan(params, sources, missing=missing, hint=hint)
+  _check_extra(sources, wanted, config, where, strict)
+  _fill(plan, to_jnp_dtype(param_dtype), mesh, shardings_fn)
+  return nnx.merge(graphdef, state)
 
 
 def load_pretrained(path: str | os.PathLike, *, dtype: str = "float32",
@@ -401,80 +656,292 @@ def load_pretrained(path: str | os.PathLike, *, dtype: str = "float32",
   """
   config = load_config(path, dtype=dtype, param_dtype=param_dtype)
   path = os.fspath(path)
-  files = _weight_files(path)
-  p_dtype = to_jnp_dtype(param_dtype)
-
-  graphdef, state = _abstract_model(config, tuple(sorted(model_kwargs.items())))
-  # Fresh Variables around the cached shapes: filling them must not touch the cache.
-  state = jax.tree.map(lambda x: x, state)
-  params = [(p, v) for p, v in nnx.to_flat_state(state) if isinstance(v, nnx.Param)]
-  if len(params) != len(list(nnx.to_flat_state(state))):
-    others = [".".join(map(str, p)) for p, v in nnx.to_flat_state(state)
-              if not isinstance(v, nnx.Param)]
-    raise ValueError(f"the model has non-parameter state {others} that a checkpoint cannot fill")
-
   # Headers only: which file holds which canonical name, and every tensor's stored shape.
-  where: dict[str, tuple[str, str]] = {}
-  shapes: dict[str, tuple[int, ...]] = {}
-  for file in files:
-    with safe_open(file, framework="numpy") as f:
-      for key in f.keys():
-        if _IGNORED.search(key):
-          continue
-        name = canonical_key(key)
-        if name in where:
-          raise ValueError(f"weights {where[name][1]!r} and {key!r} both map to {name!r} "
-                           f"({path} mixes key layouts)")
-        where[name] = (file, key)
-        shapes[name] = tuple(f.get_slice(key).get_shape())
+  sources = _index(weight_files(path), canonical_key, path, {})
 
-  # Check every name and shape before reading a byte of data: errors come fast and complete.
-  plan: dict[str, list[tuple[str, str, tuple[Any, ...], Any, tuple[int, ...] | None]]] = {}
-  wanted = set()
-  for p, var in params:
-    name = hf_name(p)
-    shape = tuple(var.get_value().shape)
-    perm = _perm(p, len(shape))
-    if name not in where:
-      raise ValueError(f"missing weight {export_key(name)!r} (older layout: "
-                       f"{_legacy_key(name)!r}; our parameter {'.'.join(map(str, p))}, shape "
-                       f"{shape}) in {path}")
-    file, key = where[name]
-    expected = shape if perm is None else tuple(shape[i] for i in _inverse(perm))
-    if shapes[name] != expected:
-      raise ValueError(f"shape mismatch for {key!r} in {os.path.basename(file)}: checkpoint has "
-                       f"{shapes[name]}, the model expects {expected} (config.json disagrees with "
-                       "the weights)")
-    wanted.add(name)
-    plan.setdefault(file, []).append((key, name, p, var, perm))
-  extra = sorted(where[n][1] for n in set(where) - wanted
-                 if not (config.text.tie_word_embeddings and n == "lm_head.weight"))
-  if extra:
-    if strict:
-      raise ValueError(f"unexpected weights in {path} that the model has no parameter for: "
-                       f"{extra} (pass strict=False to skip them)")
-    logger.warning("skipping %d unexpected weights in %s: %s", len(extra), path, extra)
+  def missing(name, p, shape):
+    return (f"missing weight {export_key(name)!r} (older layout: {_legacy_key(name)!r}; our "
+            f"parameter {'.'.join(map(str, p))}, shape {shape}) in {path}")
 
-  for file, entries in plan.items():  # One open per file, each tensor read exactly once.
-    with safe_open(file, framework="numpy") as f:
-      for key, _, p, var, perm in entries:
-        arr = _read(f, file, key)
-        if perm is not None:
-          arr = arr.transpose(perm)  # A view: the copy happens once, on the way to the device.
-        sharding = None
-        if shardings_fn is not None:
-          sharding = shardings_fn(p, arr.shape)
-        elif mesh is not None:
-          sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-        var.set_value(_place(arr, p_dtype, sharding))
-        del arr
-  return nnx.merge(graphdef, state)
+  return _load(config, sources, where=path, missing=missing,
+               hint="config.json disagrees with the weights", param_dtype=param_dtype, mesh=mesh,
+               shardings_fn=shardings_fn, strict=strict, model_kwargs=model_kwargs)
+
+
+# ---------------------------------------------------------------- composing from separate parts
+
+# Where LLaVA-1.5's pretrain stage leaves its projector (`--tune_mm_mlp_adapter`), and its name
+# when converted to safetensors.
+PROJECTOR_NAMES = ("mm_projector.safetensors", "mm_projector.bin")
+# A vocabulary that has to grow for <image> is padded to a multiple of this, as llava-hf's
+# conversion of LLaVA-1.5 (`resize_token_embeddings(..., pad_to_multiple_of=64)`: 32000 -> 32064).
+VOCAB_MULTIPLE = 64
+# LLaVA-1.5's projector: mm_projector_type "mlp2x_gelu", mm_vision_select_layer -2,
+# mm_vision_select_feature "patch".
+_LLAVA15_PROJECTOR = dict(projector_hidden_act="gelu", vision_feature_layer=-2,
+                          vision_feature_select_strategy="default")
+_SELECT_FEATURE = {"patch": "default", "cls_patch": "full"}
+# Top-level keys of a whole CLIPModel (openai/clip-vit-large-patch14-336) besides the tower.
+_CLIP_NON_VISION = ("text_model.", "text_projection.", "visual_projection.", "logit_scale")
+_EMBEDDING_ROWS = ("language_model.embed_tokens.weight", "lm_head.weight")
+
+
+def _part_dir(path: str | os.PathLike, what: str) -> str:
+  path = os.fspath(path)
+  if not os.path.isdir(path):
+    raise FileNotFoundError(f"{what} directory {path} does not exist or is not a directory")
+  return path
+
+
+def _part_json(path: str, what: str) -> tuple[str, dict[str, Any]]:
+  """(its config.json's path, contents) of a part directory."""
+  file = os.path.join(_part_dir(path, what), CONFIG_NAME)
+  if not os.path.isfile(file):
+    raise FileNotFoundError(f"no {CONFIG_NAME} in {what} directory {path}: expected a Hugging Face "
+                            "model directory (config.json + weights, as save_pretrained writes)")
+  return file, _json_object(file)
+
+
+def _vision_part_config(path: str) -> VisionConfig:
+  """The tower of a CLIPVisionModel directory, or of a whole CLIPModel's (its vision_config)."""
+  file, hf = _part_json(path, "vision tower")
+  model_type = hf.get("model_type", "clip_vision_model")
+  if model_type == "clip":
+    hf = hf.get("vision_config") or {}
+  elif model_type != "clip_vision_model":
+    raise ValueError(f"{file}: model_type {model_type!r} is not a CLIP vision tower (expected "
+                     "'clip_vision_model' or 'clip')")
+  try:
+    return _vision_config({**hf, "model_type": "clip_vision_model"})
+  except (ValueError, TypeError, KeyError) as e:
+    raise ValueError(f"{file}: {e}") from e
+
+
+def _text_part_config(path: str) -> TextConfig:
+  """The decoder of a causal-LM directory (LlamaForCausalLM, e.g. Vicuna; Qwen2ForCausalLM)."""
+  file, hf = _part_json(path, "language model")
+  if "text_config" in hf:  # A whole multimodal checkpoint: load_pretrained's business.
+    raise ValueError(f"{file} is the config of a whole {hf.get('model_type')!r} model, not of a "
+                     "language model (LlamaForCausalLM / Qwen2ForCausalLM)")
+  try:
+    return _text_config(hf)
+  except (ValueError, TypeError, KeyError) as e:
+    raise ValueError(f"{file}: {e}") from e
+
+
+def _part_files(path: str, model_class: str) -> list[str]:
+  """A part directory's weight files: safetensors as `weight_files`, else .bin through torch."""
+  names = set(os.listdir(path))
+  if ({SAFE_WEIGHTS_NAME, SAFE_WEIGHTS_INDEX_NAME} & names
+      or not {TORCH_WEIGHTS_NAME, TORCH_WEIGHTS_INDEX_NAME} & names):
+    return weight_files(path)
+  out = path.rstrip(os.sep) + "-safetensors"
+  _require_torch(f"{path} holds PyTorch .bin weights",
+                 f"python -c \"import transformers as t; t.{model_class}.from_pretrained({path!r})"
+                 f".save_pretrained({out!r})\" and use {out}")
+  return _listed_files(path, TORCH_WEIGHTS_INDEX_NAME, TORCH_WEIGHTS_NAME)
+
+
+def _projector_file(path: str | os.PathLike) -> str:
+  """The stage-1 projector: the file itself, or the one in PROJECTOR_NAMES in a directory."""
+  path = os.fspath(path)
+  if os.path.isdir(path):
+    found = [os.path.join(path, n) for n in PROJECTOR_NAMES
+             if os.path.isfile(os.path.join(path, n))]
+    if not found:
+      raise FileNotFoundError(f"no {' or '.join(PROJECTOR_NAMES)} in projector directory {path}")
+    path = found[0]
+  elif not os.path.isfile(path):
+    raise FileNotFoundError(f"projector file {path} does not exist")
+  if path.endswith(TORCH_SUFFIXES):
+    _require_torch(f"{path} is a PyTorch pickle", convert_file_command(path))
+  elif not path.endswith(".safetensors"):
+    raise ValueError(f"projector file {path}: expected a torch.save'd .bin or a .safetensors file")
+  return path
+
+
+def _projector_settings(file: str) -> dict[str, Any]:
+  """LLaVA-1.5's projector settings, checked against the stage-1 run's config.json beside `file`.
+
+  LLaVA's pretrain run saves its config.json (mm_projector_type, mm_vision_select_layer,
+  mm_vision_select_feature) next to mm_projector.bin; a projector on its own gets LLaVA-1.5's.
+  """
+  config_file = os.path.join(os.path.dirname(file), CONFIG_NAME)
+  if not os.path.isfile(config_file):
+    return dict(_LLAVA15_PROJECTOR)
+  hf = _json_object(config_file)
+  if not any(k.startswith("mm_") for k in hf):  # Some other model's config: not about this file.
+    return dict(_LLAVA15_PROJECTOR)
+  kind = hf.get("mm_projector_type", "mlp2x_gelu")
+  if kind != "mlp2x_gelu":
+    raise ValueError(f"{config_file}: mm_projector_type {kind!r} is not supported (only "
+                     "LLaVA-1.5's 'mlp2x_gelu')")
+  layer = hf.get("mm_vision_select_layer", -2)
+  feature = hf.get("mm_vision_select_feature", "patch")
+  if not isinstance(layer, int) or feature not in _SELECT_FEATURE:
+    raise ValueError(f"{config_file}: mm_vision_select_layer {layer!r} / mm_vision_select_feature "
+                     f"{feature!r} not supported (a layer index; one of {list(_SELECT_FEATURE)})")
+  return dict(_LLAVA15_PROJECTOR, vision_feature_layer=layer,
+              vision_feature_select_strategy=_SELECT_FEATURE[feature])
+
+
+def vocab_with_image_token(text_vocab: int, tokenizer_vocab: int | None,
+                           image_token_id: int) -> int:
+  """The language model's vocabulary once it holds every tokenizer id and <image>.
+
+  The original LLaVA-1.5 never adds <image> to Vicuna's vocabulary: it splices a sentinel id
+  (IMAGE_TOKEN_INDEX = -200) that is replaced by image features before any embedding lookup. This
+  model needs a real id, so it follows llava-hf's conversion of the same weights: <image> = 32000
+  (the id after Vicuna's 32000 tokens) and <pad> = 32001 appended to the tokenizer, and the
+  embeddings and lm_head resized to a multiple of 64 (32064). Unchanged when the ids fit already.
+  """
+  needed = max(text_vocab, tokenizer_vocab or 0, image_token_id + 1)
+  if needed == text_vocab:
+    return text_vocab
+  return -(-needed // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
+
+
+def composed_config(vision_path: str | os.PathLike, text_path: str | os.PathLike,
+                    projector_path: str | os.PathLike, *, vocab_size: int | None = None,
+                    image_token_id: int | None = None, dtype: str = "float32",
+                    param_dtype: str = "float32") -> LlavaConfig:
+  """The LlavaConfig of a model composed from parts (their config.json files; no weight read).
+
+  Args:
+    vision_path: CLIPVisionModel (or CLIPModel) directory, e.g. clip-vit-large-patch14-336.
+    text_path: LlamaForCausalLM / Qwen2ForCausalLM directory, e.g. vicuna-7b-v1.5.
+    projector_path: the stage-1 `mm_projector.bin` / `.safetensors`, or its directory.
+    vocab_size: the tokenizer's length (None: the language model's vocabulary).
+    image_token_id: the tokenizer's <image> id (None: the id after the language model's
+      vocabulary, where adding <image> to its tokenizer puts it).
+    dtype: compute dtype.
+    param_dtype: parameter storage dtype.
+  """
+  vision = _vision_part_config(os.fspath(vision_path))
+  text = _text_part_config(os.fspath(text_path))
+  settings = _projector_settings(_projector_file(projector_path))
+  if image_token_id is None:
+    image_token_id = text.vocab_size
+  text = dataclasses.replace(
+      text, vocab_size=vocab_with_image_token(text.vocab_size, vocab_size, int(image_token_id)))
+  return LlavaConfig(vision=vision, text=text, image_token_id=int(image_token_id), dtype=dtype,
+                     param_dtype=param_dtype, **settings)
+
+
+def check_vision_part(path: str | os.PathLike) -> VisionConfig:
+  """A vision tower directory's config.json and weight files (no weight read)."""
+  config = _vision_part_config(os.fspath(path))
+  _part_files(os.fspath(path), "CLIPVisionModel")
+  return config
+
+
+def check_text_part(path: str | os.PathLike) -> TextConfig:
+  """A language model directory's config.json and weight files (no weight read)."""
+  config = _text_part_config(os.fspath(path))
+  _part_files(os.fspath(path), "AutoModelForCausalLM")
+  return config
+
+
+def check_projector_part(path: str | os.PathLike) -> str:
+  """The projector file (and torch when it is a .bin); returns its path."""
+  file = _projector_file(path)
+  _projector_settings(file)
+  return file
+
+
+def _vision_key(key: str) -> str | None:
+  """CLIPVisionModel / CLIPModel key -> canonical name (None: a CLIPModel's text side)."""
+  if key.startswith(_CLIP_NON_VISION):
+    return None
+  return canonical_key("vision_tower." + key)  # Adds the `vision_model.` level when absent.
+
+
+def _text_key(key: str) -> str:
+  """Causal-LM key (`model.layers...`, `lm_head.weight`) -> canonical name."""
+  if key.startswith("model."):
+    return "language_model." + key[len("model."):]
+  return key if key.startswith("lm_head.") else "text:" + key  # The latter: reported as extra.
+
+
+def _projector_key(key: str) -> str:
+  """LLaVA's `model.mm_projector.{0,2}.*` (Sequential: Linear, GELU, Linear) -> canonical name."""
+  bare = key[len("model."):] if key.startswith("model.") else key
+  for index, linear in (("0", "linear_1"), ("2", "linear_2")):
+    if bare.startswith(f"mm_projector.{index}."):
+      return f"multi_modal_projector.{linear}." + bare[len(f"mm_projector.{index}."):]
+  if bare.startswith("multi_modal_projector."):  # Already in transformers' naming.
+    return bare
+  return "projector:" + key
+
+
+def _part_key(name: str) -> tuple[str, str]:
+  """(part, the key it should have there) of a canonical name, for missing-weight messages."""
+  if name.startswith("vision_tower."):
+    return "vision", name[len("vision_tower."):]
+  if name.startswith("multi_modal_projector."):
+    linear, rest = name[len("multi_modal_projector."):].split(".", 1)
+    return "projector", f"model.mm_projector.{'0' if linear == 'linear_1' else '2'}.{rest}"
+  if name.startswith("language_model."):
+    return "text", "model." + name[len("language_model."):]
+  return "text", name
+
+
+def load_composed(vision_path: str | os.PathLike, text_path: str | os.PathLike,
+                  projector_path: str | os.PathLike, *, vocab_size: int | None = None,
+                  image_token_id: int | None = None, dtype: str = "float32",
+                  param_dtype: str = "float32", mesh: jax.sharding.Mesh | None = None,
+                  shardings_fn: ShardingsFn | None = None, strict: bool = True,
+                  **model_kwargs: Any) -> LlavaForConditionalGeneration:
+  """Builds the LLaVA model from separate parts, as LLaVA-1.5's fine-tuning starts.
+
+  The vision tower from a CLIPVisionModel (or CLIPModel) directory, the language model from a
+  LlamaForCausalLM / Qwen2ForCausalLM directory (safetensors; `.bin` shards need torch), the
+  projector from LLaVA's stage-1 `mm_projector.bin` (keys `model.mm_projector.{0,2}.{weight,bias}`;
+  needs torch) or the same keys as safetensors. When the tokenizer's ids (`vocab_size`,
+  `image_token_id`) do not fit the language model's vocabulary, its embeddings and lm_head grow
+  (see `vocab_with_image_token`; new rows at the mean of the old ones, as transformers'
+  `resize_token_embeddings`). Loads tensor by tensor, as `load_pretrained`.
+
+  Args:
+    vision_path, text_path, projector_path, vocab_size, image_token_id, dtype: as
+      `composed_config`.
+    param_dtype, mesh, shardings_fn, strict, **model_kwargs: as `load_pretrained`.
+
+  Raises:
+    FileNotFoundError: a part, its config.json or weight file is missing (named).
+    TorchRequiredError: a `.bin` to read without torch (the message says how to convert it).
+    ValueError: an unsupported part, a missing weight, a shape mismatch between the parts, or
+      unexpected weights with `strict`.
+  """
+  config = composed_config(vision_path, text_path, projector_path, vocab_size=vocab_size,
+                           image_token_id=image_token_id, dtype=dtype, param_dtype=param_dtype)
+  paths = {"vision": os.fspath(vision_path), "text": os.fspath(text_path),
+           "projector": _projector_file(projector_path)}
+  sources: dict[str, _Source] = {}
+  _index(_part_files(paths["vision"], "CLIPVisionModel"), _vision_key, paths["vision"], sources)
+  _index(_part_files(paths["text"], "AutoModelForCausalLM"), _text_key, paths["text"], sources)
+  _index([paths["projector"]], _projector_key, paths["projector"], sources)
+  text_vocab = _text_part_config(paths["text"]).vocab_size
+  if config.text.vocab_size != text_vocab:
+    for name in _EMBEDDING_ROWS:
+      if name in sources and sources[name].shape[0] == text_vocab:
+        sources[name] = dataclasses.replace(sources[name], rows=config.text.vocab_size)
+
+  def missing(name, p, shape):
+    part, key = _part_key(name)
+    return (f"missing weight {key!r} (our parameter {'.'.join(map(str, p))}, shape {shape}) in "
+            f"the {part} part {paths[part]}")
+
+  return _load(config, sources, where=", ".join(paths.values()), missing=missing,
+               hint="the parts do not fit together or disagree with their config.json",
+               param_dtype=param_dtype, mesh=mesh, shardings_fn=shardings_fn, strict=strict,
+               model_kwargs=model_kwargs)
 
 
 # ---------------------------------------------------------------- save
 
 
-def _parse_size(size: int | str) -> int:
+def parse_size(size: int | str) -> int:
   """5_000_000, "5GB", "200MB", "10KiB" -> bytes (decimal units, as transformers)."""
   if isinstance(size, int):
     return size
@@ -488,7 +955,7 @@ def _parse_size(size: int | str) -> int:
 _NP_TO_ST = {np.dtype(v).name: k for k, v in _ST_DTYPES.items()}
 
 
-def _host(x: jax.Array) -> np.ndarray:
+def host_array(x: jax.Array) -> np.ndarray:
   """The full value of a (possibly multi-process) array on this host."""
   if isinstance(x, jax.Array) and not x.is_fully_addressable:
     from jax.experimental import multihost_utils  # Only multi-process runs need it.
@@ -496,8 +963,8 @@ def _host(x: jax.Array) -> np.ndarray:
   return np.asarray(jax.device_get(x))
 
 
-def _write_safetensors(file: str, tensors: list[tuple[str, Callable[[], np.ndarray],
-                                                     tuple[int, ...], np.dtype]]) -> None:
+def write_safetensors(file: str, tensors: list[tuple[str, Callable[[], np.ndarray],
+                                                    tuple[int, ...], np.dtype]]) -> None:
   """Streams tensors into one safetensors file: the header from shapes, then one tensor at a time.
 
   Written to a temporary name and renamed, so a killed save never leaves a truncated shard.
@@ -550,36 +1017,16 @@ def _export_tensors(model: LlavaForConditionalGeneration, dtype: Any | None
     dt = np.dtype(dtype if dtype is not None else value.dtype)
 
     def get(get_value=get_value, inv=inv):
-      arr = _host(get_value())
+      arr = host_array(get_value())
       return arr if inv is None else arr.transpose(inv)
 
     yield key, get, shape, dt
 
 
-def save_pretrained(model: LlavaForConditionalGeneration, path: str | os.PathLike, *,
-                    max_shard_size: int | str = "5GB", dtype: str | None = None) -> None:
-  """Writes `model` as a Hugging Face LLaVA checkpoint directory.
-
-  The result (config.json + safetensors in the current key layout; sharded with
-  `model.safetensors.index.json` past `max_shard_size`) loads unchanged with
-  `transformers.LlavaForConditionalGeneration.from_pretrained(path)` and with `load_pretrained`.
-  LoRA adapters (`visatb_jax.model.lora`) are merged into the written kernels first, without
-  changing `model`; any other parameter without a Hugging Face name is refused rather than
-  silently dropped.
-
-  Only process 0 writes in a multi-process run (every process must call this: gathering sharded
-  parameters is collective). Parameters are fetched to the host one at a time.
-
-  Args:
-    model: the model to save.
-    path: output directory (created; earlier weight files there are replaced).
-    max_shard_size: bytes per shard (int) or a string like "5GB" / "500MB".
-    dtype: storage dtype ("float32", "bfloat16", "float16"); None keeps each parameter's dtype.
-  """
-  path = os.fspath(path)
-  limit = _parse_size(max_shard_size)
-  np_dtype = None if dtype is None else to_jnp_dtype(dtype)
-  tensors = list(_export_tensors(model, np_dtype))
+def write_weights(path: str, tensors: list[Any], limit: int) -> str | None:
+  """Writes `tensors` ((name, get, shape, dtype) from an export) as safetensors shards of at most
+  `limit` bytes, with their index; returns the checkpoint's `torch_dtype`, None on a process that
+  does not write (it still takes part in the collective gathers)."""
   # Greedy packing in model order, as transformers does: a tensor larger than the limit gets a
   # shard of its own.
   shards: list[list[Any]] = [[]]
@@ -604,18 +1051,47 @@ def save_pretrained(model: LlavaForConditionalGeneration, path: str | os.PathLik
   weight_map = {}
   for name, shard in zip(names, shards):
     if writer:
-      _write_safetensors(os.path.join(path, name), shard)
+      write_safetensors(os.path.join(path, name), shard)
     else:  # Still take part in the collective gathers.
       for _, get, _, _ in shard:
         get()
     weight_map.update({t[0]: name for t in shard})
   if not writer:
-    return
+    return None
   total = sum(math.prod(t[2]) * t[3].itemsize for t in tensors)
   if len(shards) > 1:
     fileio.atomic_write_json(os.path.join(path, SAFE_WEIGHTS_INDEX_NAME),
                              {"metadata": {"total_size": total}, "weight_map": weight_map})
   dtypes = {t[3].name for t in tensors}
-  torch_dtype = dtypes.pop() if len(dtypes) == 1 else "float32"
+  return dtypes.pop() if len(dtypes) == 1 else "float32"
+
+
+def save_pretrained(model: LlavaForConditionalGeneration, path: str | os.PathLike, *,
+                    max_shard_size: int | str = "5GB", dtype: str | None = None) -> None:
+  """Writes `model` as a Hugging Face LLaVA checkpoint directory.
+
+  The result (config.json + safetensors in the current key layout; sharded with
+  `model.safetensors.index.json` past `max_shard_size`) loads unchanged with
+  `transformers.LlavaForConditionalGeneration.from_pretrained(path)` and with `load_pretrained`.
+  LoRA adapters (`visatb_jax.model.lora`) are merged into the written kernels first, without
+  changing `model`; any other parameter without a Hugging Face name is refused rather than
+  silently dropped.
+
+  Only process 0 writes in a multi-process run (every process must call this: gathering sharded
+  parameters is collective). Parameters are fetched to the host one at a time.
+
+  Args:
+    model: the model to save.
+    path: output directory (created; earlier weight files there are replaced).
+    max_shard_size: bytes per shard (int) or a string like "5GB" / "500MB".
+    dtype: storage dtype ("float32", "bfloat16", "float16"); None keeps each parameter's dtype.
+  """
+  path = os.fspath(path)
+  limit = parse_size(max_shard_size)
+  np_dtype = None if dtype is None else to_jnp_dtype(dtype)
+  tensors = list(_export_tensors(model, np_dtype))
+  torch_dtype = write_weights(path, tensors, limit)
+  if torch_dtype is None:
+    return
   fileio.atomic_write_json(os.path.join(path, CONFIG_NAME),
                            config_to_hf(model.config, torch_dtype=torch_dtype))

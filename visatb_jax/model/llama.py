@@ -237,8 +237,8 @@ class LlamaDecoderLayer(nnx.Module):
     return x + self.mlp(self.post_attention_layernorm(x)), new_kv
 
 
-def _remat_scan(layers: Sequence[LlamaDecoderLayer], policy: Callable[..., bool] | None,
-                x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array) -> jax.Array:
+def remat_scan(layers: Sequence[LlamaDecoderLayer], policy: Callable[..., bool] | None,
+               x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array) -> jax.Array:
   """The layer stack as one `lax.scan` over their stacked parameters, each step rematerialised.
 
   Why a scan rather than `jax.checkpoint` around each unrolled layer: XLA's CPU scheduler (and
@@ -308,9 +308,29 @@ class LlamaModel(nnx.Module):
     Returns:
       (hidden [B, T, D] after the final norm, in the compute dtype; the updated cache or None).
     """
+    cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta)
+    return self.run_layers(inputs_embeds, cos, sin, segment_ids, cache)
+
+  def run_layers(self, inputs_embeds: jax.Array, cos: jax.Array, sin: jax.Array,
+                 segment_ids: jax.Array, cache: KVCache | None = None
+                 ) -> tuple[jax.Array, KVCache | None]:
+    """The decoder after its rotary tables: masks, layers (or their remat scan), final norm.
+
+    Split from `__call__` so that decoders with other rotary schemes (Qwen2-VL's M-RoPE) reuse
+    everything else unchanged.
+
+    Args:
+      inputs_embeds: [B, T, D].
+      cos: float32 [B, T, head_dim], rotary table of these T tokens.
+      sin: float32 [B, T, head_dim].
+      segment_ids: int32 [B, T], 1, 2, ... per sample, 0 for padding.
+      cache: as `__call__`.
+
+    Returns:
+      As `__call__`.
+    """
     t = inputs_embeds.shape[1]
     x = inputs_embeds.astype(self.dtype)
-    cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta)
     segment_ids = segment_ids.astype(jnp.int32)
     if cache is None:
       mask = attention_mask(jnp.arange(t), segment_ids, segment_ids)
@@ -324,7 +344,7 @@ class LlamaModel(nnx.Module):
 
     new_keys, new_values = [], []
     if self.remat and cache is None:  # training: memory matters, and there is no cache to fill
-      x = _remat_scan(list(self.layers), self.remat_policy, x, cos, sin, mask)
+      x = remat_scan(list(self.layers), self.remat_policy, x, cos, sin, mask)
     else:
       for i, layer in enumerate(self.layers):
         kv = None if cache is None else (cache.keys[i], cache.values[i])

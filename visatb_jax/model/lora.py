@@ -1,4 +1,4 @@
-"""LoRA adapters on the language model of the NNX LLaVA: apply, train (filter), merge for export.
+"""LoRA adapters on the language model of the NNX LLaVA / Qwen2-VL: apply, train, merge for export.
 
 `apply_lora` swaps the targeted `nnx.Linear` layers of `model.language_model` in place for
 `LoRALinear`, a subclass of Flax's `nnx.LoRALinear` (hence of `nnx.Linear`). The base weights keep
@@ -21,6 +21,10 @@ jitted steps) or `reseed_dropout(model, key)` on a module.
 
 `merge_lora` folds the adapters into the base kernels and restores plain `nnx.Linear` layers (what
 `hf_io.save_pretrained` exports); `merged_params` gives the same values without changing the model.
+
+Both models work unchanged: Qwen2-VL's `language_model` is llama.py's decoder (`Qwen2VLTextModel`),
+with the same Linear names (its q/k/v biases stay on the base layer). Only the vision tower and the
+projector differ in name, which `vision_tower_filter` / `projector_filter` cover.
 """
 
 from __future__ import annotations
@@ -208,7 +212,8 @@ def apply_lora(model: nnx.Module, *, rank: int, alpha: float, dropout: float = 0
   weights are shared, not copied; B starts at zero, so the model's output is unchanged.
 
   Args:
-    model: a `LlavaForConditionalGeneration` (anything with a `language_model` submodule).
+    model: a `LlavaForConditionalGeneration` or `Qwen2VLForConditionalGeneration` (anything
+      with a `language_model` submodule).
     rank: adapter rank r (>= 1).
     alpha: scaling numerator; the update is scaled by alpha / r.
     dropout: dropout rate on the adapter input, in [0, 1); active only after `model.train()`.
@@ -318,22 +323,36 @@ def reseed_dropout(model: nnx.Module, key: jax.Array | int) -> None:
 lora_filter: nnx.filterlib.Filter = nnx.LoRAParam
 """The adapter parameters (every `nnx.LoRAParam`)."""
 
+projector_filter: nnx.filterlib.Filter = nnx.Any(
+    nnx.PathContains("multi_modal_projector"),
+    nnx.All(nnx.PathContains("visual"), nnx.PathContains("merger")))
+"""The vision-to-text projector: LLaVA's `multi_modal_projector`, Qwen2-VL's `visual.merger`."""
+
+vision_tower_filter: nnx.filterlib.Filter = nnx.Any(
+    nnx.PathContains("vision_tower"),
+    # Qwen2-VL's merger lives inside `visual` but plays the projector's part: never frozen with
+    # the tower, so that both models train the same pieces.
+    nnx.All(nnx.PathContains("visual"), nnx.Not(nnx.PathContains("merger"))))
+"""The vision encoder without its projector: LLaVA's `vision_tower`, Qwen2-VL's `visual` less
+`merger`."""
+
 
 def trainable_filter(freeze_vision_tower: bool = True, lora: bool = False
                      ) -> nnx.filterlib.Filter:
   """nnx filter for the parameters the optimizer updates.
 
   Without `lora`: every `nnx.Param`, except the vision tower's when it is frozen (the trainer's
-  current rule). With `lora`: the adapters (`nnx.LoRAParam`) and the whole
-  `multi_modal_projector` (trained fully, as in LLaVA's LoRA recipe), plus the vision tower when
-  it is not frozen; the rest of the language model (base kernels, embeddings, norms, `lm_head`)
-  stays frozen and therefore holds no optimizer state.
+  current rule). With `lora`: the adapters (`nnx.LoRAParam`) and the whole projector (trained
+  fully, as in LLaVA's LoRA recipe), plus the vision tower when it is not frozen; the rest of the
+  language model (base kernels, embeddings, norms, `lm_head`) stays frozen and therefore holds no
+  optimizer state. Tower and projector as `vision_tower_filter` / `projector_filter` (LLaVA and
+  Qwen2-VL).
   """
   if not lora:
     if freeze_vision_tower:
-      return nnx.All(nnx.Param, nnx.Not(nnx.PathContains("vision_tower")))
+      return nnx.All(nnx.Param, nnx.Not(vision_tower_filter))
     return nnx.Param
-  parts = [lora_filter, nnx.All(nnx.Param, nnx.PathContains("multi_modal_projector"))]
+  parts = [lora_filter, nnx.All(nnx.Param, projector_filter)]
   if not freeze_vision_tower:
-    parts.append(nnx.All(nnx.Param, nnx.PathContains("vision_tower")))
+    parts.append(nnx.All(nnx.Param, vision_tower_filter))
   return nnx.Any(*parts)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import math
+import os
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -23,7 +24,7 @@ from visatb_jax.core import weighting as weighting_lib
 from visatb_jax.data import template as template_lib
 from visatb_jax.pipeline import methods as methods_lib
 from visatb_jax.pipeline.errors import ConfigError
-from visatb_jax.pipeline.tasks import TaskPlan
+from visatb_jax.pipeline.tasks import TaskPlan, ZeroShotTask
 from visatb_jax.train.state import TrainConfig
 
 DATA_SOURCES = ("shapes", "llava_json")
@@ -32,6 +33,11 @@ BALANCE_FORMS = ("real", "precise", "base")
 ON_DEGENERATE = ("error", "warn")
 ON_NOISY_GAIN = ("warn", "error", "drop")
 MESH_AXES = ("data", "fsdp", "tensor")
+# Fields of a zero-shot entry; `group` and `fixed_weight` only because presets.task() writes them
+# (as None): a task that is never trained has neither.
+ZERO_SHOT_FIELDS = ("metric", "higher_is_better", "files", "prompt_suffix", "metric_options",
+                    "group", "fixed_weight")
+ZERO_SHOT_SPLITS = ("val", "test")
 
 # Sections every stage may read without hashing them: where the run executes (the device mesh)
 # and what it is called, not what it computes.
@@ -101,6 +107,8 @@ class RunConfig:
   method_options: Mapping[str, Mapping[str, Any]]
   train_epochs: float
   sections: Mapping[str, Any]  # section -> plain value (dicts, lists, scalars)
+  # Evaluated, never trained on (docs/method.md §12); read by the test stage alone.
+  zero_shot: Mapping[str, ZeroShotTask] = dataclasses.field(default_factory=dict)
 
   @property
   def main_method(self) -> str:
@@ -144,7 +152,7 @@ class ConfigView:
   """
 
   _SOURCES = {"name": "name", "seed": "seed", "tasks": "tasks", "balance": "balance",
-              "pretrain": "pretrain",
+              "pretrain": "pretrain", "zero_shot": "zero_shot",
               "methods": "methods", "method_options": "methods", "main_method": "methods",
               "needs_balance": "methods", "train_epochs": "train", "train_config": "train"}
 
@@ -200,6 +208,8 @@ def _task_plan(tasks: Mapping[str, Any], order: Sequence[str], needs_balance: bo
       raise ConfigError(f"config.tasks.{t}.metric={metric!r}; known: {sorted(metrics.SCORERS)}")
     if info.get("fixed_weight") is not None:
       _number(f"tasks.{t}.fixed_weight", info["fixed_weight"], minimum=0.0)
+    if metric is not None:
+      _metric_options(f"tasks.{t}.metric_options", metric, info.get("metric_options"))
   try:
     plan = TaskPlan.from_config(tasks, order)
   except ValueError as e:
@@ -212,6 +222,94 @@ def _task_plan(tasks: Mapping[str, Any], order: Sequence[str], needs_balance: bo
     raise ConfigError(f"balanced task(s) {unscored} have no metric; λ is computed from validation "
                       "scores, so only fixed-weight tasks may go unscored")
   return plan
+
+
+def _metric_options(where: str, metric: str, options: Any) -> dict:
+  """A task's `metric_options` (keyword options of its scorer), checked by name."""
+  if not options:
+    return {}
+  if not isinstance(options, Mapping):
+    raise ConfigError(f"config.{where} must map option names to values, got {options!r}")
+  known = metrics.metric_options(metric)
+  unknown = sorted(set(options) - set(known))
+  if unknown:
+    raise ConfigError(f"config.{where}: {metric} takes no option(s) {unknown}; its options: "
+                      f"{list(known)}")
+  return dict(options)
+
+
+def _zero_shot_files(where: str, name: str, files: Any, data: Mapping[str, Any]) -> dict:
+  """A zero-shot task's {split: file}, checked against the data source.
+
+  The built-in benchmark's own tasks need no file (their generated splits are read); any other
+  zero-shot task needs a test file: absolute for the shapes source, which has no data.root, and
+  for a llava_json source relative to data.root (or `data.files.test` with {task} = its name).
+  """
+  if not isinstance(files, Mapping):
+    raise ConfigError(f"config.{where}.files must map splits to files, got {files!r}")
+  extra = sorted(set(files) - set(ZERO_SHOT_SPLITS))
+  if extra:
+    raise ConfigError(f"config.{where}.files has split(s) {extra}; a zero-shot task is never "
+                      f"trained, so it takes only {list(ZERO_SHOT_SPLITS)}")
+  for split, path in files.items():
+    if not isinstance(path, str) or not path:
+      raise ConfigError(f"config.{where}.files.{split} must be a file name, got {path!r}")
+  if data.get("source") == "shapes":
+    from visatb_jax.data import shapes  # pylint: disable=g-import-not-at-top
+    if "test" not in files and name not in shapes.TASKS:
+      raise ConfigError(f"config.{where}: {name!r} is no task of the shapes benchmark (it has "
+                        f"{list(shapes.TASKS)}); name one of them or give files={{'test': "
+                        "'/path/to/file.json'}")
+    for split, path in files.items():
+      if not os.path.isabs(os.path.expanduser(path)):
+        raise ConfigError(f"config.{where}.files.{split}={path!r}: the shapes source has no "
+                          "data.root, so the file needs an absolute path")
+  elif "test" not in files and "test" not in (data.get("files") or {}):
+    raise ConfigError(f"config.{where} has no test file: set files={{'test': ...}} in its entry "
+                      "(or config.data.files.test)")
+  return dict(files)
+
+
+def _zero_shot(section: Any, plan: TaskPlan, data: Mapping[str, Any]) -> dict[str, dict]:
+  """`config.zero_shot` with defaults filled: {task: {metric, higher_is_better, files,
+  prompt_suffix, metric_options}} (docs/method.md §12)."""
+  if not section:
+    return {}
+  if not isinstance(section, Mapping):
+    raise ConfigError(f"config.zero_shot must map task names to task entries, got {section!r}")
+  out = {}
+  for name, entry in section.items():
+    where = f"zero_shot.{name}"
+    if name in plan.names:
+      raise ConfigError(f"config.{where}: {name!r} is in config.task_order, so it is trained; a "
+                        "zero-shot task is evaluated but never trained on")
+    if not isinstance(entry, Mapping):
+      raise ConfigError(f"config.{where} must be a task entry such as presets.task(metric, "
+                        f"files=...), got {entry!r}")
+    unknown = sorted(set(entry) - set(ZERO_SHOT_FIELDS))
+    if unknown:
+      raise ConfigError(f"config.{where} has unknown field(s) {unknown}; fields: "
+                        f"{sorted(set(ZERO_SHOT_FIELDS) - {'group', 'fixed_weight'})}")
+    for key in ("group", "fixed_weight"):
+      if entry.get(key) not in (None, ""):
+        raise ConfigError(f"config.{where}.{key}={entry[key]!r}: a zero-shot task is never "
+                          "trained, so it takes no part in balancing")
+    metric = entry.get("metric")
+    if metric not in metrics.SCORERS:
+      raise ConfigError(f"config.{where}.metric={metric!r}; known: {sorted(metrics.SCORERS)}")
+    higher = _get(entry, "higher_is_better", True)
+    if not isinstance(higher, bool):
+      raise ConfigError(f"config.{where}.higher_is_better must be true or false, got {higher!r}")
+    suffix = _get(entry, "prompt_suffix", "")
+    if not isinstance(suffix, str):
+      raise ConfigError(f"config.{where}.prompt_suffix must be a string, got {suffix!r}")
+    out[str(name)] = {
+        "metric": metric, "higher_is_better": higher,
+        "files": _zero_shot_files(where, name, _get(entry, "files", {}), data),
+        "prompt_suffix": suffix,
+        "metric_options": _metric_options(f"{where}.metric_options", metric,
+                                          entry.get("metric_options"))}
+  return out
 
 
 def _balance(section: Mapping[str, Any]) -> BalanceConfig:
@@ -332,6 +430,80 @@ def _check_prep(section: Mapping[str, Any]) -> None:
   _number("prep.parallel", _get(section, "parallel", 1), kind=int, minimum=1)
 
 
+# Files a Hugging Face tokenizer directory has (any one of them) for AutoTokenizer to load it.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
+
+
+def _one_line(error: BaseException) -> str:
+  """An error's message on one line (some libraries' messages span several)."""
+  return " ".join(str(error).split())
+
+
+def _check_checkpoint(path: str, tokenizer_here: bool) -> None:
+  """`model.path`: an existing LLaVA checkpoint directory (config.json, weight files, and the
+  tokenizer when the data reads it from there); nothing is read beyond config.json."""
+  from visatb_jax.model import hf_io  # pylint: disable=g-import-not-at-top
+  what = "checkpoint and tokenizer directory" if tokenizer_here else "checkpoint directory"
+  if not os.path.exists(path):
+    raise ConfigError(f"config.model.path: {what} {path} does not exist")
+  if not os.path.isdir(path):
+    raise ConfigError(f"config.model.path: {path} is not a directory (expected the {what} of a "
+                      "Hugging Face LLaVA checkpoint)")
+  try:
+    hf_io.check_checkpoint(path)
+  except hf_io.UnsupportedModelError as e:
+    raise ConfigError(f"config.model.path: {_one_line(e)}; for a separate vision tower, language "
+                      "model and projector set model.vision_path, model.text_path and "
+                      "model.projector_path instead") from None
+  except (OSError, ValueError) as e:
+    raise ConfigError(f"config.model.path: {_one_line(e)}") from None
+  if tokenizer_here and not any(os.path.isfile(os.path.join(path, f)) for f in TOKENIZER_FILES):
+    raise ConfigError(f"config.model.path: {path} has no tokenizer ({', '.join(TOKENIZER_FILES)}), "
+                      "which a llava_json source reads from it: set config.data.tokenizer to a "
+                      "tokenizer directory")
+
+
+def _check_parts(parts: Mapping[str, str], data: Mapping[str, Any]) -> None:
+  """The three part paths of a composed model: each readable (config.json, weight files, torch
+  for a .bin), and a tokenizer with <image> named, since the language model's has none."""
+  from visatb_jax.model import hf_io  # pylint: disable=g-import-not-at-top
+  checks = {"vision_path": hf_io.check_vision_part, "text_path": hf_io.check_text_part,
+            "projector_path": hf_io.check_projector_part}
+  for field, check in checks.items():
+    try:
+      check(parts[field])
+    except (OSError, ValueError) as e:
+      raise ConfigError(f"config.model.{field}: {_one_line(e)}") from None
+  if data.get("source") == "llava_json" and not data.get("tokenizer"):
+    raise ConfigError("config.data.tokenizer is empty: a model composed from parts needs a "
+                      "tokenizer directory with <image> (the language model's tokenizer plus "
+                      "<image>, as llava-hf's; README, \"Starting from the official parts\")")
+
+
+def _check_model(section: Mapping[str, Any], data: Mapping[str, Any]) -> None:
+  """Where the initial model comes from: `model.path`, or all three part paths, or neither
+  (random init); the files are checked now, not after the data stage."""
+  if not any(section.get(k) for k in ("path", "vision_path", "text_path", "projector_path")):
+    return  # A random init: nothing to check, no model code to import.
+  from visatb_jax.model import factory  # pylint: disable=g-import-not-at-top
+  try:
+    parts = factory.model_parts(section)
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
+  if parts is not None:
+    _check_parts(parts, data)
+  elif section.get("path"):
+    tokenizer_here = data.get("source") == "llava_json" and not data.get("tokenizer")
+    _check_checkpoint(os.path.expanduser(str(section["path"])), tokenizer_here)
+
+
+def _model_section(section: Mapping[str, Any]) -> dict[str, Any]:
+  """The model section as hashed: empty part paths left out, so that declaring them in a config
+  changes no existing run's stage hashes."""
+  from visatb_jax.model import factory  # pylint: disable=g-import-not-at-top
+  return {k: v for k, v in section.items() if v or k not in factory.PART_FIELDS}
+
+
 PRETRAIN_TRAINS = ("projector", "projector+lm")
 
 
@@ -412,20 +584,24 @@ def build(config: Any, *, num_devices: int | None = None) -> RunConfig:
   balance = _balance(raw.get("balance") or {})
   epochs = _check_train(raw["train"])
   _check_data(raw["data"], plan)
+  _check_model(raw["model"], raw["data"])
   _check_prep(raw["prep"])
   for key in ("batch_size", "max_new_tokens"):
     _number(f"eval.{key}", raw["eval"].get(key), kind=int, minimum=1)
   _check_mesh(raw.get("mesh"), num_devices)
   pretrain = _pretrain(raw.get("pretrain"), raw["data"])
+  zero_shot = _zero_shot(raw.get("zero_shot"), plan, raw["data"])
   sections = {
       "name": str(raw.get("name") or "run"),
       "seed": _number("seed", _get(raw, "seed", 0), kind=int),
       "tasks": {"tasks": raw["tasks"], "task_order": list(raw["task_order"])},
-      "data": raw["data"], "model": raw["model"], "mesh": raw.get("mesh"),
+      "data": raw["data"], "model": _model_section(raw["model"]), "mesh": raw.get("mesh"),
       "train": raw["train"], "prep": raw["prep"], "eval": raw["eval"], "pretrain": pretrain,
       "balance": dataclasses.asdict(balance),
       "methods": {"methods": list(methods), "options": options},
+      "zero_shot": zero_shot,
   }
   return RunConfig(name=sections["name"], seed=sections["seed"], tasks=plan, balance=balance,
                    methods=methods, method_options=options, train_epochs=epochs,
-                   sections=sections)
+                   sections=sections,
+                   zero_shot={n: ZeroShotTask.from_entry(n, e) for n, e in zero_shot.items()})

@@ -1,16 +1,19 @@
 """The run's data: task files or the built-in benchmark, the tokenizer, encoded training samples,
-the preparation subsets, and the evaluation sets.
+the preparation subsets, and the evaluation sets (of the trained tasks and of the zero-shot ones).
 
 Everything expensive is built lazily and cached for the life of the process. Settings are read
-through the workspace's current config view, so each stage reads only what its hash covers.
+through the workspace's current config view, so each stage reads only what its hash covers; the
+user files the data and pretrain stages read are covered by their fingerprints
+(`input_fingerprints`).
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
 import os
-from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -21,7 +24,14 @@ from visatb_jax.pipeline.errors import PipelineError
 from visatb_jax.runtime import fileio
 
 if TYPE_CHECKING:
+  from visatb_jax.pipeline.config import RunConfig
+  from visatb_jax.pipeline.tasks import TaskPlan
   from visatb_jax.pipeline.workspace import Workspace
+
+# Files of a Hugging Face checkpoint directory that its tokenizer is loaded from (besides those
+# named tokenizer*): never its weights, which are gigabytes to hash.
+_TOKENIZER_FILES = ("special_tokens_map.json", "added_tokens.json", "vocab.json", "vocab.txt",
+                    "merges.txt", "spiece.model", "chat_template.json", "chat_template.jinja")
 
 
 def _with_prompt_suffix(sample: dict, suffix: str) -> dict:
@@ -32,6 +42,118 @@ def _with_prompt_suffix(sample: dict, suffix: str) -> dict:
            if t["from"] == "human" and not t["value"].rstrip().endswith(suffix) else t
            for t in sample["conversations"]]
   return {**sample, "conversations": turns}
+
+
+def _split_files(data: Mapping[str, Any], tasks: Mapping[str, Any], plan: TaskPlan,
+                 split: str) -> dict[str, str]:
+  """{task: file} of one split of a `llava_json` source (patterns in `data.files`)."""
+  patterns = data.get("files") or {}
+  if split not in patterns:
+    raise PipelineError(f"config.data.files has no {split!r} pattern (it has {sorted(patterns)})")
+  root = os.path.expanduser(data["root"])
+  out = {}
+  for t in plan.names if split == "train" else plan.eval_tasks:
+    pattern = (tasks[t].get("files") or {}).get(split) or patterns[split]
+    out[t] = os.path.join(root, pattern.format(task=t))
+  return out
+
+
+def _tokenizer_source(data: Mapping[str, Any], model: Mapping[str, Any]) -> str:
+  """The directory a `llava_json` source's tokenizer is copied from ('' when none is set)."""
+  path = data.get("tokenizer") or model.get("path") or ""
+  return os.path.expanduser(path) if path else ""
+
+
+# --- input fingerprints ------------------------------------------------------------------------
+
+
+def _sha256(path: str) -> str | None:
+  """The content's digest; None for a file that cannot be read (its stage names the problem)."""
+  try:
+    with open(path, "rb") as f:
+      return hashlib.file_digest(f, "sha256").hexdigest()
+  except OSError:
+    return None
+
+
+def _images_digest(path: str, image_root: str | None) -> str | None:
+  """One digest of (name, size, mtime) of every image a sample file lists.
+
+  A stat per image and no decoding, so that hundreds of thousands of images take seconds. None
+  when the file does not parse: the data stage names the problem.
+  """
+  root = os.path.abspath(image_root) if image_root else os.path.dirname(os.path.abspath(path))
+  names = set()
+  try:
+    for record in sources.read_records(path):
+      try:
+        if isinstance(record.value, dict):
+          names.update(sources.image_list(record.value))
+      except sources.SampleError:
+        continue  # skipped by the loader too
+  except (OSError, ValueError):
+    return None
+  digest = hashlib.sha256()
+  for name in sorted(names):
+    # Names as the file lists them, not resolved paths: moving the data keeps the fingerprint.
+    try:
+      st = os.stat(os.path.normpath(os.path.join(root, name)))
+      digest.update(f"{name}\t{st.st_size}\t{st.st_mtime_ns}\n".encode())
+    except OSError:
+      digest.update(f"{name}\tmissing\n".encode())
+  return digest.hexdigest()
+
+
+def _sample_file_fingerprint(path: str, image_root: str | None) -> dict[str, str | None]:
+  return {"sha256": _sha256(path), "images": _images_digest(path, image_root)}
+
+
+def input_fingerprints(run_config: RunConfig) -> dict[str, dict[str, dict[str, str | None]]]:
+  """{stage: {file: digests}} of the user files the data and pretrain stages read.
+
+  data: every task file of every split (content and the size and mtime of each image it lists)
+  and the tokenizer files of a `llava_json` source; pretrain: its files, alike. The built-in
+  `shapes` source reads no user file: {}. Never raises: a missing or malformed file is the
+  stage's error, with its own message.
+  """
+  data = run_config.section("data")
+  if data["source"] == "shapes":
+    return {}
+  image_root = data.get("image_root") or None
+  tasks = run_config.section("tasks")["tasks"]
+  task_files = set()
+  for split in ("train", "val", "test"):
+    try:
+      task_files.update(_split_files(data, tasks, run_config.tasks, split).values())
+    except PipelineError:
+      continue  # the data stage names the missing pattern
+  inputs = {f: _sample_file_fingerprint(f, image_root) for f in sorted(task_files)}
+  tokenizer = _tokenizer_source(data, run_config.section("model"))
+  if tokenizer and os.path.isdir(tokenizer):
+    for name in sorted(os.listdir(tokenizer)):
+      path = os.path.join(tokenizer, name)
+      if (name.startswith("tokenizer") or name in _TOKENIZER_FILES) and os.path.isfile(path):
+        inputs[path] = {"sha256": _sha256(path)}
+  out = {"data": inputs}
+  pretrain = run_config.section("pretrain")
+  if pretrain and pretrain.get("files"):
+    out["pretrain"] = {p: _sample_file_fingerprint(p, image_root)
+                       for p in map(os.path.expanduser, pretrain["files"])}
+  return out
+
+
+def input_changes(recorded: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
+  """What differs between two fingerprints of `input_fingerprints`, one phrase per file."""
+  out = []
+  for path in sorted(set(recorded) | set(current)):
+    old, new = recorded.get(path), current.get(path)
+    if old == new:
+      continue
+    if old and new and old.get("sha256") == new.get("sha256"):
+      out.append(f"an image listed in {path} changed")
+    else:
+      out.append(f"input file {path} changed")
+  return out
 
 
 class DataStore:
@@ -84,15 +206,7 @@ class DataStore:
 
   def split_files(self, split: str) -> dict[str, str]:
     """{task: file} of one split of a `llava_json` source (patterns in `data.files`)."""
-    patterns = self._data.get("files") or {}
-    if split not in patterns:
-      raise PipelineError(f"config.data.files has no {split!r} pattern (it has {sorted(patterns)})")
-    tasks = self._ws.config.section("tasks")["tasks"]
-    out = {}
-    for t in self._plan.names if split == "train" else self._plan.eval_tasks:
-      pattern = (tasks[t].get("files") or {}).get(split) or patterns[split]
-      out[t] = os.path.join(self.root, pattern.format(task=t))
-    return out
+    return _split_files(self._data, self._ws.config.section("tasks")["tasks"], self._plan, split)
 
   # --- preparing --------------------------------------------------------------------------------
 
@@ -112,7 +226,8 @@ class DataStore:
         for t, f in self.split_files(split).items():
           if not os.path.isfile(f):
             raise PipelineError(f"task {t!r}: {split} file {f} does not exist")
-      if not os.path.exists(self.tokenizer_dir) and fileio.is_primary():
+      # Copied again each time the stage runs: it re-runs when the tokenizer's files changed.
+      if fileio.is_primary():
         tokenizer_lib.copy_pretrained_tokenizer(self._pretrained_tokenizer_path(),
                                                 self.tokenizer_dir)
       fileio.sync("tokenizer")
@@ -130,11 +245,10 @@ class DataStore:
       fileio.sync("prepared mixture")
 
   def _pretrained_tokenizer_path(self) -> str:
-    path = self._data.get("tokenizer") or self._ws.config.section("model").get("path") or ""
+    path = _tokenizer_source(self._data, self._ws.config.section("model"))
     if not path:
       raise PipelineError("a llava_json source needs a tokenizer: set config.data.tokenizer or "
                           "config.model.path to a local Hugging Face directory")
-    path = os.path.expanduser(path)
     if not os.path.isdir(path):
       raise PipelineError(f"tokenizer directory {path} does not exist")
     return path
@@ -144,16 +258,17 @@ class DataStore:
     shapes.generate_benchmark(self.root, seed=int(self._ws.config.seed), sizes=dict(sh["sizes"]),
                               grid=sh["grid"], cell=sh["cell"], max_objects=sh["max_objects"],
                               count_scope=sh.get("count_scope") or "any")
-    if not os.path.exists(self.tokenizer_dir):  # written whole or not at all
-      # Whole rendered conversations, so that the system prompt and role tags, which every
-      # sample repeats, become a handful of merged tokens.
-      roles = {"human": "USER:", "gpt": "ASSISTANT:"}
-      system = self.system_prompt or template.get_template(self.template).default_system
-      texts = [" ".join([system] + [f"{roles[t['from']]} {t['value']}"
-                                    for t in s["conversations"]])
-               for s in self.samples("train")]
-      tokenizer_lib.train_tokenizer(texts, vocab_size=int(self._data["vocab_size"]),
-                                    save_dir=self.tokenizer_dir)
+    # Trained again whenever the stage runs (deterministic, about a second): a tokenizer that an
+    # earlier config made (another vocab_size or prompt) is never reused. Whole rendered
+    # conversations, so that the system prompt and role tags, which every sample repeats, become
+    # a handful of merged tokens.
+    roles = {"human": "USER:", "gpt": "ASSISTANT:"}
+    system = self.system_prompt or template.get_template(self.template).default_system
+    texts = [" ".join([system] + [f"{roles[t['from']]} {t['value']}"
+                                  for t in s["conversations"]])
+             for s in self.samples("train")]
+    tokenizer_lib.train_tokenizer(texts, vocab_size=int(self._data["vocab_size"]),
+                                  save_dir=self.tokenizer_dir)
 
   # --- reading ----------------------------------------------------------------------------------
 
@@ -331,13 +446,90 @@ class DataStore:
     return loader_lib.Loader(prepared.data_source("train"), self.tokenizer, config,
                              record_indices=[e.record for e in examples])
 
-  @functools.lru_cache(maxsize=None)
-  def eval_sets(self, split: str):
+  def _build_eval_sets(self, samples: Sequence[dict], task_metrics: dict[str, str],
+                       task_options: dict[str, dict]):
     from visatb_jax.pipeline import evaluation  # pylint: disable=g-import-not-at-top
     mc = self._ws.models.model_config
+    try:
+      return evaluation.build_eval_sets(
+          samples, tokenizer=self.tokenizer, task_metrics=task_metrics,
+          num_image_tokens=mc.num_image_tokens, image_size=int(mc.vision.image_size),
+          system=self.system_prompt, template_name=self.template, task_options=task_options)
+    except images_lib.ImageError:
+      raise  # already names the image
+    except ValueError as e:  # a malformed sample (duplicate id, bad "answers"): one line
+      raise PipelineError(str(e)) from e
+
+  @functools.lru_cache(maxsize=None)
+  def eval_sets(self, split: str, tasks: tuple[str, ...] | None = None):
+    """The scored tasks' eval sets of a split (all of them, or `tasks`)."""
     plan = self._plan
-    return evaluation.build_eval_sets(
-        self.samples(split), tokenizer=self.tokenizer,
-        task_metrics={t: plan.metrics[t] for t in plan.eval_tasks},
-        num_image_tokens=mc.num_image_tokens, image_size=int(mc.vision.image_size),
-        system=self.system_prompt, template_name=self.template)
+    names = tasks or plan.eval_tasks
+    entries = self._ws.config.section("tasks")["tasks"]
+    return self._build_eval_sets(
+        [s for s in self.samples(split) if s["task"] in names],
+        {t: plan.metrics[t] for t in names},
+        {t: dict(entries[t].get("metric_options") or {}) for t in names})
+
+  # --- zero-shot tasks (docs/method.md §12) --------------------------------------------------------
+
+  def _zero_shot_file(self, name: str, split: str) -> str | None:
+    """A zero-shot task's file of `split`; None for a built-in task read from the generated split.
+
+    Resolved like a task file: its own `files`, else the `data.files` pattern; relative to
+    `data.root` (the config requires absolute paths for the shapes source).
+    """
+    task = self._ws.config.zero_shot[name]
+    pattern = task.files.get(split)
+    if pattern is None and self.source == "shapes":
+      return None
+    pattern = pattern or (self._data.get("files") or {}).get(split)
+    if not pattern:
+      raise PipelineError(f"zero-shot task {name!r} has no {split} file (config.zero_shot.{name}"
+                          f".files.{split}, or config.data.files.{split})")
+    return os.path.join(self.root, os.path.expanduser(pattern.format(task=name)))
+
+  @functools.lru_cache(maxsize=None)
+  def zero_shot_samples(self, split: str, tasks: tuple[str, ...] | None = None) -> list[dict]:
+    """The zero-shot tasks' samples of a split (all of them, or `tasks`), each task's own.
+
+    A file's samples all belong to its zero-shot task, whatever their `"task"` field says, so a
+    file written for another benchmark can be used as it is.
+    """
+    out = []
+    for name in tasks or tuple(self._ws.config.zero_shot):
+      path = self._zero_shot_file(name, split)
+      if path is None:
+        found = [s for s in self.samples_of_generated_split(split) if s["task"] == name]
+      else:
+        if not os.path.isfile(path):
+          raise PipelineError(f"zero-shot task {name!r}: {split} file {path} does not exist")
+        try:
+          loaded = sources.load_samples(
+              path, image_root=self._data.get("image_root") or None, task=name,
+              on_missing_image=self._data.get("on_missing_image") or "error")
+        except ValueError as e:
+          raise PipelineError(f"zero-shot task {name!r}: {e}") from e
+        found = [{**s, "task": name} for s in loaded.samples]
+      if not found:
+        raise PipelineError(f"zero-shot task {name!r} has no samples in the {split} split"
+                            + (f" ({path})" if path else ""))
+      suffix = self._ws.config.zero_shot[name].prompt_suffix
+      out += [_with_prompt_suffix(s, suffix) for s in found]
+    return out
+
+  def samples_of_generated_split(self, split: str) -> list[dict]:
+    """Every sample of a split of the built-in benchmark, whatever its task."""
+    path = os.path.join(self.root, f"{split}.json")
+    if not os.path.exists(path):
+      raise PipelineError(f"{path} does not exist: run the 'data' stage first")
+    return list(sources.load_samples(path).samples)
+
+  @functools.lru_cache(maxsize=None)
+  def zero_shot_eval_sets(self, split: str, tasks: tuple[str, ...] | None = None):
+    """The zero-shot tasks' eval sets of a split (all of them, or `tasks`)."""
+    zero_shot = self._ws.config.zero_shot
+    names = tasks or tuple(zero_shot)
+    return self._build_eval_sets(self.zero_shot_samples(split, tuple(names)),
+                                 {t: zero_shot[t].metric for t in names},
+                                 {t: dict(zero_shot[t].metric_options) for t in names})

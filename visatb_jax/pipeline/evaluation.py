@@ -6,6 +6,14 @@ serve every model that is evaluated, so a pipeline with many models pays for tha
 `evaluate_samples` also keeps every sample's own score, keyed by the sample's id, so that the
 uncertainty of a score can be bootstrapped; a task's score is `metrics.mean_score` of its
 per-sample scores, to the bit.
+
+References follow one convention (`sources.scoring_references`): a sample's `"answers"` list when
+it has one, else its last assistant turn. Metrics that take several references get them all
+(`MULTI_REFERENCE_METRICS`); the others (one yes/no label) get the first.
+
+A sample is answered with all of its images: each row carries as many image slots as the task's
+sample with the most images, and the k-th `<image>` block of a prompt reads slot k, exactly as in
+training (`model.llava.splice_image_features`).
 """
 
 from __future__ import annotations
@@ -19,8 +27,16 @@ import tqdm
 from visatb_jax.core import metrics
 from visatb_jax.runtime import sharding
 from visatb_jax.data import images as images_lib
-from visatb_jax.data import template
+from visatb_jax.data import sources, template
 from visatb_jax.model import generate
+
+# Metrics whose per-sample reference may be a list of several answers, each used: a hit on any
+# (exact_match, accuracy, iou_accuracy, multiple_choice), soft accuracy over the human answers
+# (vqa_accuracy), or multi-reference CIDEr-D. pope and mme score against one yes/no label.
+MULTI_REFERENCE_METRICS = frozenset(
+    {"exact_match", "accuracy", "iou_accuracy", "multiple_choice", "vqa_accuracy", "cider"})
+
+Reference = str | list[str]
 
 
 @dataclasses.dataclass
@@ -28,16 +44,18 @@ class EvalSet:
   """One task's prompts, left-padded to a common length, with their images and references.
 
   `ids` names each row's sample (unique within the task); left empty, it is filled with
-  f"{task}-{row}".
+  f"{task}-{row}". A reference is one string (the last assistant turn) or the list of a sample's
+  `"answers"`. `options` are the metric's keyword options (`metrics.metric_options`).
   """
   task: str
   metric: str
   prompt_ids: np.ndarray    # int32 [n, P], left-padded
   prompt_mask: np.ndarray   # int32 [n, P]
-  images: np.ndarray        # uint8 [n, 1, H, W, 3]
-  references: list[str]
+  images: np.ndarray        # uint8 [n, M, H, W, 3]: M = the most images of one sample (>= 1)
+  references: list[Reference]
   stop_id: int | None = None  # the token that ends an answer (None: the tokenizer's eos)
   ids: list[str] = dataclasses.field(default_factory=list)
+  options: Mapping[str, object] = dataclasses.field(default_factory=dict)
 
   def __post_init__(self):
     if not self.ids:
@@ -95,6 +113,36 @@ def _round_up(n: int, multiple: int) -> int:
   return -(-n // multiple) * multiple
 
 
+def image_paths(sample: Mapping) -> list[str]:
+  """Every image of a sample, in prompt order (`image_paths`, else the single `image_path`)."""
+  paths = sample.get("image_paths")
+  if paths:
+    return list(paths)
+  return [sample["image_path"]] if sample.get("image_path") else []
+
+
+def load_sample_images(task_samples: Sequence[Mapping], image_size: int) -> np.ndarray:
+  """uint8 [n, M, H, W, 3]: every sample's images in its first slots, zeros elsewhere.
+
+  M is the largest image count (at least 1, so text-only tasks keep the model's input shape);
+  an unused slot is never read, since a prompt has one image block per image it carries.
+  """
+  paths = [image_paths(s) for s in task_samples]
+  slots = max([1] + [len(p) for p in paths])
+  imgs = np.zeros((len(paths), slots, image_size, image_size, 3), np.uint8)
+  for r, row in enumerate(paths):
+    for k, path in enumerate(row):
+      imgs[r, k] = images_lib.load_image(path, image_size)
+  return imgs
+
+
+def _reference(sample: Mapping) -> Reference:
+  """A sample's reference: its `"answers"` as a list, else its last assistant turn as a string
+  (a plain string keeps the single-reference case as it always was)."""
+  refs = sources.scoring_references(dict(sample))
+  return refs if sources.answer_list(dict(sample)) is not None else refs[0]
+
+
 def build_eval_sets(
     samples: Sequence[Mapping],
     *,
@@ -105,8 +153,16 @@ def build_eval_sets(
     system: str | None = None,
     pad_to: int = 32,
     template_name: str = template.DEFAULT_TEMPLATE,
+    task_options: Mapping[str, Mapping[str, object]] | None = None,
 ) -> dict[str, EvalSet]:
-  """Encodes every sample's prompt and loads its image, grouped by task (in `task_metrics` order)."""
+  """Encodes every sample's prompt and loads its images, grouped by task (in `task_metrics` order).
+
+  `task_options`: {task: the metric's keyword options}, for the tasks that have any.
+
+  Raises:
+    ValueError: a sample of an unknown task, a task without samples, a duplicate id or a sample
+      whose `"answers"` field is malformed (naming the sample).
+  """
   by_task: dict[str, list[Mapping]] = {t: [] for t in task_metrics}
   for s in samples:
     if s["task"] not in by_task:
@@ -128,13 +184,16 @@ def build_eval_sets(
     for r, (p, _) in enumerate(encoded):
       prompt_ids[r, length - len(p):] = p
       mask[r, length - len(p):] = 1
-    imgs = np.zeros((len(encoded), 1, image_size, image_size, 3), np.uint8)
-    for r, s in enumerate(task_samples):
-      if s.get("image_path"):
-        imgs[r, 0] = images_lib.load_image(s["image_path"], image_size)
-    out[task] = EvalSet(task, task_metrics[task], prompt_ids, mask, imgs,
-                        [ref for _, ref in encoded],
-                        stop_id=template.stop_token_id(tokenizer, template_name), ids=ids)
+    references = []
+    for sample_id, s in zip(ids, task_samples):
+      try:
+        references.append(_reference(s))
+      except ValueError as e:
+        raise ValueError(f"task {task!r}, sample {sample_id!r}: {e}") from e
+    out[task] = EvalSet(task, task_metrics[task], prompt_ids, mask,
+                        load_sample_images(task_samples, image_size), references,
+                        stop_id=template.stop_token_id(tokenizer, template_name), ids=ids,
+                        options=dict((task_options or {}).get(task) or {}))
   return out
 
 
@@ -170,11 +229,17 @@ def score_predictions(eval_set: EvalSet, predictions: Sequence[str]) -> dict[str
 
   `metrics.mean_score(list(result.values()))` is the task's score.
   """
-  # CIDEr takes a list of references per image; each sample here has one.
-  refs = ([[r] for r in eval_set.references] if eval_set.metric == "cider"
-          else eval_set.references)
-  per_sample = metrics.sample_scores(eval_set.metric, list(predictions), refs)
+  refs = scoring_references(eval_set.metric, eval_set.references)
+  per_sample = metrics.sample_scores(eval_set.metric, list(predictions), refs,
+                                     **dict(eval_set.options))
   return dict(zip(eval_set.ids, per_sample.tolist()))
+
+
+def scoring_references(metric: str, references: Sequence[Reference]) -> list[Reference]:
+  """What `metric` is given per sample: every reference, or the first for a one-label metric."""
+  if metric in MULTI_REFERENCE_METRICS:
+    return list(references)
+  return [r if isinstance(r, str) else r[0] for r in references]
 
 
 def evaluate_samples(model, eval_sets: Mapping[str, EvalSet], *, tokenizer, batch_size: int,

@@ -10,6 +10,7 @@ tasks, the fixed weight for fixed-weight tasks — so fixed weights are honoured
   static    the base weights (EW)
   tla       base_k / (count of task k in the global batch), made in the step
   dynamic   a core.weighting strategy over the balanced tasks; fixed tasks keep their weight
+            (RLW, DWA, IGB, and UW, whose learned log-variances are strategy state)
   gradient  a core.gradmtl combination of the per-task gradients, task k scaled by base_k
   per_task  one model per scored task, on that task's data alone (STL, the reference of ΔI)
 
@@ -70,6 +71,7 @@ REGISTRY: dict[str, MethodSpec] = {spec.name: spec for spec in (
     MethodSpec("rlw", "dynamic"),
     MethodSpec("dwa", "dynamic"),
     MethodSpec("igb", "dynamic"),
+    MethodSpec("uw", "dynamic"),
     MethodSpec("imgrad", "gradient"),
     MethodSpec("cagrad", "gradient"),
     MethodSpec("pcgrad", "gradient"),

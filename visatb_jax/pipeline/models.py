@@ -67,8 +67,8 @@ class Models:
 
   def base_description(self, pretrained: bool = True) -> dict:
     """What a run starts from, recorded in its run.json."""
-    model = self._ws.config.section("model")
-    start = {"init": model.get("path") or f"random (model.init_seed={model.get('init_seed', 0)})"}
+    from visatb_jax.model import factory  # pylint: disable=g-import-not-at-top
+    start = {"init": factory.start_description(self._ws.config.section("model"))}
     if pretrained and self._ws.config.pretrain:
       start["pretrained"] = {"dir": PRETRAIN_DIR,
                              "hash": self._ws.dir.run_info(PRETRAIN_DIR).get("hash")}
@@ -116,7 +116,8 @@ class Models:
     finally:
       if hasattr(batches, "close"):
         batches.close()
-    ws.dir.finish(rel_dir, {"hash": stage_hash, "method": method.name, "start": self.base_description(pretrained=not pretrain),
+    ws.dir.finish(rel_dir, {"hash": stage_hash, "method": method.name,
+                            "start": self.base_description(pretrained=not pretrain),
                             "train": cfg.to_dict(),
                             "rows": ds.num_rows, "samples": len(examples),
                             "packing_efficiency": ds.packing_efficiency()})

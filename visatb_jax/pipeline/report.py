@@ -2,7 +2,8 @@
 
 Every input is optional, so the report can be regenerated at any point of a run (a partial run
 simply says which parts are not available yet). The report builds `report/comparison.json` (ΔI% and
-ΔE% of each method against STL, step times relative to EW) itself from `scores/test.json`,
+ΔE% of each method against STL, ΔI_zero% on the zero-shot tasks against EW, step times relative to
+EW) itself from `scores/test.json`,
 `config.json` and the final runs' metrics, so a run directory alone is enough to rebuild it. Nothing
 here imports jax: the report is cheap to rebuild from the command line,
 `python -m visatb_jax.report WORKDIR`.
@@ -166,19 +167,52 @@ def _direction(spec: Any) -> bool | list[bool]:
   return bool(spec)
 
 
+def zero_shot_tasks(config: Mapping | None) -> list[str]:
+  """The zero-shot tasks (docs/method.md §12) of a run's config.json dump, in config order."""
+  section = (config or {}).get("zero_shot")
+  return list(section) if isinstance(section, Mapping) else []
+
+
 def higher_is_better(config: Mapping | None, tasks: Sequence[str]) -> dict[str, bool | list[bool]]:
-  """{task: higher_is_better} for `tasks`, from a run's config.json dump (True where not given)."""
-  specs = (config or {}).get("tasks") or {}
+  """{task: higher_is_better} for `tasks`, from a run's config.json dump (True where not given).
+
+  A zero-shot task's own entry wins over a same-named entry of the task registry (the registry
+  may list tasks that this run does not train).
+  """
+  config = config or {}
+  specs = config.get("tasks") or {}
+  zero = config.get("zero_shot") if isinstance(config.get("zero_shot"), Mapping) else {}
   out = {}
   for task in tasks:
-    spec = specs.get(task)
+    spec = zero.get(task) if task in zero else specs.get(task)
     out[task] = _direction(spec.get("higher_is_better") if isinstance(spec, Mapping) else None)
   return out
 
 
+def _restricted(scores: Mapping[str, Any], tasks: Sequence[str]) -> dict[str, Any]:
+  return {t: v for t, v in scores.items() if t in tasks}
+
+
+def _zero_shot_entry(test: Mapping[str, Mapping], method: str, zero: Sequence[str],
+                     directions: Mapping[str, Any]) -> dict[str, Any]:
+  """ΔI_zero% of one method against EW on the zero-shot tasks, with per-task I% (§8, §12)."""
+  if "ew" not in test:
+    return {"zero_shot_error": "no EW model, the baseline of ΔI_zero: add 'ew' to "
+                               "config.baselines"}
+  ew, scores = _restricted(test["ew"], zero), _restricted(test[method], zero)
+  signs = _restricted(directions, zero)
+  try:
+    return {"delta_i_zero": metrics.delta_zero_shot(ew, scores, signs),
+            "per_task_zero": metrics.delta_metrics(ew, scores, signs)["per_task"]}
+  except ValueError as e:  # e.g. an EW score of 0: ΔI_zero is undefined, say so in the report
+    return {"zero_shot_error": str(e)}
+
+
 def compare_methods(test: Mapping[str, Mapping], directions: Mapping[str, Any] | None,
-                    step_times: Mapping[str, float | None] | None = None) -> dict[str, dict]:
-  """ΔI%, ΔE% and per-task I% of every method of `test` against its "stl" entry.
+                    step_times: Mapping[str, float | None] | None = None,
+                    zero_shot: Sequence[str] = ()) -> dict[str, dict]:
+  """ΔI%, ΔE% and per-task I% of every method of `test` against its "stl" entry, and ΔI_zero%
+  against its "ew" entry on the zero-shot tasks.
 
   Args:
     test: scores/test.json, {method: {task: score}}; "stl" is the baseline and "untrained" (the
@@ -187,21 +221,34 @@ def compare_methods(test: Mapping[str, Mapping], directions: Mapping[str, Any] |
     step_times: {method: median seconds per step or None} of the methods whose final run logged
       metrics; each compared method among them gets "step_time_s", and "step_time_vs_ew" when
       both its time and EW's are known.
+    zero_shot: the zero-shot tasks (docs/method.md §12). They are left out of ΔI and ΔE (STL has
+      no model for them) and give "delta_i_zero" (ΔI% with EW as the baseline) and
+      "per_task_zero" (per-task I%); EW's own ΔI_zero is 0 by definition.
 
   Returns:
-    {method: metrics.delta_metrics(...)}, or {"error": message} for a method whose ΔI is undefined
-    (e.g. an STL score of 0); {} without an "stl" entry.
+    {method: metrics.delta_metrics(...) plus the zero-shot keys}; "error" (resp.
+    "zero_shot_error") holds the message where ΔI (resp. ΔI_zero) is undefined, e.g. a baseline
+    score of 0. {} without an "stl" entry and without zero-shot tasks.
   """
-  if "stl" not in test:
+  zero = list(zero_shot)
+  if "stl" not in test and not zero:
     return {}
+  directions = dict(directions or {})
   comparison: dict[str, dict] = {}
   for method, scores in test.items():
     if method in ("stl", UNTRAINED):
       continue
-    try:
-      comparison[method] = metrics.delta_metrics(test["stl"], scores, higher_is_better=directions)
-    except ValueError as e:  # e.g. an STL score of 0: ΔI is undefined, say so in the report
-      comparison[method] = {"error": str(e)}
+    entry: dict[str, Any] = {}
+    if "stl" in test:
+      trained = [t for t in scores if t not in zero]
+      try:
+        entry = metrics.delta_metrics(test["stl"], _restricted(scores, trained),
+                                      higher_is_better=_restricted(directions, test["stl"]))
+      except ValueError as e:  # e.g. an STL score of 0: ΔI is undefined, say so in the report
+        entry = {"error": str(e)}
+    if zero:
+      entry.update(_zero_shot_entry(test, method, zero, directions))
+    comparison[method] = entry
   times = {m: s for m, s in (step_times or {}).items() if m in comparison}
   for method, seconds in times.items():
     comparison[method]["step_time_s"] = seconds
@@ -218,16 +265,20 @@ def build_comparison(workdir: str) -> dict[str, dict]:
   the step times. See `compare_methods`.
   """
   test = _load_json(os.path.join(workdir, "scores", "test.json"))
-  if not isinstance(test, Mapping) or "stl" not in test:
+  if not isinstance(test, Mapping):
     return {}
   config = _load_json(os.path.join(workdir, "config.json"))
-  directions = higher_is_better(config, list(test["stl"]))
+  zero = zero_shot_tasks(config)
+  if "stl" not in test and not zero:
+    return {}
+  tasks = _ordered_keys([s for s in test.values() if isinstance(s, Mapping)])
+  directions = higher_is_better(config, tasks)
   times = {}
   for method in test:
     path = os.path.join(workdir, "final", method, "metrics.jsonl")
     if method not in ("stl", UNTRAINED) and os.path.exists(path):
       times[method] = step_seconds(read_metrics(path))
-  return compare_methods(test, directions, times)
+  return compare_methods(test, directions, times, zero_shot=zero)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -661,6 +712,9 @@ def _test_section(test: dict | None, tasks: Sequence[str], config: Mapping | Non
   note = (f"{direction}; the best score per task is in **bold**. `stl` holds, per task, the "
           f"single-task model's score on its own task; `{UNTRAINED}` is the model before "
           "training.")
+  zero = [t for t in zero_shot_tasks(config) if t in task_cols]
+  if zero:
+    note += (f" Zero-shot tasks (evaluated, never trained on; no STL model): {', '.join(zero)}.")
   return f"{title}\n\n{note}\n\n" + _score_table(
       test, _method_order(list(test)), tasks, highlight=True, row_label="method",
       directions=directions, counts=sample_counts(samples))
@@ -674,20 +728,33 @@ def _comparison_section(comparison: dict | None, tasks: Sequence[str]) -> str:
     return f"{title}\n\n_No STL scores in `scores/test.json`: nothing to compare against._"
   per_task = [m.get("per_task") or {} for m in comparison.values()]
   task_cols = _ordered_keys(per_task, tasks)
+  zero_cols = _ordered_keys([m.get("per_task_zero") or {} for m in comparison.values()])
+  # The zero-shot columns only for a run with zero-shot tasks: other reports render as before.
+  has_zero = any("delta_i_zero" in m or "zero_shot_error" in m for m in comparison.values())
   rows, errors = [], []
   for method in _method_order(list(comparison)):
     m = comparison[method]
-    pt = m.get("per_task") or {}
+    pt, pz = m.get("per_task") or {}, m.get("per_task_zero") or {}
     ratio = m.get("step_time_vs_ew")
-    rows.append([method, _fmt(m.get("delta_i")), _fmt(m.get("delta_e")),
-                 "" if ratio is None else f"{ratio:.2f}×"]
-                + [_fmt(pt.get(t)) for t in task_cols])
+    rows.append([method, _fmt(m.get("delta_i")), _fmt(m.get("delta_e"))]
+                + ([_fmt(m.get("delta_i_zero"))] if has_zero else [])
+                + ["" if ratio is None else f"{ratio:.2f}×"]
+                + [_fmt(pt.get(t)) for t in task_cols] + [_fmt(pz.get(t)) for t in zero_cols])
     if m.get("error"):
       errors.append(f"- {method}: {m['error']}")
+    if m.get("zero_shot_error"):
+      errors.append(f"- {method} (ΔI_zero): {m['zero_shot_error']}")
   note = ("ΔI% = overall relative improvement over STL (higher is better); ΔE% = mean per-task "
           "loss against STL (lower is better); step time = median seconds per optimizer step "
           "relative to EW's; the task columns hold each task's I_i in %.")
-  header = ["method", "ΔI %", "ΔE %", "step time vs EW"] + [f"I ({t})" for t in task_cols]
+  if has_zero:
+    note += (" ΔI_zero% = ΔI% on the zero-shot tasks (never trained on) with EW as the baseline "
+             "instead of STL (docs/method.md §8, §12): above 0, the method generalises beyond "
+             "its training tasks better than EW; the I_zero columns hold each zero-shot task's "
+             "I_i against EW in %.")
+  header = (["method", "ΔI %", "ΔE %"] + (["ΔI_zero %"] if has_zero else [])
+            + ["step time vs EW"] + [f"I ({t})" for t in task_cols]
+            + [f"I_zero ({t})" for t in zero_cols])
   text = f"{title}\n\n{note}\n\n" + _md_table(header, rows)
   if errors:
     text += "\n\nNot computed:\n\n" + "\n".join(errors)

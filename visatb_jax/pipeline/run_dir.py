@@ -1,6 +1,7 @@
 """The run directory: its paths, model-directory claims, score caches and the manifest.
 
-  workdir/manifest.json          which stage finished under which stage hash
+  workdir/manifest.json          which stage finished under which stage hash (and config-only
+                                 hash and input-file fingerprints: why it is stale)
   workdir/config.json            the run config (read by the report)
   workdir/data/                  the generated benchmark, the tokenizer, the prepared mixture
   workdir/prep/<model>/          preparation runs (run.json, checkpoints/, metrics.jsonl, scores)

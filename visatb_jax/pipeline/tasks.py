@@ -1,5 +1,6 @@
 """The task plan: which tasks are trained, scored, fixed or balanced, and the preparation models
-each balance form needs (docs/method.md §2, §4, §6, §7)."""
+each balance form needs (docs/method.md §2, §4, §6, §7); and the zero-shot tasks, scored but never
+trained on (§12)."""
 
 from __future__ import annotations
 
@@ -118,3 +119,26 @@ class TaskPlan:
     if model_name in self.balanced_units:
       return [(t, "large") for t in self.unit_tasks(model_name)]
     raise ValueError(f"unknown preparation model {model_name!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class ZeroShotTask:
+  """A task evaluated but never trained on (docs/method.md §12): no train file, no λ, no STL.
+
+  `files`: {split: file} ("test", optionally "val"); empty for a task of the built-in benchmark
+  read from its generated splits, or when `data.files` names the file.
+  """
+
+  name: str
+  metric: str
+  higher_is_better: bool = True
+  files: Mapping[str, str] = dataclasses.field(default_factory=dict)
+  prompt_suffix: str = ""
+  metric_options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+  @classmethod
+  def from_entry(cls, name: str, entry: Mapping[str, Any]) -> ZeroShotTask:
+    """From a checked `config.zero_shot` entry (pipeline/config.py checks it first)."""
+    return cls(name, str(entry["metric"]), bool(entry.get("higher_is_better", True)),
+               dict(entry.get("files") or {}), str(entry.get("prompt_suffix") or ""),
+               dict(entry.get("metric_options") or {}))

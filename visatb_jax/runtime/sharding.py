@@ -263,7 +263,7 @@ _KERNEL_AXES: dict[str, LogicalAxes] = {
     "up_proj": ("embed", "mlp"),
     "down_proj": ("mlp", "embed"),
     "lm_head": ("embed", "vocab"),
-    # CLIP tower.
+    # CLIP tower (fc1 / fc2 also the Qwen2-VL vision blocks' MLP).
     "out_proj": ("heads", "embed"),
     "fc1": ("embed", "mlp"),
     "fc2": ("mlp", "embed"),
@@ -273,46 +273,86 @@ _KERNEL_AXES: dict[str, LogicalAxes] = {
     "linear_1": ("embed", "mlp"),
     "linear_2": ("mlp", "embed"),
 }
+# Kernel axes by (parent module, module), for names that mean different layers in different
+# places; they win over `_KERNEL_AXES`. All from the Qwen2-VL vision tower, where `proj` is both
+# the patch embedding and the attention output.
+_SCOPED_KERNEL_AXES: dict[tuple[str, str], LogicalAxes] = {
+    # Fused [embed, 3 * embed]: its output is q, k and v one after the other, so sharding it
+    # would cut across those thirds instead of over heads; only the model dimension is sharded.
+    ("attn", "qkv"): ("embed", None),
+    ("attn", "proj"): ("heads", "embed"),
+    # Flattened patches [C * T * p * p, embed] (transformers' Conv3d, kernel = stride).
+    ("patch_embed", "proj"): (None, "embed"),
+}
+# Kernel axes of Linears that sit at an index of an HF `nn.Sequential` (container, index): the
+# Qwen2-VL patch merger's mlp.0 / mlp.2 (index 1 is its GELU), a column- then row-parallel pair
+# like the projector.
+_INDEXED_KERNEL_AXES: dict[tuple[str, int], LogicalAxes] = {
+    ("mlp", 0): ("embed", "mlp"),
+    ("mlp", 2): ("mlp", "embed"),
+}
 _EMBEDDING_AXES: dict[str, LogicalAxes] = {
     "embed_tokens": ("vocab", "embed"),
     "position_embedding": (None, "embed"),
 }
-_NORM_MODULE = re.compile(r"(norm|layrnorm|layer_norm\d*)$")
+# LayerNorm / RMSNorm modules: Llama's `*_layernorm` and `norm`, CLIP's `pre_layrnorm` and
+# `layer_norm1`, Qwen2-VL's `norm1`, `norm2` and the merger's `ln_q`.
+_NORM_MODULE = re.compile(r"(norm\d*|layrnorm|layer_norm\d*|ln_q)$")
 _VARIABLE_ATTRS = ("value", "raw_value")  # What a Variable node adds to a jax tree path.
 
 
-def _lookup(names: Sequence[str]) -> LogicalAxes | None:
-  """Logical axes of a parameter from its path's names (without indices); None if unknown."""
+def _kernel_axes(module_path: Sequence[str | int]) -> LogicalAxes | None:
+  """[in, out] logical axes of the linear layer at `module_path` (names and indices); None if
+  unknown."""
+  if not module_path:
+    return None
+  module = module_path[-1]
+  parent = module_path[-2] if len(module_path) > 1 else None
+  if isinstance(module, int):
+    return _INDEXED_KERNEL_AXES.get((parent, module))
+  if (parent, module) in _SCOPED_KERNEL_AXES:
+    return _SCOPED_KERNEL_AXES[(parent, module)]
+  if module in ("k_proj", "v_proj") and "vision_tower" in module_path:
+    return ("embed", "heads")  # CLIP attention has no grouped KV heads.
+  return _KERNEL_AXES.get(module)
+
+
+def _lookup(path: Sequence[str | int]) -> LogicalAxes | None:
+  """Logical axes of a parameter from its path (names and indices); None if unknown."""
+  names = [n for n in path if isinstance(n, str)]
   if not names:
     return None
   leaf, module = names[-1], names[-2] if len(names) > 1 else ""
-  in_vision = "vision_tower" in names
   if _NORM_MODULE.search(module) and leaf in ("scale", "bias"):
     return ("norm",)
   if leaf == "class_embedding":
     return ("embed",)
   if leaf == "embedding" and module in _EMBEDDING_AXES:
     return _EMBEDDING_AXES[module]
-  if leaf in ("lora_a", "lora_b") and len(names) > 2 and names[-3] in _KERNEL_AXES:
-    # A LoRA adapter of a linear layer: A [in, rank] follows the layer's input axis, B
-    # [rank, out] its output axis; the rank stays whole.
-    in_axis, out_axis = _KERNEL_AXES[names[-3]][-2:]
+  if leaf in ("lora_a", "lora_b") and len(path) > 2:
+    # A LoRA adapter of a linear layer (`<layer>.lora.lora_a`): A [in, rank] follows the layer's
+    # input axis, B [rank, out] its output axis; the rank stays whole.
+    layer_axes = _kernel_axes(path[:-2])
+    if layer_axes is None:
+      return None
+    in_axis, out_axis = layer_axes[-2:]
     return (in_axis, None) if leaf == "lora_a" else (None, out_axis)
-  if module in _KERNEL_AXES and leaf in ("kernel", "bias"):
-    axes = _KERNEL_AXES[module]
-    if in_vision and module in ("k_proj", "v_proj"):
-      axes = ("embed", "heads")  # CLIP attention has no grouped KV heads.
-    return axes if leaf == "kernel" else axes[-1:]
+  if leaf in ("kernel", "bias"):
+    axes = _kernel_axes(path[:-1])
+    if axes is not None:
+      return axes if leaf == "kernel" else axes[-1:]
   return None
 
 
 def param_logical_axes(path: Any, shape: Sequence[int], *, strict: bool = False) -> LogicalAxes:
   """Logical axis names of one parameter, from its NNX path and shape.
 
-  The match uses the last module name and the leaf name of the path, so the same rules cover
-  the params, the frozen state, and the optimizer moments of a `TrainState` (whose paths end the
-  same way). Leading dimensions beyond the rule's rank (e.g. a stacked-layers axis) are
-  replicated; scalars are replicated.
+  The match uses the end of the path: the leaf name and its module's name (with the parent
+  module's name for names that are ambiguous alone, e.g. `attn.proj` vs `patch_embed.proj`, and
+  the index for Linears inside a list, e.g. `merger.mlp.0`), so the same rules cover the params,
+  the frozen state, and the optimizer moments of a `TrainState` (whose paths end the same way).
+  Leading dimensions beyond the rule's rank (e.g. a stacked-layers axis) are replicated; scalars
+  are replicated.
 
   Args:
     path: a tuple of names/indices (as `nnx.to_flat_state` gives), a jax tree path (key entries,
@@ -327,15 +367,15 @@ def param_logical_axes(path: Any, shape: Sequence[int], *, strict: bool = False)
     ValueError: with `strict`, an unknown parameter or a rule of a higher rank than `shape`.
   """
   ndim = len(shape)
-  names = [n for n in _path_names(path) if isinstance(n, str)]
-  while names and names[-1] in _VARIABLE_ATTRS:
-    names.pop()
+  entries = _path_names(path)
+  while entries and entries[-1] in _VARIABLE_ATTRS:
+    entries.pop()
   if ndim == 0:
     return ()
-  axes = _lookup(names)
+  axes = _lookup(entries)
   if axes is None or len(axes) > ndim:
     if strict:
-      raise ValueError(f"no sharding rule for parameter {'.'.join(map(str, names))} "
+      raise ValueError(f"no sharding rule for parameter {'.'.join(map(str, entries))} "
                        f"of shape {tuple(shape)}")
     return (None,) * ndim
   return (None,) * (ndim - len(axes)) + tuple(axes)

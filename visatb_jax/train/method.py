@@ -4,7 +4,7 @@ Four kinds, one per way λ reaches the loss:
   * static: a fixed λ [T] (VisATB's computed weights, EW's ones), or a function of the step;
   * tla: task-level averaging, λ_k = base_k / (count of task k in the global batch), made in the
     step;
-  * dynamic: a `core.weighting` strategy (RLW, DWA, IGB) updates λ from the per-task losses;
+  * dynamic: a `core.weighting` strategy (RLW, DWA, IGB, UW) updates λ from the per-task losses;
   * gradient: a `core.gradmtl` method combines the per-task gradients (IMGrad, CAGrad, ...), each
     task's loss scaled by its base weight.
 `base` holds every task's weight before the method acts: 1 for balanced tasks, the fixed weight
