@@ -8,7 +8,8 @@ with the chosen baselines (default: every one) then aggregates report/comparison
 lambda.json: per seed, λ with its bootstrap interval and each method's ΔI% and ΔE%; over seeds,
 mean ± std of ΔI%, ΔE% and the step time relative to EW, the paired per-seed difference
 VisATB − EW, and the rank stability of λ across seeds (Spearman's ρ of every pair of seeds).
-Seeds already finished are reused (the pipeline resumes).
+Seeds already finished are reused (the pipeline resumes; stages that another config made are
+redone).
 """
 
 from __future__ import annotations
@@ -55,7 +56,10 @@ def _run_seed(seed, args, per_seed, walls):
   t0 = time.time()
   subprocess.run([sys.executable, "-m", "visatb_jax.launch", "--config", "configs/demo.py",
                   "--workdir", workdir, f"--config.seed={seed}", f"--config.model.init_seed={seed}",
-                  f"--config.baselines={tuple(args.baselines)!r}"], cwd=REPO, check=True)
+                  f"--config.baselines={tuple(args.baselines)!r}",
+                  # Its own run directories: stages made by another config (an older demo, other
+                  # baselines) are redone, and the log says which and why.
+                  "--overwrite"], cwd=REPO, check=True)
   walls[seed] = round(time.time() - t0, 1)
   with open(os.path.join(workdir, "report", "comparison.json")) as f:
     per_seed[seed] = json.load(f)
