@@ -132,23 +132,31 @@ class Models:
     return train_lib.restore_model(model, info["train"], self._ws.dir.path(rel_dir))
 
   def score(self, rel_dir: str | None, split: str, *, stage_hash: str,
-            tasks: Sequence[str] | None = None) -> tuple[dict[str, float], dict[str, dict]]:
-    """(scores, per-sample scores) of a trained model (None: the untrained one) on `split`,
-    cached in its directory."""
+            tasks: Sequence[str] | None = None,
+            zero_shot: bool = False) -> tuple[dict[str, float], dict[str, dict]]:
+    """(scores, per-sample scores) of a trained model (None: the untrained one) on `split` of the
+    scored tasks, or with `zero_shot` of the zero-shot tasks (docs/method.md §12), cached in its
+    directory."""
     from visatb_jax.pipeline import evaluation  # pylint: disable=g-import-not-at-top
     ws = self._ws
-    tasks = list(tasks or ws.config.tasks.eval_tasks)
+    if zero_shot:
+      tasks, eval_sets, name = list(ws.config.zero_shot), ws.data.zero_shot_eval_sets, "zero-shot "
+    else:
+      tasks, eval_sets, name = list(tasks or ws.config.tasks.eval_tasks), ws.data.eval_sets, ""
+    if not tasks:
+      return {}, {}
     where = rel_dir or "untrained"
-    cached = ws.dir.cached_scores(where, split, stage_hash, tasks)
+    cache = f"{split}_zero_shot" if zero_shot else split  # scores_<cache>.json
+    cached = ws.dir.cached_scores(where, cache, stage_hash, tasks)
     if cached is not None:
       return cached
     ev = ws.config.section("eval")
     result = evaluation.evaluate_samples(
-        self.load(rel_dir), ws.data.eval_sets(split), tokenizer=ws.data.tokenizer,
+        self.load(rel_dir), eval_sets(split), tokenizer=ws.data.tokenizer,
         batch_size=int(ev["batch_size"]), max_new_tokens=int(ev["max_new_tokens"]), tasks=tasks,
-        desc=f"{where} on {split}", mesh=self.mesh)
-    print(f"  {where} on {split}: " + ", ".join(f"{t}={v:.3f}" for t, v in result.scores.items()),
-          flush=True)
-    ws.dir.cache_scores(where, split, stage_hash, result.scores, result.samples,
+        desc=f"{where} on {name}{split}", mesh=self.mesh)
+    print(f"  {where} on {name}{split}: "
+          + ", ".join(f"{t}={v:.3f}" for t, v in result.scores.items()), flush=True)
+    ws.dir.cache_scores(where, cache, stage_hash, result.scores, result.samples,
                         result.predictions)
     return dict(result.scores), dict(result.samples)

@@ -197,34 +197,6 @@ def stage_final(ws: Workspace, stage_hash: str) -> None:
 # --- test ----------------------------------------------------------------------------------------
 
 
-# The score cache of the zero-shot tasks, beside each model's `scores_test.json`.
-ZERO_SHOT_CACHE = "test_zero_shot"
-
-
-def score_zero_shot(ws: Workspace, rel_dir: str | None, stage_hash: str
-                    ) -> tuple[dict[str, float], dict[str, dict]]:
-  """(scores, per-sample scores) of a final model (None: the untrained one) on the zero-shot
-  tasks' test split, cached in its directory like `Models.score`'s."""
-  from visatb_jax.pipeline import evaluation  # pylint: disable=g-import-not-at-top
-  tasks = list(ws.config.zero_shot)
-  if not tasks:
-    return {}, {}
-  where = rel_dir or "untrained"
-  cached = ws.dir.cached_scores(where, ZERO_SHOT_CACHE, stage_hash, tasks)
-  if cached is not None:
-    return cached
-  ev = ws.config.section("eval")
-  result = evaluation.evaluate_samples(
-      ws.models.load(rel_dir), ws.data.zero_shot_eval_sets("test"), tokenizer=ws.data.tokenizer,
-      batch_size=int(ev["batch_size"]), max_new_tokens=int(ev["max_new_tokens"]), tasks=tasks,
-      desc=f"{where} on zero-shot test", mesh=ws.models.mesh)
-  print(f"  {where} on zero-shot test: "
-        + ", ".join(f"{t}={v:.3f}" for t, v in result.scores.items()), flush=True)
-  ws.dir.cache_scores(where, ZERO_SHOT_CACHE, stage_hash, result.scores, result.samples,
-                      result.predictions)
-  return dict(result.scores), dict(result.samples)
-
-
 def stage_test(ws: Workspace, stage_hash: str) -> None:
   """Scores every final model on the trained tasks' test split, each STL model on its own task,
   and every model that is not per task (the untrained one too) on the zero-shot tasks (§12),
@@ -241,10 +213,12 @@ def stage_test(ws: Workspace, stage_hash: str) -> None:
     else:
       table[name], samples[name] = ws.models.score(final_dir(name), "test",
                                                    stage_hash=stage_hash)
-      _join(table[name], samples[name], score_zero_shot(ws, final_dir(name), stage_hash))
+      _join(table[name], samples[name],
+            ws.models.score(final_dir(name), "test", stage_hash=stage_hash, zero_shot=True))
   # The untrained model last: a reference row, not a method.
   table["untrained"], samples["untrained"] = ws.models.score(None, "test", stage_hash=stage_hash)
-  _join(table["untrained"], samples["untrained"], score_zero_shot(ws, None, stage_hash))
+  _join(table["untrained"], samples["untrained"],
+        ws.models.score(None, "test", stage_hash=stage_hash, zero_shot=True))
   fileio.atomic_write_json(ws.dir.path("scores", "test_samples.json"), samples)
   fileio.atomic_write_json(ws.dir.path("scores", "test.json"), table)
 
