@@ -69,24 +69,6 @@ def _innermost(error: BaseException) -> str:
   return str(text).partition("\n")[0].strip()
 
 
-def _resolve_config_args(argv: Sequence[str]) -> list[str]:
-  """`--config demo.py` → configs/demo.py, as launch resolves it, before the flags are parsed."""
-  from visatb_jax.cli import launch  # pylint: disable=g-import-not-at-top
-  out, i = [], 0
-  argv = list(argv)
-  while i < len(argv):
-    arg = argv[i]
-    if arg == "--config" and i + 1 < len(argv):
-      out += [arg, launch.resolve_config_path(argv[i + 1])]
-      i += 2
-      continue
-    if arg.startswith("--config="):
-      arg = "--config=" + launch.resolve_config_path(arg.split("=", 1)[1])
-    out.append(arg)
-    i += 1
-  return out
-
-
 def _flags(argv: Sequence[str]) -> tuple[flags.FlagValues, dict[str, Any]]:
   """Flags of their own (not absl's global FLAGS), so that main() can run more than once."""
   fv = flags.FlagValues()
@@ -262,7 +244,8 @@ def _parse(argv: Sequence[str]) -> dict[str, Any]:
   """The parsed flags as values; UsageError for a bad flag or config override."""
   from absl import app  # pylint: disable=g-import-not-at-top
   try:
-    argv = _resolve_config_args(argv)
+    from visatb_jax.cli import launch  # pylint: disable=g-import-not-at-top
+    argv = launch.rewrite_config_arg(argv)  # `--config demo.py` → configs/demo.py, as launch
     fv, holders = _flags(argv)
     rest = fv(list(argv))
   except (app.UsageError, flags.Error) as e:

@@ -55,7 +55,7 @@ def load_config(path: str):
   return module.get_config()
 
 
-def _rewrite_config_arg(argv: Sequence[str]) -> list[str]:
+def rewrite_config_arg(argv: Sequence[str]) -> list[str]:
   """Resolves the --config value before absl parses it (config_flags loads it while parsing)."""
   out, i = [], 0
   argv = list(argv)
@@ -305,7 +305,7 @@ def main(argv: Sequence[str]) -> int:
 
 def run_cli() -> None:
   try:
-    sys.argv = _rewrite_config_arg(sys.argv)
+    sys.argv = rewrite_config_arg(sys.argv)
   except app.UsageError as e:
     _error(e)
     sys.exit(EXIT_ERROR)
