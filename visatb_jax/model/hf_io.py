@@ -539,13 +539,19 @@ def _abstract_params(config: LlavaConfig, model_kwargs: Mapping[str, Any]
                      ) -> tuple[nnx.GraphDef, nnx.State, list[tuple[tuple[Any, ...], Any]]]:
   """(graphdef, fresh abstract state, its (path, Param) list) of the model to fill."""
   graphdef, state = _abstract_model(config, tuple(sorted(model_kwargs.items())))
+  return (graphdef, *fresh_param_state(state))
+
+
+def fresh_param_state(state: nnx.State) -> tuple[nnx.State, list[tuple[tuple[Any, ...], Any]]]:
+  """(a copy of a cached abstract state, its (path, Param) list) for a checkpoint to fill;
+  ValueError when the model holds state other than parameters."""
   # Fresh Variables around the cached shapes: filling them must not touch the cache.
   state = jax.tree.map(lambda x: x, state)
   flat = list(nnx.to_flat_state(state))
   others = [".".join(map(str, p)) for p, v in flat if not isinstance(v, nnx.Param)]
   if others:
     raise ValueError(f"the model has non-parameter state {others} that a checkpoint cannot fill")
-  return graphdef, state, flat
+  return state, flat
 
 
 _Plan = dict[str, list[tuple[_Source, tuple[Any, ...], Any, tuple[int, ...] | None]]]

@@ -309,12 +309,7 @@ def load_pretrained(path: str | os.PathLike, *, dtype: str = "float32",
   files = hf_io.weight_files(path)
   p_dtype = to_jnp_dtype(param_dtype)
   graphdef, state = _abstract_model(config, tuple(sorted(model_kwargs.items())))
-  # Fresh Variables around the cached shapes: filling them must not touch the cache.
-  state = jax.tree.map(lambda x: x, state)
-  flat = list(nnx.to_flat_state(state))
-  others = [".".join(map(str, p)) for p, v in flat if not isinstance(v, nnx.Param)]
-  if others:
-    raise ValueError(f"the model has non-parameter state {others} that a checkpoint cannot fill")
+  state, flat = hf_io.fresh_param_state(state)
 
   where, shapes = _tensor_index(files, path)
   plan: dict[str, list[tuple[str, tuple[Any, ...], Any]]] = {}
