@@ -101,3 +101,24 @@ def test_m3it_metrics_follow_the_groups():
   metrics = build("m3it").tasks.metrics
   for group, (tasks, metric) in M3IT_GROUPS.items():
     assert {t: metrics[t] for t in tasks} == dict.fromkeys(tasks, metric), group
+
+
+def test_qwen2vl_config_is_qwen2vl_2b():
+  """configs/qwen2vl.py builds Qwen2-VL-2B itself (its own tower and M-RoPE decoder), 2.21 B
+  parameters as the released checkpoint, with the template whose image blocks it reads."""
+  import math  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  from visatb_jax.model import factory, qwen2vl  # pylint: disable=g-import-not-at-top
+  config = launch.load_config(os.path.join(REPO, "configs", "qwen2vl.py"))
+  config.data.root = "/nonexistent/data"
+  config_lib.build(config)  # family and template agree
+  model_config = factory.model_config(config.model)
+  assert isinstance(model_config, qwen2vl.Qwen2VLConfig)
+  assert model_config.mrope_section == (16, 24, 24) and model_config.image_token_id == 151655
+  model = factory.abstract_model(config.model, model_config)
+  params = sum(math.prod(x.shape) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+  assert round(params / 1e9, 2) == 2.21
+  config.data.template = "chatml"
+  with pytest.raises(config_lib.ConfigError, match="does not fit a Qwen2-VL model"):
+    config_lib.build(config)

@@ -11,7 +11,9 @@ from PIL import Image
 
 from visatb_jax.data import images as images_lib
 from visatb_jax.data import loader, prepare, sources, template
+from visatb_jax.data import qwen2vl_image as qi
 from visatb_jax.data import tokenizer as tk
+from visatb_jax.data.image_format import NativeImages, describe
 
 N = 40  # usable samples; sample N is too long for MAX_LEN
 TASKS = ("a", "b", "c")
@@ -200,3 +202,102 @@ def test_decode_image_matches_load_image(tmp_path):
                                 images_lib.load_image(path, 7))
   with pytest.raises(images_lib.ImageError, match="cannot decode bad.png"):
     loader.decode_image(b"not an image", 7, name="bad.png")
+
+
+NATIVE_N = 12
+NATIVE_MAX = 28 * 28 * 16  # P = 64 patches a slot
+# (height, width): 4, 6, 8 and 16 LM tokens under NATIVE_MAX.
+NATIVE_SIZES = [(8, 8), (40, 90), (70, 30), (100, 100)]
+
+
+@pytest.fixture(scope="module")
+def native_data(tmp_path_factory):
+  """(samples, prepared train source, tokenizer): 0, 1 or 2 images of different sizes each."""
+  root = tmp_path_factory.mktemp("native")
+  os.makedirs(root / "img")
+  rng = np.random.default_rng(0)
+  raw = []
+  for i in range(NATIVE_N):
+    sample = {"id": f"n{i}", "task": TASKS[i % 3],
+              "conversations": [{"from": "human", "value": f"item {i} ?"},
+                                {"from": "gpt", "value": "word " * (i % 4) + "end"}]}
+    names = []
+    for j in range(i % 3):
+      h, w = NATIVE_SIZES[(i + j) % len(NATIVE_SIZES)]
+      names.append(f"img/{i}_{j}.png")
+      Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(root / names[-1])
+    if names:
+      sample["image"] = names
+    raw.append(sample)
+  with open(root / "mix.json", "w") as f:
+    json.dump(raw, f)
+  samples = sources.load_samples(root / "mix.json").samples
+  texts = [template.SYSTEM_PROMPT] + [t["value"] for s in samples for t in s["conversations"]]
+  tok = tk.train_tokenizer(texts, vocab_size=300, save_dir=None)
+  prepared = prepare.prepare_mixture({"train": samples}, root / "prep")
+  return samples, prepared.data_source("train"), tok
+
+
+def test_native_format_loader_shapes_and_exact_resume(native_data):
+  samples, source, tok = native_data
+  image_id = template.image_token_id(tok)
+  fmt = NativeImages(image_id, max_pixels=NATIVE_MAX)
+
+  def make(**overrides):
+    return loader.Loader(source, tok, _config(image_format=fmt, **overrides), process_index=0,
+                         process_count=1)
+
+  batches = list(make(num_epochs=1))
+  assert {k: (v.dtype.name, v.shape) for k, v in batches[0].items()} == {
+      "input_ids": ("int32", (4, SEQ_LEN)), "targets": ("int32", (4, SEQ_LEN)),
+      "loss_mask": ("float32", (4, SEQ_LEN)), "task_ids": ("int32", (4, SEQ_LEN)),
+      "positions": ("int32", (4, 3, SEQ_LEN)), "segment_ids": ("int32", (4, SEQ_LEN)),
+      "images": ("float32", (4, 3, 64, 3 * 2 * 14 * 14)), "image_grid": ("int32", (4, 3, 3))}
+  seen = []
+  for b in batches:
+    slots, grids = collections.Counter(), []
+    for i, r, start, n in _segments(b, tok):  # rows in order, each row's segments in order
+      seen.append(i)
+      want = [qi.load_image(p, max_pixels=NATIVE_MAX) for p in samples[i]["image_paths"]]
+      enc = template.encode_conversation(
+          samples[i]["conversations"], tok, max_len=MAX_LEN,
+          num_image_tokens=[np.prod(grid) // 4 for _, grid in want])
+      np.testing.assert_array_equal(b["input_ids"][r, start:start + n], enc.input_ids)
+      for patches, grid in want:  # its images fill the next slots of its row, as the processor
+        np.testing.assert_array_equal(b["image_grid"][r, slots[r]], grid)
+        np.testing.assert_array_equal(b["images"][r, slots[r], :len(patches)], patches)
+        assert not b["images"][r, slots[r], len(patches):].any()
+        grids.append(grid)
+        slots[r] += 1
+    for r in range(4):
+      assert not b["images"][r, slots[r]:].any() and not b["image_grid"][r, slots[r]:].any()
+    # Every packed sample's M-RoPE positions start at 0, as get_rope_index with segment ids.
+    positions, _ = qi.get_rope_index(b["input_ids"], grids or None, image_token_id=image_id,
+                                          segment_ids=b["segment_ids"])
+    np.testing.assert_array_equal(b["positions"], positions)
+  assert sorted(seen) == list(range(NATIVE_N))
+  assert len({tuple(g) for b in batches for g in b["image_grid"].reshape(-1, 3)}) == 5  # 4 + 0s
+
+  # Exact resume through JSON, with the format among the settings.
+  reference = make()
+  expected = [next(reference) for _ in range(5)]
+  first = make()
+  for _ in range(2):
+    next(first)
+  state = json.loads(json.dumps(first.get_state()))
+  assert state["settings"]["image_format"] == describe(fmt)
+  resumed = make()
+  resumed.set_state(state)
+  for want in expected[2:]:
+    _assert_batches_equal(next(resumed), want)
+  _assert_batches_equal(next(first), expected[2])
+
+  # A state of another format is refused; one saved before formats existed means square images.
+  square = loader.Loader(source, tok, _config(), process_index=0, process_count=1)
+  with pytest.raises(ValueError, match=r"other settings: image_format=\{'class': 'SquareImages'"):
+    make().set_state(square.get_state())
+  old = square.get_state()
+  del old["settings"]["image_format"]
+  loader.Loader(source, tok, _config(), process_index=0, process_count=1).set_state(old)
+  with pytest.raises(ValueError, match="image_format="):
+    make().set_state(old)

@@ -7,6 +7,8 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from visatb_jax.data import images as img
+from visatb_jax.data import qwen2vl_image as qi
+from visatb_jax.data.image_format import NativeImages
 from visatb_jax.data.packing import (Example, PackedDataset, pack, pack_rows, pack_rows_best_fill,
                                      rows_to_batch)
 
@@ -279,3 +281,43 @@ def test_every_example_is_packed_once_and_efficiency():
   assert (batch["segment_ids"] > 0).sum() == total  # One epoch holds every token once.
   assert (batch["images"].reshape(ds.num_rows, 2, -1).any(-1)).sum() == 11  # The 11 odd examples.
   assert np.all((batch["input_ids"] == PAD) == (batch["segment_ids"] == 0))
+
+
+def test_native_images_of_different_sizes_share_a_row():
+  image_id = 9
+  fmt = NativeImages(image_id, max_pixels=28 * 28 * 8)  # P = 32 patches a slot
+  rng = np.random.default_rng(0)
+  # As the format loads them: sides multiples of 28, sizes differ (6, 2 and 3 LM tokens).
+  pics = [rng.integers(0, 256, shape, dtype=np.uint8)
+          for shape in [(56, 84, 3), (28, 56, 3), (84, 28, 3)]]
+  a = Example(np.asarray([1, 2] + [image_id] * 6 + [3, 4], np.int32), np.ones(10, bool), 0,
+              pics[:1])
+  b = Example(np.asarray([5] + [image_id] * 2 + [6] + [image_id] * 3 + [7], np.int32),
+              np.ones(8, bool), 1, pics[1:])
+  batch = rows_to_batch([a, b], [[0, 1]], seq_len=20, max_images=4, pad_id=PAD,
+                        image_format=fmt)
+  assert {k: v.shape for k, v in batch.items()} == {
+      "input_ids": (1, 20), "targets": (1, 20), "loss_mask": (1, 20), "task_ids": (1, 20),
+      "segment_ids": (1, 20), "positions": (1, 3, 20), "images": (1, 4, 32, 1176),
+      "image_grid": (1, 4, 3)}
+  grids = [(1, 4, 6), (1, 2, 4), (1, 6, 2)]
+  np.testing.assert_array_equal(batch["image_grid"][0], grids + [(0, 0, 0)])
+  for slot, (pic, (_, gh, gw)) in enumerate(zip(pics, grids)):
+    want, _, _ = qi.patchify(qi.normalize(pic))
+    np.testing.assert_array_equal(batch["images"][0, slot, :gh * gw], want)
+    assert not batch["images"][0, slot, gh * gw:].any()
+  assert not batch["images"][0, 3].any()
+  pos = batch["positions"][0]
+  assert (pos[:, 0] == 0).all() and (pos[:, 10] == 0).all()  # each segment restarts at 0
+  assert not pos[:, 18:].any()  # padding
+  want, _ = qi.get_rope_index(batch["input_ids"], grids, image_token_id=image_id,
+                                   segment_ids=batch["segment_ids"])
+  np.testing.assert_array_equal(batch["positions"], want)  # [B, 3, L]
+  # a alone: text 0, 1; its 2 x 3 token grid from 2; text continues at 2 + max(2, 3).
+  np.testing.assert_array_equal(pos[:, :10], [[0, 1, 2, 2, 2, 2, 2, 2, 5, 6],
+                                              [0, 1, 2, 2, 2, 3, 3, 3, 5, 6],
+                                              [0, 1, 2, 3, 4, 2, 3, 4, 5, 6]])
+  np.testing.assert_array_equal(batch["segment_ids"][0], [1] * 10 + [2] * 8 + [0] * 2)
+  # PackedDataset hands the format on.
+  ds = PackedDataset([a, b], seq_len=20, max_images=4, pad_id=PAD, seed=0, image_format=fmt)
+  assert ds.batch_at(0, 1)["image_grid"].shape == (1, 4, 3)

@@ -10,6 +10,7 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 from safetensors import safe_open
 
+from visatb_jax.data import qwen2vl_image
 from visatb_jax.model import qwen2vl, qwen2vl_io
 
 torch = pytest.importorskip("torch")
@@ -144,24 +145,24 @@ def test_rope_index_matches_transformers(pair):
   ids, mask = _left_pad(rows)
   for m in (None, mask):
     ref_pos, ref_deltas = _hf_rope_index(hf, ids, grids, m)
-    pos, deltas = qwen2vl.get_rope_index(ids, grids, m, image_token_id=IMG,
+    pos, deltas = qwen2vl_image.get_rope_index(ids, grids, m, image_token_id=IMG,
                                          spatial_merge_size=MERGE)
-    np.testing.assert_array_equal(pos, ref_pos)
+    np.testing.assert_array_equal(pos, ref_pos.transpose(1, 0, 2))  # Ours: batch first.
     np.testing.assert_array_equal(deltas, ref_deltas)
   # Packed: each sample's positions as if alone in its row.
   packed = rows[1] + rows[0]
   seg = [1] * len(rows[1]) + [2] * len(rows[0])
-  pos, _ = qwen2vl.get_rope_index([packed], [GRID_B, GRID_A, GRID_B], segment_ids=[seg],
+  pos, _ = qwen2vl_image.get_rope_index([packed], [GRID_B, GRID_A, GRID_B], segment_ids=[seg],
                                   image_token_id=IMG, spatial_merge_size=MERGE)
-  first, _ = qwen2vl.get_rope_index([rows[1]], [GRID_B], image_token_id=IMG)
-  second, _ = qwen2vl.get_rope_index([rows[0]], [GRID_A, GRID_B], image_token_id=IMG)
+  first, _ = qwen2vl_image.get_rope_index([rows[1]], [GRID_B], image_token_id=IMG)
+  second, _ = qwen2vl_image.get_rope_index([rows[0]], [GRID_A, GRID_B], image_token_id=IMG)
   np.testing.assert_array_equal(pos, np.concatenate([first, second], axis=2))
   with pytest.raises(ValueError, match="no image tokens"):
-    qwen2vl.get_rope_index(ids, grids + [GRID_A], mask, image_token_id=IMG)
+    qwen2vl_image.get_rope_index(ids, grids + [GRID_A], mask, image_token_id=IMG)
   with pytest.raises(ValueError, match="needs 6 image tokens"):
-    qwen2vl.get_rope_index(ids, [GRID_A, GRID_A, GRID_B], mask, image_token_id=IMG)
+    qwen2vl_image.get_rope_index(ids, [GRID_A, GRID_A, GRID_B], mask, image_token_id=IMG)
   with pytest.raises(ValueError, match="more image placeholder runs"):
-    qwen2vl.get_rope_index(ids, grids[:2], mask, image_token_id=IMG)
+    qwen2vl_image.get_rope_index(ids, grids[:2], mask, image_token_id=IMG)
 
 
 @nnx.jit
@@ -178,7 +179,7 @@ def _compare_logits(hf, ours, rows, grids):
                image_grid_thw=torch.tensor(grids),
                mm_token_type_ids=torch.tensor((ids == IMG).astype(np.int64))).logits.numpy()
       vision = qwen2vl.vision_batch(pixels, grids, MERGE)
-      positions, _ = qwen2vl.get_rope_index(ids, grids, image_token_id=IMG)
+      positions, _ = qwen2vl_image.get_rope_index(ids, grids, image_token_id=IMG)
       positions = jnp.asarray(positions)
     else:
       ref = hf(input_ids=torch.tensor(ids)).logits.numpy()
@@ -204,6 +205,71 @@ def test_logits_match_transformers(pair, case):
   assert np.isfinite(got).all() and got.std() > 1e-2  # A vacuous model would match anything.
 
 
+def _row_images(grids_per_row, pixels, slots, budget):
+  """The processor's packed patches laid out as `RowImages` ([B, slots, budget, patch_dim])."""
+  values = np.zeros((len(grids_per_row), slots, budget, PATCH_DIM), np.float32)
+  grid = np.zeros((len(grids_per_row), slots, 3), np.int32)
+  at = 0
+  for r, grids in enumerate(grids_per_row):
+    for m, g in enumerate(grids):
+      n = int(np.prod(g))
+      values[r, m, :n], grid[r, m] = pixels[at:at + n], g
+      at += n
+  return qwen2vl.RowImages(jnp.asarray(values), jnp.asarray(grid))
+
+
+def test_row_images_match_transformers_and_the_packed_form(pair):
+  """The per-row slot layout of training batches: each row splices its own slots' features."""
+  hf, ours = pair
+  rng = np.random.default_rng(4)
+  # Two images of different sizes; one image in the second slot's place of another row; text.
+  grids_per_row = [[GRID_A, GRID_B], [GRID_B], []]
+  width = 30
+  rows = [_row(rng, 2, GRID_A, 3, GRID_B, 2), _row(rng, 4, GRID_B, 5), _row(rng, 9)]
+  rows = [r + list(rng.integers(7, VOCAB, width - len(r))) for r in rows]
+  grids = [g for gs in grids_per_row for g in gs]
+  ids = np.asarray(rows, np.int64)
+  pixels = _pixels(grids, seed=9)
+  with torch.no_grad():
+    ref = hf(input_ids=torch.tensor(ids), pixel_values=torch.tensor(pixels),
+             image_grid_thw=torch.tensor(grids),
+             mm_token_type_ids=torch.tensor((ids == IMG).astype(np.int64))).logits.numpy()
+  positions, _ = qwen2vl_image.get_rope_index(ids, grids, image_token_id=IMG)
+  # A budget above the largest image: padding patches must not reach any real token.
+  images = _row_images(grids_per_row, pixels, slots=2, budget=32)
+  got = np.asarray(_logits(ours, jnp.asarray(ids, jnp.int32), images, jnp.asarray(positions)))
+  np.testing.assert_allclose(got, ref, atol=1e-4, rtol=0)
+  batch = {"input_ids": jnp.asarray(ids, jnp.int32), "images": images.pixel_values,
+           "image_grid": images.grid, "positions": jnp.asarray(positions),
+           "segment_ids": jnp.ones(ids.shape, jnp.int32)}
+  inputs = ours.batch_inputs(batch)
+  hidden = nnx.jit(lambda m, i, kw: m.hidden_states(i, **kw))(ours, batch["input_ids"], inputs)
+  np.testing.assert_allclose(np.asarray(ours.logits(hidden)), ref, atol=1e-4, rtol=0)
+
+
+def test_slot_layout_is_vision_positions_per_slot():
+  grids = np.asarray([[GRID_A, GRID_B], [(1, 2, 2), (0, 0, 0)]], np.int32)
+  segments, positions = qwen2vl.slot_layout(jnp.asarray(grids), 28, MERGE)
+  for r in range(2):
+    for m in range(2):
+      n = int(np.prod(grids[r, m]))
+      want_seg, want_pos = qwen2vl.vision_positions(grids[r, m][None], MERGE) if n else (
+          np.zeros(0, np.int32), np.zeros((0, 2), np.int32))
+      np.testing.assert_array_equal(np.asarray(segments[r, m, :n]), want_seg)
+      np.testing.assert_array_equal(np.asarray(positions[r, m, :n]), want_pos)
+      assert (np.asarray(segments[r, m, n:]) == 0).all()  # Padding: its own segment 0.
+
+
+def test_splice_row_features_fills_each_row_from_its_slots():
+  # Row 0: slots of 2 and 1 real tokens (budget 3); row 1: one slot of 3, one unused.
+  feats = jnp.arange(2 * 2 * 3, dtype=jnp.float32).reshape(2, 2, 3, 1)
+  slot_tokens = jnp.asarray([[2, 1], [3, 0]])
+  ids = jnp.asarray([[0, IMG, IMG, 0, IMG, 0], [IMG, IMG, IMG, 0, 0, 0]])
+  embeds = jnp.full((2, 6, 1), -1.0)
+  out = np.asarray(qwen2vl.splice_row_features(embeds, ids, feats, slot_tokens, IMG))[..., 0]
+  np.testing.assert_array_equal(out, [[-1, 0, 1, -1, 3, -1], [6, 7, 8, -1, -1, -1]])
+
+
 # ---------------------------------------------------------------- checkpoints (qwen2vl_io)
 
 _IO_RNG = np.random.default_rng(2)
@@ -220,7 +286,7 @@ def _torch_logits(hf) -> np.ndarray:
 
 def _ours(model) -> np.ndarray:
   ids = np.asarray(IO_ROWS, np.int64)
-  positions, _ = qwen2vl.get_rope_index(ids, IO_GRIDS, image_token_id=IMG)
+  positions, _ = qwen2vl_image.get_rope_index(ids, IO_GRIDS, image_token_id=IMG)
   vision = qwen2vl.vision_batch(_pixels(IO_GRIDS, seed=3), IO_GRIDS, MERGE)
   return np.asarray(_logits(model, jnp.asarray(ids, jnp.int32), vision, jnp.asarray(positions)))
 
@@ -419,13 +485,16 @@ def test_greedy_generation_matches_transformers_generate(pair):
   assert ref.shape == (3, new)
   # Patches padded to a fixed count (one compile for any image sizes); eos_id and pad_id are
   # traced, so the second call below reuses this compile.
-  out = qwen2vl.greedy_generate(ours, ids, mask, pixels, grids, max_new_tokens=new, eos_id=-1,
+  positions, _ = qwen2vl_image.get_rope_index(ids, grids, mask, image_token_id=IMG)
+  out = qwen2vl.greedy_generate(ours, ids, mask, positions, pixels, grids, max_new_tokens=new,
+                                eos_id=-1,
                                 pad_id=0, pad_patches_to=64)
   np.testing.assert_array_equal(out, ref)
   assert len(set(ref.ravel().tolist())) > 2  # A degenerate model would make this vacuous.
   # EOS: the row stops there (EOS itself not emitted), the others run on.
   eos = int(ref[0, 2])
-  stopped = qwen2vl.greedy_generate(ours, ids, mask, pixels, grids, max_new_tokens=new,
+  stopped = qwen2vl.greedy_generate(ours, ids, mask, positions, pixels, grids,
+                                    max_new_tokens=new,
                                     eos_id=eos, pad_id=-7, pad_patches_to=64)
   for row, want in zip(stopped, ref):
     hit = np.flatnonzero(want == eos)
@@ -444,7 +513,7 @@ def test_lora_adapts_only_the_decoder_and_trains_only_adapters(pair):
   rng = np.random.default_rng(7)
   ids = np.asarray([_row(rng, 2, GRID_A, 3, GRID_B, 2)], np.int64)
   grids = [GRID_A, GRID_B]
-  positions, _ = qwen2vl.get_rope_index(ids, grids, image_token_id=IMG)
+  positions, _ = qwen2vl_image.get_rope_index(ids, grids, image_token_id=IMG)
   batch = (jnp.asarray(ids, jnp.int32), qwen2vl.vision_batch(_pixels(grids, seed=8), grids, MERGE),
            jnp.asarray(positions))
   before = np.asarray(_logits(model, *batch))

@@ -337,3 +337,54 @@ def test_a_two_image_sample_is_answered_with_both_images(tok, model, tmp_path):
   # Not vacuous: the pairs share their first image, yet their answers differ, so an evaluation
   # that read only the first image would answer them all alike.
   assert len(set(got[:len(paths)])) > 1
+
+
+def test_native_images_batch_like_training_with_their_own_token_counts(tmp_path):
+  """Qwen2-VL's eval batches: each prompt's images keep their size (4 or 6 tokens here), the
+  slots hold what `NativeImages.fill` makes, and the positions are get_rope_index's on the
+  left-padded prompts, exactly as the model's parity tests feed transformers."""
+  from visatb_jax.data import image_format, qwen2vl_image  # pylint: disable=g-import-not-at-top
+  from visatb_jax.model.qwen2vl import RowImages  # pylint: disable=g-import-not-at-top
+  qwen = ("<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|image_pad|>", "<|vision_end|>")
+  tok = tk.train_tokenizer(CORPUS, vocab_size=300, save_dir=None)
+  tok.add_tokens(list(qwen), special_tokens=True)
+  pad_id = template.image_token_id(tok, "qwen2vl")
+  paths = []
+  for name, size in (("square", (48, 48)), ("wide", (96, 48))):
+    paths.append(str(tmp_path / f"{name}.png"))
+    Image.new("RGB", size, (200, 30, 30)).save(paths[-1])
+  samples = [_qa("vqa", "one", "red", image_path=paths[0]),
+             {**_qa("vqa", "two", "red"), "image_paths": [paths[1], paths[0]],
+              "conversations": [{"from": "human", "value": "<image><image>\nWhat?"},
+                                {"from": "gpt", "value": "red"}]},
+             {**_qa("vqa", "none", "red"),
+              "conversations": [{"from": "human", "value": "What?"},
+                                {"from": "gpt", "value": "red"}]}]
+  fmt = image_format.NativeImages(image_token_id=pad_id, max_pixels=56 * 84)
+  sets = evaluation.build_eval_sets(samples, tokenizer=tok, task_metrics={"vqa": "exact_match"},
+                                    num_image_tokens=0, image_size=0, template_name="qwen2vl",
+                                    image_format=fmt)
+  es = sets["vqa"]
+  assert [(row == pad_id).sum() for row in es.prompt_ids] == [4, 10, 0]  # 4; 6 + 4; none
+  # A placeholder without its image: named, not a bare count mismatch.
+  with pytest.raises(ValueError, match="task 'vqa', sample 'lost'.*1 <image> placeholder"):
+    evaluation.build_eval_sets([_qa("vqa", "lost", "red")], tokenizer=tok,
+                               task_metrics={"vqa": "exact_match"}, num_image_tokens=0,
+                               image_size=0, template_name="qwen2vl", image_format=fmt)
+
+  class Reader:  # What evaluation needs of a Qwen2-VL model to lay out its inputs.
+    from visatb_jax.model.qwen2vl import Qwen2VLForConditionalGeneration as _Q  # noqa: N814
+    batch_inputs = staticmethod(_Q.batch_inputs)
+
+  images, positions = evaluation._batch_inputs(Reader(), es, np.arange(3))
+  assert isinstance(images, RowImages)
+  grids = [(1, 4, 4), (1, 4, 6), (1, 4, 4)]
+  want_pos, _ = qwen2vl_image.get_rope_index(es.prompt_ids, grids, es.prompt_mask,
+                                             image_token_id=pad_id)
+  np.testing.assert_array_equal(positions * es.prompt_mask[:, None], want_pos)
+  np.testing.assert_array_equal(images.grid[1], [(1, 4, 6), (1, 4, 4)])
+  np.testing.assert_array_equal(images.grid[2], [(0, 0, 0), (0, 0, 0)])
+  pixels, _ = qwen2vl_image.preprocess_images([Image.open(p) for p in paths[::-1]],
+                                              max_pixels=56 * 84)
+  np.testing.assert_allclose(images.pixel_values[1, 0, :24], pixels[:24], atol=1e-6)
+  np.testing.assert_allclose(images.pixel_values[1, 1, :16], pixels[24:], atol=1e-6)

@@ -14,6 +14,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from visatb_jax.runtime import sharding
+from visatb_jax.data import qwen2vl_image
 from visatb_jax.model import qwen2vl
 from visatb_jax.model.config import LlavaConfig, TextConfig, VisionConfig
 from visatb_jax.model.llava import LlavaForConditionalGeneration
@@ -357,44 +358,59 @@ def test_qwen2vl_every_parameter_has_a_rule(qwen):
 
 
 def _qwen_batch():
+  """Rows of two packed samples, one image in the first; images in the per-row slot layout."""
   rng = np.random.default_rng(1)
-  n_img = int(np.prod(Q_GRID)) // Q_CFG.vision.merge_unit
+  n_patches = int(np.prod(Q_GRID))
+  n_img = n_patches // Q_CFG.vision.merge_unit
   ids = rng.integers(7, Q_CFG.text.vocab_size, size=(ROWS, LEN)).astype(np.int32)
-  ids[:, 2:2 + n_img] = Q_IMG  # One image per row, in the first of two packed samples.
+  ids[:, 2:2 + n_img] = Q_IMG
   segment_ids = np.where(np.arange(LEN) < 10, 1, 2).astype(np.int32)[None].repeat(ROWS, 0)
-  grids = [Q_GRID] * ROWS
-  positions, _ = qwen2vl.get_rope_index(ids, grids, segment_ids=segment_ids,
+  positions, _ = qwen2vl_image.get_rope_index(ids, [Q_GRID] * ROWS, segment_ids=segment_ids,
                                         image_token_id=Q_IMG)
-  pixels = rng.normal(size=(ROWS * int(np.prod(Q_GRID)), Q_CFG.vision.patch_dim))
-  vision = qwen2vl.vision_batch(pixels.astype(np.float32), grids)
-  return ids, vision, positions, segment_ids
+  pixels = rng.normal(size=(ROWS, 1, n_patches, Q_CFG.vision.patch_dim)).astype(np.float32)
+  grid = np.asarray(Q_GRID, np.int32)[None, None].repeat(ROWS, 0)
+  return {"input_ids": ids, "images": pixels, "image_grid": grid, "positions": positions,
+          "segment_ids": segment_ids}
 
 
-def test_qwen2vl_sharded_forward_equals_unsharded(qwen):
+def test_qwen2vl_sharded_forward_and_gradient_equal_unsharded(qwen):
+  """Every batch array (per-row image slots included) splits on its rows, as in training."""
   mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2}, _devices())
   graphdef, params, rest = nnx.split(qwen, nnx.Param, ...)
   p_sh = sharding.param_shardings(params, mesh, strict=True)
   r_sh = sharding.param_shardings(rest, mesh)
   b_sh = sharding.batch_sharding(mesh)
-  pos_sh = NamedSharding(mesh, P(None, *b_sh.spec))  # [3, B, L]: rows on the second axis.
   batch = _qwen_batch()
-  # The patches of all rows form one sequence (images of any size): replicated.
-  in_sh = (p_sh, r_sh, b_sh, sharding.replicated(mesh), pos_sh, b_sh)
 
-  def forward(p, r, ids, vision, positions, segment_ids):
-    return nnx.merge(graphdef, p, r)(ids, vision, positions, segment_ids)
+  def loss_and_logits(p, r, batch):
+    model = nnx.merge(graphdef, p, r)
+    logits = model(batch["input_ids"], **model.batch_inputs(batch))
+    return jnp.mean(jax.nn.logsumexp(logits, axis=-1) ** 2), logits
 
-  want = jax.jit(forward, compiler_options=_FAST_COMPILE)(params, rest, *batch)
-  placed = [jax.device_put(x, s) for x, s in zip((params, rest) + batch, in_sh)]
+  def forward(p, r, batch):
+    (_, logits), grads = jax.value_and_grad(loss_and_logits, has_aux=True)(p, r, batch)
+    return logits, grads
+
+  want_logits, want_grads = jax.jit(forward, compiler_options=_FAST_COMPILE)(params, rest, batch)
+  placed = (jax.device_put(params, p_sh), jax.device_put(rest, r_sh),
+            sharding.shard_batch(batch, mesh))
   # Under the mesh, so the decoder's activation constraints apply as in training.
-  got = jax.jit(sharding.under_mesh(forward, mesh), in_shardings=in_sh, out_shardings=b_sh,
-                compiler_options=_FAST_COMPILE)(*placed)
-  assert got.shape == (ROWS, LEN, Q_CFG.text.vocab_size)
-  assert got.sharding.spec == P(("data", "fsdp"))
+  got_logits, got_grads = jax.jit(sharding.under_mesh(forward, mesh),
+                                  out_shardings=(b_sh, p_sh),
+                                  compiler_options=_FAST_COMPILE)(*placed)
+  assert got_logits.shape == (ROWS, LEN, Q_CFG.text.vocab_size)
+  assert got_logits.sharding.spec == P(("data", "fsdp"))
+  assert placed[2]["images"].sharding.spec == P(("data", "fsdp"))
   merger_in = placed[0]["visual"]["merger"]["mlp"][0]["kernel"][...]
   assert merger_in.addressable_shards[0].data.shape == (64, 64)  # [width / fsdp, / tensor].
-  assert float(np.std(np.asarray(want))) > 1e-2  # A vacuous model would match anything.
-  np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5, rtol=0)
+  assert float(np.std(np.asarray(want_logits))) > 1e-2  # A vacuous model would match anything.
+  np.testing.assert_allclose(np.asarray(got_logits), np.asarray(want_logits), atol=1e-5, rtol=0)
+  flat_want, flat_got = jax.tree.leaves(want_grads), jax.tree.leaves(got_grads)
+  assert len(flat_want) == len(flat_got) > 0
+  vision_grad = want_grads["visual"]["patch_embed"]["proj"]["kernel"][...]
+  assert float(np.abs(np.asarray(vision_grad)).max()) > 0  # The images reach the loss.
+  for w, g in zip(flat_want, flat_got):
+    np.testing.assert_allclose(np.asarray(g), np.asarray(w), atol=2e-5, rtol=1e-4)
 
 
 def test_shard_batch_and_logical_constraint():

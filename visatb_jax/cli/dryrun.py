@@ -28,6 +28,7 @@ import jax.numpy as jnp
 from visatb_jax import train as train_lib
 from visatb_jax.model import factory
 from visatb_jax.model import llama
+from visatb_jax.pipeline import models as models_lib
 from visatb_jax.runtime import cost
 from visatb_jax.runtime import sharding as sharding_lib
 
@@ -49,17 +50,20 @@ def _count(tree: Any) -> int:
              if jnp.issubdtype(x.dtype, jnp.floating))
 
 
-def abstract_batch(rows: int, seq_len: int, max_images: int, image_size: int) -> dict[str, Any]:
-  """ShapeDtypeStructs of one global batch (docs/architecture.md, "Batch")."""
+def abstract_batch(rows: int, seq_len: int, max_images: int, image_format: Any) -> dict[str, Any]:
+  """ShapeDtypeStructs of one global batch (docs/architecture.md, "Batch"); the image arrays and
+  positions as `image_format` (data/image_format.py) lays them out."""
   i32, f32 = jnp.int32, jnp.float32
   tokens = (rows, seq_len)
-  return {"input_ids": jax.ShapeDtypeStruct(tokens, i32),
-          "targets": jax.ShapeDtypeStruct(tokens, i32),
-          "loss_mask": jax.ShapeDtypeStruct(tokens, f32),
-          "task_ids": jax.ShapeDtypeStruct(tokens, i32),
-          "positions": jax.ShapeDtypeStruct(tokens, i32),
-          "segment_ids": jax.ShapeDtypeStruct(tokens, i32),
-          "images": jax.ShapeDtypeStruct((rows, max_images, image_size, image_size, 3), f32)}
+  batch = {"input_ids": jax.ShapeDtypeStruct(tokens, i32),
+           "targets": jax.ShapeDtypeStruct(tokens, i32),
+           "loss_mask": jax.ShapeDtypeStruct(tokens, f32),
+           "task_ids": jax.ShapeDtypeStruct(tokens, i32),
+           "positions": jax.ShapeDtypeStruct(image_format.positions_shape(rows, seq_len), i32),
+           "segment_ids": jax.ShapeDtypeStruct(tokens, i32)}
+  for key, (shape, dtype) in image_format.batch_shapes(rows, max_images).items():
+    batch[key] = jax.ShapeDtypeStruct(shape, dtype)
+  return batch
 
 
 def _with_sharding(tree: Any, shardings: Any) -> Any:
@@ -89,7 +93,8 @@ def lower_step(config: Any, devices: Sequence[jax.Device] | None = None
   state_sh = sharding_lib.param_shardings(state, mesh)
   frozen_sh = sharding_lib.param_shardings(frozen, mesh)
   rows, seq_len = int(tc.batch_size), int(config.data.seq_len)
-  batch = abstract_batch(rows, seq_len, int(config.data.max_images), model_cfg.vision.image_size)
+  fmt = models_lib.image_format_for(model_cfg, config.data)
+  batch = abstract_batch(rows, seq_len, int(config.data.max_images), fmt)
   num_tasks = len(config.task_order)
   step = train_lib.make_train_step(
       graphdef, tx, mesh=mesh, accum_steps=tc.accum_steps, donate=True,
@@ -102,7 +107,8 @@ def lower_step(config: Any, devices: Sequence[jax.Device] | None = None
       jax.ShapeDtypeStruct((num_tasks,), jnp.float32, sharding=repl),
       jax.ShapeDtypeStruct((), jnp.float32, sharding=repl))
   info = {
-      "mesh": mesh, "model_cfg": model_cfg, "train": tc, "rows": rows, "seq_len": seq_len,
+      "mesh": mesh, "model_cfg": model_cfg, "image_format": fmt, "train": tc, "rows": rows,
+      "seq_len": seq_len,
       "max_images": int(config.data.max_images), "params": params, "frozen": frozen,
       "param_shardings": state_sh.params, "frozen_shardings": frozen_sh,
       "per_device_bytes": {
@@ -169,9 +175,10 @@ def _matrix_params(tree: Any, part: str) -> int:
   for name, leaf in _leaf_items(tree):
     if len(leaf.shape) < 2 or not jnp.issubdtype(leaf.dtype, jnp.floating):
       continue
-    where = ("vision" if "vision_tower" in name else "projector"
-             if "multi_modal_projector" in name else "embedding" if "embed_tokens" in name
-             else "decoder")
+    # Qwen2-VL's tower is `visual`, its projector the merger inside it.
+    where = ("projector" if "multi_modal_projector" in name or "merger" in name else "vision"
+             if "vision_tower" in name or "visual" in name else "embedding"
+             if "embed_tokens" in name else "decoder")
     total += math.prod(leaf.shape) if where == part else 0
   return total
 
@@ -204,12 +211,20 @@ def model_flops(info: dict[str, Any]) -> dict[str, Any]:
   tokens = info["rows"] * info["seq_len"]
   images = info["rows"] * info["max_images"]  # every slot runs the tower, filled or not
   n_proj = sum(_matrix_params(t, "projector") for t in both)
-  projector = (4 * n_proj + 2 * _matrix_params(params, "projector")) * cfg.num_image_tokens
-  tower = cost.vit_forward_flops(
-      layers=cfg.vision_feature_layer % (vision.num_hidden_layers + 1),
-      tokens=vision.num_patches + 1, hidden=vision.hidden_size,
-      intermediate=vision.intermediate_size, patches=vision.num_patches,
-      patch_inputs=vision.num_channels * vision.patch_size ** 2)
+  if hasattr(cfg, "mrope_section"):  # Qwen2-VL: every slot's full patch budget runs the tower.
+    patches = info["image_format"].batch_shapes(1, 1)["images"][0][2]
+    image_tokens = patches // vision.merge_unit
+    tower = cost.vit_forward_flops(
+        layers=vision.depth, tokens=patches, hidden=vision.embed_dim,
+        intermediate=vision.mlp_dim, patches=patches, patch_inputs=vision.patch_dim)
+  else:
+    image_tokens = cfg.num_image_tokens
+    tower = cost.vit_forward_flops(
+        layers=cfg.vision_feature_layer % (vision.num_hidden_layers + 1),
+        tokens=vision.num_patches + 1, hidden=vision.hidden_size,
+        intermediate=vision.intermediate_size, patches=vision.num_patches,
+        patch_inputs=vision.num_channels * vision.patch_size ** 2)
+  projector = (4 * n_proj + 2 * _matrix_params(params, "projector")) * image_tokens
   if _matrix_params(params, "vision"):  # a trainable tower also runs backward
     tower *= 3
   total = tokens * per_token["total"] + images * (projector + tower)

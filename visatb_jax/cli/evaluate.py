@@ -152,6 +152,7 @@ def select_tasks(run_config, requested: Sequence[str]) -> list[str]:
 
 def _workspace(run_config, model_dir: str, kind: str, scratch: str):
   """(workspace, rel_dir) to load the model from; `scratch` holds an HF model's tokenizer."""
+  from visatb_jax.data import template  # pylint: disable=g-import-not-at-top
   from visatb_jax.data import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
   from visatb_jax.pipeline.workspace import Workspace  # pylint: disable=g-import-not-at-top
   if kind == "run":
@@ -167,8 +168,9 @@ def _workspace(run_config, model_dir: str, kind: str, scratch: str):
   sections = {**run_config.sections, "model": {**run_config.sections["model"], "path": model_dir}}
   ws = Workspace(dataclasses.replace(run_config, sections=sections), scratch)
   try:
-    tokenizer_lib.copy_pretrained_tokenizer(data.get("tokenizer") or model_dir,
-                                            ws.data.tokenizer_dir)
+    tokenizer_lib.copy_pretrained_tokenizer(
+        data.get("tokenizer") or model_dir, ws.data.tokenizer_dir,
+        image_token=template.get_template(ws.data.template).image_token)
   except ValueError as e:
     raise PipelineError(str(e)) from e
   return ws, None

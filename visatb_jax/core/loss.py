@@ -9,11 +9,13 @@ would silently reweight the tokens, which is the bug this module exists to avoid
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 import optax
+from jax.sharding import PartitionSpec as P
 
 
 def _valid(loss_mask: jax.Array, task_ids: jax.Array) -> jax.Array:
@@ -87,57 +89,144 @@ def chunked_token_loss(
     *,
     chunk_size: int = 1024,
 ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
-  """`token_loss(logits_fn(hidden), ...)` without ever holding the [tokens, V] logits.
+  """`token_loss(logits_fn(hidden), ...)` without ever holding the [B, L, V] logits.
 
-  Tokens are flattened, padded to a multiple of the chunk (padding carries no loss) and
-  scanned chunk by chunk; each chunk is rematerialised in the backward pass, so the
-  logits live only one chunk at a time: peak memory O(chunk_size · V), not O(tokens · V).
-  Gradients flow to `hidden` and to whatever `logits_fn` closes over (the head kernel).
+  The chunks run along the sequence: the rows are cut into [rows, c] blocks of columns (L
+  padded to a multiple of c; padding carries no loss) and scanned block by block, each block
+  rematerialised in the backward pass, so the logits live one block at a time. `chunk_size` is
+  the tokens of one block on one device: c = ⌊chunk_size / rows⌋ (at least 1, at most L, then
+  evened out so that the blocks split L with the least padding), rows being the rows one
+  device holds (all of them without a mesh), so the live logits are O(chunk_size · V) per
+  device on any mesh. Gradients flow to `hidden` and to whatever `logits_fn` closes over (the
+  head kernel).
+
+  Under a mesh (the train steps are traced under `sharding.under_mesh`) the rows are split
+  over the devices. Chunking the flattened [B, L] tokens scanned over that split axis: every
+  device walked every chunk, and XLA all-reduced each chunk's float32 logits. Blocks that keep
+  the split rows are not enough either: XLA then reduces the head's weight gradient across
+  devices once per block (a loop carry holds no unreduced partial sums). So the scan runs in a
+  `jax.shard_map` over the mesh axes that split the rows (`_row_axes`): each device scans its
+  own rows with the whole head (the FSDP gather of its weights, once), and the four sums and
+  the head's gradient are summed over the devices once, after the loop. The price: from the
+  loss's backward pass until that sum, each device holds its own float32 [D, V] partial
+  gradient of the head, besides the gathered head. Nothing else is communicated.
 
   Args:
     hidden: [B, L, D] final-norm hidden states, any float dtype.
-    logits_fn: [n, D] -> float32 [n, V], e.g. `model.logits`.
+    logits_fn: [..., D] -> float32 [..., V], e.g. `model.logits` (called on [rows, c, D]).
     targets: int [B, L], the token predicted at each position.
     loss_mask: [B, L], 1 on assistant tokens (already shifted), 0 elsewhere.
     task_ids: int [B, L], task index where `loss_mask` is 1, −1 elsewhere.
     lam: float32 [T], the weight of each task.
-    chunk_size: tokens per chunk (capped at the number of tokens).
+    chunk_size: tokens per block and device (see above).
 
   Returns:
     The four sums of `token_loss`, equal up to float32 summation order.
   """
   if chunk_size < 1:
     raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-  if hidden.shape[:-1] != targets.shape:
+  if targets.ndim != 2 or hidden.shape[:-1] != targets.shape:
     raise ValueError(f"hidden {hidden.shape} does not match targets {targets.shape} "
                      "(expected [B, L, D] and [B, L])")
   lam = jnp.asarray(lam, jnp.float32)
-  num_tasks = lam.shape[0]
-  n = targets.size
-  chunk = max(1, min(chunk_size, n))
-  pad = -n % chunk
+  rows, length = targets.shape
+  mesh, axes = _row_axes(rows)
+  if not axes:
+    return _column_scan(hidden, logits_fn, targets, loss_mask, task_ids, lam,
+                        _block_width(rows, length, chunk_size))
+  width = _block_width(rows // math.prod(mesh.shape[a] for a in axes), length, chunk_size)
 
-  def flat(x: jax.Array, fill: float) -> jax.Array:
-    x = x.reshape((n,) + x.shape[targets.ndim:])
-    x = jnp.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1), constant_values=fill)
-    return x.reshape((-1, chunk) + x.shape[1:])
+  def local(h, t, m, ids, lam):
+    # The head's closed-over arrays, made explicit and typed as this device's own copy: their
+    # cotangents then accumulate locally in the scan and are summed over the devices once, by
+    # the transpose of `_to_varying`. (Used as closed over, JAX 0.10 builds their zero
+    # cotangent on the outer, automatic mesh inside this manual region and fails.)
+    example = jnp.zeros((h.shape[0], width, h.shape[-1]), h.dtype)
+    head, consts = jax.closure_convert(logits_fn, example)
+    consts = [_to_varying(c, axes) for c in consts]
+    sums = _column_scan(h, lambda x: head(x, *consts), t, m, ids, lam, width, varying=axes)
+    return jax.tree.map(lambda s: jax.lax.psum(s, axes), sums)
+
+  rows_spec = P(axes)
+  return jax.shard_map(local, mesh=mesh, in_specs=(rows_spec,) * 4 + (P(),), out_specs=P(),
+                       axis_names=set(axes))(hidden, targets, loss_mask, task_ids, lam)
+
+
+def _row_axes(rows: int) -> tuple[jax.sharding.AbstractMesh | None, tuple[str, ...]]:
+  """(context mesh, the mesh axes that split the rows of the chunked loss); () without a mesh.
+
+  The axes: those of size > 1 in mesh order, the longest prefix whose size product divides
+  `rows`. The batch is sharded over a prefix of them (data, fsdp), so each device's share is
+  a slice of the rows it already holds; a further axis (tensor) splits those rows too, which
+  for the LM head and the cross-entropy is plain data parallelism. () when no mesh is set, or
+  when one of its axes is not automatic (inside a shard_map, or an explicit mesh): the scan
+  then runs as traced, XLA partitioning it.
+  """
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or any(t != jax.sharding.AxisType.Auto for t in mesh.axis_types):
+    return None, ()
+  axes: list[str] = []
+  for name in mesh.axis_names:
+    size = mesh.shape[name]
+    if size == 1:
+      continue
+    if rows % (math.prod(mesh.shape[a] for a in axes) * size):
+      break
+    axes.append(name)
+  return mesh, tuple(axes)
+
+
+def _block_width(rows: int, length: int, chunk_size: int) -> int:
+  """Columns per block: as many as `chunk_size` tokens over `rows` rows allow (1 to L), then
+  spread evenly over the blocks that L needs, so that padding is under one column per block."""
+  blocks = -(-length // max(1, min(chunk_size // max(rows, 1), length)))
+  return -(-length // blocks)
+
+
+def _column_scan(hidden: jax.Array, logits_fn: Callable[[jax.Array], jax.Array],
+                 targets: jax.Array, loss_mask: jax.Array, task_ids: jax.Array, lam: jax.Array,
+                 width: int, varying: tuple[str, ...] = ()
+                 ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+  """The four sums over [rows, width] blocks of the sequence, scanned and rematerialised.
+
+  `varying`: the shard_map axes the inputs vary over, which the scan's zero carry must vary
+  over too (shard_map checks that a loop keeps its carry's type).
+  """
+  num_tasks = lam.shape[0]
+  rows, length = targets.shape
+  blocks = -(-length // width)
+  pad = blocks * width - length
+
+  def columns(x: jax.Array, fill: float) -> jax.Array:
+    """[rows, L, ...] -> [blocks, rows, width, ...]: the scanned axis leads, rows stay whole."""
+    x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2), constant_values=fill)
+    return jnp.swapaxes(x.reshape((rows, blocks, width) + x.shape[2:]), 0, 1)
 
   # Padding: zero hidden states (finite logits), mask 0 and task −1, so it adds exactly 0.
-  xs = (flat(hidden, 0), flat(targets, 0), flat(loss_mask, 0), flat(task_ids, -1))
+  xs = (columns(hidden, 0), columns(targets, 0), columns(loss_mask, 0), columns(task_ids, -1))
 
-  # Remat: the backward pass recomputes this chunk's logits rather than storing every
-  # chunk's. prevent_cse is unnecessary under scan (and would only block optimisations).
+  # Remat: the backward pass recomputes this block's logits rather than storing every
+  # block's. prevent_cse is unnecessary under scan (and would only block optimisations).
   @functools.partial(jax.checkpoint, prevent_cse=False)
-  def chunk_sums(h, t, m, ids):
+  def block_sums(h, t, m, ids):
     return token_loss(logits_fn(h), t, m, ids, lam)
 
   def body(carry, x):
-    return jax.tree.map(jnp.add, carry, chunk_sums(*x)), None
+    return jax.tree.map(jnp.add, carry, block_sums(*x)), None
 
   zero = jnp.zeros((), jnp.float32)
   init = (zero, zero, jnp.zeros((num_tasks,), jnp.float32), jnp.zeros((num_tasks,), jnp.float32))
+  if varying:
+    init = jax.tree.map(lambda x: _to_varying(x, varying), init)
   sums, _ = jax.lax.scan(body, init, xs)
   return sums
+
+
+def _to_varying(x: jax.Array, axes: tuple[str, ...]) -> jax.Array:
+  """`x`, typed as varying over the shard_map `axes` (its value unchanged)."""
+  if hasattr(jax.lax, "pcast"):
+    return jax.lax.pcast(x, axes, to="varying")
+  return jax.lax.pvary(x, axes)  # JAX before `pcast`
 
 
 def task_counts(task_ids: jax.Array, loss_mask: jax.Array, num_tasks: int) -> jax.Array:

@@ -5,13 +5,15 @@ The pipeline of one host (``make_dataset``)::
   tfds array_record source (prepare.py), or the records ``record_indices`` of it
     -> [process_index::process_count]   per-host shard: disjoint, their union is every record
     -> shuffle(seed).repeat(num_epochs) a new permutation every epoch (grain folds the epoch in)
-    -> map(EncodeRecord)                decode, chat template + tokenizer, image bytes -> uint8;
-                                        a sample too long for ``max_len`` becomes None (dropped)
+    -> map(EncodeRecord)                image bytes -> uint8 (the image format), chat template +
+                                        tokenizer with each image's token count; a sample too
+                                        long for ``max_len`` becomes None (dropped)
     -> to_iter_dataset(read threads)
     -> PackBatchesIterDataset           best-fill packing of windows of ``pack_window`` samples
                                         (``packing.pack_rows_best_fill``) into
                                         ``host_batch_size`` rows
-                                        (``packing.rows_to_batch``: the Batch contract)
+                                        (``packing.rows_to_batch``: the Batch contract, image
+                                        arrays and positions from the image format)
     -> mp_prefetch(worker_count)        optional worker processes, each running all of the above
                                         on its own slice of the shuffled stream
 
@@ -29,16 +31,14 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import io
 import itertools
 from collections.abc import Iterator, Sequence
 from typing import Any, Self
 
 import grain
 import numpy as np
-from PIL import Image
 
-from visatb_jax.data import images as images_lib
+from visatb_jax.data import image_format as image_format_lib
 from visatb_jax.data import packing, prepare
 from visatb_jax.data import template as template_lib
 
@@ -47,7 +47,11 @@ STATE_FORMAT = 1
 
 @dataclasses.dataclass(frozen=True)
 class LoaderConfig:
-  """Settings of a loader; all but ``worker_buffer_size`` and ``read_threads`` shape the batches."""
+  """Settings of a loader; all but ``worker_buffer_size`` and ``read_threads`` shape the batches.
+
+  ``image_format`` (``image_format.py``) says how the model sees images; None is LLaVA's
+  ``SquareImages(image_size, num_image_tokens)``, and with a format given those two are unused.
+  """
   tasks: tuple[str, ...]  # task id = position in this tuple (config.task_order)
   seq_len: int
   max_images: int
@@ -63,6 +67,7 @@ class LoaderConfig:
   worker_count: int = 0  # worker processes (0: everything in this process)
   worker_buffer_size: int = 2  # batches each worker prepares ahead
   read_threads: int = 2  # threads reading + encoding records in each process
+  image_format: Any = None  # None: SquareImages(image_size, num_image_tokens)
 
   def __post_init__(self):
     if self.max_len > self.seq_len:
@@ -74,18 +79,17 @@ class LoaderConfig:
       raise ValueError("LoaderConfig needs at least one task")
     template_lib.get_template(self.template)
 
+  @property
+  def resolved_image_format(self) -> Any:
+    """``image_format``, or the square format of ``image_size`` and ``num_image_tokens``."""
+    if self.image_format is not None:
+      return self.image_format
+    return image_format_lib.SquareImages(self.image_size, self.num_image_tokens)
+
 
 def decode_image(data: bytes, size: int, *, name: str = "image") -> np.ndarray:
   """Image file bytes -> uint8 ``[size, size, 3]``, exactly as ``images.load_image`` does it."""
-  try:
-    with Image.open(io.BytesIO(data)) as f:
-      image = f.convert("RGB")
-  except (OSError, Image.DecompressionBombError, ValueError) as e:
-    raise images_lib.ImageError(f"cannot decode {name}: {e}") from e
-  image = images_lib.expand_to_square(image)
-  if image.size != (size, size):
-    image = image.resize((size, size), Image.Resampling.BICUBIC)
-  return np.asarray(image, dtype=np.uint8)
+  return image_format_lib.SquareImages(size, 0).decode(data, name=name)
 
 
 class EncodeRecord(grain.transforms.Map):
@@ -93,6 +97,7 @@ class EncodeRecord(grain.transforms.Map):
 
   def __init__(self, tok: Any, config: LoaderConfig):
     self.tok, self.config = tok, config
+    self.image_format = config.resolved_image_format
     self.task_ids = {t: i for i, t in enumerate(config.tasks)}
 
   def map(self, record: Any) -> packing.Example | None:
@@ -102,17 +107,18 @@ class EncodeRecord(grain.transforms.Map):
     if task is None:
       raise ValueError(f"sample {sample['id']!r} has task {sample['task']!r}, which is not one "
                        f"of the loader's tasks {list(cfg.tasks)}")
+    # Images first: under a native-resolution format each one's token count follows its size.
+    fmt = self.image_format
+    images = [fmt.decode(data, name=f"{path} (sample {sample['id']!r})")
+              for data, path in zip(sample["images"], sample["image_paths"])]
     enc = template_lib.encode_conversation(
-        sample["conversations"], self.tok, num_image_tokens=cfg.num_image_tokens,
+        sample["conversations"], self.tok, num_image_tokens=[fmt.num_tokens(im) for im in images],
         max_len=cfg.max_len, system=cfg.system, template=cfg.template)
     if enc is None:
       return None
-    if enc.num_images != len(sample["images"]):
+    if enc.num_images != len(images):
       raise ValueError(f"sample {sample['id']!r} has {enc.num_images} image placeholders for "
-                       f"{len(sample['images'])} images")
-    images = np.zeros((enc.num_images, cfg.image_size, cfg.image_size, 3), np.uint8)
-    for k, (data, path) in enumerate(zip(sample["images"], sample["image_paths"])):
-      images[k] = decode_image(data, cfg.image_size, name=f"{path} (sample {sample['id']!r})")
+                       f"{len(images)} images")
     return packing.Example(enc.input_ids, enc.label_mask, task, images)
 
 
@@ -133,10 +139,12 @@ class _PackBatchesIterator(grain.DatasetIterator):
   """Batches of packed rows; see the module docstring for the state."""
 
   def __init__(self, parent: grain.DatasetIterator, *, batch_size: int, seq_len: int,
-               max_images: int, pad_id: int, image_size: int, window: int):
+               max_images: int, pad_id: int, window: int, image_format: Any = None,
+               image_size: int | None = None):
     super().__init__(parent)
     self._batch_size, self._seq_len, self._max_images = batch_size, seq_len, max_images
-    self._pad_id, self._image_size, self._window = pad_id, image_size, window
+    self._pad_id, self._window = pad_id, window
+    self._image_format = packing.resolve_image_format(image_format, image_size)
     self._windows: collections.deque[_Window] = collections.deque()
     self._skip = 0  # rows of the next window already given before a set_state
     self._exhausted = False
@@ -179,7 +187,7 @@ class _PackBatchesIterator(grain.DatasetIterator):
     rows.extend([] for _ in range(self._batch_size - len(rows)))
     return packing.rows_to_batch(examples, rows, seq_len=self._seq_len,
                                  max_images=self._max_images, pad_id=self._pad_id,
-                                 image_size=self._image_size)
+                                 image_format=self._image_format)
 
   def get_state(self) -> dict[str, Any]:
     if self._windows:
@@ -195,13 +203,18 @@ class _PackBatchesIterator(grain.DatasetIterator):
 
 
 class PackBatchesIterDataset(grain.IterDataset):
-  """:class:`packing.Example` stream -> Batch dicts of ``batch_size`` packed rows."""
+  """:class:`packing.Example` stream -> Batch dicts of ``batch_size`` packed rows.
+
+  ``image_format`` (or the square format of ``image_size``) builds the image arrays and positions.
+  """
 
   def __init__(self, parent: grain.IterDataset, *, batch_size: int, seq_len: int,
-               max_images: int, pad_id: int, image_size: int, window: int):
+               max_images: int, pad_id: int, window: int, image_format: Any = None,
+               image_size: int | None = None):
     super().__init__(parent)
     self._kwargs = {"batch_size": batch_size, "seq_len": seq_len, "max_images": max_images,
-                    "pad_id": pad_id, "image_size": image_size, "window": window}
+                    "pad_id": pad_id, "window": window, "image_format": image_format,
+                    "image_size": image_size}
 
   def __iter__(self) -> _PackBatchesIterator:
     return _PackBatchesIterator(self._parent.__iter__(), **self._kwargs)
@@ -266,8 +279,8 @@ def make_dataset(source: Any, tok: Any, config: LoaderConfig, *, process_index: 
                                             prefetch_buffer_size=max(1, 4 * config.read_threads)))
   ds = PackBatchesIterDataset(
       ds, batch_size=config.batch_size // process_count, seq_len=config.seq_len,
-      max_images=config.max_images, pad_id=int(tok.pad_token_id), image_size=config.image_size,
-      window=config.pack_window)
+      max_images=config.max_images, pad_id=int(tok.pad_token_id),
+      image_format=config.resolved_image_format, window=config.pack_window)
   if config.worker_count:
     _mark_absl_flags_parsed()
     ds = ds.mp_prefetch(grain.MultiprocessingOptions(
@@ -299,7 +312,8 @@ class Loader:
         "template": config.template, "system": config.system, "pack_window": config.pack_window,
         "num_epochs": config.num_epochs, "worker_count": config.worker_count,
         "process_index": self.process_index, "process_count": self.process_count,
-        "num_records": len(source) if record_indices is None else len(record_indices)}
+        "num_records": len(source) if record_indices is None else len(record_indices),
+        "image_format": image_format_lib.describe(config.resolved_image_format)}
 
   @property
   def iterator(self) -> grain.DatasetIterator:
@@ -326,7 +340,11 @@ class Loader:
     """
     if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
       raise ValueError(f"not a loader state of format {STATE_FORMAT}")
-    saved = state.get("settings", {})
+    saved = dict(state.get("settings", {}))
+    # States saved before formats existed were all LLaVA's square images.
+    saved.setdefault("image_format", {"class": "SquareImages",
+                                      "image_size": saved.get("image_size"),
+                                      "num_image_tokens": saved.get("num_image_tokens")})
     changed = sorted(k for k in set(saved) | set(self._settings)
                      if saved.get(k) != self._settings.get(k))
     if changed:

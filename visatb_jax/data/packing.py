@@ -7,8 +7,16 @@ Per packed sample (segment) of tokens ``x[0..n-1]`` with label mask ``m[0..n-1]`
 * ``task_ids[t]`` is the sample's task where ``loss_mask[t]`` is 1 and -1 elsewhere;
 * ``positions`` restart at 0 and ``segment_ids`` count 1, 2, ... per row; padding has
   ``input_ids = pad_id``, segment 0, position 0, target 0, loss 0, task -1;
-* ``images[b, k]`` is the k-th image of row b in order of appearance (CLIP-normalised, zeros
-  for unused slots), which is the order of the image-token blocks in ``input_ids``.
+* ``images[b, k]`` is the k-th image of row b in order of appearance (zeros for unused slots),
+  which is the order of the image-token blocks in ``input_ids``.
+
+The image arrays and the positions follow the batch's image format (``image_format.py``): LLaVA's
+:class:`~visatb_jax.data.image_format.SquareImages` (the default) gives CLIP-normalised pixels
+``images`` [B, M, S, S, 3] and ``positions`` [B, L]; Qwen2-VL's
+:class:`~visatb_jax.data.image_format.NativeImages` gives per-slot patches ``images``
+[B, M, P, patch_dim], their grids ``image_grid`` [B, M, 3] and M-RoPE ``positions`` [B, 3, L],
+which restart at 0 in every segment too. Packing itself only sees token lengths and image counts:
+an image's token count is already part of its sample's length.
 """
 
 from __future__ import annotations
@@ -16,11 +24,11 @@ from __future__ import annotations
 import collections
 import dataclasses
 import os
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
-from visatb_jax.data.images import load_images, normalize
+from visatb_jax.data.image_format import SquareImages
 
 
 @dataclasses.dataclass(frozen=True)
@@ -28,12 +36,14 @@ class Example:
   """One encoded sample ready for packing.
 
   ``images`` is a uint8 array ``[k, H, W, 3]`` (``k`` may be 0; the shape still tells H and W), or
-  a sequence of ``k`` image file paths loaded when a batch is built (then ``image_size`` is needed).
+  a sequence of ``k`` items, each a uint8 array ``[h, w, 3]`` as the image format loads it (sizes
+  may differ: native resolution) or an image file path, loaded by the image format when a batch
+  is built (then an ``image_format`` or ``image_size`` is needed).
   """
   input_ids: np.ndarray  # int32 [n]
   label_mask: np.ndarray  # bool [n]
   task_id: int
-  images: np.ndarray | Sequence[str | os.PathLike]
+  images: np.ndarray | Sequence[np.ndarray | str | os.PathLike]
   record: int = -1  # index of the sample in its split (a prepared mixture's record), -1 unknown
 
   @property
@@ -326,43 +336,59 @@ def pack_rows_best_fill(lengths: Sequence[int], image_counts: Sequence[int], seq
   return rows
 
 
-def _image_shape(examples: Sequence[Example], image_size: int | None) -> tuple[int, int]:
-  if image_size is not None:
-    return image_size, image_size
+def _image_size(examples: Sequence[Example]) -> int:
+  """H = W of the examples' image arrays (the default square format's size)."""
   for ex in examples:
-    if isinstance(ex.images, np.ndarray):
-      return int(ex.images.shape[1]), int(ex.images.shape[2])
+    arrays = [ex.images] if isinstance(ex.images, np.ndarray) else [
+        im for im in ex.images if isinstance(im, np.ndarray)][:1]
+    for a in arrays:
+      height, width = a.shape[-3:-1]
+      if height != width:
+        raise ValueError(f"images of shape {a.shape[-3:]} are not square; pass an image_format")
+      return int(height)
   raise ValueError("image_size is required when no example holds an image array")
 
 
-def _example_images(ex: Example, shape: tuple[int, int]) -> np.ndarray:
-  if isinstance(ex.images, np.ndarray):
-    if ex.images.shape[1:] != (*shape, 3):
-      raise ValueError(f"image shape {ex.images.shape[1:]} differs from {(*shape, 3)}")
-    return ex.images
-  if shape[0] != shape[1]:
-    raise ValueError(f"image files are loaded square, but the batch image shape is {shape}")
-  return load_images(ex.images, shape[0])
+def resolve_image_format(image_format: Any, image_size: int | None,
+                         examples: Sequence[Example] = ()) -> Any:
+  """The batch's image format: ``image_format``, else LLaVA's square images of ``image_size``
+  (default: the size of the examples' image arrays).
+
+  The square format's token count plays no part in building a batch (the samples are encoded
+  already), so it is left 0 here.
+  """
+  if image_format is not None:
+    if image_size is not None:
+      raise ValueError("give image_format or image_size, not both")
+    return image_format
+  return SquareImages(_image_size(examples) if image_size is None else image_size, 0)
+
+
+def _example_images(ex: Example, image_format: Any) -> list[np.ndarray]:
+  """The example's images as the format loads them, in order."""
+  return [im if isinstance(im, np.ndarray) else image_format.load(im) for im in ex.images]
 
 
 def rows_to_batch(examples: Sequence[Example], rows: Sequence[Sequence[int]], *, seq_len: int,
-                  max_images: int, pad_id: int, image_size: int | None = None
-                  ) -> dict[str, np.ndarray]:
+                  max_images: int, pad_id: int, image_size: int | None = None,
+                  image_format: Any = None) -> dict[str, np.ndarray]:
   """The Batch arrays for ``rows`` (indices into ``examples``), one batch row per entry.
 
-  ``image_size`` sets H = W of the ``images`` array (default: from the examples' image arrays).
+  ``image_format`` (``image_format.py``) decides the image arrays and the positions; None is
+  ``SquareImages`` of ``image_size`` (default: H = W of the examples' image arrays).
   """
-  height, width = _image_shape(examples, image_size)
+  fmt = resolve_image_format(image_format, image_size, examples)
   b = len(rows)
   batch = {
       "input_ids": np.full((b, seq_len), pad_id, np.int32),
       "targets": np.zeros((b, seq_len), np.int32),
       "loss_mask": np.zeros((b, seq_len), np.float32),
       "task_ids": np.full((b, seq_len), -1, np.int32),
-      "positions": np.zeros((b, seq_len), np.int32),
+      "positions": np.zeros(fmt.positions_shape(b, seq_len), np.int32),
       "segment_ids": np.zeros((b, seq_len), np.int32),
-      "images": np.zeros((b, max_images, height, width, 3), np.float32),
   }
+  for name, (shape, dtype) in fmt.batch_shapes(b, max_images).items():
+    batch[name] = np.zeros(shape, dtype)
   for r, row in enumerate(rows):
     start, slot = 0, 0
     for segment, index in enumerate(row, start=1):
@@ -378,21 +404,22 @@ def rows_to_batch(examples: Sequence[Example], rows: Sequence[Sequence[int]], *,
       shifted = np.asarray(ex.label_mask, bool)[1:]
       batch["loss_mask"][r, start:start + n - 1] = shifted
       batch["task_ids"][r, start:start + n - 1] = np.where(shifted, ex.task_id, -1)
-      batch["positions"][r, span] = np.arange(n, dtype=np.int32)
       batch["segment_ids"][r, span] = segment
-      if k:
-        batch["images"][r, slot:slot + k] = normalize(_example_images(ex, (height, width)))
+      images = _example_images(ex, fmt) if k else []
+      batch["positions"][r, ..., span] = fmt.positions(ids, images)
+      for j, image in enumerate(images):
+        fmt.fill(batch, r, slot + j, image)
       start, slot = start + n, slot + k
   return batch
 
 
 def pack(examples: Sequence[Example], *, seq_len: int, max_images: int, pad_id: int,
-         image_size: int | None = None) -> dict[str, np.ndarray]:
+         image_size: int | None = None, image_format: Any = None) -> dict[str, np.ndarray]:
   """All examples packed greedily (first-fit, given order) into as many rows as needed."""
   rows = pack_rows([len(ex) for ex in examples], [ex.num_images for ex in examples], seq_len,
                    max_images)
   return rows_to_batch(examples, rows, seq_len=seq_len, max_images=max_images, pad_id=pad_id,
-                       image_size=image_size)
+                       image_size=image_size, image_format=image_format)
 
 
 class PackedDataset:
@@ -406,16 +433,18 @@ class PackedDataset:
   first-fit in arrival order 90.4 % (BENCHMARKS.md, B5). Every epoch visits the rows in its own
   seeded permutation, so batches still mix lengths and tasks.
   Batch ``step`` holds rows ``[step * B, (step + 1) * B)`` of the concatenated epoch stream, so a
-  resumed run only needs the step number.
+  resumed run only needs the step number. ``image_format`` / ``image_size`` as in
+  :func:`rows_to_batch`.
   """
 
   def __init__(self, examples: Sequence[Example], *, seq_len: int, max_images: int, pad_id: int,
-               seed: int, shuffle_examples: bool = True, image_size: int | None = None):
+               seed: int, shuffle_examples: bool = True, image_size: int | None = None,
+               image_format: Any = None):
     if not examples:
       raise ValueError("PackedDataset needs at least one example")
     self.examples = list(examples)
     self.seq_len, self.max_images, self.pad_id = seq_len, max_images, pad_id
-    self.seed, self.image_size = seed, image_size
+    self.seed, self.image_size, self.image_format = seed, image_size, image_format
     order = np.arange(len(self.examples))
     if shuffle_examples:
       order = np.random.default_rng([seed, 0]).permutation(len(self.examples))
@@ -461,4 +490,5 @@ class PackedDataset:
     """The Batch arrays of training step ``step``."""
     rows = [self.rows[i] for i in self.row_indices(step, batch_size)]
     return rows_to_batch(self.examples, rows, seq_len=self.seq_len, max_images=self.max_images,
-                         pad_id=self.pad_id, image_size=self.image_size)
+                         pad_id=self.pad_id, image_size=self.image_size,
+                         image_format=self.image_format)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -158,3 +158,114 @@ def load_image(path: str | os.PathLike, **kwargs: Any) -> tuple[np.ndarray, tupl
   except (OSError, Image.DecompressionBombError, ValueError) as e:
     raise ImageError(f"cannot read image {path}: {e}") from e
   return preprocess(image, **kwargs)
+
+
+# ---------------------------------------------------------------- M-RoPE positions
+
+# Host-side, like the pixels: the model takes the positions as an array (model/qwen2vl.py), and
+# the data pipeline needs them for every packed row.
+
+
+def _runs(is_image: np.ndarray) -> Iterator[tuple[bool, int, int]]:
+  """(is image run, start, end) for each maximal run of equal values."""
+  if is_image.size == 0:
+    return
+  edges = np.flatnonzero(np.diff(is_image.astype(np.int8))) + 1
+  bounds = [0, *edges.tolist(), is_image.size]
+  for a, z in zip(bounds[:-1], bounds[1:]):
+    yield bool(is_image[a]), a, z
+
+
+def _sequence_positions(ids: np.ndarray, grids: Iterator[list[int]], image_token_id: int,
+                        spatial_merge_size: int) -> np.ndarray:
+  """M-RoPE positions [3, n] of one sequence (transformers' `get_rope_index` for one row).
+
+  Text continues from the running position in all three components; an image of LLM grid
+  (t, h, w) takes (t, row, column) offsets from the running position and then advances it by
+  max(h, w) (the grid in merged tokens), as transformers does.
+  """
+  m = spatial_merge_size
+  out, cur = [], 0
+  for is_image, a, z in _runs(ids == image_token_id):
+    if not is_image:
+      out.append(np.broadcast_to(np.arange(cur, cur + z - a), (3, z - a)))
+      cur += z - a
+      continue
+    while a < z:  # Adjacent images share a run: each takes as many tokens as its grid has.
+      try:
+        t, h, w = next(grids)
+      except StopIteration:
+        raise ValueError("more image placeholder runs than image_grid_thw rows") from None
+      lt, lh, lw = t, h // m, w // m
+      if a + lt * lh * lw > z:
+        raise ValueError(f"an image of grid {(t, h, w)} needs {lt * lh * lw} image tokens, the "
+                         f"sequence has {z - a} at position {a}")
+      tt, hh, ww = np.meshgrid(np.arange(lt), np.arange(lh), np.arange(lw), indexing="ij")
+      out.append(np.stack([tt.ravel(), hh.ravel(), ww.ravel()]) + cur)
+      cur += max(h, w) // m
+      a += lt * lh * lw
+  if not out:
+    return np.zeros((3, 0), np.int64)
+  return np.concatenate(out, axis=1)
+
+
+def get_rope_index(input_ids: Any, image_grid_thw: Any = None, attention_mask: Any = None, *,
+                   image_token_id: int, spatial_merge_size: int = 2,
+                   segment_ids: Any = None) -> tuple[np.ndarray, np.ndarray]:
+  """M-RoPE positions for a batch, as transformers' `Qwen2VLModel.get_rope_index`.
+
+  Args:
+    input_ids: int [B, L].
+    image_grid_thw: int [n_images, 3], the images of all rows in order of appearance.
+    attention_mask: int [B, L], 0 on padding (anywhere in the row); positions skip padding and
+      padding gets position 0.
+    image_token_id: the image placeholder id.
+    spatial_merge_size: patches merged per LM token along each side.
+    segment_ids: int [B, L] for packed rows (1, 2, ... per sample, 0 padding): each sample's
+      positions start at 0, as if it were alone in its row. Overrides `attention_mask`.
+
+  Returns:
+    (positions int32 [B, 3, L] (transformers' [3, B, L] with the batch first, as every batch
+    array here), rope deltas int32 [B]: max position + 1 - real tokens, the offset
+    transformers adds to later text positions; for packed rows, the last sample's).
+
+  Raises:
+    ValueError: image tokens and grids disagree (counts or leftovers).
+  """
+  ids = np.asarray(input_ids)
+  b, l = ids.shape
+  if segment_ids is None:
+    mask = np.ones((b, l), bool) if attention_mask is None else np.asarray(attention_mask) != 0
+    segments = mask.astype(np.int64)
+  else:
+    segments = np.asarray(segment_ids)
+  grids = iter([] if image_grid_thw is None else
+               np.asarray(image_grid_thw, np.int64).reshape(-1, 3).tolist())
+  positions = np.zeros((3, b, l), np.int64)
+  deltas = np.zeros((b,), np.int64)
+  for r in range(b):
+    row_segments = segments[r]
+    for s in dict.fromkeys(row_segments[row_segments > 0].tolist()):  # In order of appearance.
+      cols = np.flatnonzero(row_segments == s)
+      pos = _sequence_positions(ids[r, cols], grids, image_token_id, spatial_merge_size)
+      positions[:, r, cols] = pos
+      deltas[r] = pos.max() + 1 - cols.size
+  leftover = sum(1 for _ in grids)
+  if leftover:
+    raise ValueError(f"{leftover} image_grid_thw rows have no image tokens in input_ids")
+  return positions.transpose(1, 0, 2).astype(np.int32), deltas.astype(np.int32)
+
+
+def sequence_positions(input_ids: Any, grid_thw: Any, *, image_token_id: int,
+                       spatial_merge_size: int = 2) -> np.ndarray:
+  """M-RoPE positions int32 [3, n] of one sample starting at 0 (its images' grids [k, 3] in order).
+
+  What `get_rope_index` gives a sample alone in its row, or one segment of a packed row.
+  """
+  grids = iter(np.asarray(grid_thw, np.int64).reshape(-1, 3).tolist())
+  pos = _sequence_positions(np.asarray(input_ids).reshape(-1), grids, image_token_id,
+                            spatial_merge_size)
+  leftover = sum(1 for _ in grids)
+  if leftover:
+    raise ValueError(f"{leftover} image grids have no image tokens in the sample")
+  return pos.astype(np.int32)

@@ -96,19 +96,22 @@ def check_special_ids(tok: PreTrainedTokenizerFast) -> None:
     raise ValueError(f"special tokens {SPECIAL_TOKENS} have ids {ids}, expected 0..4")
 
 
-def image_token_id(tok: PreTrainedTokenizerBase) -> int:
-  """Id of the ``<image>`` token."""
-  token_id = tok.convert_tokens_to_ids(IMAGE)
+def image_token_id(tok: PreTrainedTokenizerBase, token: str = IMAGE) -> int:
+  """Id of the image token (``<image>``, or the chat template's, e.g. Qwen2-VL's
+  ``<|image_pad|>``)."""
+  token_id = tok.convert_tokens_to_ids(token)
   if token_id is None or token_id == tok.unk_token_id:
-    raise ValueError(f"tokenizer has no {IMAGE} token")
+    raise ValueError(f"tokenizer has no {token} token")
   return int(token_id)
 
 
-def load_pretrained_tokenizer(path: str | os.PathLike) -> PreTrainedTokenizerBase:
+def load_pretrained_tokenizer(path: str | os.PathLike, *,
+                              image_token: str = IMAGE) -> PreTrainedTokenizerBase:
   """A checkpoint's own tokenizer from a local directory (never the network).
 
   A tokenizer without a pad token (Llama's) gets its unk token as padding: padding never carries
   loss or attention, so any id that is not eos works, and the vocabulary stays the checkpoint's.
+  `image_token`: the token the chat template's image blocks carry, which the tokenizer must have.
   """
   from transformers import AutoTokenizer  # pylint: disable=g-import-not-at-top
   path = os.fspath(path)
@@ -123,10 +126,12 @@ def load_pretrained_tokenizer(path: str | os.PathLike) -> PreTrainedTokenizerBas
     tok.pad_token = fallback
   if tok.eos_token_id is None:
     raise ValueError(f"the tokenizer in {path} has no eos token")
-  image_token_id(tok)
+  image_token_id(tok, image_token)
   return tok
 
 
-def copy_pretrained_tokenizer(src: str | os.PathLike, dst: str | os.PathLike) -> None:
-  """Saves the tokenizer of checkpoint directory `src` into `dst` (atomically, see save_tokenizer)."""
-  save_tokenizer(load_pretrained_tokenizer(src), dst)
+def copy_pretrained_tokenizer(src: str | os.PathLike, dst: str | os.PathLike, *,
+                              image_token: str = IMAGE) -> None:
+  """Saves the tokenizer of checkpoint directory `src` into `dst` (atomically, see
+  save_tokenizer); `image_token` as `load_pretrained_tokenizer`."""
+  save_tokenizer(load_pretrained_tokenizer(src, image_token=image_token), dst)

@@ -7,8 +7,8 @@ from visatb_jax.model.generate import greedy_generate, greedy_generate_nocache
 from visatb_jax.model.llama import KVCache, LlamaForCausalLM, LlamaModel
 from visatb_jax.model.llava import LlavaForConditionalGeneration, splice_image_features
 from visatb_jax.model.qwen2vl import (Qwen2VLConfig, Qwen2VLForConditionalGeneration,
-                                      Qwen2VLTextModel, Qwen2VLVisionConfig, VisionBatch,
-                                      get_rope_index, vision_batch)
+                                      Qwen2VLTextModel, Qwen2VLVisionConfig, RowImages,
+                                      VisionBatch, vision_batch)
 
 __all__ = [
     "CLIPVisionModel",
@@ -22,9 +22,9 @@ __all__ = [
     "Qwen2VLTextModel",
     "Qwen2VLVisionConfig",
     "TextConfig",
+    "RowImages",
     "VisionBatch",
     "VisionConfig",
-    "get_rope_index",
     "greedy_generate",
     "greedy_generate_nocache",
     "splice_image_features",

@@ -4,7 +4,11 @@
 
   path          a local LLaVA checkpoint directory (config.json + safetensors); empty = random init.
                 A Qwen2-VL checkpoint (config.json `model_type: qwen2_vl`) builds a Qwen2-VL
-                (model/qwen2vl.py, loaded by qwen2vl_io) instead; the pipeline does not feed it yet
+                (model/qwen2vl.py, loaded by qwen2vl_io) instead
+  family        of a randomly initialised model: "llava" (default) or "qwen2_vl" (then `vision`
+                and `text` are the fields of transformers' Qwen2VLVisionConfig / Qwen2VLTextConfig,
+                and `image_token_id` the `<|image_pad|>` id); a checkpoint's config.json decides
+                for a model with a path
   vision_path, text_path, projector_path
                 instead of `path`, all three: the model composed from separate parts, as LLaVA-1.5's
                 fine-tuning starts (a CLIPVisionModel directory, a LlamaForCausalLM directory such
@@ -37,6 +41,7 @@ from visatb_jax.model.qwen2vl import Qwen2VLConfig, Qwen2VLForConditionalGenerat
 ModelConfig = LlavaConfig | Qwen2VLConfig
 Model = LlavaForConditionalGeneration | Qwen2VLForConditionalGeneration
 QWEN2_VL = "qwen2_vl"  # config.json `model_type` of a Qwen2-VL checkpoint.
+FAMILIES = ("llava", QWEN2_VL)
 
 # Policies worth naming in a config; any other attribute of jax.checkpoint_policies works too.
 REMAT_CHOICES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable",
@@ -87,6 +92,22 @@ def checkpoint_model_type(path: str) -> str | None:
 
 def _is_qwen2vl(path: str | None) -> bool:
   return path is not None and checkpoint_model_type(path) == QWEN2_VL
+
+
+def family(model_cfg: Any) -> str:
+  """"qwen2_vl" or "llava": what the checkpoint at `model.path` is, else `model.family`.
+
+  Raises:
+    ValueError: an unknown `model.family`.
+  """
+  path = _get(model_cfg, "path", "")
+  if path:
+    path = os.path.expanduser(os.fspath(path))
+    return QWEN2_VL if os.path.isdir(path) and _is_qwen2vl(path) else "llava"
+  name = str(_get(model_cfg, "family", "llava"))
+  if name not in FAMILIES:
+    raise ValueError(f"config.model.family={name!r}; expected one of {list(FAMILIES)}")
+  return name
 
 
 PART_FIELDS = ("vision_path", "text_path", "projector_path")
@@ -162,6 +183,8 @@ def model_config(model_cfg: Any, *, vocab_size: int | None = None,
   text = dict(_get(model_cfg, "text", {}))
   if vocab_size is not None:
     text["vocab_size"] = vocab_size
+  if family(model_cfg) == QWEN2_VL:
+    return _random_qwen2vl_config(model_cfg, text, image_token_id)
   fields = {"vision": dict(_get(model_cfg, "vision", {})), "text": text, **dtypes(model_cfg)}
   if image_token_id is not None:
     fields["image_token_id"] = image_token_id
@@ -170,6 +193,25 @@ def model_config(model_cfg: Any, *, vocab_size: int | None = None,
   else:
     fields["image_token_id"] = int(text.get("vocab_size", 1)) - 1
   return LlavaConfig.from_dict(fields)
+
+
+def _random_qwen2vl_config(model_cfg: Any, text: dict[str, Any],
+                           image_token_id: int | None) -> Qwen2VLConfig:
+  """A randomly initialised Qwen2-VL's config from transformers-named fields (qwen2vl_io reads
+  them, so a config's sizes mean what they mean in a checkpoint's config.json)."""
+  from visatb_jax.model import qwen2vl_io
+  vision = dict(_get(model_cfg, "vision", {}))
+  if "hidden_size" in text:  # The merger emits the decoder's width.
+    vision["hidden_size"] = text["hidden_size"]
+  hf = {"model_type": QWEN2_VL, "vision_config": vision, "text_config": text,
+        "tie_word_embeddings": bool(text.get("tie_word_embeddings", False))}
+  for key in ("image_token_id", "video_token_id", "vision_start_token_id",
+              "vision_end_token_id"):
+    if key in model_cfg and model_cfg[key] is not None:
+      hf[key] = int(model_cfg[key])
+  if image_token_id is not None:
+    hf["image_token_id"] = image_token_id
+  return qwen2vl_io.config_from_hf(hf, **dtypes(model_cfg))
 
 
 def _lora_options(model_cfg: Any) -> dict[str, Any] | None:

@@ -58,18 +58,23 @@ def _prompt_positions(mask: jax.Array) -> jax.Array:
   return jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0).astype(jnp.int32)
 
 
-def _greedy(model, prompt_ids, prompt_mask, images, eos_id, pad_id, *, max_new_tokens: int):
-  """Traceable greedy decoding: prefill, then a while_loop of one-token decode steps."""
+def _greedy(model, prompt_ids, prompt_mask, images, positions, eos_id, pad_id, *,
+            max_new_tokens: int):
+  """Traceable greedy decoding: prefill, then a while_loop of one-token decode steps.
+
+  `positions`: the prompt's, [B, L] or M-RoPE [B, 3, L]; None: from the mask.
+  """
   b, prompt_len = prompt_ids.shape
   # The last generated token is never fed back, hence max_new_tokens - 1 decode slots.
   cache = model.init_cache(b, prompt_len + max_new_tokens - 1)
+  if positions is None:
+    positions = _prompt_positions(prompt_mask)
   embeds = model.embed_inputs(prompt_ids, images)
-  logits, cache = model.decode(embeds, _prompt_positions(prompt_mask), prompt_mask, cache,
-                               last_only=True)
-  lengths = prompt_mask.sum(axis=1).astype(jnp.int32)
-
-  # Token i - 1 (just produced) sits at position length + i - 1 of its row.
-  return decode_greedily(model, logits, cache, lambda i: (lengths + i - 1)[:, None], eos_id,
+  logits, cache = model.decode(embeds, positions, prompt_mask, cache, last_only=True)
+  # Left padding puts every row's last prompt token in the last column. Token i - 1 (just
+  # produced) sits at that token's position + i, in every component.
+  last = positions[..., -1]
+  return decode_greedily(model, logits, cache, lambda i: (last + i)[..., None], eos_id,
                          pad_id, max_new_tokens=max_new_tokens)
 
 
@@ -79,7 +84,7 @@ def decode_greedily(model, prefill_logits, cache, position_of, eos_id, pad_id, *
   stops when every row has produced `eos_id` (then padded with `pad_id`).
 
   `position_of(i)`: the positions of the token produced at step i - 1, the model's layout (the
-  LLaVA decoder's [B, 1], Qwen2-VL's M-RoPE [3, B, 1]).
+  LLaVA decoder's [B, 1], Qwen2-VL's M-RoPE [B, 3, 1]).
   """
   b = prefill_logits.shape[0]
   tok = jnp.argmax(prefill_logits[:, -1], axis=-1).astype(jnp.int32)
@@ -109,9 +114,9 @@ def _compiled(graphdef: nnx.GraphDef, max_new_tokens: int, mesh: Mesh | None = N
   shape. eos_id and pad_id are traced arguments, so changing them never recompiles.
   """
 
-  def run(state, prompt_ids, prompt_mask, images, eos_id, pad_id):
+  def run(state, prompt_ids, prompt_mask, images, positions, eos_id, pad_id):
     model = nnx.merge(graphdef, state)
-    return _greedy(model, prompt_ids, prompt_mask, images, eos_id, pad_id,
+    return _greedy(model, prompt_ids, prompt_mask, images, positions, eos_id, pad_id,
                    max_new_tokens=max_new_tokens)
 
   if mesh is None:
@@ -129,18 +134,22 @@ def _on_mesh(x: np.ndarray, mesh: Mesh) -> jax.Array:
 
 
 def greedy_generate(model: nnx.Module, prompt_ids: Any, prompt_mask: Any, images: Any = None, *,
-                    max_new_tokens: int, eos_id: int, pad_id: int,
+                    max_new_tokens: int, eos_id: int, pad_id: int, positions: Any = None,
                     mesh: Mesh | None = None) -> np.ndarray:
   """Greedy decoding of a batch of left-padded prompts with a KV cache.
 
   Args:
-    model: a `LlavaForConditionalGeneration` (anything with `init_cache`, `embed_inputs`, `decode`).
+    model: a `LlavaForConditionalGeneration` or `Qwen2VLForConditionalGeneration` (anything
+      with `init_cache`, `embed_inputs`, `decode`).
     prompt_ids: int [B, L], left-padded.
     prompt_mask: int [B, L], 1 on real tokens, 0 on (left) padding.
-    images: float32 [B, M, H, W, 3] or None.
+    images: what `model.embed_inputs` takes (LLaVA: float32 [B, M, H, W, 3]; Qwen2-VL:
+      `RowImages`, or a packed `VisionBatch` without a mesh), or None.
     max_new_tokens: tokens to generate per row.
     eos_id: stops a row; not included in the output (a negative id never stops).
     pad_id: fills a row after its EOS.
+    positions: the prompt's positions, int [B, L] or M-RoPE [B, 3, L] (`qwen2vl_image.get_rope_index`);
+      None: 0 on each row's first real token, counting up.
     mesh: split the rows over this mesh's batch axes (the model's parameters live on it); every
       process of a multi-host job must call with the same arguments. B should be a multiple of
       the batch shards (`sharding.batch_shards`), else the rows are replicated.
@@ -151,13 +160,17 @@ def greedy_generate(model: nnx.Module, prompt_ids: Any, prompt_mask: Any, images
   ids, mask = check_prompt(prompt_ids, prompt_mask, max_new_tokens)
   graphdef, state = nnx.split(model)
   run = _compiled(graphdef, int(max_new_tokens), mesh)
+  if positions is not None:
+    positions = np.asarray(positions, np.int32)
+  if hasattr(images, "shape"):  # One array (LLaVA's pixels), not a structure of them.
+    images = np.asarray(images, np.float32)
   if mesh is None:
-    images = None if images is None else jnp.asarray(images, jnp.float32)
-    ids, mask = jnp.asarray(ids), jnp.asarray(mask)
-  else:
-    images = None if images is None else _on_mesh(np.asarray(images, np.float32), mesh)
-    ids, mask = _on_mesh(ids, mesh), _on_mesh(mask, mesh)
-  out = run(state, ids, mask, images, jnp.int32(eos_id), jnp.int32(pad_id))
+    put = jnp.asarray
+  else:  # Every leaf is row-major ([B, ...]): rows go where their prompts go.
+    put = lambda x: _on_mesh(np.asarray(x), mesh)  # noqa: E731
+  ids, mask = put(ids), put(mask)
+  images, positions = jax.tree.map(put, images), jax.tree.map(put, positions)
+  out = run(state, ids, mask, images, positions, jnp.int32(eos_id), jnp.int32(pad_id))
   return np.asarray(out, np.int32)
 
 

@@ -6,7 +6,7 @@ Submodules are named as in HF `LlavaForConditionalGeneration`: `vision_tower`,
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
@@ -126,6 +126,12 @@ class LlavaForConditionalGeneration(nnx.Module):
     Defaults: positions = arange(L), segment_ids = all ones.
     """
     return self.logits(self.hidden_states(input_ids, images, positions, segment_ids))
+
+  @staticmethod
+  def batch_inputs(batch: Mapping[str, jax.Array]) -> dict[str, Any]:
+    """`hidden_states` keyword arguments from a training Batch (data/packing.py)."""
+    return dict(images=batch.get("images"), positions=batch.get("positions"),
+                segment_ids=batch.get("segment_ids"))
 
   def init_cache(self, batch_size: int, max_len: int) -> KVCache:
     """Empty KV cache for generation (compute dtype)."""

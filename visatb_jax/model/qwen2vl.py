@@ -6,63 +6,35 @@ mlp.fc2}`, `visual.merger.{ln_q, mlp[0], mlp[2]}`, `language_model.*` (the Llama
 llama.py, Qwen2 flavour: q/k/v biases) and `lm_head` (None when tied). Leaves use NNX names
 (`kernel` [in, out], `bias`, `scale`, `embedding`); qwen2vl_io maps them to the checkpoint.
 
-Images arrive as transformers' processor emits them (data/qwen2vl_image.py): every image cut into
-patches of C x temporal_patch x patch x patch values, the patches of all images concatenated in
-order ([N, patch_dim]), each image's patches in 2x2 merge-block order, plus `image_grid_thw`
-[n_images, 3] in patches. The vision tower runs on the whole packed sequence at once: each frame
-attends only to itself (transformers' cu_seqlens, here a block-diagonal mask from per-patch
-segment ids), so its cost is O(N^2) in the total patch count.
+Images arrive in one of two layouts, both made on the host from each image's grid (t, h, w) in
+patches, so that everything shape-dependent enters the jitted model as arrays:
 
-Grids vary per image, so everything shape-dependent is computed on the host from `grid_thw`
-(`vision_batch`, `get_rope_index`) and enters the jitted model as arrays: a static patch count
-(padded with `pad_to`) compiles once.
+- `RowImages`, the training and evaluation batch (data/image_format.py, `NativeImages`): every
+  row's images in M fixed slots of a per-image patch budget P ([B, M, P, patch_dim] + grids
+  [B, M, 3]). Every batch array stays row-major, so the train step splits it over devices and
+  micro-batches like any other; each slot is its own attention group in the tower (O(B M P^2))
+  and each row splices its own slots' features (`splice_row_features`). The price: a slot
+  computes its whole budget P, however small its image.
+- `VisionBatch`, the processor's packed form (transformers' `pixel_values` [N, patch_dim] and
+  `image_grid_thw`): all images of a batch in one sequence, each frame attending to itself only
+  (transformers' cu_seqlens, here a block-diagonal mask from per-patch segment ids), features
+  spliced in row-major order over the batch as transformers' masked_scatter. Kept for parity
+  with transformers and for `greedy_generate` on processor outputs.
 
-Rotary positions of the decoder are M-RoPE: int [3, B, L] (temporal, height, width); text tokens
-carry the same value in all three, image tokens their (t, h, w) grid coordinates offset by the
-text before them. `mrope_section` splits the head_dim / 2 rotary frequencies into three runs, run
-i rotated by component i % 3.
+Within an image, patches come in the processor's order: merge blocks row-major, each block's
+spatial_merge_size^2 patches together, so the merger fuses consecutive patches.
 
-Design note: the pipeline adapter (not built yet). What works today: the model, its checkpoints
-(qwen2vl_io), sharding rules (runtime/sharding.py), LoRA on the decoder and the trainable filters
-(model/lora.py), and `model.factory` choosing this model for a config.json with `model_type:
-qwen2_vl`. The pipeline still cannot reach it: `pipeline/config.py::_check_checkpoint` calls
-`hf_io.check_checkpoint`, which rejects Qwen2-VL before the factory runs. What it needs, and where:
-
-1. Batch layout, row-major (here). The train step splits every batch array on axis 0 (rows over
-   the mesh's batch axes in `sharding.shard_batch`, strided accumulation micro-batches in
-   `train/step.py::micro_batches`), but `VisionBatch` packs the whole batch's patches into one
-   sequence and positions are [3, B, L]. Add a per-row form: pixel_values [B, P, patch_dim],
-   patch segment ids [B, P] and (row, column) [B, P, 2] with P a fixed per-row patch budget,
-   positions [B, 3, L]; run the tower over rows (block-diagonal mask per row, O(B P^2) instead of
-   O((B P)^2)) and splice per row (cumsum along each row, not over the batch). The packed form
-   stays for `greedy_generate`.
-2. Model call signature (here, or a shim in train/step.py): `forward_sums` calls
-   `model.hidden_states(input_ids, images=, positions=, segment_ids=)`; accept the per-row arrays
-   under the batch's keys so step.py stays model-agnostic.
-3. Data (data/template.py, packing.py, loader.py, pipeline/data.py). Phase A, fixed square
-   `image_size` (a multiple of 28): every image has the same grid, hence the same
-   `num_image_tokens` ((size / 28)^2) and patch count, so template, packing (`max_images`) and
-   the loader keep their contracts; only `rows_to_batch` changes: `data/qwen2vl_image.py`
-   patches per image slot instead of normalised pixels, `<|vision_start|>` / `<|vision_end|>`
-   around each block, and positions from `get_rope_index(..., segment_ids=)` per packed row.
-   Phase B, native resolution: `Example` carries each image's grid, the template expands each
-   `<image>` to its own token count (`qwen2vl_image.num_image_tokens`), and the packer budgets
-   patches per row (`_FirstFitTree` / `_BestFill` track patches instead of images; P above).
-   pipeline/data.py reads `mc.num_image_tokens` / `mc.vision.image_size` from the model config,
-   which `Qwen2VLConfig` lacks: derive them from the data config for this model.
-4. Evaluation (pipeline/evaluation.py): prompts carry per-sample patches and grids instead of
-   uint8 [n, M, H, W, 3]; answer with `greedy_generate` here (single device; a mesh variant
-   would shard the prompt rows as generate.py does and replicate the packed patches).
-5. Training filters (train/state.py): the projector-only setting names `multi_modal_projector`;
-   use `lora.projector_filter` (LLaVA's projector or Qwen2-VL's `visual.merger`), as
-   `lora.trainable_filter` does. cli/dryrun.py's parameter accounting names LLaVA modules too.
+Rotary positions of the decoder are M-RoPE: int [B, 3, L] (temporal, height, width; transformers'
+[3, B, L] with the batch first, as every batch array here); text tokens carry the same value in
+all three, image tokens their (t, h, w) grid coordinates offset by the text before them.
+`mrope_section` splits the head_dim / 2 rotary frequencies into three runs, run i rotated by
+component i % 3.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -185,6 +157,47 @@ class VisionBatch:
   positions: jax.Array
 
 
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class RowImages:
+  """Every row's images in fixed slots: the training and evaluation batch layout.
+
+  Why not `VisionBatch`: the train step splits every batch array on its first axis (rows over the
+  mesh, strided accumulation micro-batches); a packed patch sequence cannot be split that way, and
+  its attention is O((total patches)^2). Here slot (b, m) holds one image's patches first and
+  zeros after, so each slot is its own attention group (O(B M P^2)) and the row splices its own
+  features. data/image_format.py (`NativeImages`) fills it.
+
+  Attributes:
+    pixel_values: float [B, M, P, patch_dim], P the per-image patch budget.
+    grid: int32 [B, M, 3], each slot's (t, h, w) in patches; (0, 0, 0) for an unused slot.
+  """
+
+  pixel_values: jax.Array
+  grid: jax.Array
+
+
+def slot_layout(grid: jax.Array, num_patches: int,
+                spatial_merge_size: int) -> tuple[jax.Array, jax.Array]:
+  """(segment ids int32 [..., P], (row, column) int32 [..., P, 2]) of slots of grids [..., 3].
+
+  Traceable `vision_positions` for one image per slot: patch p of frame p // (h w) is segment
+  frame + 1, or 0 past the slot's t h w patches (padding, never read); its (row, column) follow
+  the processor's merge-block order.
+  """
+  m = spatial_merge_size
+  p = jnp.arange(num_patches, dtype=jnp.int32)
+  t, h, w = (grid[..., i, None].astype(jnp.int32) for i in range(3))
+  frame_size = jnp.maximum(h * w, 1)
+  segment = jnp.where(p < t * h * w, p // frame_size + 1, 0)
+  q = p % frame_size
+  block, within = q // (m * m), q % (m * m)
+  blocks_per_row = jnp.maximum(w // m, 1)
+  row = (block // blocks_per_row) * m + within // m
+  col = (block % blocks_per_row) * m + within % m
+  return segment.astype(jnp.int32), jnp.stack([row, col], axis=-1).astype(jnp.int32)
+
+
 def vision_positions(grid_thw: Any, spatial_merge_size: int) -> tuple[np.ndarray, np.ndarray]:
   """Per-patch (segment id [N], (row, column) [N, 2]) for images of grids [n, 3] (t, h, w).
 
@@ -233,95 +246,6 @@ def vision_batch(pixel_values: Any, grid_thw: Any, spatial_merge_size: int = 2,
   return VisionBatch(jnp.asarray(pixels), jnp.asarray(segments), jnp.asarray(positions))
 
 
-def _runs(is_image: np.ndarray) -> Iterator[tuple[bool, int, int]]:
-  """(is image run, start, end) for each maximal run of equal values."""
-  if is_image.size == 0:
-    return
-  edges = np.flatnonzero(np.diff(is_image.astype(np.int8))) + 1
-  bounds = [0, *edges.tolist(), is_image.size]
-  for a, z in zip(bounds[:-1], bounds[1:]):
-    yield bool(is_image[a]), a, z
-
-
-def _sequence_positions(ids: np.ndarray, grids: Iterator[list[int]], image_token_id: int,
-                        spatial_merge_size: int) -> np.ndarray:
-  """M-RoPE positions [3, n] of one sequence (transformers' `get_rope_index` for one row).
-
-  Text continues from the running position in all three components; an image of LLM grid
-  (t, h, w) takes (t, row, column) offsets from the running position and then advances it by
-  max(h, w) (the grid in merged tokens), as transformers does.
-  """
-  m = spatial_merge_size
-  out, cur = [], 0
-  for is_image, a, z in _runs(ids == image_token_id):
-    if not is_image:
-      out.append(np.broadcast_to(np.arange(cur, cur + z - a), (3, z - a)))
-      cur += z - a
-      continue
-    while a < z:  # Adjacent images share a run: each takes as many tokens as its grid has.
-      try:
-        t, h, w = next(grids)
-      except StopIteration:
-        raise ValueError("more image placeholder runs than image_grid_thw rows") from None
-      lt, lh, lw = t, h // m, w // m
-      if a + lt * lh * lw > z:
-        raise ValueError(f"an image of grid {(t, h, w)} needs {lt * lh * lw} image tokens, the "
-                         f"sequence has {z - a} at position {a}")
-      tt, hh, ww = np.meshgrid(np.arange(lt), np.arange(lh), np.arange(lw), indexing="ij")
-      out.append(np.stack([tt.ravel(), hh.ravel(), ww.ravel()]) + cur)
-      cur += max(h, w) // m
-      a += lt * lh * lw
-  if not out:
-    return np.zeros((3, 0), np.int64)
-  return np.concatenate(out, axis=1)
-
-
-def get_rope_index(input_ids: Any, image_grid_thw: Any = None, attention_mask: Any = None, *,
-                   image_token_id: int, spatial_merge_size: int = 2,
-                   segment_ids: Any = None) -> tuple[np.ndarray, np.ndarray]:
-  """M-RoPE positions for a batch, as transformers' `Qwen2VLModel.get_rope_index`.
-
-  Args:
-    input_ids: int [B, L].
-    image_grid_thw: int [n_images, 3], the images of all rows in order of appearance.
-    attention_mask: int [B, L], 0 on padding (anywhere in the row); positions skip padding and
-      padding gets position 0.
-    image_token_id: the image placeholder id.
-    spatial_merge_size: patches merged per LM token along each side.
-    segment_ids: int [B, L] for packed rows (1, 2, ... per sample, 0 padding): each sample's
-      positions start at 0, as if it were alone in its row. Overrides `attention_mask`.
-
-  Returns:
-    (positions int32 [3, B, L], rope deltas int32 [B]: max position + 1 - real tokens, the offset
-    transformers adds to later text positions; for packed rows, the last sample's).
-
-  Raises:
-    ValueError: image tokens and grids disagree (counts or leftovers).
-  """
-  ids = np.asarray(input_ids)
-  b, l = ids.shape
-  if segment_ids is None:
-    mask = np.ones((b, l), bool) if attention_mask is None else np.asarray(attention_mask) != 0
-    segments = mask.astype(np.int64)
-  else:
-    segments = np.asarray(segment_ids)
-  grids = iter([] if image_grid_thw is None else
-               np.asarray(image_grid_thw, np.int64).reshape(-1, 3).tolist())
-  positions = np.zeros((3, b, l), np.int64)
-  deltas = np.zeros((b,), np.int64)
-  for r in range(b):
-    row_segments = segments[r]
-    for s in dict.fromkeys(row_segments[row_segments > 0].tolist()):  # In order of appearance.
-      cols = np.flatnonzero(row_segments == s)
-      pos = _sequence_positions(ids[r, cols], grids, image_token_id, spatial_merge_size)
-      positions[:, r, cols] = pos
-      deltas[r] = pos.max() + 1 - cols.size
-  leftover = sum(1 for _ in grids)
-  if leftover:
-    raise ValueError(f"{leftover} image_grid_thw rows have no image tokens in input_ids")
-  return positions.astype(np.int32), deltas.astype(np.int32)
-
-
 def num_image_tokens(grid_thw: Any, spatial_merge_size: int = 2) -> np.ndarray:
   """LM tokens of each image [n] (patches / spatial_merge_size^2)."""
   grid = np.asarray(grid_thw, np.int64).reshape(-1, 3)
@@ -333,15 +257,15 @@ def num_image_tokens(grid_thw: Any, spatial_merge_size: int = 2) -> np.ndarray:
 
 def vision_rope_cos_sin(positions: jax.Array, head_dim: int,
                         theta: float) -> tuple[jax.Array, jax.Array]:
-  """cos, sin float32 [N, head_dim] for patch (row, column) positions [N, 2].
+  """cos, sin float32 [..., N, head_dim] for patch (row, column) positions [..., N, 2].
 
   The first head_dim / 4 frequencies turn with the row, the next head_dim / 4 with the column,
   and that half is repeated (HF's rotate_half layout), as `Qwen2VLVisionRotaryEmbedding`.
   """
   half = head_dim // 2
   inv_freq = 1.0 / (theta ** (jnp.arange(0, half, 2, dtype=jnp.float32) / half))
-  freqs = positions.astype(jnp.float32)[..., None] * inv_freq  # [N, 2, head_dim / 4]
-  freqs = freqs.reshape(freqs.shape[0], -1)  # Row frequencies, then column frequencies.
+  freqs = positions.astype(jnp.float32)[..., None] * inv_freq  # [..., N, 2, head_dim / 4]
+  freqs = freqs.reshape(freqs.shape[:-2] + (-1,))  # Row frequencies, then column frequencies.
   emb = jnp.concatenate([freqs, freqs], axis=-1)
   return jnp.cos(emb), jnp.sin(emb)
 
@@ -383,18 +307,21 @@ class VisionAttention(nnx.Module):
     self.proj = nnx.Linear(d, d, **kw)
 
   def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array) -> jax.Array:
-    """x [N, D], cos/sin [N, head_dim], mask bool [N, N] -> [N, D]."""
-    n = x.shape[0]
+    """x [G, N, D], cos/sin [G, N, head_dim], mask bool [G, N, N] -> [G, N, D].
+
+    G independent groups of patches (one for the packed form, one per image slot for `RowImages`).
+    """
+    g, n = x.shape[:2]
     # HF's reshape(N, 3, heads, head_dim): q, k, v each take a contiguous third of qkv's output.
-    qkv = dense(self.qkv, x).reshape(n, 3, self.num_heads, self.head_dim)
-    q, k, v = qkv[:, 0], qkv[:, 1], qkv[:, 2]
-    q = apply_rope(q[None], cos[None], sin[None])[0]
-    k = apply_rope(k[None], cos[None], sin[None])[0]
-    scores = jnp.einsum("qhd,khd->hqk", q * self.head_dim**-0.5, k,
+    qkv = dense(self.qkv, x).reshape(g, n, 3, self.num_heads, self.head_dim)
+    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+    q = apply_rope(q, cos, sin)
+    k = apply_rope(k, cos, sin)
+    scores = jnp.einsum("gqhd,gkhd->ghqk", q * self.head_dim**-0.5, k,
                         preferred_element_type=jnp.float32)
-    scores = jnp.where(mask[None], scores, _NEG)
+    scores = jnp.where(mask[:, None], scores, _NEG)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("hqk,khd->qhd", probs, v).reshape(n, -1)
+    out = jnp.einsum("ghqk,gkhd->gqhd", probs, v).reshape(g, n, -1)
     return dense(self.proj, out)
 
 
@@ -449,9 +376,9 @@ class PatchMerger(nnx.Module):
                          nnx.Linear(width, config.hidden_size, **kw)])
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    """[N, embed_dim] -> [N / merge_unit, hidden_size]."""
+    """[..., N, embed_dim] -> [..., N / merge_unit, hidden_size]."""
     # Consecutive patches are one merge block (processor order): a reshape fuses them.
-    x = self.ln_q(x).reshape(-1, self.width)
+    x = self.ln_q(x).reshape(x.shape[:-2] + (-1, self.width))
     return dense(self.mlp[2], self.mlp[1](dense(self.mlp[0], x)))
 
 
@@ -467,19 +394,24 @@ class Qwen2VisionTransformer(nnx.Module):
     self.merger = PatchMerger(config, **kw)
 
   def hidden_states(self, batch: VisionBatch) -> list[jax.Array]:
-    """[patch embedding, block 1 output, ..., block depth output], each [N, embed_dim]."""
-    x = self.patch_embed(batch.pixel_values)
-    cos, sin = vision_rope_cos_sin(batch.positions, self.config.head_dim, self.config.rope_theta)
-    seg = batch.segment_ids
-    mask = seg[:, None] == seg[None, :]
+    """[patch embedding, block 1 output, ..., block depth output], each [(G,) N, embed_dim].
+
+    `batch` holds one packed sequence ([N, ...] arrays) or G independent ones ([G, N, ...]).
+    """
+    grouped = batch.pixel_values.ndim == 3
+    pixels, seg, pos = (batch.pixel_values, batch.segment_ids, batch.positions) if grouped else (
+        batch.pixel_values[None], batch.segment_ids[None], batch.positions[None])
+    x = self.patch_embed(pixels)
+    cos, sin = vision_rope_cos_sin(pos, self.config.head_dim, self.config.rope_theta)
+    mask = seg[:, :, None] == seg[:, None, :]
     states = [x]
     for block in self.blocks:
       x = block(x, cos, sin, mask)
       states.append(x)
-    return states
+    return states if grouped else [h[0] for h in states]
 
   def __call__(self, batch: VisionBatch) -> jax.Array:
-    """Merged image tokens [N / merge_unit, hidden_size] (HF `pooler_output`)."""
+    """Merged image tokens [(G,) N / merge_unit, hidden_size] (HF `pooler_output`)."""
     return self.merger(self.hidden_states(batch)[-1])
 
 
@@ -488,21 +420,21 @@ class Qwen2VisionTransformer(nnx.Module):
 
 def mrope_cos_sin(positions: jax.Array, head_dim: int, theta: float,
                   mrope_section: Sequence[int]) -> tuple[jax.Array, jax.Array]:
-  """cos, sin float32 [B, T, head_dim] for M-RoPE positions int [3, B, T].
+  """cos, sin float32 [B, T, head_dim] for M-RoPE positions int [B, 3, T].
 
   Frequency j of run i of `mrope_section` turns with component i % 3 of the position, as
   `Qwen2VLRotaryEmbedding` (its freqs of all three components, then a per-run pick).
   """
   inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
   component = np.concatenate([np.full(s, i % 3) for i, s in enumerate(mrope_section)])
-  pos = jnp.moveaxis(positions, 0, -1)[..., component]  # [B, T, head_dim / 2]
+  pos = jnp.moveaxis(positions, 1, -1)[..., component]  # [B, T, head_dim / 2]
   freqs = pos.astype(jnp.float32) * inv_freq
   emb = jnp.concatenate([freqs, freqs], axis=-1)
   return jnp.cos(emb), jnp.sin(emb)
 
 
 class Qwen2VLTextModel(LlamaModel):
-  """The Llama decoder of llama.py driven by M-RoPE positions [3, B, T] instead of [B, T].
+  """The Llama decoder of llama.py driven by M-RoPE positions [B, 3, T] instead of [B, T].
 
   Same parameters, masks, cache and remat as `LlamaModel`; only the rotary tables differ.
   """
@@ -513,9 +445,9 @@ class Qwen2VLTextModel(LlamaModel):
 
   def __call__(self, inputs_embeds: jax.Array, positions: jax.Array, segment_ids: jax.Array,
                cache: KVCache | None = None) -> tuple[jax.Array, KVCache | None]:
-    """As `LlamaModel.__call__`, with positions int [3, B, T] (or [B, T]: the same for all 3)."""
+    """As `LlamaModel.__call__`, with positions int [B, 3, T] (or [B, T]: the same for all 3)."""
     if positions.ndim == 2:
-      positions = jnp.broadcast_to(positions, (3,) + positions.shape)
+      positions = jnp.broadcast_to(positions[:, None], (positions.shape[0], 3, positions.shape[1]))
     cos, sin = mrope_cos_sin(positions, self.config.head_dim, self.config.rope_theta,
                              self.mrope_section)
     return self.run_layers(inputs_embeds, cos, sin, segment_ids, cache)
@@ -544,14 +476,41 @@ def splice_features(text_embeds: jax.Array, input_ids: jax.Array, features: jax.
   return jnp.where(is_token[..., None], features[idx].astype(text_embeds.dtype), text_embeds)
 
 
+def splice_row_features(text_embeds: jax.Array, input_ids: jax.Array, features: jax.Array,
+                        slot_tokens: jax.Array, token_id: int) -> jax.Array:
+  """Replaces each row's placeholder embeddings by its own slots' features, in slot order.
+
+  The k-th placeholder of row b is token k - start(s) of slot s, the slot whose token range
+  [start(s), start(s) + slot_tokens[b, s]) holds k: slots are filled in order and only their first
+  slot_tokens features are real. Excess placeholders reuse the last feature, as
+  `splice_features`.
+
+  Args:
+    text_embeds: [B, L, D].
+    input_ids: int [B, L].
+    features: [B, M, Q, D], Q merged tokens per slot (padding included).
+    slot_tokens: int [B, M], real merged tokens of each slot.
+    token_id: the placeholder id.
+  """
+  b, m, q, d = features.shape
+  is_token = input_ids == token_id
+  k = jnp.cumsum(is_token, axis=1, dtype=jnp.int32) - 1  # [B, L]
+  ends = jnp.cumsum(slot_tokens.astype(jnp.int32), axis=1)  # [B, M]
+  slot = jnp.minimum(jnp.sum(k[:, :, None] >= ends[:, None, :], axis=-1), m - 1)  # [B, L]
+  start = jnp.take_along_axis(ends - slot_tokens.astype(jnp.int32), slot, axis=1)
+  idx = jnp.clip(slot * q + jnp.clip(k - start, 0, q - 1), 0, m * q - 1)
+  picked = jnp.take_along_axis(features.reshape(b, m * q, d), idx[:, :, None], axis=1)
+  return jnp.where(is_token[..., None], picked.astype(text_embeds.dtype), text_embeds)
+
+
 def text_positions(input_ids: jax.Array) -> jax.Array:
-  """arange M-RoPE positions [3, B, L] (what text-only rows get)."""
+  """arange M-RoPE positions [B, 3, L] (what text-only rows get)."""
   b, l = input_ids.shape
-  return jnp.broadcast_to(jnp.arange(l, dtype=jnp.int32), (3, b, l))
+  return jnp.broadcast_to(jnp.arange(l, dtype=jnp.int32), (b, 3, l))
 
 
 class Qwen2VLForConditionalGeneration(nnx.Module):
-  """Qwen2-VL causal LM. Call: `model(input_ids, vision, positions, segment_ids)`."""
+  """Qwen2-VL causal LM. Call: `model(input_ids, images, positions, segment_ids)`."""
 
   def __init__(self, config: Qwen2VLConfig, *, remat: bool = False,
                remat_policy: Callable[..., bool] | None = None, rngs: nnx.Rngs):
@@ -572,46 +531,74 @@ class Qwen2VLForConditionalGeneration(nnx.Module):
                                            remat_policy=remat_policy, **kw)
     self.lm_head = make_lm_head(config.text, **kw)
 
-  def image_features(self, vision: VisionBatch) -> jax.Array:
-    """Merged image tokens [N / merge_unit, D_text], all images in order."""
-    return self.visual(vision)
+  def image_features(self, images: VisionBatch | RowImages) -> jax.Array:
+    """Merged image tokens: [N / merge_unit, D_text] of a packed `VisionBatch` (all images in
+    order), or [B, M, P / merge_unit, D_text] of `RowImages` (padding tokens included)."""
+    if isinstance(images, VisionBatch):
+      return self.visual(images)
+    b, m, p, d = images.pixel_values.shape
+    segments, positions = slot_layout(images.grid, p, self.config.vision.spatial_merge_size)
+    slots = VisionBatch(images.pixel_values.reshape(b * m, p, d), segments.reshape(b * m, p),
+                        positions.reshape(b * m, p, 2))
+    # One slot at a time: the tower's [heads, P, P] scores then exist for one image, not for all
+    # B M of them (Qwen2-VL-2B, 12 slots of 2304 patches: 0.3 GiB instead of 3.8 GiB, twice).
+    feats = jax.lax.map(lambda one: self.visual(one), slots)
+    return feats.reshape(b, m, *feats.shape[1:])
 
-  def embed_inputs(self, input_ids: jax.Array, image_features: jax.Array | None = None
-                   ) -> jax.Array:
-    """Token embeddings [B, L, D] with `image_features` [K, D] spliced into the image tokens."""
+  def embed_inputs(self, input_ids: jax.Array,
+                   images: VisionBatch | RowImages | None = None) -> jax.Array:
+    """Token embeddings [B, L, D] with the images' features spliced into the image tokens.
+
+    A `VisionBatch` fills the batch's placeholders in row-major order (transformers'
+    masked_scatter); `RowImages` fills each row's from its own slots.
+    """
     embeds = self.language_model.embed_tokens(input_ids).astype(self.dtype)
-    if image_features is None:
+    if images is None:
       return embeds
-    return splice_features(embeds, input_ids, image_features, self.config.image_token_id)
+    feats = self.image_features(images)
+    token_id = self.config.image_token_id
+    if isinstance(images, VisionBatch):
+      return splice_features(embeds, input_ids, feats, token_id)
+    slot_tokens = jnp.prod(images.grid, axis=-1) // self.config.vision.merge_unit
+    return splice_row_features(embeds, input_ids, feats, slot_tokens, token_id)
 
   def logits(self, hidden: jax.Array) -> jax.Array:
     """Hidden states [..., D] -> float32 logits [..., V]."""
     return lm_logits(hidden, self.lm_head, self.language_model.embed_tokens)
 
-  def hidden_states(self, input_ids: jax.Array, vision: VisionBatch | None = None,
+  def hidden_states(self, input_ids: jax.Array, images: VisionBatch | RowImages | None = None,
                     positions: jax.Array | None = None,
                     segment_ids: jax.Array | None = None) -> jax.Array:
     """Final-norm decoder output [B, L, D].
 
     Args:
       input_ids: int [B, L].
-      vision: the batch's images (None: text only).
-      positions: int [3, B, L] from `get_rope_index` (None: arange, right for text only).
+      images: the batch's images (None: text only).
+      positions: int [B, 3, L] from `get_rope_index` (None: arange, right for text only).
       segment_ids: int [B, L] (None: one sample per row, no padding).
     """
     if positions is None:
       positions = text_positions(input_ids)
     if segment_ids is None:
       segment_ids = jnp.ones(input_ids.shape, jnp.int32)
-    feats = None if vision is None else self.image_features(vision)
-    hidden, _ = self.language_model(self.embed_inputs(input_ids, feats), positions, segment_ids)
+    hidden, _ = self.language_model(self.embed_inputs(input_ids, images), positions, segment_ids)
     return hidden
 
-  def __call__(self, input_ids: jax.Array, vision: VisionBatch | None = None,
+  def __call__(self, input_ids: jax.Array, images: VisionBatch | RowImages | None = None,
                positions: jax.Array | None = None,
                segment_ids: jax.Array | None = None) -> jax.Array:
     """Logits float32 [B, L, V]; arguments as `hidden_states`."""
-    return self.logits(self.hidden_states(input_ids, vision, positions, segment_ids))
+    return self.logits(self.hidden_states(input_ids, images, positions, segment_ids))
+
+  @staticmethod
+  def batch_inputs(batch: Mapping[str, jax.Array]) -> dict[str, Any]:
+    """`hidden_states` keyword arguments from a training Batch (data/image_format.py,
+    `NativeImages`): per-row `images` + `image_grid`, positions [B, 3, L], segment ids."""
+    images = None
+    if batch.get("images") is not None:
+      images = RowImages(batch["images"], batch["image_grid"])
+    return dict(images=images, positions=batch.get("positions"),
+                segment_ids=batch.get("segment_ids"))
 
   def init_cache(self, batch_size: int, max_len: int) -> KVCache:
     """Empty KV cache for generation (compute dtype)."""
@@ -619,7 +606,7 @@ class Qwen2VLForConditionalGeneration(nnx.Module):
 
   def decode(self, inputs_embeds: jax.Array, positions: jax.Array, segment_ids: jax.Array,
              cache: KVCache, *, last_only: bool = False) -> tuple[jax.Array, KVCache]:
-    """Appends T tokens (embeddings, positions [3, B, T]) to `cache`; returns their logits."""
+    """Appends T tokens (embeddings, positions [B, 3, T]) to `cache`; returns their logits."""
     hidden, cache = self.language_model(inputs_embeds, positions, segment_ids, cache)
     if last_only:
       hidden = hidden[:, -1:]
@@ -629,49 +616,23 @@ class Qwen2VLForConditionalGeneration(nnx.Module):
 # ---------------------------------------------------------------- greedy generation
 
 
-def _greedy(model: Qwen2VLForConditionalGeneration, prompt_ids, prompt_mask, prompt_positions,
-            vision, eos_id, pad_id, *, max_new_tokens: int):
-  """Traceable greedy decoding: prefill, then a while_loop of one-token decode steps.
-
-  Each generated token takes the previous token's position + 1 in every M-RoPE component, which is
-  what transformers' `generate` does with its [4, B, L] position ids (for a prompt that ends in
-  text, all three components are max position + 1 + step, i.e. the rope-delta rule).
-  """
-  b, prompt_len = prompt_ids.shape
-  # The last generated token is never fed back, hence max_new_tokens - 1 decode slots.
-  cache = model.init_cache(b, prompt_len + max_new_tokens - 1)
-  feats = None if vision is None else model.image_features(vision)
-  logits, cache = model.decode(model.embed_inputs(prompt_ids, feats), prompt_positions,
-                               prompt_mask, cache, last_only=True)
-  last = prompt_positions[:, :, -1]  # [3, B]: left padding puts every row's last token here.
-
-  # Token i - 1 (just produced) sits at last + i.
-  return generate_lib.decode_greedily(model, logits, cache, lambda i: (last + i)[:, :, None],
-                                      eos_id, pad_id, max_new_tokens=max_new_tokens)
-
-
-@functools.lru_cache(maxsize=16)
-def _compiled(graphdef: nnx.GraphDef, max_new_tokens: int):
-  """One jitted function per model structure and output length; jit caches per shape."""
-
-  def run(state, prompt_ids, prompt_mask, prompt_positions, vision, eos_id, pad_id):
-    model = nnx.merge(graphdef, state)
-    return _greedy(model, prompt_ids, prompt_mask, prompt_positions, vision, eos_id, pad_id,
-                   max_new_tokens=max_new_tokens)
-
-  return jax.jit(run)
-
-
 def greedy_generate(model: Qwen2VLForConditionalGeneration, prompt_ids: Any, prompt_mask: Any,
-                    pixel_values: Any = None, image_grid_thw: Any = None, *,
+                    positions: Any, pixel_values: Any = None, image_grid_thw: Any = None, *,
                     max_new_tokens: int, eos_id: int, pad_id: int,
                     pad_patches_to: int | None = None) -> np.ndarray:
-  """Greedy decoding of left-padded prompts with a KV cache (single device).
+  """Greedy decoding of left-padded prompts with a KV cache, images in the processor's packed form
+  (single device; the pipeline decodes `RowImages` through `generate.greedy_generate`).
+
+  Each generated token takes the previous token's position + 1 in every M-RoPE component, which is
+  what transformers' `generate` does (for a prompt that ends in text, all three components are
+  max position + 1 + step, its rope-delta rule).
 
   Args:
     model: the model.
     prompt_ids: int [B, L], left-padded, image placeholders expanded (one per merged token).
     prompt_mask: int [B, L], 1 on real tokens, 0 on (left) padding.
+    positions: int [B, 3, L], the prompts' M-RoPE positions (`qwen2vl_image.get_rope_index` with
+      `prompt_mask`).
     pixel_values: float [N, patch_dim], every row's images in order (processor output), or None.
     image_grid_thw: int [n_images, 3] for `pixel_values`.
     max_new_tokens: tokens to generate per row.
@@ -684,14 +645,9 @@ def greedy_generate(model: Qwen2VLForConditionalGeneration, prompt_ids: Any, pro
   """
   ids, mask = generate_lib.check_prompt(prompt_ids, prompt_mask, max_new_tokens)
   merge = model.config.vision.spatial_merge_size
-  positions, _ = get_rope_index(ids, image_grid_thw, mask,
-                                image_token_id=model.config.image_token_id,
-                                spatial_merge_size=merge)
   vision = None
   if pixel_values is not None:
     vision = vision_batch(pixel_values, image_grid_thw, merge, pad_to=pad_patches_to)
-  graphdef, state = nnx.split(model)
-  run = _compiled(graphdef, int(max_new_tokens))
-  out = run(state, jnp.asarray(ids), jnp.asarray(mask), jnp.asarray(positions), vision,
-            jnp.int32(eos_id), jnp.int32(pad_id))
-  return np.asarray(out, np.int32)
+  return generate_lib.greedy_generate(model, ids, mask, vision, positions=positions,
+                                      max_new_tokens=max_new_tokens, eos_id=eos_id,
+                                      pad_id=pad_id)

@@ -167,6 +167,18 @@ def config_to_hf(config: Qwen2VLConfig, *, torch_dtype: str = "float32") -> dict
               dtype=torch_dtype, **tokens)
 
 
+def check_checkpoint(path: str | os.PathLike) -> Qwen2VLConfig:
+  """What a Qwen2-VL checkpoint directory shows without reading a weight: config.json and the
+  weight files' names (shapes are checked when `load_pretrained` reads them).
+
+  Raises:
+    as `load_config`, and FileNotFoundError for missing weight files.
+  """
+  config = load_config(path)
+  hf_io.weight_files(os.fspath(path))
+  return config
+
+
 def load_config(path: str | os.PathLike, *, dtype: str = "float32",
                 param_dtype: str = "float32") -> Qwen2VLConfig:
   """Reads `<path>/config.json` as a `Qwen2VLConfig` (no weights are touched)."""

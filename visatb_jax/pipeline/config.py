@@ -430,6 +430,9 @@ def _check_prep(section: Mapping[str, Any]) -> None:
   _number("prep.parallel", _get(section, "parallel", 1), kind=int, minimum=1)
 
 
+# The template whose image blocks Qwen2-VL reads (data/template.py).
+QWEN2VL_TEMPLATE = "qwen2vl"
+
 # Files a Hugging Face tokenizer directory has (any one of them) for AutoTokenizer to load it.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
 
@@ -440,9 +443,9 @@ def _one_line(error: BaseException) -> str:
 
 
 def _check_checkpoint(path: str, tokenizer_here: bool) -> None:
-  """`model.path`: an existing LLaVA checkpoint directory (config.json, weight files, and the
-  tokenizer when the data reads it from there); nothing is read beyond config.json."""
-  from visatb_jax.model import hf_io  # pylint: disable=g-import-not-at-top
+  """`model.path`: an existing LLaVA or Qwen2-VL checkpoint directory (config.json, weight files,
+  and the tokenizer when the data reads it from there); nothing is read beyond config.json."""
+  from visatb_jax.model import factory, hf_io  # pylint: disable=g-import-not-at-top
   what = "checkpoint and tokenizer directory" if tokenizer_here else "checkpoint directory"
   if not os.path.exists(path):
     raise ConfigError(f"config.model.path: {what} {path} does not exist")
@@ -450,7 +453,11 @@ def _check_checkpoint(path: str, tokenizer_here: bool) -> None:
     raise ConfigError(f"config.model.path: {path} is not a directory (expected the {what} of a "
                       "Hugging Face LLaVA checkpoint)")
   try:
-    hf_io.check_checkpoint(path)
+    if factory.checkpoint_model_type(path) == factory.QWEN2_VL:
+      from visatb_jax.model import qwen2vl_io  # pylint: disable=g-import-not-at-top
+      qwen2vl_io.check_checkpoint(path)
+    else:
+      hf_io.check_checkpoint(path)
   except hf_io.UnsupportedModelError as e:
     raise ConfigError(f"config.model.path: {_one_line(e)}; for a separate vision tower, language "
                       "model and projector set model.vision_path, model.text_path and "
@@ -480,11 +487,35 @@ def _check_parts(parts: Mapping[str, str], data: Mapping[str, Any]) -> None:
                       "<image>, as llava-hf's; README, \"Starting from the official parts\")")
 
 
+def _check_family_template(section: Mapping[str, Any], data: Mapping[str, Any]) -> None:
+  """Qwen2-VL reads images only inside <|vision_start|> ... <|vision_end|> blocks of
+  <|image_pad|> tokens, which the `qwen2vl` template writes; LLaVA knows none of them."""
+  from visatb_jax.model import factory  # pylint: disable=g-import-not-at-top
+  try:
+    family = factory.family(section)
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
+  name = _get(data, "template", template_lib.DEFAULT_TEMPLATE)
+  if (family == factory.QWEN2_VL) != (name == QWEN2VL_TEMPLATE):
+    what = "a Qwen2-VL model" if family == factory.QWEN2_VL else "a LLaVA model"
+    want = (f"'{QWEN2VL_TEMPLATE}'" if family == factory.QWEN2_VL else
+            f"one of {sorted(set(template_lib.TEMPLATES) - {QWEN2VL_TEMPLATE})}")
+    raise ConfigError(f"config.data.template={name!r} does not fit {what} (config.model): "
+                      f"use {want}")
+  for key in ("min_pixels", "max_pixels"):
+    if data.get(key) is not None:
+      _number(f"data.{key}", data[key], kind=int, minimum=1)
+  if (data.get("min_pixels") or 0) > (data.get("max_pixels") or float("inf")):
+    raise ConfigError(f"config.data.min_pixels={data['min_pixels']} is above "
+                      f"config.data.max_pixels={data['max_pixels']}")
+
+
 def _check_model(section: Mapping[str, Any], data: Mapping[str, Any]) -> None:
   """Where the initial model comes from: `model.path`, or all three part paths, or neither
   (random init); the files are checked now, not after the data stage."""
   if not any(section.get(k) for k in ("path", "vision_path", "text_path", "projector_path")):
-    return  # A random init: nothing to check, no model code to import.
+    _check_family_template(section, data)
+    return  # A random init: nothing more to check.
   from visatb_jax.model import factory  # pylint: disable=g-import-not-at-top
   try:
     parts = factory.model_parts(section)
@@ -495,6 +526,7 @@ def _check_model(section: Mapping[str, Any], data: Mapping[str, Any]) -> None:
   elif section.get("path"):
     tokenizer_here = data.get("source") == "llava_json" and not data.get("tokenizer")
     _check_checkpoint(os.path.expanduser(str(section["path"])), tokenizer_here)
+  _check_family_template(section, data)
 
 
 def _model_section(section: Mapping[str, Any]) -> dict[str, Any]:

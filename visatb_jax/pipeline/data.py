@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from visatb_jax.data import image_format
 from visatb_jax.data import images as images_lib
 from visatb_jax.data import packing, shapes, sources, subsets, template
 from visatb_jax.data import tokenizer as tokenizer_lib
@@ -228,8 +229,9 @@ class DataStore:
             raise PipelineError(f"task {t!r}: {split} file {f} does not exist")
       # Copied again each time the stage runs: it re-runs when the tokenizer's files changed.
       if fileio.is_primary():
-        tokenizer_lib.copy_pretrained_tokenizer(self._pretrained_tokenizer_path(),
-                                                self.tokenizer_dir)
+        tokenizer_lib.copy_pretrained_tokenizer(
+            self._pretrained_tokenizer_path(), self.tokenizer_dir,
+            image_token=template.get_template(self.template).image_token)
       fileio.sync("tokenizer")
     self.encoded_train()  # fail now, not in the middle of training, on bad samples
     try:  # every image decoded once: a corrupt file is named now, not in a later stage
@@ -278,7 +280,8 @@ class DataStore:
       raise PipelineError(f"{self.tokenizer_dir} does not exist: run the 'data' stage first")
     if self.source == "shapes":
       return tokenizer_lib.load_tokenizer(self.tokenizer_dir)
-    return tokenizer_lib.load_pretrained_tokenizer(self.tokenizer_dir)
+    return tokenizer_lib.load_pretrained_tokenizer(
+        self.tokenizer_dir, image_token=template.get_template(self.template).image_token)
 
   @functools.lru_cache(maxsize=None)
   def samples(self, split: str) -> list[dict]:
@@ -318,25 +321,39 @@ class DataStore:
               ) -> tuple[dict[str, list[packing.Example]], dict[str, dict[str, int]]]:
     """Samples as token ids + label mask + images, grouped by task (task ids: index in `names`),
     and per-task counts of kept, truncated and dropped samples."""
-    tok, mc = self.tokenizer, self._ws.models.model_config
-    image_size = int(mc.vision.image_size)
+    tok, fmt = self.tokenizer, self._ws.models.image_format
+    native = not isinstance(fmt, image_format.SquareImages)
     max_len = int(self._data["max_len"])
     by_task: dict[str, list[packing.Example]] = {t: [] for t in names}
     stats = {t: {"samples": 0, "truncated": 0, "dropped_too_long": 0} for t in names}
     for record, s in enumerate(samples):
       t = s["task"]
-      enc = template.encode_conversation(s["conversations"], tok,
-                                         num_image_tokens=mc.num_image_tokens, max_len=max_len,
-                                         system=self.system_prompt, template=self.template)
+      paths = s.get("image_paths") or []
+      # The small built-in benchmark lives in memory; user data is read when a batch is built
+      # (hundreds of thousands of images would not fit), sized from the file header alone.
+      if self.source != "shapes":
+        imgs = paths
+      elif native:
+        imgs = [fmt.load(p) for p in paths]
+      else:
+        imgs = images_lib.load_images(paths, fmt.image_size)
+      if not native:
+        counts = fmt.num_image_tokens  # One count for every image.
+      elif self.source == "shapes":
+        counts = [fmt.num_tokens(im) for im in imgs]
+      else:
+        counts = [fmt.num_tokens_of_file(p) for p in paths]
+      try:
+        enc = template.encode_conversation(s["conversations"], tok, num_image_tokens=counts,
+                                           max_len=max_len, system=self.system_prompt,
+                                           template=self.template)
+      except ValueError as e:  # e.g. <image> placeholders and images that disagree
+        raise PipelineError(f"task {t!r}, sample {s.get('id')!r}: {e}") from e
       if enc is None:
         stats[t]["dropped_too_long"] += 1
         continue
       stats[t]["samples"] += 1
       stats[t]["truncated"] += int(enc.truncated)
-      paths = s.get("image_paths") or []
-      # The small built-in benchmark lives in memory; user data is read when a batch is built
-      # (hundreds of thousands of images would not fit).
-      imgs = images_lib.load_images(paths, image_size) if self.source == "shapes" else paths
       by_task[t].append(packing.Example(enc.input_ids, enc.label_mask, list(names).index(t), imgs,
                                         record))
     return by_task, stats
@@ -434,12 +451,13 @@ class DataStore:
     from visatb_jax.data import loader as loader_lib  # pylint: disable=g-import-not-at-top
     from visatb_jax.data import prepare  # pylint: disable=g-import-not-at-top
     train = self._ws.config.section("train")
-    mc = self._ws.models.model_config
+    fmt = self._ws.models.image_format
     prepared = prepare.open_prepared(self.prepared_dir)
     config = loader_lib.LoaderConfig(
         tasks=tuple(self._plan.names), seq_len=int(self._data["seq_len"]),
-        max_images=int(self._data["max_images"]), image_size=int(mc.vision.image_size),
-        num_image_tokens=mc.num_image_tokens, max_len=int(self._data["max_len"]),
+        max_images=int(self._data["max_images"]), image_size=getattr(fmt, "image_size", 0),
+        num_image_tokens=getattr(fmt, "num_image_tokens", 0), image_format=fmt,
+        max_len=int(self._data["max_len"]),
         batch_size=int(train["batch_size"]), seed=int(self._ws.config.seed),
         template=self.template, system=self.system_prompt,
         worker_count=int(self._data.get("loader_workers") or 0))
@@ -449,11 +467,12 @@ class DataStore:
   def _build_eval_sets(self, samples: Sequence[dict], task_metrics: dict[str, str],
                        task_options: dict[str, dict]):
     from visatb_jax.pipeline import evaluation  # pylint: disable=g-import-not-at-top
-    mc = self._ws.models.model_config
+    fmt = self._ws.models.image_format
     try:
       return evaluation.build_eval_sets(
           samples, tokenizer=self.tokenizer, task_metrics=task_metrics,
-          num_image_tokens=mc.num_image_tokens, image_size=int(mc.vision.image_size),
+          num_image_tokens=getattr(fmt, "num_image_tokens", 0),
+          image_size=getattr(fmt, "image_size", 0), image_format=fmt,
           system=self.system_prompt, template_name=self.template, task_options=task_options)
     except images_lib.ImageError:
       raise  # already names the image

@@ -13,13 +13,17 @@ it has one, else its last assistant turn. Metrics that take several references g
 
 A sample is answered with all of its images: each row carries as many image slots as the task's
 sample with the most images, and the k-th `<image>` block of a prompt reads slot k, exactly as in
-training (`model.llava.splice_image_features`).
+training (`model.llava.splice_image_features`, `model.qwen2vl.splice_row_features`). With an
+image format (data/image_format.py) an eval set keeps each sample's images as the model sees them
+(Qwen2-VL: native size, so each image has its own token count) and a batch's image arrays and
+positions are made by that format, as the training batches are.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import tqdm
@@ -51,11 +55,14 @@ class EvalSet:
   metric: str
   prompt_ids: np.ndarray    # int32 [n, P], left-padded
   prompt_mask: np.ndarray   # int32 [n, P]
-  images: np.ndarray        # uint8 [n, M, H, W, 3]: M = the most images of one sample (>= 1)
+  # uint8 [n, M, H, W, 3] (M = the most images of one sample, >= 1) without `image_format`; with
+  # it, each sample's list of uint8 [h, w, 3] images as `image_format.load` gives them.
+  images: np.ndarray | list[list[np.ndarray]]
   references: list[Reference]
   stop_id: int | None = None  # the token that ends an answer (None: the tokenizer's eos)
   ids: list[str] = dataclasses.field(default_factory=list)
   options: Mapping[str, object] = dataclasses.field(default_factory=dict)
+  image_format: Any = None  # data/image_format.py; None: LLaVA's square images, as `images`
 
   def __post_init__(self):
     if not self.ids:
@@ -154,10 +161,13 @@ def build_eval_sets(
     pad_to: int = 32,
     template_name: str = template.DEFAULT_TEMPLATE,
     task_options: Mapping[str, Mapping[str, object]] | None = None,
+    image_format: Any = None,
 ) -> dict[str, EvalSet]:
   """Encodes every sample's prompt and loads its images, grouped by task (in `task_metrics` order).
 
   `task_options`: {task: the metric's keyword options}, for the tasks that have any.
+  `image_format`: how the model sees images (data/image_format.py); None: square `image_size`
+  images of `num_image_tokens` tokens each.
 
   Raises:
     ValueError: a sample of an unknown task, a task without samples, a duplicate id or a sample
@@ -175,9 +185,19 @@ def build_eval_sets(
     if not task_samples:
       raise ValueError(f"task {task!r} has no samples in this split")
     ids = sample_ids(task, task_samples)  # before the encoding work, so a duplicate fails fast
-    encoded = [template.encode_prompt(s["conversations"], tokenizer, num_image_tokens=num_image_tokens,
-                                      system=system, template=template_name)
-               for s in task_samples]
+    if image_format is None:
+      task_images = load_sample_images(task_samples, image_size)
+      counts = [num_image_tokens] * len(task_samples)
+    else:
+      task_images = [[image_format.load(p) for p in image_paths(s)] for s in task_samples]
+      counts = [[image_format.num_tokens(im) for im in row] for row in task_images]
+    encoded = []
+    for sample_id, s, n in zip(ids, task_samples, counts):
+      try:
+        encoded.append(template.encode_prompt(s["conversations"], tokenizer, num_image_tokens=n,
+                                              system=system, template=template_name))
+      except ValueError as e:
+        raise ValueError(f"task {task!r}, sample {sample_id!r}: {e}") from e
     length = _round_up(max(len(ids) for ids, _ in encoded), pad_to)
     prompt_ids = np.full((len(encoded), length), pad_id, np.int32)
     mask = np.zeros((len(encoded), length), np.int32)
@@ -190,10 +210,10 @@ def build_eval_sets(
         references.append(_reference(s))
       except ValueError as e:
         raise ValueError(f"task {task!r}, sample {sample_id!r}: {e}") from e
-    out[task] = EvalSet(task, task_metrics[task], prompt_ids, mask,
-                        load_sample_images(task_samples, image_size), references,
+    out[task] = EvalSet(task, task_metrics[task], prompt_ids, mask, task_images, references,
                         stop_id=template.stop_token_id(tokenizer, template_name), ids=ids,
-                        options=dict((task_options or {}).get(task) or {}))
+                        options=dict((task_options or {}).get(task) or {}),
+                        image_format=image_format)
   return out
 
 
@@ -212,16 +232,42 @@ def generate_answers(model, eval_set: EvalSet, *, tokenizer, batch_size: int,
   answers = []
   for start in range(0, n, batch_size):
     idx = np.arange(start, start + batch_size) % n  # wrap-around rows are dropped below
+    images, positions = _batch_inputs(model, eval_set, idx)
     tokens = generate.greedy_generate(
-        model, eval_set.prompt_ids[idx], eval_set.prompt_mask[idx],
-        images_lib.normalize(eval_set.images[idx]),
-        max_new_tokens=max_new_tokens, eos_id=stop, pad_id=tokenizer.pad_token_id, mesh=mesh)
+        model, eval_set.prompt_ids[idx], eval_set.prompt_mask[idx], images,
+        positions=positions, max_new_tokens=max_new_tokens, eos_id=stop,
+        pad_id=tokenizer.pad_token_id, mesh=mesh)
     tokens = np.asarray(tokens)[: min(batch_size, n - start)]
     for row in tokens:
       row = row[row != tokenizer.pad_token_id]
       row = row[row != stop]
       answers.append(tokenizer.decode(row.tolist(), skip_special_tokens=True).strip())
   return answers
+
+
+def _batch_inputs(model, eval_set: EvalSet, idx: np.ndarray) -> tuple[Any, np.ndarray | None]:
+  """(the model's image input, the prompts' positions or None) of the rows `idx`.
+
+  With an image format the slots and positions are made as for a training batch (each prompt's
+  positions start at its first real token; left padding gets 0), and the model reads the arrays
+  as it reads a Batch (`train.step.model_inputs`).
+  """
+  fmt = eval_set.image_format
+  if fmt is None:
+    return images_lib.normalize(eval_set.images[idx]), None
+  rows = [eval_set.images[i] for i in idx]
+  slots = max([1] + [len(r) for r in rows])
+  arrays = {k: np.zeros(shape, dtype) for k, (shape, dtype) in
+            fmt.batch_shapes(len(idx), slots).items()}
+  ids, mask = eval_set.prompt_ids[idx], eval_set.prompt_mask[idx]
+  positions = np.zeros(fmt.positions_shape(len(idx), ids.shape[1]), np.int32)
+  for r, row in enumerate(rows):
+    for slot, image in enumerate(row):
+      fmt.fill(arrays, r, slot, image)
+    real = int(mask[r].sum())
+    positions[r, ..., ids.shape[1] - real:] = fmt.positions(ids[r, ids.shape[1] - real:], row)
+  from visatb_jax.train import step  # pylint: disable=g-import-not-at-top
+  return step.model_inputs(model, arrays)["images"], positions
 
 
 def score_predictions(eval_set: EvalSet, predictions: Sequence[str]) -> dict[str, float]:

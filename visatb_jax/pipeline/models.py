@@ -9,8 +9,7 @@ import math
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from visatb_jax.data import packing
-from visatb_jax.data import tokenizer as tokenizer_lib
+from visatb_jax.data import packing, template
 from visatb_jax.pipeline.errors import PipelineError
 
 PRETRAIN_DIR = "pretrain"
@@ -18,6 +17,25 @@ PRETRAIN_DIR = "pretrain"
 if TYPE_CHECKING:
   from visatb_jax.pipeline.workspace import Workspace
   from visatb_jax.train.method import TrainMethod
+
+
+def image_format_for(model_config, data):
+  """How a model sees images (data/image_format.py): LLaVA's square `image_size` images of a
+  fixed token count, or Qwen2-VL's native resolution within data.min_pixels / data.max_pixels
+  (the processor's defaults when unset)."""
+  from visatb_jax.data import image_format  # pylint: disable=g-import-not-at-top
+  from visatb_jax.data import qwen2vl_image  # pylint: disable=g-import-not-at-top
+  from visatb_jax.model.qwen2vl import Qwen2VLConfig  # pylint: disable=g-import-not-at-top
+  if not isinstance(model_config, Qwen2VLConfig):
+    return image_format.SquareImages(int(model_config.vision.image_size),
+                                     int(model_config.num_image_tokens))
+  v = model_config.vision
+  return image_format.NativeImages(
+      image_token_id=model_config.image_token_id,
+      min_pixels=int(data.get("min_pixels") or qwen2vl_image.MIN_PIXELS),
+      max_pixels=int(data.get("max_pixels") or qwen2vl_image.MAX_PIXELS),
+      patch_size=v.patch_size, merge_size=v.spatial_merge_size,
+      temporal_patch_size=v.temporal_patch_size)
 
 
 class Models:
@@ -42,12 +60,19 @@ class Models:
   @functools.cached_property
   def model_config(self):
     from visatb_jax.model import factory  # pylint: disable=g-import-not-at-top
-    tok = self._ws.data.tokenizer
+    data = self._ws.data
     try:
-      return factory.model_config(self._ws.config.section("model"), vocab_size=len(tok),
-                                  image_token_id=tokenizer_lib.image_token_id(tok))
+      # The id the template's image blocks carry (<image>, or Qwen2-VL's <|image_pad|>).
+      image_token_id = template.image_token_id(data.tokenizer, data.template)
+      return factory.model_config(self._ws.config.section("model"), vocab_size=len(data.tokenizer),
+                                  image_token_id=image_token_id)
     except (OSError, ValueError) as e:
       raise PipelineError(f"model: {e}") from e
+
+  @functools.cached_property
+  def image_format(self):
+    """How the model sees images (`image_format_for`)."""
+    return image_format_for(self.model_config, self._ws.config.section("data"))
 
   def new_model(self, mesh=None, *, from_base: bool = True):
     """The model every run starts from, placed on `mesh` (default: the whole mesh): the
@@ -89,7 +114,7 @@ class Models:
     ds = packing.PackedDataset(examples, seq_len=int(data["seq_len"]),
                                max_images=int(data["max_images"]),
                                pad_id=ws.data.tokenizer.pad_token_id, seed=int(ws.config.seed),
-                               image_size=int(self.model_config.vision.image_size))
+                               image_format=self.image_format)
     if pretrain:
       settings = ws.config.pretrain
       batch_size = int(settings["batch_size"] or train["batch_size"])

@@ -151,7 +151,7 @@ def paper_config(name: str, tasks: Mapping[str, Mapping[str, Any]], *, r_large: 
   c.train.checkpoint_every = 500
   c.train.log_every = 10
   c.train.freeze_vision_tower = True
-  c.train.ce_chunk_size = 2048  # tokens per chunk of the cross-entropy; 0 = full logits
+  c.train.ce_chunk_size = 2048  # tokens per cross-entropy block and device; 0 = full logits
 
   c.prep = ml_collections.ConfigDict()
   c.prep.r_large = r_large

@@ -27,7 +27,8 @@ class TrainConfig:
 
   `steps` and `lr` are required. `batch_size` (rows of a global batch; None: not checked) is
   split into `accum_steps` micro-batches. `ce_chunk_size` > 0 computes the cross-entropy over
-  chunks of that many tokens, never the whole [tokens, vocab] logits.
+  blocks of about that many tokens per device (`loss.chunked_token_loss`), never the whole
+  [tokens, vocab] logits.
   """
 
   steps: int
@@ -136,7 +137,7 @@ def trainable_filter(freeze_vision_tower: bool = True, lora: bool = False,
   """What the optimizer updates: every nnx.Param except a frozen vision tower's; with LoRA, the
   adapters and the projector only (model/lora.py); with trainable="projector", the projector."""
   if trainable == "projector":
-    return nnx.All(nnx.Param, nnx.PathContains("multi_modal_projector"))
+    return nnx.All(nnx.Param, lora_lib.projector_filter)
   return lora_lib.trainable_filter(freeze_vision_tower, lora)
 
 

@@ -18,6 +18,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from visatb_jax.core import loss as loss_lib
+from visatb_jax.model import llava
 from visatb_jax.model import lora as lora_lib
 from visatb_jax.runtime import sharding as sharding_lib
 
@@ -46,6 +47,13 @@ def micro_batches(batch: Batch, accum_steps: int, mesh: Mesh) -> dict[str, jax.A
   return {k: split(v) for k, v in batch.items()}
 
 
+def model_inputs(model: Any, batch: Batch) -> dict[str, Any]:
+  """`hidden_states` keyword arguments from a Batch: each model family reads its own image arrays
+  (`batch_inputs`: Qwen2-VL's per-row slots and grids); a model without one reads LLaVA's keys."""
+  read = getattr(model, "batch_inputs", llava.LlavaForConditionalGeneration.batch_inputs)
+  return read(batch)
+
+
 def forward_sums(graphdef: nnx.GraphDef, params: nnx.State, frozen: nnx.State, batch: Batch,
                  lam: jax.Array, *, ce_chunk_size: int = 0,
                  dropout_key: jax.Array | None = None) -> LossSums:
@@ -58,8 +66,7 @@ def forward_sums(graphdef: nnx.GraphDef, params: nnx.State, frozen: nnx.State, b
   if dropout_key is not None:
     frozen = lora_lib.with_dropout_key(frozen, dropout_key)
   model = nnx.merge(graphdef, params, frozen)
-  inputs = dict(images=batch.get("images"), positions=batch.get("positions"),
-                segment_ids=batch.get("segment_ids"))
+  inputs = model_inputs(model, batch)
   if ce_chunk_size:
     hidden = model.hidden_states(batch["input_ids"], **inputs)
     sums = loss_lib.chunked_token_loss(hidden, model.logits, batch["targets"], batch["loss_mask"],
