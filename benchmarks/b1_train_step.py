@@ -202,7 +202,7 @@ def interleaved(fns: dict[str, Any], *, warmup: int, reps: int) -> dict[str, lis
   return times
 
 
-def bench_size(name: str, *, warmup: int, reps: int) -> dict[str, Any]:
+def bench_size(name: str, *, warmup: int, reps: int, first: str = "jax") -> dict[str, Any]:
   size = SIZES[name]
   cfg, ours, hf = build_pair(size)
   batch = make_batch(cfg, size)
@@ -211,7 +211,8 @@ def bench_size(name: str, *, warmup: int, reps: int) -> dict[str, Any]:
   jax_loss, jax_norm = jax_run()  # Also the compilation.
   compile_s = time.perf_counter() - t0
   torch_loss, torch_norm = torch_run()
-  times = interleaved({"jax": jax_run, "torch": torch_run}, warmup=warmup, reps=reps)
+  times = interleaved(common.side_order({"jax": jax_run, "torch": torch_run}, first),
+                      warmup=warmup, reps=reps)
   med = {k: statistics.median(v) for k, v in times.items()}
   return {
       "config": {"vision": size.vision, "text": size.text, "image_token_id": IMAGE_TOKEN_ID,
@@ -230,9 +231,53 @@ def bench_size(name: str, *, warmup: int, reps: int) -> dict[str, Any]:
   }
 
 
+def machine() -> dict[str, Any]:
+  return {"cpu_count": os.cpu_count() or 1, "cores_used": len(os.sched_getaffinity(0)),
+          "torch_threads": torch.get_num_threads(), "jax": jax.__version__,
+          "torch": torch.__version__, "transformers": transformers.__version__,
+          "jax_devices": [str(d) for d in jax.devices()],
+          "xla_flags": os.environ.get("XLA_FLAGS", ""), "loadavg_1_5_15": common.loadavg()}
+
+
+def single_run(args) -> dict[str, Any]:
+  """Every size of `args.sizes` measured in this process."""
+  if args.cores:
+    os.sched_setaffinity(0, set(range(args.cores)))
+  torch.set_num_threads(min(args.torch_threads, args.cores or args.torch_threads))
+  results = {"machine": machine(), "first_side": args.first, "warmup": args.warmup,
+             "reps": args.reps, "interleaved": True, "sizes": {}}
+  for name in args.sizes.split(","):
+    r = bench_size(name, warmup=args.warmup, reps=args.reps, first=args.first)
+    results["sizes"][name] = r
+    s, f = r["seconds_per_step"], r["first_step"]
+    print(f"B1 {name} ({args.first} first): jax {r['steps_per_s']['jax']:.3f} steps/s "
+          f"({s['jax']['median']:.4f} s), torch {r['steps_per_s']['torch']:.3f} steps/s "
+          f"({s['torch']['median']:.4f} s), ratio jax/torch {r['ratio_jax_over_torch']:.2f}x; "
+          f"first-step loss rel diff {f['rel_loss_diff']:.1e}, grad-norm rel diff "
+          f"{f['rel_grad_norm_diff']:.1e}", flush=True)
+  return results
+
+
+def summarize(runs: list[dict[str, Any]], sizes: list[str]) -> dict[str, Any]:
+  """Per size: median and min-max over runs of each side's median s/step and of the ratio."""
+  out = {}
+  for name in sizes:
+    rs = [r["sizes"][name] for r in runs]
+    out[name] = {
+        "jax_s_per_step": common.spread([r["seconds_per_step"]["jax"]["median"] for r in rs]),
+        "torch_s_per_step": common.spread([r["seconds_per_step"]["torch"]["median"] for r in rs]),
+        "ratio_jax_over_torch": common.spread([r["ratio_jax_over_torch"] for r in rs]),
+        "max_rel_loss_diff": max(r["first_step"]["rel_loss_diff"] for r in rs),
+        "max_rel_grad_norm_diff": max(r["first_step"]["rel_grad_norm_diff"] for r in rs),
+        "jax_compile_s": common.spread([r["jax_compile_s"] for r in rs]),
+    }
+  return out
+
+
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--sizes", default="tiny,100m")
+  parser.add_argument("--runs", type=int, default=5)
   parser.add_argument("--warmup", type=int, default=2)
   parser.add_argument("--reps", type=int, default=7)
   parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "b1.json"))
@@ -242,26 +287,44 @@ def main(argv=None) -> int:
   # Both sides confined to the first N cores (the process's CPU affinity, set before JAX starts
   # its thread pool), for a per-core comparison; torch then uses at most N threads.
   parser.add_argument("--cores", type=int, default=0)
+  # Internal: one measurement in this process, its JSON written to --out.
+  parser.add_argument("--single-run", action="store_true", help=argparse.SUPPRESS)
+  parser.add_argument("--first", choices=common.SIDES, default="jax", help=argparse.SUPPRESS)
   args = parser.parse_args(argv)
-  threads = os.cpu_count() or 1
-  if args.cores:
-    os.sched_setaffinity(0, set(range(args.cores)))
-  torch.set_num_threads(min(args.torch_threads, args.cores or args.torch_threads))
-  results = {"machine": {"cpu_count": threads, "cores_used": len(os.sched_getaffinity(0)),
-                         "torch_threads": torch.get_num_threads(),
-                         "jax": jax.__version__, "torch": torch.__version__,
-                         "transformers": transformers.__version__,
-                         "jax_devices": [str(d) for d in jax.devices()]},
-             "warmup": args.warmup, "reps": args.reps, "interleaved": True, "sizes": {}}
-  for name in args.sizes.split(","):
-    r = bench_size(name, warmup=args.warmup, reps=args.reps)
-    results["sizes"][name] = r
-    s, f = r["seconds_per_step"], r["first_step"]
-    print(f"B1 {name}: jax {r['steps_per_s']['jax']:.3f} steps/s ({s['jax']['median']:.3f} s), "
-          f"torch {r['steps_per_s']['torch']:.3f} steps/s ({s['torch']['median']:.3f} s), "
-          f"ratio jax/torch {r['ratio_jax_over_torch']:.2f}x; first-step loss rel diff "
-          f"{f['rel_loss_diff']:.1e}, grad-norm rel diff {f['rel_grad_norm_diff']:.1e}",
-          flush=True)
+  sizes = args.sizes.split(",")
+
+  if args.single_run:
+    common.write_json(args.out, single_run(args))
+    return 0
+
+  def progress(i, r):
+    line = "; ".join(f"{n}: jax {r['sizes'][n]['seconds_per_step']['jax']['median']:.4f} s, "
+                     f"torch {r['sizes'][n]['seconds_per_step']['torch']['median']:.4f} s, "
+                     f"{r['sizes'][n]['ratio_jax_over_torch']:.2f}x" for n in sizes)
+    print(f"run {i + 1}/{args.runs} ({r['first_side']} first, load {r['loadavg_before'][0]:.2f}"
+          f" -> {r['loadavg_after'][0]:.2f}, {r['process_wall_s']:.0f} s): {line}", flush=True)
+
+  t0 = time.perf_counter()
+  child = ["--sizes", args.sizes, "--warmup", str(args.warmup), "--reps", str(args.reps),
+           "--torch-threads", str(args.torch_threads), "--cores", str(args.cores)]
+  runs = common.launch_runs(__file__, child, args.runs, on_run=progress)
+  summary = summarize(runs, sizes)
+  results = {"command": " ".join(["python", "benchmarks/b1_train_step.py"] + (argv or sys.argv[1:])),
+             "runs": args.runs, "warmup": args.warmup, "reps": args.reps,
+             "torch_threads": args.torch_threads, "cores": args.cores,
+             "xla_flags": os.environ.get("XLA_FLAGS", ""), "wall_s": time.perf_counter() - t0,
+             "load": common.load_summary(runs), "machine": runs[0]["machine"],
+             "summary": summary, "per_run": runs}
+  load = results["load"]
+  for name in sizes:
+    s = summary[name]
+    print(f"B1 {name} over {args.runs} runs x {args.reps} reps (median, min-max): "
+          f"jax {common.fmt_spread(s['jax_s_per_step'], ' s/step')}, "
+          f"torch {common.fmt_spread(s['torch_s_per_step'], ' s/step')}, "
+          f"ratio jax/torch (steps/s) {common.fmt_spread(s['ratio_jax_over_torch'], 'x', 2)}; "
+          f"first step max rel diff: loss {s['max_rel_loss_diff']:.1e}, grad norm "
+          f"{s['max_rel_grad_norm_diff']:.1e}; load {load['loadavg_1min_min']:.2f}-"
+          f"{load['loadavg_1min_max']:.2f}", flush=True)
   common.write_json(args.out, results)
   return 0
 

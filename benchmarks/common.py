@@ -27,3 +27,79 @@ def demo_llava(vocab: int = 512):
                "max_position_embeddings": 512},
       "image_token_id": 4})
   return llava.LlavaForConditionalGeneration(cfg, rngs=nnx.Rngs(0))
+
+
+# --- Runs in separate processes ------------------------------------------------------------------
+# One process per run: a figure taken in one process can sit in one mode for its whole life (B1's
+# XLA step was 0.097 s in some processes and 0.155 s in others, issue 20), so a claim needs the
+# spread over fresh processes. Used by b1_train_step.py, b4_generate.py (and b1_qwen2vl_step.py's
+# logic, of which this is the shared form).
+
+SIDES = ("jax", "torch")
+
+
+def spread(values: list[float]) -> dict[str, float]:
+  """Median, min and max of `values` (and how many)."""
+  import statistics  # pylint: disable=g-import-not-at-top
+  values = [float(v) for v in values]
+  return {"median": statistics.median(values), "min": min(values), "max": max(values),
+          "n": len(values)}
+
+
+def fmt_spread(d: dict[str, float], unit: str = "", digits: int = 4) -> str:
+  """'0.1234 s (0.1200-0.1300)': median, then min-max."""
+  return (f"{d['median']:.{digits}f}{unit} ({d['min']:.{digits}f}-{d['max']:.{digits}f})")
+
+
+def loadavg() -> list[float]:
+  """The box's 1, 5 and 15-minute load averages (what `uptime` prints)."""
+  return [round(x, 2) for x in os.getloadavg()]
+
+
+def side_order(fns: dict[str, Any], first: str) -> dict[str, Any]:
+  """`fns` reordered so that `first` runs first in every interleaved round."""
+  if first not in fns:
+    raise ValueError(f"first side {first!r} is not one of {list(fns)}")
+  return {first: fns[first], **{k: v for k, v in fns.items() if k != first}}
+
+
+def launch_runs(script: str, argv: list[str], runs: int, *, on_run: Any = None,
+                env: dict[str, str] | None = None) -> list[dict[str, Any]]:
+  """Runs `python script argv --single-run --first SIDE --out TMP.json` `runs` times, each in a
+  fresh process, SIDE alternating jax, torch, jax, ... between processes; returns each run's JSON.
+
+  Each returned dict gains: `first_side`, `process_wall_s`, `loadavg_before` / `loadavg_after`
+  (1, 5, 15 min). `on_run(i, result)` is called after each run (for a progress line). `env`:
+  extra environment variables for the child processes. A child that fails raises
+  CalledProcessError.
+  """
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  import tempfile  # pylint: disable=g-import-not-at-top
+  import time  # pylint: disable=g-import-not-at-top
+  child_env = dict(os.environ, **(env or {}))
+  results = []
+  with tempfile.TemporaryDirectory() as tmp:
+    for i in range(runs):
+      first = SIDES[i % 2]
+      out = os.path.join(tmp, f"run{i}.json")
+      cmd = [sys.executable, os.path.abspath(script), *argv, "--single-run", "--first", first,
+             "--out", out]
+      before = loadavg()
+      t0 = time.perf_counter()
+      subprocess.run(cmd, check=True, env=child_env)
+      wall = time.perf_counter() - t0
+      with open(out) as f:
+        r = json.load(f)
+      r.update(first_side=first, process_wall_s=wall, loadavg_before=before,
+               loadavg_after=loadavg())
+      results.append(r)
+      if on_run is not None:
+        on_run(i, r)
+  return results
+
+
+def load_summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
+  """The 1-minute load average seen before and after the runs: min and max over them."""
+  ones = [r[k][0] for r in runs for k in ("loadavg_before", "loadavg_after")]
+  return {"loadavg_1min_min": min(ones), "loadavg_1min_max": max(ones)}

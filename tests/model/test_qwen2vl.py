@@ -584,3 +584,22 @@ def test_lora_trainable_filters_and_sharding_on_qwen2vl(pair):
   shardings = sharding.param_shardings(nnx.state(adapted), mesh, strict=True)
   q = shardings["language_model"]["layers"][0]["self_attn"]["q_proj"]
   assert q["lora"]["lora_b"].get_value().spec == P(None, "tensor")
+
+
+def test_save_writes_the_tokenizer_and_its_chat_template(saved, tmp_path):
+  from visatb_jax.data import template  # pylint: disable=g-import-not-at-top
+  from visatb_jax.data import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
+  _, _, single, _ = saved
+  tok = tokenizer_lib.train_tokenizer(["a red square", "two blue circles"], vocab_size=270,
+                                      save_dir=None)
+  tok.add_tokens(["<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|image_pad|>",
+                  "<|vision_end|>"], special_tokens=True)
+  tok.chat_template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}"
+                       "<|im_end|>\n{% endfor %}")
+  out = str(tmp_path / "with_tokenizer")
+  qwen2vl_io.save_pretrained(qwen2vl_io.load_pretrained(single), out, tokenizer=tok)
+  back = transformers.AutoTokenizer.from_pretrained(out, local_files_only=True)
+  assert back.get_vocab() == tok.get_vocab() and back.chat_template == tok.chat_template
+  # The pipeline reads it as a Qwen2-VL tokenizer: the qwen2vl template's image token is there.
+  loaded = tokenizer_lib.load_pretrained_tokenizer(out, image_token=template.IMAGE_PAD)
+  assert template.image_token_id(loaded, "qwen2vl") == tok.convert_tokens_to_ids("<|image_pad|>")

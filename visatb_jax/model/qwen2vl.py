@@ -540,9 +540,10 @@ class Qwen2VLForConditionalGeneration(nnx.Module):
     segments, positions = slot_layout(images.grid, p, self.config.vision.spatial_merge_size)
     slots = VisionBatch(images.pixel_values.reshape(b * m, p, d), segments.reshape(b * m, p),
                         positions.reshape(b * m, p, 2))
-    # One slot at a time: the tower's [heads, P, P] scores then exist for one image, not for all
-    # B M of them (Qwen2-VL-2B, 12 slots of 2304 patches: 0.3 GiB instead of 3.8 GiB, twice).
-    feats = jax.lax.map(lambda one: self.visual(one), slots)
+    # All slots at once. A `lax.map` over them (one image's [heads, P, P] scores live instead of
+    # all B M) made the Qwen2-VL-2B dry run worse: the FSDP-sharded tower was gathered again for
+    # every slot (collectives 39x FSDP's minimum) and the loop kept its MLP activations.
+    feats = self.visual(slots)
     return feats.reshape(b, m, *feats.shape[1:])
 
   def embed_inputs(self, input_ids: jax.Array,

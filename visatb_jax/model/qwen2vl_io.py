@@ -408,7 +408,8 @@ def _export_tensors(model: Qwen2VLForConditionalGeneration, dtype: Any | None
 
 
 def save_pretrained(model: Qwen2VLForConditionalGeneration, path: str | os.PathLike, *,
-                    max_shard_size: int | str = "5GB", dtype: str | None = None) -> None:
+                    max_shard_size: int | str = "5GB", dtype: str | None = None,
+                    tokenizer: Any = None) -> None:
   """Writes `model` as a Hugging Face Qwen2-VL checkpoint directory, as transformers 5 would.
 
   LoRA adapters are merged into the written kernels without changing `model`. Only process 0
@@ -419,6 +420,8 @@ def save_pretrained(model: Qwen2VLForConditionalGeneration, path: str | os.PathL
     path: output directory (created; earlier weight files there are replaced).
     max_shard_size: bytes per shard (int) or a string like "5GB".
     dtype: storage dtype; None keeps each parameter's dtype.
+    tokenizer: a transformers tokenizer written beside the weights (with its chat template, so
+      the directory is what `transformers` and `load_pretrained` read back whole); None: none.
   """
   path = os.fspath(path)
   limit = hf_io.parse_size(max_shard_size)
@@ -429,3 +432,5 @@ def save_pretrained(model: Qwen2VLForConditionalGeneration, path: str | os.PathL
     return
   fileio.atomic_write_json(os.path.join(path, CONFIG_NAME),
                            config_to_hf(model.config, torch_dtype=torch_dtype))
+  if tokenizer is not None:
+    tokenizer.save_pretrained(path)
