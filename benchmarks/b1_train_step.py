@@ -211,8 +211,10 @@ def bench_size(name: str, *, warmup: int, reps: int, first: str = "jax") -> dict
   jax_loss, jax_norm = jax_run()  # Also the compilation.
   compile_s = time.perf_counter() - t0
   torch_loss, torch_norm = torch_run()
+  share = common.CpuShare()
   times = interleaved(common.side_order({"jax": jax_run, "torch": torch_run}, first),
                       warmup=warmup, reps=reps)
+  cpu = share.stop()
   med = {k: statistics.median(v) for k, v in times.items()}
   return {
       "config": {"vision": size.vision, "text": size.text, "image_token_id": IMAGE_TOKEN_ID,
@@ -228,6 +230,8 @@ def bench_size(name: str, *, warmup: int, reps: int, first: str = "jax") -> dict
       "steps_per_s": {k: 1.0 / med[k] for k in med},
       "tokens_per_s": {k: size.rows * size.length / med[k] for k in med},
       "ratio_jax_over_torch": med["torch"] / med["jax"],
+      # Cores used by this process and by everything else while the steps ran.
+      "cpu_share": cpu,
   }
 
 
@@ -254,7 +258,8 @@ def single_run(args) -> dict[str, Any]:
           f"({s['jax']['median']:.4f} s), torch {r['steps_per_s']['torch']:.3f} steps/s "
           f"({s['torch']['median']:.4f} s), ratio jax/torch {r['ratio_jax_over_torch']:.2f}x; "
           f"first-step loss rel diff {f['rel_loss_diff']:.1e}, grad-norm rel diff "
-          f"{f['rel_grad_norm_diff']:.1e}", flush=True)
+          f"{f['rel_grad_norm_diff']:.1e}; cores used by others {r['cpu_share']['others_cores']:.2f}",
+          flush=True)
   return results
 
 
@@ -270,6 +275,7 @@ def summarize(runs: list[dict[str, Any]], sizes: list[str]) -> dict[str, Any]:
         "max_rel_loss_diff": max(r["first_step"]["rel_loss_diff"] for r in rs),
         "max_rel_grad_norm_diff": max(r["first_step"]["rel_grad_norm_diff"] for r in rs),
         "jax_compile_s": common.spread([r["jax_compile_s"] for r in rs]),
+        "others_cores": common.spread([r["cpu_share"]["others_cores"] for r in rs]),
     }
   return out
 
@@ -300,7 +306,8 @@ def main(argv=None) -> int:
   def progress(i, r):
     line = "; ".join(f"{n}: jax {r['sizes'][n]['seconds_per_step']['jax']['median']:.4f} s, "
                      f"torch {r['sizes'][n]['seconds_per_step']['torch']['median']:.4f} s, "
-                     f"{r['sizes'][n]['ratio_jax_over_torch']:.2f}x" for n in sizes)
+                     f"{r['sizes'][n]['ratio_jax_over_torch']:.2f}x, others used "
+                     f"{r['sizes'][n]['cpu_share']['others_cores']:.2f} cores" for n in sizes)
     print(f"run {i + 1}/{args.runs} ({r['first_side']} first, load {r['loadavg_before'][0]:.2f}"
           f" -> {r['loadavg_after'][0]:.2f}, {r['process_wall_s']:.0f} s): {line}", flush=True)
 
@@ -324,7 +331,8 @@ def main(argv=None) -> int:
           f"ratio jax/torch (steps/s) {common.fmt_spread(s['ratio_jax_over_torch'], 'x', 2)}; "
           f"first step max rel diff: loss {s['max_rel_loss_diff']:.1e}, grad norm "
           f"{s['max_rel_grad_norm_diff']:.1e}; load {load['loadavg_1min_min']:.2f}-"
-          f"{load['loadavg_1min_max']:.2f}", flush=True)
+          f"{load['loadavg_1min_max']:.2f}, cores used by others "
+          f"{common.fmt_spread(s['others_cores'], '', 2)}", flush=True)
   common.write_json(args.out, results)
   return 0
 

@@ -103,3 +103,30 @@ def load_summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
   """The 1-minute load average seen before and after the runs: min and max over them."""
   ones = [r[k][0] for r in runs for k in ("loadavg_before", "loadavg_after")]
   return {"loadavg_1min_min": min(ones), "loadavg_1min_max": max(ones)}
+
+
+class CpuShare:
+  """How many cores this process and everything else on the box used between start and `stop`.
+
+  From /proc/stat (the box's busy time; steal excluded) and os.times() (this process, all its
+  threads). `others_cores` near 0: the measurement had the box to itself; near 1 on a 2-core box:
+  another job held a core, which halves what a 2-thread XLA step can use (B1's two modes).
+  """
+
+  def __init__(self):
+    self._start = self._read()
+
+  @staticmethod
+  def _read() -> tuple[float, float, float]:
+    import time  # pylint: disable=g-import-not-at-top
+    with open("/proc/stat") as f:
+      user, nice, system, _idle, _iowait, irq, softirq = map(int, f.readline().split()[1:8])
+    busy = (user + nice + system + irq + softirq) / os.sysconf("SC_CLK_TCK")
+    t = os.times()
+    return time.perf_counter(), busy, t.user + t.system
+
+  def stop(self) -> dict[str, float]:
+    (w0, b0, o0), (w1, b1, o1) = self._start, self._read()
+    wall = max(w1 - w0, 1e-9)
+    own = (o1 - o0) / wall
+    return {"wall_s": wall, "own_cores": own, "others_cores": max((b1 - b0) / wall - own, 0.0)}

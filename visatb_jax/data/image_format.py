@@ -240,8 +240,8 @@ class NativeImages:
     """
     grids = np.asarray([(1, *self._grid(im)) for im in images], np.int64).reshape(-1, 3)
     return qwen2vl_image.sequence_positions(np.asarray(input_ids), grids,
-                                      image_token_id=self.image_token_id,
-                                      spatial_merge_size=self.merge_size)
+                                            image_token_id=self.image_token_id,
+                                            spatial_merge_size=self.merge_size)
 
 
 def describe(image_format: object) -> dict[str, object]:
