@@ -141,16 +141,8 @@ def test_real_model_head_on_a_mesh():
   embedding table, FSDP-sharded) through the shard_map: the same loss and gradients as the
   full logits on one device."""
   from flax import nnx
-  from visatb_jax.model import config as model_config
-  from visatb_jax.model import llava
-  cfg = model_config.LlavaConfig.from_dict({
-      "vision": {"image_size": 16, "patch_size": 8, "hidden_size": 16, "intermediate_size": 32,
-                 "num_hidden_layers": 1, "num_attention_heads": 2},
-      "text": {"vocab_size": 64, "hidden_size": 16, "intermediate_size": 32,
-               "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 1,
-               "tie_word_embeddings": True},
-      "image_token_id": 4})
-  graphdef, params = nnx.split(llava.LlavaForConditionalGeneration(cfg, rngs=nnx.Rngs(0)))
+  from test_loss import tiny_tied_llava
+  graphdef, params = nnx.split(tiny_tied_llava())
   rng = np.random.default_rng(0)
   rows, length = 4, 12
   ids = jnp.asarray(rng.integers(5, 64, (rows, length)), jnp.int32)

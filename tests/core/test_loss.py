@@ -217,16 +217,7 @@ def test_chunked_grads_through_nnx_module_closure():
 def test_chunked_grads_match_full_model():
   # Whole LLaVA (tied embeddings: the table is both the input embedding and the head that
   # logits_fn closes over): hidden_states + chunked loss == model(...) + token_loss.
-  from visatb_jax.model import config as model_config
-  from visatb_jax.model import llava
-  cfg = model_config.LlavaConfig.from_dict({
-      "vision": {"image_size": 16, "patch_size": 8, "hidden_size": 16, "intermediate_size": 32,
-                 "num_hidden_layers": 1, "num_attention_heads": 2},
-      "text": {"vocab_size": 64, "hidden_size": 16, "intermediate_size": 32,
-               "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 1,
-               "tie_word_embeddings": True},
-      "image_token_id": 4})
-  model = llava.LlavaForConditionalGeneration(cfg, rngs=nnx.Rngs(0))
+  model = tiny_tied_llava()
   graphdef, params = nnx.split(model)
   rng = np.random.default_rng(0)
   ids = jnp.asarray(rng.integers(5, 64, (2, 12)), jnp.int32)
@@ -313,3 +304,17 @@ def test_chunked_compiled_memory_is_a_fraction_of_full_logits():
   full, chunked = temp_bytes(None), temp_bytes(256)
   assert full >= tokens * v * 4  # at least the logits themselves
   assert chunked <= full / 8, (chunked, full)
+
+
+def tiny_tied_llava():
+  """A LLaVA of a few thousand parameters whose LM head is the input embedding table."""
+  from visatb_jax.model import config as model_config
+  from visatb_jax.model import llava
+  cfg = model_config.LlavaConfig.from_dict({
+      "vision": {"image_size": 16, "patch_size": 8, "hidden_size": 16, "intermediate_size": 32,
+                 "num_hidden_layers": 1, "num_attention_heads": 2},
+      "text": {"vocab_size": 64, "hidden_size": 16, "intermediate_size": 32,
+               "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 1,
+               "tie_word_embeddings": True},
+      "image_token_id": 4})
+  return llava.LlavaForConditionalGeneration(cfg, rngs=nnx.Rngs(0))

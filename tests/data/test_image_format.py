@@ -13,22 +13,12 @@ from visatb_jax.data import qwen2vl_image as qi
 from visatb_jax.data.image_format import NativeImages, SquareImages, describe
 from visatb_jax.data.packing import Example, pack
 
+from test_qwen2vl_image import _image  # noise over a gradient, the processor tests' images
+
 IMAGE_ID = 7
 SMALL_MAX = 28 * 28 * 256  # Forces the downscaling branch on the large image; P = 1024 patches.
 # (height, width, PIL mode): tiny (scaled up to min_pixels), transparent, large greyscale.
 SHAPES = [(20, 30, "RGB"), (61, 143, "RGBA"), (400, 620, "L")]
-
-
-def _image(height, width, mode, seed):
-  """Noise over a gradient: a wrong filter, crop or patch order shows."""
-  rng = np.random.default_rng(seed)
-  channels = {"RGB": 3, "L": 1, "RGBA": 4}[mode]
-  ramp = np.linspace(0, 180, width)[None, :, None] + np.linspace(0, 60, height)[:, None, None]
-  arr = np.clip(ramp + rng.integers(0, 60, (height, width, channels)), 0, 255).astype(np.uint8)
-  if mode == "RGBA":
-    arr[..., 3] = rng.integers(0, 256, (height, width))
-  return Image.fromarray(arr[..., 0] if mode == "L" else arr, mode)
-
 
 @pytest.fixture(scope="module")
 def paths(tmp_path_factory):
