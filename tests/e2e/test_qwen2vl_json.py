@@ -86,10 +86,15 @@ def qwen_setup(tmp_path_factory):
   return config
 
 
-def test_qwen2vl_pipeline_runs_to_comparison(qwen_setup, tmp_path):
-  config = qwen_setup
-  workdir = str(tmp_path / "run")
-  pipeline.run(config, workdir)
+@pytest.fixture(scope="module")
+def finished(qwen_setup, tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp("qwen_run") / "run")
+  pipeline.run(qwen_setup, workdir)
+  return qwen_setup, workdir
+
+
+def test_qwen2vl_pipeline_runs_to_comparison(finished):
+  config, workdir = finished
 
   comparison = fileio.read_json(os.path.join(workdir, "report", "comparison.json"))
   assert set(comparison) == {"visatb", "ew"}, comparison
@@ -113,3 +118,21 @@ def test_qwen2vl_pipeline_runs_to_comparison(qwen_setup, tmp_path):
         blocks.add(int(np.argmax(ids[s + 1:] != pad)))
   assert blocks == {4, 6}, blocks
   assert ws.models.model_config.image_token_id == pad
+
+
+def test_the_exported_final_model_scores_as_the_test_stage_did(finished, tmp_path):
+  """The VisATB model written by `qwen2vl_io.save_pretrained` with its tokenizer is a Hugging
+  Face Qwen2-VL directory that `python -m visatb_jax.evaluate` scores exactly as the pipeline's
+  test stage scored the run's own checkpoint."""
+  from visatb_jax.cli import evaluate  # pylint: disable=g-import-not-at-top
+  from visatb_jax.model import qwen2vl_io  # pylint: disable=g-import-not-at-top
+  config, workdir = finished
+  ws = Workspace(config_lib.build(config), workdir)
+  hf_dir = str(tmp_path / "visatb_hf")
+  qwen2vl_io.save_pretrained(ws.models.load("final/visatb"), hf_dir, tokenizer=ws.data.tokenizer)
+  hf = transformers.Qwen2VLForConditionalGeneration.from_pretrained(hf_dir)
+  assert hf.config.image_token_id == template.image_token_id(ws.data.tokenizer, "qwen2vl")
+  result = evaluate.evaluate_model(config, hf_dir, split="test")
+  assert result["kind"] == "hf"
+  assert result["scores"] == fileio.read_json(os.path.join(workdir, "scores",
+                                                           "test.json"))["visatb"]

@@ -9,8 +9,8 @@ DIR is either
   orbax checkpoints and a finished run.json). It is rebuilt as the pipeline builds it, from the
   run directory's own tokenizer and generated benchmark; the config must be the run's (its
   `model` and `pretrain` sections are checked against the run's config.json);
-* or a Hugging Face LLaVA directory (config.json, safetensors and its tokenizer), for a config
-  with a `llava_json` source.
+* or a Hugging Face LLaVA or Qwen2-VL directory (config.json, safetensors and its tokenizer),
+  for a config with a `llava_json` source (for Qwen2-VL, the `qwen2vl` template).
 
 The tasks are the config's scored tasks and its zero-shot tasks (`config.zero_shot`,
 docs/method.md §12), all of them by default. References follow the pipeline's convention (a
