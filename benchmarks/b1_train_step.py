@@ -1,7 +1,7 @@
 """B1: train-step throughput, JAX (this project) vs PyTorch transformers, same LLaVA, fp32 CPU.
 
-  python benchmarks/b1_train_step.py [--sizes tiny,100m] [--reps 7] [--warmup 2]
-                                     [--torch-threads N] [--cores N]
+  python benchmarks/b1_train_step.py [--sizes tiny,100m] [--runs 5] [--reps 7] [--warmup 2]
+                                     [--torch-threads N] [--cores N] [--wait-quiet S]
                                      [--out benchmarks/results/b1.json]
 
 One random `transformers.LlavaForConditionalGeneration` per size is saved and loaded into our
@@ -13,10 +13,28 @@ by hand with `clip_grad_norm_` and `torch.optim.AdamW` (the fastest CPU variant 
 the default (SDPA) attention. Each row is one unpacked sample (one segment, positions 0..L-1,
 since transformers has no segment-aware attention) with its images at fixed places.
 
-The two sides alternate step by step after a warm-up (compilation, allocator), so a load on the
-shared box hits both alike; reported: the median seconds per step of each side, steps/s and the
-ratio JAX/torch in steps/s, plus the first step's loss and gradient norm on both sides (same
-weights and batch, so they must agree: the two steps compute the same thing).
+Within a run (one process), the two sides alternate step by step after a warm-up (compilation,
+allocator), so a load on the shared box hits both alike; a run reports the median seconds per
+step of each side, steps/s and the ratio JAX/torch in steps/s, the first step's loss and
+gradient norm on both sides (same weights and batch, so they must agree), and `cpu_share`: the
+cores this process and the rest of the box used while the steps ran.
+
+`--runs N` (default 5) starts N fresh processes of this script (`--single-run`, see
+`common.launch_runs`), the side that steps first alternating between them, and reports the
+median and min-max over runs of each side's s/step and of the ratio, over all runs and over the
+quiet ones (the rest of the box below a quarter core) and the contended ones apart.
+
+Why runs, and why the split (issue 20): on the 2-core box XLA's step runs on both cores, torch
+on one thread. When another job holds a core, the XLA step falls to its one-core time while
+torch's is unchanged, so the ratio is bimodal with the box's load, not with an XLA setting. On
+2026-12-02 (tiny, 3 fresh processes per cell, a busy loop started next to the benchmark in the
+"held" cells): default 0.087 s idle vs 0.149 s held (ratio 1.46x vs 0.86x); the same two modes
+with `XLA_FLAGS=--xla_cpu_multi_thread_eigen=false` (0.085 / 0.143 s), with
+`OMP_NUM_THREADS=MKL_NUM_THREADS=OPENBLAS_NUM_THREADS=1` (0.086 / 0.145 s) and with
+`jax_cpu_enable_async_dispatch` off (0.092 / 0.145 s, 2 processes each); on one core (`taskset -c 0` or `--cores 1`) 0.142-0.145 s idle or held, steady but at
+the slow mode's time (0.79-0.83x). YNN/XNNPACK/oneDNN flags did not change the one-core time.
+So: `--cores 1` gives steady per-core figures; for the 2-core figure, read the quiet and
+contended runs apart (`--wait-quiet S` waits before each run for an idle box).
 """
 
 from __future__ import annotations
@@ -258,26 +276,36 @@ def single_run(args) -> dict[str, Any]:
           f"({s['jax']['median']:.4f} s), torch {r['steps_per_s']['torch']:.3f} steps/s "
           f"({s['torch']['median']:.4f} s), ratio jax/torch {r['ratio_jax_over_torch']:.2f}x; "
           f"first-step loss rel diff {f['rel_loss_diff']:.1e}, grad-norm rel diff "
-          f"{f['rel_grad_norm_diff']:.1e}; cores used by others {r['cpu_share']['others_cores']:.2f}",
-          flush=True)
+          f"{f['rel_grad_norm_diff']:.1e}; cores used by others "
+          f"{r['cpu_share']['others_cores']:.2f}", flush=True)
   return results
 
 
+METRICS = {"jax_s_per_step": lambda r: r["seconds_per_step"]["jax"]["median"],
+           "torch_s_per_step": lambda r: r["seconds_per_step"]["torch"]["median"],
+           "ratio_jax_over_torch": lambda r: r["ratio_jax_over_torch"]}
+
+
 def summarize(runs: list[dict[str, Any]], sizes: list[str]) -> dict[str, Any]:
-  """Per size: median and min-max over runs of each side's median s/step and of the ratio."""
+  """Per size: median and min-max over runs of each side's median s/step and of the ratio (all
+  runs, quiet ones, contended ones: `common.spreads`), the first step's worst agreement."""
   out = {}
   for name in sizes:
     rs = [r["sizes"][name] for r in runs]
     out[name] = {
-        "jax_s_per_step": common.spread([r["seconds_per_step"]["jax"]["median"] for r in rs]),
-        "torch_s_per_step": common.spread([r["seconds_per_step"]["torch"]["median"] for r in rs]),
-        "ratio_jax_over_torch": common.spread([r["ratio_jax_over_torch"] for r in rs]),
+        **common.spreads(rs, METRICS),
         "max_rel_loss_diff": max(r["first_step"]["rel_loss_diff"] for r in rs),
         "max_rel_grad_norm_diff": max(r["first_step"]["rel_grad_norm_diff"] for r in rs),
         "jax_compile_s": common.spread([r["jax_compile_s"] for r in rs]),
-        "others_cores": common.spread([r["cpu_share"]["others_cores"] for r in rs]),
     }
   return out
+
+
+def describe(s: dict[str, Any]) -> str:
+  """'jax ... s/step (min-max), torch ..., ratio ...' of one `common.spreads` (sub)set."""
+  return (f"jax {common.fmt_spread(s['jax_s_per_step'], ' s/step')}, "
+          f"torch {common.fmt_spread(s['torch_s_per_step'], ' s/step')}, "
+          f"ratio jax/torch (steps/s) {common.fmt_spread(s['ratio_jax_over_torch'], 'x', 2)}")
 
 
 def main(argv=None) -> int:
@@ -293,6 +321,9 @@ def main(argv=None) -> int:
   # Both sides confined to the first N cores (the process's CPU affinity, set before JAX starts
   # its thread pool), for a per-core comparison; torch then uses at most N threads.
   parser.add_argument("--cores", type=int, default=0)
+  # Before each run, wait up to this many seconds for the box to be idle (other jobs using less
+  # than a quarter core): runs then start on a quiet box, though a job may still start during one.
+  parser.add_argument("--wait-quiet", type=float, default=0.0)
   # Internal: one measurement in this process, its JSON written to --out.
   parser.add_argument("--single-run", action="store_true", help=argparse.SUPPRESS)
   parser.add_argument("--first", choices=common.SIDES, default="jax", help=argparse.SUPPRESS)
@@ -314,25 +345,26 @@ def main(argv=None) -> int:
   t0 = time.perf_counter()
   child = ["--sizes", args.sizes, "--warmup", str(args.warmup), "--reps", str(args.reps),
            "--torch-threads", str(args.torch_threads), "--cores", str(args.cores)]
-  runs = common.launch_runs(__file__, child, args.runs, on_run=progress)
+  runs = common.launch_runs(__file__, child, args.runs, on_run=progress,
+                            wait_quiet_s=args.wait_quiet)
   summary = summarize(runs, sizes)
-  results = {"command": " ".join(["python", "benchmarks/b1_train_step.py"] + (argv or sys.argv[1:])),
-             "runs": args.runs, "warmup": args.warmup, "reps": args.reps,
-             "torch_threads": args.torch_threads, "cores": args.cores,
-             "xla_flags": os.environ.get("XLA_FLAGS", ""), "wall_s": time.perf_counter() - t0,
-             "load": common.load_summary(runs), "machine": runs[0]["machine"],
-             "summary": summary, "per_run": runs}
+  command = ["python", "benchmarks/b1_train_step.py"] + list(sys.argv[1:] if argv is None else argv)
+  results = {"command": " ".join(command), "runs": args.runs, "warmup": args.warmup,
+             "reps": args.reps, "torch_threads": args.torch_threads, "cores": args.cores,
+             "wait_quiet_s": args.wait_quiet, "xla_flags": os.environ.get("XLA_FLAGS", ""),
+             "wall_s": time.perf_counter() - t0, "load": common.load_summary(runs),
+             "machine": runs[0]["machine"], "summary": summary, "per_run": runs}
   load = results["load"]
   for name in sizes:
     s = summary[name]
-    print(f"B1 {name} over {args.runs} runs x {args.reps} reps (median, min-max): "
-          f"jax {common.fmt_spread(s['jax_s_per_step'], ' s/step')}, "
-          f"torch {common.fmt_spread(s['torch_s_per_step'], ' s/step')}, "
-          f"ratio jax/torch (steps/s) {common.fmt_spread(s['ratio_jax_over_torch'], 'x', 2)}; "
+    print(f"B1 {name} over {args.runs} runs x {args.reps} reps (median, min-max): {describe(s)}; "
           f"first step max rel diff: loss {s['max_rel_loss_diff']:.1e}, grad norm "
           f"{s['max_rel_grad_norm_diff']:.1e}; load {load['loadavg_1min_min']:.2f}-"
           f"{load['loadavg_1min_max']:.2f}, cores used by others "
           f"{common.fmt_spread(s['others_cores'], '', 2)}", flush=True)
+    for subset in ("quiet", "contended"):
+      if 0 < s[subset]["n"] < args.runs:
+        print(f"  {subset} runs ({s[subset]['n']}): {describe(s[subset])}", flush=True)
   common.write_json(args.out, results)
   return 0
 

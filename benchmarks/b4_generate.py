@@ -1,6 +1,7 @@
 """B4: greedy generation with a KV cache, JAX (this project) vs transformers `generate`, CPU fp32.
 
-  python benchmarks/b4_generate.py [--sizes tiny,100m] [--new-tokens 32] [--reps 5] [--warmup 1]
+  python benchmarks/b4_generate.py [--sizes tiny,100m] [--runs 5] [--new-tokens 32] [--reps 5]
+                                   [--warmup 1] [--torch-threads N] [--cores N] [--wait-quiet S]
                                    [--out benchmarks/results/b4.json]
 
 The same models as B1 (`b1_train_step.SIZES`: the demo's tiny LLaVA and a 128.8M-param one), the
@@ -11,8 +12,14 @@ row on both sides (no EOS: ours gets eos_id −1, transformers eos_token_id None
 `LlavaForConditionalGeneration.generate(do_sample=False)` with its default dynamic KV cache and
 SDPA attention, under `torch.inference_mode`. Both timings are whole calls (prefill, image tower
 and decoding, host transfer included; JAX's compilation is done in the warm-up), alternating call
-by call so that the shared box's load hits both alike. Reported: median seconds per call,
-generated tokens/s of each side, the ratio JAX/torch, and whether the tokens are equal.
+by call so that the shared box's load hits both alike. A run reports: median seconds per call,
+generated tokens/s of each side, the ratio JAX/torch, whether the tokens are equal, and the cores
+this process and the rest of the box used while the calls ran.
+
+`--runs N` (default 5): N fresh processes, the side called first alternating between them;
+median and min-max over runs, over all runs and over quiet and contended ones apart (as B1: on
+the 2-core box XLA decodes on both cores, torch on its thread(s), so another job holding a core
+slows the JAX side only).
 """
 
 from __future__ import annotations
@@ -65,7 +72,8 @@ def make_prompts(cfg, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray
   return ids, mask, images
 
 
-def bench_size(name: str, *, new_tokens: int, warmup: int, reps: int) -> dict[str, Any]:
+def bench_size(name: str, *, new_tokens: int, warmup: int, reps: int,
+               first: str = "jax") -> dict[str, Any]:
   size = b1.SIZES[name]
   cfg, ours, hf = b1.build_pair(size)
   hf.eval()
@@ -91,7 +99,10 @@ def bench_size(name: str, *, new_tokens: int, warmup: int, reps: int) -> dict[st
   if torch_tokens.shape != (PROMPTS, new_tokens):
     raise RuntimeError(f"transformers generated {torch_tokens.shape}, expected "
                        f"{(PROMPTS, new_tokens)}")
-  times = b1.interleaved({"jax": run_jax, "torch": run_torch}, warmup=warmup, reps=reps)
+  share = common.CpuShare()
+  times = b1.interleaved(common.side_order({"jax": run_jax, "torch": run_torch}, first),
+                         warmup=warmup, reps=reps)
+  cpu = share.stop()
   med = {k: statistics.median(v) for k, v in times.items()}
   equal = jax_tokens == torch_tokens
   # The first disagreeing column of each row (new_tokens where the row agrees entirely).
@@ -109,12 +120,63 @@ def bench_size(name: str, *, new_tokens: int, warmup: int, reps: int) -> dict[st
       "seconds_per_call": {k: {"median": med[k], "all": v} for k, v in times.items()},
       "tokens_per_s": {k: PROMPTS * new_tokens / med[k] for k in med},
       "ratio_jax_over_torch": med["torch"] / med["jax"],
+      # Cores used by this process and by everything else while the calls ran.
+      "cpu_share": cpu,
   }
+
+
+def single_run(args) -> dict[str, Any]:
+  """Every size of `args.sizes` measured in this process."""
+  if args.cores:
+    os.sched_setaffinity(0, set(range(args.cores)))
+  torch.set_num_threads(min(args.torch_threads, args.cores or args.torch_threads))
+  results = {"machine": b1.machine(), "first_side": args.first, "warmup": args.warmup,
+             "reps": args.reps, "interleaved": True, "sizes": {}}
+  for name in args.sizes.split(","):
+    r = bench_size(name, new_tokens=args.new_tokens, warmup=args.warmup, reps=args.reps,
+                   first=args.first)
+    results["sizes"][name] = r
+    tps = r["tokens_per_s"]
+    print(f"B4 {name} ({args.first} first): jax {tps['jax']:.1f} tok/s, torch {tps['torch']:.1f} "
+          f"tok/s, ratio jax/torch {r['ratio_jax_over_torch']:.2f}x; tokens equal: "
+          f"{r['tokens_equal']} ({r['fraction_equal']:.3f}), {r['distinct_tokens']} distinct; "
+          f"cores used by others {r['cpu_share']['others_cores']:.2f}", flush=True)
+  return results
+
+
+METRICS = {"jax_tokens_per_s": lambda r: r["tokens_per_s"]["jax"],
+           "torch_tokens_per_s": lambda r: r["tokens_per_s"]["torch"],
+           "jax_s_per_call": lambda r: r["seconds_per_call"]["jax"]["median"],
+           "torch_s_per_call": lambda r: r["seconds_per_call"]["torch"]["median"],
+           "ratio_jax_over_torch": lambda r: r["ratio_jax_over_torch"]}
+
+
+def summarize(runs: list[dict[str, Any]], sizes: list[str]) -> dict[str, Any]:
+  """Per size: median and min-max over runs of each side's tokens/s and s/call and of the ratio
+  (all runs, quiet ones, contended ones: `common.spreads`), and whether every run's tokens agreed.
+  """
+  out = {}
+  for name in sizes:
+    rs = [r["sizes"][name] for r in runs]
+    out[name] = {
+        **common.spreads(rs, METRICS),
+        "tokens_equal_every_run": all(r["tokens_equal"] for r in rs),
+        "jax_compile_s": common.spread([r["jax_compile_s"] for r in rs]),
+    }
+  return out
+
+
+def describe(s: dict[str, Any]) -> str:
+  """'jax ... tok/s (min-max), torch ..., ratio ...' of one `common.spreads` (sub)set."""
+  return (f"jax {common.fmt_spread(s['jax_tokens_per_s'], ' tok/s', 1)}, "
+          f"torch {common.fmt_spread(s['torch_tokens_per_s'], ' tok/s', 1)}, "
+          f"ratio jax/torch {common.fmt_spread(s['ratio_jax_over_torch'], 'x', 2)}")
 
 
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--sizes", default="tiny,100m")
+  parser.add_argument("--runs", type=int, default=5)
   parser.add_argument("--new-tokens", type=int, default=32)
   parser.add_argument("--warmup", type=int, default=1)
   parser.add_argument("--reps", type=int, default=5)
@@ -122,20 +184,54 @@ def main(argv=None) -> int:
   # Default: every core, as XLA's CPU client uses. On a loaded shared box torch's OpenMP threads
   # can slow down badly (spinning barriers), which `--torch-threads 1` shows.
   parser.add_argument("--torch-threads", type=int, default=os.cpu_count() or 1)
+  # Both sides confined to the first N cores (as b1_train_step.py).
+  parser.add_argument("--cores", type=int, default=0)
+  # Before each run, wait up to this many seconds for the box to be idle (other jobs using less
+  # than a quarter core): runs then start on a quiet box, though a job may still start during one.
+  parser.add_argument("--wait-quiet", type=float, default=0.0)
+  # Internal: one measurement in this process, its JSON written to --out.
+  parser.add_argument("--single-run", action="store_true", help=argparse.SUPPRESS)
+  parser.add_argument("--first", choices=common.SIDES, default="jax", help=argparse.SUPPRESS)
   args = parser.parse_args(argv)
-  threads = os.cpu_count() or 1
-  torch.set_num_threads(args.torch_threads)
-  results = {"machine": {"cpu_count": threads, "torch_threads": torch.get_num_threads(),
-                         "jax": jax.__version__, "torch": torch.__version__,
-                         "transformers": transformers.__version__},
-             "warmup": args.warmup, "reps": args.reps, "interleaved": True, "sizes": {}}
-  for name in args.sizes.split(","):
-    r = bench_size(name, new_tokens=args.new_tokens, warmup=args.warmup, reps=args.reps)
-    results["sizes"][name] = r
-    tps = r["tokens_per_s"]
-    print(f"B4 {name}: jax {tps['jax']:.1f} tok/s, torch {tps['torch']:.1f} tok/s, ratio jax/torch "
-          f"{r['ratio_jax_over_torch']:.2f}x; tokens equal: {r['tokens_equal']} "
-          f"({r['fraction_equal']:.3f}), {r['distinct_tokens']} distinct", flush=True)
+  sizes = args.sizes.split(",")
+
+  if args.single_run:
+    common.write_json(args.out, single_run(args))
+    return 0
+
+  def progress(i, r):
+    line = "; ".join(f"{n}: jax {r['sizes'][n]['tokens_per_s']['jax']:.1f} tok/s, torch "
+                     f"{r['sizes'][n]['tokens_per_s']['torch']:.1f} tok/s, "
+                     f"{r['sizes'][n]['ratio_jax_over_torch']:.2f}x, equal "
+                     f"{r['sizes'][n]['tokens_equal']}, others used "
+                     f"{r['sizes'][n]['cpu_share']['others_cores']:.2f} cores" for n in sizes)
+    print(f"run {i + 1}/{args.runs} ({r['first_side']} first, load {r['loadavg_before'][0]:.2f}"
+          f" -> {r['loadavg_after'][0]:.2f}, {r['process_wall_s']:.0f} s): {line}", flush=True)
+
+  t0 = time.perf_counter()
+  child = ["--sizes", args.sizes, "--new-tokens", str(args.new_tokens), "--warmup",
+           str(args.warmup), "--reps", str(args.reps), "--torch-threads", str(args.torch_threads),
+           "--cores", str(args.cores)]
+  runs = common.launch_runs(__file__, child, args.runs, on_run=progress,
+                            wait_quiet_s=args.wait_quiet)
+  summary = summarize(runs, sizes)
+  command = ["python", "benchmarks/b4_generate.py"] + list(sys.argv[1:] if argv is None else argv)
+  results = {"command": " ".join(command), "runs": args.runs, "warmup": args.warmup,
+             "reps": args.reps, "new_tokens": args.new_tokens,
+             "torch_threads": args.torch_threads, "cores": args.cores,
+             "wait_quiet_s": args.wait_quiet, "xla_flags": os.environ.get("XLA_FLAGS", ""),
+             "wall_s": time.perf_counter() - t0, "load": common.load_summary(runs),
+             "machine": runs[0]["machine"], "summary": summary, "per_run": runs}
+  load = results["load"]
+  for name in sizes:
+    s = summary[name]
+    print(f"B4 {name} over {args.runs} runs x {args.reps} calls (median, min-max): {describe(s)}; "
+          f"tokens equal in every run: {s['tokens_equal_every_run']}; load "
+          f"{load['loadavg_1min_min']:.2f}-{load['loadavg_1min_max']:.2f}, cores used by others "
+          f"{common.fmt_spread(s['others_cores'], '', 2)}", flush=True)
+    for subset in ("quiet", "contended"):
+      if 0 < s[subset]["n"] < args.runs:
+        print(f"  {subset} runs ({s[subset]['n']}): {describe(s[subset])}", flush=True)
   common.write_json(args.out, results)
   return 0
 

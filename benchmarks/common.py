@@ -1,9 +1,14 @@
-"""What every benchmark script does at its end: write its figures as JSON."""
+"""Shared by the benchmark scripts: JSON output, the demo model, runs in separate processes."""
 
 from __future__ import annotations
 
 import json
 import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
 from typing import Any
 
 
@@ -30,17 +35,17 @@ def demo_llava(vocab: int = 512):
 
 
 # --- Runs in separate processes ------------------------------------------------------------------
-# One process per run: a figure taken in one process can sit in one mode for its whole life (B1's
-# XLA step was 0.097 s in some processes and 0.155 s in others, issue 20), so a claim needs the
-# spread over fresh processes. Used by b1_train_step.py, b4_generate.py (and b1_qwen2vl_step.py's
-# logic, of which this is the shared form).
+# One process per run, several runs per figure: B1's XLA step was 0.097 s in some runs and 0.155 s
+# in others (issue 20), depending on whether another job held one of the box's 2 cores while the
+# run lasted (b1_train_step.py's docstring), so a claim needs the spread over fresh processes and
+# the box's load during each (`CpuShare`). Used by b1_train_step.py and b4_generate.py
+# (b1_qwen2vl_step.py has its own copy of the launcher).
 
 SIDES = ("jax", "torch")
 
 
 def spread(values: list[float]) -> dict[str, float]:
   """Median, min and max of `values` (and how many)."""
-  import statistics  # pylint: disable=g-import-not-at-top
   values = [float(v) for v in values]
   return {"median": statistics.median(values), "min": min(values), "max": max(values),
           "n": len(values)}
@@ -63,20 +68,35 @@ def side_order(fns: dict[str, Any], first: str) -> dict[str, Any]:
   return {first: fns[first], **{k: v for k, v in fns.items() if k != first}}
 
 
+def box_busy_cores(seconds: float = 1.0) -> float:
+  """Cores the whole box kept busy over the next `seconds` (from /proc/stat)."""
+  share = CpuShare()
+  time.sleep(seconds)
+  r = share.stop()
+  return r["others_cores"] + r["own_cores"]
+
+
+def wait_for_quiet(max_wait_s: float, *, below: float = 0.25) -> dict[str, float]:
+  """Waits (up to `max_wait_s`) until the box is idle: fewer than `below` busy cores over 1 s."""
+  t0 = time.perf_counter()
+  busy = box_busy_cores()
+  while busy >= below and time.perf_counter() - t0 < max_wait_s:
+    busy = box_busy_cores()
+  return {"waited_s": time.perf_counter() - t0, "busy_cores_at_start": busy}
+
+
 def launch_runs(script: str, argv: list[str], runs: int, *, on_run: Any = None,
-                env: dict[str, str] | None = None) -> list[dict[str, Any]]:
+                env: dict[str, str] | None = None, wait_quiet_s: float = 0.0
+                ) -> list[dict[str, Any]]:
   """Runs `python script argv --single-run --first SIDE --out TMP.json` `runs` times, each in a
   fresh process, SIDE alternating jax, torch, jax, ... between processes; returns each run's JSON.
 
   Each returned dict gains: `first_side`, `process_wall_s`, `loadavg_before` / `loadavg_after`
-  (1, 5, 15 min). `on_run(i, result)` is called after each run (for a progress line). `env`:
-  extra environment variables for the child processes. A child that fails raises
-  CalledProcessError.
+  (1, 5, 15 min), and with `wait_quiet_s` > 0 `quiet_wait` (`wait_for_quiet` before the run: how
+  long it waited, the busy cores when it started). `on_run(i, result)` is called after each run
+  (for a progress line). `env`: extra environment variables for the child processes. A child
+  that fails raises CalledProcessError.
   """
-  import subprocess  # pylint: disable=g-import-not-at-top
-  import sys  # pylint: disable=g-import-not-at-top
-  import tempfile  # pylint: disable=g-import-not-at-top
-  import time  # pylint: disable=g-import-not-at-top
   child_env = dict(os.environ, **(env or {}))
   results = []
   with tempfile.TemporaryDirectory() as tmp:
@@ -85,6 +105,7 @@ def launch_runs(script: str, argv: list[str], runs: int, *, on_run: Any = None,
       out = os.path.join(tmp, f"run{i}.json")
       cmd = [sys.executable, os.path.abspath(script), *argv, "--single-run", "--first", first,
              "--out", out]
+      quiet = wait_for_quiet(wait_quiet_s) if wait_quiet_s > 0 else None
       before = loadavg()
       t0 = time.perf_counter()
       subprocess.run(cmd, check=True, env=child_env)
@@ -93,10 +114,17 @@ def launch_runs(script: str, argv: list[str], runs: int, *, on_run: Any = None,
         r = json.load(f)
       r.update(first_side=first, process_wall_s=wall, loadavg_before=before,
                loadavg_after=loadavg())
+      if quiet is not None:
+        r["quiet_wait"] = quiet
       results.append(r)
       if on_run is not None:
         on_run(i, r)
   return results
+
+
+# A run counts as quiet when the rest of the box used less than this many cores during its timed
+# part (CpuShare's others_cores).
+QUIET_OTHERS_CORES = 0.25
 
 
 def load_summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -118,7 +146,6 @@ class CpuShare:
 
   @staticmethod
   def _read() -> tuple[float, float, float]:
-    import time  # pylint: disable=g-import-not-at-top
     with open("/proc/stat") as f:
       user, nice, system, _idle, _iowait, irq, softirq = map(int, f.readline().split()[1:8])
     busy = (user + nice + system + irq + softirq) / os.sysconf("SC_CLK_TCK")
@@ -130,3 +157,19 @@ class CpuShare:
     wall = max(w1 - w0, 1e-9)
     own = (o1 - o0) / wall
     return {"wall_s": wall, "own_cores": own, "others_cores": max((b1 - b0) / wall - own, 0.0)}
+
+
+def spreads(rows: list[dict[str, Any]], metrics: dict[str, Any]) -> dict[str, Any]:
+  """Spread over runs of each metric (`metrics`: name -> function of one run's result, which has
+  `cpu_share`), over all runs and separately over the quiet and the contended ones (the rest of
+  the box using fewer / at least QUIET_OTHERS_CORES cores): {name: spread, "others_cores":
+  spread, "quiet": {"n", name: spread}, "contended": {...}}; a subset without runs is {"n": 0}.
+  """
+  def over(rs):
+    return {name: spread([fn(r) for r in rs]) for name, fn in metrics.items()}
+
+  quiet = [r for r in rows if r["cpu_share"]["others_cores"] < QUIET_OTHERS_CORES]
+  contended = [r for r in rows if r["cpu_share"]["others_cores"] >= QUIET_OTHERS_CORES]
+  return {**over(rows), "others_cores": spread([r["cpu_share"]["others_cores"] for r in rows]),
+          "quiet": {"n": len(quiet), **(over(quiet) if quiet else {})},
+          "contended": {"n": len(contended), **(over(contended) if contended else {})}}

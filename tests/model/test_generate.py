@@ -120,3 +120,21 @@ def test_generation_split_over_a_mesh_gives_the_same_tokens(model, prompts, refe
   out = greedy_generate(sharded, ids[rows], mask[rows], images[rows], max_new_tokens=NEW,
                         eos_id=NEVER, pad_id=PAD, mesh=mesh)
   np.testing.assert_array_equal(out, reference[rows])
+
+
+def test_transposed_decoding_kernels_give_the_same_tokens(model, prompts, reference,
+                                                          monkeypatch):
+  """The CPU decode path with every kernel transposed ([out, in], kernel @ x^T) generates
+  exactly the tokens of the reference (thresholds at 0, so the tiny model takes that path)."""
+  from visatb_jax.model import generate  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(generate, "_TRANSPOSE_MIN_BYTES", 0)
+  monkeypatch.setattr(generate, "_TRANSPOSE_MIN_NEW_TOKENS", 0)
+  generate._compiled.cache_clear()
+  try:
+    copy = generate._kernels_transposed(model)
+    assert copy is not model and any(m.dot_general is generate._kernel_first_dot
+                                     for _, m in copy.iter_modules() if hasattr(m, "dot_general"))
+    out = greedy_generate(model, *prompts, max_new_tokens=NEW, eos_id=NEVER, pad_id=PAD)
+    np.testing.assert_array_equal(out, reference)
+  finally:
+    generate._compiled.cache_clear()
