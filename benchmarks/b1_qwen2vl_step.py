@@ -35,9 +35,7 @@ import os
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import argparse
-import json
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -48,10 +46,8 @@ import numpy as np
 import torch
 import transformers
 
-from visatb_jax import train
 from visatb_jax.data import qwen2vl_image
 from visatb_jax.model import qwen2vl_io
-from visatb_jax.runtime import sharding
 
 import b1_train_step as b1  # noqa: E402  (benchmarks/, next to this script: interleaving, λ, lr)
 import common  # noqa: E402
@@ -143,25 +139,6 @@ def make_batch(seed: int = 0) -> tuple[dict[str, np.ndarray], np.ndarray, np.nda
   return batch, np.concatenate(pixels), grid_thw
 
 
-def jax_step_fn(ours, batch):
-  """A closure running one project train step (state donated and carried along)."""
-  graphdef, params, frozen = train.split_model(ours, freeze_vision_tower=True)
-  tx = train.make_optimizer({"clip_norm": 1.0, "weight_decay": 0.0})
-  mesh = sharding.make_mesh(devices=jax.devices()[:1])
-  step = train.make_train_step(graphdef, tx, mesh=mesh, donate=True)
-  holder = {"state": train.init_train_state(params, tx)}
-  frozen = sharding.replicate(frozen, mesh)
-  batch = sharding.shard_batch(batch, mesh)
-  lam, lr = np.asarray(b1.LAM), np.float32(b1.LR)
-
-  def run():
-    holder["state"], metrics = step(holder["state"], frozen, batch, lam, lr)
-    metrics = jax.block_until_ready(metrics)
-    return float(metrics["loss"]), float(metrics["grad_norm"])
-
-  return run
-
-
 def torch_step_fn(hf, batch, pixel_values, grid_thw):
   """One transformers train step with the same loss, clipping and AdamW."""
   hf.train()
@@ -209,7 +186,8 @@ def single_run(*, warmup: int, reps: int, first: str) -> dict[str, Any]:
   """One measurement in this process; `first` is the side that steps first in every round."""
   ours, hf = build_pair()
   batch, pixel_values, grid_thw = make_batch()
-  jax_run, torch_run = jax_step_fn(ours, batch), torch_step_fn(hf, batch, pixel_values, grid_thw)
+  jax_run = b1.jax_step_fn(ours, batch)
+  torch_run = torch_step_fn(hf, batch, pixel_values, grid_thw)
   t0 = time.perf_counter()
   jax_loss, jax_norm = jax_run()  # Also the compilation.
   compile_s = time.perf_counter() - t0
@@ -231,24 +209,13 @@ def single_run(*, warmup: int, reps: int, first: str) -> dict[str, Any]:
   }
 
 
-def spread(values: list[float]) -> dict[str, float]:
-  return {"median": statistics.median(values), "min": min(values), "max": max(values)}
-
-
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--runs", type=int, default=5)
   parser.add_argument("--warmup", type=int, default=2)
   parser.add_argument("--reps", type=int, default=7)
   parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results",
                                                     "b1_qwen2vl.json"))
-  # As b1_train_step.py: torch threads default to every core; --cores N pins both sides (the
-  # process's CPU affinity, set before JAX starts its thread pool) to the first N cores.
-  parser.add_argument("--torch-threads", type=int, default=os.cpu_count() or 1)
-  parser.add_argument("--cores", type=int, default=0)
-  # Internal: one measurement in this process, its JSON written to --out.
-  parser.add_argument("--single-run", action="store_true", help=argparse.SUPPRESS)
-  parser.add_argument("--first", choices=("jax", "torch"), default="jax", help=argparse.SUPPRESS)
+  common.add_run_options(parser)
   args = parser.parse_args(argv)
 
   if args.single_run:
@@ -259,35 +226,25 @@ def main(argv=None) -> int:
     common.write_json(args.out, result)
     return 0
 
-  runs = []
+  def progress(i, r):
+    s, fs = r["seconds_per_step"], r["first_step"]
+    print(f"{common.run_prefix(i, args.runs, r)}: jax {s['jax']['median']:.4f} s/step, "
+          f"torch {s['torch']['median']:.4f} s/step, ratio jax/torch "
+          f"{r['ratio_jax_over_torch']:.2f}x; first step loss {fs['jax_loss']:.6f} / "
+          f"{fs['torch_loss']:.6f} (rel {fs['rel_loss_diff']:.1e}), grad norm "
+          f"{fs['jax_grad_norm']:.6f} / {fs['torch_grad_norm']:.6f} "
+          f"(rel {fs['rel_grad_norm_diff']:.1e}); compile {r['jax_compile_s']:.1f} s", flush=True)
+
   wall0 = time.perf_counter()
-  with tempfile.TemporaryDirectory() as tmp:
-    for i in range(args.runs):
-      first = ("jax", "torch")[i % 2]
-      out = os.path.join(tmp, f"run{i}.json")
-      cmd = [sys.executable, os.path.abspath(__file__), "--single-run", "--first", first,
-             "--warmup", str(args.warmup), "--reps", str(args.reps),
-             "--torch-threads", str(args.torch_threads), "--cores", str(args.cores),
-             "--out", out]
-      t0 = time.perf_counter()
-      subprocess.run(cmd, check=True)
-      with open(out) as f:
-        r = json.load(f)
-      r["process_wall_s"] = time.perf_counter() - t0
-      runs.append(r)
-      s, fs = r["seconds_per_step"], r["first_step"]
-      print(f"run {i + 1}/{args.runs} ({first} first): jax {s['jax']['median']:.4f} s/step, "
-            f"torch {s['torch']['median']:.4f} s/step, ratio jax/torch "
-            f"{r['ratio_jax_over_torch']:.2f}x; first step loss {fs['jax_loss']:.6f} / "
-            f"{fs['torch_loss']:.6f} (rel {fs['rel_loss_diff']:.1e}), grad norm "
-            f"{fs['jax_grad_norm']:.6f} / {fs['torch_grad_norm']:.6f} "
-            f"(rel {fs['rel_grad_norm_diff']:.1e}); compile {r['jax_compile_s']:.1f} s, "
-            f"process {r['process_wall_s']:.0f} s", flush=True)
+  child = ["--warmup", str(args.warmup), "--reps", str(args.reps),
+           "--torch-threads", str(args.torch_threads), "--cores", str(args.cores)]
+  runs = common.launch_runs(__file__, child, args.runs, on_run=progress,
+                            wait_quiet_s=args.wait_quiet)
 
   summary = {
-      "jax_s_per_step": spread([r["seconds_per_step"]["jax"]["median"] for r in runs]),
-      "torch_s_per_step": spread([r["seconds_per_step"]["torch"]["median"] for r in runs]),
-      "ratio_jax_over_torch": spread([r["ratio_jax_over_torch"] for r in runs]),
+      "jax_s_per_step": common.spread([r["seconds_per_step"]["jax"]["median"] for r in runs]),
+      "torch_s_per_step": common.spread([r["seconds_per_step"]["torch"]["median"] for r in runs]),
+      "ratio_jax_over_torch": common.spread([r["ratio_jax_over_torch"] for r in runs]),
       "max_rel_loss_diff": max(r["first_step"]["rel_loss_diff"] for r in runs),
       "max_rel_grad_norm_diff": max(r["first_step"]["rel_grad_norm_diff"] for r in runs),
   }
@@ -299,13 +256,10 @@ def main(argv=None) -> int:
              "reps": args.reps, "torch_threads": args.torch_threads, "cores": args.cores,
              "wall_s": time.perf_counter() - wall0, "summary": summary, "per_run": runs}
 
-  def fmt(d, unit, digits=4):
-    return f"{d['median']:.{digits}f}{unit} (min-max {d['min']:.{digits}f}-{d['max']:.{digits}f})"
-
   print(f"B1 qwen2vl over {args.runs} runs x {args.reps} reps: "
-        f"jax {fmt(summary['jax_s_per_step'], ' s/step')}, "
-        f"torch {fmt(summary['torch_s_per_step'], ' s/step')}, "
-        f"ratio jax/torch (steps/s) {fmt(summary['ratio_jax_over_torch'], 'x', 2)}; "
+        f"jax {common.fmt_spread(summary['jax_s_per_step'], ' s/step')}, "
+        f"torch {common.fmt_spread(summary['torch_s_per_step'], ' s/step')}, "
+        f"ratio jax/torch (steps/s) {common.fmt_spread(summary['ratio_jax_over_torch'], 'x', 2)}; "
         f"first step max rel diff: loss {summary['max_rel_loss_diff']:.1e}, "
         f"grad norm {summary['max_rel_grad_norm_diff']:.1e}", flush=True)
   common.write_json(args.out, results)

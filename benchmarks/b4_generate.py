@@ -34,10 +34,8 @@ import sys
 import time
 from typing import Any
 
-import jax
 import numpy as np
 import torch
-import transformers
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import b1_train_step as b1
@@ -176,22 +174,11 @@ def describe(s: dict[str, Any]) -> str:
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--sizes", default="tiny,100m")
-  parser.add_argument("--runs", type=int, default=5)
   parser.add_argument("--new-tokens", type=int, default=32)
   parser.add_argument("--warmup", type=int, default=1)
   parser.add_argument("--reps", type=int, default=5)
   parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "b4.json"))
-  # Default: every core, as XLA's CPU client uses. On a loaded shared box torch's OpenMP threads
-  # can slow down badly (spinning barriers), which `--torch-threads 1` shows.
-  parser.add_argument("--torch-threads", type=int, default=os.cpu_count() or 1)
-  # Both sides confined to the first N cores (as b1_train_step.py).
-  parser.add_argument("--cores", type=int, default=0)
-  # Before each run, wait up to this many seconds for the box to be idle (other jobs using less
-  # than a quarter core): runs then start on a quiet box, though a job may still start during one.
-  parser.add_argument("--wait-quiet", type=float, default=0.0)
-  # Internal: one measurement in this process, its JSON written to --out.
-  parser.add_argument("--single-run", action="store_true", help=argparse.SUPPRESS)
-  parser.add_argument("--first", choices=common.SIDES, default="jax", help=argparse.SUPPRESS)
+  common.add_run_options(parser)
   args = parser.parse_args(argv)
   sizes = args.sizes.split(",")
 
@@ -205,8 +192,7 @@ def main(argv=None) -> int:
                      f"{r['sizes'][n]['ratio_jax_over_torch']:.2f}x, equal "
                      f"{r['sizes'][n]['tokens_equal']}, others used "
                      f"{r['sizes'][n]['cpu_share']['others_cores']:.2f} cores" for n in sizes)
-    print(f"run {i + 1}/{args.runs} ({r['first_side']} first, load {r['loadavg_before'][0]:.2f}"
-          f" -> {r['loadavg_after'][0]:.2f}, {r['process_wall_s']:.0f} s): {line}", flush=True)
+    print(f"{common.run_prefix(i, args.runs, r)}: {line}", flush=True)
 
   t0 = time.perf_counter()
   child = ["--sizes", args.sizes, "--new-tokens", str(args.new_tokens), "--warmup",

@@ -39,7 +39,7 @@ def demo_llava(vocab: int = 512):
 # in others (issue 20), depending on whether another job held one of the box's 2 cores while the
 # run lasted (b1_train_step.py's docstring), so a claim needs the spread over fresh processes and
 # the box's load during each (`CpuShare`). Used by b1_train_step.py and b4_generate.py
-# (b1_qwen2vl_step.py has its own copy of the launcher).
+# and b1_qwen2vl_step.py.
 
 SIDES = ("jax", "torch")
 
@@ -83,6 +83,31 @@ def wait_for_quiet(max_wait_s: float, *, below: float = 0.25) -> dict[str, float
   while busy >= below and time.perf_counter() - t0 < max_wait_s:
     busy = box_busy_cores()
   return {"waited_s": time.perf_counter() - t0, "busy_cores_at_start": busy}
+
+
+def add_run_options(parser: Any) -> None:
+  """The options every side-by-side benchmark shares: --runs, --torch-threads, --cores,
+  --wait-quiet and the internal --single-run / --first of `launch_runs`'s children."""
+  import argparse  # pylint: disable=g-import-not-at-top
+  parser.add_argument("--runs", type=int, default=5)
+  # Default: every core, as XLA's CPU client uses. On a loaded shared box torch's OpenMP threads
+  # can slow down badly (spinning barriers), which `--torch-threads 1` shows.
+  parser.add_argument("--torch-threads", type=int, default=os.cpu_count() or 1)
+  # Both sides confined to the first N cores (the process's CPU affinity, set before JAX starts
+  # its thread pool), for a per-core comparison; torch then uses at most N threads.
+  parser.add_argument("--cores", type=int, default=0)
+  # Before each run, wait up to this many seconds for the box to be idle (other jobs using less
+  # than a quarter core): runs then start on a quiet box, though a job may still start during one.
+  parser.add_argument("--wait-quiet", type=float, default=0.0)
+  # Internal: one measurement in this process, its JSON written to --out.
+  parser.add_argument("--single-run", action="store_true", help=argparse.SUPPRESS)
+  parser.add_argument("--first", choices=SIDES, default="jax", help=argparse.SUPPRESS)
+
+
+def run_prefix(i: int, runs: int, r: dict[str, Any]) -> str:
+  """'run 2/5 (torch first, load 1.20 -> 1.10, 16 s)': the head of a progress line."""
+  return (f"run {i + 1}/{runs} ({r['first_side']} first, load {r['loadavg_before'][0]:.2f}"
+          f" -> {r['loadavg_after'][0]:.2f}, {r['process_wall_s']:.0f} s)")
 
 
 def launch_runs(script: str, argv: list[str], runs: int, *, on_run: Any = None,

@@ -28,6 +28,7 @@ import jax.numpy as jnp
 from visatb_jax import train as train_lib
 from visatb_jax.model import factory
 from visatb_jax.model import llama
+from visatb_jax.model.qwen2vl import Qwen2VLConfig
 from visatb_jax.pipeline import models as models_lib
 from visatb_jax.runtime import cost
 from visatb_jax.runtime import sharding as sharding_lib
@@ -211,7 +212,7 @@ def model_flops(info: dict[str, Any]) -> dict[str, Any]:
   tokens = info["rows"] * info["seq_len"]
   images = info["rows"] * info["max_images"]  # every slot runs the tower, filled or not
   n_proj = sum(_matrix_params(t, "projector") for t in both)
-  if hasattr(cfg, "mrope_section"):  # Qwen2-VL: every slot's full patch budget runs the tower.
+  if isinstance(cfg, Qwen2VLConfig):  # Every slot's full patch budget runs the tower.
     patches = info["image_format"].batch_shapes(1, 1)["images"][0][2]
     image_tokens = patches // vision.merge_unit
     tower = cost.vit_forward_flops(

@@ -470,9 +470,7 @@ class DataStore:
     fmt = self._ws.models.image_format
     try:
       return evaluation.build_eval_sets(
-          samples, tokenizer=self.tokenizer, task_metrics=task_metrics,
-          num_image_tokens=getattr(fmt, "num_image_tokens", 0),
-          image_size=getattr(fmt, "image_size", 0), image_format=fmt,
+          samples, tokenizer=self.tokenizer, task_metrics=task_metrics, image_format=fmt,
           system=self.system_prompt, template_name=self.template, task_options=task_options)
     except images_lib.ImageError:
       raise  # already names the image
