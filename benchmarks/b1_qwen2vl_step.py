@@ -140,38 +140,16 @@ def make_batch(seed: int = 0) -> tuple[dict[str, np.ndarray], np.ndarray, np.nda
 
 
 def torch_step_fn(hf, batch, pixel_values, grid_thw):
-  """One transformers train step with the same loss, clipping and AdamW."""
-  hf.train()
+  """One transformers train step as B1's (`b1.torch_vitw_step`); the tower frozen but its merger,
+  on the processor's packed patches."""
   for name, p in hf.model.visual.named_parameters():
     p.requires_grad_(name.startswith("merger."))
-  params = [p for p in hf.parameters() if p.requires_grad]
-  try:
-    opt = torch.optim.AdamW(params, lr=b1.LR, weight_decay=0.0, fused=True)
-  except (RuntimeError, ValueError):
-    opt = torch.optim.AdamW(params, lr=b1.LR, weight_decay=0.0, foreach=True)
   ids = torch.from_numpy(batch["input_ids"]).long()
   mm_types = (ids == IMG).long()
-  pixels = torch.from_numpy(pixel_values)
-  grids = torch.from_numpy(grid_thw)
-  targets = torch.from_numpy(batch["targets"]).long()
-  task_ids = torch.from_numpy(batch["task_ids"]).long()
-  mask = torch.from_numpy(batch["loss_mask"])
-  valid = (mask > 0) & (task_ids >= 0)
-  weight = torch.where(valid, torch.from_numpy(b1.LAM)[task_ids.clamp(0, TASKS - 1)] * mask, 0.0)
-
-  def run():
-    opt.zero_grad(set_to_none=True)
-    logits = hf(input_ids=ids, pixel_values=pixels, image_grid_thw=grids,
-                mm_token_type_ids=mm_types, use_cache=False).logits
-    nll = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(),
-                                            reduction="none").view_as(mask)
-    loss = torch.where(valid, nll * weight, 0.0).sum() / weight.sum()
-    loss.backward()
-    norm = torch.nn.utils.clip_grad_norm_(params, 1.0)
-    opt.step()
-    return float(loss.detach()), float(norm)
-
-  return run
+  pixels, grids = torch.from_numpy(pixel_values), torch.from_numpy(grid_thw)
+  return b1.torch_vitw_step(hf, batch, lambda: hf(
+      input_ids=ids, pixel_values=pixels, image_grid_thw=grids, mm_token_type_ids=mm_types,
+      use_cache=False).logits)
 
 
 def machine() -> dict[str, Any]:

@@ -177,17 +177,16 @@ def jax_step_fn(ours, batch):
   return run
 
 
-def torch_step_fn(hf, batch):
-  """One transformers train step with the same loss, clipping and AdamW."""
+def torch_vitw_step(hf, batch, forward):
+  """A closure running one transformers train step of the trainable parameters of `hf` (freeze
+  what should not train first): `forward()` gives the logits; the VITW loss by hand (λ per task,
+  one division), `clip_grad_norm_` at 1.0, AdamW (fused where available)."""
   hf.train()
-  hf.model.vision_tower.requires_grad_(False)
   params = [p for p in hf.parameters() if p.requires_grad]
   try:
     opt = torch.optim.AdamW(params, lr=LR, weight_decay=0.0, fused=True)
   except (RuntimeError, ValueError):
     opt = torch.optim.AdamW(params, lr=LR, weight_decay=0.0, foreach=True)
-  ids = torch.from_numpy(batch["input_ids"]).long()
-  pixels = torch_pixels(batch["images"])
   targets = torch.from_numpy(batch["targets"]).long()
   task_ids = torch.from_numpy(batch["task_ids"]).long()
   mask = torch.from_numpy(batch["loss_mask"])
@@ -196,7 +195,7 @@ def torch_step_fn(hf, batch):
 
   def run():
     opt.zero_grad(set_to_none=True)
-    logits = hf(input_ids=ids, pixel_values=pixels).logits
+    logits = forward()
     nll = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(),
                                             reduction="none").view_as(mask)
     loss = torch.where(valid, nll * weight, 0.0).sum() / weight.sum()
@@ -206,6 +205,14 @@ def torch_step_fn(hf, batch):
     return float(loss.detach()), float(norm)
 
   return run
+
+
+def torch_step_fn(hf, batch):
+  """One transformers train step with the same loss, clipping and AdamW; the tower frozen."""
+  hf.model.vision_tower.requires_grad_(False)
+  ids = torch.from_numpy(batch["input_ids"]).long()
+  pixels = torch_pixels(batch["images"])
+  return torch_vitw_step(hf, batch, lambda: hf(input_ids=ids, pixel_values=pixels).logits)
 
 
 def interleaved(fns: dict[str, Any], *, warmup: int, reps: int) -> dict[str, list[float]]:
@@ -336,11 +343,7 @@ def main(argv=None) -> int:
                             wait_quiet_s=args.wait_quiet)
   summary = summarize(runs, sizes)
   command = ["python", "benchmarks/b1_train_step.py"] + list(sys.argv[1:] if argv is None else argv)
-  results = {"command": " ".join(command), "runs": args.runs, "warmup": args.warmup,
-             "reps": args.reps, "torch_threads": args.torch_threads, "cores": args.cores,
-             "wait_quiet_s": args.wait_quiet, "xla_flags": os.environ.get("XLA_FLAGS", ""),
-             "wall_s": time.perf_counter() - t0, "load": common.load_summary(runs),
-             "machine": runs[0]["machine"], "summary": summary, "per_run": runs}
+  results = common.run_record(args, command, t0, runs, summary)
   load = results["load"]
   for name in sizes:
     s = summary[name]
@@ -349,9 +352,7 @@ def main(argv=None) -> int:
           f"{s['max_rel_grad_norm_diff']:.1e}; load {load['loadavg_1min_min']:.2f}-"
           f"{load['loadavg_1min_max']:.2f}, cores used by others "
           f"{common.fmt_spread(s['others_cores'], '', 2)}", flush=True)
-    for subset in ("quiet", "contended"):
-      if 0 < s[subset]["n"] < args.runs:
-        print(f"  {subset} runs ({s[subset]['n']}): {describe(s[subset])}", flush=True)
+    common.print_subsets(s, args.runs, describe)
   common.write_json(args.out, results)
   return 0
 

@@ -202,12 +202,7 @@ def main(argv=None) -> int:
                             wait_quiet_s=args.wait_quiet)
   summary = summarize(runs, sizes)
   command = ["python", "benchmarks/b4_generate.py"] + list(sys.argv[1:] if argv is None else argv)
-  results = {"command": " ".join(command), "runs": args.runs, "warmup": args.warmup,
-             "reps": args.reps, "new_tokens": args.new_tokens,
-             "torch_threads": args.torch_threads, "cores": args.cores,
-             "wait_quiet_s": args.wait_quiet, "xla_flags": os.environ.get("XLA_FLAGS", ""),
-             "wall_s": time.perf_counter() - t0, "load": common.load_summary(runs),
-             "machine": runs[0]["machine"], "summary": summary, "per_run": runs}
+  results = common.run_record(args, command, t0, runs, summary, new_tokens=args.new_tokens)
   load = results["load"]
   for name in sizes:
     s = summary[name]
@@ -215,9 +210,7 @@ def main(argv=None) -> int:
           f"tokens equal in every run: {s['tokens_equal_every_run']}; load "
           f"{load['loadavg_1min_min']:.2f}-{load['loadavg_1min_max']:.2f}, cores used by others "
           f"{common.fmt_spread(s['others_cores'], '', 2)}", flush=True)
-    for subset in ("quiet", "contended"):
-      if 0 < s[subset]["n"] < args.runs:
-        print(f"  {subset} runs ({s[subset]['n']}): {describe(s[subset])}", flush=True)
+    common.print_subsets(s, args.runs, describe)
   common.write_json(args.out, results)
   return 0
 

@@ -198,3 +198,21 @@ def spreads(rows: list[dict[str, Any]], metrics: dict[str, Any]) -> dict[str, An
   return {**over(rows), "others_cores": spread([r["cpu_share"]["others_cores"] for r in rows]),
           "quiet": {"n": len(quiet), **(over(quiet) if quiet else {})},
           "contended": {"n": len(contended), **(over(contended) if contended else {})}}
+
+
+def run_record(args: Any, command: list[str], t0: float, runs: list[dict[str, Any]],
+               summary: Any, **extra: Any) -> dict[str, Any]:
+  """The JSON a `--runs` benchmark writes: its command and settings, the load, every run."""
+  import time  # pylint: disable=g-import-not-at-top
+  return {"command": " ".join(command), "runs": args.runs, "warmup": args.warmup,
+          "reps": args.reps, **extra, "torch_threads": args.torch_threads, "cores": args.cores,
+          "wait_quiet_s": args.wait_quiet, "xla_flags": os.environ.get("XLA_FLAGS", ""),
+          "wall_s": time.perf_counter() - t0, "load": load_summary(runs),
+          "machine": runs[0]["machine"], "summary": summary, "per_run": runs}
+
+
+def print_subsets(s: dict[str, Any], runs: int, describe: Any) -> None:
+  """The quiet and the contended runs' own spreads, when the runs were of both kinds."""
+  for subset in ("quiet", "contended"):
+    if 0 < s[subset]["n"] < runs:
+      print(f"  {subset} runs ({s[subset]['n']}): {describe(s[subset])}", flush=True)
