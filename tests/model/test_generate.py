@@ -122,19 +122,52 @@ def test_generation_split_over_a_mesh_gives_the_same_tokens(model, prompts, refe
   np.testing.assert_array_equal(out, reference[rows])
 
 
-def test_transposed_decoding_kernels_give_the_same_tokens(model, prompts, reference,
-                                                          monkeypatch):
-  """The CPU decode path with every kernel transposed ([out, in], kernel @ x^T) generates
-  exactly the tokens of the reference (thresholds at 0, so the tiny model takes that path)."""
-  from visatb_jax.model import generate  # pylint: disable=g-import-not-at-top
+@pytest.fixture
+def transpose_everything(monkeypatch):
+  """Thresholds at 0, so the tiny model takes the CPU path with transposed decoding kernels."""
   monkeypatch.setattr(generate, "_TRANSPOSE_MIN_BYTES", 0)
   monkeypatch.setattr(generate, "_TRANSPOSE_MIN_NEW_TOKENS", 0)
-  generate._compiled.cache_clear()
-  try:
-    copy = generate._kernels_transposed(model)
-    assert copy is not model and any(m.dot_general is generate._kernel_first_dot
-                                     for _, m in copy.iter_modules() if hasattr(m, "dot_general"))
-    out = greedy_generate(model, *prompts, max_new_tokens=NEW, eos_id=NEVER, pad_id=PAD)
-    np.testing.assert_array_equal(out, reference)
-  finally:
-    generate._compiled.cache_clear()
+  generate._decode_kernels.clear()
+  yield
+  generate._decode_kernels.clear()
+
+
+def test_transposed_decoding_kernels_give_the_same_tokens(model, prompts, reference,
+                                                          transpose_everything):
+  """The CPU decode path with every kernel transposed ([out, in], kernel @ x^T) generates
+  exactly the tokens of the reference."""
+  kernels = generate._decode_kernels.get(model)
+  copy = generate._with_decode_kernels(model, kernels)
+  swapped = [m for _, m in nnx.iter_modules(copy) if getattr(m, "dot_general", None)
+             is generate._kernel_first_dot]
+  assert len(swapped) == len(kernels) > 0
+  assert all(m.dot_general is not generate._kernel_first_dot
+             for _, m in nnx.iter_modules(model) if hasattr(m, "dot_general"))
+  out = greedy_generate(model, *prompts, max_new_tokens=NEW, eos_id=NEVER, pad_id=PAD)
+  np.testing.assert_array_equal(out, reference)
+
+
+def test_transposed_kernels_are_made_once_per_parameters(prompts, transpose_everything):
+  """The copies are reused while the model's kernels are the same arrays, remade when they
+  change (a training step makes new arrays), and freed with the model."""
+  import gc  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  model = make_model()
+  first = generate._decode_kernels.get(model)
+  assert generate._decode_kernels.get(model) is first
+  for path, m in generate._transposable_linears(model):
+    np.testing.assert_array_equal(first[path], np.asarray(m.kernel[...]).T)
+  # New parameter values (as after an update): new copies, and decoding follows them.
+  before = greedy_generate(model, *prompts, max_new_tokens=NEW, eos_id=NEVER, pad_id=PAD)
+  state = nnx.state(model, nnx.Param)
+  nnx.update(model, jax.tree.map(lambda x: x * 1.5, state))
+  second = generate._decode_kernels.get(model)
+  assert second is not first
+  after = greedy_generate(model, *prompts, max_new_tokens=NEW, eos_id=NEVER, pad_id=PAD)
+  np.testing.assert_array_equal(
+      after, greedy_generate_nocache(model, *prompts, max_new_tokens=NEW, eos_id=NEVER,
+                                     pad_id=PAD))
+  assert not np.array_equal(after, before)
+  del model, state, second
+  gc.collect()
+  assert generate._decode_kernels._copies == {}

@@ -86,22 +86,47 @@ def test_packed_segments_equal_separate_rows(model):
   assert np.abs(np.asarray(leaky[0, 5:9] - out[1, :4])).max() > 1e-3
 
 
+def test_rope_gradient_equals_autodiff_of_the_formula():
+  rng = np.random.default_rng(3)
+  x, ct = (jnp.asarray(rng.normal(size=(2, 5, 3, 8)), jnp.float32) for _ in range(2))
+  cos, sin = rope_cos_sin(jnp.asarray(rng.integers(0, 50, (2, 5))), 8, 10000.0)
+
+  def formula(x):
+    x1, x2 = jnp.split(x, 2, axis=-1)
+    return x * cos[:, :, None] + jnp.concatenate([-x2, x1], axis=-1) * sin[:, :, None]
+
+  np.testing.assert_allclose(apply_rope(x, cos, sin), formula(x), atol=1e-6)
+  (got,) = jax.vjp(lambda x: apply_rope(x, cos, sin), x)[1](ct)
+  (want,) = jax.vjp(formula, x)[1](ct)
+  np.testing.assert_allclose(got, want, atol=1e-5)
+
+
 def test_query_block_size_rule():
   assert [query_block_size(t) for t in (9, 64, 256, 512, 2048, 4097)] == [64, 64, 64, 64, 256, 513]
 
 
+def _autodiff_attention(q, k, v, mask):
+  """Plain softmax attention, differentiated by JAX: the reference for the written-out VJP."""
+  scores = jnp.einsum("bkgtd,bksd->bkgts", q, k)
+  probs = jax.nn.softmax(jnp.where(mask[:, None, None], scores, -jnp.inf), axis=-1)
+  return jnp.einsum("bkgts,bksd->bkgtd", probs, v)
+
+
 @functools.partial(jax.jit, static_argnames="block")
 def _attention_and_grads(q, k, v, mask, ct, *, block):
-  out, vjp = jax.vjp(lambda q, k, v: causal_attention(q, k, v, mask, block), q, k, v)
+  fn = (_autodiff_attention if block is None
+        else lambda q, k, v, mask: causal_attention(q, k, v, mask, block))
+  out, vjp = jax.vjp(lambda q, k, v: fn(q, k, v, mask), q, k, v)
   return out, vjp(ct)
 
 
-@settings(max_examples=6, deadline=None)
-@given(t=st.integers(2, 40), block=st.integers(1, 17), cut=st.integers(0, 40),
+@settings(max_examples=8, deadline=None)
+@given(t=st.integers(2, 40), block=st.integers(0, 17), cut=st.integers(0, 40),
        seed=st.integers(0, 5))
-def test_causal_attention_in_blocks_equals_one_block(t, block, cut, seed):
+def test_causal_attention_in_blocks_equals_autodiff_attention(t, block, cut, seed):
   # Packed rows (two samples, then padding) and a ragged last block: the blocks drop only keys no
-  # query of theirs may see, so outputs and gradients equal the one-block computation.
+  # query of theirs may see, so outputs and gradients (written out, `_causal_attention_bwd`)
+  # equal plain softmax attention differentiated by JAX.
   rng = np.random.default_rng(seed)
   b, kvh, group, hd = 2, 2, 2, 4
   q, ct = (jnp.asarray(rng.normal(size=(b, kvh, group, t, hd)), jnp.float32) for _ in range(2))
@@ -112,11 +137,27 @@ def test_causal_attention_in_blocks_equals_one_block(t, block, cut, seed):
   seg[1, max(t - 3, 1):] = 0
   mask = attention_mask(jnp.arange(t), jnp.asarray(seg), jnp.asarray(seg))
   out, grads = _attention_and_grads(q, k, v, mask, ct, block=block)
-  ref, ref_grads = _attention_and_grads(q, k, v, mask, ct, block=0)
+  ref, ref_grads = _attention_and_grads(q, k, v, mask, ct, block=None)
   np.testing.assert_allclose(out, ref, atol=1e-5)
   for g, r in zip(grads, ref_grads):
     np.testing.assert_allclose(g, r, atol=1e-5)
   assert np.isfinite(np.asarray(out)).all()
+
+
+def test_causal_attention_in_bfloat16_keeps_dtypes_and_values():
+  rng = np.random.default_rng(1)
+  t = 24
+  q, ct = (jnp.asarray(rng.normal(size=(2, 2, 2, t, 8)), jnp.float32) for _ in range(2))
+  k, v = (jnp.asarray(rng.normal(size=(2, 2, t, 8)), jnp.float32) for _ in range(2))
+  seg = jnp.ones((2, t), jnp.int32)
+  mask = attention_mask(jnp.arange(t), seg, seg)
+  bf = lambda *xs: [x.astype(jnp.bfloat16) for x in xs]  # noqa: E731
+  out, grads = _attention_and_grads(*bf(q, k, v), mask, *bf(ct), block=8)
+  ref, ref_grads = _attention_and_grads(q, k, v, mask, ct, block=None)
+  assert out.dtype == jnp.bfloat16 and all(g.dtype == jnp.bfloat16 for g in grads)
+  np.testing.assert_allclose(np.asarray(out, np.float32), ref, atol=3e-2, rtol=3e-2)
+  for g, r in zip(grads, ref_grads):
+    np.testing.assert_allclose(np.asarray(g, np.float32), r, atol=6e-2, rtol=6e-2)
 
 
 PAD_SEGMENTS = jnp.array([[0, 0, 0, 0, 0, 0], [0, 0, 1, 1, 1, 0]])

@@ -16,6 +16,8 @@ process holds the whole batch's answers.
 from __future__ import annotations
 
 import functools
+import threading
+import weakref
 from typing import Any
 
 import jax
@@ -59,12 +61,12 @@ def _prompt_positions(mask: jax.Array) -> jax.Array:
 
 
 def _greedy(model, prompt_ids, prompt_mask, images, positions, eos_id, pad_id, *,
-            max_new_tokens: int, transpose_kernels: bool = False):
+            max_new_tokens: int, decode_kernels=None):
   """Traceable greedy decoding: prefill, then a while_loop of one-token decode steps.
 
   `positions`: the prompt's, [B, L] or M-RoPE [B, 3, L]; None: from the mask.
-  `transpose_kernels`: decode with `_kernels_transposed(model)` (XLA:CPU's faster form) when
-  at least `_TRANSPOSE_MIN_NEW_TOKENS` tokens are asked for.
+  `decode_kernels`: {module path "a/b/0/c": kernel [out, in]}; the decode loop multiplies those layers with
+  them (`_with_decode_kernels`, XLA:CPU's faster form). None: the model as it is.
   """
   b, prompt_len = prompt_ids.shape
   # The last generated token is never fed back, hence max_new_tokens - 1 decode slots.
@@ -76,8 +78,8 @@ def _greedy(model, prompt_ids, prompt_mask, images, positions, eos_id, pad_id, *
   # Left padding puts every row's last prompt token in the last column. Token i - 1 (just
   # produced) sits at that token's position + i, in every component.
   last = positions[..., -1]
-  if transpose_kernels and max_new_tokens >= _TRANSPOSE_MIN_NEW_TOKENS:
-    model = _kernels_transposed(model)
+  if decode_kernels:
+    model = _with_decode_kernels(model, decode_kernels)
   return decode_greedily(model, logits, cache, lambda i: (last + i)[..., None], eos_id,
                          pad_id, max_new_tokens=max_new_tokens)
 
@@ -85,14 +87,16 @@ def _greedy(model, prompt_ids, prompt_mask, images, positions, eos_id, pad_id, *
 # Decoding on XLA:CPU: each step multiplies a few rows (B tokens) by every weight matrix, so it is
 # bound by reading the weights. XLA:CPU reads an [in, out] kernel for x [B, in] @ kernel at about
 # 5.5 GB/s (B = 8, one core, 100M model's shapes), but an [out, in] kernel for kernel @ x^T at
-# 8-11 GB/s; hence the decode loop's dense layers use kernels transposed once per call, outside
-# the loop (B4 at 100M, 8 rows, 32 tokens: decode step 79 -> 59 ms on one core, 45 -> 36 ms on
-# two, 2026-12-02). Transposing is slow (about 1.3 GB/s: 0.21 s per call for the 100M model's
-# 400 MB of kernels on one core), so it pays from about 10 decode steps on: only from
-# _TRANSPOSE_MIN_NEW_TOKENS tokens (at 4 tokens the call took 16 % longer, at 16 tokens 8 % less).
-# Only kernels of at least _TRANSPOSE_MIN_BYTES: smaller ones stay in the core's cache, and
-# transposing them made the demo model's decoding 6 % slower. The copies cost their size in
-# memory during the call, hence the bound on their total.
+# 8-11 GB/s; hence the decode loop's dense layers use transposed copies of their kernels
+# (B4 at 100M, 8 rows, 32 tokens: decode step 79 -> 59 ms on one core, 45 -> 36 ms on two,
+# 2026-12-02). Transposing is slow (about 1.3 GB/s: 0.21 s for the 100M model's 400 MB of kernels
+# on one core), so the copies are made once per set of parameters and kept while those
+# parameters live (`_decode_kernels`): evaluation decodes batch after batch with one model.
+# Only for calls of at least _TRANSPOSE_MIN_NEW_TOKENS tokens (a one-off call pays the transpose:
+# at 4 tokens it took 16 % longer, at 16 tokens 8 % less) and kernels of at least
+# _TRANSPOSE_MIN_BYTES (smaller ones stay in the core's cache; transposing them made the demo
+# model's decoding 6 % slower). The copies cost their size in memory, hence the bound on their
+# total and the single cached set.
 _TRANSPOSE_MIN_NEW_TOKENS = 16
 _TRANSPOSE_MIN_BYTES = 256 << 10
 _TRANSPOSE_MAX_BYTES = 2 << 30
@@ -111,24 +115,74 @@ def _kernel_first_dot(lhs, rhs, dimension_numbers, precision=None, preferred_ele
   return jnp.moveaxis(jax.lax.optimization_barrier(y), 0, -1)
 
 
-def _kernels_transposed(model):
-  """A copy of `model` (traced) whose plain `nnx.Linear` layers of at least `_TRANSPOSE_MIN_BYTES`
-  hold their kernels [out, in] and multiply with `_kernel_first_dot`: the same values, the form
-  XLA:CPU decodes faster. LoRA and other subclasses are left as they are. `model` itself is
-  unchanged, and returned as is when those kernels exceed `_TRANSPOSE_MAX_BYTES` in all.
-  """
-  graphdef, state = nnx.split(model)
-  copy = nnx.merge(graphdef, state)
+def _transposable_linears(model) -> list[tuple[str, nnx.Linear]]:
+  """(path as "a/b/0/c", layer) of the plain `nnx.Linear` layers of at least `_TRANSPOSE_MIN_BYTES` whose
+  kernels the CPU decode loop uses transposed; none when they exceed `_TRANSPOSE_MAX_BYTES` in
+  all. LoRA and other subclasses are left as they are."""
   nbytes = lambda m: m.kernel[...].size * m.kernel[...].dtype.itemsize  # noqa: E731
-  linears = [m for _, m in copy.iter_modules()
+  linears = [("/".join(map(str, path)), m) for path, m in nnx.iter_modules(model)
              if type(m) is nnx.Linear and m.dot_general is jax.lax.dot_general
              and nbytes(m) >= _TRANSPOSE_MIN_BYTES]
-  if sum(map(nbytes, linears)) > _TRANSPOSE_MAX_BYTES:
-    return model
-  for m in linears:
-    m.kernel = nnx.Param(m.kernel[...].T)
-    m.dot_general = _kernel_first_dot
+  if sum(nbytes(m) for _, m in linears) > _TRANSPOSE_MAX_BYTES:
+    return []
+  return linears
+
+
+def _with_decode_kernels(model, decode_kernels):
+  """A copy of `model` (traced) whose layers at `decode_kernels`' paths hold those [out, in]
+  kernels and multiply with `_kernel_first_dot`: the same values, the form XLA:CPU decodes
+  faster. `model` itself is unchanged."""
+  graphdef, state = nnx.split(model)
+  copy = nnx.merge(graphdef, state)
+  for path, m in nnx.iter_modules(copy):
+    key = "/".join(map(str, path))
+    if key in decode_kernels:
+      m.kernel = nnx.Param(decode_kernels[key])
+      m.dot_general = _kernel_first_dot
   return copy
+
+
+class _DecodeKernelCache:
+  """The transposed kernels of the last decoded model, kept while its kernels live.
+
+  Keyed by the kernel arrays themselves (jax arrays are immutable: a training step or a load
+  makes new ones, which miss), held through weak references so a dead model's copies are freed
+  with it. One set at a time bounds the memory to `_TRANSPOSE_MAX_BYTES`.
+  """
+
+  def __init__(self):
+    # Re-entrant: a weak reference dies (and calls `_drop`) whenever the collector runs.
+    self._lock = threading.RLock()
+    self._refs: tuple = ()
+    self._copies: dict = {}
+
+  def get(self, model) -> dict:
+    linears = _transposable_linears(model)
+    kernels = [m.kernel[...] for _, m in linears]
+    if not kernels:
+      return {}
+    with self._lock:
+      if (len(self._refs) == len(kernels)
+          and all(r() is k for r, k in zip(self._refs, kernels))):
+        return self._copies
+    copies = {path: _transpose(k) for (path, _), k in zip(linears, kernels)}
+    with self._lock:
+      self._refs = tuple(weakref.ref(k, self._drop) for k in kernels)
+      self._copies = copies
+    return copies
+
+  def _drop(self, dead_ref):
+    with self._lock:
+      if dead_ref in self._refs:
+        self._refs, self._copies = (), {}
+
+  def clear(self):
+    with self._lock:
+      self._refs, self._copies = (), {}
+
+
+_transpose = jax.jit(jnp.transpose)
+_decode_kernels = _DecodeKernelCache()
 
 
 def decode_greedily(model, prefill_logits, cache, position_of, eos_id, pad_id, *,
@@ -164,23 +218,31 @@ def decode_greedily(model, prefill_logits, cache, position_of, eos_id, pad_id, *
 @functools.lru_cache(maxsize=32)
 def _compiled(graphdef: nnx.GraphDef, max_new_tokens: int, mesh: Mesh | None = None):
   """One jitted pure function per model structure, output length and mesh; jax.jit caches per
-  shape. eos_id and pad_id are traced arguments, so changing them never recompiles. On CPU
-  devices the decode loop uses transposed kernels (`_kernels_transposed`).
+  shape. eos_id and pad_id are traced arguments, so changing them never recompiles.
+  `decode_kernels` ({path: [out, in] kernel}, possibly empty) are what the decode loop uses in
+  place of those layers' kernels.
   """
 
-  devices = jax.devices() if mesh is None else mesh.devices.flat
-  transpose = all(d.platform == "cpu" for d in devices)
-
-  def run(state, prompt_ids, prompt_mask, images, positions, eos_id, pad_id):
+  def run(state, decode_kernels, prompt_ids, prompt_mask, images, positions, eos_id, pad_id):
     model = nnx.merge(graphdef, state)
     return _greedy(model, prompt_ids, prompt_mask, images, positions, eos_id, pad_id,
-                   max_new_tokens=max_new_tokens, transpose_kernels=transpose)
+                   max_new_tokens=max_new_tokens, decode_kernels=decode_kernels)
 
   if mesh is None:
     return jax.jit(run)
   # Replicated tokens: every process can read the whole batch's answers.
   return jax.jit(sharding_lib.under_mesh(run, mesh),
                  out_shardings=sharding_lib.replicated(mesh))
+
+
+def _decode_kernels_for(model, max_new_tokens: int, mesh: Mesh | None) -> dict:
+  """The transposed kernels for decoding on CPU devices (`_decode_kernels`); {} elsewhere (TPU
+  and GPU compile the untouched model) and for short calls."""
+  devices = jax.devices() if mesh is None else mesh.devices.flat
+  if (max_new_tokens < _TRANSPOSE_MIN_NEW_TOKENS
+      or not all(d.platform == "cpu" for d in devices)):
+    return {}
+  return _decode_kernels.get(model)
 
 
 def _on_mesh(x: np.ndarray, mesh: Mesh) -> jax.Array:
@@ -227,7 +289,8 @@ def greedy_generate(model: nnx.Module, prompt_ids: Any, prompt_mask: Any, images
     put = lambda x: _on_mesh(np.asarray(x), mesh)  # noqa: E731
   ids, mask = put(ids), put(mask)
   images, positions = jax.tree.map(put, images), jax.tree.map(put, positions)
-  out = run(state, ids, mask, images, positions, jnp.int32(eos_id), jnp.int32(pad_id))
+  kernels = _decode_kernels_for(model, int(max_new_tokens), mesh)
+  out = run(state, kernels, ids, mask, images, positions, jnp.int32(eos_id), jnp.int32(pad_id))
   return np.asarray(out, np.int32)
 
 

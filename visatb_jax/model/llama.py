@@ -91,12 +91,36 @@ def rope_cos_sin(positions: jax.Array, head_dim: int, theta: float) -> tuple[jax
   return jnp.cos(emb), jnp.sin(emb)
 
 
+def _rotate_half(x: jax.Array) -> jax.Array:
+  x1, x2 = jnp.split(x, 2, axis=-1)
+  return jnp.concatenate([-x2, x1], axis=-1)
+
+
+@jax.custom_vjp
 def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
-  """Rotates x [B, T, heads, head_dim] with HF's rotate_half convention; math in float32."""
+  """Rotates x [B, T, heads, head_dim] with HF's rotate_half convention; math in float32.
+
+  The gradient (x's only: cos and sin come from integer positions) is written out because
+  autodiff's transpose of the split/concatenate is a sum of padded halves, which XLA:CPU ran at
+  under 1 GB/s (1.75 ms of the demo model's 22 ms attention layer, forward + backward).
+  """
   xf = x.astype(jnp.float32)
-  x1, x2 = jnp.split(xf, 2, axis=-1)
-  rotated = jnp.concatenate([-x2, x1], axis=-1)
-  return (xf * cos[:, :, None] + rotated * sin[:, :, None]).astype(x.dtype)
+  return (xf * cos[:, :, None] + _rotate_half(xf) * sin[:, :, None]).astype(x.dtype)
+
+
+def _apply_rope_fwd(x, cos, sin):
+  return apply_rope(x, cos, sin), (cos, sin)
+
+
+def _apply_rope_bwd(res, dy):
+  # rotate_half is the matrix R = [[0, -I], [I, 0]] and R^T = -R: dx = dy*cos - R(dy*sin).
+  cos, sin = res
+  dyf = dy.astype(jnp.float32)
+  dx = dyf * cos[:, :, None] - _rotate_half(dyf * sin[:, :, None])
+  return dx.astype(dy.dtype), None, None
+
+
+apply_rope.defvjp(_apply_rope_fwd, _apply_rope_bwd)
 
 
 def attention_mask(q_slots: jax.Array, q_segments: jax.Array, k_segments: jax.Array) -> jax.Array:
@@ -141,6 +165,31 @@ def _attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Ar
   return jnp.einsum("bkqs,bksd->bkqd", probs, v).reshape(b, kvh, group, t, hd)
 
 
+def _query_blocks(t: int, block: int) -> list[tuple[int, int]]:
+  """[a, z) of each query block; `block` <= 0 or >= t: one block."""
+  if block <= 0 or block >= t:
+    return [(0, t)]
+  return [(a, min(a + block, t)) for a in range(0, t, block)]
+
+
+def _exp_scores(q: jax.Array, k: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """e = exp(scores - row max), 0 where masked, float32 [b, kvh, g, t, s], and its row sums l
+  [b, kvh, g, t, 1]: softmax = e / l. Args as `_attend`."""
+  b, kvh, group, t, hd = q.shape
+  scores = jnp.einsum("bkqd,bksd->bkqs", q.reshape(b, kvh, group * t, hd), k,
+                      preferred_element_type=jnp.float32)
+  scores = _constrain(scores.reshape(b, kvh, group, t, k.shape[2]), _SCORE_AXES)
+  scores = jnp.where(mask[:, None, None], scores, _NEG)
+  e = jnp.exp(scores - jax.lax.stop_gradient(scores.max(axis=-1, keepdims=True)))
+  return e, e.sum(axis=-1, keepdims=True)
+
+
+def _grouped(x: jax.Array) -> jax.Array:
+  """[b, kvh, g, t, ...] -> [b, kvh, g * t, ...]: a kv group's queries stacked along the length."""
+  return x.reshape(x.shape[0], x.shape[1], x.shape[2] * x.shape[3], *x.shape[4:])
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
 def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
                      block: int) -> jax.Array:
   """`_attend` over a full sequence (keys = the queries' own slots), in query blocks of `block`.
@@ -148,13 +197,54 @@ def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
   Exact: every query sees only keys at slots <= its own (`mask` is causal), so block [a, z) loses
   nothing by reading keys [0, z) only; each block's softmax is over all the keys it may see.
   Args as `_attend`, with s = t; `block` <= 0 or >= t: one block.
+
+  The gradient is written out (`_causal_attention_bwd`), as flash attention's is: softmax
+  normalised after the PV product, dS = P * (dP - rowsum(dO * O)) with no score-sized reduction
+  and no mask pass (P is 0 where masked), dK and dV made transposed ([.., hd, s], the product
+  form XLA:CPU runs 3x faster than [.., s, hd]) and added into their key prefix in place.
+  Autodiff's version took 22 ms of the demo model's attention layer where this takes 16
+  (BENCHMARKS.md, B1).
   """
-  t = q.shape[3]
-  if block <= 0 or block >= t:
-    return _attend(q, k, v, mask)
-  return jnp.concatenate(
-      [_attend(q[:, :, :, a:a + block], k[:, :, :a + block], v[:, :, :a + block],
-               mask[:, a:a + block, :a + block]) for a in range(0, t, block)], axis=3)
+  return _causal_attention_fwd(q, k, v, mask, block)[0]
+
+
+def _causal_attention_fwd(q, k, v, mask, block):
+  outs, exps = [], []
+  for a, z in _query_blocks(q.shape[3], block):
+    e, l = _exp_scores(q[:, :, :, a:z], k[:, :, :z], mask[:, a:z, :z])
+    o = jnp.einsum("bkqs,bksd->bkqd", _grouped(e).astype(v.dtype), v[:, :, :z],
+                   preferred_element_type=jnp.float32)
+    outs.append((o.reshape(e.shape[:4] + v.shape[-1:]) / l).astype(v.dtype))
+    exps.append((e, l))
+  out = jnp.concatenate(outs, axis=3)
+  return out, (q, k, v, out, exps)
+
+
+def _causal_attention_bwd(block, res, dout):
+  q, k, v, out, exps = res
+  b, kvh, _, t, hd = q.shape
+  f32 = jnp.float32
+  dq, dk_t, dv_t = [], jnp.zeros((b, kvh, hd, t), f32), jnp.zeros((b, kvh, hd, t), f32)
+  for (a, z), (e, l) in zip(_query_blocks(t, block), exps):
+    do = dout[:, :, :, a:z].astype(f32) / l  # dO / l: P = e / l without a score-sized pass
+    delta = jnp.sum(do * out[:, :, :, a:z].astype(f32), axis=-1, keepdims=True)
+    dp = jnp.einsum("bkqd,bksd->bkqs", _grouped(do).astype(v.dtype), v[:, :, :z],
+                    preferred_element_type=f32)
+    ds = _grouped(e) * (dp - _grouped(delta))  # = P * (dP - rowsum(dP * P)), 0 where masked
+    ds = _constrain(ds.reshape(e.shape), _SCORE_AXES)
+    ds = _grouped(ds).astype(q.dtype)
+    dq.append(jnp.einsum("bkqs,bksd->bkqd", ds, k[:, :, :z], preferred_element_type=f32)
+              .reshape(e.shape[:4] + (hd,)).astype(q.dtype))
+    dk_t = dk_t.at[..., :z].add(
+        jnp.einsum("bkqs,bkqd->bkds", ds, _grouped(q[:, :, :, a:z]), preferred_element_type=f32))
+    dv_t = dv_t.at[..., :z].add(
+        jnp.einsum("bkqs,bkqd->bkds", _grouped(e).astype(v.dtype), _grouped(do).astype(v.dtype),
+                   preferred_element_type=f32))
+  return (jnp.concatenate(dq, axis=3), dk_t.swapaxes(-1, -2).astype(k.dtype),
+          dv_t.swapaxes(-1, -2).astype(v.dtype), None)
+
+
+causal_attention.defvjp(_causal_attention_fwd, _causal_attention_bwd)
 
 
 class LlamaAttention(nnx.Module):
