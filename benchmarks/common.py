@@ -119,10 +119,15 @@ def launch_runs(script: str, argv: list[str], runs: int, *, on_run: Any = None,
   Each returned dict gains: `first_side`, `process_wall_s`, `loadavg_before` / `loadavg_after`
   (1, 5, 15 min), and with `wait_quiet_s` > 0 `quiet_wait` (`wait_for_quiet` before the run: how
   long it waited, the busy cores when it started). `on_run(i, result)` is called after each run
-  (for a progress line). `env`: extra environment variables for the child processes. A child
-  that fails raises CalledProcessError.
+  (for a progress line). `env`: extra environment variables for the child processes. The
+  children run under the environment the project's commands give themselves (huge pages for
+  XLA:CPU's temporaries, `runtime/host_memory.py`; `VISATB_HUGE_PAGES=0` turns that off), both
+  sides alike; each result records its `glibc_tunables`. A child that fails raises
+  CalledProcessError.
   """
+  from visatb_jax.runtime import host_memory  # pylint: disable=g-import-not-at-top
   child_env = dict(os.environ, **(env or {}))
+  child_env = host_memory.huge_page_env(child_env) or child_env
   results = []
   with tempfile.TemporaryDirectory() as tmp:
     for i in range(runs):
@@ -138,7 +143,7 @@ def launch_runs(script: str, argv: list[str], runs: int, *, on_run: Any = None,
       with open(out) as f:
         r = json.load(f)
       r.update(first_side=first, process_wall_s=wall, loadavg_before=before,
-               loadavg_after=loadavg())
+               loadavg_after=loadavg(), glibc_tunables=child_env.get("GLIBC_TUNABLES", ""))
       if quiet is not None:
         r["quiet_wait"] = quiet
       results.append(r)

@@ -1,6 +1,8 @@
 """`python -m visatb_jax.launch`: see visatb_jax/cli/launch.py."""
 
-from visatb_jax.cli.launch import run_cli
+from visatb_jax.runtime import host_memory
 
 if __name__ == "__main__":
+  host_memory.reexec_with_huge_pages()  # first: it restarts the process (runtime/host_memory.py)
+  from visatb_jax.cli.launch import run_cli  # pylint: disable=g-import-not-at-top
   run_cli()

@@ -1,0 +1,51 @@
+"""Tests for the huge-page re-exec of the command-line entry points."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from visatb_jax.runtime import host_memory
+
+GLIBC = ("glibc", "2.36")
+
+
+def test_adds_the_tunable_and_keeps_the_rest():
+  env = host_memory.huge_page_env({"PATH": "/bin"}, GLIBC, "madvise")
+  assert env == {"PATH": "/bin", "GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}
+  env = host_memory.huge_page_env({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"}, GLIBC, "always")
+  assert env["GLIBC_TUNABLES"] == "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1"
+
+
+@pytest.mark.parametrize("environ, libc, mode", [
+    ({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"}, GLIBC, "madvise"),  # the user's choice stands
+    ({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}, GLIBC, "madvise"),  # after the re-exec: no loop
+    ({"VISATB_HUGE_PAGES": "0"}, GLIBC, "madvise"),                    # opted out
+    ({}, ("glibc", "2.31"), "madvise"),                                 # no such tunable yet
+    ({}, ("", ""), "madvise"),                                          # musl, macOS
+    ({}, GLIBC, "never"),                                               # huge pages off
+    ({}, GLIBC, ""),                                                    # unknown: not Linux
+])
+def test_no_change_where_it_would_do_nothing(environ, libc, mode):
+  assert host_memory.huge_page_env(environ, libc, mode) is None
+
+
+def test_thp_mode_reads_the_bracketed_choice(tmp_path):
+  f = tmp_path / "enabled"
+  f.write_text("always [madvise] never\n")
+  assert host_memory.thp_mode(str(f)) == "madvise"
+  assert host_memory.thp_mode(str(tmp_path / "missing")) is None
+
+
+def test_reexec_restarts_the_same_command_once_with_the_tunable():
+  code = ("import os; from visatb_jax.runtime import host_memory; "
+          "print('start', flush=True); host_memory.reexec_with_huge_pages(); "
+          "print(os.environ.get('GLIBC_TUNABLES'))")
+  env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", "VISATB_HUGE_PAGES")}
+  out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                       check=True).stdout.split()
+  if host_memory.huge_page_env(env) is None:  # this machine: nothing to do, no restart
+    assert out == ["start", "None"]
+  else:
+    assert out == ["start", "start", "glibc.malloc.hugetlb=1"]
