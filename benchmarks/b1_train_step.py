@@ -22,7 +22,10 @@ cores this process and the rest of the box used while the steps ran.
 `--runs N` (default 5) starts N fresh processes of this script (`--single-run`, see
 `common.launch_runs`), the side that steps first alternating between them, and reports the
 median and min-max over runs of each side's s/step and of the ratio, over all runs and over the
-quiet ones (the rest of the box below a quarter core) and the contended ones apart.
+quiet ones (the rest of the box below a quarter core) and the contended ones apart. The children
+run under the environment the project's commands give themselves (huge pages for XLA:CPU's
+temporaries, `visatb_jax/runtime/host_memory.py`; `VISATB_HUGE_PAGES=0` to measure without);
+a `--single-run` process runs in the caller's environment as it is.
 
 Why runs, and why the split (issue 20): on the 2-core box XLA's step runs on both cores, torch
 on one thread. When another job holds a core, the XLA step falls to its one-core time while
