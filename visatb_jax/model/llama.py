@@ -202,7 +202,7 @@ def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
   normalised after the PV product, dS = P * (dP - rowsum(dO * O)) with no score-sized reduction
   and no mask pass (P is 0 where masked), dK and dV made transposed ([.., hd, s], the product
   form XLA:CPU runs 3x faster than [.., s, hd]) and added into their key prefix in place.
-  Autodiff's version took 22 ms of the demo model's attention layer where this takes 16
+  Autodiff's version took 22 ms of the demo model's attention layer where this takes 15
   (BENCHMARKS.md, B1).
   """
   return _causal_attention_fwd(q, k, v, mask, block)[0]
