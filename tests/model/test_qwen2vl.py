@@ -136,6 +136,19 @@ def _hf_rope_index(hf, ids, grids, mask=None):
   return pos.numpy(), deltas.numpy().ravel()
 
 
+@pytest.mark.parametrize("n, cut", [(65, 40), (150, 150), (288, 100), (301, 7)])
+def test_tower_attention_in_query_blocks_equals_one_block(n, cut):
+  """The tower attends one query block at a time (padded to whole blocks in a lax.map): the same
+  output as all queries at once, with two images' patches kept apart by the mask."""
+  rng = np.random.default_rng(n)
+  q, k, v = (jnp.asarray(rng.normal(size=(2, n, 3, 8)), jnp.float32) for _ in range(3))
+  image = np.arange(n) < cut
+  mask = jnp.asarray(np.broadcast_to(image[:, None] == image[None, :], (2, n, n)))
+  assert qwen2vl.query_block_size(n) < n  # more than one block, else this tests nothing
+  got = jax.jit(qwen2vl._blocked_attention)(q, k, v, mask)
+  np.testing.assert_allclose(got, qwen2vl._attention(q, k, v, mask), atol=1e-5)
+
+
 def test_rope_index_matches_transformers(pair):
   hf, _ = pair
   rng = np.random.default_rng(1)
