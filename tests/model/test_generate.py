@@ -147,6 +147,24 @@ def test_transposed_decoding_kernels_give_the_same_tokens(model, prompts, refere
   np.testing.assert_array_equal(out, reference)
 
 
+def test_transposed_decoding_kernels_on_a_mesh_give_the_same_tokens(model, prompts, reference,
+                                                                    transpose_everything):
+  """Sharded kernels (fsdp and tensor axes) transposed outside the decoding function keep their
+  values: the same tokens as the reference."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from visatb_jax.runtime import sharding  # pylint: disable=g-import-not-at-top
+  mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2}, jax.devices()[:8])
+  sharded = nnx.clone(model)
+  state = nnx.state(sharded)
+  nnx.update(sharded, jax.device_put(state, sharding.param_shardings(state, mesh)))
+  ids, mask, images = prompts
+  rows = np.arange(8) % 3
+  out = greedy_generate(sharded, ids[rows], mask[rows], images[rows], max_new_tokens=NEW,
+                        eos_id=NEVER, pad_id=PAD, mesh=mesh)
+  np.testing.assert_array_equal(out, reference[rows])
+  assert generate._decode_kernels._copies  # the transposed path was taken
+
+
 def test_transposed_kernels_are_made_once_per_parameters(prompts, transpose_everything):
   """The copies are reused while the model's kernels are the same arrays, remade when they
   change (a training step makes new arrays), and freed with the model."""

@@ -65,8 +65,8 @@ def _greedy(model, prompt_ids, prompt_mask, images, positions, eos_id, pad_id, *
   """Traceable greedy decoding: prefill, then a while_loop of one-token decode steps.
 
   `positions`: the prompt's, [B, L] or M-RoPE [B, 3, L]; None: from the mask.
-  `decode_kernels`: {module path "a/b/0/c": kernel [out, in]}; the decode loop multiplies those layers with
-  them (`_with_decode_kernels`, XLA:CPU's faster form). None: the model as it is.
+  `decode_kernels`: {module path "a/b/0/c": kernel [out, in]}; the decode loop multiplies those
+  layers with them (`_with_decode_kernels`, XLA:CPU's faster form). None: the model as it is.
   """
   b, prompt_len = prompt_ids.shape
   # The last generated token is never fed back, hence max_new_tokens - 1 decode slots.
@@ -89,8 +89,8 @@ def _greedy(model, prompt_ids, prompt_mask, images, positions, eos_id, pad_id, *
 # 5.5 GB/s (B = 8, one core, 100M model's shapes), but an [out, in] kernel for kernel @ x^T at
 # 8-11 GB/s; hence the decode loop's dense layers use transposed copies of their kernels
 # (B4 at 100M, 8 rows, 32 tokens: decode step 79 -> 59 ms on one core, 45 -> 36 ms on two,
-# 2026-12-02). Transposing is slow (about 1.3 GB/s: 0.21 s for the 100M model's 400 MB of kernels
-# on one core), so the copies are made once per set of parameters and kept while those
+# 2026-12-02). Transposing is slow (1.2-2 GB/s: 0.21-0.35 s for the 100M model's 416 MB of
+# kernels on one core), so the copies are made once per set of parameters and kept while those
 # parameters live (`_decode_kernels`): evaluation decodes batch after batch with one model.
 # Only for calls of at least _TRANSPOSE_MIN_NEW_TOKENS tokens (a one-off call pays the transpose:
 # at 4 tokens it took 16 % longer, at 16 tokens 8 % less) and kernels of at least
@@ -116,9 +116,9 @@ def _kernel_first_dot(lhs, rhs, dimension_numbers, precision=None, preferred_ele
 
 
 def _transposable_linears(model) -> list[tuple[str, nnx.Linear]]:
-  """(path as "a/b/0/c", layer) of the plain `nnx.Linear` layers of at least `_TRANSPOSE_MIN_BYTES` whose
-  kernels the CPU decode loop uses transposed; none when they exceed `_TRANSPOSE_MAX_BYTES` in
-  all. LoRA and other subclasses are left as they are."""
+  """(path as "a/b/0/c", layer) of the plain `nnx.Linear` layers of at least
+  `_TRANSPOSE_MIN_BYTES` whose kernels the CPU decode loop uses transposed; none when they exceed
+  `_TRANSPOSE_MAX_BYTES` in all. LoRA and other subclasses are left as they are."""
   nbytes = lambda m: m.kernel[...].size * m.kernel[...].dtype.itemsize  # noqa: E731
   linears = [("/".join(map(str, path)), m) for path, m in nnx.iter_modules(model)
              if type(m) is nnx.Linear and m.dot_general is jax.lax.dot_general
