@@ -299,16 +299,10 @@ METRICS = {"jax_s_per_step": lambda r: r["seconds_per_step"]["jax"]["median"],
 def summarize(runs: list[dict[str, Any]], sizes: list[str]) -> dict[str, Any]:
   """Per size: median and min-max over runs of each side's median s/step and of the ratio (all
   runs, quiet ones, contended ones: `common.spreads`), the first step's worst agreement."""
-  out = {}
-  for name in sizes:
-    rs = [r["sizes"][name] for r in runs]
-    out[name] = {
-        **common.spreads(rs, METRICS),
-        "max_rel_loss_diff": max(r["first_step"]["rel_loss_diff"] for r in rs),
-        "max_rel_grad_norm_diff": max(r["first_step"]["rel_grad_norm_diff"] for r in rs),
-        "jax_compile_s": common.spread([r["jax_compile_s"] for r in rs]),
-    }
-  return out
+  return common.summarize_sizes(
+      runs, sizes, METRICS,
+      max_rel_loss_diff=lambda rs: max(r["first_step"]["rel_loss_diff"] for r in rs),
+      max_rel_grad_norm_diff=lambda rs: max(r["first_step"]["rel_grad_norm_diff"] for r in rs))
 
 
 def describe(s: dict[str, Any]) -> str:

@@ -153,15 +153,9 @@ def summarize(runs: list[dict[str, Any]], sizes: list[str]) -> dict[str, Any]:
   """Per size: median and min-max over runs of each side's tokens/s and s/call and of the ratio
   (all runs, quiet ones, contended ones: `common.spreads`), and whether every run's tokens agreed.
   """
-  out = {}
-  for name in sizes:
-    rs = [r["sizes"][name] for r in runs]
-    out[name] = {
-        **common.spreads(rs, METRICS),
-        "tokens_equal_every_run": all(r["tokens_equal"] for r in rs),
-        "jax_compile_s": common.spread([r["jax_compile_s"] for r in rs]),
-    }
-  return out
+  return common.summarize_sizes(
+      runs, sizes, METRICS,
+      tokens_equal_every_run=lambda rs: all(r["tokens_equal"] for r in rs))
 
 
 def describe(s: dict[str, Any]) -> str:

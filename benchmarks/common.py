@@ -205,6 +205,18 @@ def spreads(rows: list[dict[str, Any]], metrics: dict[str, Any]) -> dict[str, An
           "contended": {"n": len(contended), **(over(contended) if contended else {})}}
 
 
+def summarize_sizes(runs: list[dict[str, Any]], sizes: list[str], metrics: dict[str, Any],
+                    **extras: Any) -> dict[str, Any]:
+  """Per size of a `--runs` benchmark: `spreads` of `metrics` over the runs, the spread of the
+  JAX compile time, and each `extras` entry (name -> function of that size's per-run results)."""
+  out = {}
+  for name in sizes:
+    rs = [r["sizes"][name] for r in runs]
+    out[name] = {**spreads(rs, metrics), **{k: fn(rs) for k, fn in extras.items()},
+                 "jax_compile_s": spread([r["jax_compile_s"] for r in rs])}
+  return out
+
+
 def run_record(args: Any, command: list[str], t0: float, runs: list[dict[str, Any]],
                summary: Any, **extra: Any) -> dict[str, Any]:
   """The JSON a `--runs` benchmark writes: its command and settings, the load, every run."""
