@@ -155,14 +155,7 @@ def _attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Ar
   stacked along the query length: written as one 5-d einsum, XLA:CPU took 2.5x longer for
   attention's forward + backward (BENCHMARKS.md, B1).
   """
-  b, kvh, group, t, hd = q.shape
-  s = k.shape[2]
-  scores = jnp.einsum("bkqd,bksd->bkqs", q.reshape(b, kvh, group * t, hd), k,
-                      preferred_element_type=jnp.float32)
-  scores = _constrain(scores.reshape(b, kvh, group, t, s), _SCORE_AXES)
-  scores = jnp.where(mask[:, None, None], scores, _NEG)
-  probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype).reshape(b, kvh, group * t, s)
-  return jnp.einsum("bkqs,bksd->bkqd", probs, v).reshape(b, kvh, group, t, hd)
+  return _attend_with_exps(q, k, v, mask)[0]
 
 
 def _query_blocks(t: int, block: int) -> list[tuple[int, int]]:
@@ -182,6 +175,16 @@ def _exp_scores(q: jax.Array, k: jax.Array, mask: jax.Array) -> tuple[jax.Array,
   scores = jnp.where(mask[:, None, None], scores, _NEG)
   e = jnp.exp(scores - jax.lax.stop_gradient(scores.max(axis=-1, keepdims=True)))
   return e, e.sum(axis=-1, keepdims=True)
+
+
+def _attend_with_exps(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array
+                      ) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """(`_attend`'s output, e, l) with e, l from `_exp_scores`: softmax normalised after the PV
+  product, so no pass over the scores divides them."""
+  e, l = _exp_scores(q, k, mask)
+  o = jnp.einsum("bkqs,bksd->bkqd", _grouped(e).astype(v.dtype), v,
+                 preferred_element_type=jnp.float32)
+  return (o.reshape(e.shape[:4] + v.shape[-1:]) / l).astype(v.dtype), e, l
 
 
 def _grouped(x: jax.Array) -> jax.Array:
@@ -211,10 +214,8 @@ def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
 def _causal_attention_fwd(q, k, v, mask, block):
   outs, exps = [], []
   for a, z in _query_blocks(q.shape[3], block):
-    e, l = _exp_scores(q[:, :, :, a:z], k[:, :, :z], mask[:, a:z, :z])
-    o = jnp.einsum("bkqs,bksd->bkqd", _grouped(e).astype(v.dtype), v[:, :, :z],
-                   preferred_element_type=jnp.float32)
-    outs.append((o.reshape(e.shape[:4] + v.shape[-1:]) / l).astype(v.dtype))
+    o, e, l = _attend_with_exps(q[:, :, :, a:z], k[:, :, :z], v[:, :, :z], mask[:, a:z, :z])
+    outs.append(o)
     exps.append((e, l))
   out = jnp.concatenate(outs, axis=3)
   return out, (q, k, v, out, exps)
