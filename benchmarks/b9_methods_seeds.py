@@ -1,13 +1,15 @@
 """B9: every method of the comparison on the demo benchmark, over several seeds.
 
-  python benchmarks/b9_methods_seeds.py [--seeds 0 1 2] [--baselines ew tla stl imgrad]
-      [--workdir runs/b9] [--out benchmarks/results/b9.json]
+  python benchmarks/b9_methods_seeds.py [--seeds 0 1 2 3 4] [--baselines ew stl]
+      [--workdir runs/b9] [--out benchmarks/results/b9.json] [--config.X=V ...]
 
 Runs the demo pipeline once per seed (data, initial model and every random choice follow the seed)
-with the chosen baselines (default: every one) then aggregates report/comparison.json and
+with the chosen baselines (default: EW and STL), then aggregates report/comparison.json and
 lambda.json: per seed, λ with its bootstrap interval and each method's ΔI% and ΔE%; over seeds,
 mean ± std of ΔI%, ΔE% and the step time relative to EW, the paired per-seed difference
-VisATB − EW, and the rank stability of λ across seeds (Spearman's ρ of every pair of seeds).
+VisATB − EW with its mean and a 90 % t-interval over seeds, and the rank stability of λ across
+seeds (Spearman's ρ of every pair of seeds). Any further `--config.X=V` is passed to every run
+(e.g. `--config.balance.shrinkage=none` for the paper's λ).
 Seeds already finished are reused (the pipeline resumes; stages that another config made are
 redone).
 """
@@ -37,11 +39,16 @@ def _mean_std(values):
 
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-  parser.add_argument("--baselines", nargs="+", default=list(BASELINES))
+  parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+  parser.add_argument("--baselines", nargs="+", default=["ew", "stl"],
+                      help=f"any of {', '.join(BASELINES)}")
   parser.add_argument("--workdir", default=os.path.join(REPO, "runs", "b9"))
   parser.add_argument("--out", default=os.path.join(REPO, "benchmarks", "results", "b9.json"))
-  args = parser.parse_args(argv)
+  args, overrides = parser.parse_known_args(argv)
+  bad = [o for o in overrides if not o.startswith("--config.")]
+  if bad:
+    parser.error(f"unknown arguments {bad}")
+  args.overrides = overrides
   per_seed, walls = {}, {}
   for seed in args.seeds:
     _run_seed(seed, args, per_seed, walls)
@@ -59,14 +66,19 @@ def _run_seed(seed, args, per_seed, walls):
                   f"--config.baselines={tuple(args.baselines)!r}",
                   # Its own run directories: stages made by another config (an older demo, other
                   # baselines) are redone, and the log says which and why.
-                  "--overwrite"], cwd=REPO, check=True)
+                  "--overwrite", *args.overrides], cwd=REPO, check=True)
   walls[seed] = round(time.time() - t0, 1)
   with open(os.path.join(workdir, "report", "comparison.json")) as f:
     per_seed[seed] = json.load(f)
   with open(os.path.join(workdir, "lambda.json")) as f:
     balance = json.load(f)
-  per_seed[seed]["lambda"] = {t: {"value": v, "interval": balance["intervals"]["lambda"][t]}
+  shares = (balance.get("variance") or {}).get("training_share", {}).get("lambda", {})
+  per_seed[seed]["lambda"] = {t: {"value": v, "interval": balance["intervals"]["lambda"][t],
+                                  "training_share": shares.get(t),
+                                  "fixed": t in (balance.get("fixed") or {})}
                               for t, v in balance["lambda"].items()}
+  with open(os.path.join(workdir, "scores", "test.json")) as f:
+    per_seed[seed]["test"] = json.load(f)
   per_seed[seed]["gain"] = {u: {"value": v, "interval": balance["intervals"]["gain"][u]}
                             for u, v in balance["gain"].items()}
   per_seed[seed]["noisy"] = balance["noisy"]
@@ -83,30 +95,40 @@ def _summary(per_seed):
               for k in ("delta_i", "delta_e", "step_time_vs_ew")} for m in _methods(per_seed)}
 
 
-def _ranks(values):
-  order = np.argsort(np.argsort(values, kind="stable"), kind="stable")
-  return order.astype(float)
-
-
 def _spearman(per_seed):
-  """Spearman's ρ between the balanced tasks' λ of every pair of seeds (no ties expected)."""
+  """Spearman's ρ between the balanced tasks' λ of every pair of seeds (ties get average ranks;
+  None where one seed's λ are all equal, e.g. all 1 under the evidence rule: no ranking)."""
+  from scipy import stats  # pylint: disable=g-import-not-at-top  (the test extras have it)
   seeds = sorted(per_seed)
-  tasks = [t for t, v in per_seed[seeds[0]]["lambda"].items()
-           if v["interval"][0] != v["interval"][1]]  # fixed tasks have a zero-width interval
+  tasks = [t for t, v in per_seed[seeds[0]]["lambda"].items() if not v.get("fixed")]
   out = {}
   for i, a in enumerate(seeds):
     for b in seeds[i + 1:]:
-      ra = _ranks([per_seed[a]["lambda"][t]["value"] for t in tasks])
-      rb = _ranks([per_seed[b]["lambda"][t]["value"] for t in tasks])
-      out[f"{a}-{b}"] = float(np.corrcoef(ra, rb)[0, 1])
+      la = [per_seed[a]["lambda"][t]["value"] for t in tasks]
+      lb = [per_seed[b]["lambda"][t]["value"] for t in tasks]
+      if np.ptp(la) == 0 or np.ptp(lb) == 0:
+        out[f"{a}-{b}"] = None
+        continue
+      out[f"{a}-{b}"] = float(stats.spearmanr(la, lb).statistic)
   return out
+
+
+def _t_interval(values, level=0.9):
+  """The mean's two-sided t-interval over seeds (None for fewer than 2 values)."""
+  if len(values) < 2:
+    return None
+  from scipy import stats  # pylint: disable=g-import-not-at-top  (the test extras have it)
+  half = stats.t.ppf(0.5 + level / 2, len(values) - 1) * np.std(values, ddof=1) / np.sqrt(
+      len(values))
+  return [float(np.mean(values) - half), float(np.mean(values) + half)]
 
 
 def _paired(per_seed, method="visatb", reference="ew"):
   diffs = {k: [r[method][k] - r[reference][k] for r in per_seed.values()
                if "delta_i" in r.get(method, {}) and "delta_i" in r.get(reference, {})]
            for k in ("delta_i", "delta_e")}
-  return {k: {"per_seed": v, **(_mean_std(v) or {})} for k, v in diffs.items()}
+  return {k: {"per_seed": v, **(_mean_std(v) or {}), "interval_90": _t_interval(v)}
+          for k, v in diffs.items()}
 
 
 def _write(args, per_seed, walls):
@@ -133,8 +155,20 @@ def _print(per_seed):
     lam = ", ".join(f"{k} {v['value']:.2f} [{v['interval'][0]:.2f}, {v['interval'][1]:.2f}]"
                     for k, v in r["lambda"].items())
     print(f"  seed {seed}: λ {lam}; noisy gains: {r['noisy'] or 'none'}")
-  paired = _paired(per_seed)["delta_i"]
-  print(f"  VisATB − EW, ΔI%: {paired.get('per_seed')} (mean {paired.get('mean')})")
+    gains = ", ".join(f"{u} {v['value']:+.3f} [{v['interval'][0]:+.3f}, {v['interval'][1]:+.3f}]"
+                      for u, v in r["gain"].items())
+    stl = (r.get("ew") or {}).get("stl_vs_ew") or {}
+    print(f"    own-data gains: {gains}; STL − EW: "
+          + ", ".join(f"{t} {d['difference']:+.3f} [{d['interval'][0]:+.3f}, "
+                      f"{d['interval'][1]:+.3f}]" for t, d in stl.items())
+          + f"; under-trained by EW: {(r.get('ew') or {}).get('under_trained') or 'none'}")
+  for key, label in (("delta_i", "ΔI%"), ("delta_e", "ΔE%")):
+    paired = _paired(per_seed)[key]
+    values = ", ".join(f"{v:+.2f}" for v in paired["per_seed"])
+    interval = paired.get("interval_90")
+    mean = "n/a" if paired.get("mean") is None else f"{paired['mean']:+.2f}"
+    print(f"  VisATB − EW, {label}: {values} (mean {mean}, 90 % t-interval "
+          + ("n/a" if interval is None else f"[{interval[0]:+.2f}, {interval[1]:+.2f}]") + ")")
   if len(per_seed) > 1:
     print(f"  λ rank agreement (Spearman ρ per seed pair): {_spearman(per_seed)}")
 

@@ -11,7 +11,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Overrides that shrink configs/demo.py to seconds: a few samples, a model of a few thousand
 # parameters, one epoch. The numbers it produces mean nothing; the plumbing is what is tested.
 MICRO_OVERRIDES = {
-    "data.shapes.sizes.train": 24, "data.shapes.sizes.val": 5, "data.shapes.sizes.test": 5,
+    "data.shapes.sizes": {"train": 24, "val": 5, "test": 5},
     "data.vocab_size": 300, "data.seq_len": 128, "data.max_images": 4,
     "model.vision.hidden_size": 16, "model.vision.intermediate_size": 32,
     "model.vision.num_hidden_layers": 2, "model.vision.num_attention_heads": 2,
@@ -27,20 +27,29 @@ MICRO_OVERRIDES = {
     "pretrain.enabled": False,
     "data.shapes.count_scope": "any",
     "balance.temperature": 0.5,
+    # One replicate and the paper's λ, so that λ can be checked against compute_lambda on the
+    # validation table; tests/e2e/test_replicates_run.py runs the demo's replicates and evidence rule.
+    "prep.replicates": 1,
+    "balance.shrinkage": "none",
 }
 
 
-def micro_config():
-  """configs/demo.py shrunk by MICRO_OVERRIDES (a fresh, unlocked ConfigDict each call)."""
-  from visatb_jax.cli import launch
-  config = launch.load_config(os.path.join(REPO, "configs", "demo.py"))
-  for key, value in MICRO_OVERRIDES.items():
+def set_fields(config, overrides):
+  """Sets dotted fields ("train.epochs") of a ConfigDict or plain dict in place; returns it."""
+  for key, value in overrides.items():
     *path, leaf = key.split(".")
     node = config
     for p in path:
       node = node[p]
     node[leaf] = value
   return config
+
+
+def micro_config():
+  """configs/demo.py shrunk by MICRO_OVERRIDES (a fresh, unlocked ConfigDict each call)."""
+  from visatb_jax.cli import launch
+  return set_fields(launch.load_config(os.path.join(REPO, "configs", "demo.py")),
+                    MICRO_OVERRIDES)
 
 
 @pytest.fixture(scope="module")

@@ -82,7 +82,7 @@ def test_json_output_matches_compute_lambda(scores_file, capsys):
   assert report["temperature"] == 1.0 and report["alpha"] == [0.5, 0.25, 0.25]
   assert set(report) == {"tasks", "balanced", "form", "temperature", "alpha", "C", "c_out", "c_in",
                          "d", "lambda_out", "lambda_in", "lambda_d", "lambda", "fixed", "groups",
-                         "warnings"}
+                         "warnings", "at_bound"}
   assert report["warnings"] == []
 
 
@@ -432,3 +432,137 @@ def test_bad_samples_options(tmp_path, samples_file, scores_file, capsys, argv, 
 def test_drop_unknown_unit(scores_file, capsys):
   code, _, err = _run([scores_file, "--drop", "b", "x"], capsys)
   _assert_one_line_error(code, err, "error: --drop: 'x' not among the balanced tasks")
+
+
+# ----------------------------------------------------------------------------------------------
+# Preparation replicates (several --samples files, or replicate lists) and --shrinkage.
+
+
+def _replicate_lists(replicates: int) -> list[dict]:
+  """One {model: {task: [scores]}} per replicate: the same samples, different training noise."""
+  return [_per_sample_lists({m: {t: v + 0.02 * r * (m == "a+mini") for t, v in row.items()}
+                             for m, row in SCORES.items()}, seed=r)
+          for r in range(replicates)]
+
+
+def _stacked(reps: list[dict]) -> dict:
+  return {m: {t: [rep[m][t] for rep in reps] for t in row} for m, row in reps[0].items()}
+
+
+@pytest.fixture
+def replicate_files(tmp_path) -> tuple[list[str], dict]:
+  reps = _replicate_lists(3)
+  paths = [_per_sample_file(tmp_path / f"r{k}.json", rep, shuffle_seed=k)
+           for k, rep in enumerate(reps)]
+  return paths, _stacked(reps)
+
+
+def test_replicate_files_json(replicate_files, tmp_path, capsys):
+  paths, stacked = replicate_files
+  argv = ["--json", "--resamples", "40", "--seed", "2"]
+  code, out, err = _run(["--samples", *paths] + argv, capsys)
+  assert code == 0 and err == ""
+  report = json.loads(out)
+  assert report == bootstrap.bootstrap_report(stacked, tasks=["a", "b", "c"], resamples=40,
+                                              seed=2)
+  assert report["bootstrap"]["replicates"] == 3
+  assert set(report["variance"]) == {"training_share", "training_var", "sampling_var"}
+  # The same replicates as lists in one file: the same report.
+  one = {m: {t: {i: [rep[k] for rep in values] for k, i in enumerate(sorted(_ids(t)))}
+             for t, values in row.items()} for m, row in stacked.items()}
+  code, out, err = _run(["--samples", _write(tmp_path / "all.json", one)] + argv, capsys)
+  assert code == 0 and err == "" and json.loads(out) == report
+
+
+def test_replicate_files_table(replicate_files, capsys):
+  paths, stacked = replicate_files
+  code, out, err = _run(["--samples", *paths, "--resamples", "40"], capsys)
+  assert code == 0 and err == ""
+  report = bootstrap.bootstrap_report(stacked, tasks=["a", "b", "c"], resamples=40)
+  lines = out.splitlines()
+  assert "two-level paired bootstrap (3 replicates, then samples)" in lines[1]
+  header = next(line for line in lines if line.startswith("task"))
+  assert header.split()[-1] == "train"
+  start = lines.index(header)
+  for line in lines[start + 1:lines.index("", start)]:
+    task, share = line.split()[0], line.split()[-1]
+    assert share == f"{100 * report['variance']['training_share']['lambda'][task]:.0f}%"
+
+
+def test_replicate_files_that_disagree(tmp_path, capsys):
+  reps = _replicate_lists(2)
+  good = _per_sample_file(tmp_path / "r0.json", reps[0])
+  bad = dict(reps[1])
+  bad.pop("c+mini")
+  other = _per_sample_file(tmp_path / "r1.json", bad)
+  code, out, err = _run(["--samples", good, other], capsys)
+  assert out == ""
+  _assert_one_line_error(code, err, f"error: {good}, {other}: ",
+                         f"file 0 ({good}) and file 1 ({other}) disagree on the models",
+                         "1 only in file 0", "'c+mini'")
+  # Replicate lists of different lengths in one file.
+  data = {m: {t: {i: [v, v] for i, v in zip(sorted(_ids(t)), vals)} for t, vals in row.items()}
+          for m, row in reps[0].items()}
+  data["b+mini"]["c"]["c-s3"] = [0.5]
+  path = _write(tmp_path / "ragged.json", data)
+  code, out, err = _run(["--samples", path], capsys)
+  _assert_one_line_error(code, err, f"error: {path}: ", "model 'b+mini', task 'c', sample 'c-s3' "
+                         "has 1 replicate scores")
+  data["b+mini"]["c"]["c-s3"] = [0.5, "x"]
+  code, out, err = _run(["--samples", _write(tmp_path / "ragged.json", data)], capsys)
+  _assert_one_line_error(code, err, "sample 'c-s3': score is not a number: 'x'")
+
+
+def test_shrinkage_option(samples_file, capsys):
+  path, lists = samples_file
+  argv = ["--samples", path, "--resamples", "50", "--shrinkage", "evidence"]
+  code, out, err = _run(argv + ["--json"], capsys)
+  assert code == 0 and err == ""
+  report = json.loads(out)
+  assert report == bootstrap.bootstrap_report(lists, tasks=["a", "b", "c"], resamples=50,
+                                              shrinkage="evidence")
+  assert report["shrinkage"]["rule"] == "evidence"
+  code, out, err = _run(argv, capsys)
+  assert code == 0 and err == ""
+  assert "shrinkage=evidence" in out.splitlines()[0]
+  assert "evidence shrinkage toward the mean over units" in out
+  factor = report["shrinkage"]["factor"]["d"]["a"]
+  row = next(line for line in out.splitlines() if line.startswith("a ") and "(z=" in line)
+  assert f"{factor:.2f} (z=" in row
+  # The default is the paper's λ.
+  code, out, _ = _run(["--samples", path, "--resamples", "50", "--json"], capsys)
+  assert json.loads(out)["bootstrap"]["shrinkage"] == "none" and "shrinkage" not in json.loads(out)
+
+
+@pytest.mark.parametrize("argv, needles", [
+    (["SCORES", "--shrinkage", "evidence"], ["--shrinkage: only with --samples"]),
+    (["--samples", "S", "--shrinkage", "lots"], ["--shrinkage", "'lots'"]),
+    (["--samples", "S", "--shrinkage", "evidence", "--resamples", "1"],
+     ["--shrinkage: evidence needs --resamples >= 2"]),
+])
+def test_bad_shrinkage_options(samples_file, scores_file, capsys, argv, needles):
+  path, _ = samples_file
+  argv = [{"SCORES": scores_file, "S": path}.get(a, a) for a in argv]
+  code, out, err = _run(argv, capsys)
+  assert out == ""
+  _assert_one_line_error(code, err, *needles)
+
+
+def test_auto_temperature_at_bound_is_warned_with_the_table(tmp_path, capsys):
+  # Two tasks: the lowest feasible T puts one of them on a bound of [0.5, 2].
+  scores = {"mini": {"a": 0.5, "b": 0.5}, "a+mini": {"a": 0.7, "b": 0.55},
+            "b+mini": {"a": 0.55, "b": 0.8}}
+  path = _write(tmp_path / "s.json", scores)
+  code, out, err = _run([path, "--temperature", "auto"], capsys)
+  assert code == 0 and err.count("\n") == 1
+  assert err.startswith(f"warning: {path}: temperature='auto' chose T=")
+  assert "task 'a' (0.5)" in err and "shrinkage='evidence'" in err
+  code, out, err = _run([path, "--temperature", "auto", "--json"], capsys)
+  report = json.loads(out)
+  assert code == 0 and err == "" and report["at_bound"] == ["a"] and len(report["warnings"]) == 1
+
+
+def test_help_documents_replicates_and_shrinkage():
+  text = balance._parser().format_help()
+  assert "--shrinkage {none,evidence}" in text and "replicates" in text
+  assert "PER_SAMPLE.json [PER_SAMPLE.json ...]" in text

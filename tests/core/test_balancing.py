@@ -19,7 +19,8 @@ from visatb_jax.core import balancing as B
 
 TOL = dict(rtol=1e-5, atol=1e-6)
 REPORT_KEYS = {"tasks", "balanced", "form", "temperature", "alpha", "C", "c_out", "c_in", "d",
-               "lambda_out", "lambda_in", "lambda_d", "lambda", "fixed", "groups", "warnings"}
+               "lambda_out", "lambda_in", "lambda_d", "lambda", "fixed", "groups", "warnings",
+               "at_bound"}
 
 # ----------------------------------------------------------------------------------------------
 # The hand-worked 3-task example ("real" form, T = 0.5, α = (0.25, 0.25, 0.5)).
@@ -688,7 +689,9 @@ def test_warn_grad_hand_example():
 def test_warn_auto_temperature():
   with pytest.warns(UserWarning, match=WARN_B_MESSAGE):
     r = B.balance_report(_bad_b(), tasks=TASKS, temperature="auto", on_degenerate="warn")
-  assert _in_bounds(r["lambda"]) and len(r["warnings"]) == 1
+  # The degenerate-data message, then the automatic T's (task a sits on the lower bound).
+  assert _in_bounds(r["lambda"]) and len(r["warnings"]) == 2 and r["at_bound"] == ["a"]
+  assert "temperature='auto' chose T=" in r["warnings"][1]
 
 
 # ----------------------------------------------------------------------------------------------

@@ -14,18 +14,12 @@ from hypothesis import strategies as st
 from visatb_jax.core import balancing as B
 from visatb_jax.core import bootstrap as BS
 
-REPORT_KEYS = {"tasks", "balanced", "form", "temperature", "alpha", "C", "c_out", "c_in", "d",
-               "lambda_out", "lambda_in", "lambda_d", "lambda", "fixed", "groups", "warnings"}
-UNIT_KEYS = ("c_out", "c_in", "d", "lambda_out", "lambda_in", "lambda_d", "lambda", "gain")
-TASKS = ["a", "b", "c"]
+from score_tables import REAL, TASKS, UNIT_KEYS, append_resample
 
-# The score tables of the balancing tests (tests/core/test_balancing.py).
-REAL = {
-    "mini":   {"a": 0.50, "b": 0.40, "c": 0.20},
-    "a+mini": {"a": 0.70, "b": 0.45, "c": 0.10},
-    "b+mini": {"a": 0.60, "b": 0.60, "c": 0.25},
-    "c+mini": {"a": 0.40, "b": 0.40, "c": 0.60},
-}
+REPORT_KEYS = {"tasks", "balanced", "form", "temperature", "alpha", "C", "c_out", "c_in", "d",
+               "lambda_out", "lambda_in", "lambda_d", "lambda", "fixed", "groups", "warnings",
+               "at_bound"}
+
 PRECISE = REAL | {"a": {"a": 0.80}, "mini_a": {"a": 0.60}, "b": {"b": 0.50},
                   "mini_b": {"b": 0.40}, "c": {"c": 0.40}, "mini_c": {"c": 0.10}}
 BASE = {
@@ -98,14 +92,7 @@ def loop_reference(samples: dict, resamples: int, seed: int, **kw) -> tuple[dict
   for r in range(resamples):
     means = {m: {t: float(np.mean(np.asarray(v)[idx[t][r]])) for t, v in row.items() if t in idx}
              for m, row in samples.items()}
-    with warnings.catch_warnings():
-      warnings.simplefilter("ignore", B.DegenerateScoresWarning)
-      rep = B.balance_report(means, on_degenerate="warn", **kw)
-    out["C"].append(rep["C"])
-    for key in UNIT_KEYS[:-2]:
-      out[key].append([rep[key][u] for u in units])
-    out["lambda"].append([rep["lambda"][members[u][0]] for u in units])
-    out["temperature"].append(rep["temperature"])
+    append_resample(out, means, units, [members[u][0] for u in units], **kw)
     out["gain"].append([np.mean([means[own(u)][t] for t in members[u]])
                         - np.mean([means[ref][t] for t in members[u]]) for u in units])
   return draws, {k: np.asarray(v) for k, v in out.items()}
@@ -180,7 +167,7 @@ def test_point_values_are_balance_report_on_the_means():
 def test_report_layout_and_json():
   table, kw = CASES["groups_fixed"]
   report = BS.bootstrap_report(per_sample(table), resamples=50, seed=7, level=0.8, **kw)
-  assert set(report) == REPORT_KEYS | {"gain", "intervals", "noisy", "bootstrap"}
+  assert set(report) == REPORT_KEYS | {"gain", "intervals", "noisy", "variance", "bootstrap"}
   iv = report["intervals"]
   assert set(iv) == {"C", "c_out", "c_in", "d", "lambda_out", "lambda_in", "lambda_d", "gain",
                      "lambda", "temperature"}
@@ -192,7 +179,8 @@ def test_report_layout_and_json():
   assert iv["temperature"] == [0.5, 0.5]
   assert report["bootstrap"] == {
       "resamples": 50, "seed": 7, "level": 0.8,
-      "samples": {"a1": 20, "b": 24, "a2": 26, "c": 40}, "drop": [],
+      "samples": {"a1": 20, "b": 24, "a2": 26, "c": 40}, "replicates": 1, "shrinkage": "none",
+      "drop": [],
       "degenerate_resamples": 0, "infeasible_temperature_resamples": 0}
   assert json.loads(json.dumps(report, allow_nan=False)) == report
 

@@ -110,7 +110,8 @@ def test_same_seed_same_bytes_different_seed_differs(tmp_path):
             for d, _, names in os.walk(root) for f in names if f != "manifest.json"}
 
   assert files(a) == files(b)
-  assert len(files(a)) == 2 + (3 + 1) * 4  # Two JSON files and one PNG per non-chat sample.
+  # Two JSON files and one PNG per non-chat sample.
+  assert len(files(a)) == 2 + (3 + 1) * (len(shapes.TASKS) - 1)
   assert files(a)["train.json"] != files(c)["train.json"]
   assert files(a)["images/train/caption-train-000000.png"] != files(
       c)["images/train/caption-train-000000.png"]
@@ -137,7 +138,7 @@ def test_idempotent_and_regenerates_on_new_arguments(tmp_path):
 def test_per_task_sizes_and_bad_arguments(tmp_path):
   result = shapes.generate_benchmark(tmp_path, seed=0, sizes={"train": {"chat": 2, "vqa": 1}})
   assert result["counts"]["train"] == {"caption": 0, "vqa": 1, "count": 0, "grounding": 0,
-                                       "chat": 2}
+                                       "chat": 2, "background": 0}
   with pytest.raises(ValueError, match="unknown splits"):
     shapes.generate_benchmark(tmp_path, seed=0, sizes={"dev": 1})
   with pytest.raises(ValueError, match="max_objects"):
@@ -259,3 +260,30 @@ def test_box_text_and_positions():
   assert shapes.position_name(0, 3, 4) == "row 1, column 4"
   assert set(shapes.TASK_METRICS) == set(shapes.TASKS)
   assert set(shapes.TASK_METRICS.values()) == {"cider", "exact_match", "iou_accuracy"}
+
+
+def test_background_task_names_its_own_palette():
+  """The background task's answer is the name of the image's pale background colour, a colour
+  no shape has, and its questions never mention shapes."""
+  for i in range(30):
+    sample, pixels = shapes.make_sample(seed=3, split="train", task="background", index=i,
+                                        grid=3, cell=16, max_objects=4)
+    answer = sample["conversations"][1]["value"]
+    assert answer in shapes.SCENE_BACKGROUNDS
+    # Shapes keep a one-pixel margin inside their cell, so a corner is always background.
+    assert tuple(int(v) for v in pixels[0, 0]) == shapes.SCENE_BACKGROUNDS[answer]
+    assert "background" in sample["conversations"][0]["value"]
+  assert not set(shapes.SCENE_BACKGROUNDS.values()) & set(shapes.COLORS.values())
+  # Appending the task left every other task's samples as they were.
+  before = shapes.make_sample(seed=3, split="train", task="count", index=0, grid=3, cell=16,
+                              max_objects=4)[0]
+  assert before["id"] == "count-train-000000"
+
+
+def test_vqa_scope_color_always_asks_the_colour():
+  answers = {shapes.make_sample(seed=0, split="train", task="vqa", index=i, grid=3, cell=16,
+                                max_objects=4, vqa_scope="color")[0]["conversations"][1]["value"]
+             for i in range(40)}
+  assert answers <= set(shapes.COLORS)
+  with pytest.raises(ValueError, match="vqa_scope"):
+    shapes.generate_benchmark("/nonexistent", seed=0, sizes={"train": 1}, vqa_scope="shape")

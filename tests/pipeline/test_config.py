@@ -8,6 +8,7 @@ import pytest
 
 from visatb_jax import pipeline
 from visatb_jax.pipeline import config as config_lib
+from visatb_jax.runtime import fileio
 
 from conftest import micro_config
 
@@ -63,7 +64,8 @@ def test_defaults_are_filled_once():
   config = micro_config()
   del config.balance["on_degenerate"]
   run = config_lib.build(config)
-  assert run.balance == config_lib.BalanceConfig(temperature=0.5, on_degenerate="error")
+  assert run.balance == config_lib.BalanceConfig(temperature=0.5, on_degenerate="error",
+                                                 shrinkage="none")
   assert run.methods == ("visatb", "ew", "stl", "mgda") and run.needs_balance
   cfg = run.train_config(steps=7)
   assert (cfg.steps, cfg.seed, cfg.accum_steps, cfg.ce_chunk_size) == (7, 0, 1, 0)
@@ -83,3 +85,39 @@ def test_changing_the_form_reruns_prep(tmp_path, capsys):
   assert "stage data: done, skipped" in logged
   assert "stage prep: start (its config changed since it ran)" in logged
   assert os.path.exists(os.path.join(workdir, "prep", "mini_vqa", "run.json"))
+
+
+@pytest.mark.slow
+def test_a_new_temperature_retrains_visatb_alone(tmp_path, capsys):
+  """λ, α, T and the form are read by VisATB's final model only: EW and STL are reused."""
+  config = micro_config()
+  config.task_order = ("caption", "count", "chat")
+  config.baselines = ("ew", "stl")
+  config.train.epochs = 0.5
+  workdir = str(tmp_path)
+  stages = ["data", "prep", "validate", "lambda", "final"]
+  pipeline.run(config, workdir, stages=stages)
+  ew_info = fileio.read_json(os.path.join(workdir, "final", "ew", "run.json"))
+  capsys.readouterr()
+  config.balance.temperature = 2.0
+  pipeline.run(config, workdir, stages=stages, overwrite=True)
+  logged = capsys.readouterr().out
+  assert "stage lambda: start (its config changed since it ran)" in logged
+  assert "final/ew: trained, skipped" in logged
+  assert "final/stl/count: trained, skipped" in logged
+  assert "final/visatb: trained, skipped" not in logged
+  assert fileio.read_json(os.path.join(workdir, "final", "ew", "run.json")) == ew_info
+
+
+def test_evidence_rule_is_the_default_of_user_configs_and_replicates_are_checked():
+  """docs/method.md §13–14: beyond the paper, so the default where a config says nothing."""
+  config = micro_config()
+  del config.balance["shrinkage"]
+  assert config_lib.build(config).balance.shrinkage == "evidence"
+  for key, value, named in (("balance.shrinkage", "james-stein", "config.balance.shrinkage"),
+                            ("prep.replicates", 0, "config.prep.replicates"),
+                            ("prep.replicates", 1.5, "config.prep.replicates")):
+    plain = micro_config().to_dict()
+    _set(plain, key, value)
+    with pytest.raises(pipeline.ConfigError, match=named.replace(".", r"\.")):
+      config_lib.build(plain)

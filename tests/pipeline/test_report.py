@@ -655,3 +655,88 @@ def test_loss_curves_have_no_zero_dips(tmp_path):
   assert 0.0 not in list(line.get_ydata())
   assert report.plot_loss_curves({"visatb": _sparse_records()}, str(tmp_path / "curves.png"))
   assert open(tmp_path / "curves.png", "rb").read().startswith(PNG_SIGNATURE)
+
+
+def _paired_scores(n, ew_hits, stl_hits, visatb_hits):
+  """Per-sample 0/1 scores of n test samples with the given numbers of hits."""
+  ids = [f"s{k:03d}" for k in range(n)]
+  def hits(h):
+    return {i: float(k < h) for k, i in enumerate(ids)}
+  return {"ew": {"count": hits(ew_hits), "caption": hits(50)},
+          "visatb": {"count": hits(visatb_hits), "caption": hits(50)},
+          "stl": {"count": hits(stl_hits), "caption": hits(50)}}
+
+
+def test_under_trained_task_is_named_with_its_numbers():
+  """STL above EW beyond the paired interval: equal weighting under-trains that task."""
+  samples = _paired_scores(100, ew_hits=40, stl_hits=70, visatb_hits=65)
+  comparison = {"ew": {}, "visatb": {}}
+  report.add_differences_to_ew(comparison, samples, {"count": True, "caption": True})
+  assert comparison["ew"]["under_trained"] == ["count"]
+  # Sample k is a hit for STL whenever it is for EW: 30 more hits of 100, certain when paired.
+  assert comparison["ew"]["stl_vs_ew"]["count"]["difference"] == pytest.approx(0.30)
+  assert comparison["ew"]["stl_vs_ew"]["count"]["interval"][0] > 0.2
+  assert comparison["visatb"]["vs_ew"]["count"]["difference"] == pytest.approx(0.25)
+  sentence = report.under_training_sentence(comparison)
+  assert sentence.startswith("Equal weighting under-trains count:")
+  assert "STL − EW +0.300" in sentence and "VisATB − EW +0.250" in sentence
+  assert "caption" not in sentence  # equal scores: not under-trained
+
+
+def test_no_under_trained_task_is_said_too():
+  samples = _paired_scores(100, ew_hits=60, stl_hits=40, visatb_hits=60)
+  comparison = {"ew": {}, "visatb": {}}
+  report.add_differences_to_ew(comparison, samples, {"count": True, "caption": True})
+  assert comparison["ew"]["under_trained"] == []
+  assert report.under_training_sentence(comparison).startswith(
+      "Equal weighting under-trains no task here")
+  # Lower-is-better tasks, and scores on other samples, get no interval rather than a wrong one.
+  comparison = {"ew": {}}
+  mismatched = {"ew": {"count": {"a": 1.0}}, "stl": {"count": {"b": 1.0}}}
+  report.add_differences_to_ew(comparison, mismatched, {"count": True})
+  assert comparison["ew"]["stl_vs_ew"] == {} and report.under_training_sentence(comparison) is None
+
+
+def test_replicates_shrinkage_and_bound_are_said_in_the_balance_section():
+  balance = _balance()
+  balance["bootstrap"] = {"resamples": 1000, "seed": 0, "level": 0.9, "replicates": 2,
+                          "shrinkage": "evidence", "samples": {t: 384 for t in TASKS}}
+  balance["intervals"] = {"lambda": {"caption": [1.1, 1.4], "vqa": [0.7, 0.9],
+                                     "count": [0.8, 1.1], FIXED: [1.0, 1.0]}}
+  balance["variance"] = {"training_share": {"lambda": {"caption": 0.62, "vqa": 0.05,
+                                                       "count": 0.43, FIXED: None}}}
+  balance["shrinkage"] = {"rule": "evidence",
+                          "factor": {"c_out": {"caption": 0.97, "vqa": 0.0, "count": 0.0},
+                                     "c_in": {"caption": 0.0, "vqa": 0.0, "count": 0.0},
+                                     "d": {"caption": 0.0, "vqa": 0.5, "count": 0.0}}}
+  balance["at_bound"] = ["vqa"]
+  text = report._summary_section(balance)
+  assert "- Shrinkage: evidence (docs/method.md §14, beyond the paper)" in text
+  assert "- Replicates of each preparation model: 2" in text
+  assert "resamples of the preparation runs' replicates and the validation samples" in text
+  assert "| λ training share |" in text and "| 62 % |" in text and "| 5 % |" in text
+  assert "kept in part: C_out of caption (0.97); D of vqa (0.50)" in text
+  assert "λ of vqa sits on a bound of [0.5, 2]" in text
+  # One replicate and the paper's λ: none of it (a single run has no training share to show).
+  balance["bootstrap"].update(replicates=1, shrinkage="none")
+  del balance["shrinkage"]
+  balance["at_bound"] = []
+  text = report._summary_section(balance)
+  assert "training share" not in text and "Evidence rule" not in text and "bound" not in text
+
+
+def test_verdict_paragraph_states_the_comparison_and_its_noise():
+  samples = _paired_scores(100, ew_hits=40, stl_hits=30, visatb_hits=60)
+  comparison = {"ew": {"delta_i": 33.3, "delta_e": 0.0}, "visatb": {"delta_i": 50.0,
+                                                                    "delta_e": 0.0},
+                "tla": {"delta_i": 10.0, "delta_e": 1.5}}
+  report.add_differences_to_ew(comparison, samples, {"count": True, "caption": True})
+  delta = comparison["visatb"]["delta_vs_ew"]["delta_i"]
+  # count: (60 − 30)/30 against (40 − 30)/30; caption equal: (100 − 33.3)/2 = 33.3 points.
+  assert delta["difference"] == pytest.approx(100 * (1.0 - 1 / 3) / 2)
+  text = report.verdict_paragraph(comparison, {"at_bound": ["count"], "temperature": 0.07})
+  assert text.startswith("**Verdict.** VisATB: ΔI +50.00 %, ΔE 0.00 %")
+  assert "EW: ΔI +33.30 %" in text and "ΔI beyond the test set's noise" in text
+  assert "Best other method: tla (ΔI +10.00 %, ΔE 1.50 %)" in text
+  assert "λ of count sits on a bound of [0.5, 2] at the automatic T = 0.07" in text
+  assert report.verdict_paragraph({"ew": {"delta_i": 1.0, "delta_e": 0.0}}, None) is None

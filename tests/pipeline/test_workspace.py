@@ -40,8 +40,8 @@ def test_task_plan_from_config(ws):
 def test_prep_subsets_follow_method_section_2(ws):
   data, names = ws.data, ws.config.tasks.names
   enc = data.encoded_train()
-  n_mini = {t: len(data.subsets[t]["mini"]) for t in names}
-  n_large = {t: len(data.subsets[t]["large"]) for t in names}
+  n_mini = {t: len(data.subsets()[t]["mini"]) for t in names}
+  n_large = {t: len(data.subsets()[t]["large"]) for t in names}
   mini = data.prep_examples("mini")
   assert len(mini) == sum(n_mini.values())
   vqa_mini = data.prep_examples("vqa+mini")
@@ -65,8 +65,8 @@ def test_prep_models_of_each_balance_form(ws):
   assert ws.data.prep_examples("base") is None
   vqa = plan.names.index("vqa")
   assert {e.task_id for e in ws.data.prep_examples("vqa")} == {vqa}
-  assert len(ws.data.prep_examples("vqa")) == len(ws.data.subsets["vqa"]["large"])
-  assert len(ws.data.prep_examples("mini_vqa")) == len(ws.data.subsets["vqa"]["mini"])
+  assert len(ws.data.prep_examples("vqa")) == len(ws.data.subsets()["vqa"]["large"])
+  assert len(ws.data.prep_examples("mini_vqa")) == len(ws.data.subsets()["vqa"]["mini"])
   assert [m for m, _ in plan.prep_models("precise")] == (
       ["mini"] + [f"{u}+mini" for u in units] + units + [f"mini_{u}" for u in units])
   assert [m for m, _ in plan.prep_models("real")] == ["mini"] + [f"{u}+mini" for u in units]
@@ -175,3 +175,18 @@ def test_a_corrupt_image_is_named_by_the_data_stage(tmp_path):
     f.truncate(60)
   with pytest.raises(PipelineError, match=os.path.basename(victim)):
     workspace(micro_config(), tmp_path).data.prepare()
+
+
+def test_each_replicate_draws_its_own_subsets_with_mini_inside_large(ws):
+  """docs/method.md §13: replicate 0 is the run's seed; the others draw their own subsets."""
+  from visatb_jax.data import subsets
+  assert ws.data.replicate_seed(0) == int(ws.config.seed)
+  assert ws.data.replicate_seed(1) == subsets.replicate_seed(int(ws.config.seed), 1)
+  assert ws.data.replicate_seed(1) not in (ws.data.replicate_seed(0), ws.data.replicate_seed(2))
+  first, second = ws.data.subsets(0), ws.data.subsets(1)
+  for part in (first, second):
+    for task, s in part.items():
+      assert set(s["mini"]) <= set(s["large"]), task
+  assert any(not np.array_equal(first[t]["mini"], second[t]["mini"]) for t in first)
+  # The preparation data of a replicate follows its own subsets.
+  assert len(ws.data.prep_examples("mini", 1)) == sum(len(s["mini"]) for s in second.values())

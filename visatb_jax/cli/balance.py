@@ -3,8 +3,14 @@
     python -m visatb_jax.balance SCORES.json [--form real|precise|base] [--temperature 0.5|auto]
         [--alpha 0.25,0.25,0.5] [--fixed sharegpt=1.0 ...] [--groups GROUPS.json]
         [--tasks a,b,c] [--on-degenerate error|warn] [--drop UNIT ...] [--json]
-    python -m visatb_jax.balance --samples PER_SAMPLE.json [the same options]
-        [--resamples 1000] [--seed 0] [--level 0.9]
+    python -m visatb_jax.balance --samples PER_SAMPLE.json [PER_SAMPLE.json ...] [the same options]
+        [--resamples 1000] [--seed 0] [--level 0.9] [--shrinkage none|evidence]
+    python -m visatb_jax.balance --run WORKDIR [--json]
+
+`--run WORKDIR` recomputes a pipeline run's lambda.json from its scores/validation_samples.json
+with the settings its config.json records (tasks, fixed weights, groups, balance.*, the seed), by
+the lambda stage's own code: the same numbers, to the last digit. Other options are refused with
+it, since they would make it disagree with the run.
 
 SCORES.json is the scores pytree `{model_name: {task: score}}` (see `visatb_jax.core.balancing`);
 GROUPS.json maps task -> group. Prints a table (one row per task: C_out, C_in, D, λ_out, λ_in, λ_D,
@@ -17,6 +23,17 @@ each printed as `value [lo, hi]`, a paired-bootstrap percentile interval (`--res
 `--level`; see `visatb_jax.core.bootstrap`), with an own-data "gain" column; `--json` prints the
 `bootstrap_report` dict. A unit whose gain interval contains 0 is listed as a `warning:` line on
 stderr: its column of C is noise, and `--drop UNIT` leaves it out of C_out/C_in.
+
+Preparation replicates (docs/method.md §13): several PER_SAMPLE.json files are the replicates of
+the same preparation models, one file per replicate (`bootstrap.stack_replicates`: they must
+agree on models, tasks and sample ids); a single file may also hold them as lists,
+`{sample_id: [score per replicate]}`. The bootstrap is then two-level (replicates, then samples)
+and the table prints each λ's training share: the part of its bootstrap variance that is between
+replicates (near 1: more replicates would narrow it; near 0: more validation samples would).
+`--shrinkage evidence` shrinks each λ component toward its mean over the units by its bootstrap
+z-score before the softmax (docs/method.md §14); the default `none` is the paper's λ.
+With `--temperature auto`, a λ left on a bound of [0.5, 2] is reported as a `warning:` line (in
+the table output; with `--json` under "warnings" and "at_bound").
 
 Any malformed input is reported as one line `error: FILE: problem` (or `error: --option: problem`)
 on stderr with exit status 2; so is a `--fixed` task that no model scores, unless `--tasks` lists
@@ -42,6 +59,7 @@ EXIT_USAGE = 2
 EXIT_BROKEN_PIPE = 1  # as Python itself on EPIPE
 DEFAULT_RESAMPLES = 1000
 DEFAULT_LEVEL = 0.9
+SHRINKAGE = ("none", "evidence")  # bootstrap.SHRINKAGE, without importing jax for --help
 
 
 class InputError(Exception):
@@ -59,10 +77,15 @@ def _parser() -> argparse.ArgumentParser:
   p = _Parser(prog="python -m visatb_jax.balance",
               description="VisATB task weights (lambda) from a validation-scores file.")
   p.add_argument("scores", metavar="SCORES.json", nargs="?",
-                 help="{model_name: {task: score}} (or give --samples instead)")
-  p.add_argument("--samples", metavar="PER_SAMPLE.json",
+                 help="{model_name: {task: score}} (or give --samples or --run instead)")
+  p.add_argument("--run", metavar="WORKDIR",
+                 help="a pipeline run directory: λ from its validation samples with the settings "
+                 "of its config.json, exactly as its lambda.json (no other option)")
+  p.add_argument("--samples", metavar="PER_SAMPLE.json", nargs="+",
                  help="{model_name: {task: {sample_id: score}}}: balance the per-sample means "
-                 "and print paired-bootstrap intervals")
+                 "and print paired-bootstrap intervals; several files are the replicates of the "
+                 "same preparation models (one per training seed), and a score may also be a "
+                 "list with one score per replicate")
   p.add_argument("--form", default="real", choices=("real", "precise", "base"),
                  help="real (default), precise or base")
   p.add_argument("--temperature", default="0.5", help="T > 0 or 'auto' (default 0.5)")
@@ -85,6 +108,10 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument("--seed", type=int, help="bootstrap seed, with --samples (default 0)")
   p.add_argument("--level", type=float,
                  help=f"interval coverage in (0, 1), with --samples (default {DEFAULT_LEVEL})")
+  p.add_argument("--shrinkage", choices=SHRINKAGE,
+                 help="with --samples: none (default, the paper's lambda) or evidence: shrink "
+                 "each lambda component (C_out, C_in, D) toward its mean over the tasks by its "
+                 "bootstrap z-score, so that a weight is no further from 1 than the evidence")
   p.add_argument("--json", action="store_true", help="print the report as JSON")
   return p
 
@@ -120,13 +147,8 @@ def _load_scores(path: str) -> dict[str, Any]:
   return scores
 
 
-def _load_per_sample(path: str) -> dict[str, dict[str, list[float]]]:
-  """`{model: {task: {sample_id: score}}}` as `{model: {task: [scores by sorted sample id]}}`.
-
-  Raises:
-    InputError: malformed file, a score that is not a finite number, or models disagreeing on a
-      task's sample ids.
-  """
+def _read_per_sample(path: str) -> dict[str, Any]:
+  """One `{model: {task: {sample_id: score | [score per replicate]}}}` file, checked."""
   data = _load_json(path)
   if not isinstance(data, dict) or not data:
     raise InputError(f"{path}: expected a non-empty object {{model: {{task: {{sample_id: "
@@ -140,13 +162,39 @@ def _load_per_sample(path: str) -> dict[str, dict[str, list[float]]]:
         raise InputError(f"{path}: model {model!r}, task {task!r}: expected a non-empty object "
                          "{sample_id: score}")
       for sample_id, value in per.items():
-        _check_sample(value, model, task, sample_id, path)
+        if isinstance(value, list):
+          for v in value:
+            _check_sample(v, model, task, sample_id, path)
+        else:
+          _check_sample(value, model, task, sample_id, path)
+  return data
+
+
+def _load_per_sample(paths: Sequence[str]) -> dict[str, dict[str, list[Any]]]:
+  """The files (one per replicate) as `{model: {task: [n] or [R, n] by sorted sample id]}}`.
+
+  Raises:
+    InputError: malformed file, a score that is not a finite number, files that disagree on
+      models, tasks or sample ids, models disagreeing on a task's sample ids, or replicate lists
+      of different lengths.
+  """
+  files = [_read_per_sample(path) for path in paths]
   from visatb_jax.core import bootstrap  # pylint: disable=g-import-not-at-top  (jax)
+  where = _samples_label(paths)
   try:
+    data = files[0] if len(files) == 1 else bootstrap.stack_replicates(files, names=paths)
     aligned = bootstrap.align_by_id(data)
   except ValueError as e:
-    raise InputError(f"{path}: {e}") from None
-  return {m: {t: [float(v) for v in vs] for t, vs in row.items()} for m, row in aligned.items()}
+    raise InputError(f"{where}: {e}") from None
+
+  def floats(values: list[Any]) -> list[Any]:
+    return [floats(v) if isinstance(v, list) else float(v) for v in values]
+  return {m: {t: floats(vs) for t, vs in row.items()} for m, row in aligned.items()}
+
+
+def _samples_label(paths: Sequence[str]) -> str:
+  """How error lines name the per-sample input: the file, or the files, comma-separated."""
+  return ", ".join(paths)
 
 
 def _check_sample(value: Any, model: str, task: str, sample_id: str, path: str) -> None:
@@ -224,8 +272,9 @@ def _task_list(args: argparse.Namespace, scores: Mapping[str, Any],
 
 
 def _bootstrap_options(args: argparse.Namespace) -> dict[str, Any]:
-  """--resamples/--seed/--level, checked; they only make sense with --samples."""
-  given = [f"--{k}" for k in ("resamples", "seed", "level") if getattr(args, k) is not None]
+  """--resamples/--seed/--level/--shrinkage, checked; they only make sense with --samples."""
+  given = [f"--{k}" for k in ("resamples", "seed", "level", "shrinkage")
+           if getattr(args, k) is not None]
   if args.samples is None:
     if given:
       raise InputError(f"{given[0]}: only with --samples PER_SAMPLE.json")
@@ -239,7 +288,10 @@ def _bootstrap_options(args: argparse.Namespace) -> dict[str, Any]:
     raise InputError(f"--seed: expected an integer >= 0, got {seed}")
   if not 0 < level < 1:
     raise InputError(f"--level: expected a number in (0, 1), e.g. 0.9, got {level:g}")
-  return {"resamples": resamples, "seed": seed, "level": level}
+  if args.shrinkage == "evidence" and resamples < 2:
+    raise InputError(f"--shrinkage: evidence needs --resamples >= 2, got {resamples}")
+  return {"resamples": resamples, "seed": seed, "level": level,
+          "shrinkage": args.shrinkage or "none"}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -313,15 +365,25 @@ def format_bootstrap_report(report: Mapping[str, Any], stream: Any = None) -> st
   t = f"{report['temperature']:.6g}"
   if iv["temperature"][0] != iv["temperature"][1]:
     t = _fmt_iv(report["temperature"], iv["temperature"])
+  rule = boot.get("shrinkage", "none")
   settings = (f"form={report['form']}  T={t}  "
               f"alpha=({', '.join(f'{a:g}' for a in report['alpha'])})"
-              + (f"  drop={','.join(boot['drop'])}" if boot["drop"] else ""))
+              + (f"  drop={','.join(boot['drop'])}" if boot["drop"] else "")
+              + (f"  shrinkage={rule}" if rule != "none" else ""))
   counts = sorted(set(boot["samples"].values()))
   samples = f"{counts[0]}" if len(counts) == 1 else f"{counts[0]}-{counts[-1]}"
-  about = (f"paired bootstrap: {boot['resamples']} resamples, seed {boot['seed']}, "
+  replicates = boot.get("replicates", 1)
+  # With replicates, the share of each λ's variance that is between them (training).
+  shares = report["variance"]["training_share"]["lambda"] if replicates > 1 else None
+  kind = f"two-level paired bootstrap ({replicates} replicates, then samples)" if shares else (
+      "paired bootstrap")
+  about = (f"{kind}: {boot['resamples']} resamples, seed {boot['seed']}, "
            f"{boot['level']:g} percentile intervals [lo, hi], {samples} samples per task")
+  if shares:
+    about += f"; train = share of {lam}'s variance between replicates"
   header = ["task"] + (["group"] if groups else []) + [
       "gain", "C_out", "C_in", "D", f"{lam}_out", f"{lam}_in", f"{lam}_D", lam]
+  header += ["train"] if shares else []
   rows = [header]
   for task in report["tasks"]:
     unit = groups.get(task) or task
@@ -330,6 +392,9 @@ def format_bootstrap_report(report: Mapping[str, Any], stream: Any = None) -> st
     else:
       cells = [_fmt_iv(report[k][unit], iv[k][unit]) for k in _UNIT_COLUMNS]
     cells.append(_fmt_iv(report["lambda"][task], iv["lambda"][task]))
+    if shares:
+      share = shares[task]
+      cells.append("-" if share is None else f"{100 * share:.0f}%")
     label = task + (" (fixed)" if task in fixed else "")
     rows.append([label] + ([groups.get(task) or "-"] if groups else []) + cells)
   units = report["balanced"]
@@ -337,7 +402,35 @@ def format_bootstrap_report(report: Mapping[str, Any], stream: Any = None) -> st
   c_rows += [[f"{u} {arrow}"] + [_fmt_iv(v, i) for v, i in zip(row, row_iv)]
              for u, row, row_iv in zip(units, report["C"], iv["C"])]
   c_title = "contributions (row = contributor i, column = receiver j):"
-  return "\n\n".join([settings + "\n" + about, _table(rows), c_title + "\n" + _table(c_rows)])
+  blocks = [settings + "\n" + about, _table(rows), c_title + "\n" + _table(c_rows)]
+  if rule == "evidence":
+    blocks.append(_format_shrinkage(report["shrinkage"], units))
+  return "\n\n".join(blocks)
+
+
+def _format_shrinkage(shrinkage: Mapping[str, Any], units: Sequence[str]) -> str:
+  """Per unit and component: the shrinkage factor and the z-score it comes from."""
+  def cell(comp: str, unit: str) -> str:
+    z = shrinkage["z"][comp][unit]
+    return f"{shrinkage['factor'][comp][unit]:.2f} (z={'inf' if z is None else f'{z:.2g}'})"
+
+  rows = [["unit", "C_out", "C_in", "D"]]
+  rows += [[u] + [cell(c, u) for c in ("c_out", "c_in", "d")] for u in units]
+  title = ("evidence shrinkage toward the mean over units: factor max(0, 1 - 1/z^2) "
+           "(1 = kept, 0 = the mean):")
+  return title + "\n" + _table(rows)
+
+
+def _at_bound_message(report: Mapping[str, Any], balancing: Any) -> str | None:
+  """The report's `TemperatureAtBoundWarning` text, or None when no unit is at a bound."""
+  units = report.get("at_bound") or []
+  if not units:
+    return None
+  groups = report["groups"] or {}
+  lam = report["lambda"]
+  weights = [next(lam[t] for t in report["tasks"] if (groups.get(t) or t) == u) for u in units]
+  return balancing.at_bound_message(units, weights, report["temperature"],
+                                    "group" if groups else "task")
 
 
 def _noisy_warning(report: Mapping[str, Any], unit: str) -> str:
@@ -354,8 +447,50 @@ def _noisy_warning(report: Mapping[str, Any], unit: str) -> str:
 # ----------------------------------------------------------------------------------------------
 
 
+def _from_run(args: argparse.Namespace, argv: Sequence[str]) -> dict[str, Any]:
+  """The lambda stage's report, recomputed from a run directory's files and config.json."""
+  other = [a.split("=")[0] for a in argv if a.startswith("--") and a.split("=")[0] not in (
+      "--run", "--json")]
+  if other or args.scores is not None:
+    raise InputError(f"--run takes its settings from WORKDIR/config.json; drop "
+                     f"{', '.join(other) or args.scores}")
+  config_path = os.path.join(args.run, "config.json")
+  samples_path = os.path.join(args.run, "scores", "validation_samples.json")
+  config = _load_json(config_path)
+  from visatb_jax.core import bootstrap  # pylint: disable=g-import-not-at-top  (jax)
+  from visatb_jax.pipeline import config as config_lib  # pylint: disable=g-import-not-at-top
+  from visatb_jax.pipeline import stages  # pylint: disable=g-import-not-at-top
+  from visatb_jax.pipeline.errors import PipelineError  # pylint: disable=g-import-not-at-top
+  from visatb_jax.pipeline.tasks import TaskPlan  # pylint: disable=g-import-not-at-top
+  try:
+    plan = TaskPlan.from_config(config["tasks"], config["task_order"])
+    fields = dict(config["balance"])
+    fields["alpha"] = tuple(fields["alpha"])
+    bal = config_lib.BalanceConfig(**fields)
+    seed = int(config["seed"])
+  except (KeyError, TypeError, ValueError) as e:
+    raise InputError(f"{config_path}: not a run config of this version ({e!r})") from None
+  try:
+    per_sample = bootstrap.align_by_id(_read_per_sample(samples_path))
+  except ValueError as e:
+    raise InputError(f"{samples_path}: {e}") from None
+  try:
+    with warnings.catch_warnings():
+      warnings.simplefilter("ignore")  # the report lists them; printed below, once
+      return stages.balance_from_samples(per_sample, plan, bal, seed)
+  except PipelineError as e:
+    raise InputError(f"{samples_path}: {e}") from None
+
+
 def _run(argv: Sequence[str] | None) -> int:
+  argv = list(sys.argv[1:] if argv is None else argv)
   args = _parser().parse_args(argv)
+  if args.run is not None:
+    report = _from_run(args, argv)
+    for message in report["warnings"]:
+      print(f"warning: {args.run}: {_one_line(message)}", file=sys.stderr)
+    print(json.dumps(report, indent=2) if args.json else format_bootstrap_report(report))
+    return 0
   if (args.scores is None) == (args.samples is None):
     raise InputError("expected SCORES.json or --samples PER_SAMPLE.json" if args.scores is None
                      else "give either SCORES.json or --samples PER_SAMPLE.json, not both")
@@ -364,8 +499,8 @@ def _run(argv: Sequence[str] | None) -> int:
   fixed = _parse_fixed(args.fixed)
   bootstrap_options = _bootstrap_options(args)
   groups = _load_groups(args.groups) if args.groups is not None else None
-  path = args.scores if args.samples is None else args.samples
-  scores = _load_scores(path) if args.samples is None else _load_per_sample(path)
+  path = args.scores if args.samples is None else _samples_label(args.samples)
+  scores = _load_scores(path) if args.samples is None else _load_per_sample(args.samples)
   tasks = _task_list(args, scores, fixed, path)
   # Imported here so that argument and file errors are reported without loading jax.
   from visatb_jax.core import balancing
@@ -391,6 +526,7 @@ def _run(argv: Sequence[str] | None) -> int:
     # The degenerate-data warnings are printed below, one line each, from the report.
     with warnings.catch_warnings():
       warnings.simplefilter("ignore", balancing.DegenerateScoresWarning)
+      warnings.simplefilter("ignore", balancing.TemperatureAtBoundWarning)
       if args.samples is None:
         report = balancing.balance_report(scores, **options)
       else:
@@ -398,8 +534,12 @@ def _run(argv: Sequence[str] | None) -> int:
         report = bootstrap.bootstrap_report(scores, **options, **bootstrap_options)
   except ValueError as e:
     raise InputError(f"{path}: {e}") from None
+  # The automatic T's bound message is data about the setting, listed in the JSON ("warnings",
+  # "at_bound"); it is echoed on stderr with the table only.
+  bound = _at_bound_message(report, balancing)
   for message in report["warnings"]:
-    print(f"warning: {path}: {_one_line(message)}", file=sys.stderr)
+    if message != bound or not args.json:
+      print(f"warning: {path}: {_one_line(message)}", file=sys.stderr)
   if args.samples is not None:
     for unit in report["noisy"]:
       if unit not in args.drop:

@@ -79,6 +79,25 @@ of C (its contributions to the others) and C itself, reported in full, are uncha
 on_degenerate="warn", which zeroes a degenerate column but still averages over N − 1, a dropped
 column does not count in the mean. `drop` names balanced units (groups with `groups`); it is a
 static mask, so everything stays jittable and differentiable.
+
+λ no further from 1 than the evidence, `spread` **(choice, beyond the paper; docs/method.md
+§14)**. N·softmax(x/T) turns any difference in x into a weight ratio, noise included. Given the
+bootstrap standard deviation sd_i of each component's deviation from its mean over the units
+(`spread`, as `visatb_jax.core.bootstrap.bootstrap_report(..., shrinkage="evidence")` computes
+it), each component input x ∈ (C_out, C_in, D) is shrunk toward its mean before the softmax (and
+before the "auto" T search), by positive-part shrinkage on its z-score:
+
+    dev_i = x_i − mean(x),   z_i = dev_i / sd_i,   x̃_i = mean(x) + dev_i · max(0, 1 − 1/z_i²)
+
+so a unit whose deviation is within one sd of the mean (|z| <= 1) gets the mean (weight 1 from
+that component) and a clear deviation (|z| >> 1) is nearly kept; sd_i = 0 means no shrinkage.
+`shrink_toward_mean` is the formula; with `spread=None` (the default) λ is the paper's.
+
+Automatic T at a bound. The lowest feasible T of temperature="auto" puts some final weight on
+a bound of `WEIGHT_BOUNDS` (unless it is the bottom of `AUTO_T_RANGE`): the spread of λ is then
+set by the bound, however small the differences behind it (with two units, one of them is always
+at 0.5 or the other at 2, whatever the data). `compute_lambda` / `balance_report` then issue a
+`TemperatureAtBoundWarning`, list the units under "at_bound" and the message under "warnings".
 """
 
 from __future__ import annotations
@@ -98,7 +117,9 @@ __all__ = [
     "WEIGHT_BOUNDS", "DegenerateScoresWarning", "auto_temperature", "balance_report",
     "balanced_units", "check_alpha", "check_temperature", "compute_lambda", "contribution_matrix",
     "auto_temperature_batch", "difficulties", "lambda_components", "lambda_from_components",
-    "noisy_units", "outward_inward", "validate_scores",
+    "noisy_units", "outward_inward", "validate_scores", "BOUND_RELATIVE_TOLERANCE",
+    "SPREAD_COMPONENTS", "TemperatureAtBoundWarning", "at_bound_message", "shrink_toward_mean",
+    "shrinkage_factor", "bound_units",
 ]
 
 FORMS = ("real", "precise", "base")
@@ -114,6 +135,10 @@ AUTO_RELATIVE_TOLERANCE = 1e-6
 MIN_RELATIVE_DENOMINATOR = 1e-4
 # What to do about such a denominator: raise, or warn and mask (see the module docstring).
 ON_DEGENERATE = ("error", "warn")
+# A final weight within this relative distance of a bound of WEIGHT_BOUNDS counts as at the bound.
+BOUND_RELATIVE_TOLERANCE = 1e-3
+# The λ component inputs that `spread` shrinks, in the order (C_out, C_in, D).
+SPREAD_COMPONENTS = ("c_out", "c_in", "d")
 
 Scores = Mapping[str, Mapping[str, Any]]
 Array = jax.Array
@@ -121,6 +146,10 @@ Array = jax.Array
 
 class DegenerateScoresWarning(UserWarning):
   """A unit's denominator is not clearly positive and on_degenerate="warn" masked it."""
+
+
+class TemperatureAtBoundWarning(UserWarning):
+  """temperature="auto" left a final weight on a bound: the bound, not the data, sets λ's spread."""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -680,6 +709,123 @@ def lambda_from_components(c_out: Array, c_in: Array, d: Array, *, temperature: 
 
 
 # ----------------------------------------------------------------------------------------------
+# Shrinkage toward the mean (docs/method.md §14).
+
+
+def _shrink(x: Any, sd: Any, xp: Any = jnp) -> tuple[Any, Any]:
+  """(x̃, factor) of positive-part shrinkage of x [..., N] toward its mean over the last axis.
+
+  factor = max(0, 1 − sd²/dev²) = max(0, 1 − 1/z²), 1 where sd = 0 (no evidence of noise: no
+  shrinkage) and 0 where dev = 0 < sd. The divisions use a safe denominator (1 where dev = 0), so
+  neither the values nor the gradients of the branch not taken hold inf/NaN. x̃ is x itself where
+  the factor is 1 and the mean itself where it is 0, exactly. `sd` broadcasts against x; `xp`
+  may be numpy (the bootstrap shrinks every resample at once in float64).
+  """
+  mean = x.mean(axis=-1, keepdims=True)
+  dev = x - mean
+  dev2, sd2 = dev * dev, sd * sd
+  nonzero = dev2 > 0
+  ratio = sd2 / xp.where(nonzero, dev2, xp.ones_like(dev2))
+  factor = xp.where(nonzero, xp.maximum(1.0 - ratio, 0.0), xp.zeros_like(ratio))
+  factor = xp.where(sd2 > 0, factor, xp.ones_like(factor))
+  shrunk = xp.where(factor == 0, xp.broadcast_to(mean, dev.shape), x - dev * (1.0 - factor))
+  return shrunk, factor
+
+
+def _check_sd(x: Array, sd: Any) -> Array:
+  sd = jnp.asarray(sd, dtype=x.dtype)
+  try:
+    jnp.broadcast_shapes(sd.shape, x.shape)
+  except ValueError:
+    raise ValueError(f"sd of shape {sd.shape} does not broadcast against x of shape "
+                     f"{x.shape}") from None
+  if not _is_traced(sd) and not bool(jnp.all(jnp.isfinite(sd) & (sd >= 0))):
+    raise ValueError(f"sd must be finite and >= 0, got {np.asarray(sd).tolist()}")
+  return sd
+
+
+def shrink_toward_mean(x: Any, sd: Any) -> Array:
+  """Positive-part shrinkage of x [..., N] toward its mean over units (the last axis).
+
+  x̃_i = mean(x) + (x_i − mean(x))·max(0, 1 − 1/z_i²), z_i = (x_i − mean(x))/sd_i
+  (docs/method.md §14): |z| <= 1 gives the mean, |z| → ∞ gives x_i, sd_i = 0 gives x_i (no
+  shrinkage). `sd` ([..., N], or anything broadcasting to x) is the standard deviation of
+  x_i − mean(x), e.g. from the bootstrap. Pure, jittable and differentiable (finite gradients
+  everywhere; `jnp.where` on safe denominators). The mean of x̃ is in general not that of x.
+
+  Raises:
+    ValueError: sd does not broadcast against x, or (when concrete) is negative or not finite.
+  """
+  x = jnp.asarray(x, dtype=float) if not _is_traced(x) else x
+  if x.ndim < 1 or x.shape[-1] < 1:
+    raise ValueError(f"x must have at least one unit (last axis), got shape {x.shape}")
+  return _shrink(x, _check_sd(x, sd))[0]
+
+
+def shrinkage_factor(x: Any, sd: Any) -> Array:
+  """max(0, 1 − 1/z²) of `shrink_toward_mean` per unit: 1 keeps x_i, 0 replaces it by the mean."""
+  x = jnp.asarray(x, dtype=float) if not _is_traced(x) else x
+  if x.ndim < 1 or x.shape[-1] < 1:
+    raise ValueError(f"x must have at least one unit (last axis), got shape {x.shape}")
+  return _shrink(x, _check_sd(x, sd))[1]
+
+
+def _check_spread(spread: Any, plan: _Plan) -> tuple[Any, Any, Any] | None:
+  """`spread` as three sd vectors [N] (C_out, C_in, D) in unit order, or None.
+
+  Each of "c_out", "c_in", "d" maps unit -> sd (exactly the balanced units) or is a sequence /
+  array of N values in unit order; concrete values must be finite and >= 0.
+  """
+  if spread is None:
+    return None
+  if not isinstance(spread, Mapping):
+    raise ValueError(f"spread must map each of {list(SPREAD_COMPONENTS)} to the sd of its units, "
+                     f"got {type(spread).__name__}")
+  keys = set(spread)
+  if keys != set(SPREAD_COMPONENTS):
+    raise ValueError(f"spread must have exactly the keys {list(SPREAD_COMPONENTS)}, got "
+                     f"{sorted(map(str, keys))}")
+  n = len(plan.units)
+  out = []
+  for comp in SPREAD_COMPONENTS:
+    value = spread[comp]
+    if isinstance(value, Mapping):
+      missing = [u for u in plan.units if u not in value]
+      extra = [u for u in value if u not in plan.units]
+      if missing or extra:
+        raise ValueError(f"spread[{comp!r}] must name exactly the balanced {plan.kind}s "
+                         f"{list(plan.units)}" + (f"; missing {missing}" if missing else "")
+                         + (f"; unknown {extra}" if extra else ""))
+      values = [value[u] for u in plan.units]
+      if any(_is_traced(v) for v in values):
+        vec = jnp.stack([jnp.asarray(v, dtype=float) for v in values])
+      else:
+        vec = np.asarray(values)
+    elif isinstance(value, (list, tuple)) and any(_is_traced(v) for v in value):
+      vec = jnp.stack([jnp.asarray(v, dtype=float) for v in value])
+    else:
+      vec = value
+    if not _is_traced(vec):
+      try:
+        arr = np.asarray(vec, dtype=np.float64)
+      except (TypeError, ValueError):
+        raise ValueError(f"spread[{comp!r}] must hold {n} numbers, got {value!r}") from None
+      if arr.shape != (n,):
+        raise ValueError(f"spread[{comp!r}] must hold one sd per balanced {plan.kind} ({n}), "
+                         f"got shape {arr.shape}")
+      bad = [u for u, v in zip(plan.units, arr) if not (math.isfinite(v) and v >= 0)]
+      if bad:
+        raise ValueError(f"spread[{comp!r}] must be finite and >= 0, got "
+                         + ", ".join(f"{u}={arr[plan.units.index(u)]}" for u in bad))
+      vec = jnp.asarray(arr, dtype=float)
+    elif vec.shape != (n,):
+      raise ValueError(f"spread[{comp!r}] must hold one sd per balanced {plan.kind} ({n}), got "
+                       f"shape {vec.shape}")
+    out.append(vec)
+  return tuple(out)
+
+
+# ----------------------------------------------------------------------------------------------
 # Automatic temperature.
 
 
@@ -822,6 +968,10 @@ class _Balance:
   l_d: Array
   lam: Array
   warnings: tuple[str, ...]
+  # With `spread`: the shrunk (C_out, C_in, D) and their shrinkage factors; else None.
+  shrunk: tuple[Array, Array, Array] | None = None
+  factors: tuple[Array, Array, Array] | None = None
+  at_bound: tuple[str, ...] = ()
 
 
 def _check_drop(drop: Sequence[str], plan: _Plan) -> np.ndarray | None:
@@ -863,32 +1013,79 @@ def noisy_units(intervals_gain: Mapping[str, Sequence[float]]) -> list[str]:
   return noisy
 
 
+def bound_units(weights: Any, units: Sequence[str],
+                bounds: tuple[float, float] = WEIGHT_BOUNDS) -> list[str]:
+  """The units whose weight lies on a bound (within `BOUND_RELATIVE_TOLERANCE` relative)."""
+  w = np.asarray(weights, dtype=np.float64)
+  lo, hi = bounds
+  tol = BOUND_RELATIVE_TOLERANCE
+  at = (np.abs(w - lo) <= tol * abs(lo)) | (np.abs(w - hi) <= tol * abs(hi))
+  return [u for u, a in zip(units, at) if a]
+
+
+def at_bound_message(units: Sequence[str], weights: Sequence[float], temperature: float,
+                     kind: str = "task") -> str:
+  """The `TemperatureAtBoundWarning` text: which units are on a bound, at which T, what to do."""
+  lo, hi = WEIGHT_BOUNDS
+  which = ", ".join(f"{u!r} ({w:.4g})" for u, w in zip(units, weights))
+  return (f"temperature='auto' chose T={temperature:.4g}, which puts the weight of {kind}"
+          f"{'s' if len(units) > 1 else ''} {which} on a bound of [{lo:g}, {hi:g}]: the spread "
+          "of λ is then set by the bound, not by the size of the differences in C and D; for "
+          "weights that follow the evidence, pass a fixed temperature (the paper's 0.5 or 1.0) "
+          "with shrinkage='evidence' (bootstrap_report, docs/method.md §14)")
+
+
 def _balance(scores: Scores, tasks: Sequence[str], form: str, temperature: Any,
              alpha: Sequence[float], fixed: Mapping[str, float] | None,
              groups: Mapping[str, str] | None, on_degenerate: str,
-             drop: Sequence[str] = ()) -> _Balance:
+             drop: Sequence[str] = (), spread: Any = None) -> _Balance:
   form = _check_form(form)
   alpha = check_alpha(alpha)
   check_temperature(temperature)
   on_degenerate = _check_on_degenerate(on_degenerate)
   plan = _resolve(tasks, fixed, groups)
   dropped = _check_drop(drop, plan)
+  sds = _check_spread(spread, plan)
   # Warnings point at the caller of compute_lambda / balance_report.
   p = _prepare(scores, plan, form, on_degenerate, stacklevel=3)
   c = _contributions(p.table.own, p.table.ref, p.c_valid)
   d = _difficulty(p.table.d_num, p.table.d_den, p.d_valid)
   c_out, c_in = outward_inward(c, dropped=dropped)
-  if isinstance(temperature, str):
-    temperature = auto_temperature(c_out, c_in, d, alpha=alpha)
-  l_out, l_in, l_d = lambda_components(c_out, c_in, d, temperature=temperature)
+  inputs, shrunk, factors = (c_out, c_in, d), None, None
+  if sds is not None:
+    pairs = [_shrink(x, sd.astype(x.dtype)) for x, sd in zip(inputs, sds)]
+    shrunk = tuple(x for x, _ in pairs)
+    factors = tuple(f for _, f in pairs)
+    inputs = shrunk
+  auto = isinstance(temperature, str)
+  if auto:
+    temperature = auto_temperature(*inputs, alpha=alpha)
+  l_out, l_in, l_d = lambda_components(*inputs, temperature=temperature)
   lam = alpha[0] * l_out + alpha[1] * l_in + alpha[2] * l_d
+  messages, at_bound = p.warnings, ()
+  if auto:  # "auto" needs concrete values, so lam is concrete here.
+    at_bound = tuple(bound_units(lam, plan.units))
+    if at_bound:
+      weights = [float(lam[plan.units.index(u)]) for u in at_bound]
+      message = at_bound_message(at_bound, weights, temperature, plan.kind)
+      warnings.warn(message, TemperatureAtBoundWarning, stacklevel=3)
+      messages = messages + (message,)
   return _Balance(plan, form, alpha, temperature, c, c_out, c_in, d, l_out, l_in, l_d, lam,
-                  p.warnings)
+                  messages, shrunk, factors, at_bound)
 
 
 def _out(x: Any, traced: bool) -> Any:
-  """A python float when concrete, the 0-d jax array itself when traced."""
-  return x if traced else float(x)
+  """A python float when concrete, the 0-d jax array itself when traced.
+
+  A float32 value becomes the shortest decimal that reads back as the same float32 (0.06, not
+  0.05999999865889549): JSON outputs then show the digits the computation has, and nothing else.
+  """
+  if traced:
+    return x
+  value = np.asarray(x)
+  if value.dtype == np.float32:
+    return float(str(np.float32(value)))
+  return float(value)
 
 
 def _task_lambdas(b: _Balance, traced: bool) -> dict[str, Any]:
@@ -907,8 +1104,9 @@ def compute_lambda(scores: Scores, *, tasks: Sequence[str], form: str = "real",
                    temperature: float | str = 0.5, alpha: Sequence[float] = DEFAULT_ALPHA,
                    fixed: Mapping[str, float] | None = None,
                    groups: Mapping[str, str] | None = None,
-                   on_degenerate: str = "error", drop: Sequence[str] = ()) -> dict[str, Any]:
-  """VisATB task weights λ for every task in `tasks` (docs/method.md §3–6).
+                   on_degenerate: str = "error", drop: Sequence[str] = (),
+                   spread: Mapping[str, Any] | None = None) -> dict[str, Any]:
+  """VisATB task weights λ for every task in `tasks` (docs/method.md §3–6, §14).
 
   Args:
     scores: `{model_name: {task: score}}`, higher is better; python floats, numpy or jax
@@ -927,6 +1125,14 @@ def compute_lambda(scores: Scores, *, tasks: Sequence[str], form: str = "real",
     drop: balanced units (groups with `groups`) whose column of C is left out of C_out and C_in
       (their C_in is 0), e.g. the units whose own-data gain is within noise (`noisy_units`); the
       project's choice beyond the paper, see "Noisy own-data gain" in the module docstring.
+    spread: None (default: the paper's λ) or `{"c_out": sd, "c_in": sd, "d": sd}`, each sd a
+      mapping balanced unit -> the bootstrap standard deviation of that unit's deviation from the
+      mean over units (or a sequence in unit order): each component is shrunk toward its mean by
+      `shrink_toward_mean` before the softmax and before the "auto" search (docs/method.md §14;
+      `bootstrap.bootstrap_report(..., shrinkage="evidence")` computes the sds).
+
+  With temperature="auto", a final weight left on a bound of [0.5, 2] issues a
+  `TemperatureAtBoundWarning` (see "Automatic T at a bound" in the module docstring).
 
   Returns:
     task -> λ: python floats when the scores are concrete; 0-d jax arrays when traced (under
@@ -938,7 +1144,8 @@ def compute_lambda(scores: Scores, *, tasks: Sequence[str], form: str = "real",
       the message names the model and task; `drop` naming a unit that is not balanced. Under
       tracing value problems cannot be detected: use `validate_scores` first.
   """
-  b = _balance(scores, tasks, form, temperature, alpha, fixed, groups, on_degenerate, drop)
+  b = _balance(scores, tasks, form, temperature, alpha, fixed, groups, on_degenerate, drop,
+               spread)
   return _task_lambdas(b, _is_traced(b.lam))
 
 
@@ -946,7 +1153,8 @@ def balance_report(scores: Scores, *, tasks: Sequence[str], form: str = "real",
                    temperature: float | str = 0.5, alpha: Sequence[float] = DEFAULT_ALPHA,
                    fixed: Mapping[str, float] | None = None,
                    groups: Mapping[str, str] | None = None,
-                   on_degenerate: str = "error", drop: Sequence[str] = ()) -> dict[str, Any]:
+                   on_degenerate: str = "error", drop: Sequence[str] = (),
+                   spread: Mapping[str, Any] | None = None) -> dict[str, Any]:
   """`compute_lambda` plus its diagnostics, as a JSON-serialisable dict when concrete.
 
   Same arguments as `compute_lambda` (with `drop`, "C" is still reported in full; only
@@ -956,11 +1164,17 @@ def balance_report(scores: Scores, *, tasks: Sequence[str], form: str = "real",
   "c_out", "c_in", "d", "lambda_out", "lambda_in", "lambda_d" (each unit -> float), "lambda"
   (task -> float, fixed tasks included), "fixed" (task -> weight), "groups" (task -> group,
   null for fixed tasks; null altogether without groups) and "warnings" (the messages of the
-  degenerate units masked by on_degenerate="warn", in order: C problems, then D problems; always
-  present, [] when none, with "error", or when traced). When the scores are traced, numbers are
-  0-d jax arrays and "C" is an [N, N] jax array.
+  degenerate units masked by on_degenerate="warn", in order: C problems, then D problems, then
+  the `TemperatureAtBoundWarning` message, if any; always present, [] when none, with "error",
+  or when traced) and "at_bound" (the balanced units whose final weight is on a bound of
+  [0.5, 2] with temperature="auto", in unit order; always [] with a numeric T). With `spread`,
+  also "c_out_shrunk", "c_in_shrunk", "d_shrunk" (unit -> the shrunk input of the softmax; "c_out"
+  etc. stay the plain values) and "shrinkage" ({"c_out" | "c_in" | "d": {unit: factor}}, the
+  factor max(0, 1 − 1/z²) of `shrinkage_factor`: 1 kept, 0 pulled to the mean). When the scores
+  are traced, numbers are 0-d jax arrays and "C" is an [N, N] jax array.
   """
-  b = _balance(scores, tasks, form, temperature, alpha, fixed, groups, on_degenerate, drop)
+  b = _balance(scores, tasks, form, temperature, alpha, fixed, groups, on_degenerate, drop,
+               spread)
   traced = _is_traced(b.lam)
   units = b.plan.units
 
@@ -970,7 +1184,7 @@ def balance_report(scores: Scores, *, tasks: Sequence[str], form: str = "real",
   groups_out = None
   if b.plan.groups is not None:
     groups_out = {t: b.plan.groups.get(t) for t in b.plan.tasks}
-  return {
+  report = {
       "tasks": list(b.plan.tasks),
       "balanced": list(units),
       "form": b.form,
@@ -987,4 +1201,10 @@ def balance_report(scores: Scores, *, tasks: Sequence[str], form: str = "real",
       "fixed": {t: _out(w, _is_traced(w)) for t, w in b.plan.fixed.items()},
       "groups": groups_out,
       "warnings": list(b.warnings),
+      "at_bound": list(b.at_bound),
   }
+  if b.shrunk is not None:
+    for comp, x in zip(SPREAD_COMPONENTS, b.shrunk):
+      report[f"{comp}_shrunk"] = per_unit(x)
+    report["shrinkage"] = {comp: per_unit(f) for comp, f in zip(SPREAD_COMPONENTS, b.factors)}
+  return report

@@ -15,6 +15,9 @@ Tasks (all share the skills "read the grid", "name colours/shapes", "locate"):
 * ``grounding`` -- the tight box of a named object, ``[x1, y1, x2, y2]`` in [0, 1] (IoU accuracy).
 * ``chat``      -- text-only: reverse a word list, or small arithmetic in words, 1-2 turns
   (exact match).
+* ``background`` -- the colour of the background, one word (exact match). Its images have a
+  pale background of their own palette (``SCENE_BACKGROUNDS``), and no other task says anything
+  about backgrounds: a short-answer skill the other tasks do not teach.
 
 The output follows the Sample contract of ``docs/architecture.md``: ``<root>/{split}.json`` holds a
 list of samples of all tasks and ``<root>/images/<split>/<id>.png`` the images. Everything is a pure
@@ -35,13 +38,15 @@ from PIL import Image, ImageDraw
 
 from visatb_jax.runtime.fileio import atomic_write_bytes, atomic_write_json, read_json
 
-TASKS = ("caption", "vqa", "count", "grounding", "chat")
+# New tasks go at the end: a task's index seeds its samples (`sample_rng`).
+TASKS = ("caption", "vqa", "count", "grounding", "chat", "background")
 TASK_METRICS = {
     "caption": "cider",
     "vqa": "exact_match",
     "count": "exact_match",
     "grounding": "iou_accuracy",
     "chat": "exact_match",
+    "background": "exact_match",
 }
 SPLITS = ("train", "val", "test")
 # Images for a pretraining run (pipeline's pretrain stage): drawn from their own random streams,
@@ -58,6 +63,14 @@ COLORS = {
 }
 # Light backgrounds, far from every palette colour.
 BACKGROUNDS = ((255, 255, 255), (245, 245, 238), (238, 242, 250), (250, 244, 232))
+# The background task's own pale palette (the other tasks' light backgrounds are near-white
+# and never named); every value is far from every shape colour.
+SCENE_BACKGROUNDS = {
+    "gray": (215, 215, 215),
+    "pink": (240, 212, 222),
+    "green": (212, 236, 216),
+    "blue": (212, 222, 242),
+}
 POSITIONS_3X3 = (
     ("top left", "top", "top right"),
     ("left", "center", "right"),
@@ -104,6 +117,11 @@ COUNT_COLOR_QUESTIONS = (
 COUNT_SHAPE_QUESTIONS = (
     "How many {shape}s are there? Answer with a number.",
     "Count the {shape}s in the picture. Answer with a number.",
+)
+BACKGROUND_QUESTIONS = (
+    "What color is the background? Answer with one word.",
+    "Which color does the background have? Answer with one word.",
+    "Name the background color. Answer with one word.",
 )
 GROUNDING_QUESTIONS = (
     "What is the bounding box of the {color} {shape}? Answer as [x1, y1, x2, y2].",
@@ -275,11 +293,16 @@ def caption_qa(rng: np.random.Generator, objects: Sequence[ShapeObject],
   return _pick(rng, CAPTION_QUESTIONS), caption_text(objects, grid)
 
 
-def vqa_qa(rng: np.random.Generator, objects: Sequence[ShapeObject], grid: int) -> tuple[str, str]:
-  """Colour or shape of the object at an occupied position (one word)."""
+VQA_SCOPES = ("any", "color")
+
+
+def vqa_qa(rng: np.random.Generator, objects: Sequence[ShapeObject], grid: int,
+           scope: str = "any") -> tuple[str, str]:
+  """Colour or shape of the object at an occupied position (one word); with scope="color",
+  always its colour (an easier task for a small model: a colour is the mean of a few patches)."""
   obj = _pick(rng, objects)
   where = position_phrase(obj.row, obj.col, grid)
-  if rng.random() < 0.5:
+  if rng.random() < 0.5 or scope == "color":
     return _pick(rng, COLOR_QUESTIONS).format(where=where), obj.color
   return _pick(rng, SHAPE_QUESTIONS).format(where=where), obj.shape
 
@@ -362,7 +385,7 @@ def sample_rng(seed: int, split: str, task: str, index: int) -> np.random.Genera
 
 
 def make_sample(*, seed: int, split: str, task: str, index: int, grid: int, cell: int,
-                max_objects: int, count_scope: str = "any"
+                max_objects: int, count_scope: str = "any", vqa_scope: str = "any"
                 ) -> tuple[dict[str, Any], np.ndarray | None]:
   """One sample (Sample contract) and its image pixels (None for the text-only chat task)."""
   rng = sample_rng(seed, split, task, index)
@@ -370,16 +393,21 @@ def make_sample(*, seed: int, split: str, task: str, index: int, grid: int, cell
   if task == "chat":
     return {"id": sample_id, "task": task, "conversations": chat_conversation(rng)}, None
   specs, background = sample_objects(rng, grid=grid, cell=cell, max_objects=max_objects)
+  if task == "background":
+    background_name = _pick(rng, tuple(SCENE_BACKGROUNDS))
+    background = SCENE_BACKGROUNDS[background_name]
   pixels, objects = render_scene(specs, background, grid=grid, cell=cell)
   height, width = pixels.shape[:2]
   if task == "caption":
     question, answer = caption_qa(rng, objects, grid)
   elif task == "vqa":
-    question, answer = vqa_qa(rng, objects, grid)
+    question, answer = vqa_qa(rng, objects, grid, vqa_scope)
   elif task == "count":
     question, answer = count_qa(rng, objects, count_scope)
   elif task == "grounding":
     question, answer = grounding_qa(rng, objects, width, height)
+  elif task == "background":
+    question, answer = _pick(rng, BACKGROUND_QUESTIONS), background_name
   else:
     raise ValueError(f"unknown task {task!r}; expected one of {TASKS}")
   sample = {
@@ -414,7 +442,8 @@ def _validate(sizes: Mapping[str, Any], grid: int, cell: int, max_objects: int) 
 
 
 def _manifest_args(seed: int, sizes: Mapping[str, Any], grid: int, cell: int,
-                   max_objects: int, count_scope: str = "any") -> dict[str, Any]:
+                   max_objects: int, count_scope: str = "any",
+                   vqa_scope: str = "any") -> dict[str, Any]:
   # JSON round trip so the comparison with a stored manifest is between like types.
   plain_sizes = {split: (dict(v) if isinstance(v, Mapping) else int(v))
                  for split, v in sizes.items()}
@@ -422,13 +451,15 @@ def _manifest_args(seed: int, sizes: Mapping[str, Any], grid: int, cell: int,
           "max_objects": int(max_objects), "version": GENERATOR_VERSION}
   if count_scope != "any":  # absent by default, so earlier manifests stay valid
     args["count_scope"] = count_scope
+  if vqa_scope != "any":
+    args["vqa_scope"] = vqa_scope
   return args
 
 
 def generate_benchmark(root: str | os.PathLike, *, seed: int,
                        sizes: Mapping[str, int | Mapping[str, int]], grid: int = 3, cell: int = 16,
                        max_objects: int = 4, num_threads: int = 8,
-                       count_scope: str = "any") -> dict[str, Any]:
+                       count_scope: str = "any", vqa_scope: str = "any") -> dict[str, Any]:
   """Writes the shapes benchmark under ``root`` and returns its paths and counts.
 
   Args:
@@ -440,6 +471,7 @@ def generate_benchmark(root: str | os.PathLike, *, seed: int,
     cell: pixels per cell side.
     max_objects: at most this many shapes per image (at least one).
     count_scope: "any" (count all shapes, or those of one colour or kind) or "all" (always all).
+    vqa_scope: "any" (the colour or the shape at a position) or "color" (always the colour).
     num_threads: threads writing PNG files (I/O only; the content does not depend on it).
 
   Returns:
@@ -451,7 +483,9 @@ def generate_benchmark(root: str | os.PathLike, *, seed: int,
   root = os.path.abspath(os.fspath(root))
   if count_scope not in COUNT_SCOPES:
     raise ValueError(f"count_scope={count_scope!r}; choose one of {COUNT_SCOPES}")
-  args = _manifest_args(seed, sizes, grid, cell, max_objects, count_scope)
+  if vqa_scope not in VQA_SCOPES:
+    raise ValueError(f"vqa_scope={vqa_scope!r}; choose one of {VQA_SCOPES}")
+  args = _manifest_args(seed, sizes, grid, cell, max_objects, count_scope, vqa_scope)
   manifest_path = os.path.join(root, MANIFEST)
   if os.path.exists(manifest_path):
     stored = read_json(manifest_path)
@@ -466,7 +500,7 @@ def generate_benchmark(root: str | os.PathLike, *, seed: int,
         for index in range(task_sizes[task]):
           sample, pixels = make_sample(seed=seed, split=split, task=task, index=index, grid=grid,
                                        cell=cell, max_objects=max_objects,
-                                       count_scope=count_scope)
+                                       count_scope=count_scope, vqa_scope=vqa_scope)
           samples.append(sample)
           if pixels is not None:
             path = os.path.join(root, sample["image"])

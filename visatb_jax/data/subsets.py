@@ -2,6 +2,8 @@
 
 One seeded permutation per task: the large subset is its first ceil(R_large * n) samples and the
 mini subset its first ceil(R_mini * n), so mini is always inside large and both are fixed by the seed.
+Replicate r of the preparation runs (docs/method.md §13) draws its subsets and its data order from
+`replicate_seed(seed, r)`; replicate 0 keeps the run's seed, so one replicate is the paper's setup.
 """
 
 from __future__ import annotations
@@ -15,6 +17,17 @@ import numpy as np
 # The paper's recommendations; below them the balancing still runs, with a warning.
 MIN_MINI_SAMPLES = 1_000
 MIN_LARGE_SAMPLES = 10_000
+
+
+def replicate_seed(seed: int, replicate: int) -> int:
+  """The data seed of preparation replicate `replicate` (0: `seed` itself)."""
+  if replicate < 0:
+    raise ValueError(f"replicate must be >= 0, got {replicate}")
+  if replicate == 0:
+    return int(seed)
+  # A 31-bit draw keyed by (seed, replicate): never equal to another replicate's by construction
+  # of the key, and a valid seed for every consumer (numpy, the packer, grain).
+  return int(np.random.SeedSequence([int(seed), int(replicate)]).generate_state(1)[0] >> 1)
 
 
 def subset_indices(n: int, rate: float, *, seed: int, task_index: int) -> np.ndarray:

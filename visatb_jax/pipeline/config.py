@@ -32,6 +32,9 @@ LOADERS = ("memory", "grain")
 BALANCE_FORMS = ("real", "precise", "base")
 ON_DEGENERATE = ("error", "warn")
 ON_NOISY_GAIN = ("warn", "error", "drop")
+# "none": the paper's λ (docs/method.md §5); "evidence": each component's input shrunk toward the
+# units' mean by its bootstrap z-score first (§14, beyond the paper).
+SHRINKAGE = ("none", "evidence")
 MESH_AXES = ("data", "fsdp", "tensor")
 # Fields of a zero-shot entry; `group` and `fixed_weight` only because presets.task() writes them
 # (as None): a task that is never trained has neither.
@@ -93,6 +96,8 @@ class BalanceConfig:
   on_noisy_gain: str = "warn"
   resamples: int = 1000
   level: float = 0.9
+  # Beyond the paper, so the default of user configs; the paper configs select "none".
+  shrinkage: str = "evidence"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -337,7 +342,8 @@ def _balance(section: Mapping[str, Any]) -> BalanceConfig:
       resamples=_number("balance.resamples", _get(section, "resamples", 1000), kind=int,
                         minimum=1),
       level=_number("balance.level", _get(section, "level", 0.9), minimum=0.0, exclusive=True,
-                    maximum=0.999))
+                    maximum=0.999),
+      shrinkage=_choice("balance.shrinkage", _get(section, "shrinkage", "evidence"), SHRINKAGE))
 
 
 def _check_method_options(name: str, options: Mapping[str, Any], num_tasks: int) -> None:
@@ -414,6 +420,8 @@ def _check_data(section: Mapping[str, Any], plan: TaskPlan) -> None:
                         f"{list(shapes.TASKS)})")
     _choice("data.shapes.count_scope", (section.get("shapes") or {}).get("count_scope") or "any",
             shapes.COUNT_SCOPES)
+    _choice("data.shapes.vqa_scope", (section.get("shapes") or {}).get("vqa_scope") or "any",
+            shapes.VQA_SCOPES)
   elif not section.get("root"):
     raise ConfigError("config.data.root is empty: set it to the directory of the task files "
                       "(--config.data.root=/data/...)")
@@ -428,6 +436,7 @@ def _check_prep(section: Mapping[str, Any]) -> None:
     raise ConfigError(f"config.prep.r_mini={r_mini} is larger than config.prep.r_large={r_large} "
                       "(the mini subset is drawn from the large one)")
   _number("prep.parallel", _get(section, "parallel", 1), kind=int, minimum=1)
+  _number("prep.replicates", _get(section, "replicates", 1), kind=int, minimum=1)
 
 
 # The template whose image blocks Qwen2-VL reads (data/template.py).

@@ -259,7 +259,8 @@ class DataStore:
     sh = self._data["shapes"]
     shapes.generate_benchmark(self.root, seed=int(self._ws.config.seed), sizes=dict(sh["sizes"]),
                               grid=sh["grid"], cell=sh["cell"], max_objects=sh["max_objects"],
-                              count_scope=sh.get("count_scope") or "any")
+                              count_scope=sh.get("count_scope") or "any",
+                              vqa_scope=sh.get("vqa_scope") or "any")
     # Trained again whenever the stage runs (deterministic, about a second): a tokenizer that an
     # earlier config made (another vocab_size or prompt) is never reused. Whole rendered
     # conversations, so that the system prompt and role tags, which every sample repeats, become
@@ -389,7 +390,8 @@ class DataStore:
         shapes.generate_benchmark(root, seed=int(self._ws.config.seed),
                                   sizes={shapes.PRETRAIN_SPLIT: dict(settings["tasks"])},
                                   grid=sh["grid"], cell=sh["cell"], max_objects=sh["max_objects"],
-                                  count_scope=sh.get("count_scope") or "any")
+                                  count_scope=sh.get("count_scope") or "any",
+                                  vqa_scope=sh.get("vqa_scope") or "any")
       fileio.sync("pretrain benchmark")
       loaded = sources.load_samples(os.path.join(root, f"{shapes.PRETRAIN_SPLIT}.json"))
       return list(loaded.samples)
@@ -419,20 +421,26 @@ class DataStore:
 
   # --- subsets and training sets ------------------------------------------------------------------
 
-  @functools.cached_property
-  def subsets(self) -> dict[str, dict[str, np.ndarray]]:
+  @functools.cache  # pylint: disable=method-cache-max-size-none  (one entry per replicate)
+  def subsets(self, replicate: int = 0) -> dict[str, dict[str, np.ndarray]]:
+    """Every task's large and mini subsets for preparation replicate `replicate` (§2, §13)."""
     enc = self.encoded_train()
     prep = self._ws.config.section("prep")
     return subsets.split_subsets({t: len(v) for t, v in enc.items()}, self._plan.names,
                                  r_large=float(prep["r_large"]), r_mini=float(prep["r_mini"]),
-                                 seed=int(self._ws.config.seed))
+                                 seed=self.replicate_seed(replicate))
+
+  def replicate_seed(self, replicate: int) -> int:
+    """The seed of replicate `replicate`'s subset draw and data order (0: the run's seed)."""
+    return subsets.replicate_seed(int(self._ws.config.seed), replicate)
 
   def subset_warnings(self) -> list[str]:
     fixed = self._plan.fixed
-    return subsets.size_warnings({t: s for t, s in self.subsets.items() if t not in fixed})
+    return subsets.size_warnings({t: s for t, s in self.subsets().items() if t not in fixed})
 
-  def prep_examples(self, model_name: str) -> list[packing.Example] | None:
-    """Training data of a preparation model (see TaskPlan.prep_subsets); None for `base`."""
+  def prep_examples(self, model_name: str, replicate: int = 0) -> list[packing.Example] | None:
+    """Training data of a preparation model (see TaskPlan.prep_subsets) in replicate
+    `replicate`; None for `base`."""
     try:
       parts = self._plan.prep_subsets(model_name)
     except ValueError as e:
@@ -440,14 +448,16 @@ class DataStore:
     if parts is None:
       return None
     enc = self.encoded_train()
-    return [enc[t][i] for t, which in parts for i in self.subsets[t][which]]
+    chosen = self.subsets(replicate)
+    return [enc[t][i] for t, which in parts for i in chosen[t][which]]
 
   def task_examples(self, tasks: Sequence[str]) -> list[packing.Example]:
     enc = self.encoded_train()
     return [e for t in tasks for e in enc[t]]
 
-  def grain_loader(self, examples: Sequence[packing.Example]):
-    """Batches from the grain pipeline over the prepared mixture; its position is checkpointed."""
+  def grain_loader(self, examples: Sequence[packing.Example], seed: int | None = None):
+    """Batches from the grain pipeline over the prepared mixture; its position is checkpointed.
+    `seed`: the data order's (default: the run's seed)."""
     from visatb_jax.data import loader as loader_lib  # pylint: disable=g-import-not-at-top
     from visatb_jax.data import prepare  # pylint: disable=g-import-not-at-top
     train = self._ws.config.section("train")
@@ -458,7 +468,8 @@ class DataStore:
         max_images=int(self._data["max_images"]), image_size=getattr(fmt, "image_size", 0),
         num_image_tokens=getattr(fmt, "num_image_tokens", 0), image_format=fmt,
         max_len=int(self._data["max_len"]),
-        batch_size=int(train["batch_size"]), seed=int(self._ws.config.seed),
+        batch_size=int(train["batch_size"]),
+        seed=int(self._ws.config.seed) if seed is None else int(seed),
         template=self.template, system=self.system_prompt,
         worker_count=int(self._data.get("loader_workers") or 0))
     return loader_lib.Loader(prepared.data_source("train"), self.tokenizer, config,

@@ -101,10 +101,11 @@ class Models:
 
   def train(self, rel_dir: str, examples: Sequence[packing.Example], method: TrainMethod, *,
             stage_hash: str, mesh=None, pretrain: bool = False,
-            task_names: Sequence[str] | None = None) -> None:
+            task_names: Sequence[str] | None = None, data_seed: int | None = None) -> None:
     """Trains one model into `rel_dir` with `method` (skipped when done, resumed when
     interrupted) on `mesh` (default: the whole mesh). `pretrain`: the pretrain stage's run (its
-    own settings, from the initial model)."""
+    own settings, from the initial model). `data_seed`: the seed of the data order (default: the
+    run's; a preparation replicate has its own, docs/method.md §13)."""
     from visatb_jax import train as train_lib  # pylint: disable=g-import-not-at-top
     ws = self._ws
     if ws.dir.claim(rel_dir, stage_hash):
@@ -113,7 +114,8 @@ class Models:
     data, train = ws.config.section("data"), ws.config.section("train")
     ds = packing.PackedDataset(examples, seq_len=int(data["seq_len"]),
                                max_images=int(data["max_images"]),
-                               pad_id=ws.data.tokenizer.pad_token_id, seed=int(ws.config.seed),
+                               pad_id=ws.data.tokenizer.pad_token_id,
+                               seed=int(ws.config.seed) if data_seed is None else int(data_seed),
                                image_format=self.image_format)
     if pretrain:
       settings = ws.config.pretrain
@@ -130,7 +132,7 @@ class Models:
     print(f"  {rel_dir}: {len(examples)} samples in {ds.num_rows} rows, {cfg.steps} steps",
           flush=True)
     if ws.data.loader_kind == "grain" and not pretrain:
-      batches = ws.data.grain_loader(examples)
+      batches = ws.data.grain_loader(examples, seed=data_seed)
     else:
       batches = lambda step: ds.batch_at(step, batch_size)  # noqa: E731
     mesh = self.mesh if mesh is None else mesh
@@ -142,6 +144,7 @@ class Models:
       if hasattr(batches, "close"):
         batches.close()
     ws.dir.finish(rel_dir, {"hash": stage_hash, "method": method.name,
+                            **({} if data_seed is None else {"data_seed": int(data_seed)}),
                             "start": self.base_description(pretrained=not pretrain),
                             "train": cfg.to_dict(),
                             "rows": ds.num_rows, "samples": len(examples),

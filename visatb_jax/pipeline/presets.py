@@ -164,12 +164,18 @@ def paper_config(name: str, tasks: Mapping[str, Mapping[str, Any]], *, r_large: 
   # 1: the preparation runs one after another on the whole mesh; K > 1: K at a time, each on
   # 1/K of the devices (one host's devices: a single-process run).
   c.prep.parallel = 1
+  # Each preparation model trained once, as in the paper; R > 1 trains it R times with its own
+  # subset draw and data order, so that λ's intervals see training variance (§13).
+  c.prep.replicates = 1
 
   c.balance = ml_collections.ConfigDict()
   c.balance.form = form
   c.balance.temperature = _temperature_field(temperature)
   c.balance.alpha = (0.25, 0.25, 0.5)
   c.balance.on_degenerate = "error"
+  # The paper's λ exactly; "evidence" (docs/method.md §14, the default of user configs) is one
+  # override away, and so are preparation replicates (`--config.prep.replicates=2`, §13).
+  c.balance.shrinkage = "none"
 
   c.eval = ml_collections.ConfigDict()
   c.eval.batch_size = 32

@@ -33,7 +33,7 @@ from matplotlib import ticker
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from visatb_jax.core import metrics
+from visatb_jax.core import differences, metrics
 from visatb_jax.runtime.fileio import (atomic_write_bytes, atomic_write_json, atomic_write_text,
                                        read_json)
 
@@ -278,7 +278,79 @@ def build_comparison(workdir: str) -> dict[str, dict]:
     path = os.path.join(workdir, "final", method, "metrics.jsonl")
     if method not in ("stl", UNTRAINED) and os.path.exists(path):
       times[method] = step_seconds(read_metrics(path))
-  return compare_methods(test, directions, times, zero_shot=zero)
+  comparison = compare_methods(test, directions, times, zero_shot=zero)
+  samples = _load_json(os.path.join(workdir, "scores", "test_samples.json"))
+  if isinstance(samples, Mapping):
+    add_differences_to_ew(comparison, samples, directions, zero_shot=zero)
+  return comparison
+
+
+def add_differences_to_ew(comparison: dict[str, dict], samples: Mapping[str, Any],
+                          directions: Mapping[str, Any], *, zero_shot: Sequence[str] = (),
+                          level: float = 0.9, resamples: int = 1000) -> None:
+  """Each method's per-task test score minus EW's, with a paired-bootstrap interval over the test
+  samples (core/differences.py), as entry["vs_ew"] = {task: {"difference", "interval", "n"}};
+  EW's entry gets STL's as "stl_vs_ew" and, as "under_trained", the trained tasks whose STL model
+  beats EW beyond that interval: what equal weighting leaves under-trained (docs/method.md §13).
+  Tasks with several or lower-is-better metrics are left out (a difference of one scalar score).
+  """
+  ew = samples.get("ew")
+  if not isinstance(ew, Mapping) or "ew" not in comparison:
+    return
+
+  def diffs(other: Mapping[str, Any], name: str) -> dict[str, dict]:
+    out = {}
+    for task, theirs in other.items():
+      if task in zero_shot and name == "stl":
+        continue
+      mine = ew.get(task)
+      if (directions.get(task, True) is not True or not isinstance(mine, Mapping)
+          or not isinstance(theirs, Mapping) or not all(
+              _is_number(v) for v in list(mine.values()) + list(theirs.values()))):
+        continue
+      try:
+        a, b = differences.aligned(mine, theirs, what=f"{name} vs ew on {task}")
+        out[task] = differences.paired_difference(a, b, resamples=resamples, level=level)
+      except ValueError:
+        continue  # different samples (an older run's scores): no interval rather than a wrong one
+    return out
+
+  for method, entry in comparison.items():
+    if method != "ew" and isinstance(samples.get(method), Mapping):
+      entry["vs_ew"] = diffs(samples[method], method)
+  stl = samples.get("stl")
+  if isinstance(stl, Mapping):
+    comparison["ew"]["stl_vs_ew"] = diffs(stl, "stl")
+    comparison["ew"]["under_trained"] = [
+        t for t, d in comparison["ew"]["stl_vs_ew"].items() if d["interval"][0] > 0]
+    for method, entry in comparison.items():
+      if method != "ew" and "delta_i" in entry:
+        delta = _delta_vs_ew(samples, method, directions, zero_shot, level, resamples)
+        if delta is not None:
+          entry["delta_vs_ew"] = delta
+
+
+def _delta_vs_ew(samples: Mapping[str, Any], method: str, directions: Mapping[str, Any],
+                 zero_shot: Sequence[str], level: float, resamples: int) -> dict | None:
+  """ΔI and ΔE of `method` minus EW's, with a paired interval over the test samples; None when
+  the per-sample scores cannot give it (a lower-is-better task, other samples, an STL mean 0)."""
+  tasks = [t for t in samples["stl"] if t not in zero_shot]
+  arrays: dict[str, dict[str, Any]] = {m: {} for m in (method, "ew", "stl")}
+  for task in tasks:
+    rows = [samples.get(m, {}).get(task) for m in (method, "ew", "stl")]
+    if directions.get(task, True) is not True or not all(isinstance(r, Mapping) for r in rows):
+      return None
+    try:
+      a, b = differences.aligned(rows[0], rows[1], what=task)
+      _, c = differences.aligned(rows[0], rows[2], what=task)
+    except ValueError:
+      return None
+    arrays[method][task], arrays["ew"][task], arrays["stl"][task] = a, b, c
+  try:
+    return differences.paired_delta_difference(arrays, method, "ew", level=level,
+                                               resamples=resamples)
+  except ValueError:
+    return None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -452,9 +524,15 @@ def interval_note(balance: Mapping) -> str | None:
     return None
   boot = balance.get("bootstrap") if isinstance(balance.get("bootstrap"), Mapping) else {}
   level, resamples = boot.get("level"), boot.get("resamples")
+  replicates = boot.get("replicates")
+  what = ("the preparation runs' replicates and the validation samples (two-level: training "
+          "and sampling variance)" if _is_number(replicates) and replicates > 1
+          else "the validation samples")
   text = f"Intervals: {_fmt_level(level)} paired-bootstrap intervals"
-  text += (f" over {resamples} resamples of the validation samples" if _is_number(resamples)
-           else " over resamples of the validation samples")
+  text += (f" over {resamples} resamples of {what}" if _is_number(resamples)
+           else f" over resamples of {what}")
+  if _is_number(replicates) and replicates > 1:
+    text += f"; every preparation model was trained {replicates} times"
   details = []
   if _is_number(boot.get("seed")):
     details.append(f"seed {boot['seed']}")
@@ -506,7 +584,45 @@ def uncertainty_paragraph(balance: Mapping) -> str | None:
     sentences.append("Not distinguishable from 1 (the interval contains 1, so these tasks may "
                      "as well be weighted equally): " + "; ".join(unclear) + ".")
   sentences += _noise_sentences(balance)
+  sentences += _bound_and_shrinkage_sentences(balance)
   return " ".join(sentences) if sentences else None
+
+
+def _training_share(balance: Mapping, key: str, unit: str) -> float | None:
+  """The share of a quantity's bootstrap variance that is training (between replicates)."""
+  boot = balance.get("bootstrap") if isinstance(balance.get("bootstrap"), Mapping) else {}
+  if not (_is_number(boot.get("replicates")) and boot["replicates"] > 1):
+    return None
+  share = (((balance.get("variance") or {}).get("training_share") or {}).get(key) or {})
+  if not isinstance(share, Mapping):
+    return None
+  # λ's shares are per task: a unit's is its own, or its group's first task's.
+  value = _unit_entry(share, balance, unit) if key == "lambda" else share.get(unit)
+  return float(value) if _is_number(value) else None
+
+
+def _bound_and_shrinkage_sentences(balance: Mapping) -> list[str]:
+  """Which weights the automatic T left on a bound, and what the evidence rule did."""
+  out = []
+  at_bound = [u for u in balance.get("at_bound") or [] if isinstance(u, str)]
+  if at_bound:
+    out.append(f"On a bound: λ of {', '.join(at_bound)} sits on a bound of [0.5, 2] at the "
+               f"automatic T = {_fmt(balance.get('temperature'), 3)}, so the bound, not the size "
+               "of the differences, sets how far the weights are from 1.")
+  shrink = balance.get("shrinkage")
+  if isinstance(shrink, Mapping) and isinstance(shrink.get("factor"), Mapping):
+    kept = {comp: {u: f for u, f in factors.items() if _is_number(f) and f > 0}
+            for comp, factors in shrink["factor"].items() if isinstance(factors, Mapping)}
+    names = {"c_out": "C_out", "c_in": "C_in", "d": "D"}
+    parts = [f"{names.get(c, c)} of " + ", ".join(f"{u} ({f:.2f})" for u, f in k.items())
+             for c, k in kept.items() if k]
+    out.append("Evidence rule (docs/method.md §14): each component's deviation from the tasks' "
+               "mean is kept by the factor max(0, 1 − 1/z²) of its bootstrap z-score; "
+               + ("kept in part: " + "; ".join(parts) + "; every other deviation is within its "
+                  "noise and set to the mean." if parts else
+                  "every deviation is within its noise, so every component is at the mean and "
+                  "λ is 1."))
+  return out
 
 
 def dropped_units(balance: Mapping) -> list[str]:
@@ -576,6 +692,13 @@ def _balance_settings(balance: Mapping) -> str:
       f"- Temperature T: {temperature}",
       f"- α (out, in, D): {_fmt(alpha)}",
   ]
+  boot = balance.get("bootstrap") if isinstance(balance.get("bootstrap"), Mapping) else {}
+  if boot.get("shrinkage"):
+    lines.append(f"- Shrinkage: {boot['shrinkage']}"
+                 + (" (docs/method.md §14, beyond the paper)" if boot["shrinkage"] == "evidence"
+                    else " (the paper's λ)"))
+  if _is_number(boot.get("replicates")):
+    lines.append(f"- Replicates of each preparation model: {boot['replicates']}")
   members = _group_members(balance)
   if members:
     lines.append("- Groups: " + "; ".join(f"{g}: {', '.join(ts)}" for g, ts in members.items()))
@@ -589,13 +712,26 @@ def _lambda_table(balance: Mapping) -> str:
   if isinstance(balance.get("gain"), Mapping):
     keys.append("gain")
     labels.append("gain")
+  units = list(balance.get("balanced") or [])
+  # λ's training share when the intervals come from replicates (docs/method.md §13).
+  shares = {u: _training_share(balance, "lambda", u) for u in units}
+  with_share = any(v is not None for v in shares.values())
   rows = []
-  for unit in balance.get("balanced") or []:
+  for unit in units:
     cells = [_fmt_interval((balance.get(k) or {}).get(unit), _interval(balance, k, unit))
              for k in keys]
     cells.append(_fmt_interval(_unit_lambda(balance, unit), _unit_lambda_interval(balance, unit)))
+    if with_share:
+      cells.append(_MISSING if shares[unit] is None else f"{100 * shares[unit]:.0f} %")
     rows.append([unit] + cells)
-  return _md_table(["unit"] + labels + ["λ"], rows)
+  table = _md_table(["unit"] + labels + ["λ"] + (["λ training share"] if with_share else []),
+                    rows)
+  if with_share:
+    table += ("\n\nλ training share: the part of λ's bootstrap variance that comes from "
+              "retraining the preparation models (between replicates) rather than from the "
+              "finite validation set; a high share says more replicates, not more validation "
+              "samples, would narrow the interval.")
+  return table
 
 
 def _task_lambda_table(balance: Mapping) -> str:
@@ -756,9 +892,41 @@ def _comparison_section(comparison: dict | None, tasks: Sequence[str]) -> str:
             + ["step time vs EW"] + [f"I ({t})" for t in task_cols]
             + [f"I_zero ({t})" for t in zero_cols])
   text = f"{title}\n\n{note}\n\n" + _md_table(header, rows)
+  sentence = under_training_sentence(comparison)
+  if sentence:
+    text += "\n\n" + sentence
   if errors:
     text += "\n\nNot computed:\n\n" + "\n".join(errors)
   return text
+
+
+def _fmt_difference(d: Mapping[str, Any]) -> str:
+  return f"{d['difference']:+.3f} [{d['interval'][0]:+.3f}, {d['interval'][1]:+.3f}]"
+
+
+def under_training_sentence(comparison: Mapping[str, Any] | None) -> str | None:
+  """One sentence: which tasks equal weighting leaves under-trained (its STL model beats EW
+  beyond the test set's noise) and what VisATB does on them; None without the paired scores."""
+  ew = (comparison or {}).get("ew") or {}
+  stl_vs_ew = ew.get("stl_vs_ew")
+  if not isinstance(stl_vs_ew, Mapping) or not stl_vs_ew:
+    return None
+  level = "90 %"
+  under = [t for t in ew.get("under_trained") or [] if t in stl_vs_ew]
+  if not under:
+    return (f"Equal weighting under-trains no task here: no single-task model beats EW beyond "
+            f"the {level} paired-bootstrap interval over the test samples (STL − EW: "
+            + "; ".join(f"{t} {_fmt_difference(d)}" for t, d in stl_vs_ew.items()) + ").")
+  visatb = ((comparison or {}).get("visatb") or {}).get("vs_ew") or {}
+  parts = []
+  for t in under:
+    text = f"{t} (STL − EW {_fmt_difference(stl_vs_ew[t])}"
+    if t in visatb:
+      text += f"; VisATB − EW {_fmt_difference(visatb[t])}"
+    parts.append(text + ")")
+  return (f"Equal weighting under-trains {', '.join(under)}: the single-task model beats EW "
+          f"beyond the {level} paired-bootstrap interval over the test samples — "
+          + "; ".join(parts) + ".")
 
 
 def _stage_status(name: str, info: Any) -> str:
@@ -864,12 +1032,54 @@ def _plots_section(images: Mapping[str, bool], balance: Mapping | None = None) -
   return "\n\n".join(parts)
 
 
+def verdict_paragraph(comparison: Mapping[str, Any] | None,
+                      balance: Mapping[str, Any] | None) -> str | None:
+  """The report's first paragraph: VisATB against EW and the best other method in ΔI and ΔE,
+  whether the difference is beyond the test set's noise, and any λ or T on a bound."""
+  comparison = comparison or {}
+  visatb, ew = comparison.get("visatb"), comparison.get("ew")
+  if not isinstance(visatb, Mapping) or "delta_i" not in visatb:
+    return None
+  parts = [f"**Verdict.** VisATB: ΔI {visatb['delta_i']:+.2f} %, ΔE {visatb['delta_e']:.2f} % "
+           "against single-task training"]
+  if isinstance(ew, Mapping) and "delta_i" in ew:
+    parts[0] += f"; EW: ΔI {ew['delta_i']:+.2f} %, ΔE {ew['delta_e']:.2f} %."
+    delta = visatb.get("delta_vs_ew")
+    if delta:
+      d_i, d_e = delta["delta_i"], delta["delta_e"]
+      beyond = [name for name, d in (("ΔI", d_i), ("ΔE", d_e))
+                if d["interval"][0] > 0 or d["interval"][1] < 0]
+      parts.append(
+          f"VisATB − EW: ΔI {d_i['difference']:+.2f} points [{d_i['interval'][0]:+.2f}, "
+          f"{d_i['interval'][1]:+.2f}], ΔE {d_e['difference']:+.2f} [{d_e['interval'][0]:+.2f}, "
+          f"{d_e['interval'][1]:+.2f}] (90 % paired bootstrap over the test samples): "
+          + (f"{' and '.join(beyond)} beyond the test set's noise" if beyond
+             else "within the test set's noise") + ".")
+  else:
+    parts[0] += "."
+  others = {m: e for m, e in comparison.items()
+            if m not in ("visatb", "ew") and isinstance(e, Mapping) and "delta_i" in e}
+  if others:
+    best = max(others, key=lambda m: others[m]["delta_i"])
+    parts.append(f"Best other method: {best} (ΔI {others[best]['delta_i']:+.2f} %, "
+                 f"ΔE {others[best]['delta_e']:.2f} %).")
+  parts.append("This is one training run per method: another training seed can order them "
+               "differently.")
+  at_bound = [u for u in (balance or {}).get("at_bound") or [] if isinstance(u, str)]
+  if at_bound:
+    parts.append(f"λ of {', '.join(at_bound)} sits on a bound of [0.5, 2] at the automatic "
+                 f"T = {_fmt((balance or {}).get('temperature'), 3)}.")
+  return " ".join(parts)
+
+
 def render_markdown(run: RunFiles, title: str, images: Mapping[str, bool]) -> str:
   """The whole report.md text."""
   tasks = _tasks_hint(run)
   runs, kind = _curve_runs(run)
+  verdict = verdict_paragraph(run.comparison, run.balance)
   sections = [
-      f"# {title}\n\nRun directory: `{os.path.abspath(run.workdir)}`",
+      f"# {title}\n\nRun directory: `{os.path.abspath(run.workdir)}`"
+      + (f"\n\n{verdict}" if verdict else ""),
       _summary_section(run.balance),
       _validation_section(run.validation, tasks, run.validation_samples),
       _test_section(run.test, tasks, run.config, run.test_samples),

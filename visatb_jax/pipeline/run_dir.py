@@ -4,7 +4,8 @@
                                  hash and input-file fingerprints: why it is stale)
   workdir/config.json            the run config (read by the report)
   workdir/data/                  the generated benchmark, the tokenizer, the prepared mixture
-  workdir/prep/<model>/          preparation runs (run.json, checkpoints/, metrics.jsonl, scores)
+  workdir/prep/<model>/          preparation runs (run.json, checkpoints/, metrics.jsonl, scores);
+                                 prep/<model>.rep<r>/ for replicate r >= 1 (docs/method.md §13)
   workdir/scores/*.json          validation and test tables (and their per-sample scores)
   workdir/lambda.json            λ, its components and their intervals
   workdir/final/<method>/        final runs (final/stl/<task>/ for STL)

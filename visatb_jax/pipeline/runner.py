@@ -194,6 +194,7 @@ def run(config: Any, workdir: str, *, stages: Sequence[str] | None = None,
     config = config_lib.build(config, num_devices=num_devices)
   ws = Workspace(config, workdir)
   h = _hashes(config)
+  ws.stage_hashes = dict(h.stage)
   man = Manifest(workdir, config_hash(config.sections))
   _preflight(config, man, h, stages, workdir, overwrite)
   _use_compilation_cache(os.path.join(workdir, "xla_cache"))

@@ -22,7 +22,10 @@ import numpy as np
 from visatb_jax.core import bootstrap
 from visatb_jax.pipeline import methods as methods_lib
 from visatb_jax.pipeline import models as models_lib
+from visatb_jax.pipeline.config import BalanceConfig
 from visatb_jax.pipeline.errors import PipelineError
+from visatb_jax.pipeline.run_dir import config_hash
+from visatb_jax.pipeline.tasks import TaskPlan
 from visatb_jax.pipeline.workspace import Workspace
 from visatb_jax.runtime import fileio
 
@@ -64,9 +67,17 @@ def stage_pretrain(ws: Workspace, stage_hash: str) -> None:
 # --- prep ----------------------------------------------------------------------------------------
 
 
-def prep_dir(name: str) -> str | None:
-  """Where a preparation model is trained; None for `base`, the initial model itself."""
-  return None if name == "base" else os.path.join("prep", name)
+def prep_dir(name: str, replicate: int = 0) -> str | None:
+  """Where replicate `replicate` of a preparation model is trained (`prep/<name>` for the first,
+  `prep/<name>.rep<r>` for the others); None for `base`, the initial model itself."""
+  if name == "base":
+    return None
+  return os.path.join("prep", name if replicate == 0 else f"{name}.rep{replicate}")
+
+
+def prep_replicates(ws: Workspace) -> int:
+  """How many times every preparation model is trained (docs/method.md §13)."""
+  return int(ws.config.section("prep").get("replicates") or 1)
 
 
 def stage_prep(ws: Workspace, stage_hash: str) -> None:
@@ -78,14 +89,21 @@ def stage_prep(ws: Workspace, stage_hash: str) -> None:
   for w in messages:
     log(f"warning: {w}")
   plan = ws.config.tasks
-  names = [n for n, _ in plan.prep_models(ws.config.balance.form) if n != "base"]
+  replicates = prep_replicates(ws)
+  # Replicate by replicate, so that an interrupted run has whole replicates to show first.
+  names = [(n, r) for r in range(replicates)
+           for n, _ in plan.prep_models(ws.config.balance.form) if n != "base"]
+  if replicates > 1:
+    log(f"prep: {replicates} replicates of each preparation model (subsets and data order "
+        "seeded per replicate)")
   # Every preparation run trains with the base weights (fixed tasks at their weight).
   method = methods_lib.get("ew").train_method(plan.base_weights(), plan.fixed_mask())
 
   def train_all(group, mesh=None):
-    for name in group:
-      ws.models.train(prep_dir(name), ws.data.prep_examples(name), method,
-                      stage_hash=stage_hash, mesh=mesh)
+    for name, r in group:
+      ws.models.train(prep_dir(name, r), ws.data.prep_examples(name, r), method,
+                      stage_hash=stage_hash, mesh=mesh,
+                      data_seed=None if r == 0 else ws.data.replicate_seed(r))
 
   parallel = int(ws.config.section("prep").get("parallel") or 1)
   if parallel <= 1:
@@ -106,11 +124,26 @@ def stage_prep(ws: Workspace, stage_hash: str) -> None:
 
 
 def stage_validate(ws: Workspace, stage_hash: str) -> None:
-  table, samples = {}, {}
+  """Scores every preparation model on the validation split: scores/validation.json holds each
+  model's mean over its replicates, scores/validation_samples.json each sample's score (a list
+  over the replicates when there are several) and, with replicates, scores/validation_replicates.json
+  every replicate's mean (docs/method.md §13). `base`, the untrained model, is one model."""
+  replicates = prep_replicates(ws)
+  table, samples, per_replicate = {}, {}, {}
   for name, tasks in ws.config.tasks.prep_models(ws.config.balance.form):
-    table[name], samples[name] = ws.models.score(prep_dir(name), "val", stage_hash=stage_hash,
-                                                 tasks=tasks)
+    runs = [ws.models.score(prep_dir(name, r), "val", stage_hash=stage_hash, tasks=tasks)
+            for r in range(1 if name == "base" else replicates)]
+    runs += runs[:1] * (replicates - len(runs))  # `base` is the same model in every replicate
+    per_replicate[name] = {t: [run[0][t] for run in runs] for t in runs[0][0]}
+    table[name] = {t: float(np.mean(v)) for t, v in per_replicate[name].items()}
+    if replicates == 1:
+      samples[name] = runs[0][1]
+    else:
+      samples[name] = {t: {i: [run[1][t][i] for run in runs] for i in runs[0][1][t]}
+                       for t in runs[0][1]}
   fileio.atomic_write_json(ws.dir.path("scores", "validation_samples.json"), samples)
+  if replicates > 1:
+    fileio.atomic_write_json(ws.dir.path("scores", "validation_replicates.json"), per_replicate)
   fileio.atomic_write_json(ws.dir.path("scores", "validation.json"), table)
 
 
@@ -126,13 +159,16 @@ def noisy_gain_message(unit: str, report: dict) -> str:
           "steps (train.epochs)")
 
 
-def balance_from_samples(ws: Workspace, per_sample: dict) -> dict:
-  """λ with its bootstrap intervals, after the config's rule for noisy own-data gains."""
-  plan, bal = ws.config.tasks, ws.config.balance
+def balance_from_samples(per_sample: dict, plan: TaskPlan, bal: BalanceConfig,
+                         seed: int) -> dict:
+  """λ with its bootstrap intervals, after the config's rule for noisy own-data gains: what the
+  lambda stage writes to lambda.json, and what `python -m visatb_jax.balance --run` reproduces
+  from a run directory."""
   kwargs = dict(tasks=list(plan.names), form=bal.form, temperature=bal.temperature,
                 alpha=tuple(bal.alpha), fixed=dict(plan.fixed) or None,
                 groups=dict(plan.groups) or None, on_degenerate=bal.on_degenerate,
-                resamples=bal.resamples, seed=int(ws.config.seed), level=bal.level)
+                resamples=bal.resamples, seed=int(seed), level=bal.level,
+                shrinkage=bal.shrinkage)
   try:
     with warnings.catch_warnings():
       warnings.simplefilter("ignore")  # the report lists them; logged by the caller, once
@@ -159,13 +195,30 @@ def stage_lambda(ws: Workspace, stage_hash: str) -> None:
     per_sample = bootstrap.align_by_id(ws.dir.read_output("scores", "validation_samples.json"))
   except ValueError as e:
     raise PipelineError(f"scores/validation_samples.json: {e}") from e
-  report = balance_from_samples(ws, per_sample)
+  report = balance_from_samples(per_sample, ws.config.tasks, ws.config.balance,
+                                int(ws.config.seed))
   for w in report["warnings"]:
     log(f"warning: {w}")
   fileio.atomic_write_json(ws.dir.path("lambda.json"), report)
-  intervals = report["intervals"]["lambda"]
-  log("λ = " + ", ".join(f"{t}={report['lambda'][t]:.3f} [{intervals[t][0]:.3f}, "
-                         f"{intervals[t][1]:.3f}]" for t in ws.config.tasks.names))
+  log("λ = " + ", ".join(lambda_summary(report, t) for t in ws.config.tasks.names))
+  boot = report["bootstrap"]
+  if boot.get("replicates", 1) > 1:
+    log(f"λ's intervals: {boot['level']:.0%}, two-level bootstrap over {boot['replicates']} "
+        "replicates of every preparation model and the validation samples (\"train\": the share "
+        "of each λ's variance that is training rather than sampling)")
+  if boot.get("shrinkage") == "evidence":
+    log("balance.shrinkage='evidence': each component shrunk toward the tasks' mean by its "
+        "bootstrap z-score before the softmax (docs/method.md §14; 'none' gives the paper's λ)")
+
+
+def lambda_summary(report: dict, task: str) -> str:
+  """`caption=1.031 [0.962, 1.104] train 71 %`: λ, its interval and its training share."""
+  low, high = report["intervals"]["lambda"][task]
+  text = f"{task}={report['lambda'][task]:.3f} [{low:.3f}, {high:.3f}]"
+  share = ((report.get("variance") or {}).get("training_share") or {}).get("lambda", {}).get(task)
+  if share is not None and report["bootstrap"].get("replicates", 1) > 1:
+    text += f" train {share:.0%}"
+  return text
 
 
 # --- final ---------------------------------------------------------------------------------------
@@ -173,6 +226,17 @@ def stage_lambda(ws: Workspace, stage_hash: str) -> None:
 
 def final_dir(method: str, task: str | None = None) -> str:
   return os.path.join("final", method, task) if task else os.path.join("final", method)
+
+
+def final_model_hash(ws: Workspace, stage_hash: str, method: str) -> str:
+  """What a final model is keyed on: the final stage's hash for VisATB, which reads λ; for every
+  other method only what it reads — the stages up to pretrain (data, model, train, input files)
+  and its own options — so that a change of λ, α, T or form retrains VisATB alone and EW, STL
+  and the other baselines are reused (the log says "trained, skipped")."""
+  if methods_lib.get(method).needs_balance or not ws.stage_hashes:
+    return stage_hash
+  return config_hash({"before balancing": ws.stage_hashes["pretrain"], "method": method,
+                      "options": ws.config.method_options.get(method)})
 
 
 def stage_final(ws: Workspace, stage_hash: str) -> None:
@@ -185,13 +249,14 @@ def stage_final(ws: Workspace, stage_hash: str) -> None:
   for name in ws.config.methods:
     spec = methods_lib.get(name)
     method = spec.train_method(base, fixed, ws.config.method_options.get(name), lam=lam)
+    model_hash = final_model_hash(ws, stage_hash, name)
     if spec.per_task:
       for task in plan.eval_tasks:
         ws.models.train(final_dir(name, task), ws.data.task_examples([task]), method,
-                        stage_hash=stage_hash)
+                        stage_hash=model_hash)
     else:
       ws.models.train(final_dir(name), ws.data.task_examples(plan.names), method,
-                      stage_hash=stage_hash)
+                      stage_hash=model_hash)
 
 
 # --- test ----------------------------------------------------------------------------------------

@@ -24,6 +24,9 @@ class Workspace:
     self.dir = RunDir(workdir)
     self.data = DataStore(self)
     self.models = Models(self)
+    # Every stage's hash (runner.stage_hashes, input files included), set by the runner: a stage
+    # may key a model on an earlier stage's hash when the model reads nothing after it.
+    self.stage_hashes: dict[str, str] = {}
 
   def enter_stage(self, stage: str, allowed: Iterable[str]) -> None:
     self.config = self.run_config.restricted(allowed, stage)

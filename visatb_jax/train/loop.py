@@ -27,6 +27,7 @@ from visatb_jax.core import weighting as weighting_lib
 from visatb_jax.model import lora as lora_lib
 from visatb_jax.runtime import checkpoint as checkpoint_lib
 from visatb_jax.runtime import metrics_log
+from visatb_jax.runtime import progress as progress_lib
 from visatb_jax.runtime import sharding as sharding_lib
 from visatb_jax.train import gradmtl_step
 from visatb_jax.train import step as step_lib
@@ -296,8 +297,9 @@ def train(
                                           method.kind == "tla", cfg.ce_chunk_size, *shardings,
                                           dropout_seed)
   log = metrics_log.MetricsLog(workdir, resume_step=start, enabled=jax.process_index() == 0)
-  from tqdm.auto import tqdm  # pylint: disable=g-import-not-at-top
-  bar = tqdm(total=cfg.steps, initial=start, disable=None, desc="train", unit="step")
+  # A bar on a terminal, a plain line every 10 % (at most 100 steps) in a log (progress.py).
+  bar = progress_lib.Progress(cfg.steps, desc="train", unit="step", initial=start,
+                              lines=jax.process_index() == 0)
   t0 = t_window = time.perf_counter()
   window_tokens = 0
 
@@ -338,13 +340,13 @@ def train(
           _, wstate = weighting_lib.jit_update(
               weighting, wstate, device_metrics["per_task_loss"], index,
               weighting_rng(cfg.seed, index), device_metrics["per_task_count"])
-        bar.update(1)
+        # `metrics` is on the host already (fetched above for the finiteness check).
+        bar.update(1, loss=float(metrics["loss"]))
         if done % cfg.log_every == 0 or done == cfg.steps:
           now = time.perf_counter()
           log.write(metrics_log.make_record(
               step=done, metrics=metrics, task_names=task_names, lr=float(schedule(index)),
               tokens_per_s=window_tokens / max(now - t_window, 1e-9), elapsed_s=now - t0))
-          bar.set_postfix(loss=f"{float(metrics['loss']):.4f}")
           t_window, window_tokens = now, 0
         saved = done % cfg.checkpoint_every == 0 or done == cfg.steps
         if saved:
