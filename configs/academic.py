@@ -3,7 +3,7 @@
 python -m visatb_jax.launch --config academic.py \
     --config.data.root=/data/visatb/academic --config.model.path=/models/llava-1.5-7b-hf
 
-Tasks and metrics: `visatb_jax.presets.academic_tasks`. R_large = 1, R_mini = 1/32, T = 0.5,
+Tasks and metrics: `visatb_jax.pipeline.presets.academic_tasks`. R_large = 1, R_mini = 1/32, T = 0.5,
 1 epoch, and the paper's baselines (docs/method.md §10).
 """
 

@@ -420,6 +420,10 @@ def test_missing_model_in_samples_file(tmp_path, capsys):
     (["--samples", "S", "--resamples", "x"], ["--resamples", "'x'"]),
     (["--samples", "S", "--seed", "-1"], ["--seed: expected an integer >= 0"]),
     (["--samples", "S", "--level", "1"], ["--level: expected a number in (0, 1)"]),
+    (["SCORES", "--shrinkage", "evidence"], ["--shrinkage: only with --samples"]),
+    (["--samples", "S", "--shrinkage", "lots"], ["--shrinkage", "'lots'"]),
+    (["--samples", "S", "--shrinkage", "evidence", "--resamples", "1"],
+     ["--shrinkage: evidence needs --resamples >= 2"]),
 ])
 def test_bad_samples_options(tmp_path, samples_file, scores_file, capsys, argv, needles):
   path, _ = samples_file
@@ -532,20 +536,6 @@ def test_shrinkage_option(samples_file, capsys):
   # The default is the paper's λ.
   code, out, _ = _run(["--samples", path, "--resamples", "50", "--json"], capsys)
   assert json.loads(out)["bootstrap"]["shrinkage"] == "none" and "shrinkage" not in json.loads(out)
-
-
-@pytest.mark.parametrize("argv, needles", [
-    (["SCORES", "--shrinkage", "evidence"], ["--shrinkage: only with --samples"]),
-    (["--samples", "S", "--shrinkage", "lots"], ["--shrinkage", "'lots'"]),
-    (["--samples", "S", "--shrinkage", "evidence", "--resamples", "1"],
-     ["--shrinkage: evidence needs --resamples >= 2"]),
-])
-def test_bad_shrinkage_options(samples_file, scores_file, capsys, argv, needles):
-  path, _ = samples_file
-  argv = [{"SCORES": scores_file, "S": path}.get(a, a) for a in argv]
-  code, out, err = _run(argv, capsys)
-  assert out == ""
-  _assert_one_line_error(code, err, *needles)
 
 
 def test_auto_temperature_at_bound_is_warned_with_the_table(tmp_path, capsys):

@@ -73,15 +73,17 @@ def test_shrink_examples():
     B.shrink_toward_mean(x, jnp.array([0.1, 0.1]))
 
 
-_values = st.floats(-10, 10, allow_nan=False, width=32)
+# No subnormals: XLA:CPU flushes them to zero, so a float32 7e-45 comes back as 0 from any jnp
+# op (x itself included), which says nothing about the rule.
+_values = st.floats(-10, 10, allow_nan=False, allow_subnormal=False, width=32)
 
 
 @st.composite
 def shrink_cases(draw) -> tuple[np.ndarray, np.ndarray]:
   n = draw(st.integers(1, 6))
   x = np.array([draw(_values) for _ in range(n)], dtype=np.float32)
-  sd = np.array([draw(st.one_of(st.just(0.0), st.floats(0, 5, width=32))) for _ in range(n)],
-                dtype=np.float32)
+  sd = np.array([draw(st.one_of(st.just(0.0), st.floats(0, 5, allow_subnormal=False, width=32)))
+                 for _ in range(n)], dtype=np.float32)
   return x, sd
 
 
