@@ -556,3 +556,10 @@ def test_help_documents_replicates_and_shrinkage():
   text = balance._parser().format_help()
   assert "--shrinkage {none,evidence}" in text and "replicates" in text
   assert "PER_SAMPLE.json [PER_SAMPLE.json ...]" in text
+
+
+def test_the_cli_shrinkage_choices_are_the_core_ones():
+  """The CLI keeps its own copy so that --help needs no jax; it must not drift."""
+  from visatb_jax.core import bootstrap
+  from visatb_jax.cli import balance as balance_cli
+  assert balance_cli.SHRINKAGE == bootstrap.SHRINKAGE

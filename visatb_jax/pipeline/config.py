@@ -19,7 +19,7 @@ import os
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from visatb_jax.core import balancing, gradmtl, metrics
+from visatb_jax.core import balancing, bootstrap, gradmtl, metrics
 from visatb_jax.core import weighting as weighting_lib
 from visatb_jax.data import template as template_lib
 from visatb_jax.pipeline import methods as methods_lib
@@ -32,9 +32,6 @@ LOADERS = ("memory", "grain")
 BALANCE_FORMS = ("real", "precise", "base")
 ON_DEGENERATE = ("error", "warn")
 ON_NOISY_GAIN = ("warn", "error", "drop")
-# "none": the paper's λ (docs/method.md §5); "evidence": each component's input shrunk toward the
-# units' mean by its bootstrap z-score first (§14, beyond the paper).
-SHRINKAGE = ("none", "evidence")
 MESH_AXES = ("data", "fsdp", "tensor")
 # Fields of a zero-shot entry; `group` and `fixed_weight` only because presets.task() writes them
 # (as None): a task that is never trained has neither.
@@ -343,7 +340,10 @@ def _balance(section: Mapping[str, Any]) -> BalanceConfig:
                         minimum=1),
       level=_number("balance.level", _get(section, "level", 0.9), minimum=0.0, exclusive=True,
                     maximum=0.999),
-      shrinkage=_choice("balance.shrinkage", _get(section, "shrinkage", "evidence"), SHRINKAGE))
+      # "none": the paper's λ (docs/method.md §5); "evidence": each component's input shrunk
+      # toward the units' mean by its bootstrap z-score first (§14, beyond the paper).
+      shrinkage=_choice("balance.shrinkage", _get(section, "shrinkage", "evidence"),
+                        bootstrap.SHRINKAGE))
 
 
 def _check_method_options(name: str, options: Mapping[str, Any], num_tasks: int) -> None:
