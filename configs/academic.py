@@ -1,10 +1,15 @@
 """The paper's Academic benchmark: LLaVA-1.5-7B on 8 tasks, ShareGPT fixed at λ = 1.
 
-python -m visatb_jax.launch --config academic.py \
-    --config.data.root=/data/visatb/academic --config.model.path=/models/llava-1.5-7b-hf
+python -m visatb_jax.launch --config academic.py --config.data.root=/data/visatb/academic \
+    --config.model.vision_path=/models/clip-vit-large-patch14-336 \
+    --config.model.text_path=/models/vicuna-7b-v1.5 \
+    --config.model.projector_path=/models/llava-v1.5-mlp2x-336px-pretrain-vicuna-7b-v1.5/mm_projector.bin \
+    --config.data.tokenizer=/models/vicuna-7b-v1.5-image
 
-Tasks and metrics: `visatb_jax.pipeline.presets.academic_tasks`. R_large = 1, R_mini = 1/32, T = 0.5,
-1 epoch, and the paper's baselines (docs/method.md §10).
+The model starts as the paper's: CLIP ViT-L/14-336, Vicuna-7B-v1.5 and the stage-1 projector
+(those four paths are the defaults; README, "Starting from the official parts"). Tasks, metrics
+and the shared recipe: `visatb_jax.pipeline.presets` (`academic_tasks`, `paper_config`).
+R_large = 1, R_mini = 1/32, T = 0.5, 1 epoch, and the paper's baselines (docs/method.md §10).
 """
 
 from visatb_jax.pipeline.presets import academic_tasks, paper_config

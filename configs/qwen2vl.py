@@ -1,7 +1,10 @@
 """The Academic benchmark with Qwen2-VL-2B, as the paper's appendix runs it (T = 1.0).
 
 python -m visatb_jax.launch --config qwen2vl.py \
-    --config.data.root=/data/visatb/academic --config.model.path=/models/Qwen2-VL-2B-Instruct
+    --config.data.root=/data/visatb/academic --config.model.path=/models/Qwen2-VL-2B
+
+`model.path` is the pretrained base, Qwen2-VL-2B, which the paper fine-tunes; Qwen2-VL-2B-Instruct
+was already instruction-tuned, and a run from it is warned about.
 
 `model.path` is a Hugging Face Qwen2-VL directory (config.json `model_type: qwen2_vl`, safetensors,
 the tokenizer with its <|vision_start|> / <|image_pad|> / <|vision_end|> tokens): its vision tower
@@ -27,7 +30,8 @@ QWEN2VL_2B_TEXT = {"vocab_size": 151936, "hidden_size": 1536, "intermediate_size
 
 
 def get_config():
-  c = paper_config("qwen2vl", academic_tasks(), r_large=1.0, r_mini=1 / 32, temperature=1.0)
+  c = paper_config("qwen2vl", academic_tasks(), r_large=1.0, r_mini=1 / 32, temperature=1.0,
+                   size=None)  # one checkpoint (model.path), not LLaVA's parts
   c.data.template = "qwen2vl"  # ChatML with Qwen2-VL's vision tokens around each image
   c.data.system_prompt = "You are a helpful assistant."
   c.data.min_pixels = 56 * 56         # the processor's default

@@ -62,6 +62,14 @@ def meshes():
 
 
 @pytest.fixture(scope="session", autouse=True)
+def _image_digest_cache(tmp_path_factory):
+  """Image content digests (data/image_digest.py) cached in the session's temp dir, never in the
+  user's ~/.cache; subprocesses inherit it through the environment."""
+  os.environ["VISATB_CACHE_DIR"] = str(tmp_path_factory.mktemp("visatb_cache"))
+  yield
+
+
+@pytest.fixture(scope="session", autouse=True)
 def _shared_compilation_cache(tmp_path_factory):
   """One XLA cache for the session: pipelines in tests and their subprocesses compile once."""
   import jax

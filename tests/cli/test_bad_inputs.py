@@ -8,11 +8,13 @@ what is wrong, and that the files already in the run directory are unchanged.
 import errno
 import json
 import os
+import re
 import resource
 import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -21,6 +23,7 @@ from conftest import REPO
 from one_line import assert_unchanged as _assert_unchanged
 from one_line import error_line as _error_line
 from one_line import snapshot as _snapshot
+from visatb_jax.pipeline import run_dir as run_dir_lib
 from visatb_jax.runtime import fileio
 
 TESTS = os.path.join(REPO, "tests")
@@ -117,10 +120,150 @@ def test_stop_signal_is_one_line_saying_what_is_kept_and_how_to_resume(run_dir, 
       proc.kill()
   assert proc.returncode == code, stderr[-3000:]
   line = _error_line(stderr)
-  # SIGTERM during a training run saves its step first ("preempted: ... step N ...").
-  assert "same command" in line and ("(data)" in line or "preempted: " in line), line
+  # During training the step reached is saved first ("... stopped at step N by ... saved it").
+  assert "same command" in line and "completed stages (data)" in line, line
+  _assert_kept_is_on_disk(line, workdir)
   _assert_unchanged(before, workdir, except_for={"manifest.json", "data_stats.json"})
   assert not [p for p in _snapshot(workdir) if fileio.is_temporary_name(os.path.basename(p))]
+
+
+def _assert_kept_is_on_disk(line, workdir):
+  """Every stage, model and checkpoint the interruption line says it kept is there."""
+  assert "last training checkpoint" not in line, line
+  stages = fileio.read_json(workdir / "manifest.json")["stages"]
+  for group in re.findall(r"completed stages \(([^)]*)\)", line):
+    for name in group.split(", "):
+      assert stages[name]["status"] == "done", (name, line)
+  for group in re.findall(r"trained models \(([^)]*)\)", line):
+    for rel in group.split(", "):
+      assert fileio.read_json(workdir / rel / "run.json")["done"], (rel, line)
+  for step, rel in re.findall(r"the checkpoint of step (\d+) of ([^,;]+)", line):
+    assert int(step) in run_dir_lib.finished_steps(workdir / rel / "checkpoints"), (rel, step, line)
+
+
+def _wait_for_training(workdir, proc, timeout=180):
+  """Waits until a preparation model has logged its first step: training is under way."""
+  deadline = time.monotonic() + timeout
+  while time.monotonic() < deadline and proc.poll() is None:
+    if [p for p in (workdir / "prep").glob("*/metrics.jsonl") if p.stat().st_size]:
+      return
+    time.sleep(0.05)
+  raise AssertionError(f"no training step was logged; exit code {proc.poll()}")
+
+
+# Enough steps that a stop lands inside a training run, not after its last step; no regular
+# checkpoint before the end, so that only the stop saves one (and the runs stay short).
+_LONG_PREP = ("--stages", "prep", "--config.train.epochs=30",
+              "--config.train.checkpoint_every=1000")
+
+
+@pytest.mark.slow  # two runs of the preparation stage
+def test_ctrl_c_saves_the_step_reached_and_the_rerun_resumes_from_it(run_dir, micro):
+  workdir, _ = run_dir
+  proc = subprocess.Popen(_command(micro, workdir, *_LONG_PREP), cwd=REPO,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  try:
+    _wait_for_training(workdir, proc)
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=120)
+  finally:
+    if proc.poll() is None:
+      proc.kill()
+  assert proc.returncode == 130, stderr[-3000:]
+  line = _error_line(stderr)
+  found = re.search(r"error: interrupted: training of (\S+) stopped at step (\d+) by Ctrl-C and "
+                    r"saved it; kept in .*the checkpoint of step \2 of \1", line)
+  assert found, line
+  assert "Ctrl-C again stops at once" in stdout
+  _assert_kept_is_on_disk(line, workdir)
+  model, step = found.groups()
+
+  line, code, stderr = _run_until_line(_command(micro, workdir, *_LONG_PREP), "resumed from step")
+  assert f"resumed from step {step} (" in line and os.path.join(model, "checkpoints") in line, (
+      line, stderr[-3000:])
+  assert code == 143, stderr[-3000:]  # the rerun was under way, then stopped for this test
+
+
+def _run_until_line(command, text, timeout=180):
+  """Runs `command` until it prints a line with `text`, then stops it with SIGTERM; returns
+  (that line, exit code, stderr)."""
+  proc = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          text=True)
+  timer = threading.Timer(timeout, proc.kill)
+  timer.start()
+  try:
+    for line in proc.stdout:
+      if text in line:
+        proc.send_signal(signal.SIGTERM)
+        break
+    else:
+      line = ""
+    proc.stdout.read()
+    stderr = proc.communicate(timeout=120)[1]
+  finally:
+    timer.cancel()
+    if proc.poll() is None:
+      proc.kill()
+  return line, proc.returncode, stderr
+
+
+@pytest.mark.slow  # a launch subprocess, ~36 s under load
+def test_a_second_ctrl_c_stops_at_once(run_dir, micro):
+  workdir, _ = run_dir
+  proc = subprocess.Popen(_command(micro, workdir, *_LONG_PREP), cwd=REPO,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+  try:
+    _wait_for_training(workdir, proc)
+    proc.send_signal(signal.SIGINT)
+    time.sleep(0.02)
+    proc.send_signal(signal.SIGINT)
+    stderr = proc.communicate(timeout=60)[1]
+  finally:
+    if proc.poll() is None:
+      proc.kill()
+  assert proc.returncode == 130, stderr[-3000:]
+  line = _error_line(stderr)
+  assert line.startswith("error: interrupted") and "same command" in line, line
+  _assert_kept_is_on_disk(line, workdir)
+
+
+def test_stop_message_lists_only_this_configs_outputs(run_dir, micro):
+  """The stages another config finished (an interrupted --overwrite run) are not "kept"."""
+  from visatb_jax.cli import launch  # pylint: disable=g-import-not-at-top
+  workdir, _ = run_dir
+  config = launch.load_config(micro)
+  line = launch._stopped_message(config, str(workdir), "interrupted")
+  assert "completed stages (data)" in line and "same command again to resume" in line, line
+  config.data.max_len = 100  # another data stage: its hash differs
+  line = launch._stopped_message(config, str(workdir), "interrupted")
+  assert line == (f"interrupted; nothing in {workdir} is complete yet; run the same command "
+                  "again to start"), line
+
+
+def test_a_stop_swallowed_by_a_library_is_sent_again(tmp_path):
+  """A stop exception that code catches and drops (`except BaseException: pass`, C code asking
+  `hasattr`) is raised again a second later, until the run stops."""
+  script = tmp_path / "swallowed.py"
+  script.write_text(
+      "import os, signal, sys, time\n"
+      "from visatb_jax.cli import launch\n"
+      "launch._handle_stop_signals()\n"
+      "signum = signal.SIGINT\n"
+      "try:\n"
+      "  os.kill(os.getpid(), signum)\n"
+      "  time.sleep(5)\n"
+      "except BaseException:\n"
+      "  pass  # dropped, as a library might\n"
+      "t0 = time.monotonic()\n"
+      "try:\n"
+      "  time.sleep(10)  # the signal sent again interrupts it\n"
+      "  print('NOT STOPPED')\n"
+      "except KeyboardInterrupt:\n"
+      "  print(f'STOPPED {time.monotonic() - t0:.1f}')\n")
+  proc = subprocess.run([sys.executable, str(script)], cwd=REPO, capture_output=True, text=True,
+                        timeout=120, env={**os.environ, "PYTHONPATH": REPO})
+  assert proc.stdout.startswith("STOPPED"), proc.stdout + proc.stderr
+  assert float(proc.stdout.split()[1]) < 3.0, proc.stdout
 
 
 def test_signal_dropped_by_a_callback_is_delivered_again(tmp_path):
@@ -262,3 +405,40 @@ def test_another_configs_run_directory_is_refused(run_dir, micro):
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert "stage data: start (its config changed since it ran)" in proc.stdout
   assert fileio.read_json(workdir / "manifest.json")["stages"]["data"]["hash"] != data_hash
+
+
+# --------------------------------------------------------------------- 8: a damaged checkpoint
+
+
+@pytest.mark.slow  # two runs of the preparation stage
+def test_unreadable_checkpoint_is_one_line_naming_what_to_remove(run_dir, micro):
+  """Every step of a model's checkpoints truncated (a copy cut short): one line naming the
+  directory and what to remove, instead of orbax's 166-line OUT_OF_RANGE; removing it works."""
+  workdir, _ = run_dir
+  proc = subprocess.Popen(_command(micro, workdir, *_LONG_PREP), cwd=REPO,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+  try:
+    _wait_for_training(workdir, proc)
+    proc.send_signal(signal.SIGTERM)
+    stderr = proc.communicate(timeout=120)[1]
+  finally:
+    if proc.poll() is None:
+      proc.kill()
+  assert proc.returncode == 143, stderr[-3000:]
+  model = re.search(r"training of (\S+) stopped", _error_line(stderr)).group(1)
+  checkpoints = workdir / model / "checkpoints"
+  arrays = list(checkpoints.glob("*/state/d/*"))
+  assert arrays
+  for path in arrays:
+    os.truncate(path, os.path.getsize(path) // 2)
+
+  proc = _launch(micro, workdir, *_LONG_PREP)
+  assert proc.returncode == 2, proc.stderr[-3000:]
+  line = _error_line(proc.stderr)
+  assert line.startswith(f"error: no checkpoint in {checkpoints} can be read (step "), line
+  assert line.endswith(f"remove {checkpoints} to train this model from the start"), line
+
+  shutil.rmtree(checkpoints)  # as the line says: that model trains from the start again
+  # The models before it are done: the first progress line is its own, past the restore.
+  line, code, stderr = _run_until_line(_command(micro, workdir, *_LONG_PREP), "train step ")
+  assert line and code == 143 and "can be read" not in stderr, (line, stderr[-3000:])

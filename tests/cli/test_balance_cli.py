@@ -314,12 +314,12 @@ def test_samples_json_matches_bootstrap_report(samples_file, capsys):
 
 def test_samples_table(samples_file, capsys):
   path, lists = samples_file
-  code, out, err = _run(["--samples", path, "--resamples", "50"], capsys)
+  code, out, err = _run(["--samples", path, "--resamples", "50", "--wide"], capsys)
   assert code == 0 and err == ""
   report = bootstrap.bootstrap_report(lists, tasks=["a", "b", "c"], resamples=50)
   lines = out.splitlines()
   assert "form=real" in lines[0] and "T=0.5" in lines[0]
-  assert "50 resamples" in lines[1] and "seed 0" in lines[1] and "0.9" in lines[1]
+  assert "50 resamples" in lines[1] and "seed 0" in lines[1] and "0.9" in lines[2]
   header = next(line for line in lines if line.startswith("task"))
   assert header.split()[1:3] == ["gain", "C_out"]
   start = lines.index(header)
@@ -486,10 +486,10 @@ def test_replicate_files_table(replicate_files, capsys):
   lines = out.splitlines()
   assert "two-level paired bootstrap (3 replicates, then samples)" in lines[1]
   header = next(line for line in lines if line.startswith("task"))
-  assert header.split()[-1] == "train"
+  assert header.split()[1:] == ["λ", "[lo,", "hi]", "train", "gain", "C_out", "C_in", "D"]
   start = lines.index(header)
   for line in lines[start + 1:lines.index("", start)]:
-    task, share = line.split()[0], line.split()[-1]
+    task, share = line.split()[0], line.split()[4]
     assert share == f"{100 * report['variance']['training_share']['lambda'][task]:.0f}%"
 
 
@@ -555,7 +555,7 @@ def test_auto_temperature_at_bound_is_warned_with_the_table(tmp_path, capsys):
 def test_help_documents_replicates_and_shrinkage():
   text = balance._parser().format_help()
   assert "--shrinkage {none,evidence}" in text and "replicates" in text
-  assert "PER_SAMPLE.json [PER_SAMPLE.json ...]" in text
+  assert "--samples PER_SAMPLE.json ..." in text
 
 
 def test_the_cli_shrinkage_choices_are_the_core_ones():
@@ -563,3 +563,72 @@ def test_the_cli_shrinkage_choices_are_the_core_ones():
   from visatb_jax.core import bootstrap
   from visatb_jax.cli import balance as balance_cli
   assert balance_cli.SHRINKAGE == bootstrap.SHRINKAGE
+
+
+# ----------------------------------------------------------------------------------------------
+# The table's width: the default fits 100 columns, --wide has every column.
+
+WIDTH = 100
+FOUR = {"caption": 0.50, "count": 0.40, "background": 0.20, "grounding": 0.30}
+
+
+def _four_task_replicates(tmp_path, replicates: int = 2) -> list[str]:
+  """Per-sample files of four balanced tasks, one per replicate, sample ids `s0`, `s1`, ..."""
+  rng = np.random.default_rng(7)
+  models = {"mini": {}} | {f"{t}+mini": {t: 0.25} | {u: 0.03 for u in FOUR if u != t}
+                           for t in FOUR}
+  paths = []
+  for r in range(replicates):
+    data = {}
+    for model, gains in models.items():
+      data[model] = {}
+      for task, base in FOUR.items():
+        scores = base + gains.get(task, 0.0) + rng.normal(0.0, 0.08, 30) + 0.01 * r
+        data[model][task] = {f"s{k}": float(v) for k, v in enumerate(scores)}
+    paths.append(_write(tmp_path / f"rep{r}.json", data))
+  return paths
+
+
+def test_default_table_fits_100_columns_and_wide_has_every_column(tmp_path, capsys):
+  paths = _four_task_replicates(tmp_path)
+  argv = ["--samples", *paths, "--resamples", "50", "--temperature", "auto",
+          "--shrinkage", "evidence", "--fixed", "sharegpt=1.0", "--tasks",
+          ",".join([*FOUR, "sharegpt"])]
+  code, out, _ = _run(argv, capsys)
+  assert code == 0
+  lines = out.splitlines()
+  assert max(len(line) for line in lines) <= WIDTH, max(lines, key=len)
+  header = next(line for line in lines if line.startswith("task"))
+  start = lines.index(header)
+  rows = {line.split()[0]: line for line in lines[start + 1:lines.index("", start)]}
+  assert set(rows) == set(FOUR) | {"sharegpt"}
+  report = json.loads(_run(argv + ["--json"], capsys)[1])
+  for task in FOUR:  # λ with its interval, then its training share and the plain inputs
+    lam, (lo, hi) = report["lambda"][task], report["intervals"]["lambda"][task]
+    assert f"{lam:.4f} [{lo:.4f}, {hi:.4f}]" in rows[task]
+    cells = rows[task].split("]")[1].split()
+    share = report["variance"]["training_share"]["lambda"][task]
+    assert cells[0] == ("-" if share is None else f"{100 * share:.0f}%")
+    assert [float(c) for c in cells[1:]] == pytest.approx(
+        [report[k][task] for k in ("gain", "c_out", "c_in", "d")], abs=6e-5)
+  for column in ("λ_out", "λ_in", "λ_D"):
+    assert column not in header
+  assert "--wide" in lines[-1]
+  # --wide: every component with its interval, as wide as it takes.
+  code, wide, _ = _run(argv + ["--wide"], capsys)
+  assert code == 0
+  wide_lines = wide.splitlines()
+  wide_header = next(line for line in wide_lines if line.startswith("task"))
+  assert wide_header.split()[1:] == ["gain", "C_out", "C_in", "D", "λ_out", "λ_in", "λ_D", "λ",
+                                     "train"]
+  assert max(len(line) for line in wide_lines) > WIDTH
+  lam_d, (lo, hi) = report["lambda_d"]["count"], report["intervals"]["lambda_d"]["count"]
+  assert f"{lam_d:.4f} [{lo:.4f}, {hi:.4f}]" in wide
+
+
+def test_wide_is_accepted_with_run_and_changes_nothing_for_a_scores_file(scores_file, capsys):
+  code, narrow, _ = _run([scores_file], capsys)
+  assert code == 0 and _run([scores_file, "--wide"], capsys)[1] == narrow
+  # --run refuses options that would change the numbers, not the table's width.
+  code, _, err = _run(["--run", "nowhere", "--wide"], capsys)
+  assert code == 2 and "--wide" not in err and "nowhere" in err

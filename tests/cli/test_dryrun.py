@@ -5,6 +5,7 @@ tested on its own in tests/runtime/test_cost.py) dumps and parses the compiled H
 """
 
 import os
+import re
 import subprocess
 import sys
 
@@ -27,6 +28,7 @@ def _config(**mesh):
   return config
 
 
+@pytest.mark.slow  # ~10 s or more on 2 cores: not in the quick subset (README)
 def test_counts_match_the_real_model_and_fsdp_divides_the_params():
   config = _config()
   single = dryrun.dry_run(config, jax.devices()[:1], analyse=False)
@@ -49,6 +51,7 @@ def test_counts_match_the_real_model_and_fsdp_divides_the_params():
   assert "optimizer_state" in text and "activations_and_temps" in text and "'fsdp': 8" in text
 
 
+@pytest.mark.slow  # ~10 s or more on 2 cores: not in the quick subset (README)
 def test_remat_bounds_activation_memory_whatever_the_depth():
   """Remat scans the layers: XLA keeps one layer's activations live, not all of them."""
   temps = {}
@@ -61,6 +64,7 @@ def test_remat_bounds_activation_memory_whatever_the_depth():
   assert temps["full"] < 0.6 * temps["none"], temps
 
 
+@pytest.mark.slow  # ~10 s or more on 2 cores: not in the quick subset (README)
 def test_activation_memory_follows_rows_per_device_not_the_device_count():
   """The model pins its activations to the batch axes: more FSDP devices with the same rows per
   device must not cost more temporaries per device (without the constraints XLA followed the
@@ -80,6 +84,7 @@ def test_activation_memory_follows_rows_per_device_not_the_device_count():
   assert temps[8] < 1.25 * temps[2], temps  # unconstrained: 1.68x
 
 
+@pytest.mark.slow  # ~10 s or more on 2 cores: not in the quick subset (README)
 def test_bf16_and_remat_are_reported():
   config = _config()
   config.model.dtype = "bfloat16"
@@ -90,6 +95,7 @@ def test_bf16_and_remat_are_reported():
   assert jax.devices()  # the step compiled on the local devices
 
 
+@pytest.mark.slow  # ~10 s or more on 2 cores: not in the quick subset (README)
 def test_cli_dry_run_without_weights(tmp_path):
   env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu")
   overrides = ["--config.model.vision.hidden_size=16", "--config.model.vision.intermediate_size=32",
@@ -105,6 +111,15 @@ def test_cli_dry_run_without_weights(tmp_path):
   assert out.returncode == 0, out.stderr[-2000:]
   assert "on 4 cpu device(s)" in out.stdout and "total (compiled step)" in out.stdout
   assert "memory at the peak" in out.stdout and "PLANNING ESTIMATE" in out.stdout
+  # The report ends with a verdict per device. The demo computes in float32: nothing is
+  # widened, and the accelerator estimate is the measured figure.
+  last = out.stdout.rstrip("\n").splitlines()[-3:]
+  assert [line.split(":")[0] for line in last] == [
+      "  H100 SXM5 (80 GB)", "  TPU v5p (95 GB)", "  H200 SXM (141 GB)"], last
+  for line in last:
+    assert re.fullmatch(r"  .* \(\d+ GB\): fits; margin (\d+\.\d\d) GB as measured, "
+                        r"margin \1 GB on the accelerator estimate", line), line
+  assert "widening: 0.0 KiB of the" in out.stdout
   assert not os.path.exists(tmp_path / "runs")
 
 
@@ -128,6 +143,7 @@ def test_lora_trains_adapters_and_projector_only():
       "trainable"] == q_proj + projector
 
 
+@pytest.mark.slow  # ~10 s or more on 2 cores: not in the quick subset (README)
 def test_cost_report_on_8_devices():
   """The analysis of the compiled step: the peak's buffers traced to the model code, compiled
   FLOPs near the model's, FSDP's collectives against their minimum, a roofline per chip; a
@@ -156,12 +172,33 @@ def test_cost_report_on_8_devices():
   assert c["accelerator_wire_ratio"] <= c["wire_ratio"]
   assert set(c["roofline"]) == {"v5p", "h100", "h200"}
   assert all(0 < e["mfu"] <= 1 and e["step_s"] > 0 for e in c["roofline"].values())
+  # bf16 compute: XLA:CPU holds activations in f32, the estimate halves them; the roofline's
+  # HBM time (hence its bound) comes from the halved bytes.
+  widened = r["widened_at_peak"]
+  assert widened == c["widened_at_peak"] >= sum(b.bytes for b in peak if b.widened) > 0  # top 12
+  assert any(b.widened and b.source.startswith("model/llama.py:") for b in peak)
+  assert r["accelerator_total_per_device"] == r["compiled_total_per_device"] - widened / 2
+  assert c["hbm_bytes_accelerator"] < c["hbm_bytes"]
+  for e in c["roofline"].values():
+    assert e["times"]["memory"] == c["hbm_bytes_accelerator"] / e["chip"].hbm_bytes_per_s
+  assert [v["verdict"] for v in r["memory_verdict"].values()] == ["fits"] * 3
   text = dryrun.format_report(r)
+  lines = text.splitlines()
+  # Every ratio is followed by a line that says what it divides and why it is not 1.
+  for ratio in ("  measured temporaries / estimate:", "  compiled / model:",
+                "  measured / minimum:"):
+    at = next(i for i, line in enumerate(lines) if line.startswith(ratio))
+    assert lines[at + 1].startswith("    = "), (ratio, lines[at + 1])
+  assert any(line.startswith("  MFU = the model's FLOPs") for line in lines)
+  assert any(line.startswith("  widening: ") and "f32 buffers of values the program holds in "
+             "bf16" in line for line in lines)
+  assert lines[-3].startswith("  H100 SXM5 (80 GB): fits; margin ")
   for part in ("memory at the peak", "full-remat activation estimate", "compiled / model",
                "FSDP minimum", "PLANNING ESTIMATE", "h100", "459"):
     assert part in text, part
   only = dryrun.format_report(r, targets=["v5p"])
   assert "  v5p " in only and "  h100 " not in only
+  assert only.splitlines()[-1].startswith("  TPU v5p (95 GB): fits;") and "H100" not in only
   with pytest.raises(ValueError, match="unknown target 'tpu'"):
     dryrun.format_report(r, targets=["tpu"])
   assert dryrun.check_targets(None) == ["v5p", "h100", "h200"]
@@ -178,3 +215,39 @@ def test_unknown_roofline_target_is_refused_before_compiling(tmp_path):
   assert out.returncode == 2, out.stderr[-2000:]
   lines = [l for l in out.stderr.splitlines() if l.strip()]
   assert len(lines) == 1 and lines[0].startswith("error: ") and "'tpu9'" in lines[0], out.stderr
+
+
+def _verdicts(measured, accelerator, platform="cpu", targets=None):
+  r = {"platform": platform, "compiled_total_per_device": measured,
+       "accelerator_total_per_device": accelerator,
+       "widened_at_peak": None if accelerator is None else 2 * (measured - accelerator),
+       "memory_verdict": dryrun.memory_verdicts(measured, accelerator)}
+  return dryrun.verdict_lines(r, targets)
+
+
+def test_verdict_lines_per_device_with_margins_and_shortfalls():
+  lines = _verdicts(85e9, 70e9)
+  assert lines[0].startswith("fits or not, per device: the compiled step (arguments, outputs, "
+                             "temporaries) needs 85.00 GB (79.16 GiB) as measured on cpu, "
+                             "about 70.00 GB (65.19 GiB) on TPU/GPU")
+  assert "less half the 27.94 GiB of widened bf16 buffers" in lines[0]
+  assert lines[-3:] == [
+      "  H100 SXM5 (80 GB): fits on the accelerator estimate only; short by 5.00 GB as "
+      "measured, margin 10.00 GB on the accelerator estimate",
+      "  TPU v5p (95 GB): fits; margin 10.00 GB as measured, margin 25.00 GB on the accelerator "
+      "estimate",
+      "  H200 SXM (141 GB): fits; margin 56.00 GB as measured, margin 71.00 GB on the "
+      "accelerator estimate"]
+  assert [line.split(": ")[1].split(";")[0] for line in _verdicts(150e9, 142e9)[-3:]] == [
+      "does not fit"] * 3
+  assert _verdicts(150e9, 142e9)[-1].endswith("short by 9.00 GB as measured, short by 1.00 GB "
+                                              "on the accelerator estimate")
+  # Without an estimate (no dump), the measured figure decides and the report says why.
+  lines = _verdicts(79e9, None)
+  assert "no TPU/GPU estimate" in lines[0]
+  assert lines[-3] == "  H100 SXM5 (80 GB): fits; margin 1.00 GB as measured"
+  # Compiled on an accelerator, its own figure is the one.
+  assert _verdicts(90e9, 90e9, platform="gpu")[-3] == (
+      "  H100 SXM5 (80 GB): does not fit; short by 10.00 GB as measured")
+  assert [line.split(" (")[0] for line in _verdicts(85e9, 70e9, targets=["h200", "v5p"])[-2:]] == [
+      "  TPU v5p", "  H200 SXM"]

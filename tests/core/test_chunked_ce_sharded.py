@@ -136,6 +136,7 @@ def test_no_collective_per_chunk_and_none_of_logits_size():
   assert flops == 4 * 2 * (padded_tokens // 8) * D * V, flops
 
 
+@pytest.mark.slow  # ~10 s or more on 2 cores: not in the quick subset (README)
 def test_real_model_head_on_a_mesh():
   """`model.logits` of a tiny LLaVA with tied embeddings (an NNX module closing over the
   embedding table, FSDP-sharded) through the shard_map: the same loss and gradients as the

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from visatb_jax.core import differences
+from visatb_jax.core import differences, metrics
 
 
 def test_hand_computed_difference_and_identical_models():
@@ -43,6 +43,21 @@ def test_aligned_orders_by_sample_id_and_refuses_different_samples():
   assert a.tolist() == [0.0, 1.0] and b.tolist() == [0.5, 0.25]
   with pytest.raises(ValueError, match="different samples"):
     differences.aligned({"s1": 1.0}, {"s2": 1.0}, what="stl vs ew on count")
+
+
+def test_aligned_three_models_share_one_order_and_the_third_is_checked_too():
+  a, b, c = differences.aligned({"s2": 1.0, "s1": 0.0}, {"s1": 0.5, "s2": 0.25},
+                                {"s2": 3.0, "s1": 2.0}, what="x")
+  assert (a.tolist(), b.tolist(), c.tolist()) == ([0.0, 1.0], [0.5, 0.25], [2.0, 3.0])
+  with pytest.raises(ValueError, match="different samples"):
+    differences.aligned({"s1": 1.0}, {"s1": 1.0}, {"s3": 1.0}, what="x")
+
+
+def test_delta_from_improvements_is_delta_metrics_formula():
+  rel = np.array([[0.1, -0.2, 0.05], [-0.5, 0.0, 0.3]])
+  d_i, d_e = metrics.delta_from_improvements(rel, axis=-1)
+  assert np.allclose(d_i, [100 * (0.1 - 0.2 + 0.05) / 3, 100 * (-0.5 + 0.3) / 3])
+  assert np.allclose(d_e, [100 * 0.2 / 3, 100 * 0.5 / 3])
 
 
 @pytest.mark.parametrize("a, b, match", [

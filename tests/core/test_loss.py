@@ -214,6 +214,7 @@ def test_chunked_grads_through_nnx_module_closure():
     _assert_rel_close(g, w, 1e-5)
 
 
+@pytest.mark.slow  # ~10 s or more on 2 cores: not in the quick subset (README)
 def test_chunked_grads_match_full_model():
   # Whole LLaVA (tied embeddings: the table is both the input embedding and the head that
   # logits_fn closes over): hidden_states + chunked loss == model(...) + token_loss.

@@ -443,6 +443,72 @@ def test_cider_errors():
     metrics.cider(["a"], [["a"]], sigma=0.0)
 
 
+# Captions where the raw and normalised tokenisations differ: case, punctuation, contractions.
+RAW_CORPUS = [
+    ("A man riding a wave.", ["A man riding a wave on a surfboard.", "a surfer rides a wave"]),
+    ("Two dogs play in the park", ["Two dogs are playing, in a park.", "dogs playing in the park"]),
+    ("a man's red bus", ["A red bus on a city street.", "a man's bus is red"]),
+    ("The food is on a plate", ["the food is on a plate", "A plate with food."]),
+]
+
+
+def test_raw_cider_is_the_releases_pycocoevalcap_call():
+  """The release's eval/caption_list.py: Cider().compute_score({id: [references]},
+  {id: [prediction]}) on the texts as generated, without PTBTokenizer."""
+  preds = [c for c, _ in RAW_CORPUS]
+  refs = [r for _, r in RAW_CORPUS]
+  coco_mean, coco_items = Cider().compute_score(dict(enumerate(refs)),
+                                                {i: [p] for i, p in enumerate(preds)})
+  np.testing.assert_allclose(metrics.cider_scores(preds, refs, tokenization="raw"), coco_items,
+                             atol=1e-9)
+  assert metrics.cider(preds, refs, tokenization="raw") == pytest.approx(coco_mean, abs=1e-9)
+  assert metrics.score("cider", preds, refs, tokenization="raw") == pytest.approx(coco_mean)
+  # The normalised form is another number on the same captions.
+  assert abs(metrics.cider(preds, refs) - coco_mean) > 0.1
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.tuples(
+    st.lists(st.sampled_from(["A", "a", "dog.", "dog", "Red,", "red", "on", "it's"]),
+             max_size=7).map(" ".join),
+    st.lists(st.lists(st.sampled_from(["A", "a", "dog.", "dog", "Red,", "red", "on"]),
+                      min_size=1, max_size=7).map(" ".join), min_size=1, max_size=3)),
+    min_size=1, max_size=5))
+def test_raw_cider_matches_pycocoevalcap_property(corpus):
+  preds = [c for c, _ in corpus]
+  refs = [r for _, r in corpus]
+  coco_mean, coco_items = Cider().compute_score(dict(enumerate(refs)),
+                                                {i: [p] for i, p in enumerate(preds)})
+  np.testing.assert_allclose(metrics.cider_scores(preds, refs, tokenization="raw"), coco_items,
+                             atol=1e-9)
+
+
+def test_raw_cider_hand_computed():
+  # Item 0: "A dog" against "a dog"; item 1: "a cat" against "A cat". Raw tokens: each shares
+  # one word with its reference. idf = log 2 − log(df) with df 1 for every word (A, a, dog, cat
+  # each in one reference; a candidate-only word counts as df 1): every unigram weighs log 2,
+  # so the unigram cosine is 1/2 (one of two equal weights in each vector), and no bigram is
+  # shared. CIDEr-D = 10/4 · (1/2 + 0 + 0 + 0) = 1.25 for each, with equal lengths.
+  preds, refs = ["A dog", "a cat"], [["a dog"], ["A cat"]]
+  np.testing.assert_allclose(metrics.cider_scores(preds, refs, tokenization="raw"),
+                             [1.25, 1.25])
+  # Normalised, both match their reference exactly, but "a" is in both references (idf 0):
+  # the unigram cosine is 1 (only "dog" / "cat" weigh), the bigram cosine 1 → 10/4 · 2 = 5.
+  np.testing.assert_allclose(metrics.cider_scores(preds, refs), [5.0, 5.0])
+
+
+def test_cider_tokenization_option_is_checked():
+  assert metrics.cider_tokens("A dog, barking.", "raw") == ["A", "dog,", "barking."]
+  assert metrics.cider_tokens("A dog, barking.") == ["a", "dog", "barking"]
+  with pytest.raises(ValueError, match="tokenization 'ptb'.*normalized.*raw"):
+    metrics.cider(["a"], [["a"]], tokenization="ptb")
+  metrics.check_metric_options("cider", {"tokenization": "raw", "n": 4})
+  with pytest.raises(ValueError, match="cider option tokenization='RAW'; choose one of"):
+    metrics.check_metric_options("cider", {"tokenization": "RAW"})
+  with pytest.raises(ValueError, match=r"takes no option\(s\) \['tokenize'\]"):
+    metrics.check_metric_options("cider", {"tokenize": "raw"})
+
+
 def test_cider_bare_string_reference_is_one_reference():
   preds = ["red circle", "blue circle"]
   assert metrics.cider(preds, ["red circle", "blue square"]) == pytest.approx(
@@ -474,7 +540,7 @@ def test_score_unknown_metric():
 
 def test_metric_options_and_unknown_option():
   assert metrics.metric_options("iou_accuracy") == ("threshold",)
-  assert metrics.metric_options("cider") == ("n", "sigma")
+  assert metrics.metric_options("cider") == ("n", "sigma", "tokenization")
   assert metrics.metric_options("multiple_choice") == ("choices",)
   assert metrics.metric_options("accuracy") == ("choices",)
   for name in ("exact_match", "vqa_accuracy", "pope", "mme"):
@@ -858,6 +924,67 @@ def test_mme_score_hand_computed():
       pytest.approx(100 * (0.5 + 0.0)))
   with pytest.raises(ValueError, match="5 pair ids for 6 predictions"):
     metrics.mme_score(preds, refs, pair_ids[:5])
+
+
+def test_pope_split_report_hand_computed():
+  # random: yes/yes right, no read as yes (FP), no right → TP 1... per split by hand below.
+  preds = ["Yes", "No", "Yes", "No",        # random
+           "Yes", "Yes", "Yes", "No",       # popular
+           "No", "No", "Yes", "There is no dog."]  # adversarial
+  refs = ["yes", "yes", "no", "no",
+          "yes", "no", "no", "yes",
+          "yes", "no", "yes", "no"]
+  splits = ["random"] * 4 + ["popular"] * 4 + ["adversarial"] * 4
+  report = metrics.pope_split_report(preds, refs, splits)
+  assert list(report["splits"]) == ["random", "popular", "adversarial"]
+  # random: TP 1 (0), FN 1 (1), FP 1 (2), TN 1 (3): acc 1/2, P 1/2, R 1/2, F1 1/2, yes 2/4.
+  assert report["splits"]["random"] == pytest.approx(
+      {"accuracy": 0.5, "precision": 0.5, "recall": 0.5, "f1": 0.5, "yes_ratio": 0.5})
+  # popular: TP 1 (4), FP 2 (5, 6), FN 1 (7): acc 1/4, P 1/3, R 1/2, F1 2/5, yes 3/4.
+  assert report["splits"]["popular"] == pytest.approx(
+      {"accuracy": 0.25, "precision": 1 / 3, "recall": 0.5, "f1": 0.4, "yes_ratio": 0.75})
+  # adversarial: FN 1 (8), TN 2 (9, 11), TP 1 (10): acc 3/4, P 1, R 1/2, F1 2/3, yes 1/4.
+  assert report["splits"]["adversarial"] == pytest.approx(
+      {"accuracy": 0.75, "precision": 1.0, "recall": 0.5, "f1": 2 / 3, "yes_ratio": 0.25})
+  assert report["mean"]["f1"] == pytest.approx((0.5 + 0.4 + 2 / 3) / 3)
+  assert report["mean"]["accuracy"] == pytest.approx(0.5)
+  # One split is pope_report itself.
+  assert metrics.pope_split_report(preds, refs, ["all"] * 12)["splits"]["all"] == (
+      metrics.pope_report(preds, refs))
+  with pytest.raises(ValueError, match="11 splits for 12 predictions"):
+    metrics.pope_split_report(preds, refs, splits[:11])
+
+
+def test_mme_totals_hand_computed():
+  # existence: img a both right, img b one wrong → acc 3/4, acc+ 1/2 → 125.
+  # OCR: img a both right → 200. code_reasoning: img a both wrong ("other", then "yes" for no)
+  # → 0; numerical_calculation: img c one right → acc 1/2, acc+ 0 → 50.
+  preds = ["Yes", "No", "Yes", "Yes",   # existence
+           "yes", "no",                 # OCR
+           "maybe", "Yes",              # code_reasoning
+           "No", "No"]                  # numerical_calculation
+  refs = ["yes", "no", "yes", "no", "yes", "no", "yes", "no", "yes", "no"]
+  pairs = ["a", "a", "b", "b", "a", "a", "a", "a", "c", "c"]
+  subtasks = (["existence"] * 4 + ["OCR"] * 2 + ["code_reasoning"] * 2
+              + ["numerical_calculation"] * 2)
+  totals = metrics.mme_totals(preds, refs, pairs, subtasks)
+  assert totals["subtasks"]["existence"]["score"] == pytest.approx(125.0)
+  assert totals["subtasks"]["OCR"]["score"] == pytest.approx(200.0)
+  assert totals["perception"] == pytest.approx(325.0)   # image "a" of OCR is not existence's "a"
+  assert totals["cognition"] == pytest.approx(50.0)
+  assert totals["missing"] == [n for n in metrics.MME_PERCEPTION + metrics.MME_COGNITION
+                               if n not in subtasks]
+  assert len(metrics.MME_PERCEPTION) == 10 and len(metrics.MME_COGNITION) == 4
+  # All right everywhere: 200 per subtask, MME's maxima 2000 and 800.
+  names = metrics.MME_PERCEPTION + metrics.MME_COGNITION
+  subtasks = [n for n in names for _ in range(2)]
+  refs = ["yes", "no"] * len(names)
+  full = metrics.mme_totals(refs, refs, ["img"] * len(refs), subtasks)
+  assert (full["perception"], full["cognition"], full["missing"]) == (2000.0, 800.0, [])
+  with pytest.raises(ValueError, match="question 0: MME has no subtask 'Existence'"):
+    metrics.mme_totals(["yes"], ["yes"], ["a"], ["Existence"])
+  with pytest.raises(ValueError, match="1 pair ids and 2 subtasks for 1 predictions"):
+    metrics.mme_totals(["yes"], ["yes"], ["a"], ["OCR", "OCR"])
 
 
 # ---------------------------------------------------------------------------------------------

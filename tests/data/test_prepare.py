@@ -9,7 +9,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from visatb_jax.data import prepare, sources
+from visatb_jax.data import image_digest, prepare, sources
+
+
+@pytest.fixture(autouse=True)
+def _image_digest_cache(tmp_path, monkeypatch):
+  """A cache of image digests private to the test (never the user's); subprocesses inherit it."""
+  monkeypatch.setenv(image_digest.ENV_CACHE_DIR, str(tmp_path / "cache"))
 
 
 def _write_mixture(root, n=9, weird_bytes=False):
@@ -128,6 +134,41 @@ def test_fingerprint_follows_content_and_image_files(tmp_path):
   assert prepare.mixture_fingerprint({"train": edited}) != base
   Image.new("RGB", (9, 9)).save(samples[0]["image_paths"][0])
   assert prepare.mixture_fingerprint({"train": samples}) != base
+
+
+def test_an_image_edited_in_place_with_its_mtime_restored_changes_the_fingerprint(tmp_path):
+  samples = _write_mixture(tmp_path / "src")
+  base = prepare.mixture_fingerprint({"train": samples})
+  path = samples[3]["image_paths"][0]
+  st = os.stat(path)
+  with open(path, "r+b") as f:  # one byte of the pixel data flipped, in place
+    f.seek(st.st_size // 2)
+    byte = f.read(1)
+    f.seek(st.st_size // 2)
+    f.write(bytes([byte[0] ^ 0xFF]))
+  os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+  assert (os.stat(path).st_size, os.stat(path).st_mtime_ns) == (st.st_size, st.st_mtime_ns)
+  assert prepare.mixture_fingerprint({"train": samples}) != base
+
+
+def test_a_finished_preparation_is_reused_without_reading_an_image(tmp_path, monkeypatch):
+  samples = _write_mixture(tmp_path / "src")
+  # Images written a moment ago are hashed again on every call (image_digest._RACY_NS); these
+  # stand for a data set written long before the run.
+  monkeypatch.setattr(image_digest, "_RACY_NS", 0)
+  first = prepare.prepare_mixture({"train": samples}, tmp_path / "prep")
+  images = {p for s in samples for p in s.get("image_paths", [])}
+  opened = []
+  real = open
+
+  def counting(file, *args, **kwargs):
+    opened.append(os.fspath(file) if isinstance(file, (str, os.PathLike)) else str(file))
+    return real(file, *args, **kwargs)
+
+  monkeypatch.setattr("builtins.open", counting)
+  again = prepare.prepare_mixture({"train": samples}, tmp_path / "prep")
+  assert again.fingerprint == first.fingerprint
+  assert opened and not images & set(opened), opened  # the marker is read, no image is
 
 
 def test_bad_input_names_the_sample(tmp_path):

@@ -1,9 +1,11 @@
 """Resume drill: SIGKILL a small pipeline in every stage, resume it, get the uninterrupted results.
 
-One run directory is killed eight times, once in each stage (`KILL_POINTS`), by the same command
-run again and again; a last run finishes it. Its outputs (every JSON and image file, the arrays of
-every model's checkpoint, the metrics logs) must then equal those of an uninterrupted run of the
-same config, bit for bit: the pipeline is deterministic on CPU.
+One run directory is killed nine times, once in each stage and twice in the report
+(`KILL_POINTS`), by the same command run again and again; a last run finishes it. Then outputs
+of four stages are deleted (`DELETED`) and the same command makes them again. Its outputs (every
+JSON and image file, the arrays of every model's checkpoint, the metrics logs) must then equal
+those of an uninterrupted run of the same config, bit for bit: the pipeline is deterministic on
+CPU.
 
 Each kill point is an event inside the killed process (the nth rename of a finished temporary file
 onto a path, a checkpoint save of a step, ...), hooked by this file run as a script, which then
@@ -22,6 +24,7 @@ import json
 import os
 import pathlib
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -126,7 +129,17 @@ KILL_POINTS = (
     KillPoint("report", "replace", "report/*.png", 2,
               present=("report/comparison.json", "report/lambda.png", "report/.tmp-atomic-*.png"),
               absent=("report/report.md",)),
+    # Every report file written, the manifest not yet saying so: the report is made again.
+    KillPoint("report", "replace", "manifest.json", 1,
+              present=("report/report.md", ".tmp-atomic-*.manifest.json"), absent=()),
 )
+
+# Outputs removed from the finished run (a file, a directory, a model's last checkpoint): the
+# same command makes them again, naming each, with the uninterrupted run's contents.
+DELETED = {"lambda.json": "its output lambda.json is missing",
+           "final/visatb/checkpoints/8": "its output final/visatb/checkpoints changed",
+           "scores/test.json": "its output scores/test.json is missing",
+           "report": "its output report/report.md is missing"}
 
 
 # ------------------------------------------------------------------- the killed process's hooks
@@ -335,6 +348,18 @@ def drilled(reference, tmp_path_factory) -> str:
     _check_landing(workdir, point, log)
   log = str(tmp / "resume.log")
   assert _finish(_start(workdir, log)) == 0, _tail(log)
+  for rel in DELETED:
+    path = os.path.join(workdir, rel)
+    if os.path.isdir(path):
+      shutil.rmtree(path)
+    else:
+      os.remove(path)
+  log = str(tmp / "deleted.log")
+  assert _finish(_start(workdir, log)) == 0, _tail(log)
+  with open(log, encoding="utf-8") as f:
+    logged = f.read()
+  for rel, why in DELETED.items():
+    assert why in logged, (rel, _tail(log))
   return workdir
 
 

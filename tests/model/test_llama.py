@@ -123,6 +123,7 @@ def _attention_and_grads(q, k, v, mask, ct, *, block):
 @settings(max_examples=8, deadline=None)
 @given(t=st.integers(2, 40), block=st.integers(0, 17), cut=st.integers(0, 40),
        seed=st.integers(0, 5))
+@pytest.mark.slow  # ~10 s or more on 2 cores: not in the quick subset (README)
 def test_causal_attention_in_blocks_equals_autodiff_attention(t, block, cut, seed):
   # Packed rows (two samples, then padding) and a ragged last block: the blocks drop only keys no
   # query of theirs may see, so outputs and gradients (written out, `_causal_attention_bwd`)

@@ -278,6 +278,7 @@ def test_dropout_only_in_train_mode_and_reseedable():
   np.testing.assert_allclose(_logits(model, images=False), ref, atol=1e-5, rtol=0)
 
 
+@pytest.mark.slow  # ~10 s or more on 2 cores: not in the quick subset (README)
 def test_remat_with_dropout_gradients():
   """Rematerialised layers (pure split/merge under jax.checkpoint) work with adapter dropout."""
   grads = []
@@ -329,6 +330,7 @@ def test_train_loop_updates_only_adapters_and_projector(tmp_path):
   assert any("lora_b" in p for p in changed)
 
 
+@pytest.mark.slow  # ~10 s or more on 2 cores: not in the quick subset (README)
 def test_train_loop_draws_fresh_dropout_masks_per_step_reproducibly(tmp_path):
   """LoRA dropout in training: masks from (seed, step, micro-batch), so two runs are equal and a
   run differs from the same run without dropout; the model comes back in eval mode."""

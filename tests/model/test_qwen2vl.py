@@ -519,6 +519,7 @@ def test_greedy_generation_matches_transformers_generate(pair):
 # ---------------------------------------------------------------- LoRA on the decoder
 
 
+@pytest.mark.slow  # ~10 s or more on 2 cores: not in the quick subset (README)
 def test_lora_adapts_only_the_decoder_and_trains_only_adapters(pair):
   from visatb_jax.model import lora
   hf, _ = pair

@@ -31,6 +31,12 @@ BAD = [
     ("prep.parallel", 0, "config.prep.parallel"),
     ("eval.batch_size", 0, "config.eval.batch_size"),
     ("eval.max_new_tokens", -2, "config.eval.max_new_tokens"),
+    ("tasks.caption.max_new_tokens", 0, "config.tasks.caption.max_new_tokens"),
+    ("tasks.caption.max_new_tokens", 2.5, "config.tasks.caption.max_new_tokens"),
+    ("tasks.caption.metric_options", {"tokenization": "ptb"},
+     "config.tasks.caption.metric_options: cider option tokenization='ptb'"),
+    ("zero_shot", {"background": {"metric": "exact_match", "max_new_tokens": -1}},
+     "config.zero_shot.background.max_new_tokens"),
     ("data.max_len", 1000, "config.data.max_len"),
     ("data.loader", "tfdata", "config.data.loader"),
     ("mesh", {"data": -1, "fsdp": 3, "tensor": 1}, "config.mesh"),
@@ -71,6 +77,7 @@ def test_defaults_are_filled_once():
   assert (cfg.steps, cfg.seed, cfg.accum_steps, cfg.ce_chunk_size) == (7, 0, 1, 0)
 
 
+@pytest.mark.slow  # ~10 s or more on 2 cores: not in the quick subset (README)
 def test_changing_the_form_reruns_prep(tmp_path, capsys):
   """balance.form decides which preparation models exist: it is in prep's hash."""
   config = micro_config()
@@ -121,3 +128,91 @@ def test_evidence_rule_is_the_default_of_user_configs_and_replicates_are_checked
     _set(plain, key, value)
     with pytest.raises(pipeline.ConfigError, match=named.replace(".", r"\.")):
       config_lib.build(plain)
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-task generation budgets and the starting model
+# ---------------------------------------------------------------------------------------------
+
+
+def _hashes(config):
+  from visatb_jax.pipeline import runner  # pylint: disable=g-import-not-at-top
+  return runner.stage_hashes(config_lib.build(config))
+
+
+def test_a_tasks_own_max_new_tokens_is_hashed_with_eval_not_with_the_tasks():
+  """Changing a task's budget re-scores the models; it never retrains them (the data stage,
+  which every training stage follows, hashes the tasks section)."""
+  plain = micro_config()
+  budget = micro_config()
+  budget.tasks.caption.max_new_tokens = 16
+  run = config_lib.build(budget)
+  assert run.section("eval")["task_max_new_tokens"] == {"caption": 16}
+  assert "max_new_tokens" not in run.section("tasks")["tasks"]["caption"]
+  assert "task_max_new_tokens" not in config_lib.build(plain).section("eval")
+  before, after = _hashes(plain), _hashes(budget)
+  for stage in ("data", "pretrain", "prep"):
+    assert before[stage] == after[stage], stage
+  for stage in ("validate", "test"):
+    assert before[stage] != after[stage], stage
+
+
+def test_a_zero_shot_tasks_max_new_tokens_is_kept_only_when_set():
+  config = micro_config()
+  config.zero_shot = {"background": {"metric": "exact_match", "max_new_tokens": 4},
+                      "other": {"metric": "cider", "files": {"test": "/data/other_test.json"}}}
+  zero_shot = config_lib.build(config).section("zero_shot")
+  assert zero_shot["background"]["max_new_tokens"] == 4
+  assert "max_new_tokens" not in zero_shot["other"]  # unchanged hashes for existing runs
+
+
+def _llava_dir(parent, name, model_type="llava"):
+  """A checkpoint directory that passes the path checks: config.json, a weight file and a
+  tokenizer file (no weights are read before the data stage)."""
+  # pylint: disable=g-import-not-at-top
+  import json
+  from visatb_jax.model import hf_io
+  from visatb_jax.model.config import LlavaConfig, TextConfig, VisionConfig
+  # pylint: enable=g-import-not-at-top
+  path = parent / name
+  path.mkdir()
+  hf = hf_io.config_to_hf(LlavaConfig(vision=VisionConfig(), text=TextConfig(), image_token_id=4))
+  hf["model_type"] = model_type
+  (path / "config.json").write_text(json.dumps(hf))
+  (path / "model.safetensors").write_bytes(b"")
+  (path / "tokenizer.json").write_text("{}")
+  return path
+
+
+@pytest.mark.parametrize("name, model_type, flagged", [
+    ("llava-1.5-7b-hf", "llava", True),          # llava-hf's conversion
+    ("llava-v1.5-13b", "llava_llama", True),     # the original release
+    ("my-llava-sft", "llava", True),             # a LLaVA by name and config
+    ("llava-1.5-7b-hf", "llama", True),          # a LLaVA-1.5 release by its name alone
+    ("checkpoint", "llava", False),              # nothing in the name: a user's own LLaVA
+    ("llava-v1.5-mlp2x-pretrain", "llava", False),  # a stage-1 (pretrain) model
+    ("Qwen2-VL-2B-Instruct", "qwen2_vl", True),
+    ("Qwen2-VL-2B", "qwen2_vl", False),          # the base the paper fine-tunes
+])
+def test_instruction_tuned_starts_are_recognised(tmp_path, name, model_type, flagged):
+  path = str(_llava_dir(tmp_path, name, model_type))
+  assert (config_lib.instruction_tuned_start(path) is not None) == flagged
+
+
+def test_an_instruction_tuned_llava_path_is_warned_about_in_one_line(tmp_path):
+  config = micro_config()
+  config.model.path = str(_llava_dir(tmp_path, "llava-1.5-7b-hf"))
+  with pytest.warns(config_lib.InstructionTunedStartWarning) as record:
+    config_lib.build(config)
+  (warning,) = record
+  message = str(warning.message)
+  assert "\n" not in message and config.model.path in message
+  for source in ("VQAv2", "GQA", "OCRVQA", "RefCOCO", "ShareGPT", "model.vision_path"):
+    assert source in message, source
+  assert warning.filename == "config.model.path"  # shown as one line naming the field
+  # A user's own LLaVA checkpoint (nothing says instruction-tuned) is not warned about.
+  config.model.path = str(_llava_dir(tmp_path, "checkpoint"))
+  import warnings  # pylint: disable=g-import-not-at-top
+  with warnings.catch_warnings():
+    warnings.simplefilter("error", config_lib.InstructionTunedStartWarning)
+    config_lib.build(config)

@@ -191,6 +191,36 @@ def test_evaluate_is_evaluate_samples_without_the_samples(half_right, result, to
     result.scores = {}  # type: ignore[misc]
 
 
+def test_a_tasks_own_max_new_tokens_overrides_the_default(half_right, result, tok, model,
+                                                            monkeypatch):
+  """Each task decodes up to its own budget (`task_max_new_tokens`), the others up to
+  `max_new_tokens`."""
+  budgets = {}
+  generate = evaluation.generate_answers
+
+  def recording(model, eval_set, **kwargs):
+    budgets[eval_set.task] = kwargs["max_new_tokens"]
+    return generate(model, eval_set, **kwargs)
+
+  monkeypatch.setattr(evaluation, "generate_answers", recording)
+  short = evaluation.evaluate_samples(model, half_right, tokenizer=tok, batch_size=BATCH,
+                                      max_new_tokens=NEW_TOKENS, task_max_new_tokens={"vqa": 1})
+  assert budgets == {"vqa": 1, "caption": NEW_TOKENS, "box": NEW_TOKENS, "cls": NEW_TOKENS}
+  for task in ("caption", "box", "cls"):
+    assert short.predictions[task] == result.predictions[task], task
+  # The budget reaches the decoder: one token is not the four of the default.
+  assert short.predictions["vqa"] != result.predictions["vqa"]
+
+
+def test_task_budgets_merge_the_trained_and_zero_shot_tasks():
+  eval_section = {"batch_size": 8, "max_new_tokens": 128,
+                  "task_max_new_tokens": {"caption": 2048}}
+  zero_shot = {"POPE": {"metric": "pope", "max_new_tokens": 16}, "MME": {"metric": "mme"}}
+  assert evaluation.task_budgets(eval_section, zero_shot) == {"caption": 2048, "POPE": 16}
+  assert evaluation.task_budgets(eval_section) == {"caption": 2048}
+  assert evaluation.task_budgets({"batch_size": 8, "max_new_tokens": 128}) == {}
+
+
 # --- references: a sample's "answers", else its last assistant turn ---------------------------
 
 

@@ -5,12 +5,14 @@ checks the runner makes before any stage (stale inputs, another config's run dir
 a second.
 """
 
+import builtins
 import json
 import os
 
 import pytest
 
 from visatb_jax import pipeline
+from visatb_jax.data import image_digest
 from visatb_jax.pipeline import config as config_lib
 from visatb_jax.pipeline import data as data_lib
 from visatb_jax.pipeline import runner
@@ -28,6 +30,12 @@ def _sample(i, image=True):
   if image:
     row["image"] = f"images/{i}.png"
   return row
+
+
+@pytest.fixture(autouse=True)
+def _image_digest_cache(tmp_path, monkeypatch):
+  """A cache of image digests private to the test (never the user's)."""
+  monkeypatch.setenv(image_digest.ENV_CACHE_DIR, str(tmp_path / "cache"))
 
 
 @pytest.fixture
@@ -81,18 +89,77 @@ def test_a_content_edit_changes_the_data_hash_and_every_later_one(user_files):
   assert all(old[s] != new[s] for s in pipeline.STAGES)
 
 
-def test_touching_an_image_changes_the_fingerprint_without_decoding_it(user_files):
+def _files_listing_images(root):
+  return [root / f"{t}_{s}.json" for t in TASKS if t != "chat" for s in ("train", "val", "test")]
+
+
+def test_touching_an_image_keeps_the_fingerprint_and_editing_it_changes_it(user_files):
   root, _, config = user_files
   before = _fingerprints(config)
   image = root / "images" / "1.png"
   st = os.stat(image)
   os.utime(image, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))
+  assert _fingerprints(config) == before  # the same bytes: nothing to re-run
+  image.write_bytes(b"not decoded by the fingerprinT")  # same size
   after = _fingerprints(config)
   changes = data_lib.input_changes(before["data"], after["data"])
   # Every file that lists the image, named as such; the text-only chat files are unchanged.
-  assert changes == sorted(f"an image listed in {root / f'{t}_{s}.json'} changed"
-                           for t in TASKS if t != "chat" for s in ("train", "val", "test"))
+  assert changes == sorted(f"an image listed in {p} changed" for p in _files_listing_images(root))
   assert _fingerprints(config) == after  # stable while nothing changes
+
+
+def _edit_in_place_keeping_size_and_mtime(path):
+  """Other bytes of the same length, the mtime put back (the ctime moves on: see
+  tests/data/test_image_digest.py, which waits for it)."""
+  st = os.stat(path)
+  with open(path, "r+b") as f:
+    f.write(b"N")  # "not decoded..." -> "Not decoded..."
+  os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+  after = os.stat(path)
+  assert (after.st_size, after.st_mtime_ns, after.st_ino) == (st.st_size, st.st_mtime_ns, st.st_ino)
+
+
+def test_an_image_edited_in_place_with_its_mtime_restored_is_seen(user_files):
+  root, _, config = user_files
+  run_config = config_lib.build(config)
+  before = data_lib.input_fingerprints(run_config)
+  _edit_in_place_keeping_size_and_mtime(root / "images" / "2.png")
+  after = data_lib.input_fingerprints(run_config)
+  assert data_lib.input_changes(before["data"], after["data"]) == sorted(
+      f"an image listed in {p} changed" for p in _files_listing_images(root))
+  old, new = (runner.stage_hashes(run_config, fp) for fp in (before, after))
+  assert all(old[s] != new[s] for s in pipeline.STAGES)
+
+
+def test_an_unchanged_tree_is_fingerprinted_without_reading_an_image(user_files, monkeypatch):
+  root, _, config = user_files
+  # Images written a moment ago are hashed again on every call (image_digest._RACY_NS); these
+  # stand for a data set written long before the run.
+  monkeypatch.setattr(image_digest, "_RACY_NS", 0)
+  first = _fingerprints(config)
+  opened = []
+  real = builtins.open
+
+  def counting(file, *args, **kwargs):
+    opened.append(os.fspath(file) if isinstance(file, (str, os.PathLike)) else str(file))
+    return real(file, *args, **kwargs)
+
+  monkeypatch.setattr(builtins, "open", counting)
+  image_digest._LOADED.clear()  # pylint: disable=protected-access  (as in a new process)
+  assert _fingerprints(config) == first
+  assert str(root / "vqa_train.json") in opened  # the counting sees the task files being read
+  assert not [p for p in opened if p.endswith(".png")], opened
+
+
+def test_a_run_made_before_images_were_hashed_is_told_apart(user_files):
+  """A manifest's old entry fingerprints images by size and mtime: the data stage re-runs once,
+  and says why without claiming that an image changed."""
+  root, _, config = user_files
+  now = _fingerprints(config)["data"]
+  path = str(root / "vqa_train.json")
+  old = {**now, path: {"sha256": now[path]["sha256"], "images": "a digest of sizes and mtimes"}}
+  assert data_lib.input_changes(old, now) == [
+      f"the fingerprint of the images listed in {path} changed from size and mtime to content"]
 
 
 def test_the_tokenizer_and_pretrain_files_are_fingerprinted(user_files, tmp_path):
@@ -114,8 +181,8 @@ def test_missing_and_malformed_files_are_left_to_the_data_stage(user_files):
   (root / "vqa_test.json").unlink()
   (root / "count_train.json").write_text("[{")
   fp = _fingerprints(config)["data"]
-  assert fp[str(root / "vqa_test.json")] == {"sha256": None, "images": None}
-  assert fp[str(root / "count_train.json")]["images"] is None
+  assert fp[str(root / "vqa_test.json")] == {"sha256": None, "image_bytes": None}
+  assert fp[str(root / "count_train.json")]["image_bytes"] is None
   with pytest.raises(pipeline.PipelineError, match=r"task 'vqa': test file .*vqa_test\.json does not exist"):
     pipeline.run(config, str(root.parent / "run"), stages=["data"])
 
@@ -149,7 +216,8 @@ def test_a_stage_selected_after_a_task_file_changed_names_it(user_files, tmp_pat
     pipeline.run(config, str(workdir), stages=["test"])
   message = str(info.value)
   assert "\n" not in message
-  assert (f"stage test needs {workdir / 'final'}/ from stage final, which is stale: input file "
+  # test reads the data stage's output itself (its samples), the first stale input it names.
+  assert (f"stage test needs {workdir / 'data'}/ from stage data, which is stale: input file "
           f"{path} changed since it ran; run --stages data,prep,validate,lambda,final,test "
           in message), message
   # Not a config change: no --overwrite is asked for, and nothing was written.

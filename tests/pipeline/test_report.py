@@ -8,9 +8,11 @@ import os
 import matplotlib.image
 import numpy as np
 import pytest
+from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.container import BarContainer
 
 from visatb_jax.cli import report as report_cli
+from visatb_jax.pipeline import comparison as comparison_lib
 from visatb_jax.pipeline import report
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -217,7 +219,7 @@ def test_comparison_json_written_by_the_report(full_report):
   workdir, _, _ = full_report
   with open(os.path.join(workdir, "report", "comparison.json"), encoding="utf-8") as f:
     written = json.load(f)
-  assert written == report.build_comparison(workdir)
+  assert written == comparison_lib.build_comparison(workdir)
   assert sorted(written) == ["ew", "visatb"]  # neither stl nor untrained, no stale entry
   assert written["visatb"]["step_time_s"] == pytest.approx(0.5)
   assert written["ew"]["step_time_s"] == pytest.approx(0.4)
@@ -227,8 +229,8 @@ def test_comparison_json_written_by_the_report(full_report):
 def test_step_seconds_skips_the_compile_interval():
   records = [{"step": 10, "elapsed_s": 30.0}, {"step": 20, "elapsed_s": 40.0},
              {"step": 30, "elapsed_s": 52.0}, {"step": 35, "elapsed_s": 57.0}]
-  assert report.step_seconds(records) == 1.0  # median of 1.0, 1.2, 1.0
-  assert report.step_seconds(records[:1]) is None
+  assert comparison_lib.step_seconds(records) == 1.0  # median of 1.0, 1.2, 1.0
+  assert comparison_lib.step_seconds(records[:1]) is None
 
 
 def test_stage_timings_and_data_stats(full_report):
@@ -374,7 +376,7 @@ def test_build_comparison_from_run_directory_alone(tmp_path):
                  [{"step": s, "elapsed_s": 2.0 * s} for s in range(1, 5)])
   _write_metrics(os.path.join(workdir, "final", "mtl", "metrics.jsonl"),
                  [{"step": s, "elapsed_s": 3.0 * s} for s in range(1, 5)])
-  comparison = report.build_comparison(workdir)
+  comparison = comparison_lib.build_comparison(workdir)
   assert sorted(comparison) == ["ew", "mtl", "odd"]  # never stl nor untrained
   # ew: I_a = +0.1/0.5 = +20 %, I_b = -(3 - 2)/2 = -50 % → ΔI = -15 %, ΔE = 50 / 2 = 25 %.
   assert comparison["ew"]["per_task"] == pytest.approx({"a": 20.0, "b": -50.0})
@@ -402,15 +404,15 @@ def test_build_comparison_without_config_is_higher_is_better(tmp_path):
   workdir = str(tmp_path)
   _write_json(os.path.join(workdir, "scores", "test.json"),
               {"stl": {"a": 0.5, "b": 2.0}, "ew": {"a": 0.6, "b": 3.0}})
-  comparison = report.build_comparison(workdir)
+  comparison = comparison_lib.build_comparison(workdir)
   assert comparison["ew"]["per_task"] == pytest.approx({"a": 20.0, "b": 50.0})
   assert "step_time_s" not in comparison["ew"]
 
 
 def test_build_comparison_without_stl_or_test(tmp_path):
-  assert report.build_comparison(str(tmp_path)) == {}
+  assert comparison_lib.build_comparison(str(tmp_path)) == {}
   _write_json(os.path.join(tmp_path, "scores", "test.json"), {"ew": {"a": 0.6}})
-  assert report.build_comparison(str(tmp_path)) == {}
+  assert comparison_lib.build_comparison(str(tmp_path)) == {}
   md = open(report.write_report(str(tmp_path)), encoding="utf-8").read()
   assert "No STL scores" in _section(md, "Comparison")
 
@@ -418,9 +420,9 @@ def test_build_comparison_without_stl_or_test(tmp_path):
 def test_higher_is_better_defaults():
   config = {"tasks": {"a": {"higher_is_better": False}, "b": {"metric": "x"},
                       "c": {"higher_is_better": [True, False]}}}
-  assert report.higher_is_better(config, ["a", "b", "c", "d"]) == {
+  assert comparison_lib.higher_is_better(config, ["a", "b", "c", "d"]) == {
       "a": False, "b": True, "c": [True, False], "d": True}
-  assert report.higher_is_better(None, ["a"]) == {"a": True}
+  assert comparison_lib.higher_is_better(None, ["a"]) == {"a": True}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -582,8 +584,7 @@ def test_heatmap_marks_intervals_containing_zero():
   hatched = _hatched(ax)
   # Cells count → caption (row 2, column 0) and vqa → count (row 1, column 2), as (x, y) corners.
   assert sorted(p.get_xy() for p in hatched) == [(-0.5, 1.5), (1.5, 0.5)]
-  legend = ax.get_legend()
-  assert legend is not None
+  (legend,) = fig.legends  # under the figure, not on the axes
   assert [t.get_text() for t in legend.get_texts()] == ["90 % interval contains 0"]
   texts = [t.get_text() for t in ax.texts]
   assert "0.05\n[-0.1, 0.2]" in texts  # each cell also shows its interval
@@ -591,8 +592,84 @@ def test_heatmap_marks_intervals_containing_zero():
 
 def test_heatmap_without_intervals_has_no_marks():
   bal = _balance()
-  ax = report.contribution_figure(bal, np.asarray(bal["C"])).axes[0]
-  assert not _hatched(ax) and ax.get_legend() is None
+  fig = report.contribution_figure(bal, np.asarray(bal["C"]))
+  assert not _hatched(fig.axes[0]) and not fig.legends and fig.axes[0].get_legend() is None
+
+
+_LONG_NAMES = ("caption", "vqa", "count", "grounding", "ocr_text", "region_caption", "docvqa",
+               "science_qa")
+
+
+def _balance_of(n: int) -> dict:
+  """A balance of `n` tasks with wide intervals (long cell text), some containing 0."""
+  rng = np.random.default_rng(n)
+  c = rng.uniform(-0.9, 0.9, (n, n))
+  np.fill_diagonal(c, 1.0)
+  low, high = c - rng.uniform(0.01, 0.7, (n, n)), c + rng.uniform(0.01, 0.7, (n, n))
+  np.fill_diagonal(low, 1.0)
+  np.fill_diagonal(high, 1.0)
+  low[0, 1], high[0, 1] = -0.0123, 0.0456  # the longest interval text: "[-0.012, 0.046]"
+  return {"balanced": list(_LONG_NAMES[:n]), "C": c.tolist(), "bootstrap": {"level": 0.9},
+          "intervals": {"C": np.stack([low, high], axis=-1).tolist()}}
+
+
+def _rendered(fig):
+  """The figure drawn by Agg at the report's dpi, and its renderer."""
+  fig.set_dpi(110)
+  canvas = FigureCanvasAgg(fig)
+  canvas.draw()
+  return canvas.get_renderer()
+
+
+def _overlap(a, b) -> bool:
+  return a.x0 < b.x1 and b.x0 < a.x1 and a.y0 < b.y1 and b.y0 < a.y1
+
+
+@pytest.mark.parametrize("n", [3, 8])
+@pytest.mark.parametrize("with_intervals", [True, False])
+def test_heatmap_legend_labels_and_matrix_do_not_overlap(n, with_intervals):
+  bal = _balance_of(n)
+  if not with_intervals:
+    del bal["intervals"]
+  fig = report.contribution_figure(bal, np.asarray(bal["C"]))
+  renderer = _rendered(fig)
+  ax, colorbar = fig.axes
+  matrix = ax.get_window_extent(renderer)
+  xlabel = ax.xaxis.label.get_window_extent(renderer)
+  ylabel = ax.yaxis.label.get_window_extent(renderer)
+  xticks = [t.get_window_extent(renderer) for t in ax.get_xticklabels()]
+  yticks = [t.get_window_extent(renderer) for t in ax.get_yticklabels()]
+  bar = colorbar.get_tightbbox(renderer)
+  boxes = {"xlabel": xlabel, "ylabel": ylabel, "matrix": matrix}
+  apart = {"xlabel": [matrix, ylabel, bar, *xticks], "ylabel": [matrix, xlabel, *yticks],
+           "matrix": [bar, *xticks, *yticks]}
+  if with_intervals:  # the hatch's legend, under the figure
+    (legend,) = fig.legends
+    boxes["legend"] = legend.get_window_extent(renderer)
+    apart["legend"] = [matrix, xlabel, ylabel, bar, *xticks, *yticks]
+  for name, others in apart.items():
+    hits = [o for o in others if _overlap(boxes[name], o)]
+    assert not hits, f"{n} tasks: the {name} ({boxes[name]}) overlaps {hits}"
+  page = fig.bbox
+  for name, box in boxes.items():  # nothing cut off at the figure's edges
+    assert page.x0 <= box.x0 and box.x1 <= page.x1 and page.y0 <= box.y0 and box.y1 <= page.y1, name
+
+
+@pytest.mark.parametrize("n", [3, 8])
+def test_heatmap_cell_text_stays_inside_its_cell(n):
+  """Every value (and its interval) is drawn inside its own cell at a readable size."""
+  bal = _balance_of(n)
+  fig = report.contribution_figure(bal, np.asarray(bal["C"]))
+  renderer = _rendered(fig)
+  (ax, _), to_pixels = fig.axes, fig.axes[0].transData
+  assert len(ax.texts) == n * n
+  for text in ax.texts:
+    assert text.get_fontsize() >= 8
+    j, i = text.get_position()
+    (x0, y0), (x1, y1) = to_pixels.transform([(j - 0.5, i + 0.5), (j + 0.5, i - 0.5)])
+    box = text.get_window_extent(renderer)
+    assert x0 < box.x0 and box.x1 < x1 and y0 < box.y0 and box.y1 < y1, (
+        f"{n} tasks: {text.get_text()!r} ({box}) spills out of its cell ({x0}, {y0}, {x1}, {y1})")
 
 
 def test_old_lambda_json_renders_as_before(full_report):
@@ -671,7 +748,7 @@ def test_under_trained_task_is_named_with_its_numbers():
   """STL above EW beyond the paired interval: equal weighting under-trains that task."""
   samples = _paired_scores(100, ew_hits=40, stl_hits=70, visatb_hits=65)
   comparison = {"ew": {}, "visatb": {}}
-  report.add_differences_to_ew(comparison, samples, {"count": True, "caption": True})
+  comparison_lib.add_differences_to_ew(comparison, samples, {"count": True, "caption": True})
   assert comparison["ew"]["under_trained"] == ["count"]
   # Sample k is a hit for STL whenever it is for EW: 30 more hits of 100, certain when paired.
   assert comparison["ew"]["stl_vs_ew"]["count"]["difference"] == pytest.approx(0.30)
@@ -686,14 +763,14 @@ def test_under_trained_task_is_named_with_its_numbers():
 def test_no_under_trained_task_is_said_too():
   samples = _paired_scores(100, ew_hits=60, stl_hits=40, visatb_hits=60)
   comparison = {"ew": {}, "visatb": {}}
-  report.add_differences_to_ew(comparison, samples, {"count": True, "caption": True})
+  comparison_lib.add_differences_to_ew(comparison, samples, {"count": True, "caption": True})
   assert comparison["ew"]["under_trained"] == []
   assert report.under_training_sentence(comparison).startswith(
       "Equal weighting under-trains no task here")
   # Lower-is-better tasks, and scores on other samples, get no interval rather than a wrong one.
   comparison = {"ew": {}}
   mismatched = {"ew": {"count": {"a": 1.0}}, "stl": {"count": {"b": 1.0}}}
-  report.add_differences_to_ew(comparison, mismatched, {"count": True})
+  comparison_lib.add_differences_to_ew(comparison, mismatched, {"count": True})
   assert comparison["ew"]["stl_vs_ew"] == {} and report.under_training_sentence(comparison) is None
 
 
@@ -730,7 +807,7 @@ def test_verdict_paragraph_states_the_comparison_and_its_noise():
   comparison = {"ew": {"delta_i": 33.3, "delta_e": 0.0}, "visatb": {"delta_i": 50.0,
                                                                     "delta_e": 0.0},
                 "tla": {"delta_i": 10.0, "delta_e": 1.5}}
-  report.add_differences_to_ew(comparison, samples, {"count": True, "caption": True})
+  comparison_lib.add_differences_to_ew(comparison, samples, {"count": True, "caption": True})
   delta = comparison["visatb"]["delta_vs_ew"]["delta_i"]
   # count: (60 − 30)/30 against (40 − 30)/30; caption equal: (100 − 33.3)/2 = 33.3 points.
   assert delta["difference"] == pytest.approx(100 * (1.0 - 1 / 3) / 2)

@@ -139,6 +139,7 @@ def test_missing_image_is_named(ws, tmp_path):
     fresh.data.prepare()
 
 
+@pytest.mark.slow  # ~10 s or more on 2 cores: not in the quick subset (README)
 def test_dynamic_baseline_keeps_fixed_task_and_logs_its_lambda(ws):
   plan = ws.config.tasks
   method = methods.get("rlw").train_method(plan.base_weights(), plan.fixed_mask())

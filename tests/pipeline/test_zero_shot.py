@@ -8,6 +8,7 @@ import os
 import pytest
 
 from visatb_jax.pipeline import config as config_lib
+from visatb_jax.pipeline import comparison as comparison_lib
 from visatb_jax.pipeline import presets, report, runner
 from visatb_jax.pipeline.config import StageInputError
 from visatb_jax.runtime import fileio
@@ -129,7 +130,7 @@ def _run_dir(tmp_path, test, config=CONFIG):
 
 
 def test_delta_i_zero_against_ew_by_hand(tmp_path):
-  comparison = report.build_comparison(_run_dir(tmp_path, TEST))
+  comparison = comparison_lib.build_comparison(_run_dir(tmp_path, TEST))
   assert set(comparison) == {"ew", "visatb"}
   visatb = comparison["visatb"]
   # z1: (0.6 − 0.5) / 0.5 = +20 %; z2, lower is better: −(3 − 4) / 4 = +25 %; mean 22.5 %.
@@ -156,27 +157,27 @@ def test_delta_i_zero_in_report_md(tmp_path):
 
 def test_delta_i_zero_undefined_or_without_ew_is_said(tmp_path):
   zero_ew = {**TEST, "ew": {**TEST["ew"], "z1": 0.0}}
-  comparison = report.build_comparison(_run_dir(tmp_path / "a", zero_ew))
+  comparison = comparison_lib.build_comparison(_run_dir(tmp_path / "a", zero_ew))
   assert "z1" in comparison["visatb"]["zero_shot_error"]
   assert comparison["visatb"]["delta_i"] == pytest.approx(-15.0)  # unaffected
   text = open(report.write_report(str(tmp_path / "a")), encoding="utf-8").read()
   assert "- visatb (ΔI_zero): task 'z1'" in text
   no_ew = {m: s for m, s in TEST.items() if m != "ew"}
-  comparison = report.build_comparison(_run_dir(tmp_path / "b", no_ew))
+  comparison = comparison_lib.build_comparison(_run_dir(tmp_path / "b", no_ew))
   assert "add 'ew' to config.baselines" in comparison["visatb"]["zero_shot_error"]
 
 
 def test_without_stl_only_delta_i_zero_is_given(tmp_path):
   no_stl = {m: s for m, s in TEST.items() if m != "stl"}
-  comparison = report.build_comparison(_run_dir(tmp_path, no_stl))
+  comparison = comparison_lib.build_comparison(_run_dir(tmp_path, no_stl))
   assert comparison["visatb"] == {"delta_i_zero": pytest.approx(22.5),
                                   "per_task_zero": pytest.approx({"z1": 20.0, "z2": 25.0})}
   # A run without zero-shot tasks and without STL compares nothing, as before.
   config = {k: v for k, v in CONFIG.items() if k != "zero_shot"}
-  assert report.build_comparison(_run_dir(tmp_path / "c", no_stl, config)) == {}
+  assert comparison_lib.build_comparison(_run_dir(tmp_path / "c", no_stl, config)) == {}
 
 
 def test_a_zero_shot_direction_wins_over_the_registry():
-  assert report.higher_is_better(CONFIG, ["a", "z1", "z2"]) == {"a": True, "z1": True,
+  assert comparison_lib.higher_is_better(CONFIG, ["a", "z1", "z2"]) == {"a": True, "z1": True,
                                                                 "z2": False}
-  assert report.zero_shot_tasks(CONFIG) == ["z1", "z2"] and report.zero_shot_tasks(None) == []
+  assert comparison_lib.zero_shot_tasks(CONFIG) == ["z1", "z2"] and comparison_lib.zero_shot_tasks(None) == []

@@ -4,6 +4,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -449,3 +451,218 @@ def test_nested_loops_multiply_and_agree_with_xla_without_loops():
   assert cost.matmul_flops(module, counts) == xla["flops"] == 2 * 2 * 8 * 32 * 32
   hbm = cost.hbm_bytes(module, counts)
   assert 0.5 < hbm / xla["bytes accessed"] < 2.0, (hbm, xla["bytes accessed"])
+
+
+# ------------------------------------------------------------------------ XLA:CPU's f32 widening
+
+# Both modules share the source tables: line 10 computes tanh (bf16 in the program), line 11 is
+# the program's own upcast to f32, line 12 a multiply done in bf16 and in f32 (ambiguous).
+_FRAMES = """\
+FileNames
+1 "/repo/visatb_jax/model/toy.py"
+
+FunctionNames
+1 "layer"
+
+FileLocations
+1 {file_name_id=1 function_name_id=1 line=10 end_line=10 column=1 end_column=2}
+2 {file_name_id=1 function_name_id=1 line=11 end_line=11 column=1 end_column=2}
+3 {file_name_id=1 function_name_id=1 line=12 end_line=12 column=1 end_column=2}
+
+StackFrames
+1 {file_location_id=1 parent_frame_id=1}
+2 {file_location_id=2 parent_frame_id=1}
+3 {file_location_id=3 parent_frame_id=1}
+"""
+
+BEFORE = "HloModule jit_f\n\n" + _FRAMES + """
+ENTRY %main (x: f32[8,64], b: bf16[8,64]) -> bf16[8,64] {
+  %x = f32[8,64]{1,0} parameter(0)
+  %b = bf16[8,64]{1,0} parameter(1)
+  %tanh.1 = bf16[8,64]{1,0} tanh(%b), metadata={op_name="while/body/tanh" stack_frame_id=1}
+  %up = f32[8,64]{1,0} convert(%tanh.1), metadata={op_name="convert_element_type" stack_frame_id=2}
+  %m1 = bf16[8,64]{1,0} multiply(%b, %b), metadata={op_name="mul" stack_frame_id=3}
+  %m2 = f32[8,64]{1,0} multiply(%up, %x), metadata={op_name="mul" stack_frame_id=3}
+  ROOT %r = bf16[8,64]{1,0} tanh(%m1), metadata={op_name="while/body/tanh" stack_frame_id=1}
+}
+"""
+
+# After optimization: XLA's own upcast of `b` (a fusion, no metadata) starts a loop whose body
+# computes tanh in f32 and carries `x` through unchanged; the program's upcast and both
+# multiplies are f32.
+AFTER = "HloModule jit_f, num_partitions=1\n\n" + _FRAMES + """
+%fused_up (p: bf16[8,64]) -> f32[8,64] {
+  %p = bf16[8,64]{1,0} parameter(0)
+  ROOT %cv = f32[8,64]{1,0} convert(%p)
+}
+
+%body (s: (s32[], f32[8,64], f32[8,64])) -> (s32[], f32[8,64], f32[8,64]) {
+  %s = (s32[], f32[8,64]{1,0}, f32[8,64]{1,0}) parameter(0)
+  %i = s32[] get-tuple-element(%s), index=0
+  %h = f32[8,64]{1,0} get-tuple-element(%s), index=1
+  %keep = f32[8,64]{1,0} get-tuple-element(%s), index=2
+  %act = f32[8,64]{1,0} tanh(%h), metadata={op_name="jit(f)/while/body/tanh" stack_frame_id=1}
+  %one = s32[] constant(1)
+  %next = s32[] add(%i, %one)
+  ROOT %t = (s32[], f32[8,64]{1,0}, f32[8,64]{1,0}) tuple(%next, %act, %keep)
+}
+
+%cond (c: (s32[], f32[8,64], f32[8,64])) -> pred[] {
+  %c = (s32[], f32[8,64]{1,0}, f32[8,64]{1,0}) parameter(0)
+  %ci = s32[] get-tuple-element(%c), index=0
+  %n = s32[] constant(3)
+  ROOT %lt = pred[] compare(%ci, %n), direction=LT
+}
+
+ENTRY %main (x: f32[8,64], b: bf16[8,64]) -> f32[8,64] {
+  %x = f32[8,64]{1,0} parameter(0)
+  %b = bf16[8,64]{1,0} parameter(1)
+  %wide = f32[8,64]{1,0} fusion(%b), kind=kLoop, calls=%fused_up
+  %zero = s32[] constant(0)
+  %init = (s32[], f32[8,64]{1,0}, f32[8,64]{1,0}) tuple(%zero, %wide, %x)
+  %loop = (s32[], f32[8,64]{1,0}, f32[8,64]{1,0}) while(%init), condition=%cond, body=%body, backend_config={"known_trip_count":{"n":"3"}}
+  %out = f32[8,64]{1,0} get-tuple-element(%loop), index=1
+  %own = f32[8,64]{1,0} convert(%b), metadata={op_name="jit(f)/convert_element_type" stack_frame_id=2}
+  %mul = f32[8,64]{1,0} multiply(%own, %out), metadata={op_name="jit(f)/mul" stack_frame_id=3}
+  ROOT %bc = f32[8,64]{1,0} bitcast(%out)
+}
+"""
+
+
+def test_model_precisions_key_by_source_line_and_primitive():
+  precisions = cost.model_precisions(cost.parse_hlo(BEFORE))
+  assert precisions == {
+      ("model/toy.py:10 (layer)", "tanh"): {"bf16"},
+      ("model/toy.py:11 (layer)", "convert_element_type"): {"f32"},
+      ("model/toy.py:12 (layer)", "mul"): {"bf16", "f32"}}
+
+
+def test_widened_buffers_are_bf16_values_held_in_f32():
+  m = cost.parse_hlo(AFTER)
+  precisions = cost.model_precisions(cost.parse_hlo(BEFORE))
+
+  def widened(name, index="{}", p=precisions):
+    return cost.is_widened(m, name, index, p)
+
+  assert widened("wide")  # XLA's own convert of bf16 data
+  assert not widened("own")  # the program's upcast: f32 in the program too
+  assert not widened("x") and not widened("b")  # an argument; a bf16 buffer
+  assert not widened("mul")  # its line multiplies in bf16 and in f32: ambiguous, f32
+  # Loop state: what the body's root puts there (tanh, bf16 in the program), or what the loop
+  # started with when the body passes it through (the f32 argument x).
+  assert widened("loop", "{1}") and widened("s", "{1}") and widened("out") and widened("bc")
+  assert not widened("loop", "{2}") and not widened("s", "{2}")
+  assert widened("c", "{1}") and not widened("c", "{2}")  # the condition sees the same state
+  assert cost.value_origin(m, "loop", (2,))[0].name == "x"
+  assert not widened("loop", "{0}")  # s32
+  assert not widened("act", p={("model/toy.py:10 (layer)", "tanh"): frozenset(("bf16", "f32"))})
+  live = [("loop", "{1}", 2048), ("loop", "{2}", 2048), ("own", "{}", 2048), ("b", "{}", 1024)]
+  assert cost.widened_bytes(m, live, precisions) == 2048
+  peak = cost.peak_buffers(m, live, precisions)
+  assert [b.widened for b in peak] == [True, False, False, False]
+  assert not any(b.widened for b in cost.peak_buffers(m, live))  # no precisions, no marks
+
+
+def test_hbm_bytes_count_widened_values_at_two_bytes():
+  m = cost.parse_hlo(AFTER)
+  counts = cost.execution_counts(m)
+  scale = cost.widening_scale(m, cost.model_precisions(cost.parse_hlo(BEFORE)))
+  f32 = 8 * 64 * 4
+  # The loop's tanh reads and writes a widened value: half of 2 x f32 per trip.
+  assert cost.instruction_hbm_bytes(m.by_name["act"], m) == 2 * f32
+  assert cost.instruction_hbm_bytes(m.by_name["act"], m, scale) == f32
+  # The program's multiply: its f32 operand `own` stays whole, the widened `out` is halved.
+  assert cost.instruction_hbm_bytes(m.by_name["mul"], m, scale) == f32 + f32 + f32 / 2
+  assert cost.hbm_bytes(m, counts, scale) < cost.hbm_bytes(m, counts)
+
+
+def _compiled_with_dump(fn, *args):
+  """(optimized module, module before optimizations, live ranges at the peak) of `fn`."""
+  import tempfile
+  from visatb_jax.cli import dryrun
+  with tempfile.TemporaryDirectory() as directory:
+    # A nonce: a step served by the persistent compilation cache would leave no dump.
+    compiled = jax.jit(fn).lower(*args).compile(dryrun._dump_options(directory, nonce=4321))
+    live, before = dryrun._dump_texts(directory)
+  return (cost.parse_hlo(compiled.as_text()), cost.parse_hlo(before),
+          cost.parse_live_range_peak(live))
+
+
+def _chain(dtype):
+  """Two [256, 256] matmuls in `dtype`, then a loop that reads both results: they are live
+  buffers at the peak. x is the program's only f32 value in bf16."""
+  def fn(x):
+    a = x.astype(dtype)
+    h1 = jnp.tanh(a @ a)
+    h2 = jnp.tanh(a @ h1)
+    return jax.lax.fori_loop(0, 3, lambda i, c: jnp.tanh(c @ h1 + h2), a)
+  return fn
+
+
+def test_widening_of_a_compiled_bf16_program_is_its_f32_temporaries():
+  """The same program in bf16 and in f32: in bf16 every f32 buffer at the peak but the argument
+  x holds a bf16 value of the program, so the widened bytes are exactly those buffers' bytes; in
+  f32 nothing is widened."""
+  x = jax.ShapeDtypeStruct((256, 256), jnp.float32)
+  m, before, live = _compiled_with_dump(_chain(jnp.bfloat16), x)
+  precisions = cost.model_precisions(before)
+  assert precisions and all(p == {"bf16"} for k, p in precisions.items() if k[1] == "tanh")
+  f32_temps = sum(size for name, index, size in live
+                  if cost.array_shapes(cost._subshape(m.by_name[name].shape, index))[0][0] == "f32"
+                  and not (m.by_name[name].opcode == "parameter"
+                           and m.by_name[name].computation == m.entry))
+  assert f32_temps >= 2 * 256 * 256 * 4, live  # XLA:CPU holds h1 and h2 in f32
+  assert cost.widened_bytes(m, live, precisions) == f32_temps
+  counts = cost.execution_counts(m)
+  assert cost.hbm_bytes(m, counts, cost.widening_scale(m, precisions)) < cost.hbm_bytes(m, counts)
+
+  m, before, live = _compiled_with_dump(_chain(jnp.float32), x)
+  precisions = cost.model_precisions(before)
+  assert cost.widened_bytes(m, live, precisions) == 0
+  counts = cost.execution_counts(m)
+  assert cost.hbm_bytes(m, counts, cost.widening_scale(m, precisions)) == cost.hbm_bytes(
+      m, counts)
+
+
+# ------------------------------------------------------------------------------- fits or not
+
+
+def test_memory_verdict_at_the_boundaries():
+  gb = 1e9
+  v = cost.memory_verdict(measured_bytes=80 * gb, accelerator_bytes=70 * gb, capacity_bytes=80 * gb)
+  assert v["verdict"] == "fits" and v["measured_margin"] == 0 and v["accelerator_margin"] == 10 * gb
+  v = cost.memory_verdict(measured_bytes=80 * gb + 1, accelerator_bytes=80 * gb,
+                          capacity_bytes=80 * gb)
+  assert v["verdict"] == "fits on the accelerator estimate only"
+  assert v["measured_margin"] == -1 and v["accelerator_margin"] == 0
+  v = cost.memory_verdict(measured_bytes=90 * gb, accelerator_bytes=80 * gb + 1,
+                          capacity_bytes=80 * gb)
+  assert v["verdict"] == "does not fit" and not v["fits_measured"] and not v["fits_accelerator"]
+  # Without an estimate (no dump to read), the measured figure decides alone.
+  assert cost.memory_verdict(measured_bytes=81 * gb, accelerator_bytes=None,
+                             capacity_bytes=80 * gb)["verdict"] == "does not fit"
+  v = cost.memory_verdict(measured_bytes=79 * gb, accelerator_bytes=None, capacity_bytes=80 * gb)
+  assert v["verdict"] == "fits" and v["accelerator_margin"] is None
+  assert {n: c.hbm_bytes for n, c in cost.CHIPS.items()} == {"v5p": 95e9, "h100": 80e9,
+                                                             "h200": 141e9}
+
+
+@settings(max_examples=200, deadline=None)
+@given(measured=st.floats(0, 300e9), share=st.floats(0, 1), capacity=st.floats(1e9, 300e9))
+def test_memory_verdict_follows_the_two_bounds(measured, share, capacity):
+  accelerator = measured * (1 - share / 2)  # widened buffers at half: never above measured
+  v = cost.memory_verdict(measured_bytes=measured, accelerator_bytes=accelerator,
+                          capacity_bytes=capacity)
+  assert v["fits_measured"] == (measured <= capacity)
+  assert v["measured_margin"] == capacity - measured
+  if v["verdict"] == "fits":  # the upper bound fits, so does the lower one
+    assert v["fits_accelerator"] and v["accelerator_margin"] >= v["measured_margin"]
+  elif v["verdict"] == "does not fit":
+    assert not v["fits_accelerator"] and v["accelerator_margin"] < 0
+  else:
+    assert v["measured_margin"] < 0 <= v["accelerator_margin"]
+  # More memory never turns a verdict worse.
+  bigger = cost.memory_verdict(measured_bytes=measured, accelerator_bytes=accelerator,
+                               capacity_bytes=capacity * 2)["verdict"]
+  order = ["does not fit", "fits on the accelerator estimate only", "fits"]
+  assert order.index(bigger) >= order.index(v["verdict"])

@@ -38,14 +38,18 @@ def test_thp_mode_reads_the_bracketed_choice(tmp_path):
   assert host_memory.thp_mode(str(tmp_path / "missing")) is None
 
 
-def test_reexec_restarts_the_same_command_once_with_the_tunable():
-  code = ("import os; from visatb_jax.runtime import host_memory; "
+@pytest.mark.parametrize("mode, expected", [
+    ("madvise", ["start", "start", "glibc.malloc.hugetlb=1"]),  # restarted once, then no loop
+    ("never", ["start", "None"]),                                # nothing to gain: no restart
+])
+def test_reexec_restarts_the_same_command_once_with_the_tunable(mode, expected):
+  # The machine's glibc and THP mode are fixed inside the child, so both paths run on any host.
+  code = ("import os, platform; from visatb_jax.runtime import host_memory; "
+          "platform.libc_ver = lambda *a, **k: ('glibc', '2.39'); "
+          f"host_memory.thp_mode = lambda *a, **k: {mode!r}; "
           "print('start', flush=True); host_memory.reexec_with_huge_pages(); "
           "print(os.environ.get('GLIBC_TUNABLES'))")
   env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", "VISATB_HUGE_PAGES")}
   out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                        check=True).stdout.split()
-  if host_memory.huge_page_env(env) is None:  # this machine: nothing to do, no restart
-    assert out == ["start", "None"]
-  else:
-    assert out == ["start", "start", "glibc.malloc.hugetlb=1"]
+  assert out == expected

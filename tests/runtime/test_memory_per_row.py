@@ -17,6 +17,7 @@ layers or 512 wide): the estimate counts what must be live, XLA keeps a little m
 
 import jax
 import jax.numpy as jnp
+import pytest
 
 from conftest import micro_config
 from visatb_jax.cli import dryrun
@@ -47,6 +48,7 @@ def _config(rows):
   return config
 
 
+@pytest.mark.slow  # ~10 s or more on 2 cores: not in the quick subset (README)
 def test_temporaries_grow_per_row_as_the_full_remat_estimate():
   temps = {}
   for rows in (1, 2):

@@ -16,6 +16,7 @@ import sys
 
 import jax
 import numpy as np
+import pytest
 
 from visatb_jax import train
 from visatb_jax.runtime import metrics_log
@@ -135,6 +136,7 @@ def _losses(workdir):
           for r in metrics_log.read_metrics(workdir / metrics_log.METRICS_FILE)]
 
 
+@pytest.mark.slow  # ~10 s or more on 2 cores: not in the quick subset (README)
 def test_two_processes_train_like_one_and_resume(tmp_path):
   reference = tmp_path / "one"
   train.train(tt.new_model(), tt.make_batch, tt.LAM, tt.CFG, reference,
@@ -154,6 +156,7 @@ def test_two_processes_train_like_one_and_resume(tmp_path):
   assert json.loads((workdir / metrics_log.METRICS_FILE).read_text().splitlines()[-1])["step"] == 6
 
 
+@pytest.mark.slow  # ~10 s or more on 2 cores: not in the quick subset (README)
 def test_generation_split_over_two_hosts_gives_every_process_every_answer(tmp_path):
   sys.path.insert(0, os.path.join(TESTS, "model"))
   import test_generate as tg
@@ -199,6 +202,7 @@ print("DONE", jax.process_index(), served[0] if served else -1, flush=True)
 """
 
 
+@pytest.mark.slow  # ~10 s or more on 2 cores: not in the quick subset (README)
 def test_two_processes_stop_at_the_same_step_on_sigterm_and_resume(tmp_path):
   """One host gets SIGTERM; both save the same step (JAX's preemption sync) and resume from it."""
   steps, signal_at = 12, 2

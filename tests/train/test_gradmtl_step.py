@@ -138,6 +138,7 @@ def test_bad_method_and_reserved_options(meshes):
 
 @pytest.mark.parametrize("make_tx", [lambda: optax.sgd(1.0),
                                      lambda: train.make_optimizer({"steps": 10, "lr": 1.0})])
+@pytest.mark.slow  # ~10 s or more on 2 cores: not in the quick subset (README)
 def test_mgda_on_one_task_equals_the_plain_step(meshes, make_tx):
   # Only task 1 has tokens: MGDA's direction is that task's mean-loss gradient, exactly the
   # gradient of the EW step (whose λ cancels when one task is present).
@@ -186,6 +187,7 @@ def test_methods_train_without_nan(meshes, method):
   assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(state.params))
 
 
+@pytest.mark.slow  # ~10 s or more on 2 cores: not in the quick subset (README)
 def test_sharded_and_accumulated_steps_equal_single_device(meshes):
   # Nash-MTL: the solver is not invariant to a rescaled row, and its α is state.
   old1, new1, m1, s1 = one_step(meshes[1], "nash")
@@ -236,6 +238,7 @@ def test_mtl_state_is_checkpointable(tmp_path):
 
 
 @pytest.mark.parametrize("accum", [1, 2])
+@pytest.mark.slow  # ~10 s or more on 2 cores: not in the quick subset (README)
 def test_chunked_cross_entropy_gives_the_same_step(meshes, accum):
   """ce_chunk_size on the per-task-gradient step: the same per-task gradients, loss and update
   as the full-logits step, on a (tiny) real LLaVA."""

@@ -1,5 +1,6 @@
-"""SIGTERM during train(): the step reached is checkpointed, `Preempted` is raised, and a new call
-resumes from that step and ends with the parameters of an uninterrupted run."""
+"""SIGTERM or Ctrl-C during train(): the step reached is checkpointed, `Preempted` (`Interrupted`)
+is raised, and a new call resumes from that step and ends with the parameters of an uninterrupted
+run. A second Ctrl-C stops at once."""
 
 import functools
 import os
@@ -15,7 +16,7 @@ from visatb_jax import train
 from visatb_jax.core import weighting
 from visatb_jax.runtime import checkpoint
 from visatb_jax.runtime import metrics_log
-from visatb_jax.train.loop import Preempted
+from visatb_jax.train.loop import Interrupted, Preempted
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from test_train import (CFG, LAM, STRATEGY_OPTIONS, TASKS, WCFG, deterministic,  # noqa: E402
@@ -134,4 +135,83 @@ def test_training_in_a_thread_leaves_the_signal_handlers_alone(tmp_path, meshes,
   thread.join()
   assert not errors, errors
   assert seen and all(h is sigterm_guard for h in seen)
+  assert _steps(tmp_path) == [2]
+
+
+# ----------------------------------------------------------------------------------- Ctrl-C
+
+
+@pytest.fixture
+def sigint_guard():
+  """Python's own Ctrl-C handler while the test runs (whatever pytest installed is put back)."""
+  previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+  yield signal.default_int_handler
+  signal.signal(signal.SIGINT, previous)
+
+
+def _sigint_at(step_index: int, served: list[int], times: int = 1):
+  """get_batch that sends this process SIGINT `times` times while serving `step_index`."""
+
+  def get_batch(i):
+    served.append(i)
+    if i == step_index:
+      for _ in range(times):
+        os.kill(os.getpid(), signal.SIGINT)
+    return make_batch(i)
+
+  return get_batch
+
+
+def test_ctrl_c_saves_the_step_like_sigterm_and_a_rerun_says_it_resumed(
+    tmp_path, meshes, sigint_guard, sigterm_guard, capfd):
+  run = functools.partial(train.train, mesh=meshes[1], task_names=TASKS)
+  straight = run(new_model(), make_batch, LAM, CFG, tmp_path / "a")
+  served = []
+  with pytest.raises(Interrupted, match="step 2 by Ctrl-C.*same command") as info:
+    run(new_model(), _sigint_at(1, served), LAM, CFG, tmp_path / "b")
+  assert info.value.step == 2 and served == [0, 1]  # not a step more, and not a step less
+  assert _steps(tmp_path / "b") == [2]
+  assert signal.getsignal(signal.SIGINT) is sigint_guard
+  assert "Ctrl-C again stops at once" in capfd.readouterr().out
+
+  resumed = run(new_model(), make_batch, LAM, CFG, tmp_path / "b")
+  logged = capfd.readouterr().out
+  assert logged.count("resumed from step") == 1 and "resumed from step 2 (" in logged
+  jax.tree.map(np.testing.assert_array_equal, params_of(resumed), params_of(straight))
+
+
+def test_a_second_ctrl_c_stops_at_once(tmp_path, meshes, sigint_guard, sigterm_guard):
+  served = []
+  with pytest.raises(KeyboardInterrupt):
+    train.train(new_model(), _sigint_at(1, served, times=2), LAM, CFG, tmp_path,
+                mesh=meshes[1], task_names=TASKS)
+  assert served == [0, 1]
+  assert _steps(tmp_path) == []  # no step-boundary save after the second one
+  assert signal.getsignal(signal.SIGINT) is sigint_guard
+
+
+def test_ctrl_c_during_the_final_save_reaches_the_previous_handler(
+    tmp_path, meshes, sigint_guard, sigterm_guard, monkeypatch):
+  close = checkpoint.Checkpointer.close
+
+  def close_with_sigint(self):
+    os.kill(os.getpid(), signal.SIGINT)
+    close(self)
+
+  monkeypatch.setattr(checkpoint.Checkpointer, "close", close_with_sigint)
+  with pytest.raises(KeyboardInterrupt):
+    train.train(new_model(), make_batch, LAM, {**CFG, "steps": 2}, tmp_path, mesh=meshes[1],
+                task_names=TASKS)
+  monkeypatch.undo()
+  assert _steps(tmp_path) == [2]  # the save completed before the signal was passed on
+
+
+def test_an_ignored_ctrl_c_stays_ignored(tmp_path, meshes, sigterm_guard):
+  previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+  try:
+    train.train(new_model(), _sigint_at(0, []), LAM, {**CFG, "steps": 2}, tmp_path,
+                mesh=meshes[1], task_names=TASKS)
+    assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+  finally:
+    signal.signal(signal.SIGINT, previous)
   assert _steps(tmp_path) == [2]

@@ -572,6 +572,7 @@ def _llava_batch():
           "images": rng.normal(size=(4, 1, 16, 16, 3)).astype(np.float32)}
 
 
+@pytest.mark.slow  # ~10 s or more on 2 cores: not in the quick subset (README)
 def test_bf16_compute_keeps_float32_master_weights_and_state(meshes):
   from visatb_jax.model.llava import LlavaForConditionalGeneration
   out = {}
@@ -590,6 +591,7 @@ def test_bf16_compute_keeps_float32_master_weights_and_state(meshes):
   assert out["bfloat16"]["loss"] != out["float32"]["loss"]
 
 
+@pytest.mark.slow  # ~10 s or more on 2 cores: not in the quick subset (README)
 def test_chunked_cross_entropy_step_equals_full_logits_step(meshes):
   """ce_chunk_size: same loss and update as the full-logits step on a (tiny) real LLaVA."""
   from visatb_jax.model.llava import LlavaForConditionalGeneration
@@ -662,6 +664,7 @@ def _qwen2vl_batch(image_format, rows=8, length=48):
                                image_format=image_format)
 
 
+@pytest.mark.slow  # ~10 s or more on 2 cores: not in the quick subset (README)
 def test_qwen2vl_trains_with_remat_chunked_ce_and_a_mesh_as_without(meshes):
   """Qwen2-VL through the same train step as LLaVA: full remat + chunked CE on 8 devices gives
   the loss and update of the plain single-device step; a frozen tower gets no update, and an

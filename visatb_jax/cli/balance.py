@@ -4,8 +4,8 @@
         [--alpha 0.25,0.25,0.5] [--fixed sharegpt=1.0 ...] [--groups GROUPS.json]
         [--tasks a,b,c] [--on-degenerate error|warn] [--drop UNIT ...] [--json]
     python -m visatb_jax.balance --samples PER_SAMPLE.json [PER_SAMPLE.json ...] [the same options]
-        [--resamples 1000] [--seed 0] [--level 0.9] [--shrinkage none|evidence]
-    python -m visatb_jax.balance --run WORKDIR [--json]
+        [--resamples 1000] [--seed 0] [--level 0.9] [--shrinkage none|evidence] [--wide]
+    python -m visatb_jax.balance --run WORKDIR [--json] [--wide]
 
 `--run WORKDIR` recomputes a pipeline run's lambda.json from its scores/validation_samples.json
 with the settings its config.json records (tasks, fixed weights, groups, balance.*, the seed), by
@@ -19,10 +19,12 @@ GROUPS.json maps task -> group. Prints a table (one row per task: C_out, C_in, D
 PER_SAMPLE.json, as the pipeline writes it, holds each validation sample's own score,
 `{model_name: {task: {sample_id: score}}}`; every model must be scored on the same sample ids of a
 task (they are paired by id, in sorted order). The values are then those of the per-sample means,
-each printed as `value [lo, hi]`, a paired-bootstrap percentile interval (`--resamples`, `--seed`,
-`--level`; see `visatb_jax.core.bootstrap`), with an own-data "gain" column; `--json` prints the
-`bootstrap_report` dict. A unit whose gain interval contains 0 is listed as a `warning:` line on
-stderr: its column of C is noise, and `--drop UNIT` leaves it out of C_out/C_in.
+with a paired-bootstrap percentile interval `[lo, hi]` (`--resamples`, `--seed`, `--level`; see
+`visatb_jax.core.bootstrap`). The table fits 100 columns: λ with its interval, then the plain
+own-data "gain", C_out, C_in and D; `--wide` prints every component (also λ_out, λ_in, λ_D), each
+as `value [lo, hi]` (~200 columns). `--json` prints the `bootstrap_report` dict. A unit whose
+gain interval contains 0 is listed as a `warning:` line on stderr: its column of C is noise, and
+`--drop UNIT` leaves it out of C_out/C_in.
 
 Preparation replicates (docs/method.md §13): several PER_SAMPLE.json files are the replicates of
 the same preparation models, one file per replicate (`bootstrap.stack_replicates`: they must
@@ -66,53 +68,92 @@ class InputError(Exception):
   """A problem with the user's input, printed as one line."""
 
 
+_USAGE = """\
+usage: python -m visatb_jax.balance SCORES.json [options]
+       python -m visatb_jax.balance --samples PER_SAMPLE.json ... [options]
+       python -m visatb_jax.balance --run WORKDIR [--json] [--wide]"""
+
+_NOTES = """\
+notes:
+  --run recomputes a run's lambda.json from its scores/validation_samples.json with the
+  settings of its config.json, by the lambda stage's own code: the same numbers to the last
+  digit; other options are refused with it, since they would make it disagree with the run.
+  Several PER_SAMPLE.json files are the replicates of the same preparation models (one per
+  training seed); a score may also be a list, one per replicate. The table then gives each
+  lambda's training share ("train": the part of its variance between replicates).
+  --shrinkage evidence shrinks each component (C_out, C_in, D) toward its mean over the tasks by
+  its bootstrap z-score, so that a weight is no further from 1 than the evidence
+  (docs/method.md §14). Details: the docstring of visatb_jax/cli/balance.py."""
+
+
 class _Parser(argparse.ArgumentParser):
-  """argparse that reports a usage error as a single line (and exit status 2)."""
+  """argparse that reports a usage error as a single line (and exit status 2), and lists its
+  options one line each in --help, as launch and evaluate do."""
+
+  listed: Sequence[argparse.Action] = ()  # set by _parser()
 
   def error(self, message: str) -> NoReturn:
     raise InputError(message)
 
+  def format_help(self) -> str:
+    from visatb_jax import cli  # pylint: disable=g-import-not-at-top
+    rows = [(_invocation(a), a.help) for a in self.listed]
+    return (f"{_USAGE}\n\n{self.description}\n\noptions:\n{cli.option_lines(rows)}\n\n"
+            f"{_NOTES}\n")
+
+
+def _invocation(action: argparse.Action) -> str:
+  """`--samples PER_SAMPLE.json ...`, `--form {real,precise,base}`, `SCORES.json`, `--json`."""
+  if action.nargs == 0:
+    return ", ".join(action.option_strings)
+  if action.choices:
+    value = "{" + ",".join(action.choices) + "}"
+  else:
+    value = action.metavar or action.dest.upper()
+  if action.nargs in ("+", "*"):
+    value += " ..."
+  return " ".join([*action.option_strings, value])
+
 
 def _parser() -> argparse.ArgumentParser:
-  p = _Parser(prog="python -m visatb_jax.balance",
-              description="VisATB task weights (lambda) from a validation-scores file.")
-  p.add_argument("scores", metavar="SCORES.json", nargs="?",
-                 help="{model_name: {task: score}} (or give --samples or --run instead)")
-  p.add_argument("--run", metavar="WORKDIR",
-                 help="a pipeline run directory: λ from its validation samples with the settings "
-                 "of its config.json, exactly as its lambda.json (no other option)")
-  p.add_argument("--samples", metavar="PER_SAMPLE.json", nargs="+",
-                 help="{model_name: {task: {sample_id: score}}}: balance the per-sample means "
-                 "and print paired-bootstrap intervals; several files are the replicates of the "
-                 "same preparation models (one per training seed), and a score may also be a "
-                 "list with one score per replicate")
-  p.add_argument("--form", default="real", choices=("real", "precise", "base"),
-                 help="real (default), precise or base")
-  p.add_argument("--temperature", default="0.5", help="T > 0 or 'auto' (default 0.5)")
-  p.add_argument("--alpha", default="0.25,0.25,0.5",
-                 help="alpha_out,alpha_in,alpha_D, summing to 1 (default 0.25,0.25,0.5)")
-  p.add_argument("--fixed", nargs="+", action="extend", default=[], metavar="TASK=WEIGHT",
-                 help="tasks kept out of the balancing with a fixed weight, e.g. sharegpt=1.0")
-  p.add_argument("--groups", metavar="GROUPS.json", help="{task: group}: balance per group")
-  p.add_argument("--tasks", help="comma-separated task order (default: the tasks of model "
-                 "'mini', or of the first model); fixed tasks are appended when absent")
-  p.add_argument("--on-degenerate", default="error", choices=("error", "warn"),
-                 help="a task that did not improve with its own data (or a difficulty "
-                 "denominator <= 0): error (default) stops; warn sets its contributions "
-                 "C[i->task] (or its D) to 0 and prints a warning")
-  p.add_argument("--drop", nargs="+", action="extend", default=[], metavar="UNIT",
-                 help="balanced tasks (or groups) whose column of C is left out of C_out and "
-                 "C_in, e.g. those whose own-data gain is noise")
-  p.add_argument("--resamples", type=int, metavar="R",
-                 help=f"bootstrap resamples, with --samples (default {DEFAULT_RESAMPLES})")
-  p.add_argument("--seed", type=int, help="bootstrap seed, with --samples (default 0)")
-  p.add_argument("--level", type=float,
-                 help=f"interval coverage in (0, 1), with --samples (default {DEFAULT_LEVEL})")
-  p.add_argument("--shrinkage", choices=SHRINKAGE,
-                 help="with --samples: none (default, the paper's lambda) or evidence: shrink "
-                 "each lambda component (C_out, C_in, D) toward its mean over the tasks by its "
-                 "bootstrap z-score, so that a weight is no further from 1 than the evidence")
-  p.add_argument("--json", action="store_true", help="print the report as JSON")
+  p = _Parser(prog="python -m visatb_jax.balance", add_help=False,
+              description="VisATB task weights (lambda) from the validation scores of the "
+              "preparation models:\nC, D and lambda per task, as a table (or --json).")
+  add = p.add_argument
+  # Each help is one short line (tests/cli/test_help.py); the longer story is in _NOTES.
+  p.listed = [
+      add("scores", metavar="SCORES.json", nargs="?",
+          help="{model: {task: score}} (or give --samples or --run instead)"),
+      add("-h", "--help", action="help", help="show this help and exit"),
+      add("--run", metavar="WORKDIR",
+          help="a run directory: its lambda.json again, from its own files"),
+      add("--samples", metavar="PER_SAMPLE.json", nargs="+",
+          help="{model: {task: {id: score}}}, one file per replicate: intervals"),
+      add("--form", default="real", choices=("real", "precise", "base"),
+          help="the form of lambda, docs/method.md (default real)"),
+      add("--temperature", default="0.5", metavar="T", help="T > 0 or auto (default 0.5)"),
+      add("--alpha", default="0.25,0.25,0.5", metavar="A_OUT,A_IN,A_D",
+          help="summing to 1 (default 0.25,0.25,0.5)"),
+      add("--fixed", nargs="+", action="extend", default=[], metavar="TASK=WEIGHT",
+          help="tasks kept out of the balancing at a fixed weight, e.g. sharegpt=1.0"),
+      add("--groups", metavar="GROUPS.json", help="{task: group}: balance per group"),
+      add("--tasks", metavar="A,B,C",
+          help="task order (default: those of model 'mini'); fixed tasks are appended"),
+      add("--on-degenerate", default="error", choices=("error", "warn"),
+          help="a task's own data gave no gain: error (default), or warn and mask"),
+      add("--drop", nargs="+", action="extend", default=[], metavar="UNIT",
+          help="tasks (or groups) whose column of C is left out of C_out and C_in"),
+      add("--resamples", type=int, metavar="R",
+          help=f"bootstrap resamples, with --samples (default {DEFAULT_RESAMPLES})"),
+      add("--seed", type=int, metavar="N", help="bootstrap seed, with --samples (default 0)"),
+      add("--level", type=float, metavar="L",
+          help=f"interval coverage in (0, 1), with --samples (default {DEFAULT_LEVEL})"),
+      add("--shrinkage", choices=SHRINKAGE,
+          help="with --samples: none (default: the paper's lambda) or evidence"),
+      add("--json", action="store_true", help="print the report as JSON"),
+      add("--wide", action="store_true",
+          help="with intervals: every component and its interval (~200 columns)"),
+  ]
   return p
 
 
@@ -355,32 +396,40 @@ def _fmt_iv(value: float, interval: Sequence[float]) -> str:
 _UNIT_COLUMNS = ("gain", "c_out", "c_in", "d", "lambda_out", "lambda_in", "lambda_d")
 
 
-def format_bootstrap_report(report: Mapping[str, Any], stream: Any = None) -> str:
-  """The human-readable form of a bootstrap report: every value as `value [lo, hi]`."""
-  lam, arrow = _symbols(stream or sys.stdout)
-  groups = report["groups"] or {}
-  fixed = report["fixed"]
+def _bootstrap_settings(report: Mapping[str, Any]) -> str:
+  """`form=real  T=0.5  alpha=(0.25, 0.25, 0.5)`, with the drop and shrinkage when set."""
   iv = report["intervals"]
   boot = report["bootstrap"]
   t = f"{report['temperature']:.6g}"
   if iv["temperature"][0] != iv["temperature"][1]:
     t = _fmt_iv(report["temperature"], iv["temperature"])
   rule = boot.get("shrinkage", "none")
-  settings = (f"form={report['form']}  T={t}  "
-              f"alpha=({', '.join(f'{a:g}' for a in report['alpha'])})"
-              + (f"  drop={','.join(boot['drop'])}" if boot["drop"] else "")
-              + (f"  shrinkage={rule}" if rule != "none" else ""))
-  counts = sorted(set(boot["samples"].values()))
-  samples = f"{counts[0]}" if len(counts) == 1 else f"{counts[0]}-{counts[-1]}"
-  replicates = boot.get("replicates", 1)
+  return (f"form={report['form']}  T={t}  "
+          f"alpha=({', '.join(f'{a:g}' for a in report['alpha'])})"
+          + (f"  drop={','.join(boot['drop'])}" if boot["drop"] else "")
+          + (f"  shrinkage={rule}" if rule != "none" else ""))
+
+
+def format_bootstrap_report(report: Mapping[str, Any], stream: Any = None,
+                            wide: bool = False) -> str:
+  """The human-readable form of a bootstrap report.
+
+  By default a table that fits 100 columns on up to about eight tasks: λ with its interval, its
+  training share, and the plain values of the inputs that tell why (own-data gain, C_out, C_in,
+  D); C without intervals. `wide` gives every component as `value [lo, hi]` (~200 columns).
+  """
+  if not wide:
+    return _format_bootstrap_narrow(report, stream)
+  lam, arrow = _symbols(stream or sys.stdout)
+  groups = report["groups"] or {}
+  fixed = report["fixed"]
+  iv = report["intervals"]
+  boot = report["bootstrap"]
+  rule = boot.get("shrinkage", "none")
+  settings = _bootstrap_settings(report)
+  about, replicated = _bootstrap_about(report, lam)
   # With replicates, the share of each λ's variance that is between them (training).
-  shares = report["variance"]["training_share"]["lambda"] if replicates > 1 else None
-  kind = f"two-level paired bootstrap ({replicates} replicates, then samples)" if shares else (
-      "paired bootstrap")
-  about = (f"{kind}: {boot['resamples']} resamples, seed {boot['seed']}, "
-           f"{boot['level']:g} percentile intervals [lo, hi], {samples} samples per task")
-  if shares:
-    about += f"; train = share of {lam}'s variance between replicates"
+  shares = report["variance"]["training_share"]["lambda"] if replicated else None
   header = ["task"] + (["group"] if groups else []) + [
       "gain", "C_out", "C_in", "D", f"{lam}_out", f"{lam}_in", f"{lam}_D", lam]
   header += ["train"] if shares else []
@@ -405,6 +454,60 @@ def format_bootstrap_report(report: Mapping[str, Any], stream: Any = None) -> st
   blocks = [settings + "\n" + about, _table(rows), c_title + "\n" + _table(c_rows)]
   if rule == "evidence":
     blocks.append(_format_shrinkage(report["shrinkage"], units))
+  return "\n\n".join(blocks)
+
+
+def _bootstrap_about(report: Mapping[str, Any], lam: str) -> tuple[str, bool]:
+  """The bootstrap's description in lines of at most 100 columns, and whether replicates were."""
+  boot = report["bootstrap"]
+  counts = sorted(set(boot["samples"].values()))
+  samples = f"{counts[0]}" if len(counts) == 1 else f"{counts[0]}-{counts[-1]}"
+  replicates = boot.get("replicates", 1)
+  kind = (f"two-level paired bootstrap ({replicates} replicates, then samples)"
+          if replicates > 1 else "paired bootstrap")
+  # Short lines, so that none passes 100 columns whatever the counts and seed.
+  lines = [f"{kind}: {boot['resamples']} resamples, seed {boot['seed']}",
+           f"{boot['level']:g} percentile intervals [lo, hi] over {samples} samples per task"]
+  if replicates > 1:
+    lines.append(f"train = share of {lam}'s variance between replicates")
+  return "\n".join(lines), replicates > 1
+
+
+def _format_bootstrap_narrow(report: Mapping[str, Any], stream: Any) -> str:
+  """format_bootstrap_report's default: λ [lo, hi], train, then plain gain, C_out, C_in, D."""
+  lam, arrow = _symbols(stream or sys.stdout)
+  groups = report["groups"] or {}
+  fixed = report["fixed"]
+  iv = report["intervals"]
+  boot = report["bootstrap"]
+  rule = boot.get("shrinkage", "none")
+  settings = _bootstrap_settings(report)
+  about, replicated = _bootstrap_about(report, lam)
+  shares = report["variance"]["training_share"]["lambda"] if replicated else None
+  inputs = ("gain", "c_out", "c_in", "d")
+  header = (["task"] + (["group"] if groups else []) + [f"{lam} [lo, hi]"]
+            + (["train"] if shares else []) + ["gain", "C_out", "C_in", "D"])
+  rows = [header]
+  for task in report["tasks"]:
+    unit = groups.get(task) or task
+    if task in fixed:  # a fixed weight has no interval and no inputs
+      cells = [_fmt(fixed[task])] + (["-"] if shares else []) + ["-"] * len(inputs)
+    else:
+      cells = [_fmt_iv(report["lambda"][task], iv["lambda"][task])]
+      if shares:
+        share = shares[task]
+        cells.append("-" if share is None else f"{100 * share:.0f}%")
+      cells += [_fmt(report[k][unit]) for k in inputs]
+    label = task + (" (fixed)" if task in fixed else "")
+    rows.append([label] + ([groups.get(task) or "-"] if groups else []) + cells)
+  units = report["balanced"]
+  c_rows = [[f"C[i{arrow}j]"] + list(units)]
+  c_rows += [[f"{u} {arrow}"] + [_fmt(v) for v in row] for u, row in zip(units, report["C"])]
+  c_title = "contributions (row = contributor i, column = receiver j):"
+  blocks = [settings + "\n" + about, _table(rows), c_title + "\n" + _table(c_rows)]
+  if rule == "evidence":
+    blocks.append(_format_shrinkage(report["shrinkage"], units))
+  blocks.append(f"--wide: also {lam}_out, {lam}_in, {lam}_D, and every value with its interval")
   return "\n\n".join(blocks)
 
 
@@ -450,7 +553,7 @@ def _noisy_warning(report: Mapping[str, Any], unit: str) -> str:
 def _from_run(args: argparse.Namespace, argv: Sequence[str]) -> dict[str, Any]:
   """The lambda stage's report, recomputed from a run directory's files and config.json."""
   other = [a.split("=")[0] for a in argv if a.startswith("--") and a.split("=")[0] not in (
-      "--run", "--json")]
+      "--run", "--json", "--wide")]
   if other or args.scores is not None:
     raise InputError(f"--run takes its settings from WORKDIR/config.json; drop "
                      f"{', '.join(other) or args.scores}")
@@ -489,7 +592,8 @@ def _run(argv: Sequence[str] | None) -> int:
     report = _from_run(args, argv)
     for message in report["warnings"]:
       print(f"warning: {args.run}: {_one_line(message)}", file=sys.stderr)
-    print(json.dumps(report, indent=2) if args.json else format_bootstrap_report(report))
+    print(json.dumps(report, indent=2) if args.json
+          else format_bootstrap_report(report, wide=args.wide))
     return 0
   if (args.scores is None) == (args.samples is None):
     raise InputError("expected SCORES.json or --samples PER_SAMPLE.json" if args.scores is None
@@ -549,7 +653,7 @@ def _run(argv: Sequence[str] | None) -> int:
   elif args.samples is None:
     print(format_report(report))
   else:
-    print(format_bootstrap_report(report))
+    print(format_bootstrap_report(report, wide=args.wide))
   return 0
 
 

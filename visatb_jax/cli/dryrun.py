@@ -9,7 +9,10 @@ compiled step gives the peak of temporaries (activations, gradients, collectives
 With `analyse` (the default) the report also reads the compiled, partitioned HLO of one device
 (`runtime/cost.py`): the buffers live at the memory peak and the model code they come from, the
 step's FLOPs against the model's, its collectives against FSDP's minimum, and a roofline of the
-step on TPU v5p, H100 and H200 (a planning estimate).
+step on TPU v5p, H100 and H200 (a planning estimate). It also finds the f32 buffers that hold
+bf16 values of the program (XLA:CPU computes bf16 in f32) and estimates the step's memory and
+HBM bytes as a TPU or GPU would have them. The report ends with a verdict per device: does the
+step fit an 80 GB H100, a 95 GB v5p, a 141 GB H200, as measured and as estimated.
 """
 
 from __future__ import annotations
@@ -72,6 +75,17 @@ def _with_sharding(tree: Any, shardings: Any) -> Any:
                       tree, shardings)
 
 
+def _sized_model_section(model: Any) -> Any:
+  """config.model as the dry run sizes it: when the parts it starts from are not on this machine
+  (the paper configs name them as local paths to fill), the config's own sizes, which are those
+  parts' (pipeline/presets.py); a plan needs no weights."""
+  parts = factory.model_parts(model)
+  if parts is None or all(os.path.exists(p) for p in parts.values()):
+    return model
+  section = model.to_dict() if hasattr(model, "to_dict") else dict(model)
+  return {**section, **dict.fromkeys(factory.PART_FIELDS, "")}
+
+
 def lower_step(config: Any, devices: Sequence[jax.Device] | None = None
                ) -> tuple[Any, dict[str, Any]]:
   """Lowers the train step of `config` for its mesh (over `devices`, default all).
@@ -82,8 +96,9 @@ def lower_step(config: Any, devices: Sequence[jax.Device] | None = None
   mesh_config = config.get("mesh")
   mesh = sharding_lib.make_mesh(mesh_config.to_dict() if hasattr(mesh_config, "to_dict")
                                 else mesh_config, devices)
-  model_cfg = factory.model_config(config.model)
-  model = factory.abstract_model(config.model, model_cfg)
+  model_section = _sized_model_section(config.model)
+  model_cfg = factory.model_config(model_section)
+  model = factory.abstract_model(model_section, model_cfg)
   train_section = config.train.to_dict() if hasattr(config.train, "to_dict") else dict(config.train)
   tc = train_lib.TrainConfig.of(
       {**{k: v for k, v in train_section.items() if k != "epochs"}, "steps": 1})
@@ -142,25 +157,35 @@ def _dump_options(directory: str, nonce: int | None = None) -> dict[str, Any]:
   return options
 
 
-def _live_range_text(directory: str) -> str | None:
-  paths = sorted(glob.glob(os.path.join(directory, "*after_optimizations-live-range.txt")))
-  if not paths:
-    return None
-  with open(paths[-1]) as f:
+def _read(path: str) -> str:
+  with open(path) as f:
     return f.read()
 
 
+def _dump_texts(directory: str) -> tuple[str, str | None] | None:
+  """(live ranges, module before optimizations) of the step XLA dumped to `directory`: the
+  module whose live ranges were written last; None if there are none."""
+  paths = sorted(glob.glob(os.path.join(directory, "*after_optimizations-live-range.txt")))
+  if not paths:
+    return None
+  module = os.path.basename(paths[-1]).split(".")[:2]  # "module_0002", "jit_step"
+  before = os.path.join(directory, ".".join(module) + ".before_optimizations.txt")
+  return _read(paths[-1]), _read(before) if os.path.exists(before) else None
+
+
 def _compile_with_dump(config: Any, devices: Sequence[jax.Device] | None
-                       ) -> tuple[Any, dict[str, Any], str | None]:
-  """`compile_step`, plus XLA's live-range dump of the compiled step (None if XLA wrote none)."""
+                       ) -> tuple[Any, dict[str, Any], str | None, str | None]:
+  """`compile_step`, plus XLA's live-range dump of the compiled step and its module before
+  optimizations (each None if XLA wrote none)."""
   with tempfile.TemporaryDirectory(prefix="visatb_dryrun_") as directory:
     compiled, info = compile_step(config, devices, _dump_options(directory))
-    live = _live_range_text(directory)
-    if live is None:  # served by the persistent cache: nothing was compiled, nothing dumped
+    texts = _dump_texts(directory)
+    if texts is None:  # served by the persistent cache: nothing was compiled, nothing dumped
       nonce = 1000 + time.time_ns() % 1_000_000
       compiled, info = compile_step(config, devices, _dump_options(directory, nonce))
-      live = _live_range_text(directory)
-  return compiled, info, live
+      texts = _dump_texts(directory)
+  live, before = texts if texts is not None else (None, None)
+  return compiled, info, live, before
 
 
 def _leaf_items(tree: Any) -> list[tuple[str, Any]]:
@@ -275,7 +300,7 @@ def _xla_flops(compiled: Any) -> float | None:
 
 def analyse_step(hlo_text: str, xla_flops: float | None, info: dict[str, Any],
                  live_range: str | None, remat: str, temps: int | None,
-                 top: int = 12) -> dict[str, Any]:
+                 top: int = 12, before_text: str | None = None) -> dict[str, Any]:
   """FLOPs, collectives, HBM traffic, the peak's buffers and the rooflines of a compiled step.
 
   Args:
@@ -286,6 +311,9 @@ def analyse_step(hlo_text: str, xla_flops: float | None, info: dict[str, Any],
     remat: the config's `model.remat`.
     temps: XLA's temp_size_in_bytes.
     top: buffers to list.
+    before_text: XLA's dump of the module before optimizations, which still has the program's
+      dtypes: with it (and a CPU compilation), the bf16 values XLA:CPU widened to f32 are
+      found (`cost.is_widened`) and the HBM bytes and the peak estimated as on TPU and GPU.
   """
   module = cost.parse_hlo(hlo_text)
   counts = cost.execution_counts(module)
@@ -295,8 +323,17 @@ def analyse_step(hlo_text: str, xla_flops: float | None, info: dict[str, Any],
   ops = cost.collectives(module, counts)
   totals = cost.collective_totals(ops)
   wire = sum(t["wire_bytes"] for t in totals.values())
+  on_cpu = info["mesh"].devices.flat[0].platform == "cpu"
+  precisions = (cost.model_precisions(cost.parse_hlo(before_text))
+                if before_text and on_cpu else None)
+  scale = cost.widening_scale(module, precisions) if precisions is not None else cost.no_scale
   hbm = cost.hbm_bytes(module, counts)
-  peak = cost.peak_buffers(module, cost.parse_live_range_peak(live_range)) if live_range else []
+  hbm_accelerator = cost.hbm_bytes(module, counts, scale) if on_cpu else hbm
+  live = cost.parse_live_range_peak(live_range) if live_range else []
+  peak = cost.peak_buffers(module, live, precisions)
+  # None: not known (no dump to read); 0 off CPU, where nothing is widened.
+  widened = (sum(b.bytes for b in peak if b.widened) if precisions is not None and peak
+             else None if on_cpu else 0)
   estimate = _activation_estimate(info)
   minimum = _fsdp_minimum(info, remat)
   by_group = cost.wire_bytes_by_group(ops, as_on_accelerators=True)
@@ -307,9 +344,9 @@ def analyse_step(hlo_text: str, xla_flops: float | None, info: dict[str, Any],
           module, counts, lambda i: _pass_of(cost.op_name_of(i, module)))),
       "unknown_trip_counts": list(counts.unknown_trip_counts),
       "model_flops": model, "flops_ratio": flops * devices / model["total"],
-      "hbm_bytes": hbm,
+      "hbm_bytes": hbm, "hbm_bytes_accelerator": hbm_accelerator,
       "hbm_by_source": _largest(cost.hbm_bytes_by(
-          module, counts, lambda i: cost.source_of(i, module)), 5),
+          module, counts, lambda i: cost.source_of(i, module), scale), 5),
       "collectives": totals, "wire_bytes": wire,
       "scatter_like_all_reduce_wire": sum(c.runs * c.wire_bytes * c.scatter_share for c in ops),
       "widened_wire": sum(c.runs * c.wire_bytes for c in ops if c.widened),
@@ -323,10 +360,17 @@ def analyse_step(hlo_text: str, xla_flops: float | None, info: dict[str, Any],
                                  if minimum["total"] else None),
       "peak_buffers": peak[:top], "peak_buffers_total": sum(b.bytes for b in peak),
       "peak_by_source": _peak_by_source(peak, top=8),
+      "widened_at_peak": widened,
       "activation_estimate": estimate,
       "temps_over_estimate": temps / estimate["per_device"] if temps and estimate[
           "per_device"] else None,
-      "roofline": {name: {**cost.roofline(flops=flops, hbm_bytes=hbm, wire_by_group=by_group,
+      "accelerator_temps_over_estimate": (
+          (temps - widened / 2) / estimate["per_device"]
+          if temps and widened is not None and estimate["per_device"] else None),
+      # HBM time from the accelerator bytes: the CPU's widened bytes would call every chip
+      # memory-bound.
+      "roofline": {name: {**cost.roofline(flops=flops, hbm_bytes=hbm_accelerator,
+                                          wire_by_group=by_group,
                                           model_flops=model_per_device, chip=chip),
                           "chip": chip}
                    for name, chip in cost.CHIPS.items()},
@@ -396,10 +440,11 @@ def dry_run(config: Any, devices: Sequence[jax.Device] | None = None, *,
             analyse: bool = True) -> dict[str, Any]:
   """Compiles the train step of `config` for its mesh (over `devices`, default all) and returns
   the model's sizes and the step's memory per device; with `analyse`, also `analyse_step`'s
-  figures under "cost"."""
-  live = None
+  figures under "cost" and the accelerator estimate of the memory ("accelerator_total_per_device",
+  None without it on CPU); "memory_verdict": `memory_verdicts` of the two."""
+  live = before = None
   if analyse:
-    compiled, info, live = _compile_with_dump(config, devices)
+    compiled, info, live, before = _compile_with_dump(config, devices)
   else:
     compiled, info = compile_step(config, devices)
   mesh, model_cfg, tc = info["mesh"], info["model_cfg"], info["train"]
@@ -427,8 +472,27 @@ def dry_run(config: Any, devices: Sequence[jax.Device] | None = None, *,
   }
   if analyse:
     result["cost"] = analyse_step(compiled.as_text(), _xla_flops(compiled), info, live, remat,
-                                  temps)
+                                  temps, before_text=before)
+  widened = result["cost"]["widened_at_peak"] if analyse else (
+      0 if result["platform"] != "cpu" else None)
+  total = result["compiled_total_per_device"]
+  result["widened_at_peak"] = widened
+  result["accelerator_total_per_device"] = (
+      None if total is None or widened is None else total - widened / 2)
+  result["memory_verdict"] = memory_verdicts(total, result["accelerator_total_per_device"])
   return result
+
+
+def memory_verdicts(measured: float | None, accelerator: float | None
+                    ) -> dict[str, dict[str, Any]]:
+  """`cost.memory_verdict` for every chip of `cost.CHIPS`, smallest memory first ({} when
+  the backend reports no memory)."""
+  if measured is None:
+    return {}
+  chips = sorted(cost.CHIPS.items(), key=lambda kv: kv[1].hbm_bytes)
+  return {name: cost.memory_verdict(measured_bytes=measured, accelerator_bytes=accelerator,
+                                    capacity_bytes=chip.hbm_bytes)
+          for name, chip in chips}
 
 
 def _size(b: float | None) -> str:
@@ -466,11 +530,58 @@ def format_report(r: dict[str, Any], targets: Sequence[str] | None = None) -> st
   for name, b in r["per_device_bytes"].items():
     lines.append(f"  {name:24s} {gib(b)}")
   lines.append(f"  {'total (compiled step)':24s} {gib(r['compiled_total_per_device'])}")
+  if r["platform"] == "cpu" and r.get("accelerator_total_per_device") is not None:
+    lines.append(f"  {'  accelerator estimate':24s} {gib(r['accelerator_total_per_device'])}"
+                 "  (bf16 values at 2 bytes where XLA:CPU holds them in f32; see 'widening')")
   if "cost" in r:
     c = r["cost"]
     lines += ([""] + _memory_lines(r, c) + [""] + _flops_lines(r, c) + [""]
               + _collective_lines(r, c) + [""] + _roofline_lines(c, targets))
+  lines += [""] + verdict_lines(r, targets)
   return "\n".join(lines)
+
+
+def _gb(b: float) -> str:
+  return f"{b / 1e9:.2f} GB"
+
+
+def _margin(b: float) -> str:
+  return f"margin {_gb(b)}" if b >= 0 else f"short by {_gb(-b)}"
+
+
+def verdict_lines(r: dict[str, Any], targets: Sequence[str] | None = None) -> list[str]:
+  """"fits" / "does not fit" per device for `targets` (default every chip), with the margins
+  (the last lines of the report)."""
+  verdicts = r.get("memory_verdict") or {}
+  names = [n for n in verdicts if n in check_targets(targets)]
+  if not names:
+    return ["fits or not: n/a (the backend reports no memory for the compiled step)"]
+  measured, accelerator = r["compiled_total_per_device"], r.get("accelerator_total_per_device")
+  on_cpu = r["platform"] == "cpu"
+  lines = [f"fits or not, per device: the compiled step (arguments, outputs, temporaries) "
+           f"needs {_gb(measured)} ({measured / GiB:.2f} GiB) as measured on {r['platform']}"]
+  if on_cpu and accelerator is not None:
+    lines[-1] += (f", about {_gb(accelerator)} ({accelerator / GiB:.2f} GiB) on TPU/GPU "
+                  "(the accelerator estimate: the measured figure "
+                  f"less half the {_size(r['widened_at_peak'])} of widened bf16 buffers live "
+                  "at the peak)")
+  elif on_cpu:
+    lines[-1] += "; no TPU/GPU estimate (it needs XLA's dump of the compiled step)"
+  if on_cpu and accelerator is not None:
+    lines.append("  (the measured figure bounds the accelerator's from above, the estimate from "
+                 "below: the accelerator's peak may fall elsewhere, and its compiler fuses and "
+                 "schedules differently)")
+  lines.append("  (capacities as the vendors state them, GB = 1e9 bytes; the runtime's own "
+               "reserve comes out of the margin, and on GPUs JAX preallocates a fraction of the "
+               "memory, 75 % by default: XLA_PYTHON_CLIENT_MEM_FRACTION raises it)")
+  for name in names:  # last: the verdicts end the report
+    v, chip = verdicts[name], cost.CHIPS[name]
+    head = f"  {chip.name} ({v['capacity_bytes'] / 1e9:.0f} GB): {v['verdict']}"
+    margins = f"{_margin(v['measured_margin'])} as measured"
+    if v["accelerator_margin"] is not None and on_cpu:
+      margins += f", {_margin(v['accelerator_margin'])} on the accelerator estimate"
+    lines.append(f"{head}; {margins}")
+  return lines
 
 
 def _memory_lines(r: dict[str, Any], c: dict[str, Any]) -> list[str]:
@@ -482,21 +593,49 @@ def _memory_lines(r: dict[str, Any], c: dict[str, Any]) -> list[str]:
     lines.append(f"  {len(c['peak_buffers'])} largest of the buffers live at the peak "
                  f"({_size(c['peak_buffers_total'])} in all):")
     for b in c["peak_buffers"]:
-      lines.append(f"    {_size(b.bytes):>10s}  {b.shape:28s} {b.role:10s} "
+      mark = "f32<-bf16" if b.widened else ""
+      lines.append(f"    {_size(b.bytes):>10s}  {b.shape:28s} {mark:9s} {b.role:10s} "
                    f"{cost.short_op_name(b.op_name):24s} {b.source}")
     lines.append("  by source line:")
     for g in c["peak_by_source"]:
       lines.append(f"    {_size(g['bytes']):>10s}  {g['buffers']:4d} buffer(s)  {g['role']:10s} "
                    f"{g['source']}")
+  lines += _widening_lines(r, c)
   lines.append(
       f"  full-remat activation estimate per row: L·S·d·bytes {_size(est['residuals'])} (saved "
       f"layer inputs) + one layer's working set {_size(est['layer'])} = {_size(est['total'])}; "
       f"x {est['rows_per_device']:g} rows per device = {_size(est['per_device'])}")
-  ratio = c["temps_over_estimate"]
-  lines.append(f"  measured temporaries / estimate: {'n/a' if ratio is None else f'{ratio:.2f}'}"
-               " (the rest: gradients and their accumulator, gathered weights, loss chunk, "
-               "vision tower; see the buffers above)")
+  ratio, acc = c["temps_over_estimate"], c.get("accelerator_temps_over_estimate")
+  text = f"  measured temporaries / estimate: {'n/a' if ratio is None else f'{ratio:.2f}'}"
+  if acc is not None:
+    text += f" as measured, {acc:.2f} with the widened buffers at bf16"
+  lines.append(text)
+  remat = ("" if r["remat"] == "full" else
+           f"what remat '{r['remat']}' keeps beyond full remat, ")
+  lines.append(
+      "    = XLA's temporaries per device (all the step allocates besides its arguments) over "
+      "the formula's activations of a fully rematerialised decoder in the compute dtype; above 1 "
+      f"by {remat}the buffers the formula leaves out (gradients and their accumulator, gathered "
+      "weights, loss chunks, vision tower: see the buffers above) and, as measured, by "
+      "XLA:CPU's f32 widening")
   return lines
+
+
+def _widening_lines(r: dict[str, Any], c: dict[str, Any]) -> list[str]:
+  widened = c.get("widened_at_peak")
+  if r["platform"] != "cpu":
+    return []
+  if widened is None:
+    return ["  widening: n/a (XLA dumped no live ranges or no module before optimizations)"]
+  total = c["peak_buffers_total"]
+  return [
+      f"  widening: {_size(widened)} of the {_size(total)} live at the peak "
+      f"({widened / total if total else 0:.0%}; marked 'f32<-bf16' above) are f32 buffers of values the "
+      f"program holds in bf16; on TPU/GPU they take half, {_size(widened / 2)} less",
+      "    (XLA:CPU computes bf16 ops in f32 and keeps the results in f32; a buffer counts when "
+      "the op computing it is a convert of bf16 data that XLA inserted, or an op whose source "
+      "line and primitive give only bf16 results in the module before optimizations; anything "
+      "ambiguous counts as f32)"]
 
 
 def _flops_lines(r: dict[str, Any], c: dict[str, Any]) -> list[str]:
@@ -518,6 +657,9 @@ def _flops_lines(r: dict[str, Any], c: dict[str, Any]) -> list[str]:
       f"frozen vision forward per image slot ({m['images']:,} slots)",
       f"  compiled / model: {c['flops_ratio']:.2f} (remat {r['remat']}); compiled by pass: "
       + ", ".join(f"{k} {v / c['flops']:.0%}" for k, v in c["flops_by_pass"].items()),
+      "    = the compiled matmul FLOPs (x devices) over the model's (the formula above): above 1 "
+      "by the forward that remat recomputes, below 1 where the causal query blocks skip masked "
+      "scores that the formula counts; the pass shares are of the compiled FLOPs",
   ]
   if c["unknown_trip_counts"]:
     lines.append(f"  (loops without a known trip count, counted once: "
@@ -551,7 +693,12 @@ def _collective_lines(r: dict[str, Any], c: dict[str, Any]) -> list[str]:
       f"  measured / minimum: {'n/a' if ratio is None else f'{ratio:.2f}'} as compiled, "
       f"{'n/a' if acc is None else f'{acc:.2f}'} without the XLA:CPU artifacts "
       f"({_size(c['wire_as_on_accelerators'])})")
-  lines.append("  largest:")
+  lines.append(
+      "    = the wire bytes one device sends per step over FSDP's minimum above: above 1 by "
+      "weights gathered more often than twice per micro-batch or collectives FSDP does not need; "
+      "below 1 where XLA gathers a weight once per step instead of once per micro-batch")
+  lines.append("  largest (a % on an all-reduce: the share of it that each device slices to its "
+               "1/n, which TPU/GPU compile as a reduce-scatter):")
   for g in c["largest_collectives"]:
     note = (f" ({g['scatter_share']:.0%} a reduce-scatter on TPU/GPU)" if g["scatter_share"]
             else "") + (
@@ -572,11 +719,12 @@ def check_targets(targets: Sequence[str] | None) -> list[str]:
 
 def _roofline_lines(c: dict[str, Any], targets: Sequence[str] | None) -> list[str]:
   names = check_targets(targets)
+  hbm, hbm_acc = c["hbm_bytes"], c.get("hbm_bytes_accelerator", c["hbm_bytes"])
   lines = ["roofline, a PLANNING ESTIMATE per device: step = max(compute, HBM, communication), "
            "each at the chip's peak and perfectly overlapped (no-overlap bound: their sum); "
-           f"compiled FLOPs, HBM bytes of the CPU-compiled HLO ({_size(c['hbm_bytes'])}: a proxy, "
-           "high where XLA:CPU widened bf16 to f32), collective wire bytes without the XLA:CPU "
-           f"artifacts ({_size(c['wire_as_on_accelerators'])}):",
+           f"compiled FLOPs; HBM bytes {_size(hbm_acc)}: those of the CPU-compiled HLO "
+           f"({_size(hbm)}, a proxy) with the widened bf16 values at 2 bytes; collective wire "
+           f"bytes without the XLA:CPU artifacts ({_size(c['wire_as_on_accelerators'])}):",
            f"  {'target':10s} {'bf16 TFLOP/s':>12s} {'HBM GB/s':>9s} {'link GB/s':>15s} "
            f"{'compute':>8s} {'HBM':>8s} {'comm':>8s} {'step':>8s} {'MFU':>5s} "
            f"{'(no overlap)':>12s}"]
@@ -592,7 +740,13 @@ def _roofline_lines(c: dict[str, Any], targets: Sequence[str] | None) -> list[st
         f"{_seconds(t['communication']):>8s} {_seconds(e['step_s']):>8s} {e['mfu']:5.0%} "
         f"{e['mfu_no_overlap']:12.0%}  ({e['bound']}-bound)")
   lines.append("  HBM traffic by source line: " + ", ".join(
-      f"{k} {v / c['hbm_bytes']:.0%}" for k, v in c["hbm_by_source"].items()))
+      f"{k} {v / hbm_acc:.0%}" for k, v in c["hbm_by_source"].items()))
+  lines.append("    (shares of the HBM bytes above. The bound is the largest of the three times; "
+               "the HBM bytes count every op XLA:CPU left unfused, and TPU/GPU compilers fuse more, "
+               "so an HBM bound is the proxy's upper end: the compute and communication times are "
+               "the firmer figures)")
+  lines.append("  MFU = the model's FLOPs per device / (step x peak bf16 FLOP/s); (no overlap): "
+               "the same with the sum of the three times")
   lines.append("  peaks: dense bf16, HBM and one-direction link bandwidth per chip "
                "(runtime/cost.py CHIPS, with sources); GPUs: NVLink within 8, InfiniBand beyond")
   return lines

@@ -70,23 +70,45 @@ def _innermost(error: BaseException) -> str:
 
 
 def _flags(argv: Sequence[str]) -> tuple[flags.FlagValues, dict[str, Any]]:
-  """Flags of their own (not absl's global FLAGS), so that main() can run more than once."""
+  """Flags of their own (not absl's global FLAGS), so that main() can run more than once.
+
+  Each help is one short line: `--help` lists the flags one line each (_help_text).
+  """
   fv = flags.FlagValues()
   holders = {
       "config": config_flags.DEFINE_config_file(
-          "config", None, "Path to a config file (as for visatb_jax.launch).", flag_values=fv,
-          lock_config=True, sys_argv=list(argv)),
+          "config", None, "the run's config file: a path, or a name in configs/, as for launch",
+          flag_values=fv, lock_config=True, sys_argv=list(argv)),
       "model": flags.DEFINE_string(
-          "model", None, "A run's model directory or a Hugging Face LLaVA directory.",
+          "model", None, "a run's model directory, or a Hugging Face LLaVA/Qwen2-VL directory",
           flag_values=fv),
       "tasks": flags.DEFINE_list(
-          "tasks", [], "Tasks to score, comma separated (default: every scored and zero-shot "
-          "task).", flag_values=fv),
-      "split": flags.DEFINE_enum("split", "test", SPLITS, "The split to score.", flag_values=fv),
-      "out": flags.DEFINE_string("out", None, "Output JSON (default: DIR/eval_<split>.json).",
+          "tasks", [], "tasks to score, comma separated (default every scored and zero-shot)",
+          flag_values=fv),
+      "split": flags.DEFINE_enum("split", "test", SPLITS, "the split to score", flag_values=fv),
+      "out": flags.DEFINE_string("out", None, "output JSON (default DIR/eval_<split>.json)",
                                  flag_values=fv),
   }
   return fv, holders
+
+
+# The listing's VALUE names; every flag of _flags is listed (tests/cli/test_help.py).
+_METAVARS = {"config": "FILE", "model": "DIR", "tasks": "A,B", "split": "", "out": "FILE"}
+
+
+def _help_text() -> str:
+  """The docstring and the command's flags, one line each.
+
+  evaluate takes no flag but its own (not absl's logging flags, as launch does), so there is no
+  separate --helpfull: it is accepted and prints the same.
+  """
+  from visatb_jax import cli  # pylint: disable=g-import-not-at-top
+  fv, _ = _flags([])
+  rows = cli.absl_option_rows(fv, _METAVARS)
+  rows.insert(1, ("--config.FIELD=VALUE", "set any field of the config, e.g. "
+                                          "--config.data.root=/data"))
+  rows.append(("-h, --help", "show this help and exit"))
+  return f"{__doc__.strip()}\n\noptions:\n{cli.option_lines(rows)}"
 
 
 # ------------------------------------------------------------------------------------- models
@@ -125,7 +147,10 @@ def check_same_model(run_config, workdir: str) -> None:
   path = os.path.join(workdir, "config.json")
   if not os.path.isfile(path):
     return  # a run stopped before its first stage: nothing to compare with
-  recorded = fileio.read_json(path)
+  recorded = fileio.read_json(path)  # a damaged file: its error names it
+  if not isinstance(recorded, dict):
+    raise UsageError(f"{path} holds a JSON {type(recorded).__name__}, not the run's config: it "
+                     "is damaged; run the pipeline on this run directory again to rewrite it")
   for section in ("model", "pretrain"):
     ours, theirs = _as_json(run_config.sections.get(section)), recorded.get(section)
     if ours != theirs:
@@ -211,7 +236,8 @@ def evaluate_model(config: Any, model_dir: str, *, tasks: Sequence[str] = (),
     result = evaluation.evaluate_samples(
         model, sets, tokenizer=ws.data.tokenizer, batch_size=int(ev["batch_size"]),
         max_new_tokens=int(ev["max_new_tokens"]), tasks=names, desc=f"{split}",
-        mesh=ws.models.mesh)
+        mesh=ws.models.mesh,
+        task_max_new_tokens=evaluation.task_budgets(ev, run_config.sections["zero_shot"]))
   finally:
     shutil.rmtree(scratch, ignore_errors=True)
   return {
@@ -273,8 +299,8 @@ def _describe_os_error(error: OSError) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
   """Runs the command on `argv` (default sys.argv, program name first); returns the exit code."""
   argv = sys.argv if argv is None else argv
-  if {"--help", "-h", "--helpshort"} & set(argv[1:]):
-    print(__doc__)
+  if {"--help", "-h", "-?", "--helpshort", "--helpfull"} & set(argv[1:]):
+    print(_help_text())
     return 0
   try:
     args = _parse(argv)

@@ -75,6 +75,7 @@ import jax
 import numpy as np
 
 from visatb_jax.core import balancing as B
+from visatb_jax.core.differences import percentile_interval
 
 __all__ = ["SHRINKAGE", "VARIANCE_KEYS", "align_by_id", "bootstrap_draws", "bootstrap_report",
            "replicate_indices", "resample_indices", "stack_replicates"]
@@ -526,14 +527,8 @@ def _means(samples: Mapping[str, Mapping[str, np.ndarray]]) -> dict[str, dict[st
           for m, row in samples.items()}
 
 
-def _percentiles(x: np.ndarray, level: float) -> np.ndarray:
-  """The central `level` percentile interval over the leading axis: [..., 2] = (lo, hi)."""
-  tail = 100.0 * (1.0 - level) / 2.0
-  return np.moveaxis(np.percentile(x, [tail, 100.0 - tail], axis=0), 0, -1)
-
-
 def _interval(x: np.ndarray, level: float) -> list[Any]:
-  return _percentiles(x, level).tolist()
+  return percentile_interval(x, level).tolist()
 
 
 def _share(training: float, sampling: float) -> float | None:

@@ -16,25 +16,35 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-__all__ = ["aligned", "paired_delta_difference", "paired_difference"]
+from visatb_jax.core import metrics
+
+__all__ = ["aligned", "paired_delta_difference", "paired_difference", "percentile_interval"]
 
 
-def aligned(a: Mapping[str, float], b: Mapping[str, float], *, what: str) -> tuple[np.ndarray,
-                                                                                  np.ndarray]:
-  """Two models' per-sample scores `{sample_id: score}` as arrays in one sample order.
+def percentile_interval(x: np.ndarray, level: float) -> np.ndarray:
+  """The central `level` percentile interval over the leading axis: [..., 2] = (lo, hi).
+
+  The one percentile rule of every bootstrap interval here (and of core/bootstrap.py)."""
+  tail = 100.0 * (1.0 - level) / 2.0
+  return np.moveaxis(np.percentile(x, [tail, 100.0 - tail], axis=0), 0, -1)
+
+
+def aligned(*scores: Mapping[str, float], what: str) -> tuple[np.ndarray, ...]:
+  """Several models' per-sample scores `{sample_id: score}` as arrays in one sample order.
 
   Raises:
-    ValueError: the two were not scored on the same samples (`what` names the comparison).
+    ValueError: the models were not all scored on the same samples (`what` names the comparison).
   """
-  if set(a) != set(b):
-    raise ValueError(f"{what}: the two models were scored on different samples "
-                     f"({len(set(a) - set(b))} only in the first, {len(set(b) - set(a))} only "
-                     "in the second)")
-  if not a:
+  first = scores[0]
+  for other in scores[1:]:
+    if set(first) != set(other):
+      raise ValueError(f"{what}: the models were scored on different samples "
+                       f"({len(set(first) - set(other))} only in the first, "
+                       f"{len(set(other) - set(first))} only in another)")
+  if not first:
     raise ValueError(f"{what}: no samples")
-  keys = sorted(a)
-  return (np.asarray([float(a[k]) for k in keys], np.float64),
-          np.asarray([float(b[k]) for k in keys], np.float64))
+  keys = sorted(first)
+  return tuple(np.asarray([float(m[k]) for k in keys], np.float64) for m in scores)
 
 
 def paired_difference(a: Sequence[float], b: Sequence[float], *, resamples: int = 1000,
@@ -67,8 +77,7 @@ def paired_difference(a: Sequence[float], b: Sequence[float], *, resamples: int 
   n = diff.size
   indices = np.random.default_rng(seed).integers(0, n, size=(int(resamples), n))
   means = diff[indices].mean(axis=1)
-  tail = 100.0 * (1.0 - level) / 2.0
-  lo, hi = np.percentile(means, [tail, 100.0 - tail])
+  lo, hi = percentile_interval(means, level)
   return {"difference": float(diff.mean()), "interval": [float(lo), float(hi)], "n": int(n)}
 
 
@@ -118,13 +127,11 @@ def paired_delta_difference(scores: Mapping[str, Mapping[str, Sequence[float]]],
 
   def deltas(m: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     rel = (m[..., :2] - m[..., 2:]) / m[..., 2:]                 # [..., T, 2]
-    d_i = 100.0 * rel.mean(axis=-2)
-    d_e = 100.0 * np.maximum(0.0, -rel).mean(axis=-2)
+    d_i, d_e = metrics.delta_from_improvements(rel, axis=-2)
     return d_i[..., 0] - d_i[..., 1], d_e[..., 0] - d_e[..., 1]
 
-  tail = 100.0 * (1.0 - level) / 2.0
   out = {}
   for key, p_val, d_val in zip(("delta_i", "delta_e"), deltas(point), deltas(draws)):
-    lo, hi = np.percentile(d_val, [tail, 100.0 - tail])
+    lo, hi = percentile_interval(d_val, level)
     out[key] = {"difference": float(p_val), "interval": [float(lo), float(hi)]}
   return out

@@ -23,10 +23,13 @@ per-sample function in `SAMPLE_SCORERS` whose `mean_score` is the scalar of the 
   mme              yes/no answer is right                           [0, 1] (MME's accuracy)
 
 POPE's headline F1 and MME's score (accuracy + accuracy+) are not means of per-sample values:
-`pope_report` and `mme_score` compute them from the same answers. The pipeline's score tables
-(validation and test scores, λ, ΔI / ΔE, the bootstrap) use `score`, the mean of the per-sample
-values: accuracy for POPE and MME. `score` and `sample_scores` give the evaluation loop one entry
-point; a scorer's options (IoU threshold, choices, ...) are keyword options of both.
+`pope_report` and `mme_score` compute them from the same answers; `pope_split_report` gives
+POPE's metrics per split (random / popular / adversarial) and `mme_totals` MME's perception and
+cognition totals. `cider`'s option `tokenization="raw"` scores as the VisATB release does. The
+pipeline's score tables (validation and test scores, λ, ΔI / ΔE, the bootstrap) use `score`, the
+mean of the per-sample values: accuracy for POPE and MME. `score` and `sample_scores` give the
+evaluation loop one entry point; a scorer's options (IoU threshold, choices, ...) are keyword
+options of both.
 
 Everything here is plain Python/numpy: nothing needs jax, Java or a network.
 """
@@ -113,6 +116,16 @@ def task_improvement(task: str, baseline: TaskValue, method: TaskValue,
   return float(np.mean(terms))
 
 
+def delta_from_improvements(improvements: np.ndarray, axis: int = -1
+                            ) -> tuple[np.ndarray, np.ndarray]:
+  """ΔI% and ΔE% from per-task improvements I_i (fractions) along `axis`: 100·mean(I) and
+  100·mean(max(0, −I)). The one place of the two averages; also used batched over bootstrap
+  resamples (core/differences.py)."""
+  improvements = np.asarray(improvements, np.float64)
+  return (100.0 * improvements.mean(axis=axis),
+          100.0 * np.maximum(0.0, -improvements).mean(axis=axis))
+
+
 def delta_metrics(baseline: Mapping[str, TaskValue], method: Mapping[str, TaskValue],
                   higher_is_better: Mapping[str, Direction] | None = None) -> dict[str, Any]:
   """ΔI% and ΔE% of `method` against `baseline` (docs/method.md §8).
@@ -147,10 +160,10 @@ def delta_metrics(baseline: Mapping[str, TaskValue], method: Mapping[str, TaskVa
       task: task_improvement(task, baseline[task], method[task], directions.get(task))
       for task in baseline
   }
-  improvements = np.array(list(per_task.values()))
+  delta_i, delta_e = delta_from_improvements(np.array(list(per_task.values())))
   return {
-      "delta_i": float(100.0 * improvements.mean()),
-      "delta_e": float(100.0 * np.maximum(0.0, -improvements).mean()),
+      "delta_i": float(delta_i),
+      "delta_e": float(delta_e),
       "per_task": {task: 100.0 * value for task, value in per_task.items()},
   }
 
@@ -402,6 +415,24 @@ def iou_accuracy(predictions: Sequence[str], references: Sequence[Any],
 
 _PUNCTUATION = str.maketrans("", "", string.punctuation)
 
+# CIDEr's tokenisations (option `tokenization` of `cider`): "normalized", our stand-in for the
+# COCO caption evaluation's PTB tokenizer (`cider_tokenize`), the default; "raw", the text split on
+# whitespace as it is, which is what the VisATB release scores: its eval/caption.py and
+# caption_list.py give the generated and reference texts straight to pycocoevalcap's `Cider`
+# (no PTBTokenizer), whose `precook` only calls `str.split()`. Case and punctuation then count:
+# "A dog." and "a dog" share no token.
+CIDER_TOKENIZATIONS = ("normalized", "raw")
+
+
+def cider_tokens(text: str, tokenization: str = "normalized") -> list[str]:
+  """The tokens CIDEr counts in `text`: `cider_tokenize(text)`, or with "raw" `text.split()`."""
+  if tokenization == "raw":
+    return text.split()
+  if tokenization == "normalized":
+    return cider_tokenize(text)
+  raise ValueError(f"CIDEr tokenization {tokenization!r}; choose one of "
+                   f"{list(CIDER_TOKENIZATIONS)}")
+
 
 def cider_tokenize(text: str) -> list[str]:
   """Lower-cases, deletes ASCII punctuation and splits on whitespace.
@@ -453,7 +484,8 @@ def _clipped_cosine(hyp: dict, hyp_norm: float, ref: dict, ref_norm: float) -> f
 
 
 def cider_scores(predictions: Sequence[str], references: Sequence[str | Sequence[str]],
-                 *, n: int = 4, sigma: float = 6.0) -> np.ndarray:
+                 *, n: int = 4, sigma: float = 6.0,
+                 tokenization: str = "normalized") -> np.ndarray:
   """Per-item CIDEr-D scores, as pycocoevalcap's `Cider` (which implements CIDEr-D) computes them.
 
   For item j with candidate c and references R_j, with g_k(·) the tf·idf vector of k-grams:
@@ -465,7 +497,8 @@ def cider_scores(predictions: Sequence[str], references: Sequence[str | Sequence
   document frequencies come from the references of the corpus being scored, so a one-item corpus
   scores 0 (every idf is 0). ℓ is the length in tokens; the COCO code counts bigrams instead,
   which gives the same difference whenever both sides are non-empty, and an empty side scores 0
-  either way. Tokenisation: `cider_tokenize`.
+  either way. Tokenisation: `cider_tokens` with option `tokenization` ("normalized", the
+  default: `cider_tokenize`; "raw": split on whitespace, as the VisATB release scores).
 
   These are CIDEr-D's per-sample scores: their `mean_score` is the corpus score (`cider`). Each
   depends on the whole corpus through the idf, so a bootstrap that resamples them keeps the full
@@ -477,8 +510,10 @@ def cider_scores(predictions: Sequence[str], references: Sequence[str | Sequence
   _check_lengths(predictions, references)
   if n < 1 or sigma <= 0.0:
     raise ValueError(f"need n >= 1 and sigma > 0, got n={n}, sigma={sigma}")
-  hyps = [cider_tokenize(p) for p in predictions]
-  refs = [[cider_tokenize(r) for r in _reference_list(i, rs)] for i, rs in enumerate(references)]
+  cider_tokens("", tokenization)  # an unknown tokenization fails before any work
+  hyps = [cider_tokens(p, tokenization) for p in predictions]
+  refs = [[cider_tokens(r, tokenization) for r in _reference_list(i, rs)]
+          for i, rs in enumerate(references)]
   hyp_counts = [_ngram_counts(h, n) for h in hyps]
   ref_counts = [[_ngram_counts(r, n) for r in rs] for rs in refs]
 
@@ -505,7 +540,7 @@ def cider_scores(predictions: Sequence[str], references: Sequence[str | Sequence
 
 
 def cider(predictions: Sequence[str], references: Sequence[str | Sequence[str]],
-          *, n: int = 4, sigma: float = 6.0) -> float:
+          *, n: int = 4, sigma: float = 6.0, tokenization: str = "normalized") -> float:
   """Corpus CIDEr-D: the mean of `cider_scores` (scale [0, 10], as pycocoevalcap reports it).
 
   Args:
@@ -514,8 +549,12 @@ def cider(predictions: Sequence[str], references: Sequence[str | Sequence[str]],
       several references give multi-reference CIDEr-D (the mean over them, as in `cider_scores`).
     n: option `n` (default 4), the largest n-gram order.
     sigma: option `sigma` (default 6.0), the width of the Gaussian length penalty.
+    tokenization: option `tokenization`, one of CIDER_TOKENIZATIONS: "normalized" (default,
+      lower-cased without punctuation, close to the COCO caption evaluation) or "raw" (split on
+      whitespace as written, as the VisATB release computes the CIDEr of its tables).
   """
-  return mean_score(cider_scores(predictions, references, n=n, sigma=sigma))
+  return mean_score(cider_scores(predictions, references, n=n, sigma=sigma,
+                                 tokenization=tokenization))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -893,6 +932,36 @@ def pope_report(predictions: Sequence[str],
           "yes_ratio": float(np.mean(said_yes))}
 
 
+def pope_split_report(predictions: Sequence[str], references: Sequence[str | Sequence[str]],
+                      splits: Sequence[str]) -> dict[str, dict[str, Any]]:
+  """POPE's metrics per split and their mean over the splits.
+
+  POPE asks the same kind of question under three negative samplings ("random", "popular",
+  "adversarial"); its evaluation (LLaVA's `eval_pope.py`, which the VisATB release runs) prints
+  `pope_report`'s metrics for each split separately, and LLaVA-1.5's tables give the F1 averaged
+  over the splits.
+
+  Args:
+    predictions, references: as in `pope_scores`, one per question.
+    splits: per question, its split (POPE's `category`).
+
+  Returns:
+    {"splits": {split: pope_report of its questions}, in order of first appearance,
+     "mean": {metric: mean over the splits of that metric}}.
+  """
+  if len(splits) != len(predictions):
+    raise ValueError(f"{len(splits)} splits for {len(predictions)} predictions")
+  _check_lengths(predictions, references)
+  rows: dict[str, list[int]] = {}
+  for i, split in enumerate(splits):
+    rows.setdefault(str(split), []).append(i)
+  per_split = {split: pope_report([predictions[i] for i in idx], [references[i] for i in idx])
+               for split, idx in rows.items()}
+  mean = {key: float(np.mean([r[key] for r in per_split.values()]))
+          for key in ("accuracy", "precision", "recall", "f1", "yes_ratio")} if per_split else {}
+  return {"splits": per_split, "mean": mean}
+
+
 def mme_answer(text: str) -> str:
   """"yes", "no" or "other" as MME's official `calculation.py` reads an answer.
 
@@ -958,6 +1027,53 @@ def mme_score(predictions: Sequence[str], references: Sequence[str | Sequence[st
   return mme_report(predictions, references, pair_ids)["score"]
 
 
+# MME's subtasks as its official eval_tool/calculation.py groups them: the perception total is the
+# sum of 10 subtask scores (at most 2000), the cognition total of 4 (at most 800).
+MME_PERCEPTION = ("existence", "count", "position", "color", "posters", "celebrity", "scene",
+                  "landmark", "artwork", "OCR")
+MME_COGNITION = ("commonsense_reasoning", "numerical_calculation", "text_translation",
+                 "code_reasoning")
+
+
+def mme_totals(predictions: Sequence[str], references: Sequence[str | Sequence[str]],
+               pair_ids: Sequence[Any], subtasks: Sequence[str]) -> dict[str, Any]:
+  """MME's perception and cognition totals: the sums of `mme_report`'s subtask scores.
+
+  Args:
+    predictions, references: as in `mme_scores`, one per question.
+    pair_ids: per question, its image (two questions per image); images are told apart within
+      a subtask, so two subtasks may reuse a file name.
+    subtasks: per question, its subtask, a name of MME_PERCEPTION or MME_COGNITION (MME's
+      `category`).
+
+  Returns:
+    {"perception": Σ scores of the perception subtasks present, "cognition": the same for
+     cognition, "subtasks": {subtask: mme_report}, "missing": [subtasks with no question]}. A
+     total over fewer subtasks than MME's is not MME's total: `missing` says which are absent.
+
+  Raises:
+    ValueError: lengths that differ, or a subtask MME does not have (named).
+  """
+  if not len(pair_ids) == len(subtasks) == len(predictions):
+    raise ValueError(f"{len(pair_ids)} pair ids and {len(subtasks)} subtasks for "
+                     f"{len(predictions)} predictions")
+  _check_lengths(predictions, references)
+  known = MME_PERCEPTION + MME_COGNITION
+  rows: dict[str, list[int]] = {}
+  for i, subtask in enumerate(subtasks):
+    if subtask not in known:
+      raise ValueError(f"question {i}: MME has no subtask {subtask!r}; its subtasks: "
+                       f"{list(known)}")
+    rows.setdefault(subtask, []).append(i)
+  reports = {name: mme_report([predictions[i] for i in rows[name]],
+                              [references[i] for i in rows[name]],
+                              [pair_ids[i] for i in rows[name]])
+             for name in known if name in rows}
+  return {"perception": float(sum(reports[n]["score"] for n in MME_PERCEPTION if n in reports)),
+          "cognition": float(sum(reports[n]["score"] for n in MME_COGNITION if n in reports)),
+          "subtasks": reports, "missing": [n for n in known if n not in rows]}
+
+
 # ---------------------------------------------------------------------------------------------
 # Registry
 # ---------------------------------------------------------------------------------------------
@@ -994,6 +1110,26 @@ def metric_options(metric_name: str) -> tuple[str, ...]:
   return tuple(name for name in params if name not in ("predictions", "references"))
 
 
+# Options whose value is one of a fixed set, checked with the config (`check_metric_options`)
+# rather than at the first score, hours into a run.
+OPTION_CHOICES: dict[str, dict[str, tuple[str, ...]]] = {
+    "cider": {"tokenization": CIDER_TOKENIZATIONS},
+}
+
+
+def check_metric_options(metric_name: str, options: Mapping[str, Any]) -> None:
+  """Raises ValueError (one line, naming the option) for an option `metric_name` does not take
+  or a value outside its choices (`OPTION_CHOICES`)."""
+  known = metric_options(metric_name)
+  unknown = sorted(set(options) - set(known))
+  if unknown:
+    raise ValueError(f"{metric_name} takes no option(s) {unknown}; its options: {list(known)}")
+  for name, choices in OPTION_CHOICES.get(metric_name, {}).items():
+    if name in options and options[name] not in choices:
+      raise ValueError(f"{metric_name} option {name}={options[name]!r}; choose one of "
+                       f"{list(choices)}")
+
+
 def sample_scores(metric_name: str, predictions: Sequence[Any], references: Sequence[Any],
                   **options: Any) -> np.ndarray:
   """Per-sample scores (float64 [n]) of a registered metric; their `mean_score` is `score`.
@@ -1003,7 +1139,8 @@ def sample_scores(metric_name: str, predictions: Sequence[Any], references: Sequ
 
     accuracy         choices (the closed label set)
     iou_accuracy     threshold (IoU a hit must exceed, default 0.5)
-    cider            n (largest n-gram, default 4), sigma (length penalty width, default 6)
+    cider            n (largest n-gram, default 4), sigma (length penalty width, default 6),
+                     tokenization ("normalized", default, or "raw": the VisATB release's)
     multiple_choice  choices (option texts: one list or mapping letter → text, or one per item)
     exact_match, vqa_accuracy, pope, mme: none
 

@@ -234,7 +234,7 @@ def _rlw(fixed: _Fixed) -> Strategy:
 # ------------------------------------------------------------------------------- DWA
 
 
-def _dwa(fixed: _Fixed, window: int, temperature: float) -> Strategy:
+def _dwa(fixed: _Fixed, window: int, temperature: float, start: int | None = None) -> Strategy:
   """DWA (Liu et al., MTAN 2019) on sliding windows, updated every step.
 
   The paper's rule, λ_k(t) = N · softmax_k(w_k(t−1) / T) with w_k(t−1) = L_k(t−1) / L_k(t−2),
@@ -253,10 +253,17 @@ def _dwa(fixed: _Fixed, window: int, temperature: float) -> Strategy:
   observed losses (or a non-positive earlier mean) gets the neutral ratio 1; λ is exactly 1
   until some free task has 2·`window` observations.
 
+  `start` (None: 2·`window` − 1) starts earlier, as the VisATB release does (window 25, λ
+  dynamic after 25 steps): a task's ratio is used once it has more than `start` observed losses
+  (start >= window), the earlier mean then being over the losses it has (at least one). The
+  release fills the missing part of its earlier window with its buffer's initial value 1.0
+  instead, a loss-scale-dependent artefact that is not reproduced.
+
   State: `history` [2·window, T], each task's last 2·window observed losses in a ring indexed
   by its own `seen` count [T] (the slot of its next loss is seen % (2·window)).
   """
   size = 2 * window
+  start = size - 1 if start is None else start
 
   def init(num_tasks: int) -> State:
     fixed.check(num_tasks)
@@ -276,8 +283,11 @@ def _dwa(fixed: _Fixed, window: int, temperature: float) -> Strategy:
     # Age 0 is the task's newest loss; only read once the task has filled its ring.
     age = (seen[None, :] - 1 - slots) % size
     recent = jnp.sum(jnp.where(age < window, history, 0.0), axis=0) / window
-    earlier = jnp.sum(jnp.where(age >= window, history, 0.0), axis=0) / window
-    ready = seen >= size
+    # Before the ring is full, only the ages below `seen` hold losses (at least one once ready).
+    earlier_n = jnp.clip(seen - window, 1, window)
+    earlier = jnp.sum(jnp.where((age >= window) & (age < seen[None, :]), history, 0.0),
+                      axis=0) / earlier_n
+    ready = seen > start
     ratio = jnp.where(ready, _safe_ratio(recent, earlier), 1.0)
     free = fixed.free(num_tasks)
     dynamic = fixed.apply(n_softmax(ratio / temperature, free))
@@ -414,13 +424,16 @@ def _rlw_factory(*, fixed_mask=None, fixed_values=None) -> Strategy:
   return _rlw(_make_fixed(fixed_mask, fixed_values))
 
 
-def _dwa_factory(*, window: int = 50, temperature: float = DWA_TEMPERATURE, fixed_mask=None,
-                 fixed_values=None) -> Strategy:
+def _dwa_factory(*, window: int = 50, temperature: float = DWA_TEMPERATURE,
+                 start: int | None = None, fixed_mask=None, fixed_values=None) -> Strategy:
   if int(window) < 1:
     raise ValueError(f"dwa window must be >= 1, got {window}")
   if not temperature > 0:
     raise ValueError(f"dwa temperature must be > 0, got {temperature}")
-  return _dwa(_make_fixed(fixed_mask, fixed_values), int(window), float(temperature))
+  if start is not None and int(start) < int(window):
+    raise ValueError(f"dwa start must be >= window ({window}), got {start}")
+  return _dwa(_make_fixed(fixed_mask, fixed_values), int(window), float(temperature),
+              None if start is None else int(start))
 
 
 def _igb_factory(*, base_start: int = 100, base_end: int = 200, fixed_mask=None,
@@ -453,7 +466,8 @@ def get_strategy(name: str, **options: Any) -> Strategy:
     ew:     none.
     static: lam [T] (required); normalize=True rescales the non-fixed entries to mean 1.
     rlw:    none; the randomness comes from the `rng` passed to `update`.
-    dwa:    window=50 (steps per loss mean; the two windows slide every step), temperature=2.0.
+    dwa:    window=50 (steps per loss mean; the two windows slide every step), temperature=2.0,
+            start=None (dynamic after 2·window − 1 observed losses; the release: 25).
     igb:    base_start=100, base_end=200 (the base-loss window, in steps).
     uw:     lr=1e-2 (the Adam learning rate of the log-variances s, constant).
 

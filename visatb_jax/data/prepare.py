@@ -24,9 +24,10 @@ sample ``i``, so subsets can be chosen by index (``loader.py``'s ``record_indice
 ``tfds.builder_from_directory(directory).as_data_source(split)``, a random-access source for grain.
 
 Idempotence: ``directory/prepare.json`` (written last) records a fingerprint of the samples (ids,
-tasks, conversations, image paths with their size and mtime); a directory with the same fingerprint
-is reused as it is, anything else (another mixture, a run killed half way) is rebuilt. The build
-happens in a scratch directory next to ``directory`` and is renamed into place whole.
+tasks, conversations, image paths with a digest of their bytes, see ``image_digest.py``); a
+directory with the same fingerprint is reused as it is, anything else (another mixture, a run
+killed half way) is rebuilt. The build happens in a scratch directory next to ``directory`` and is
+renamed into place whole.
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from etils import epath
 
+from visatb_jax.data import image_digest
 from visatb_jax.runtime import fileio
 
 FORMAT_VERSION = "1.0.0"
@@ -169,20 +171,20 @@ def decode_record(record: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def mixture_fingerprint(splits: Mapping[str, Sequence[dict[str, Any]]]) -> str:
-  """sha256 of the format version, the samples and their image files' (path, size, mtime)."""
+  """sha256 of the format version, the samples and their image files' (path, content digest).
+
+  The images' digests come from `image_digest.file_digests`: hashed once, then a stat each.
+  """
+  digests = image_digest.file_digests(
+      {p for samples in splits.values() for sample in samples for p in _image_paths(sample)})
   h = hashlib.sha256(FORMAT_VERSION.encode())
   for split in sorted(splits):
     h.update(json.dumps(["split", split]).encode())
     for sample in splits[split]:
-      files = [(p, *_stat(p)) for p in _image_paths(sample)]
+      files = [(p, digests[p]) for p in _image_paths(sample)]
       h.update(json.dumps([sample.get("id"), sample["task"], sample["conversations"], files],
                           ensure_ascii=False).encode())
   return h.hexdigest()
-
-
-def _stat(path: str) -> tuple[int, int]:
-  st = os.stat(path)
-  return st.st_size, st.st_mtime_ns
 
 
 def _split_info(samples: Sequence[dict[str, Any]]) -> dict[str, Any]:

@@ -223,10 +223,8 @@ def _json_object(file: str) -> dict[str, Any]:
   """A JSON file that must hold an object (a config.json); errors name the file."""
   try:
     value = fileio.read_json(file)
-  except (json.JSONDecodeError, UnicodeDecodeError) as e:
-    # UnicodeDecodeError: a binary file; its message would not name the file.
-    raise ValueError(f"{file} is not valid JSON ({e}): replace it with the checkpoint's own "
-                     "config.json") from e
+  except fileio.JSONFileError as e:  # its message names the file and what is wrong
+    raise ValueError(f"{e}: replace it with the checkpoint's own config.json") from None
   if not isinstance(value, dict):
     raise ValueError(f"{file} holds a JSON {type(value).__name__}, not an object: replace it with "
                      "the checkpoint's own config.json")

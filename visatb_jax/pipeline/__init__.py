@@ -11,7 +11,8 @@ stages, run, report.
   stages.py     the stages and the sections each reads
   runner.py     running stages in order: skipped when done, refused when stale
   evaluation.py generation and per-sample scoring
-  report.py     report.md, comparison.json and plots, from a run directory alone
+  comparison.py comparison.json: ΔI/ΔE against STL and differences to EW, from a run directory
+  report.py     report.md and plots, from a run directory alone
   presets.py    what the paper's configs share
 """
 

@@ -16,6 +16,8 @@ import dataclasses
 import inspect
 import math
 import os
+import re
+import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -36,7 +38,7 @@ MESH_AXES = ("data", "fsdp", "tensor")
 # Fields of a zero-shot entry; `group` and `fixed_weight` only because presets.task() writes them
 # (as None): a task that is never trained has neither.
 ZERO_SHOT_FIELDS = ("metric", "higher_is_better", "files", "prompt_suffix", "metric_options",
-                    "group", "fixed_weight")
+                    "max_new_tokens", "group", "fixed_weight")
 ZERO_SHOT_SPLITS = ("val", "test")
 
 # Sections every stage may read without hashing them: where the run executes (the device mesh)
@@ -212,6 +214,7 @@ def _task_plan(tasks: Mapping[str, Any], order: Sequence[str], needs_balance: bo
       _number(f"tasks.{t}.fixed_weight", info["fixed_weight"], minimum=0.0)
     if metric is not None:
       _metric_options(f"tasks.{t}.metric_options", metric, info.get("metric_options"))
+    _max_new_tokens(f"tasks.{t}", info)
   try:
     plan = TaskPlan.from_config(tasks, order)
   except ValueError as e:
@@ -232,12 +235,40 @@ def _metric_options(where: str, metric: str, options: Any) -> dict:
     return {}
   if not isinstance(options, Mapping):
     raise ConfigError(f"config.{where} must map option names to values, got {options!r}")
-  known = metrics.metric_options(metric)
-  unknown = sorted(set(options) - set(known))
-  if unknown:
-    raise ConfigError(f"config.{where}: {metric} takes no option(s) {unknown}; its options: "
-                      f"{list(known)}")
+  try:
+    metrics.check_metric_options(metric, options)
+  except ValueError as e:
+    raise ConfigError(f"config.{where}: {e}") from None
   return dict(options)
+
+
+def _max_new_tokens(where: str, entry: Mapping[str, Any]) -> int | None:
+  """A task's own `max_new_tokens` (None: it generates up to eval.max_new_tokens)."""
+  value = entry.get("max_new_tokens")
+  return None if value is None else _number(f"{where}.max_new_tokens", value, kind=int,
+                                            minimum=1)
+
+
+def _eval_section(section: Mapping[str, Any], tasks: Mapping[str, Any],
+                  order: Sequence[str]) -> dict[str, Any]:
+  """config.eval as hashed: with `task_max_new_tokens` {task: n} of the trained tasks that set
+  their own `max_new_tokens` (absent when none does, so that existing runs keep their hashes).
+
+  The budgets are hashed here rather than with the tasks, so that changing one re-scores the
+  models instead of retraining them (the data stage hashes the tasks section).
+  """
+  out = dict(section)
+  budgets = {t: int(tasks[t]["max_new_tokens"]) for t in order
+             if tasks[t].get("max_new_tokens") is not None}
+  if budgets:
+    out["task_max_new_tokens"] = budgets
+  return out
+
+
+def _tasks_section(tasks: Mapping[str, Any]) -> dict[str, Any]:
+  """config.tasks as hashed: without the generation budgets (`_eval_section` has them)."""
+  return {t: {k: v for k, v in entry.items() if k != "max_new_tokens"}
+          for t, entry in tasks.items()}
 
 
 def _zero_shot_files(where: str, name: str, files: Any, data: Mapping[str, Any]) -> dict:
@@ -311,6 +342,9 @@ def _zero_shot(section: Any, plan: TaskPlan, data: Mapping[str, Any]) -> dict[st
         "prompt_suffix": suffix,
         "metric_options": _metric_options(f"{where}.metric_options", metric,
                                           entry.get("metric_options"))}
+    budget = _max_new_tokens(where, entry)
+    if budget is not None:  # only when set: existing runs keep their hashes
+      out[str(name)]["max_new_tokens"] = budget
   return out
 
 
@@ -479,6 +513,62 @@ def _check_checkpoint(path: str, tokenizer_here: bool) -> None:
                       "tokenizer directory")
 
 
+class InstructionTunedStartWarning(UserWarning):
+  """`model.path` is an instruction-tuned model, where the paper starts from pretrained parts."""
+
+
+# LLaVA-1.5's released models, by directory name: llava-1.5-7b-hf, llava-v1.5-13b, ...
+_LLAVA15_NAME = re.compile(r"llava-?v?1[.\-_]5")
+# config.json `model_type` of a full LLaVA checkpoint: llava-hf's, and the original release's.
+_LLAVA_MODEL_TYPES = ("llava", "llava_llama", "llava_next")
+
+
+def instruction_tuned_start(path: str) -> str | None:
+  """Why `model.path` is an instruction-tuned model, in words; None when nothing says so.
+
+  A LLaVA (config.json `model_type` llava / llava_llama, in a directory whose name says llava),
+  or a directory named as a LLaVA-1.5 release (llava-1.5-7b-hf, llava-v1.5-13b), has been
+  instruction-tuned on LLaVA-1.5's 665k mixture; a Qwen2-VL named -Instruct has been
+  instruction-tuned too. A stage-1 directory (its name says "pretrain") is not.
+  """
+  from visatb_jax.model import factory  # pylint: disable=g-import-not-at-top
+  name = os.path.basename(os.path.normpath(path)).lower()
+  if "pretrain" in name:
+    return None
+  model_type = factory.checkpoint_model_type(path) if os.path.isdir(path) else None
+  if model_type == factory.QWEN2_VL:
+    return "an instruction-tuned Qwen2-VL (-Instruct)" if "instruct" in name else None
+  if "llava" in name and model_type in _LLAVA_MODEL_TYPES:
+    return f"an instruction-tuned LLaVA (model_type {model_type})"
+  if _LLAVA15_NAME.search(name):
+    return "an instruction-tuned LLaVA-1.5 release, by its name"
+  return None
+
+
+# Warnings already shown (see `_warn_instruction_tuned`): a run builds its config more than once.
+_SHOWN: dict = {}
+
+
+def _warn_instruction_tuned(path: str) -> None:
+  """One line on why an instruction-tuned start changes the paper's comparison."""
+  what = instruction_tuned_start(path)
+  if what is None:
+    return
+  if "Qwen2-VL" in what:
+    why = ("Qwen2-VL-Instruct was already instruction-tuned, where the paper fine-tunes the "
+           "pretrained base (Qwen2-VL-2B), so every method starts past part of what it is "
+           "compared on")
+  else:
+    why = ("its instruction data already held VQAv2, GQA, OCRVQA, RefCOCO and ShareGPT, so STL, "
+           "EW and VisATB all start past the tasks they are compared on; the paper starts from "
+           "CLIP ViT-L/14-336, Vicuna-v1.5 and the stage-1 projector (model.vision_path, "
+           "model.text_path, model.projector_path)")
+  # Attributed to the field rather than to a line of this file, so that Python shows it as one
+  # line ("config.model.path:1: InstructionTunedStartWarning: ..."), not two.
+  warnings.warn_explicit(f"{path} is {what}: {why}", InstructionTunedStartWarning,
+                         "config.model.path", 1, registry=_SHOWN)
+
+
 def _check_parts(parts: Mapping[str, str], data: Mapping[str, Any]) -> None:
   """The three part paths of a composed model: each readable (config.json, weight files, torch
   for a .bin), and a tokenizer with <image> named, since the language model's has none."""
@@ -534,7 +624,9 @@ def _check_model(section: Mapping[str, Any], data: Mapping[str, Any]) -> None:
     _check_parts(parts, data)
   elif section.get("path"):
     tokenizer_here = data.get("source") == "llava_json" and not data.get("tokenizer")
-    _check_checkpoint(os.path.expanduser(str(section["path"])), tokenizer_here)
+    path = os.path.expanduser(str(section["path"]))
+    _check_checkpoint(path, tokenizer_here)
+    _warn_instruction_tuned(path)
   _check_family_template(section, data)
 
 
@@ -635,9 +727,10 @@ def build(config: Any, *, num_devices: int | None = None) -> RunConfig:
   sections = {
       "name": str(raw.get("name") or "run"),
       "seed": _number("seed", _get(raw, "seed", 0), kind=int),
-      "tasks": {"tasks": raw["tasks"], "task_order": list(raw["task_order"])},
+      "tasks": {"tasks": _tasks_section(raw["tasks"]), "task_order": list(raw["task_order"])},
       "data": raw["data"], "model": _model_section(raw["model"]), "mesh": raw.get("mesh"),
-      "train": raw["train"], "prep": raw["prep"], "eval": raw["eval"], "pretrain": pretrain,
+      "train": raw["train"], "prep": raw["prep"], "pretrain": pretrain,
+      "eval": _eval_section(raw["eval"], raw["tasks"], raw["task_order"]),
       "balance": dataclasses.asdict(balance),
       "methods": {"methods": list(methods), "options": options},
       "zero_shot": zero_shot,

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from visatb_jax.data import image_format
+from visatb_jax.data import image_digest, image_format
 from visatb_jax.data import images as images_lib
 from visatb_jax.data import packing, shapes, sources, subsets, template
 from visatb_jax.data import tokenizer as tokenizer_lib
@@ -78,10 +78,12 @@ def _sha256(path: str) -> str | None:
 
 
 def _images_digest(path: str, image_root: str | None) -> str | None:
-  """One digest of (name, size, mtime) of every image a sample file lists.
+  """One digest of the content of every image a sample file lists.
 
-  A stat per image and no decoding, so that hundreds of thousands of images take seconds. None
-  when the file does not parse: the data stage names the problem.
+  Each image's bytes are hashed once and cached by (size, mtime, ctime, inode)
+  (`image_digest.file_digests`), so a re-run costs a stat per image, and an edit in place that
+  keeps the size and restores the mtime is still seen. None when the file does not parse: the
+  data stage names the problem.
   """
   root = os.path.abspath(image_root) if image_root else os.path.dirname(os.path.abspath(path))
   names = set()
@@ -94,25 +96,26 @@ def _images_digest(path: str, image_root: str | None) -> str | None:
         continue  # skipped by the loader too
   except (OSError, ValueError):
     return None
+  names = sorted(names)
+  files = {name: os.path.normpath(os.path.join(root, name)) for name in names}
+  digests = image_digest.file_digests(files.values())
   digest = hashlib.sha256()
-  for name in sorted(names):
+  for name in names:
     # Names as the file lists them, not resolved paths: moving the data keeps the fingerprint.
-    try:
-      st = os.stat(os.path.normpath(os.path.join(root, name)))
-      digest.update(f"{name}\t{st.st_size}\t{st.st_mtime_ns}\n".encode())
-    except OSError:
-      digest.update(f"{name}\tmissing\n".encode())
+    digest.update(f"{name}\t{digests[files[name]] or 'missing'}\n".encode())
   return digest.hexdigest()
 
 
 def _sample_file_fingerprint(path: str, image_root: str | None) -> dict[str, str | None]:
-  return {"sha256": _sha256(path), "images": _images_digest(path, image_root)}
+  # "image_bytes", not the "images" (size and mtime) of runs made before images were hashed:
+  # `input_changes` tells the one from the other.
+  return {"sha256": _sha256(path), "image_bytes": _images_digest(path, image_root)}
 
 
 def input_fingerprints(run_config: RunConfig) -> dict[str, dict[str, dict[str, str | None]]]:
   """{stage: {file: digests}} of the user files the data and pretrain stages read.
 
-  data: every task file of every split (content and the size and mtime of each image it lists)
+  data: every task file of every split (its content and that of each image it lists)
   and the tokenizer files of a `llava_json` source; pretrain: its files, alike. The built-in
   `shapes` source reads no user file: {}. Never raises: a missing or malformed file is the
   stage's error, with its own message.
@@ -151,7 +154,11 @@ def input_changes(recorded: Mapping[str, Any], current: Mapping[str, Any]) -> li
     if old == new:
       continue
     if old and new and old.get("sha256") == new.get("sha256"):
-      out.append(f"an image listed in {path} changed")
+      if "images" in old and "image_bytes" in new:  # recorded before images were hashed
+        out.append(f"the fingerprint of the images listed in {path} changed from size and mtime "
+                   "to content")
+      else:
+        out.append(f"an image listed in {path} changed")
     else:
       out.append(f"input file {path} changed")
   return out

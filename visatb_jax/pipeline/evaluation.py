@@ -300,14 +300,28 @@ def scoring_references(metric: str, references: Sequence[Reference]) -> list[Ref
   return [r if isinstance(r, str) else r[0] for r in references]
 
 
+def task_budgets(eval_section: Mapping[str, Any],
+                 zero_shot_section: Mapping[str, Any] | None = None) -> dict[str, int]:
+  """{task: max_new_tokens} of the tasks that set their own: the trained tasks' from the checked
+  config's eval section (`task_max_new_tokens`, pipeline/config.py), the zero-shot tasks' from
+  their entries. Every other task generates up to `eval.max_new_tokens`."""
+  budgets = {t: int(n) for t, n in (eval_section.get("task_max_new_tokens") or {}).items()}
+  for name, entry in (zero_shot_section or {}).items():
+    if entry.get("max_new_tokens") is not None:
+      budgets[name] = int(entry["max_new_tokens"])
+  return budgets
+
+
 def evaluate_samples(model, eval_sets: Mapping[str, EvalSet], *, tokenizer, batch_size: int,
                      max_new_tokens: int, tasks: Sequence[str] | None = None,
-                     desc: str = "eval", mesh=None) -> EvalResult:
+                     desc: str = "eval", mesh=None,
+                     task_max_new_tokens: Mapping[str, int] | None = None) -> EvalResult:
   """Scores `model` on each task (all of `eval_sets`, or `tasks`), keeping per-sample scores.
 
-  `mesh`: see `generate_answers`. Progress is counted in batches over all the tasks
-  (`runtime/progress.py`): a bar on a terminal; in a log, a line every 10 % of the batches (at
-  most 100) naming the task being decoded, e.g.
+  A task generates up to its own `task_max_new_tokens[task]` tokens (`task_budgets`), else up to
+  `max_new_tokens`. `mesh`: see `generate_answers`. Progress is counted in batches over all the
+  tasks (`runtime/progress.py`): a bar on a terminal; in a log, a line every 10 % of the batches
+  (at most 100) naming the task being decoded, e.g.
   `  untrained on validation batch 4/40 (10 %): task chat, 0.8 batches/s, ETA 0:45`.
   """
   tasks = list(tasks or eval_sets)
@@ -318,8 +332,9 @@ def evaluate_samples(model, eval_sets: Mapping[str, EvalSet], *, tokenizer, batc
     for task in tasks:
       es = eval_sets[task]
       bar.set_fields(task=task)
+      budget = int((task_max_new_tokens or {}).get(task, max_new_tokens))
       preds = generate_answers(model, es, tokenizer=tokenizer, batch_size=batch_size,
-                               max_new_tokens=max_new_tokens, mesh=mesh, on_batch=bar.update)
+                               max_new_tokens=budget, mesh=mesh, on_batch=bar.update)
       samples[task] = score_predictions(es, preds)
       scores[task] = metrics.mean_score(list(samples[task].values()))
       predictions[task] = preds
@@ -328,9 +343,11 @@ def evaluate_samples(model, eval_sets: Mapping[str, EvalSet], *, tokenizer, batc
 
 def evaluate(model, eval_sets: Mapping[str, EvalSet], *, tokenizer, batch_size: int,
              max_new_tokens: int, tasks: Sequence[str] | None = None,
-             desc: str = "eval", mesh=None) -> tuple[dict[str, float], dict[str, list[str]]]:
-  """Scores `model` on each task → ({task: score}, {task: predictions}); `mesh`: see
-  `generate_answers`. `evaluate_samples` also gives the per-sample scores."""
+             desc: str = "eval", mesh=None, task_max_new_tokens: Mapping[str, int] | None = None
+             ) -> tuple[dict[str, float], dict[str, list[str]]]:
+  """Scores `model` on each task → ({task: score}, {task: predictions}); `mesh` and
+  `task_max_new_tokens`: see `evaluate_samples`, which also gives the per-sample scores."""
   result = evaluate_samples(model, eval_sets, tokenizer=tokenizer, batch_size=batch_size,
-                            max_new_tokens=max_new_tokens, tasks=tasks, desc=desc, mesh=mesh)
+                            max_new_tokens=max_new_tokens, tasks=tasks, desc=desc, mesh=mesh,
+                            task_max_new_tokens=task_max_new_tokens)
   return result.scores, result.predictions

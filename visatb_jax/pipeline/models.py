@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import math
 from collections.abc import Sequence
@@ -13,6 +12,11 @@ from visatb_jax.data import packing, template
 from visatb_jax.pipeline.errors import PipelineError
 
 PRETRAIN_DIR = "pretrain"
+# The train.* fields the pretrain stage reads: TrainConfig's, less those it sets itself (its
+# steps, learning rate and trainable parameters come from config.pretrain) and the run's seed.
+# Only these are in its hash, so that e.g. train.lr or train.epochs keeps the pretrained model.
+PRETRAIN_TRAIN_FIELDS = ("batch_size", "accum_steps", "warmup_frac", "clip_norm", "weight_decay",
+                         "checkpoint_every", "log_every", "freeze_vision_tower", "ce_chunk_size")
 
 if TYPE_CHECKING:
   from visatb_jax.pipeline.workspace import Workspace
@@ -101,17 +105,19 @@ class Models:
 
   def train(self, rel_dir: str, examples: Sequence[packing.Example], method: TrainMethod, *,
             stage_hash: str, mesh=None, pretrain: bool = False,
-            task_names: Sequence[str] | None = None, data_seed: int | None = None) -> None:
+            task_names: Sequence[str] | None = None, data_seed: int | None = None) -> bool:
     """Trains one model into `rel_dir` with `method` (skipped when done, resumed when
     interrupted) on `mesh` (default: the whole mesh). `pretrain`: the pretrain stage's run (its
     own settings, from the initial model). `data_seed`: the seed of the data order (default: the
-    run's; a preparation replicate has its own, docs/method.md §13)."""
+    run's; a preparation replicate has its own, docs/method.md §13). `stage_hash`: what the model
+    is keyed on. True when it was reused: trained before under the same hash."""
     from visatb_jax import train as train_lib  # pylint: disable=g-import-not-at-top
+    from visatb_jax.train.state import TrainConfig  # pylint: disable=g-import-not-at-top
     ws = self._ws
     if ws.dir.claim(rel_dir, stage_hash):
       print(f"  {rel_dir}: trained, skipped", flush=True)
-      return
-    data, train = ws.config.section("data"), ws.config.section("train")
+      return True
+    data = ws.config.section("data")
     ds = packing.PackedDataset(examples, seq_len=int(data["seq_len"]),
                                max_images=int(data["max_images"]),
                                pad_id=ws.data.tokenizer.pad_token_id,
@@ -119,14 +125,18 @@ class Models:
                                image_format=self.image_format)
     if pretrain:
       settings = ws.config.pretrain
+      # The fields of its hash alone (ConfigView raises on any other).
+      train = {f: ws.config.section(f"train.{f}") for f in PRETRAIN_TRAIN_FIELDS}
+      train = {f: v for f, v in train.items() if v is not None}
       batch_size = int(settings["batch_size"] or train["batch_size"])
       steps = math.ceil(float(settings["epochs"]) * ds.num_rows / batch_size)
       accum = int(train.get("accum_steps") or 1)
-      cfg = dataclasses.replace(
-          ws.config.train_config(steps), lr=float(settings["lr"]), batch_size=batch_size,
-          accum_steps=accum if batch_size % accum == 0 else 1,
-          trainable="projector" if settings["trains"] == "projector" else "model")
+      cfg = TrainConfig.of({
+          **train, "steps": max(1, steps), "seed": ws.config.seed, "lr": float(settings["lr"]),
+          "batch_size": batch_size, "accum_steps": accum if batch_size % accum == 0 else 1,
+          "trainable": "projector" if settings["trains"] == "projector" else "model"})
     else:
+      train = ws.config.section("train")
       batch_size = int(train["batch_size"])
       cfg = ws.config.train_config(math.ceil(ws.config.train_epochs * ds.num_rows / batch_size))
     print(f"  {rel_dir}: {len(examples)} samples in {ds.num_rows} rows, {cfg.steps} steps",
@@ -149,6 +159,7 @@ class Models:
                             "train": cfg.to_dict(),
                             "rows": ds.num_rows, "samples": len(examples),
                             "packing_efficiency": ds.packing_efficiency()})
+    return False
 
   def load(self, rel_dir: str | None):
     """The trained model in `rel_dir`, or the untrained initial model for None."""
@@ -182,7 +193,9 @@ class Models:
     result = evaluation.evaluate_samples(
         self.load(rel_dir), eval_sets(split), tokenizer=ws.data.tokenizer,
         batch_size=int(ev["batch_size"]), max_new_tokens=int(ev["max_new_tokens"]), tasks=tasks,
-        desc=f"{where} on {name}{split}", mesh=self.mesh)
+        desc=f"{where} on {name}{split}", mesh=self.mesh,
+        task_max_new_tokens=evaluation.task_budgets(
+            ev, ws.config.section("zero_shot") if zero_shot else None))
     print(f"  {where} on {name}{split}: "
           + ", ".join(f"{t}={v:.3f}" for t, v in result.scores.items()), flush=True)
     ws.dir.cache_scores(where, cache, stage_hash, result.scores, result.samples,

@@ -1,9 +1,11 @@
-"""What the paper's configs share (docs/method.md section 10): the LLaVA-1.5-7B recipe on user data.
+"""What the paper's configs share (docs/method.md section 10): the LLaVA-1.5 recipe on user data.
 
-`configs/academic.py`, `m3it.py`, `chat.py` and `qwen2vl.py` call `paper_config` and add their
-task registry. Only the data directory and the checkpoint are left to the user
-(`--config.data.root=/data/visatb/academic --config.model.path=/models/llava-v1.5-7b-hf`); the
-model sizes below are those of the checkpoint, used by `--dry-run` when no checkpoint is given.
+`configs/academic.py`, `academic13b.py`, `m3it.py`, `chat.py` and `qwen2vl.py` call `paper_config`
+and add their task registry. The LLaVA configs start where the paper and its release start: the
+CLIP ViT-L/14-336 tower, Vicuna-v1.5 and the stage-1 projector (`--pretrain_mm_mlp_adapter`), at
+the local paths of `PARTS` (download them there, or override the fields); not from
+llava-1.5-7b-hf, which was already instruction-tuned on the Academic tasks' sources. The model
+sizes below are those of the parts, used by `--dry-run` when the parts are not on the machine.
 """
 
 from __future__ import annotations
@@ -21,8 +23,28 @@ LLAVA15_7B_VISION = {"image_size": 336, "patch_size": 14, "hidden_size": 1024,
 VICUNA_7B_TEXT = {"vocab_size": 32064, "hidden_size": 4096, "intermediate_size": 11008,
                   "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 32,
                   "max_position_embeddings": 4096, "rms_norm_eps": 1e-5}
+# Vicuna-13B-v1.5 (lmsys/vicuna-13b-v1.5 config.json), its vocabulary grown as the 7B's.
+VICUNA_13B_TEXT = {"vocab_size": 32064, "hidden_size": 5120, "intermediate_size": 13824,
+                   "num_hidden_layers": 40, "num_attention_heads": 40, "num_key_value_heads": 40,
+                   "max_position_embeddings": 4096, "rms_norm_eps": 1e-5}
 # <image> in the llava-hf tokenizer (32000 Llama tokens + <image> + <pad>, padded to 32064).
 LLAVA15_IMAGE_TOKEN_ID = 32000
+
+# The paper's starting point per language model, as local paths to fill (README, "Starting from
+# the official parts"): openai/clip-vit-large-patch14-336, lmsys/vicuna-{7b,13b}-v1.5, LLaVA-1.5's
+# stage-1 projector liuhaotian/llava-v1.5-mlp2x-336px-pretrain-vicuna-{7b,13b}-v1.5, and Vicuna's
+# tokenizer with <image> added (README). The release's finetune_academic.sh and
+# finetune_academic_vicuna13b.sh start from exactly these (--model_name_or_path,
+# --vision_tower, --pretrain_mm_mlp_adapter).
+PARTS = {
+    size: {"vision_path": "/models/clip-vit-large-patch14-336",
+           "text_path": f"/models/vicuna-{size}-v1.5",
+           "projector_path": (f"/models/llava-v1.5-mlp2x-336px-pretrain-vicuna-{size}-v1.5/"
+                              "mm_projector.bin"),
+           "tokenizer": f"/models/vicuna-{size}-v1.5-image"}
+    for size in ("7b", "13b")
+}
+TEXT_SIZES = {"7b": VICUNA_7B_TEXT, "13b": VICUNA_13B_TEXT}
 
 
 def temperature(value: float | str) -> config_dict.FieldReference:
@@ -37,7 +59,9 @@ _temperature_field = temperature
 
 def task(metric: str | None, *, group: str | None = None, fixed_weight: float | None = None,
          higher_is_better: bool = True, prompt_suffix: str = "",
-         files: Mapping[str, str] | None = None) -> dict[str, Any]:
+         files: Mapping[str, str] | None = None,
+         metric_options: Mapping[str, Any] | None = None,
+         max_new_tokens: int | None = None) -> dict[str, Any]:
   """One entry of a config's task registry.
 
   Args:
@@ -49,15 +73,49 @@ def task(metric: str | None, *, group: str | None = None, fixed_weight: float | 
     prompt_suffix: an instruction appended (after a newline) to every human turn that does not
       already end with it, in training and evaluation alike (LLaVA-1.5's short-answer prompt).
     files: per-split file patterns overriding `data.files` for this task.
+    metric_options: keyword options of the scorer (`metrics.metric_options`), e.g.
+      {"tokenization": "raw"} for CIDEr as the release computes it.
+    max_new_tokens: the task's own generation budget (None: `eval.max_new_tokens`).
   """
   entry = {"metric": metric, "group": group, "fixed_weight": fixed_weight,
            "higher_is_better": higher_is_better, "prompt_suffix": prompt_suffix}
   if files:
     entry["files"] = dict(files)
+  if metric_options:
+    entry["metric_options"] = dict(metric_options)
+  if max_new_tokens is not None:
+    entry["max_new_tokens"] = int(max_new_tokens)
   return entry
 
 
+# LLaVA-1.5's short-answer instruction. Table 9 of the paper lists each Academic task's
+# instruction; its text is not in this repository, so OCRVQA takes LLaVA-1.5's (its mixture's
+# OCR-VQA questions end with it already, and a suffix is never added twice).
 _SHORT_ANSWER = "Answer the question using a single word or phrase."
+
+# Generation budgets of the paper configs (docs/method.md §10). The release answers every
+# validation and test sample with inference_visatb.py's default max_new_tokens=2048, greedy.
+# A free-form answer (a caption, a chat turn: every CIDEr task) keeps that budget, since its
+# score reads the whole text. A short answer (exact match, a box) gets 128, LLaVA-1.5's budget for
+# short-answer benchmarks (model_vqa_loader.py): greedy decoding stops at the end of the answer
+# either way, an exact match against a reference shorter than 128 tokens is the same whether a
+# runaway answer is cut at 128 or 2048, and `iou_accuracy` reads the first box; the cache of a
+# batch is 16x smaller.
+LONG_ANSWER_TOKENS = 2048
+SHORT_ANSWER_TOKENS = 128
+# CIDEr as the release computes it: pycocoevalcap's Cider on the raw text (metrics.cider).
+RELEASE_CIDER = {"tokenization": "raw"}
+
+
+def free_form_task(*, group: str | None = None) -> dict[str, Any]:
+  """A CIDEr-scored task of a paper config: the release's CIDEr and generation budget."""
+  return task("cider", group=group, metric_options=RELEASE_CIDER,
+              max_new_tokens=LONG_ANSWER_TOKENS)
+
+
+# DWA as the release's weight_method.py runs it: loss means over windows of 25 steps, λ dynamic
+# after 25 steps (docs/method.md §10); the library's default window is 50.
+RELEASE_DWA = {"window": 25, "start": 25}
 
 # The baselines every table of the paper compares VisATB with (docs/method.md §9): EW, TLA, STL,
 # RLW, DWA and IGBv1. STL is the reference of ΔI% and ΔE% (§8).
@@ -67,17 +125,17 @@ PAPER_BASELINES = ("ew", "tla", "stl", "rlw", "dwa", "igb")
 def academic_tasks() -> dict[str, dict[str, Any]]:
   """The Academic benchmark's 8 tasks, in the task order of the paper's release.
 
-  Metrics as in the release's eval/ scripts: captions scored with CIDEr, short answers with exact
-  match, RefCOCO boxes with IoU > 0.5. ShareGPT (text-only conversations) keeps λ = 1.0 and is not
-  scored.
+  Metrics as in the release's eval/ scripts: captions scored with CIDEr (as the release computes
+  it, on the raw text), short answers with exact match, RefCOCO boxes with IoU > 0.5. ShareGPT
+  (text-only conversations) keeps λ = 1.0 and is not scored.
   """
   return {
-      "ShareGPT4V": task("cider"),
-      "RefCOCO-caption": task("cider"),
+      "ShareGPT4V": free_form_task(),
+      "RefCOCO-caption": free_form_task(),
       "VQAv2": task("exact_match", prompt_suffix=_SHORT_ANSWER),
       "GQA": task("exact_match", prompt_suffix=_SHORT_ANSWER),
       "ChartQA": task("exact_match", prompt_suffix=_SHORT_ANSWER),
-      "OCRVQA": task("exact_match"),
+      "OCRVQA": task("exact_match", prompt_suffix=_SHORT_ANSWER),
       "RefCOCO-bbox": task("iou_accuracy"),
       "ShareGPT": task(None, fixed_weight=1.0),
   }
@@ -85,14 +143,18 @@ def academic_tasks() -> dict[str, dict[str, Any]]:
 
 def paper_config(name: str, tasks: Mapping[str, Mapping[str, Any]], *, r_large: float,
                  r_mini: float, form: str = "real", temperature: float | str = 0.5,
-                 epochs: float = 1.0,
-                 baselines: Sequence[str] = PAPER_BASELINES) -> ml_collections.ConfigDict:
-  """The full config of a paper benchmark: LLaVA-1.5-7B, batch 128, lr 2e-5 cosine.
+                 epochs: float = 1.0, baselines: Sequence[str] = PAPER_BASELINES,
+                 size: str | None = "7b") -> ml_collections.ConfigDict:
+  """The full config of a paper benchmark: LLaVA-1.5, batch 128, lr 2e-5 cosine.
 
   Per benchmark (docs/method.md §10): the rates `r_large` and `r_mini`, the balancing `form`, the
   softmax `temperature` T (0.5 for Academic and Chat, 1.0 for M3IT and Qwen2-VL-2B) and the
-  training `epochs` (1, except Chat's 3 in the release's script).
+  training `epochs` (1, except Chat's 3 in the release's script). `size` ("7b" or "13b") picks
+  Vicuna and the parts of `PARTS` the model starts from; None leaves the start empty (a config
+  that sets its own, as configs/qwen2vl.py).
   """
+  if size is not None and size not in PARTS:
+    raise ValueError(f"size={size!r}; choose one of {sorted(PARTS)}")
   c = ml_collections.ConfigDict()
   c.name = name
   c.seed = 0
@@ -108,7 +170,9 @@ def paper_config(name: str, tasks: Mapping[str, Mapping[str, Any]], *, r_large: 
                   "test": "{task}_test.json"}
   c.data.image_root = ""       # default: each JSON file's directory
   c.data.on_missing_image = "error"  # or "skip" (counted in the report)
-  c.data.tokenizer = ""        # default: the checkpoint's own (model.path)
+  # Vicuna's tokenizer with <image> (the language model part has none); "" with model.path: the
+  # checkpoint's own.
+  c.data.tokenizer = PARTS[size]["tokenizer"] if size else ""
   c.data.template = "vicuna_v1"
   c.data.system_prompt = None  # None: LLaVA-1.5's
   c.data.max_len = 2048
@@ -117,15 +181,18 @@ def paper_config(name: str, tasks: Mapping[str, Mapping[str, Any]], *, r_large: 
   c.data.max_images = 3
 
   c.model = ml_collections.ConfigDict()
-  c.model.path = ""            # local HF LLaVA checkpoint directory: required to train
-  # Or the official starting point, from its three parts (all three, and no model.path): a CLIP
-  # vision directory, a Llama/Vicuna directory and the stage-1 projector (mm_projector.bin or
-  # .safetensors).
-  c.model.vision_path = ""
-  c.model.text_path = ""
-  c.model.projector_path = ""
+  # The paper's start, from its three parts (each checked before any stage): a CLIP vision
+  # directory, a Llama/Vicuna directory and the stage-1 projector (mm_projector.bin or
+  # .safetensors). A single HF LLaVA checkpoint in model.path instead takes the three cleared
+  # (--config.model.vision_path= ...); an instruction-tuned one is warned about, since it changes
+  # what the comparison measures.
+  parts = PARTS.get(size or "", {})
+  c.model.path = ""
+  c.model.vision_path = parts.get("vision_path", "")
+  c.model.text_path = parts.get("text_path", "")
+  c.model.projector_path = parts.get("projector_path", "")
   c.model.vision = dict(LLAVA15_7B_VISION)
-  c.model.text = dict(VICUNA_7B_TEXT)
+  c.model.text = dict(TEXT_SIZES[size or "7b"])
   c.model.image_token_id = LLAVA15_IMAGE_TOKEN_ID
   c.model.init_seed = 0
   c.model.dtype = "bfloat16"   # compute; parameters and optimizer state stay float32
@@ -179,9 +246,10 @@ def paper_config(name: str, tasks: Mapping[str, Mapping[str, Any]], *, r_large: 
 
   c.eval = ml_collections.ConfigDict()
   c.eval.batch_size = 32
-  c.eval.max_new_tokens = 128
+  # Tasks without their own max_new_tokens (short answers; free-form tasks have 2048, above).
+  c.eval.max_new_tokens = SHORT_ANSWER_TOKENS
 
   c.weighting = "visatb"  # the run's own final model (pipeline/methods.py names them all)
   c.baselines = tuple(baselines)
-  c.weighting_options = {}
+  c.weighting_options = {"dwa": dict(RELEASE_DWA)}
   return c

@@ -1,12 +1,10 @@
 """Run report: `report/report.md` plus PNG plots, built from what the pipeline wrote.
 
 Every input is optional, so the report can be regenerated at any point of a run (a partial run
-simply says which parts are not available yet). The report builds `report/comparison.json` (ΔI% and
-ΔE% of each method against STL, ΔI_zero% on the zero-shot tasks against EW, step times relative to
-EW) itself from `scores/test.json`,
-`config.json` and the final runs' metrics, so a run directory alone is enough to rebuild it. Nothing
-here imports jax: the report is cheap to rebuild from the command line,
-`python -m visatb_jax.report WORKDIR`.
+simply says which parts are not available yet). `write_report` first has comparison.py compute
+`report/comparison.json` (ΔI%/ΔE% against STL, differences to EW) from the run directory, then
+renders; nothing here computes a comparison. Nothing here imports jax: the report is cheap to
+rebuild from the command line, `python -m visatb_jax.report WORKDIR`.
 
 When `lambda.json` carries bootstrap intervals (`visatb_jax.core.bootstrap.bootstrap_report`), the
 tables show "value [low, high]", the λ chart has error bars, the contribution heatmap hatches the
@@ -29,22 +27,23 @@ from typing import Any
 
 import numpy as np
 from matplotlib import patches as mpatches
+from matplotlib import patheffects
 from matplotlib import ticker
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from visatb_jax.core import differences, metrics
-from visatb_jax.runtime.fileio import (atomic_write_bytes, atomic_write_json, atomic_write_text,
-                                       read_json)
+from visatb_jax.pipeline.comparison import (COMPARISON_JSON, UNTRAINED, build_comparison,
+                                            higher_is_better, read_metrics, zero_shot_tasks)
+from visatb_jax.pipeline.comparison import is_number as _is_number
+from visatb_jax.pipeline.comparison import load_json as _load_json
+from visatb_jax.pipeline.comparison import ordered_keys as _ordered_keys
+from visatb_jax.runtime.fileio import atomic_write_bytes, atomic_write_json, atomic_write_text
 
 LAMBDA_PNG = "lambda.png"
 CONTRIBUTION_PNG = "contribution.png"
 LOSS_CURVES_PNG = "loss_curves.png"
 REPORT_MD = "report.md"
-COMPARISON_JSON = "comparison.json"
 
-# The pretrained model scored before any training: a reference row, not a method.
-UNTRAINED = "untrained"
 REPORT_STAGE = "report"
 
 _MISSING = "—"
@@ -75,50 +74,6 @@ class RunFiles:
 
 # ----------------------------------------------------------------------------------------------
 # Reading the run directory.
-
-
-def _load_json(path: str) -> Any | None:
-  """The parsed file, or None when it does not exist (yet)."""
-  if not os.path.isfile(path):
-    return None
-  try:
-    return read_json(path)
-  except json.JSONDecodeError as e:
-    raise ValueError(f"{path}: not valid JSON ({e})") from e
-
-
-def read_metrics(path: str) -> list[dict]:
-  """Records of a metrics.jsonl file that carry a step; unparsable lines are skipped.
-
-  The trainer appends to this file while it runs, so the last line may be cut short.
-  """
-  records = []
-  with open(path, encoding="utf-8") as f:
-    for line in f:
-      line = line.strip()
-      if not line:
-        continue
-      try:
-        record = json.loads(line)
-      except json.JSONDecodeError:
-        continue
-      if isinstance(record, dict) and "step" in record:
-        records.append(record)
-  return records
-
-
-def step_seconds(records: Sequence[dict]) -> float | None:
-  """Median wall seconds per optimizer step between consecutive log records.
-
-  The interval ending at the first record is left out (it holds the compilation), so a run needs
-  at least two records; None otherwise.
-  """
-  rates = []
-  for a, b in zip(records, records[1:]):
-    steps = b.get("step", 0) - a.get("step", 0)
-    if steps > 0 and _is_number(a.get("elapsed_s")) and _is_number(b.get("elapsed_s")):
-      rates.append((b["elapsed_s"] - a["elapsed_s"]) / steps)
-  return float(np.median(rates)) if rates else None
 
 
 def _load_runs(parent: str) -> dict[str, list[dict]]:
@@ -152,205 +107,6 @@ def load_run(workdir: str) -> RunFiles:
       validation_samples=_load_json(join("scores", "validation_samples.json")),
       test_samples=_load_json(join("scores", "test_samples.json")),
   )
-
-
-# ----------------------------------------------------------------------------------------------
-# Comparison with STL (report/comparison.json).
-
-
-def _direction(spec: Any) -> bool | list[bool]:
-  """A config's higher_is_better: a bool, or one bool per metric; unset means higher is better."""
-  if spec is None:
-    return True
-  if isinstance(spec, (list, tuple)):
-    return [bool(s) for s in spec]
-  return bool(spec)
-
-
-def zero_shot_tasks(config: Mapping | None) -> list[str]:
-  """The zero-shot tasks (docs/method.md §12) of a run's config.json dump, in config order."""
-  section = (config or {}).get("zero_shot")
-  return list(section) if isinstance(section, Mapping) else []
-
-
-def higher_is_better(config: Mapping | None, tasks: Sequence[str]) -> dict[str, bool | list[bool]]:
-  """{task: higher_is_better} for `tasks`, from a run's config.json dump (True where not given).
-
-  A zero-shot task's own entry wins over a same-named entry of the task registry (the registry
-  may list tasks that this run does not train).
-  """
-  config = config or {}
-  specs = config.get("tasks") or {}
-  zero = config.get("zero_shot") if isinstance(config.get("zero_shot"), Mapping) else {}
-  out = {}
-  for task in tasks:
-    spec = zero.get(task) if task in zero else specs.get(task)
-    out[task] = _direction(spec.get("higher_is_better") if isinstance(spec, Mapping) else None)
-  return out
-
-
-def _restricted(scores: Mapping[str, Any], tasks: Sequence[str]) -> dict[str, Any]:
-  return {t: v for t, v in scores.items() if t in tasks}
-
-
-def _zero_shot_entry(test: Mapping[str, Mapping], method: str, zero: Sequence[str],
-                     directions: Mapping[str, Any]) -> dict[str, Any]:
-  """ΔI_zero% of one method against EW on the zero-shot tasks, with per-task I% (§8, §12)."""
-  if "ew" not in test:
-    return {"zero_shot_error": "no EW model, the baseline of ΔI_zero: add 'ew' to "
-                               "config.baselines"}
-  ew, scores = _restricted(test["ew"], zero), _restricted(test[method], zero)
-  signs = _restricted(directions, zero)
-  try:
-    return {"delta_i_zero": metrics.delta_zero_shot(ew, scores, signs),
-            "per_task_zero": metrics.delta_metrics(ew, scores, signs)["per_task"]}
-  except ValueError as e:  # e.g. an EW score of 0: ΔI_zero is undefined, say so in the report
-    return {"zero_shot_error": str(e)}
-
-
-def compare_methods(test: Mapping[str, Mapping], directions: Mapping[str, Any] | None,
-                    step_times: Mapping[str, float | None] | None = None,
-                    zero_shot: Sequence[str] = ()) -> dict[str, dict]:
-  """ΔI%, ΔE% and per-task I% of every method of `test` against its "stl" entry, and ΔI_zero%
-  against its "ew" entry on the zero-shot tasks.
-
-  Args:
-    test: scores/test.json, {method: {task: score}}; "stl" is the baseline and "untrained" (the
-      model before training) is no method, so neither gets an entry.
-    directions: {task: higher_is_better} of the scored tasks (see `higher_is_better`).
-    step_times: {method: median seconds per step or None} of the methods whose final run logged
-      metrics; each compared method among them gets "step_time_s", and "step_time_vs_ew" when
-      both its time and EW's are known.
-    zero_shot: the zero-shot tasks (docs/method.md §12). They are left out of ΔI and ΔE (STL has
-      no model for them) and give "delta_i_zero" (ΔI% with EW as the baseline) and
-      "per_task_zero" (per-task I%); EW's own ΔI_zero is 0 by definition.
-
-  Returns:
-    {method: metrics.delta_metrics(...) plus the zero-shot keys}; "error" (resp.
-    "zero_shot_error") holds the message where ΔI (resp. ΔI_zero) is undefined, e.g. a baseline
-    score of 0. {} without an "stl" entry and without zero-shot tasks.
-  """
-  zero = list(zero_shot)
-  if "stl" not in test and not zero:
-    return {}
-  directions = dict(directions or {})
-  comparison: dict[str, dict] = {}
-  for method, scores in test.items():
-    if method in ("stl", UNTRAINED):
-      continue
-    entry: dict[str, Any] = {}
-    if "stl" in test:
-      trained = [t for t in scores if t not in zero]
-      try:
-        entry = metrics.delta_metrics(test["stl"], _restricted(scores, trained),
-                                      higher_is_better=_restricted(directions, test["stl"]))
-      except ValueError as e:  # e.g. an STL score of 0: ΔI is undefined, say so in the report
-        entry = {"error": str(e)}
-    if zero:
-      entry.update(_zero_shot_entry(test, method, zero, directions))
-    comparison[method] = entry
-  times = {m: s for m, s in (step_times or {}).items() if m in comparison}
-  for method, seconds in times.items():
-    comparison[method]["step_time_s"] = seconds
-    if seconds is not None and times.get("ew"):
-      comparison[method]["step_time_vs_ew"] = seconds / times["ew"]
-  return comparison
-
-
-def build_comparison(workdir: str) -> dict[str, dict]:
-  """The content of `report/comparison.json`, computed from the run directory alone.
-
-  Reads scores/test.json ({} when absent or without STL scores), config.json for each scored task's
-  higher_is_better (True when the file or the task is missing) and final/<method>/metrics.jsonl for
-  the step times. See `compare_methods`.
-  """
-  test = _load_json(os.path.join(workdir, "scores", "test.json"))
-  if not isinstance(test, Mapping):
-    return {}
-  config = _load_json(os.path.join(workdir, "config.json"))
-  zero = zero_shot_tasks(config)
-  if "stl" not in test and not zero:
-    return {}
-  tasks = _ordered_keys([s for s in test.values() if isinstance(s, Mapping)])
-  directions = higher_is_better(config, tasks)
-  times = {}
-  for method in test:
-    path = os.path.join(workdir, "final", method, "metrics.jsonl")
-    if method not in ("stl", UNTRAINED) and os.path.exists(path):
-      times[method] = step_seconds(read_metrics(path))
-  comparison = compare_methods(test, directions, times, zero_shot=zero)
-  samples = _load_json(os.path.join(workdir, "scores", "test_samples.json"))
-  if isinstance(samples, Mapping):
-    add_differences_to_ew(comparison, samples, directions, zero_shot=zero)
-  return comparison
-
-
-def add_differences_to_ew(comparison: dict[str, dict], samples: Mapping[str, Any],
-                          directions: Mapping[str, Any], *, zero_shot: Sequence[str] = (),
-                          level: float = 0.9, resamples: int = 1000) -> None:
-  """Each method's per-task test score minus EW's, with a paired-bootstrap interval over the test
-  samples (core/differences.py), as entry["vs_ew"] = {task: {"difference", "interval", "n"}};
-  EW's entry gets STL's as "stl_vs_ew" and, as "under_trained", the trained tasks whose STL model
-  beats EW beyond that interval: what equal weighting leaves under-trained (docs/method.md §13).
-  Tasks with several or lower-is-better metrics are left out (a difference of one scalar score).
-  """
-  ew = samples.get("ew")
-  if not isinstance(ew, Mapping) or "ew" not in comparison:
-    return
-
-  def diffs(other: Mapping[str, Any], name: str) -> dict[str, dict]:
-    out = {}
-    for task, theirs in other.items():
-      if task in zero_shot and name == "stl":
-        continue
-      mine = ew.get(task)
-      if (directions.get(task, True) is not True or not isinstance(mine, Mapping)
-          or not isinstance(theirs, Mapping) or not all(
-              _is_number(v) for v in list(mine.values()) + list(theirs.values()))):
-        continue
-      try:
-        a, b = differences.aligned(mine, theirs, what=f"{name} vs ew on {task}")
-        out[task] = differences.paired_difference(a, b, resamples=resamples, level=level)
-      except ValueError:
-        continue  # different samples (an older run's scores): no interval rather than a wrong one
-    return out
-
-  for method, entry in comparison.items():
-    if method != "ew" and isinstance(samples.get(method), Mapping):
-      entry["vs_ew"] = diffs(samples[method], method)
-  stl = samples.get("stl")
-  if isinstance(stl, Mapping):
-    comparison["ew"]["stl_vs_ew"] = diffs(stl, "stl")
-    comparison["ew"]["under_trained"] = [
-        t for t, d in comparison["ew"]["stl_vs_ew"].items() if d["interval"][0] > 0]
-    for method, entry in comparison.items():
-      if method != "ew" and "delta_i" in entry:
-        delta = _delta_vs_ew(samples, method, directions, zero_shot, level, resamples)
-        if delta is not None:
-          entry["delta_vs_ew"] = delta
-
-
-def _delta_vs_ew(samples: Mapping[str, Any], method: str, directions: Mapping[str, Any],
-                 zero_shot: Sequence[str], level: float, resamples: int) -> dict | None:
-  """ΔI and ΔE of `method` minus EW's, with a paired interval over the test samples; None when
-  the per-sample scores cannot give it (a lower-is-better task, other samples, an STL mean 0)."""
-  tasks = [t for t in samples["stl"] if t not in zero_shot]
-  arrays: dict[str, dict[str, Any]] = {m: {} for m in (method, "ew", "stl")}
-  for task in tasks:
-    rows = [samples.get(m, {}).get(task) for m in (method, "ew", "stl")]
-    if directions.get(task, True) is not True or not all(isinstance(r, Mapping) for r in rows):
-      return None
-    try:
-      a, b = differences.aligned(rows[0], rows[1], what=task)
-      _, c = differences.aligned(rows[0], rows[2], what=task)
-    except ValueError:
-      return None
-    arrays[method][task], arrays["ew"][task], arrays["stl"][task] = a, b, c
-  try:
-    return differences.paired_delta_difference(arrays, method, "ew", level=level,
-                                               resamples=resamples)
-  except ValueError:
-    return None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -389,12 +145,6 @@ def _md_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
 
 def _not_available(what: str, source: str) -> str:
   return f"_{what} not available yet (`{source}` not found)._"
-
-
-def _ordered_keys(dicts: Sequence[Mapping], preferred: Sequence[str] = ()) -> list[str]:
-  """`preferred` keys that occur, then the remaining keys in order of first appearance."""
-  seen = {k: None for d in dicts for k in d}
-  return [k for k in preferred if k in seen] + [k for k in seen if k not in preferred]
 
 
 def _method_order(methods: Sequence[str]) -> list[str]:
@@ -447,10 +197,6 @@ def _matrix(balance: Mapping) -> np.ndarray | None:
   if c.shape != (len(units), len(units)) or not units:
     return None
   return c
-
-
-def _is_number(v: Any) -> bool:
-  return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1166,11 +912,50 @@ def _nan_if_none(v: float | None) -> float:
   return np.nan if v is None else float(v)
 
 
+# Inches per heatmap cell: room for the value, and with intervals for "[-0.63, 0.046]" under it
+# at 8 pt, so that the cell text stays inside its cell at any number of tasks.
+_CELL_INCHES = 0.8
+_CELL_INCHES_WITH_INTERVALS = 1.2
+
+
+def _label_inches(labels: Sequence[str], fontsize: float = 10.0) -> float:
+  """A generous width of the longest tick label (about 0.6 em per character)."""
+  return 0.6 * fontsize / 72.0 * max((len(s) for s in labels), default=0)
+
+
+def _contribution_figsize(units: Sequence[str], cell: float, slanted: bool) -> tuple[float, float]:
+  """Room for the square matrix at `cell` inches a side plus its labels, colour bar and legend.
+
+  The constrained layout places everything without overlaps; the size only keeps the matrix
+  from being squeezed below `cell` per task to make room for them.
+  """
+  n = len(units)
+  labels = _label_inches(units)
+  # y tick labels and "contributor i" on the left, the colour bar and its label on the right.
+  width = cell * n + labels + 0.5 + 1.3
+  # Title on top; x tick labels (slanted ones reach down by half their length), "receiver j"
+  # and the legend below.
+  height = cell * n + 0.5 + (0.5 * labels if slanted else 0.25) + 0.35 + 0.45
+  return max(4.5, width), max(3.8, height)
+
+
+def _cell_text(ax: Any, j: int, i: int, text: str, dark: bool, hatched: bool,
+               fontsize: float) -> None:
+  """The value of cell (i, j): white on a saturated cell, black on a pale one. Over a hatch the
+  glyphs get a halo in the cell's own tone, so that the hatch lines never cross them."""
+  color, halo = ("white", "black") if dark else ("black", "white")
+  effects = [patheffects.withStroke(linewidth=2.0, foreground=halo, alpha=0.7)] if hatched else []
+  ax.text(j, i, text, ha="center", va="center", fontsize=fontsize, color=color,
+          path_effects=effects)
+
+
 def contribution_figure(balance: Mapping, c: np.ndarray) -> Figure:
   """Heatmap of C: contributor on the y axis, receiver on the x axis, values annotated.
 
   With bootstrap intervals each cell also shows its interval, and the cells whose interval
-  contains 0 are hatched (a legend entry says so).
+  contains 0 are hatched (a legend entry under the figure says so). The figure grows with the
+  number of tasks, and a constrained layout keeps the legend, the axis labels, the colour bar
+  and the matrix apart (tests/pipeline/test_report.py checks this at 3 and at 8 tasks).
   """
   units = list(balance["balanced"])
   n = len(units)
@@ -1178,36 +963,40 @@ def contribution_figure(balance: Mapping, c: np.ndarray) -> Figure:
   # Symmetric limits so that 0 (no effect) sits at the neutral middle of the colour map.
   finite = c[np.isfinite(c)]
   limit = max(1.0, float(np.max(np.abs(finite)))) if finite.size else 1.0
-  cell = 0.9 if bounds is None else 1.3  # room for the interval under the value
-  fig = Figure(figsize=(max(4.5, cell * n + 2.5), max(3.8, 0.8 * n + 1.8)))
+  cell = _CELL_INCHES if bounds is None else _CELL_INCHES_WITH_INTERVALS
+  # Slanted when the names would not fit side by side under their cells.
+  slanted = n > 4 or _label_inches(units) > cell
+  fig = Figure(figsize=_contribution_figsize(units, cell, slanted), layout="constrained")
   ax = fig.add_subplot()
   image = ax.imshow(c, cmap="RdBu", vmin=-limit, vmax=limit)
   fig.colorbar(image, ax=ax, shrink=0.8, label="C[i→j]")
-  ax.set_xticks(np.arange(n), units, rotation=30 if n > 4 else 0, ha="right" if n > 4 else "center")
+  ax.set_xticks(np.arange(n), units, rotation=30 if slanted else 0,
+                ha="right" if slanted else "center",
+                rotation_mode="anchor" if slanted else "default")
   ax.set_yticks(np.arange(n), units)
   ax.set_xlabel("receiver j")
   ax.set_ylabel("contributor i")
   ax.set_title("Inter-task contribution C[i→j]")
+  fontsize = 8 if bounds is not None else 9
+  zero = zero_in_interval(bounds) if bounds is not None else np.zeros((n, n), bool)
   for i in range(n):
     for j in range(n):
       # Dark text on the pale middle of the map, white on its saturated ends.
-      strong = np.isfinite(c[i, j]) and abs(c[i, j]) > 0.6 * limit
-      color = "white" if strong else "black"
+      dark = bool(np.isfinite(c[i, j]) and abs(c[i, j]) > 0.6 * limit)
       text = _fmt(float(c[i, j]), 3)
       if bounds is not None and i != j:
         text += f"\n[{_fmt(float(bounds[i, j, 0]), 2)}, {_fmt(float(bounds[i, j, 1]), 2)}]"
-      ax.text(j, i, text, ha="center", va="center", fontsize=8 if bounds is not None else 9,
-              color=color)
+      _cell_text(ax, j, i, text, dark, bool(zero[i, j]), fontsize)
   if bounds is not None:
-    zero = zero_in_interval(bounds)
     for i, j in zip(*np.nonzero(zero)):
       ax.add_patch(mpatches.Rectangle((j - 0.5, i - 0.5), 1.0, 1.0, fill=False, hatch=_ZERO_HATCH,
                                       edgecolor="dimgray", linewidth=0.0))
     level = _fmt_level((balance.get("bootstrap") or {}).get("level"))
     legend = mpatches.Patch(facecolor="white", edgecolor="dimgray", hatch=_ZERO_HATCH,
                             label=f"{level} interval contains 0")
-    ax.legend(handles=[legend], loc="upper center", bbox_to_anchor=(0.5, -0.18 if n > 4 else -0.1),
-              frameon=False)
+    # A figure legend "outside" is given its own row under everything by the layout: never on
+    # the matrix or the "receiver j" label, however long the slanted tick labels are.
+    fig.legend(handles=[legend], loc="outside lower center", frameon=False)
   return fig
 
 

@@ -1,13 +1,19 @@
 """Running the pipeline: which stages, in which order, skipped when done, refused when stale.
 
-A stage is skipped when `manifest.json` says it finished under its current hash. Inside a stage,
+A stage is skipped when `manifest.json` says it finished under its current hash, the outputs it
+recorded are still there as it wrote them (run_dir.output_digest), and the stages whose outputs it
+reads are done and hold the outputs it was made from. So a deleted or changed output re-runs the
+stage that wrote it, and a stage whose inputs were made again with other contents (the report
+after new test scores) runs again; the log names the file or the stage. Inside a stage,
 every trained model and every score file carries that hash too, and training resumes from its
 last checkpoint, so a run killed at any moment resumes where it stopped with the same results.
 A stage whose inputs were made under another config, or from user files that changed since
 (`data.input_fingerprints`), is never fed them: a full run re-runs the stale stages (and says
 why), and a stage selected with `--stages` stops with the command that refreshes its inputs.
 A run directory whose finished stages another config made is never overwritten silently: the run
-stops before writing anything unless `overwrite` is set.
+stops before writing anything unless `overwrite` is set. A damaged manifest is rebuilt from the
+models' run.json files, with a warning: the stages whose models are all there under the current
+config count as done, and the others run again (their scores come from the models' caches).
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from typing import Any
 from visatb_jax.pipeline import config as config_lib
 from visatb_jax.pipeline import data as data_lib
 from visatb_jax.pipeline import stages as stages_lib
+from visatb_jax.pipeline import run_dir as run_dir_lib
 from visatb_jax.pipeline.errors import PipelineError
 from visatb_jax.pipeline.run_dir import Manifest, config_hash
 from visatb_jax.pipeline.workspace import Workspace
@@ -120,26 +127,105 @@ def _needed(stage: stages_lib.Stage, run_config: config_lib.RunConfig) -> bool:
   return not (stage.pretrain_only and not run_config.pretrain)
 
 
+def _stage(name: str) -> stages_lib.Stage:
+  return stages_lib.STAGES[stages_lib.STAGE_NAMES.index(name)]
+
+
+@dataclasses.dataclass(frozen=True)
+class _Verdict:
+  """Whether a stage counts as done, and if not, why (empty: it never finished)."""
+  done: bool
+  why: str = ""
+  broken: tuple[str, ...] = ()  # its recorded outputs that are missing or changed
+
+
+def _problems_phrase(problems: Sequence[tuple[str, str]]) -> str:
+  rel, what = problems[0]
+  more = f"; {len(problems) - 1} other output(s) too" if len(problems) > 1 else ""
+  return f"its output {rel} {what}{more}"
+
+
+class _Status:
+  """Which stages of the run directory count as done for this config, and why the others do
+  not: finished under the current hash, with the outputs they recorded as they wrote them, and
+  made from the current outputs of the done stages they read."""
+
+  def __init__(self, run_config: config_lib.RunConfig, man: Manifest, h: _Hashes, workdir: str):
+    self._config, self._man, self._h, self._workdir = run_config, man, h, workdir
+    self._problems: dict[str, list[tuple[str, str]]] = {}  # per stage; digests cost file reads
+
+  def forget(self, name: str) -> None:
+    """Drops what was checked of `name`'s outputs (its entry changed)."""
+    self._problems.pop(name, None)
+
+  def outputs_digest(self, name: str) -> str | None:
+    """One digest of what stage `name` recorded as its outputs (None: nothing recorded)."""
+    entry = self._man.data["stages"].get(name) or {}
+    return config_hash(entry["outputs"]) if "outputs" in entry else None
+
+  def made_from(self, stage: stages_lib.Stage) -> dict[str, str | None]:
+    """What a stage finishing now records of its inputs: each needed input stage's digest."""
+    return {name: self.outputs_digest(name) for name in stage.inputs
+            if _needed(_stage(name), self._config)}
+
+  def verdict(self, name: str) -> _Verdict:
+    entry = self._man.data["stages"].get(name)
+    if not entry or entry.get("status") != "done":
+      return _Verdict(False)
+    if entry.get("hash") != self._h.stage[name]:
+      return _Verdict(False, _why_stale(entry, name, self._h))
+    # Entries written before outputs were recorded are trusted as they were then.
+    if "outputs" in entry:
+      if name not in self._problems:
+        self._problems[name] = run_dir_lib.output_problems(self._workdir, entry["outputs"])
+      problems = self._problems[name]
+      if problems:
+        return _Verdict(False, _problems_phrase(problems), tuple(p for p, _ in problems))
+    made_from = entry.get("made_from")
+    for source in _stage(name).inputs:
+      if not _needed(_stage(source), self._config):
+        continue
+      upstream = self.verdict(source)
+      if not upstream.done:
+        return _Verdict(False, f"its input stage {source} is not done"
+                        + (f" ({upstream.why})" if upstream.why else ""))
+      if made_from is not None and made_from.get(source) != self.outputs_digest(source):
+        return _Verdict(False, f"stage {source} made new outputs since it ran")
+      if made_from is None and _ran_before(entry, self._man.data["stages"][source]):
+        # An entry from before outputs were recorded: only the order of the runs tells.
+        return _Verdict(False, f"stage {source} ran after it")
+    return _Verdict(True)
+
+
+def _ran_before(entry: Mapping[str, Any], source: Mapping[str, Any]) -> bool:
+  """True when `entry` was done before its input stage's `source` was (timestamps to the second,
+  which sort as text)."""
+  when, then = entry.get("updated"), source.get("updated")
+  return isinstance(when, str) and isinstance(then, str) and when < then
+
+
 def _check_inputs(stage: stages_lib.Stage, run_config: config_lib.RunConfig, man: Manifest,
-                  h: _Hashes, selected: Sequence[str] | None, workdir: str,
+                  h: _Hashes, status: _Status, selected: Sequence[str] | None, workdir: str,
                   coming: Collection[str] = ()) -> None:
-  """Stops a stage whose inputs are missing, or stale: made under another config or from user
-  files that changed since. `coming`: stages this run redoes before it."""
+  """Stops a stage whose inputs are missing, or stale: made under another config, from user
+  files that changed since, or with outputs removed or changed since. `coming`: stages this run
+  redoes before it."""
   names = stages_lib.STAGE_NAMES
   for name in stage.inputs:
-    producer = stages_lib.STAGES[names.index(name)]
+    producer = _stage(name)
     if not _needed(producer, run_config) or name in coming:
       continue
-    if man.is_done(name, h.stage[name]):
+    verdict = status.verdict(name)
+    if verdict.done:
       continue
     entry = man.data["stages"].get(name)
     done = bool(entry) and entry.get("status") == "done"
     redo = [s for s in names if names.index(name) <= names.index(s) <= names.index(stage.name)]
     if done and not _config_changed(entry, name, h):
-      state = f"is stale: {_why_stale(entry, name, h)}"
+      state = f"is stale: {verdict.why}"
       # Changed files are read upstream of `name`: the refresh starts at the first stale stage.
       first = next(s.name for s in stages_lib.STAGES
-                   if _needed(s, run_config) and not man.is_done(s.name, h.stage[s.name]))
+                   if _needed(s, run_config) and not status.verdict(s.name).done)
       redo = [s.name for s in stages_lib.STAGES if _needed(s, run_config)
               and names.index(first) <= names.index(s.name) <= names.index(stage.name)]
     else:
@@ -158,14 +244,14 @@ def _config_record(run_config: config_lib.RunConfig) -> dict[str, Any]:
   return {**sections, "tasks": tasks["tasks"], "task_order": tasks["task_order"]}
 
 
-def _preflight(run_config: config_lib.RunConfig, man: Manifest, h: _Hashes,
+def _preflight(run_config: config_lib.RunConfig, man: Manifest, h: _Hashes, status: _Status,
                selected: Sequence[str] | None, workdir: str, overwrite: bool) -> None:
   """Before anything is written: the stale-input errors of `--stages`, then the refusal to
   replace the outputs of stages another config finished."""
   to_run = [s for s in stages_lib.STAGES if (not selected or s.name in selected)
-            and _needed(s, run_config) and not man.is_done(s.name, h.stage[s.name])]
+            and _needed(s, run_config) and not status.verdict(s.name).done]
   for i, stage in enumerate(to_run):
-    _check_inputs(stage, run_config, man, h, selected, workdir,
+    _check_inputs(stage, run_config, man, h, status, selected, workdir,
                   coming={s.name for s in to_run[:i]})
   # Changed input files are not a config change: those stages are redone without asking.
   replaced = [s.name for s in to_run if _done_under_another_config(man, s.name, h)]
@@ -196,9 +282,19 @@ def run(config: Any, workdir: str, *, stages: Sequence[str] | None = None,
   h = _hashes(config)
   ws.stage_hashes = dict(h.stage)
   man = Manifest(workdir, config_hash(config.sections))
-  _preflight(config, man, h, stages, workdir, overwrite)
-  _use_compilation_cache(os.path.join(workdir, "xla_cache"))
+  status = _Status(config, man, h, workdir)
   allowed = allowed_sections()
+  damaged = man.damaged
+  if damaged:
+    rebuilt = _rebuild(ws, man, h, allowed)
+    kept = (f"stage(s) {', '.join(rebuilt)} done under this config" if rebuilt
+            else "no stage done under this config")
+    stages_lib.log(f"warning: {man.path} {damaged}; rebuilt it from the models' run.json files: "
+                   f"{kept}; the other stages run again (scores come from the models' caches)")
+  _preflight(config, man, h, status, stages, workdir, overwrite)
+  if damaged:
+    man.save()  # the rebuilt manifest replaces the damaged one
+  _use_compilation_cache(os.path.join(workdir, "xla_cache"))
   fileio.atomic_write_json(ws.dir.path("config.json"), _config_record(config))
   stages_lib.log(f"run directory {os.path.abspath(workdir)}")
   for stage in stages_lib.STAGES:
@@ -212,19 +308,88 @@ def run(config: Any, workdir: str, *, stages: Sequence[str] | None = None,
     # Every process reads the manifest between the same two barriers, so all take the same path.
     fileio.sync(f"stage {stage.name}")
     stage_hash = h.stage[stage.name]
-    if man.is_done(stage.name, stage_hash):
+    verdict = status.verdict(stage.name)
+    if verdict.done:
       stages_lib.log(f"stage {stage.name}: done, skipped")
       continue
-    _check_inputs(stage, config, man, h, stages, workdir)
-    entry = man.data["stages"].get(stage.name)
-    why = (f" ({_why_stale(entry, stage.name, h)})" if entry and entry.get("status") == "done"
-           else "")
-    stages_lib.log(f"stage {stage.name}: start{why}")
+    _check_inputs(stage, config, man, h, status, stages, workdir)
+    stages_lib.log(f"stage {stage.name}: start" + (f" ({verdict.why})" if verdict.why else ""))
+    for directory in {run_dir_lib.model_directory(p) for p in verdict.broken} - {None}:
+      ws.dir.release(directory)  # trained again (resumed), not skipped as finished
     man.mark(stage.name, "running", stage_hash, **_record(stage.name, h))
+    status.forget(stage.name)
     ws.enter_stage(stage.name, allowed[stage.name])
     t0 = time.time()
-    stage.run(ws, stage_hash)
+    try:
+      stage.run(ws, stage_hash)
+    except fileio.JSONFileError as e:  # a damaged file of the run directory or the user's
+      raise PipelineError(f"stage {stage.name}: {e}") from e
     seconds = time.time() - t0
-    man.mark(stage.name, "done", stage_hash, seconds=round(seconds, 2), **_record(stage.name, h))
+    man.mark(stage.name, "done", stage_hash, seconds=round(seconds, 2), **_record(stage.name, h),
+             **_finished(stage, config, status, workdir))
+    status.forget(stage.name)
     stages_lib.log(f"stage {stage.name}: done in {seconds:.1f}s")
   fileio.sync("pipeline done")
+
+
+def _finished(stage: stages_lib.Stage, run_config: config_lib.RunConfig, status: _Status,
+              workdir: str) -> dict[str, Any]:
+  """What a done stage's entry records beyond its hashes: the digests of the outputs it wrote,
+  and those of the outputs it read (its input stages')."""
+  return {"outputs": run_dir_lib.output_digests(workdir, stage.outputs(run_config)),
+          "made_from": status.made_from(stage)}
+
+
+def _model_infos(ws: Workspace, expected: Mapping[str, str]) -> dict[str, dict | None]:
+  """{model directory: its run.json (None: absent or damaged)}."""
+  out = {}
+  for rel in expected:
+    try:
+      out[rel] = ws.dir.run_info(rel) if os.path.exists(ws.dir.path(rel, "run.json")) else None
+    except PipelineError:  # unfinished or damaged
+      out[rel] = None
+  return out
+
+
+def _rebuild(ws: Workspace, man: Manifest, h: _Hashes,
+             allowed: Mapping[str, tuple[str, ...]]) -> list[str]:
+  """Fills the emptied entries of a damaged manifest from the models' run.json files; returns
+  the stages recorded as done under the current config.
+
+  A model stage (pretrain, prep, final) is done when every model it trains under this config is
+  finished under the hash this config gives it, with its last checkpoint; the data stage is done
+  when one is (their hashes chain over its own) and its outputs are there. A model stage with a
+  finished model under another hash holds another config's outputs: recorded as such, so that
+  the run is refused without --overwrite. The stages that train nothing run again: their scores
+  come from the models' caches."""
+  run_config = ws.run_config
+  done = []
+  for stage in stages_lib.STAGES:
+    if not _needed(stage, run_config):
+      continue
+    ws.enter_stage(stage.name, allowed[stage.name])
+    expected = stages_lib.model_hashes(ws, stage.name)
+    if not expected:
+      continue
+    infos = _model_infos(ws, expected)
+    if all(info and info.get("hash") == expected[rel]
+           and run_dir_lib.final_checkpoint_exists(ws.dir.path(rel), info)
+           for rel, info in infos.items()):
+      done.append(stage.name)
+    elif any(info and info.get("hash") != expected[rel] for rel, info in infos.items()):
+      # Models another config trained, which this run would replace: not without --overwrite.
+      man.data["stages"][stage.name] = {"status": "done", "hash": None, "config_hash": None,
+                                        "rebuilt": True}
+  data = _stage("data")
+  if done and all(run_dir_lib.output_digests(ws.workdir, [p]) for p in data.outputs(run_config)):
+    done.insert(0, "data")
+  for name in done:
+    # No "made_from": the models' hashes already bind them to their inputs' config, and the
+    # stages that train nothing are made again (from the same models, so with the same outputs).
+    outputs = run_dir_lib.output_digests(ws.workdir, _stage(name).outputs(run_config))
+    man.data["stages"][name] = {"status": "done", "hash": h.stage[name], **_record(name, h),
+                                "rebuilt": True, "outputs": outputs}
+  man.data["stages"] = {s: man.data["stages"][s] for s in stages_lib.STAGE_NAMES
+                        if s in man.data["stages"]}
+  ws.config = run_config
+  return done

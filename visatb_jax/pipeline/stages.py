@@ -6,6 +6,15 @@
 A stage's hash covers the sections it declares plus the hash of the stage before it, so it covers
 everything the stage can read: the workspace hands each stage a config view limited to those
 sections (pipeline/config.py). prep, validate and lambda exist only to produce VisATB's λ.
+
+A model inside a stage is keyed on less: on what it reads (`prep_model_hash`,
+`final_model_hash`), and so are its scores (`score_hash`). A change of λ's settings (α, T, form)
+therefore trains VisATB's final model alone, and any preparation model the new form adds; every
+other model and its scores are reused, and the log names them.
+
+Each stage also declares the stages whose outputs it reads (`inputs`) and the files it writes
+(`outputs`, globs in the run directory): the runner records their digests when the stage is done,
+and binds the stage to its inputs' recorded outputs (pipeline/runner.py).
 """
 
 from __future__ import annotations
@@ -15,7 +24,8 @@ import dataclasses
 import os
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -34,6 +44,11 @@ def log(msg: str) -> None:
   print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
+def _no_outputs(run_config: Any) -> Sequence[str]:
+  del run_config
+  return ()
+
+
 @dataclasses.dataclass(frozen=True)
 class Stage:
   name: str
@@ -42,6 +57,25 @@ class Stage:
   inputs: tuple[str, ...] = ()  # stages whose outputs it reads
   balance_only: bool = False  # needed only when VisATB is among the final models
   pretrain_only: bool = False  # needed only when config.pretrain is set
+  # Globs (relative to the run directory) of what it writes, given the RunConfig; a model is its
+  # directory's run.json and checkpoints/ (run_dir.output_digest).
+  outputs: Callable[[Any], Sequence[str]] = _no_outputs
+
+
+def _model_outputs(directories: Sequence[str]) -> list[str]:
+  return [os.path.join(d, name) for d in directories for name in ("run.json", "checkpoints")]
+
+
+def score_hash(model_hash: str, ws: Workspace, *sections: str) -> str:
+  """What a model's cached scores are keyed on: the model's own hash and the sections that
+  scoring reads (`eval`; `zero_shot` for the test split)."""
+  return config_hash({"model": model_hash, **{s: ws.config.section(s) for s in sections}})
+
+
+def base_model_hash(ws: Workspace, stage_hash: str) -> str:
+  """The hash of the model every run starts from (the untrained row of the scores): the
+  pretrain stage's, which covers data, model and pretrain."""
+  return ws.stage_hashes.get("pretrain", stage_hash)
 
 
 # --- data ----------------------------------------------------------------------------------------
@@ -49,6 +83,16 @@ class Stage:
 
 def stage_data(ws: Workspace, stage_hash: str) -> None:
   ws.data.prepare()
+
+
+def data_outputs(run_config: Any) -> list[str]:
+  data = run_config.section("data")
+  out = ["data_stats.json", "data/tokenizer/*"]
+  if data["source"] == "shapes":
+    out += ["data/shapes/*.json", "data/shapes/images"]
+  if (data.get("loader") or "memory") == "grain":
+    out.append("data/prepared")
+  return out
 
 
 # --- pretrain ------------------------------------------------------------------------------------
@@ -64,6 +108,13 @@ def stage_pretrain(ws: Workspace, stage_hash: str) -> None:
                   pretrain=True, task_names=names)
 
 
+def pretrain_outputs(run_config: Any) -> list[str]:
+  out = _model_outputs([models_lib.PRETRAIN_DIR])
+  if run_config.section("data")["source"] == "shapes":  # its generated split
+    out += ["data/pretrain/*.json", "data/pretrain/images"]
+  return out
+
+
 # --- prep ----------------------------------------------------------------------------------------
 
 
@@ -75,9 +126,31 @@ def prep_dir(name: str, replicate: int = 0) -> str | None:
   return os.path.join("prep", name if replicate == 0 else f"{name}.rep{replicate}")
 
 
-def prep_replicates(ws: Workspace) -> int:
+def prep_replicates(ws: Workspace | Any) -> int:
   """How many times every preparation model is trained (docs/method.md §13)."""
-  return int(ws.config.section("prep").get("replicates") or 1)
+  config = ws.config if isinstance(ws, Workspace) else ws
+  return int(config.section("prep").get("replicates") or 1)
+
+
+def _prep_dirs(run_config: Any) -> list[str]:
+  return [prep_dir(n, r) for r in range(prep_replicates(run_config))
+          for n, _ in run_config.tasks.prep_models(run_config.balance.form) if n != "base"]
+
+
+def prep_outputs(run_config: Any) -> list[str]:
+  return _model_outputs(_prep_dirs(run_config))
+
+
+def prep_model_hash(ws: Workspace, stage_hash: str) -> str:
+  """What a preparation model is keyed on: what it reads — the stages up to pretrain, train and
+  prep (not the number of replicates: replicate r is the same model whatever their number) — and
+  not balance.form, which only picks the models that exist. So a form change trains only the
+  models the new form adds."""
+  if not ws.stage_hashes:
+    return stage_hash
+  prep = {k: v for k, v in ws.config.section("prep").items() if k != "replicates"}
+  return config_hash({"before preparation": ws.stage_hashes["pretrain"],
+                      "train": ws.config.section("train"), "prep": prep})
 
 
 def stage_prep(ws: Workspace, stage_hash: str) -> None:
@@ -99,15 +172,20 @@ def stage_prep(ws: Workspace, stage_hash: str) -> None:
   # Every preparation run trains with the base weights (fixed tasks at their weight).
   method = methods_lib.get("ew").train_method(plan.base_weights(), plan.fixed_mask())
 
+  model_hash = prep_model_hash(ws, stage_hash)
+  reused = []
+
   def train_all(group, mesh=None):
     for name, r in group:
-      ws.models.train(prep_dir(name, r), ws.data.prep_examples(name, r), method,
-                      stage_hash=stage_hash, mesh=mesh,
-                      data_seed=None if r == 0 else ws.data.replicate_seed(r))
+      if ws.models.train(prep_dir(name, r), ws.data.prep_examples(name, r), method,
+                         stage_hash=model_hash, mesh=mesh,
+                         data_seed=None if r == 0 else ws.data.replicate_seed(r)):
+        reused.append(prep_dir(name, r))
 
   parallel = int(ws.config.section("prep").get("parallel") or 1)
   if parallel <= 1:
     train_all(names)
+    log_reused("prep", reused, len(names))
     return
   meshes = ws.models.sub_meshes(parallel)
   log(f"prep: {len(names)} runs, {parallel} side by side on {meshes[0].devices.size} "
@@ -118,6 +196,14 @@ def stage_prep(ws: Workspace, stage_hash: str) -> None:
     futures = [pool.submit(train_all, names[k::parallel], mesh) for k, mesh in enumerate(meshes)]
     for future in futures:
       future.result()  # the first failure, with its own traceback
+  log_reused("prep", sorted(reused), len(names))
+
+
+def log_reused(stage: str, reused: Sequence[str], total: int) -> None:
+  """One line naming the models a stage reused: trained before under the same hash."""
+  if reused:
+    log(f"{stage}: reused {len(reused)} of {total} model(s), trained before on the same inputs "
+        f"and settings: {', '.join(reused)}")
 
 
 # --- validate ------------------------------------------------------------------------------------
@@ -130,8 +216,12 @@ def stage_validate(ws: Workspace, stage_hash: str) -> None:
   every replicate's mean (docs/method.md §13). `base`, the untrained model, is one model."""
   replicates = prep_replicates(ws)
   table, samples, per_replicate = {}, {}, {}
+  # Keyed on the scored model and config.eval: a form change scores only the models it adds.
+  keys = {"base": score_hash(base_model_hash(ws, stage_hash), ws, "eval")}
+  prep_key = score_hash(prep_model_hash(ws, stage_hash), ws, "eval")
   for name, tasks in ws.config.tasks.prep_models(ws.config.balance.form):
-    runs = [ws.models.score(prep_dir(name, r), "val", stage_hash=stage_hash, tasks=tasks)
+    runs = [ws.models.score(prep_dir(name, r), "val", stage_hash=keys.get(name, prep_key),
+                            tasks=tasks)
             for r in range(1 if name == "base" else replicates)]
     runs += runs[:1] * (replicates - len(runs))  # `base` is the same model in every replicate
     per_replicate[name] = {t: [run[0][t] for run in runs] for t in runs[0][0]}
@@ -145,6 +235,12 @@ def stage_validate(ws: Workspace, stage_hash: str) -> None:
   if replicates > 1:
     fileio.atomic_write_json(ws.dir.path("scores", "validation_replicates.json"), per_replicate)
   fileio.atomic_write_json(ws.dir.path("scores", "validation.json"), table)
+
+
+def validate_outputs(run_config: Any) -> list[str]:
+  del run_config
+  return ["scores/validation.json", "scores/validation_samples.json",
+          "scores/validation_replicates.json"]
 
 
 # --- lambda --------------------------------------------------------------------------------------
@@ -230,13 +326,28 @@ def final_dir(method: str, task: str | None = None) -> str:
 
 def final_model_hash(ws: Workspace, stage_hash: str, method: str) -> str:
   """What a final model is keyed on: the final stage's hash for VisATB, which reads λ; for every
-  other method only what it reads — the stages up to pretrain (data, model, train, input files)
-  and its own options — so that a change of λ, α, T or form retrains VisATB alone and EW, STL
-  and the other baselines are reused (the log says "trained, skipped")."""
+  other method only what it reads — the stages up to pretrain (data, model, pretrain, input
+  files), train and its own options — so that a change of λ, α, T or form retrains VisATB alone
+  and EW, STL and the other baselines are reused (the log names them)."""
   if methods_lib.get(method).needs_balance or not ws.stage_hashes:
     return stage_hash
-  return config_hash({"before balancing": ws.stage_hashes["pretrain"], "method": method,
+  return config_hash({"before balancing": ws.stage_hashes["pretrain"],
+                      "train": ws.config.section("train"), "method": method,
                       "options": ws.config.method_options.get(method)})
+
+
+def _final_dirs(run_config: Any) -> list[str]:
+  out = []
+  for name in run_config.methods:
+    if methods_lib.get(name).per_task:
+      out += [final_dir(name, t) for t in run_config.tasks.eval_tasks]
+    else:
+      out.append(final_dir(name))
+  return out
+
+
+def final_outputs(run_config: Any) -> list[str]:
+  return _model_outputs(_final_dirs(run_config))
 
 
 def stage_final(ws: Workspace, stage_hash: str) -> None:
@@ -246,17 +357,36 @@ def stage_final(ws: Workspace, stage_hash: str) -> None:
   if ws.config.needs_balance:
     weights = ws.dir.read_output("lambda.json")["lambda"]
     lam = np.array([weights[t] for t in plan.names], np.float32)
+  reused = []
   for name in ws.config.methods:
     spec = methods_lib.get(name)
     method = spec.train_method(base, fixed, ws.config.method_options.get(name), lam=lam)
     model_hash = final_model_hash(ws, stage_hash, name)
-    if spec.per_task:
-      for task in plan.eval_tasks:
-        ws.models.train(final_dir(name, task), ws.data.task_examples([task]), method,
-                        stage_hash=model_hash)
-    else:
-      ws.models.train(final_dir(name), ws.data.task_examples(plan.names), method,
-                      stage_hash=model_hash)
+    tasks = plan.eval_tasks if spec.per_task else (None,)
+    for task in tasks:
+      examples = ws.data.task_examples([task] if task else plan.names)
+      if ws.models.train(final_dir(name, task), examples, method, stage_hash=model_hash):
+        reused.append(final_dir(name, task))
+  log_reused("final", reused, len(_final_dirs(ws.config)))
+
+
+def model_hashes(ws: Workspace, stage: str) -> dict[str, str]:
+  """{model directory: the hash its run.json must hold} of every model stage `stage` trains
+  (pretrain, prep, final; {} for the others), under the workspace's config: what a damaged
+  manifest is rebuilt from. `ws` must be in `stage` (Workspace.enter_stage)."""
+  hashes = ws.stage_hashes
+  if stage == "pretrain":
+    return {models_lib.PRETRAIN_DIR: hashes["pretrain"]}
+  if stage == "prep":
+    return dict.fromkeys(_prep_dirs(ws.config), prep_model_hash(ws, hashes["prep"]))
+  if stage != "final":
+    return {}
+  out = {}
+  for name in ws.config.methods:
+    tasks = ws.config.tasks.eval_tasks if methods_lib.get(name).per_task else (None,)
+    out.update(dict.fromkeys([final_dir(name, t) for t in tasks],
+                             final_model_hash(ws, hashes["final"], name)))
+  return out
 
 
 # --- test ----------------------------------------------------------------------------------------
@@ -268,22 +398,29 @@ def stage_test(ws: Workspace, stage_hash: str) -> None:
   whose scores join the same rows of scores/test.json."""
   plan = ws.config.tasks
   table, samples = {}, {}
+  final_hash = ws.stage_hashes.get("final", stage_hash)
+
+  def key(model_hash: str) -> str:  # a model's scores are reused while it and eval are
+    return score_hash(model_hash, ws, "eval", "zero_shot")
+
   for name in ws.config.methods:
+    model_key = key(final_model_hash(ws, final_hash, name))
     if methods_lib.get(name).per_task:
       table[name], samples[name] = {}, {}
       for t in plan.eval_tasks:
         scores, per_sample = ws.models.score(final_dir(name, t), "test", tasks=[t],
-                                             stage_hash=stage_hash)
+                                             stage_hash=model_key)
         table[name][t], samples[name][t] = scores[t], per_sample[t]
     else:
       table[name], samples[name] = ws.models.score(final_dir(name), "test",
-                                                   stage_hash=stage_hash)
+                                                   stage_hash=model_key)
       _join(table[name], samples[name],
-            ws.models.score(final_dir(name), "test", stage_hash=stage_hash, zero_shot=True))
+            ws.models.score(final_dir(name), "test", stage_hash=model_key, zero_shot=True))
   # The untrained model last: a reference row, not a method.
-  table["untrained"], samples["untrained"] = ws.models.score(None, "test", stage_hash=stage_hash)
+  base_key = key(base_model_hash(ws, stage_hash))
+  table["untrained"], samples["untrained"] = ws.models.score(None, "test", stage_hash=base_key)
   _join(table["untrained"], samples["untrained"],
-        ws.models.score(None, "test", stage_hash=stage_hash, zero_shot=True))
+        ws.models.score(None, "test", stage_hash=base_key, zero_shot=True))
   fileio.atomic_write_json(ws.dir.path("scores", "test_samples.json"), samples)
   fileio.atomic_write_json(ws.dir.path("scores", "test.json"), table)
 
@@ -302,20 +439,35 @@ def stage_report(ws: Workspace, stage_hash: str) -> None:
   log(f"report: {path}")
 
 
+def report_outputs(run_config: Any) -> list[str]:
+  del run_config
+  return ["report/report.md", "report/comparison.json", "report/*.png"]
+
+
 STAGES: tuple[Stage, ...] = (
     # The data stage encodes the training set with the model's image-token count and image size.
-    Stage("data", ("seed", "tasks", "data", "model"), stage_data),
-    # It reads train.* for what it does not set itself (clip norm, warm-up, checkpoints).
-    Stage("pretrain", ("pretrain", "train"), stage_pretrain, ("data",), pretrain_only=True),
-    Stage("prep", ("prep", "balance.form"), stage_prep, ("data", "pretrain"),
-          balance_only=True),
-    Stage("validate", ("eval",), stage_validate, ("prep",), balance_only=True),
-    Stage("lambda", ("balance",), stage_lambda, ("validate",), balance_only=True),
+    Stage("data", ("seed", "tasks", "data", "model"), stage_data, outputs=data_outputs),
+    # It reads the train.* fields it does not set itself (clip norm, warm-up, checkpoints), so
+    # that a change of train.lr or train.epochs keeps the pretrained model.
+    Stage("pretrain", ("pretrain", *(f"train.{f}" for f in models_lib.PRETRAIN_TRAIN_FIELDS)),
+          stage_pretrain, ("data",), pretrain_only=True, outputs=pretrain_outputs),
+    Stage("prep", ("train", "prep", "balance.form"), stage_prep, ("data", "pretrain"),
+          balance_only=True, outputs=prep_outputs),
+    # The untrained model (`base`, the pretrained one) is scored too.
+    Stage("validate", ("eval",), stage_validate, ("data", "pretrain", "prep"), balance_only=True,
+          outputs=validate_outputs),
+    Stage("lambda", ("balance",), stage_lambda, ("validate",), balance_only=True,
+          outputs=lambda run_config: ["lambda.json"]),
     # final reads lambda.json when VisATB is among its methods.
-    Stage("final", ("methods",), stage_final, ("data", "pretrain", "lambda")),
+    Stage("final", ("methods",), stage_final, ("data", "pretrain", "lambda"),
+          outputs=final_outputs),
     # Zero-shot tasks are scored here alone: a changed zero-shot config re-runs test and report.
-    Stage("test", ("zero_shot",), stage_test, ("final",)),
-    Stage("report", (), stage_report),
+    Stage("test", ("zero_shot",), stage_test, ("data", "pretrain", "final"),
+          outputs=lambda run_config: ["scores/test.json", "scores/test_samples.json"]),
+    # Everything the report shows: data statistics, training curves, scores, λ and the tables.
+    Stage("report", (), stage_report,
+          ("data", "pretrain", "prep", "validate", "lambda", "final", "test"),
+          outputs=report_outputs),
 )
 STAGE_NAMES = tuple(s.name for s in STAGES)
 BALANCE_STAGES = tuple(s.name for s in STAGES if s.balance_only)

@@ -16,11 +16,16 @@ composite items
 Both items of a step are written by one `save`, so they always belong to the same step.
 Checkpoints written before the weighting item existed hold the TrainState as orbax's
 single unnamed item (`<step>/default/`); they are still read as the `state` item.
+
+A step whose files were truncated, emptied or deleted raises `CheckpointUnreadable`, one line
+naming the step and directory instead of orbax's traceback; a resumed training run then falls back
+to the step before it (`train/loop.py`).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 from collections.abc import Mapping
 from typing import Any, TypeVar
@@ -39,6 +44,45 @@ _LEGACY_STATE_ITEM = "default"
 DATA_ITEM = "data"
 GRADMTL_ITEM = "gradmtl"
 EXTRA_ITEMS = (WEIGHTING_ITEM, DATA_ITEM, GRADMTL_ITEM)
+
+
+def _not_a_stop(record: logging.LogRecord) -> bool:
+  """Drops orbax's log of a wait that Ctrl-C interrupted ("Save Finalize thread failed" and a
+  traceback): a second Ctrl-C stops a run at once by design, with its own one line."""
+  return not (record.exc_info and isinstance(record.exc_info[1], KeyboardInterrupt))
+
+
+# orbax logs through absl's logger.
+logging.getLogger("absl").addFilter(_not_a_stop)
+
+# What orbax raises on reading a step whose files were truncated, emptied or deleted:
+# tensorstore's OUT_OF_RANGE / DATA_LOSS / NOT_FOUND (ValueError), JSONDecodeError (ValueError)
+# for its metadata files, or an OSError.
+_READ_ERRORS = (ValueError, OSError, KeyError)
+
+
+class CheckpointError(ValueError):
+  """A checkpoint problem the user acts on; its message is one line naming the directory."""
+
+
+class CheckpointUnreadable(CheckpointError):
+  """One step of a checkpoint directory cannot be read (a truncated, emptied or deleted file).
+
+  Attributes:
+    directory: the checkpoint directory.
+    step: the step that cannot be read.
+    reason: the first line of orbax's error.
+  """
+
+  def __init__(self, directory: str, step: int, cause: BaseException):
+    lines = str(cause).strip().splitlines()
+    reason = lines[0] if lines else type(cause).__name__
+    if len(reason) > 160:
+      reason = reason[:157] + "..."
+    super().__init__(f"the checkpoint of step {step} in {directory} cannot be read ({reason})")
+    self.directory = directory
+    self.step = step
+    self.reason = reason
 
 
 class IteratorState:
@@ -94,7 +138,15 @@ class Checkpointer:
                           for name in (STATE_ITEM, WEIGHTING_ITEM, GRADMTL_ITEM,
                                        _LEGACY_STATE_ITEM)},
                        DATA_ITEM: grain.checkpoint.CheckpointHandler()},
-        options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True),
+        options=ocp.CheckpointManagerOptions(
+            max_to_keep=max_to_keep, create=True,
+            # Directories are made inside `save` (a few mkdirs), not in orbax's background
+            # thread: that one hands its "directory created" signal to the writers under a
+            # process-wide operation id, which a save of another manager in another thread
+            # (side-by-side preparation runs) advances in between. The writers then wait for
+            # the other run's keys (a 300 s signalling timeout) or race it to the same
+            # temporary directory (FileExistsError). Only the array writes stay asynchronous.
+            async_options=ocp.AsyncOptions(create_directories_asynchronously=False)),
     )
 
   def latest_step(self) -> int | None:
@@ -104,9 +156,13 @@ class Checkpointer:
     return sorted(self._manager.all_steps())
 
   def items(self, step: int | None = None) -> frozenset[str]:
-    """Names of the items stored at `step` (default: latest); a legacy step reads as `state`."""
+    """Names of the items stored at `step` (default: latest); a legacy step reads as `state`.
+
+    Raises:
+      CheckpointUnreadable: the step's metadata cannot be read.
+    """
     step = self._step(step)
-    names = set(self._manager.item_metadata(step).keys())
+    names = set(self._item_metadata(step).keys())
     if _LEGACY_STATE_ITEM in names:
       names.discard(_LEGACY_STATE_ITEM)
       names.add(STATE_ITEM)
@@ -139,9 +195,10 @@ class Checkpointer:
     Raises:
       FileNotFoundError: no checkpoint at all.
       KeyError: an item of `extras` is not stored at that step.
+      CheckpointUnreadable: a file of that step is damaged (truncated, emptied, deleted).
     """
     step = self._step(step)
-    stored = set(self._manager.item_metadata(step).keys())
+    stored = set(self._item_metadata(step).keys())
     missing = set(extras) - stored
     if missing:
       raise KeyError(f"checkpoint step {step} in {self.directory} has no item(s) "
@@ -149,8 +206,15 @@ class Checkpointer:
     state_item = _LEGACY_STATE_ITEM if _LEGACY_STATE_ITEM in stored else STATE_ITEM
     args = {state_item: ocp.args.StandardRestore(_abstract(target))}
     args.update({name: _restore_args(name, tree) for name, tree in extras.items()})
-    restored = self._manager.restore(step, args=ocp.args.Composite(**args))
+    try:
+      restored = self._manager.restore(step, args=ocp.args.Composite(**args))
+    except _READ_ERRORS as e:
+      raise CheckpointUnreadable(self.directory, step, e) from e
     return restored[state_item], {name: restored[name] for name in extras}
+
+  def discard(self, step: int) -> None:
+    """Removes `step` (e.g. an unreadable one, so that a resumed run can save that step again)."""
+    self._manager.delete(int(step))
 
   def wait_until_finished(self) -> None:
     self._manager.wait_until_finished()
@@ -159,6 +223,12 @@ class Checkpointer:
     """Waits for pending saves, then releases the manager."""
     self._manager.wait_until_finished()
     self._manager.close()
+
+  def _item_metadata(self, step: int) -> Any:
+    try:
+      return self._manager.item_metadata(step)
+    except _READ_ERRORS as e:
+      raise CheckpointUnreadable(self.directory, step, e) from e
 
   def _step(self, step: int | None) -> int:
     step = self.latest_step() if step is None else step

@@ -24,7 +24,9 @@ Conventions (per device, per step):
   * XLA:CPU artifacts, marked per collective so a reader can undo them: XLA:CPU computes bf16
     ops in f32, so data the program moves in bf16 travels as f32 (`widened`); and it keeps an
     all-reduce whose users each keep 1/n of it, which TPU and GPU compile to a reduce-scatter
-    (`scatter_share`).
+    (`scatter_share`). The same widening inflates buffers and HBM bytes: `is_widened` finds the
+    f32 buffers that hold bf16 values of the program (with the module before optimizations),
+    so that the memory at the peak and the HBM bytes can be estimated as on TPU and GPU.
 """
 
 from __future__ import annotations
@@ -148,6 +150,7 @@ class HloModule:
   def __post_init__(self):
     self.by_name = {i.name: i for insts in self.computations.values() for i in insts}
     self._users: dict[str, dict[str, list[tuple[Instruction, int]]]] = {}
+    self._sites: dict[str, list[tuple[Instruction, str]]] | None = None
 
   def users(self, computation: str) -> dict[str, list[tuple[Instruction, int]]]:
     """name -> [(user, operand index)] within one computation (cached)."""
@@ -657,7 +660,14 @@ def _through_bitcasts(name: str, users: Mapping[str, list[tuple[Instruction, int
   return out
 
 
-def _fusion_bytes(inst: Instruction, module: HloModule) -> float:
+Scale = Callable[[str], float]  # value name -> the share of its bytes that counts
+
+
+def no_scale(name: str) -> float:
+  return 1.0
+
+
+def _fusion_bytes(inst: Instruction, module: HloModule, scale: Scale = no_scale) -> float:
   """Operands read and result written by one fusion, slicing-aware (see the module doc)."""
   called = re.search(r"calls=%?([\w.\-]+)", inst.attrs)
   body = module.computations.get(called.group(1), []) if called else []
@@ -669,58 +679,63 @@ def _fusion_bytes(inst: Instruction, module: HloModule) -> float:
     param = params.get(str(k))
     uses = _through_bitcasts(param.name, users) if param is not None else []
     if uses and all(u.opcode == "dynamic-slice" and j == 0 for u, j in uses):
-      total += min(full, sum(shape_bytes(u.shape) for u, _ in uses))
+      total += min(full, sum(shape_bytes(u.shape) for u, _ in uses)) * scale(operand)
     elif uses and all(u.opcode == "dynamic-update-slice" and j == 0 for u, j in uses):
       pass  # updated in place: only the update is written (counted with the result)
     else:
-      total += full
+      total += full * scale(operand)
   root = module.root(called.group(1)) if called else None
-  return total + _written_bytes(root, inst.shape, module)
+  return total + _written_bytes(root, inst, module, scale)
 
 
-def _written_bytes(root: Instruction | None, shape: str, module: HloModule) -> float:
+def _written_bytes(root: Instruction | None, out: Instruction, module: HloModule,
+                   scale: Scale = no_scale) -> float:
+  """Bytes a fusion whose fused root is `root` writes into its result `out` (an instruction of
+  the fused computation when `out` is an element of a tuple root)."""
   if root is None:
-    return float(shape_bytes(shape))
+    return shape_bytes(out.shape) * scale(out.name)
   while root.opcode == "bitcast" and root.operands and root.operands[0] in module.by_name:
     root = module.by_name[root.operands[0]]
   if root.opcode == "dynamic-update-slice" and len(root.operands) > 1:
-    return float(shape_bytes(module.shape(root.operands[1]) or ""))
+    return shape_bytes(module.shape(root.operands[1]) or "") * scale(out.name)
   if root.opcode == "tuple":
-    return sum(_written_bytes(module.by_name.get(o), module.shape(o) or "", module)
-               for o in root.operands)
-  return float(shape_bytes(shape))
+    return sum(_written_bytes(module.by_name.get(o), module.by_name[o], module, scale)
+               for o in root.operands if o in module.by_name)
+  return shape_bytes(out.shape) * scale(out.name)
 
 
-def instruction_hbm_bytes(inst: Instruction, module: HloModule) -> float:
-  """Bytes one run of a non-fused instruction reads and writes."""
+def instruction_hbm_bytes(inst: Instruction, module: HloModule, scale: Scale = no_scale) -> float:
+  """Bytes one run of a non-fused instruction reads and writes; each value's bytes times
+  `scale(its name)` (`widening_scale`: bf16 values that XLA:CPU widened count at 2 bytes)."""
   op = inst.opcode
   if op in _NO_TRAFFIC or op.endswith("-start"):
     return 0.0
   if op == "fusion":
-    return _fusion_bytes(inst, module)
+    return _fusion_bytes(inst, module, scale)
   if op == "dynamic-slice":
-    return 2.0 * shape_bytes(inst.shape)
+    return 2.0 * shape_bytes(inst.shape) * scale(inst.name)
   if op == "dynamic-update-slice" and len(inst.operands) > 1:
-    return 2.0 * shape_bytes(module.shape(inst.operands[1]) or "")
+    return 2.0 * shape_bytes(module.shape(inst.operands[1]) or "") * scale(inst.operands[1])
   if op.endswith("-done"):
-    return 2.0 * shape_bytes(inst.shape)
-  return shape_bytes(inst.shape) + sum(shape_bytes(module.shape(o) or "") for o in inst.operands)
+    return 2.0 * shape_bytes(inst.shape) * scale(inst.name)
+  return shape_bytes(inst.shape) * scale(inst.name) + sum(
+      shape_bytes(module.shape(o) or "") * scale(o) for o in inst.operands)
 
 
-def hbm_bytes(module: HloModule, counts: Counts) -> float:
+def hbm_bytes(module: HloModule, counts: Counts, scale: Scale = no_scale) -> float:
   """HBM bytes per step: non-fused ops of the computations that run on their own."""
-  return sum(hbm_bytes_by(module, counts, lambda i: "").values())
+  return sum(hbm_bytes_by(module, counts, lambda i: "", scale).values())
 
 
-def hbm_bytes_by(module: HloModule, counts: Counts,
-                 key: Callable[[Instruction], str]) -> dict[str, float]:
+def hbm_bytes_by(module: HloModule, counts: Counts, key: Callable[[Instruction], str],
+                 scale: Scale = no_scale) -> dict[str, float]:
   """`hbm_bytes` split by `key(instruction)`, e.g. its source line."""
   out: dict[str, float] = {}
   for c, insts in module.computations.items():
     if c in counts.fused:
       continue
     for i in insts:
-      moved = counts.runs.get(c, 0.0) * instruction_hbm_bytes(i, module)
+      moved = counts.runs.get(c, 0.0) * instruction_hbm_bytes(i, module, scale)
       if moved:
         out[key(i)] = out.get(key(i), 0.0) + moved
   return out
@@ -737,6 +752,7 @@ class PeakBuffer:
   role: str         # "argument", "loop state" or "temporary"
   op_name: str
   source: str
+  widened: bool = False  # an f32 buffer of a value the program holds in bf16 (`is_widened`)
 
 
 def parse_live_range_peak(text: str) -> list[tuple[str, str, int]]:
@@ -764,11 +780,14 @@ def _subshape(shape: str, index: str) -> str:
   return shape
 
 
-def peak_buffers(module: HloModule, live: Sequence[tuple[str, str, int]]) -> list[PeakBuffer]:
+def peak_buffers(module: HloModule, live: Sequence[tuple[str, str, int]],
+                 precisions: Mapping[tuple[str, str], frozenset[str]] | None = None
+                 ) -> list[PeakBuffer]:
   """The buffers live at the peak, largest first, with shape, role and where they come from.
 
   A parameter of the entry computation is a step argument (weights, optimizer state, batch);
   a parameter of a loop body is loop state: it is described by the while loop that carries it.
+  With `precisions` (`model_precisions`), each is marked `widened` or not.
   """
   sites = call_sites(module)
   out = []
@@ -790,7 +809,8 @@ def peak_buffers(module: HloModule, live: Sequence[tuple[str, str, int]]) -> lis
       described = callers[0][0] if callers else inst
     out.append(PeakBuffer(
         value=f"{name}{index}", bytes=size, shape=shape, role=role,
-        op_name=op_name_of(described, module), source=source_of(described, module)))
+        op_name=op_name_of(described, module), source=source_of(described, module),
+        widened=precisions is not None and is_widened(module, name, index, precisions)))
   return sorted(out, key=lambda b: -b.bytes)
 
 
@@ -807,6 +827,174 @@ def short_op_name(op_name: str) -> str:
     names = sorted({part.rsplit("/", 1)[-1] for part in merged.group(1).split(":")})
     return " ".join(tags + ["+".join(names)])
   return " ".join(tags + [op_name.rsplit("/", 1)[-1]])
+
+
+# -------------------------------------------------------------------- XLA:CPU's f32 widening
+#
+# XLA:CPU computes bf16 ops in f32 and, allowed excess precision, drops the rounding between
+# them, so a value the program holds in bf16 (an activation, a saved matmul output) is an f32
+# buffer in the CPU-compiled step, twice its size on a TPU or GPU. The optimized HLO no longer
+# says which f32 buffers those are; the module before optimizations does: it still has the
+# program's dtypes, and both carry the same metadata (source line, primitive). A buffer is
+# "widened" when the op computing it is either a convert of bf16 data that XLA inserted (no
+# metadata: the program did not ask for it) or an op whose source line and primitive produce
+# only bf16 results before optimization. Anything ambiguous counts as f32: the accelerator
+# estimate errs on the large side.
+
+_FLOAT_TYPES = frozenset(("f16", "bf16", "f32", "f64"))
+# Ops that copy their values from one operand unchanged (its index): a value they produce has
+# that operand's origin.
+_MOVES = {"bitcast": 0, "copy": 0, "reshape": 0, "transpose": 0, "broadcast": 0, "slice": 0,
+          "dynamic-slice": 0, "pad": 0, "reverse": 0, "concatenate": 0,
+          "dynamic-update-slice": 1, "all-gather": 0, "all-to-all": 0,
+          "collective-permute": 0, "optimization-barrier": 0}
+
+
+def _own_source(inst: Instruction, module: HloModule, project: str = "visatb_jax") -> str:
+  """`source_of` from the instruction's own metadata only ("" without any)."""
+  chain = list(_frame_chain(module.frames, inst.stack_frame_id))
+  if not chain and inst.source_line:
+    chain = [Frame(inst.source_line[0], inst.source_line[1], "?", None)]
+  if not chain:
+    return ""
+  frame = next((f for f in chain if f"/{project}/" in f.file), chain[0])
+  path = frame.file.split(f"/{project}/", 1)[-1] if f"/{project}/" in frame.file else (
+      frame.file.rsplit("/", 1)[-1])
+  return f"{path}:{frame.line} ({frame.function})"
+
+
+def _primitive(op_name: str) -> str:
+  """"dot_general" from ".../rematted_computation/dot_general" (op names before optimization
+  are relative to their computation, after it absolute: the last part is common to both)."""
+  return op_name.rsplit("/", 1)[-1]
+
+
+def _metadata_key(inst: Instruction, module: HloModule) -> tuple[str, str] | None:
+  source, name = _own_source(inst, module), inst.op_name
+  return (source, _primitive(name)) if source and name else None
+
+
+def model_precisions(before: HloModule) -> dict[tuple[str, str], frozenset[str]]:
+  """(source line, primitive) -> the floating-point dtypes of the results carrying that
+  metadata in a module BEFORE optimizations (XLA's `*.before_optimizations.txt` dump), where
+  the dtypes are still the program's."""
+  out: dict[tuple[str, str], set[str]] = {}
+  for inst in before.by_name.values():
+    arrays = array_shapes(inst.shape)
+    key = _metadata_key(inst, before)
+    if key is None or len(arrays) != 1 or arrays[0][0] not in _FLOAT_TYPES:
+      continue
+    out.setdefault(key, set()).add(arrays[0][0])
+  return {k: frozenset(v) for k, v in out.items()}
+
+
+def _sites(module: HloModule) -> dict[str, list[tuple[Instruction, str]]]:
+  if module._sites is None:
+    module._sites = call_sites(module)
+  return module._sites
+
+
+def _called(inst: Instruction, attr: str = "calls") -> str | None:
+  m = re.search(attr + r"=%?([\w.\-]+)", inst.attrs)
+  return m.group(1) if m else None
+
+
+def value_origin(module: HloModule, name: str, index: tuple[int, ...] = ()
+                 ) -> tuple[Instruction | None, Instruction | None]:
+  """(the op that computes the value `name{index}`, the fusion around it, if any).
+
+  Looks through data movement (`_MOVES`), tuples, fusions and calls, and through loops: a
+  loop's state is what the body's root puts there, or, for state the body passes through
+  unchanged, what the loop started with. An entry parameter (a step argument) is its own origin.
+  """
+  seen: set[tuple[str, tuple[int, ...]]] = set()
+  context = None
+  inst = module.by_name.get(name)
+  while inst is not None and (inst.name, index) not in seen and len(seen) < 256:
+    seen.add((inst.name, index))
+    op = inst.opcode
+    if op == "get-tuple-element" and inst.operands:
+      k = re.search(r"index=(\d+)", inst.attrs)
+      inst, index = module.by_name.get(inst.operands[0]), (int(k.group(1)) if k else 0,) + index
+    elif op == "tuple" and index:
+      inst, index = module.by_name.get(inst.operands[index[0]]) if index[0] < len(
+          inst.operands) else None, index[1:]
+    elif op in ("fusion", "call", "while") and _called(
+        inst, "body" if op == "while" else ("to_apply" if op == "call" else "calls")):
+      body = _called(inst, "body" if op == "while" else ("to_apply" if op == "call" else "calls"))
+      context = inst if op == "fusion" and inst.op_name else context
+      inst = module.root(body)
+    elif op == "parameter" and inst.computation != module.entry:
+      callers = _sites(module).get(inst.computation, [])
+      if not callers:
+        return inst, context
+      caller = callers[0][0]
+      if caller.opcode == "while":  # the body's state (or the condition's: the same)
+        body = _called(caller, "body") or inst.computation
+        root = module.root(body)
+        element = module.by_name.get(root.operands[index[0]]) if (
+            root is not None and index and index[0] < len(root.operands)) else None
+        source = (module.by_name.get(element.operands[0]) if element is not None
+                  and element.opcode == "get-tuple-element" and element.operands else None)
+        passes_through = (source is not None and source.opcode == "parameter"
+                          and source.computation == body
+                          and re.search(rf"\bindex={index[0]}\b", element.attrs) is not None)
+        if element is not None and not passes_through:
+          inst, index = element, index[1:]
+        else:  # loop-invariant state: what the loop started with
+          inst = module.by_name.get(caller.operands[0]) if caller.operands else None
+      else:
+        number = int(inst.operands[0]) if inst.operands and inst.operands[0].isdigit() else -1
+        inst = module.by_name.get(caller.operands[number]) if 0 <= number < len(
+            caller.operands) else None
+    elif op.endswith("-done") and inst.operands and not index:
+      start = module.by_name.get(inst.operands[0])
+      inst = module.by_name.get(start.operands[0]) if start is not None and start.operands else None
+    elif op in _MOVES and not index and len(inst.operands) > _MOVES[op]:
+      inst = module.by_name.get(inst.operands[_MOVES[op]])
+    else:
+      return inst, context
+  return inst, context
+
+
+def is_widened(module: HloModule, name: str, index: str,
+               precisions: Mapping[tuple[str, str], frozenset[str]]) -> bool:
+  """Whether buffer `name{index}` is an f32 value that the program holds in bf16 (see the
+  section's comment; `precisions`: `model_precisions` of the module before optimizations)."""
+  inst = module.by_name.get(name)
+  arrays = array_shapes(_subshape(inst.shape, index)) if inst is not None else []
+  if len(arrays) != 1 or arrays[0][0] != "f32":
+    return False
+  path = tuple(int(i) for i in index.strip("{}").split(",") if i)
+  origin, context = value_origin(module, name, path)
+  if origin is None or (origin.opcode == "parameter" and origin.computation == module.entry):
+    return False  # a step argument: its dtype is the caller's
+  if origin.opcode == "convert" and not origin.op_name and origin.operands:
+    return (module.shape(origin.operands[0]) or "").startswith("bf16")
+  key = _metadata_key(origin, module)
+  if key is None and context is not None:
+    key = _metadata_key(context, module)
+  return key is not None and precisions.get(key) == frozenset(("bf16",))
+
+
+def widened_bytes(module: HloModule, live: Sequence[tuple[str, str, int]],
+                  precisions: Mapping[tuple[str, str], frozenset[str]]) -> float:
+  """Bytes of the buffers in `live` (`parse_live_range_peak`) that are widened bf16 values."""
+  return float(sum(size for name, index, size in live
+                   if is_widened(module, name, index, precisions)))
+
+
+def widening_scale(module: HloModule, precisions: Mapping[tuple[str, str], frozenset[str]]
+                   ) -> Scale:
+  """A `Scale` for `hbm_bytes`: 0.5 for a value that `is_widened` (a TPU or GPU moves it in
+  bf16, half the bytes), else 1."""
+  memo: dict[str, float] = {}
+
+  def scale(name: str) -> float:
+    if name not in memo:
+      memo[name] = 0.5 if is_widened(module, name, "{}", precisions) else 1.0
+    return memo[name]
+  return scale
 
 
 # ---------------------------------------------------------------------------- model figures
@@ -897,6 +1085,8 @@ def fsdp_min_wire_bytes(*, gathered_trainable_bytes: float, gathered_frozen_byte
 class Chip:
   """Peak figures of one accelerator chip, as its vendor publishes them.
 
+  hbm_bytes: the memory capacity as the vendor states it, in bytes (GB of 10^9; what a GPU's
+  runtime reports is a little more, less its own reserve).
   link_bytes_per_s: what one chip can send at once over its fast interconnect (one direction,
   all links); beyond `scale_up` chips (an NVLink node) a collective is limited by the per-chip
   scale-out network, `scale_out_bytes_per_s`.
@@ -918,7 +1108,7 @@ class Chip:
 
 
 # Dense (no 2:4 sparsity) bf16 peaks. Sources:
-#   v5p: cloud.google.com/tpu/docs/v5p: 459 TFLOPs bf16, 95 GiB HBM at 2765 GB/s, ICI 1200 GB/s
+#   v5p: cloud.google.com/tpu/docs/v5p: 459 TFLOPs bf16, 95 GB HBM2e at 2765 GB/s, ICI 1200 GB/s
 #     bidirectional per chip (4800 Gbps) -> 600 GB/s each way over all 6 links of the 3D torus
 #     (a collective along one torus axis gets a third of it).
 #   H100 SXM5: nvidia.com/en-us/data-center/h100 datasheet: 1979 TFLOPS bf16 with sparsity ->
@@ -928,7 +1118,7 @@ class Chip:
 #   H200 SXM: nvidia.com/en-us/data-center/h200 datasheet: the H100's compute (989 dense),
 #     141 GB HBM3e at 4.8 TB/s, same NVLink and per-GPU 400 Gb/s InfiniBand (DGX H200).
 CHIPS: dict[str, Chip] = {
-    "v5p": Chip("TPU v5p", 459e12, 2765e9, 95 * 2**30, 600e9, "ICI",
+    "v5p": Chip("TPU v5p", 459e12, 2765e9, 95e9, 600e9, "ICI",
                 source="cloud.google.com/tpu/docs/v5p"),
     "h100": Chip("H100 SXM5", 989e12, 3350e9, 80e9, 450e9, "NVLink", scale_up=8,
                  scale_out_bytes_per_s=50e9, source="NVIDIA H100 datasheet"),
@@ -954,3 +1144,33 @@ def roofline(*, flops: float, hbm_bytes: float, wire_by_group: Mapping[int, floa
           "mfu": model_flops / (step * chip.bf16_flops_per_s) if step > 0 else 0.0,
           "mfu_no_overlap": (model_flops / (sum(times.values()) * chip.bf16_flops_per_s)
                              if step > 0 else 0.0)}
+
+
+# ------------------------------------------------------------------------------ fits or not
+
+
+def memory_verdict(*, measured_bytes: float, accelerator_bytes: float | None,
+                   capacity_bytes: float) -> dict[str, Any]:
+  """Whether a step's memory per device fits a device of `capacity_bytes`.
+
+  `measured_bytes` (the CPU-compiled step) bounds the accelerator's figure from above: XLA:CPU
+  only widens, and an accelerator holds those buffers at half. `accelerator_bytes` (the
+  measured figure less half the widened buffers live at the CPU's peak) bounds it from below:
+  the accelerator's own peak may fall at another point of the step. Hence three verdicts:
+  "fits" (the measured figure fits), "fits on the accelerator estimate only" (likely, not
+  certain), "does not fit" (neither does; or the measured figure alone when there is no
+  estimate). Margins are capacity minus figure: negative is the shortfall.
+  """
+  fits_measured = measured_bytes <= capacity_bytes
+  fits_estimate = None if accelerator_bytes is None else accelerator_bytes <= capacity_bytes
+  if fits_measured:
+    verdict = "fits"
+  elif fits_estimate:
+    verdict = "fits on the accelerator estimate only"
+  else:
+    verdict = "does not fit"
+  return {"verdict": verdict, "capacity_bytes": capacity_bytes,
+          "fits_measured": fits_measured, "fits_accelerator": fits_estimate,
+          "measured_margin": capacity_bytes - measured_bytes,
+          "accelerator_margin": (None if accelerator_bytes is None
+                                 else capacity_bytes - accelerator_bytes)}

@@ -122,6 +122,35 @@ def atomic_write_json(path: str | os.PathLike, obj: Any, *, sort_keys: bool = Tr
   atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=sort_keys) + "\n")
 
 
+class JSONFileError(json.JSONDecodeError):
+  """A file that does not parse as JSON; unlike json's own error, its message names the file.
+
+  A json.JSONDecodeError (hence a ValueError), so that code catching either still does.
+  `path` is the file.
+  """
+
+  def __init__(self, path: str | os.PathLike, error: ValueError):
+    if isinstance(error, json.JSONDecodeError):
+      msg, doc, pos = error.msg, error.doc, error.pos
+      what = ("is empty" if not doc.strip() else
+              f"is not valid JSON ({msg}: line {error.lineno}, column {error.colno})")
+    else:  # UnicodeDecodeError: a binary file
+      msg, doc, pos = "not UTF-8 text", "", 0
+      what = f"is not valid JSON (not UTF-8 text: {error.reason} at byte {error.start})"
+    super().__init__(msg, doc, pos)
+    self.path = os.fspath(path)
+    self.args = (f"{self.path} {what}",)
+
+
 def read_json(path: str | os.PathLike) -> Any:
+  """The parsed JSON file at `path`.
+
+  Raises:
+    OSError: the file cannot be read.
+    JSONFileError: it is not JSON (empty, cut short, binary); the message names the file.
+  """
   with open(path, encoding="utf-8") as f:
-    return json.load(f)
+    try:
+      return json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+      raise JSONFileError(path, e) from None

@@ -13,6 +13,7 @@ import itertools
 import math
 import os
 import signal
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -52,18 +53,45 @@ class TrainingDiverged(RuntimeError):
 
 
 class Preempted(RuntimeError):
-  """SIGTERM (a preemption notice) stopped training; a checkpoint of the step reached is saved.
+  """A stop signal stopped training at a step boundary; a checkpoint of the step reached is saved.
+
+  SIGTERM (a preempted VM, a scheduler's time limit) raises this class; Ctrl-C its subclass
+  `Interrupted`.
 
   Attributes:
     step: the step saved, from which the same command resumes.
     directory: the checkpoint directory.
   """
 
+  signal_name = "SIGTERM"
+
   def __init__(self, step: int, directory: str):
-    super().__init__(f"training stopped at step {step} by SIGTERM; the checkpoint of step {step} "
-                     f"is saved in {directory}, and re-running the same command resumes from it")
+    super().__init__(f"training stopped at step {step} by {self.signal_name}; the checkpoint of "
+                     f"step {step} is saved in {directory}, and re-running the same command "
+                     "resumes from it")
     self.step = step
     self.directory = directory
+
+
+class Interrupted(Preempted):
+  """Ctrl-C (SIGINT) stopped training at a step boundary, the step reached saved as for SIGTERM.
+
+  A second Ctrl-C before that boundary raises KeyboardInterrupt at once instead (a save it lands
+  in is left unfinished; the previous checkpoint is kept).
+  """
+
+  signal_name = "Ctrl-C"
+
+
+_OPENED: list[str] = []  # checkpoint directories train() used in this process, in order
+_OPENED_LOCK = threading.Lock()
+
+
+def checkpoint_directories() -> list[str]:
+  """The checkpoint directories train() resumed from or saved to in this process (side-by-side
+  runs included), each once: what an interrupted command may say it kept."""
+  with _OPENED_LOCK:
+    return list(dict.fromkeys(_OPENED))
 
 
 # Step ids for JAX's preemption sync, counted over every train() call of the process: the sync
@@ -72,68 +100,111 @@ class Preempted(RuntimeError):
 _PREEMPTION_SYNC_IDS = itertools.count(1)
 
 
-class _PreemptionWatch:
-  """Notices SIGTERM during train() and says at which step boundary every process stops.
+def _say(text: str) -> None:
+  """Writes `text` to stdout from a signal handler (stderr carries the one line a stop ends with).
 
-  One process: a SIGTERM handler (installed from the main thread only: Python allows no other)
-  sets a flag, read at every step boundary. Several processes: JAX's preemption sync service
-  (its own SIGTERM notifier, started by `jax.distributed.initialize`) picks one step id for all
-  hosts, so every host saves the same step; without that service, every host gathers every
-  host's flag at every step boundary instead.
+  Straight to the file descriptor: the handler may run while the main thread is inside a
+  `print`, and a second write through the same buffered stream raises "reentrant call".
+  """
+  try:
+    os.write(sys.stdout.fileno(), text.encode())
+  except (AttributeError, OSError, ValueError):  # no descriptor (a captured or closed stdout)
+    pass
+
+
+class _PreemptionWatch:
+  """Notices SIGTERM and Ctrl-C during train() and says at which step boundary to stop.
+
+  One process: handlers (installed from the main thread only: Python allows no other) set a
+  flag, read at every step boundary; nothing is raised inside the step or a checkpoint save, so
+  no library on the way can swallow the stop (orbax's save catches and logs exceptions in
+  places). A second Ctrl-C raises KeyboardInterrupt at once. Several processes: JAX's preemption
+  sync service (its own SIGTERM notifier, started by `jax.distributed.initialize`) picks one
+  step id for all hosts, so every host saves the same step; without that service, every host
+  gathers every host's flag at every step boundary instead. Ctrl-C keeps its usual effect there
+  (one host's flag alone would stop that host only).
   """
 
   def __init__(self):
-    self._received = threading.Event()
-    self._previous: Any = None
-    self._installed = False
+    self._received: dict[int, threading.Event] = {
+        signal.SIGTERM: threading.Event(), signal.SIGINT: threading.Event()}
+    self._previous: dict[int, Any] = {}
     self._mode = "local" if jax.process_count() == 1 else "jax"
+    self.forced = False  # a second Ctrl-C: stop at once, without waiting for pending saves
 
   def __enter__(self) -> _PreemptionWatch:
     if self._mode == "local":
-      self._install()
+      self._install(signal.SIGTERM)
+      self._install(signal.SIGINT)
     return self
 
   def __exit__(self, exc_type, exc_value, traceback) -> None:
-    if not self._installed:
+    for signum, previous in self._previous.items():
+      signal.signal(signum, previous)
+    installed, self._previous = self._previous, {}
+    if exc_type is not None:
       return
-    signal.signal(signal.SIGTERM, self._previous)
-    self._installed = False
-    if exc_type is None and self._received.is_set():
-      # Arrived after the last check: the handler train() replaced gets it, as if never replaced.
-      signal.raise_signal(signal.SIGTERM)
+    for signum in installed:
+      if self._received[signum].is_set():
+        # Arrived after the last check: the handler train() replaced gets it, as if never
+        # replaced (launch's, for Ctrl-C Python's KeyboardInterrupt).
+        signal.raise_signal(signum)
+        return
 
-  def _install(self) -> None:
+  def _install(self, signum: int) -> None:
     if threading.current_thread() is not threading.main_thread():
-      return  # e.g. side-by-side preparation runs: SIGTERM keeps its usual effect
-    previous = signal.getsignal(signal.SIGTERM)
-    if previous is None:
-      return  # installed outside Python (e.g. JAX's notifier): it cannot be restored, leave it
-    self._previous = previous
-    signal.signal(signal.SIGTERM, lambda signum, frame: self._received.set())
-    self._installed = True
+      return  # e.g. side-by-side preparation runs: the signal keeps its usual effect
+    previous = signal.getsignal(signum)
+    if previous is None or previous == signal.SIG_IGN:
+      # Installed outside Python (e.g. JAX's notifier): it cannot be restored, leave it; an
+      # ignored signal stays ignored.
+      return
+    self._previous[signum] = previous
+    signal.signal(signum, self._on_sigint if signum == signal.SIGINT else self._on_sigterm)
 
-  def should_stop(self) -> bool:
-    """Whether to save and stop at this step boundary; every process calls it at every one."""
+  def _on_sigterm(self, signum, frame) -> None:
+    del signum, frame
+    self._received[signal.SIGTERM].set()
+
+  def _on_sigint(self, signum, frame) -> None:
+    del signum, frame
+    if self._received[signal.SIGINT].is_set():
+      self.forced = True
+      raise KeyboardInterrupt
+    self._received[signal.SIGINT].set()
+    _say("\nCtrl-C: saving a checkpoint at the end of this step, then stopping (Ctrl-C again "
+         "stops at once)\n")
+
+  def should_stop(self) -> type[Preempted] | None:
+    """Whether to save and stop at this step boundary, as the exception to raise then; every
+    process calls it at every one."""
     if self._mode == "jax":
       from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
       try:
-        return multihost_utils.reached_preemption_sync_point(next(_PREEMPTION_SYNC_IDS))
+        return (Preempted if multihost_utils.reached_preemption_sync_point(
+            next(_PREEMPTION_SYNC_IDS)) else None)
       except RuntimeError:  # the service is off (jax_enable_preemption_service=False)
         self._mode = "gather"
-        self._install()
+        self._install(signal.SIGTERM)
     if self._mode == "gather":
-      return self._gathered()
-    return self._received.is_set()
+      return Preempted if self._gathered() else None
+    return self._local()
 
-  def stopped_after_loop(self) -> bool:
-    """Whether SIGTERM arrived after the last step boundary (the final checkpoint is saved)."""
+  def stopped_after_loop(self) -> type[Preempted] | None:
+    """Whether a stop arrived after the last step boundary (the final checkpoint is saved)."""
     if self._mode == "gather":
-      return self._gathered()
-    return self._mode == "local" and self._received.is_set()
+      return Preempted if self._gathered() else None
+    return self._local() if self._mode == "local" else None
+
+  def _local(self) -> type[Preempted] | None:
+    if self._received[signal.SIGINT].is_set():
+      return Interrupted
+    return Preempted if self._received[signal.SIGTERM].is_set() else None
 
   def _gathered(self) -> bool:
     from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-    flags = multihost_utils.process_allgather(np.int32(self._received.is_set()))
+    flags = multihost_utils.process_allgather(
+        np.int32(self._received[signal.SIGTERM].is_set()))
     return bool(np.any(flags))
 
 
@@ -233,13 +304,15 @@ def train(
     mesh: default: a mesh over all devices (`sharding.make_mesh`).
     task_names: names of the T tasks in logs; default `task0`, `task1`, ...
 
-  SIGTERM (a preempted VM, a scheduler's time limit) does not stop training at once: at the
-  next step boundary the current step is checkpointed like a regular save and `Preempted` is
-  raised; in a multi-process run every process stops at the same step (`_PreemptionWatch`).
+  SIGTERM (a preempted VM, a scheduler's time limit) and Ctrl-C do not stop training at once: at
+  the next step boundary the current step is checkpointed like a regular save and `Preempted`
+  (`Interrupted` for Ctrl-C) is raised; in a multi-process run every process stops at the same
+  step (`_PreemptionWatch`). A second Ctrl-C raises KeyboardInterrupt at once.
 
   Raises:
     TrainingDiverged: the loss became NaN/inf (the diverged state is not saved).
     Preempted: SIGTERM arrived; the step reached is saved and a new call resumes from it.
+    Interrupted: the same for Ctrl-C (a subclass of Preempted).
     ValueError: inconsistent task count, or a checkpoint written by another kind of method.
   """
   workdir = os.fspath(workdir)
@@ -278,8 +351,16 @@ def train(
     mtl_state = sharding_lib.replicate(
         gradmtl_step.init_mtl_state(method.gradient_method, num_tasks, mtl_seed), mesh)
   ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, CHECKPOINT_DIR), max_to_keep=2)
+  with _OPENED_LOCK:
+    _OPENED.append(ckpt.directory)
   if ckpt.latest_step() is not None:
-    state, wstate, mtl_state = _restore_for_resume(ckpt, state, wstate, iterator, mtl_state)
+    try:
+      state, wstate, mtl_state = _restore_for_resume(ckpt, state, wstate, iterator, mtl_state)
+    except BaseException:
+      ckpt.close()
+      raise
+    if jax.process_index() == 0:
+      print(f"  resumed from step {int(state.step)} ({ckpt.directory})", flush=True)
   start = int(state.step)
 
   shardings = (step_lib.flat_tree(state_sharding), step_lib.flat_tree(frozen_sharding))
@@ -313,7 +394,8 @@ def train(
       extras[checkpoint_lib.GRADMTL_ITEM] = mtl_state
     ckpt.save(done, state, extras)
 
-  # Around the `finally` too: a SIGTERM while the last saves complete only sets the flag.
+  # Around the `finally` too: a stop signal while the last saves complete only sets the flag.
+  abandon = False
   with _PreemptionWatch() as preemption:
     try:
       for index in range(start, cfg.steps):
@@ -351,16 +433,24 @@ def train(
         saved = done % cfg.checkpoint_every == 0 or done == cfg.steps
         if saved:
           save(done)
-        if preemption.should_stop():
+        stop = preemption.should_stop()
+        if stop is not None:
           if not saved:
             save(done)
-          raise Preempted(done, ckpt.directory)
-      if preemption.stopped_after_loop():
-        raise Preempted(max(start, cfg.steps), ckpt.directory)
+          raise stop(done, ckpt.directory)
+      stop = preemption.stopped_after_loop()
+      if stop is not None:
+        raise stop(max(start, cfg.steps), ckpt.directory)
+    except KeyboardInterrupt:
+      # A second Ctrl-C stops at once: a save it interrupted is not waited for (orbax leaves
+      # it unfinished, and a resumed run starts from the previous checkpoint).
+      abandon = preemption.forced
+      raise
     finally:
       bar.close()
       log.close()
-      ckpt.close()  # waits until every started save is complete
+      if not abandon:
+        ckpt.close()  # waits until every started save is complete
   nnx.update(model, state.params)
   if dropout_seed is not None:
     model.eval()  # generation and export see the deterministic model
@@ -370,10 +460,41 @@ def train(
 def _restore_for_resume(ckpt: checkpoint_lib.Checkpointer, state: TrainState,
                         wstate: weighting_lib.State | None, iterator: Any = None,
                         mtl_state: Any = None) -> tuple[TrainState, Any, Any]:
-  """The latest checkpoint's TrainState, weighting and gradient-method states, shaped like the
-  given ones (None stays None). A stateful `iterator` is set, in place, to the saved position.
+  """The latest readable checkpoint's TrainState, weighting and gradient-method states, shaped
+  like the given ones (None stays None). A stateful `iterator` is set, in place, to the saved
+  position.
+
+  A step that cannot be read (a truncated or deleted file) is removed, with a one-line warning,
+  and the one before it is restored: the resumed run trains the removed steps again.
+
+  Raises:
+    checkpoint.CheckpointError: no step can be read; the message names the directory to remove.
   """
-  stored = ckpt.items()
+  unreadable = []
+  for step in reversed(ckpt.all_steps()):
+    try:
+      restored = _restore_step(ckpt, step, state, wstate, iterator, mtl_state)
+    except checkpoint_lib.CheckpointUnreadable as e:
+      unreadable.append(e)
+      continue
+    for bad in unreadable:
+      ckpt.discard(bad.step)
+    if unreadable and jax.process_index() == 0:
+      steps = ", ".join(str(e.step) for e in unreadable)
+      print(f"warning: {unreadable[0]}; removed step(s) {steps} and resuming from step {step}",
+            flush=True)
+    return restored
+  first = unreadable[0]
+  raise checkpoint_lib.CheckpointError(
+      f"no checkpoint in {ckpt.directory} can be read (step {first.step}: {first.reason}); "
+      f"remove {ckpt.directory} to train this model from the start")
+
+
+def _restore_step(ckpt: checkpoint_lib.Checkpointer, step: int, state: TrainState,
+                  wstate: weighting_lib.State | None, iterator: Any,
+                  mtl_state: Any) -> tuple[TrainState, Any, Any]:
+  """`_restore_for_resume` of one step."""
+  stored = ckpt.items(step)
   if (mtl_state is not None) != (checkpoint_lib.GRADMTL_ITEM in stored):
     raise ValueError(f"the checkpoint in {ckpt.directory} was written "
                      f"{'with' if mtl_state is None else 'without'} a gradient method, but this "
@@ -395,7 +516,7 @@ def _restore_for_resume(ckpt: checkpoint_lib.Checkpointer, state: TrainState,
     targets[checkpoint_lib.DATA_ITEM] = iterator
   if mtl_state is not None:
     targets[checkpoint_lib.GRADMTL_ITEM] = mtl_state
-  state, extras = ckpt.restore_with_extras(state, targets)
+  state, extras = ckpt.restore_with_extras(state, targets, step)
   return state, extras.get(checkpoint_lib.WEIGHTING_ITEM), extras.get(checkpoint_lib.GRADMTL_ITEM)
 
 
@@ -414,6 +535,11 @@ def restore_model(model: nnx.Module, cfg: TrainConfig | Mapping[str, Any],
                                      max_to_keep=2)
   try:
     state = ckpt.restore(init_train_state(params, make_optimizer(cfg)))
+  except checkpoint_lib.CheckpointUnreadable as e:
+    # No fallback here: an earlier step is a less trained model, not this one.
+    raise checkpoint_lib.CheckpointError(
+        f"{e}; remove {os.path.join(e.directory, str(e.step))} and run again: its training "
+        "resumes from the checkpoint before it (or starts again) and saves that step anew") from e
   finally:
     ckpt.close()
   nnx.update(model, state.params)
