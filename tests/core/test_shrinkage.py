@@ -67,7 +67,9 @@ def test_shrink_examples():
   batch = B.shrink_toward_mean(jnp.stack([x, 2 * x]), jnp.array([0.5, 0.5, 0.5]))
   np.testing.assert_allclose(batch[1], [2 - 2 * (1 - 1 / 16), 2.0, 2 + 2 * (1 - 1 / 16)],
                              rtol=1e-6)
-  with pytest.raises(ValueError, match=r"sd must be finite and >= 0"):
+  np.testing.assert_allclose(B.shrink_toward_mean(x, jnp.array([jnp.inf, 0.0, 0.0])),
+                             [1.5, 1.0, 2.0])   # sd = inf: the mean of the others, kept (sd 0)
+  with pytest.raises(ValueError, match=r"sd must be >= 0 \(or inf\)"):
     B.shrink_toward_mean(x, jnp.array([0.1, -0.1, 0.1]))
   with pytest.raises(ValueError, match=r"does not broadcast"):
     B.shrink_toward_mean(x, jnp.array([0.1, 0.1]))
@@ -200,7 +202,7 @@ def test_spread_jit_and_grad():
     ({**_spread(0.1), "d": {"a": 0.1, "b": 0.1, "c": 0.1, "x": 0}}, r"unknown \['x'\]"),
     ({**_spread(0.1), "c_in": [0.1, 0.1]}, r"spread\['c_in'\] must hold one sd per balanced task"),
     ({**_spread(0.1), "c_in": [0.1, -1, float("nan")]},
-     r"spread\['c_in'\] must be finite and >= 0, got b=-1.0, c=nan"),
+     r"spread\['c_in'\] must be >= 0 \(or inf\), got b=-1.0, c=nan"),
     ({**_spread(0.1), "c_in": ["x", 1, 2]}, r"spread\['c_in'\] must hold 3 numbers"),
 ])
 def test_bad_spread(spread, match):
@@ -349,3 +351,43 @@ def test_no_bound_warning_at_the_bottom_of_the_range():
     r = B.balance_report(scores, tasks=["a", "b"], temperature="auto")
   assert r["temperature"] == B.AUTO_T_RANGE[0] and r["at_bound"] == []
   assert B.bound_units([0.5, 1.5004, 1.999], ["a", "b", "c"]) == ["a", "c"]
+
+
+# ----------------------------------------------------------------------------------------------
+# A unit whose own-data gain is not clearly positive carries no evidence in C_in and D.
+
+# c's preparation run did not learn c: V_c(c+mini) = V_c(mini) up to noise, so D_c ≈ 0 (read as
+# "easy" by the formula) and c's column of C divides by a gain of ~0.
+UNLEARNED = {
+    "mini":   {"a": 0.50, "b": 0.40, "c": 0.30},
+    "a+mini": {"a": 0.70, "b": 0.45, "c": 0.30},
+    "b+mini": {"a": 0.60, "b": 0.60, "c": 0.30},
+    "c+mini": {"a": 0.50, "b": 0.40, "c": 0.30},
+}
+
+
+def test_shrink_infinite_sd_is_the_mean_of_the_units_with_evidence():
+  x = jnp.array([0.0, 1.0, 5.0])
+  np.testing.assert_allclose(B.shrink_toward_mean(x, jnp.array([0.0, 0.0, jnp.inf])),
+                             [0.0, 1.0, 0.5])   # c at the mean of a and b, which are kept
+  np.testing.assert_allclose(B.shrinkage_factor(x, jnp.array([0.0, 0.0, jnp.inf])), [1, 1, 0])
+  # Every sd infinite: the plain mean.
+  np.testing.assert_allclose(B.shrink_toward_mean(x, jnp.inf), [2.0, 2.0, 2.0])
+
+
+def test_unlearned_unit_gets_the_others_mean_c_in_and_d():
+  samples = per_sample(UNLEARNED, seed=1, noise=0.05, n=200)
+  kw = dict(tasks=TASKS, resamples=200, on_degenerate="warn")
+  report = _quiet(BS.bootstrap_report, samples, shrinkage="evidence", **kw)
+  assert report["noisy"] == ["c"] and report["shrinkage"]["no_evidence"] == ["c"]
+  shrink = report["shrinkage"]
+  for k in ("c_in", "d"):
+    assert shrink["factor"][k]["c"] == 0.0
+    assert shrink["sd"][k]["c"] is None and shrink["z"][k]["c"] is None
+    assert report[f"{k}_shrunk"]["c"] == pytest.approx(np.mean([report[k]["a"], report[k]["b"]]))
+  assert shrink["sd"]["c_out"]["c"] is not None  # C_out is measured on the other tasks
+  # The paper's λ reads c as the easiest task and gives it the lowest λ_D; the rule does not.
+  paper = _quiet(BS.bootstrap_report, samples, **kw)
+  assert paper["lambda_d"]["c"] < min(paper["lambda_d"]["a"], paper["lambda_d"]["b"])
+  assert report["lambda_d"]["c"] > min(report["lambda_d"]["a"], report["lambda_d"]["b"])
+  json.dumps(report, allow_nan=False)

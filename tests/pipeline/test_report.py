@@ -794,6 +794,10 @@ def test_replicates_shrinkage_and_bound_are_said_in_the_balance_section():
   assert "| λ training share |" in text and "| 62 % |" in text and "| 5 % |" in text
   assert "kept in part: C_out of caption (0.97); D of vqa (0.50)" in text
   assert "λ of vqa sits on a bound of [0.5, 2]" in text
+  assert "No evidence" not in text
+  balance["shrinkage"]["no_evidence"] = ["count"]
+  assert ("No evidence: the own-data gain of count is not clearly above 0"
+          in report._summary_section(balance))
   # One replicate and the paper's λ: none of it (a single run has no training share to show).
   balance["bootstrap"].update(replicates=1, shrinkage="none")
   del balance["shrinkage"]

@@ -514,13 +514,17 @@ def _format_bootstrap_narrow(report: Mapping[str, Any], stream: Any) -> str:
 def _format_shrinkage(shrinkage: Mapping[str, Any], units: Sequence[str]) -> str:
   """Per unit and component: the shrinkage factor and the z-score it comes from."""
   def cell(comp: str, unit: str) -> str:
+    factor = shrinkage["factor"][comp][unit]
+    if shrinkage["sd"][comp][unit] is None:  # no evidence: the unit's gain is not clearly > 0
+      return f"{factor:.2f} (gain not > 0)"
     z = shrinkage["z"][comp][unit]
-    return f"{shrinkage['factor'][comp][unit]:.2f} (z={'inf' if z is None else f'{z:.2g}'})"
+    return f"{factor:.2f} (z={'inf' if z is None else f'{z:.2g}'})"
 
   rows = [["unit", "C_out", "C_in", "D"]]
   rows += [[u] + [cell(c, u) for c in ("c_out", "c_in", "d")] for u in units]
   title = ("evidence shrinkage toward the mean over units: factor max(0, 1 - 1/z^2) "
-           "(1 = kept, 0 = the mean):")
+           "(1 = kept, 0 = the mean;\n'gain not > 0': a unit whose own-data gain interval is not "
+           "above 0 gets the mean C_in and D):")
   return title + "\n" + _table(rows)
 
 

@@ -721,7 +721,13 @@ def _shrink(x: Any, sd: Any, xp: Any = jnp) -> tuple[Any, Any]:
   the factor is 1 and the mean itself where it is 0, exactly. `sd` broadcasts against x; `xp`
   may be numpy (the bootstrap shrinks every resample at once in float64).
   """
-  mean = x.mean(axis=-1, keepdims=True)
+  # The mean over the units with evidence (finite sd): a unit without any (sd = inf) is put at
+  # the others' mean, not at a mean that its own uninformative value pulls.
+  sd = xp.broadcast_to(sd, x.shape)
+  w = xp.isfinite(sd).astype(x.dtype)
+  n = w.sum(axis=-1, keepdims=True)
+  mean = xp.where(n > 0, (x * w).sum(axis=-1, keepdims=True) / xp.where(n > 0, n, 1.0),
+                  x.mean(axis=-1, keepdims=True))
   dev = x - mean
   dev2, sd2 = dev * dev, sd * sd
   nonzero = dev2 > 0
@@ -739,8 +745,9 @@ def _check_sd(x: Array, sd: Any) -> Array:
   except ValueError:
     raise ValueError(f"sd of shape {sd.shape} does not broadcast against x of shape "
                      f"{x.shape}") from None
-  if not _is_traced(sd) and not bool(jnp.all(jnp.isfinite(sd) & (sd >= 0))):
-    raise ValueError(f"sd must be finite and >= 0, got {np.asarray(sd).tolist()}")
+  # +inf is allowed: no evidence at all, the mean (bootstrap's rule for a noisy own-data gain).
+  if not _is_traced(sd) and not bool(jnp.all(~jnp.isnan(sd) & (sd >= 0))):
+    raise ValueError(f"sd must be >= 0 (or inf), got {np.asarray(sd).tolist()}")
   return sd
 
 
@@ -749,12 +756,13 @@ def shrink_toward_mean(x: Any, sd: Any) -> Array:
 
   x̃_i = mean(x) + (x_i − mean(x))·max(0, 1 − 1/z_i²), z_i = (x_i − mean(x))/sd_i
   (docs/method.md §14): |z| <= 1 gives the mean, |z| → ∞ gives x_i, sd_i = 0 gives x_i (no
-  shrinkage). `sd` ([..., N], or anything broadcasting to x) is the standard deviation of
+  shrinkage), sd_i = inf gives the mean of the units with a finite sd (no evidence at all; the
+  mean is then taken over those units alone). `sd` ([..., N], or anything broadcasting to x) is the standard deviation of
   x_i − mean(x), e.g. from the bootstrap. Pure, jittable and differentiable (finite gradients
   everywhere; `jnp.where` on safe denominators). The mean of x̃ is in general not that of x.
 
   Raises:
-    ValueError: sd does not broadcast against x, or (when concrete) is negative or not finite.
+    ValueError: sd does not broadcast against x, or (when concrete) is negative or NaN.
   """
   x = jnp.asarray(x, dtype=float) if not _is_traced(x) else x
   if x.ndim < 1 or x.shape[-1] < 1:
@@ -813,9 +821,9 @@ def _check_spread(spread: Any, plan: _Plan) -> tuple[Any, Any, Any] | None:
       if arr.shape != (n,):
         raise ValueError(f"spread[{comp!r}] must hold one sd per balanced {plan.kind} ({n}), "
                          f"got shape {arr.shape}")
-      bad = [u for u, v in zip(plan.units, arr) if not (math.isfinite(v) and v >= 0)]
+      bad = [u for u, v in zip(plan.units, arr) if not v >= 0]  # NaN fails; +inf is the mean
       if bad:
-        raise ValueError(f"spread[{comp!r}] must be finite and >= 0, got "
+        raise ValueError(f"spread[{comp!r}] must be >= 0 (or inf), got "
                          + ", ".join(f"{u}={arr[plan.units.index(u)]}" for u in bad))
       vec = jnp.asarray(arr, dtype=float)
     elif vec.shape != (n,):

@@ -67,6 +67,7 @@ the next); the point values are `balance_report`'s, in JAX's default float dtype
 from __future__ import annotations
 
 import dataclasses
+import math
 import numbers
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
@@ -423,11 +424,29 @@ class _Setup:
     return _components(means, self.plan, self.form, self.dropped)
 
 
-def _draws(setup: _Setup, shrinkage: str) -> dict[str, Any]:
+# The components that the evidence rule treats as carrying no evidence for a unit whose own-data
+# gain is not clearly positive (its interval reaches 0 or below): they compare that unit's
+# preparation models on a task that they did not learn, so C_in (the mean of its column of C,
+# divided by that gain) is noise and D = 1 − V(mini)/V(u+mini) near 0 says "not learned", not
+# "easy". sd = inf puts them at the tasks' mean (docs/method.md §14).
+NO_EVIDENCE_WHEN_NOISY = ("c_in", "d")
+
+
+def _not_clearly_positive(gain: np.ndarray, level: float) -> np.ndarray:
+  """[N] bool: the unit's gain interval over the resamples [B, N] has its low end <= 0."""
+  return percentile_interval(gain, level)[..., 0] <= 0
+
+
+def _draws(setup: _Setup, shrinkage: str, level: float) -> dict[str, Any]:
   """Every resampled quantity of the two-level bootstrap, float64, leading resample axis."""
   comp = setup.resampled(np.random.default_rng(setup.seed),
                          np.random.default_rng([setup.seed, _REPLICATE_STREAM]))
-  spread = _spread(comp) if shrinkage == "evidence" else None
+  spread = None
+  if shrinkage == "evidence":
+    spread = _spread(comp)
+    unlearned = _not_clearly_positive(comp["gain"], level)
+    for k in NO_EVIDENCE_WHEN_NOISY:
+      spread[k] = np.where(unlearned, np.inf, spread[k])
   out = {"units": list(setup.plan.units), "samples": setup.n_samples,
          "replicates": setup.replicates, **comp,
          **_weights(comp, setup.temperature, setup.alpha, spread)}
@@ -493,7 +512,7 @@ def bootstrap_draws(per_sample: PerSample, *, tasks: Sequence[str], form: str = 
                     alpha: Sequence[float] = B.DEFAULT_ALPHA,
                     fixed: Mapping[str, float] | None = None,
                     groups: Mapping[str, str] | None = None, drop: Sequence[str] = (),
-                    resamples: int = 1000, seed: int = 0,
+                    resamples: int = 1000, seed: int = 0, level: float = 0.9,
                     shrinkage: str = "none") -> dict[str, Any]:
   """The raw resampled values behind `bootstrap_report` (same arguments, no point values).
 
@@ -505,7 +524,8 @@ def bootstrap_draws(per_sample: PerSample, *, tasks: Sequence[str], form: str = 
     N balanced units), "samples" (task -> n, in the order the indices were drawn) and
     "replicates" (R). With shrinkage="evidence" also "c_out_shrunk", "c_in_shrunk", "d_shrunk"
     [B, N] (the softmax inputs; the λ arrays are those of the shrunk estimator) and "spread"
-    (component -> sd [N], as passed to `balancing.balance_report`).
+    (component -> sd [N], as passed to `balancing.balance_report`; inf for C_in and D of a unit
+    whose gain interval at `level` is not above 0).
 
   Raises:
     ValueError: as `bootstrap_report`, except for the point values' degenerate-data errors.
@@ -514,7 +534,7 @@ def bootstrap_draws(per_sample: PerSample, *, tasks: Sequence[str], form: str = 
                             resamples, seed, shrinkage)
   # The structural checks (missing models or tasks) of balancing, on the means.
   B._collect(_means(setup.samples), setup.plan, setup.form, B._BOTH)
-  return _draws(setup, shrinkage)
+  return _draws(setup, shrinkage, _check_level(level))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -598,7 +618,7 @@ def bootstrap_report(per_sample: PerSample, *, tasks: Sequence[str], form: str =
     B.validate_scores(means, tasks, setup.form, fixed, groups)
   else:
     B._collect(means, setup.plan, setup.form, B._BOTH)
-  draws = _draws(setup, shrinkage)
+  draws = _draws(setup, shrinkage, level)
   units, plan = setup.plan.units, setup.plan
   if shrinkage == "evidence":
     spread = {k: dict(zip(units, (float(v) for v in sd))) for k, sd in draws["spread"].items()}
@@ -663,8 +683,13 @@ def bootstrap_report(per_sample: PerSample, *, tasks: Sequence[str], form: str =
     for k, sd in draws["spread"].items():
       x = np.array([report[k][u] for u in units], dtype=np.float64)
       dev = x - x.mean()
-      z[k] = {u: (float(dv / s) if s > 0 else None) for u, dv, s in zip(units, dev, sd)}
-    out["shrinkage"] = {"rule": "evidence", "factor": report["shrinkage"], "sd": spread, "z": z}
+      z[k] = {u: (float(dv / s) if 0 < s < np.inf else None) for u, dv, s in zip(units, dev, sd)}
+    no_evidence = [u for u, sd in zip(units, draws["spread"]["d"]) if np.isinf(sd)]
+    # JSON has no inf: an sd of no evidence is null, beside the units it concerns.
+    sd_out = {k: {u: (v if math.isfinite(v) else None) for u, v in per.items()}
+              for k, per in spread.items()}
+    out["shrinkage"] = {"rule": "evidence", "factor": report["shrinkage"], "sd": sd_out, "z": z,
+                        "no_evidence": no_evidence}
   return out
 
 

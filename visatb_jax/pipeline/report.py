@@ -368,6 +368,12 @@ def _bound_and_shrinkage_sentences(balance: Mapping) -> list[str]:
                   "noise and set to the mean." if parts else
                   "every deviation is within its noise, so every component is at the mean and "
                   "λ is 1."))
+    unlearned = [u for u in shrink.get("no_evidence") or [] if isinstance(u, str)]
+    if unlearned:
+      out.append(f"No evidence: the own-data gain of {', '.join(unlearned)} is not clearly above "
+                 "0 (its preparation runs did not learn it), so its C_in and D, which are built "
+                 "on that gain, are set to the other tasks' mean rather than read as an easy "
+                 "task (docs/method.md §14).")
   return out
 
 
