@@ -197,11 +197,9 @@ def paper_config(name: str, tasks: Mapping[str, Mapping[str, Any]], *, r_large: 
   c.model.init_seed = 0
   c.model.dtype = "bfloat16"   # compute; parameters and optimizer state stay float32
   c.model.param_dtype = "float32"
-  # Save the layers' matmul outputs, recompute the rest: compiled FLOPs 0.99x the model's against
-  # 1.22x for full remat, and the 7B step still fits an 80 GB device (--dry-run: 69.1 GiB per
-  # device on 8, 27.1 on 64, with XLA:CPU's float32 activations; BENCHMARKS.md, "Dry run").
-  # On smaller devices, --config.model.remat=full: 33.2 GiB per device on 8 (the paper's
-  # DeepSpeed runs checkpoint every layer).
+  # Save the layers' matmul outputs, recompute the rest: fewer recomputed FLOPs than full remat,
+  # and the 7B step still fits an 80 GB device; on smaller ones, --config.model.remat=full (the
+  # paper's DeepSpeed runs checkpoint every layer). Figures: BENCHMARKS.md, "Dry run".
   c.model.remat = "dots_with_no_batch_dims_saveable"
   c.model.lora = {"rank": 0, "alpha": 16.0, "dropout": 0.0,
                   "target_modules": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
@@ -213,8 +211,8 @@ def paper_config(name: str, tasks: Mapping[str, Mapping[str, Any]], *, r_large: 
   c.train = ml_collections.ConfigDict()
   c.train.epochs = float(epochs)
   c.train.batch_size = 128     # packed rows per optimizer step (global)
-  # 4 micro-batches: 4 rows per device on 8 devices, which `--dry-run` puts at 47 GiB per device
-  # (BENCHMARKS.md); the loss is still normalised once over all 128 rows.
+  # 4 micro-batches: 4 rows per device on 8 devices (memory: BENCHMARKS.md, "Dry run"); the loss
+  # is still normalised once over all 128 rows.
   c.train.accum_steps = 4
   c.train.lr = 2e-5
   c.train.warmup_frac = 0.03
