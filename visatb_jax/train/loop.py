@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
@@ -223,6 +224,42 @@ def _check_finite(metrics: Mapping[str, Any], step: int, task_names: Sequence[st
       f"grad_norm={grad_norm}; task(s) with non-finite loss: {tasks}")
 
 
+def _fetch_checked(unchecked: list[tuple[int, Mapping[str, Any]]],
+                   task_names: Sequence[str]) -> Mapping[str, Any] | None:
+  """The host metrics of the last of the `unchecked` steps (emptied; None if none), all fetched
+  in one transfer; raises `TrainingDiverged` for the first of them with a non-finite loss."""
+  fetched = jax.device_get([metrics for _, metrics in unchecked])
+  steps = [done for done, _ in unchecked]
+  unchecked.clear()
+  for done, metrics in zip(steps, fetched):
+    _check_finite(metrics, done, task_names)
+  return fetched[-1] if fetched else None
+
+
+def _device_lr(schedule: Callable[[int], Any], index: int) -> jax.Array:
+  """The schedule's learning rate of step `index` as a float32 device scalar, never read back.
+
+  Strongly typed, as the float32 NumPy scalar it replaces, so the step's dtypes do not change.
+  """
+  return jnp.asarray(schedule(index), jnp.float32)
+
+
+def _on_mesh(tree: Any, mesh: Mesh) -> Any:
+  """Every array of `tree` replicated on `mesh`, those already there as they are.
+
+  Every λ the step receives is then placed alike, static or dynamic, so one compiled call
+  serves every method; a jitted update that reads only its key (RLW) leaves λ on one device.
+  Built per device from the local value, which every process holds alike: no cross-host check.
+  """
+  repl = sharding_lib.replicated(mesh)
+
+  def place(x):
+    if isinstance(x, jax.Array) and x.committed and x.sharding.is_equivalent_to(repl, x.ndim):
+      return x
+    return jax.make_array_from_callback(x.shape, repl, lambda index: x[index])
+  return jax.tree.map(place, tree)
+
+
 def weighting_rng(seed: int, step: int) -> jax.Array:
   """The key `train` passes to the weighting strategy's `update` after step index `step`.
 
@@ -310,7 +347,9 @@ def train(
   step (`_PreemptionWatch`). A second Ctrl-C raises KeyboardInterrupt at once.
 
   Raises:
-    TrainingDiverged: the loss became NaN/inf (the diverged state is not saved).
+    TrainingDiverged: the loss became NaN/inf (the diverged state is not saved). Metrics are
+      read from the device only at log steps and before each save, so the run stops at the
+      first of those after the step that diverged, naming that step.
     Preempted: SIGTERM arrived; the step reached is saved and a new call resumes from it.
     Interrupted: the same for Ctrl-C (a subclass of Preempted).
     ValueError: inconsistent task count, or a checkpoint written by another kind of method.
@@ -383,6 +422,10 @@ def train(
                               lines=jax.process_index() == 0)
   t0 = t_window = time.perf_counter()
   window_tokens = 0
+  # The device metrics of the steps since the last fetch, checked for NaN at the next log
+  # step or save.
+  unchecked: list[tuple[int, Mapping[str, Any]]] = []
+  placed_lam = None  # a static λ (host, device), placed again only when it changes
 
   def save(done: int) -> None:
     # The weighting state saved with step `done` already holds the λ of index `done`,
@@ -408,34 +451,46 @@ def train(
           rows = _check_batch(host_batch, cfg, mesh)
           window_tokens += _input_tokens(host_batch)
           local_batch = _process_rows(host_batch, rows)
-        lam_i = (method.lam_at(index) if wstate is None
-                 else np.asarray(jax.device_get(wstate["lam"]), np.float32))
+        # λ and the learning rate stay on the device: a host read here would wait for the
+        # previous step and stall the dispatch queue every step.
+        if wstate is not None:
+          lam_i = wstate["lam"]
+        else:
+          host_lam = method.lam_at(index)
+          if placed_lam is None or not np.array_equal(host_lam, placed_lam[0]):
+            placed_lam = (host_lam, _on_mesh(host_lam, mesh))
+          lam_i = placed_lam[1]
         state, device_metrics = step_fn(state, frozen,
                                         sharding_lib.shard_batch(local_batch, mesh), lam_i,
-                                        np.float32(schedule(index)))
-        metrics = jax.device_get(device_metrics)
+                                        _device_lr(schedule, index))
         done = index + 1
-        # Before any save: a diverged state must never replace the last good checkpoint.
-        _check_finite(metrics, done, task_names)
+        unchecked.append((done, device_metrics))
         if wstate is not None:
           # The λ of the next step, from the losses of this one (weighting.py's contract).
           _, wstate = weighting_lib.jit_update(
               weighting, wstate, device_metrics["per_task_loss"], index,
               weighting_rng(cfg.seed, index), device_metrics["per_task_count"])
-        # `metrics` is on the host already (fetched above for the finiteness check).
-        bar.update(1, loss=float(metrics["loss"]))
-        if done % cfg.log_every == 0 or done == cfg.steps:
+          wstate = _on_mesh(wstate, mesh)
+        logged = done % cfg.log_every == 0 or done == cfg.steps
+        saved = done % cfg.checkpoint_every == 0 or done == cfg.steps
+        shown = {}  # the bar keeps showing the loss of the last fetched step
+        if logged or saved:
+          # Before any save: a diverged state must never replace the last good checkpoint.
+          metrics = _fetch_checked(unchecked, task_names)
+          shown["loss"] = float(metrics["loss"])
+        bar.update(1, **shown)
+        if logged:
           now = time.perf_counter()
           log.write(metrics_log.make_record(
               step=done, metrics=metrics, task_names=task_names, lr=float(schedule(index)),
               tokens_per_s=window_tokens / max(now - t_window, 1e-9), elapsed_s=now - t0))
           t_window, window_tokens = now, 0
-        saved = done % cfg.checkpoint_every == 0 or done == cfg.steps
         if saved:
           save(done)
         stop = preemption.should_stop()
         if stop is not None:
           if not saved:
+            _fetch_checked(unchecked, task_names)
             save(done)
           raise stop(done, ckpt.directory)
       stop = preemption.stopped_after_loop()
