@@ -157,19 +157,29 @@ _LONG_PREP = ("--stages", "prep", "--config.train.epochs=30",
               "--config.train.checkpoint_every=1000")
 
 
-@pytest.mark.slow  # two runs of the preparation stage
-def test_ctrl_c_saves_the_step_reached_and_the_rerun_resumes_from_it(run_dir, micro):
-  workdir, _ = run_dir
+def _signal_training(workdir, micro, *signals, gap=0.02, timeout=120):
+  """Starts a long preparation run, waits until it trains, sends `signals` `gap` seconds apart;
+  returns (exit code, stdout, stderr)."""
   proc = subprocess.Popen(_command(micro, workdir, *_LONG_PREP), cwd=REPO,
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
   try:
     _wait_for_training(workdir, proc)
-    proc.send_signal(signal.SIGINT)
-    stdout, stderr = proc.communicate(timeout=120)
+    for k, sig in enumerate(signals):
+      if k:
+        time.sleep(gap)
+      proc.send_signal(sig)
+    stdout, stderr = proc.communicate(timeout=timeout)
   finally:
     if proc.poll() is None:
       proc.kill()
-  assert proc.returncode == 130, stderr[-3000:]
+  return proc.returncode, stdout, stderr
+
+
+@pytest.mark.slow  # two runs of the preparation stage
+def test_ctrl_c_saves_the_step_reached_and_the_rerun_resumes_from_it(run_dir, micro):
+  workdir, _ = run_dir
+  code, stdout, stderr = _signal_training(workdir, micro, signal.SIGINT)
+  assert code == 130, stderr[-3000:]
   line = _error_line(stderr)
   found = re.search(r"error: interrupted: training of (\S+) stopped at step (\d+) by Ctrl-C and "
                     r"saved it; kept in .*the checkpoint of step \2 of \1", line)
@@ -210,18 +220,8 @@ def _run_until_line(command, text, timeout=180):
 @pytest.mark.slow  # a launch subprocess, ~36 s under load
 def test_a_second_ctrl_c_stops_at_once(run_dir, micro):
   workdir, _ = run_dir
-  proc = subprocess.Popen(_command(micro, workdir, *_LONG_PREP), cwd=REPO,
-                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-  try:
-    _wait_for_training(workdir, proc)
-    proc.send_signal(signal.SIGINT)
-    time.sleep(0.02)
-    proc.send_signal(signal.SIGINT)
-    stderr = proc.communicate(timeout=60)[1]
-  finally:
-    if proc.poll() is None:
-      proc.kill()
-  assert proc.returncode == 130, stderr[-3000:]
+  code, _, stderr = _signal_training(workdir, micro, signal.SIGINT, signal.SIGINT, timeout=60)
+  assert code == 130, stderr[-3000:]
   line = _error_line(stderr)
   assert line.startswith("error: interrupted") and "same command" in line, line
   _assert_kept_is_on_disk(line, workdir)
@@ -415,16 +415,8 @@ def test_unreadable_checkpoint_is_one_line_naming_what_to_remove(run_dir, micro)
   """Every step of a model's checkpoints truncated (a copy cut short): one line naming the
   directory and what to remove, instead of orbax's 166-line OUT_OF_RANGE; removing it works."""
   workdir, _ = run_dir
-  proc = subprocess.Popen(_command(micro, workdir, *_LONG_PREP), cwd=REPO,
-                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-  try:
-    _wait_for_training(workdir, proc)
-    proc.send_signal(signal.SIGTERM)
-    stderr = proc.communicate(timeout=120)[1]
-  finally:
-    if proc.poll() is None:
-      proc.kill()
-  assert proc.returncode == 143, stderr[-3000:]
+  code, _, stderr = _signal_training(workdir, micro, signal.SIGTERM)
+  assert code == 143, stderr[-3000:]
   model = re.search(r"training of (\S+) stopped", _error_line(stderr)).group(1)
   checkpoints = workdir / model / "checkpoints"
   arrays = list(checkpoints.glob("*/state/d/*"))

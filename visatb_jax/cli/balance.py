@@ -418,43 +418,55 @@ def format_bootstrap_report(report: Mapping[str, Any], stream: Any = None,
   training share, and the plain values of the inputs that tell why (own-data gain, C_out, C_in,
   D); C without intervals. `wide` gives every component as `value [lo, hi]` (~200 columns).
   """
-  if not wide:
-    return _format_bootstrap_narrow(report, stream)
   lam, arrow = _symbols(stream or sys.stdout)
   groups = report["groups"] or {}
-  fixed = report["fixed"]
-  iv = report["intervals"]
-  boot = report["bootstrap"]
-  rule = boot.get("shrinkage", "none")
-  settings = _bootstrap_settings(report)
+  fixed, iv = report["fixed"], report["intervals"]
   about, replicated = _bootstrap_about(report, lam)
   # With replicates, the share of each λ's variance that is between them (training).
   shares = report["variance"]["training_share"]["lambda"] if replicated else None
-  header = ["task"] + (["group"] if groups else []) + [
-      "gain", "C_out", "C_in", "D", f"{lam}_out", f"{lam}_in", f"{lam}_D", lam]
-  header += ["train"] if shares else []
-  rows = [header]
-  for task in report["tasks"]:
+
+  def share(task: str) -> list[str]:
+    if not shares:
+      return []
+    return ["-" if shares[task] is None else f"{100 * shares[task]:.0f}%"]
+
+  def cells(task: str) -> list[str]:
     unit = groups.get(task) or task
-    if task in fixed:
-      cells = ["-"] * len(_UNIT_COLUMNS)
-    else:
-      cells = [_fmt_iv(report[k][unit], iv[k][unit]) for k in _UNIT_COLUMNS]
-    cells.append(_fmt_iv(report["lambda"][task], iv["lambda"][task]))
-    if shares:
-      share = shares[task]
-      cells.append("-" if share is None else f"{100 * share:.0f}%")
+    lam_cell = _fmt_iv(report["lambda"][task], iv["lambda"][task])
+    if wide:
+      inputs = (["-"] * len(_UNIT_COLUMNS) if task in fixed else
+                [_fmt_iv(report[k][unit], iv[k][unit]) for k in _UNIT_COLUMNS])
+      return inputs + [lam_cell] + share(task)
+    if task in fixed:  # a fixed weight has no interval and no inputs
+      return [_fmt(fixed[task])] + (["-"] if shares else []) + ["-"] * len(_NARROW_INPUTS)
+    return [lam_cell] + share(task) + [_fmt(report[k][unit]) for k in _NARROW_INPUTS]
+
+  if wide:
+    header = ["gain", "C_out", "C_in", "D", f"{lam}_out", f"{lam}_in", f"{lam}_D", lam] + (
+        ["train"] if shares else [])
+  else:
+    header = [f"{lam} [lo, hi]"] + (["train"] if shares else []) + ["gain", "C_out", "C_in", "D"]
+  rows = [["task"] + (["group"] if groups else []) + header]
+  for task in report["tasks"]:
     label = task + (" (fixed)" if task in fixed else "")
-    rows.append([label] + ([groups.get(task) or "-"] if groups else []) + cells)
+    rows.append([label] + ([groups.get(task) or "-"] if groups else []) + cells(task))
   units = report["balanced"]
+  c_cell = _fmt_iv if wide else (lambda value, _: _fmt(value))
   c_rows = [[f"C[i{arrow}j]"] + list(units)]
-  c_rows += [[f"{u} {arrow}"] + [_fmt_iv(v, i) for v, i in zip(row, row_iv)]
+  c_rows += [[f"{u} {arrow}"] + [c_cell(v, i) for v, i in zip(row, row_iv)]
              for u, row, row_iv in zip(units, report["C"], iv["C"])]
   c_title = "contributions (row = contributor i, column = receiver j):"
-  blocks = [settings + "\n" + about, _table(rows), c_title + "\n" + _table(c_rows)]
-  if rule == "evidence":
+  blocks = [_bootstrap_settings(report) + "\n" + about, _table(rows),
+            c_title + "\n" + _table(c_rows)]
+  if report["bootstrap"].get("shrinkage", "none") == "evidence":
     blocks.append(_format_shrinkage(report["shrinkage"], units))
+  if not wide:
+    blocks.append(f"--wide: also {lam}_out, {lam}_in, {lam}_D, and every value with its interval")
   return "\n\n".join(blocks)
+
+
+# The inputs the default table shows, plain, beside λ and its interval.
+_NARROW_INPUTS = ("gain", "c_out", "c_in", "d")
 
 
 def _bootstrap_about(report: Mapping[str, Any], lam: str) -> tuple[str, bool]:
@@ -471,44 +483,6 @@ def _bootstrap_about(report: Mapping[str, Any], lam: str) -> tuple[str, bool]:
   if replicates > 1:
     lines.append(f"train = share of {lam}'s variance between replicates")
   return "\n".join(lines), replicates > 1
-
-
-def _format_bootstrap_narrow(report: Mapping[str, Any], stream: Any) -> str:
-  """format_bootstrap_report's default: λ [lo, hi], train, then plain gain, C_out, C_in, D."""
-  lam, arrow = _symbols(stream or sys.stdout)
-  groups = report["groups"] or {}
-  fixed = report["fixed"]
-  iv = report["intervals"]
-  boot = report["bootstrap"]
-  rule = boot.get("shrinkage", "none")
-  settings = _bootstrap_settings(report)
-  about, replicated = _bootstrap_about(report, lam)
-  shares = report["variance"]["training_share"]["lambda"] if replicated else None
-  inputs = ("gain", "c_out", "c_in", "d")
-  header = (["task"] + (["group"] if groups else []) + [f"{lam} [lo, hi]"]
-            + (["train"] if shares else []) + ["gain", "C_out", "C_in", "D"])
-  rows = [header]
-  for task in report["tasks"]:
-    unit = groups.get(task) or task
-    if task in fixed:  # a fixed weight has no interval and no inputs
-      cells = [_fmt(fixed[task])] + (["-"] if shares else []) + ["-"] * len(inputs)
-    else:
-      cells = [_fmt_iv(report["lambda"][task], iv["lambda"][task])]
-      if shares:
-        share = shares[task]
-        cells.append("-" if share is None else f"{100 * share:.0f}%")
-      cells += [_fmt(report[k][unit]) for k in inputs]
-    label = task + (" (fixed)" if task in fixed else "")
-    rows.append([label] + ([groups.get(task) or "-"] if groups else []) + cells)
-  units = report["balanced"]
-  c_rows = [[f"C[i{arrow}j]"] + list(units)]
-  c_rows += [[f"{u} {arrow}"] + [_fmt(v) for v in row] for u, row in zip(units, report["C"])]
-  c_title = "contributions (row = contributor i, column = receiver j):"
-  blocks = [settings + "\n" + about, _table(rows), c_title + "\n" + _table(c_rows)]
-  if rule == "evidence":
-    blocks.append(_format_shrinkage(report["shrinkage"], units))
-  blocks.append(f"--wide: also {lam}_out, {lam}_in, {lam}_D, and every value with its interval")
-  return "\n\n".join(blocks)
 
 
 def _format_shrinkage(shrinkage: Mapping[str, Any], units: Sequence[str]) -> str:
