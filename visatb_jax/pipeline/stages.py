@@ -126,10 +126,9 @@ def prep_dir(name: str, replicate: int = 0) -> str | None:
   return os.path.join("prep", name if replicate == 0 else f"{name}.rep{replicate}")
 
 
-def prep_replicates(ws: Workspace | Any) -> int:
+def prep_replicates(run_config: Any) -> int:
   """How many times every preparation model is trained (docs/method.md §13)."""
-  config = ws.config if isinstance(ws, Workspace) else ws
-  return int(config.section("prep").get("replicates") or 1)
+  return int(run_config.section("prep").get("replicates") or 1)
 
 
 def _prep_dirs(run_config: Any) -> list[str]:
@@ -162,7 +161,7 @@ def stage_prep(ws: Workspace, stage_hash: str) -> None:
   for w in messages:
     log(f"warning: {w}")
   plan = ws.config.tasks
-  replicates = prep_replicates(ws)
+  replicates = prep_replicates(ws.config)
   # Replicate by replicate, so that an interrupted run has whole replicates to show first.
   names = [(n, r) for r in range(replicates)
            for n, _ in plan.prep_models(ws.config.balance.form) if n != "base"]
@@ -214,7 +213,7 @@ def stage_validate(ws: Workspace, stage_hash: str) -> None:
   model's mean over its replicates, scores/validation_samples.json each sample's score (a list
   over the replicates when there are several) and, with replicates, scores/validation_replicates.json
   every replicate's mean (docs/method.md §13). `base`, the untrained model, is one model."""
-  replicates = prep_replicates(ws)
+  replicates = prep_replicates(ws.config)
   table, samples, per_replicate = {}, {}, {}
   # Keyed on the scored model and config.eval: a form change scores only the models it adds.
   keys = {"base": score_hash(base_model_hash(ws, stage_hash), ws, "eval")}
