@@ -174,7 +174,8 @@ def test_transposed_kernels_are_made_once_per_parameters(prompts, transpose_ever
   first = generate._decode_kernels.get(model)
   assert generate._decode_kernels.get(model) is first
   for path, m in generate._transposable_linears(model):
-    np.testing.assert_array_equal(first[path], np.asarray(m.kernel[...]).T)
+    # Each layer's kernel transposed: [L, in, out] -> [L, out, in] for the stacked layers.
+    np.testing.assert_array_equal(first[path], np.swapaxes(np.asarray(m.kernel[...]), -1, -2))
   # New parameter values (as after an update): new copies, and decoding follows them.
   before = greedy_generate(model, *prompts, max_new_tokens=NEW, eos_id=NEVER, pad_id=PAD)
   state = nnx.state(model, nnx.Param)

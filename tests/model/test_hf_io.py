@@ -169,7 +169,7 @@ def test_mesh_placement_and_shardings_hook(llama):
   n = mesh.size
   plain = nnx.to_flat_state(nnx.state(hf_io.load_pretrained(path)))
   model = hf_io.load_pretrained(path, mesh=mesh)
-  kernel = model.language_model.layers[0].mlp.up_proj.kernel[...]
+  kernel = model.language_model.layers.mlp.up_proj.kernel[...]  # Every layer, stacked.
   assert kernel.sharding == jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   seen = []
 
@@ -187,6 +187,27 @@ def test_mesh_placement_and_shardings_hook(llama):
   sharded = nnx.to_flat_state(nnx.state(model))
   assert len(seen) == len(plain) == len(sharded)
   for (p, a), (q, b) in zip(plain, sharded):
+    assert p == q
+    np.testing.assert_array_equal(np.asarray(a.get_value()), np.asarray(b.get_value()))
+
+
+def test_stacked_layers_load_row_by_row_into_their_rule_sharding(llama):
+  """Each layer's tensor goes to the devices alone and into its row of the stack in place: the
+  stack ends in its logical-axis sharding (layer axis whole), with the plain load's values."""
+  import warnings  # pylint: disable=g-import-not-at-top
+  from visatb_jax.model import factory  # pylint: disable=g-import-not-at-top
+  from visatb_jax.runtime import sharding  # pylint: disable=g-import-not-at-top
+  _, _, path = llama
+  mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2}, jax.devices()[:8])
+  plain = hf_io.load_pretrained(path)
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")  # e.g. "donated buffers were not usable": a second copy
+    model = hf_io.load_pretrained(path, shardings_fn=factory.shardings_fn(mesh))
+  up = model.language_model.layers.mlp.up_proj.kernel[...]
+  assert up.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor")
+  assert up.addressable_shards[0].data.shape == (up.shape[0], up.shape[1] // 2, up.shape[2] // 2)
+  for (p, a), (q, b) in zip(nnx.to_flat_state(nnx.state(plain)),
+                            nnx.to_flat_state(nnx.state(model))):
     assert p == q
     np.testing.assert_array_equal(np.asarray(a.get_value()), np.asarray(b.get_value()))
 
@@ -210,6 +231,37 @@ def test_save_then_transformers_and_ours_load_same_logits(saved, tmp_path):
   # A smaller save over a sharded one leaves no stale shards behind.
   hf_io.save_pretrained(model, out)
   assert sorted(os.listdir(out)) == ["config.json", "model.safetensors"]
+
+
+def _tensors(path: str) -> dict[str, np.ndarray]:
+  """Every tensor of a checkpoint directory (any shard), under its canonical name."""
+  out = {}
+  for file in hf_io.weight_files(path):
+    out.update({hf_io.canonical_key(k): v for k, v in safetensors_numpy.load_file(file).items()})
+  return out
+
+
+def test_stacked_layers_round_trip_every_tensor_exactly(saved, tmp_path):
+  """Per-layer checkpoint tensors -> rows of the stacked layers -> per-layer tensors again, bit for
+  bit, through a checkpoint whose layers are spread over shards."""
+  _, _, _, _, sharded = saved
+  model = hf_io.load_pretrained(sharded)
+  layers = model.language_model.config.num_hidden_layers
+  original = _tensors(sharded)
+  up = np.asarray(model.language_model.layers.mlp.up_proj.kernel[...])
+  assert up.shape[0] == layers
+  for i in range(layers):  # Row i is HF's layers.{i} (transposed: NNX kernels are [in, out]).
+    np.testing.assert_array_equal(up[i].T,
+                                  original[f"language_model.layers.{i}.mlp.up_proj.weight"])
+  out = str(tmp_path / "again")
+  hf_io.save_pretrained(model, out, max_shard_size="20KB")
+  again = _tensors(out)
+  assert again.keys() == original.keys()
+  per_layer = len(nnx.to_flat_state(nnx.state(model.language_model.layers)))  # 9, or 12 biased
+  assert sum(k.startswith(f"language_model.layers.{layers - 1}.") for k in again) == per_layer
+  for name, value in original.items():
+    assert again[name].dtype == value.dtype, name
+    np.testing.assert_array_equal(again[name], value, err_msg=name)
 
 
 def test_save_lora_model_writes_merged_weights(saved, tmp_path):

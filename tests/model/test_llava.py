@@ -95,8 +95,9 @@ def test_module_names_follow_hf(model):
                    "vision_tower.vision_model.encoder.layers.1.self_attn.out_proj.kernel",
                    "multi_modal_projector.linear_1.kernel", "multi_modal_projector.linear_2.bias",
                    "language_model.embed_tokens.embedding",
-                   "language_model.layers.1.self_attn.o_proj.kernel",
-                   "language_model.layers.0.mlp.gate_proj.kernel", "language_model.norm.scale",
+                   # The decoder's layers are stacked: one path for every layer's rows.
+                   "language_model.layers.self_attn.o_proj.kernel",
+                   "language_model.layers.mlp.gate_proj.kernel", "language_model.norm.scale",
                    "lm_head.kernel"):
     assert expected in paths, expected
 
@@ -111,7 +112,7 @@ def test_shapes_and_dtypes(model):
 
 def test_bf16_compute_keeps_f32_params_and_logits(model):
   m = LlavaForConditionalGeneration(dataclasses.replace(CFG, dtype="bfloat16"), rngs=nnx.Rngs(0))
-  assert m.language_model.layers[0].mlp.up_proj.kernel.dtype == jnp.float32
+  assert m.language_model.layers.mlp.up_proj.kernel.dtype == jnp.float32
   ids = jnp.asarray([_row([5, 6], "I", [7, 8], "I", [9, 10])] * 2, jnp.int32)
   images = _images(2, 2)
   hidden = jax.eval_shape(lambda: m.hidden_states(ids, images))

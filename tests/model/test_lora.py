@@ -90,13 +90,16 @@ def test_zero_init_is_identity_and_keeps_hf_paths():
     np.testing.assert_array_equal(after[p].get_value(), v.get_value())
   new = {p: v for p, v in after.items() if p not in before}
   assert all(isinstance(v, nnx.LoRAParam) for v in new.values())
-  assert len(new) == 2 * 7 * CFG.text.num_hidden_layers
-  q = model.language_model.layers[1].self_attn.q_proj
+  # One A and one B per adapted Linear, stacked over the decoder layers as their kernels are.
+  assert len(new) == 2 * 7
+  layers = CFG.text.num_hidden_layers
+  q = model.language_model.layers.self_attn.q_proj
   assert isinstance(q, nnx.LoRALinear) and isinstance(q, nnx.Linear)
-  assert q.lora.lora_a.shape == (32, RANK) and q.lora.lora_b.shape == (RANK, 32)
+  assert q.lora.lora_a.shape == (layers, 32, RANK) and q.lora.lora_b.shape == (layers, RANK, 32)
   assert q.lora_scaling == ALPHA / RANK
   np.testing.assert_array_equal(q.lora.lora_b[...], 0)
   assert float(jnp.abs(q.lora.lora_a[...]).max()) > 0
+  assert not np.array_equal(q.lora.lora_a[0], q.lora.lora_a[1])  # Each layer its own A.
   # Only the language model is adapted.
   assert not lora.has_lora(model.vision_tower) and not lora.has_lora(model.multi_modal_projector)
   assert all(p[0] == "language_model" for p in lora.lora_layers(model))
@@ -151,7 +154,7 @@ def test_target_subset_and_bad_options():
                           rngs=nnx.Rngs(1))
   names = sorted({p[-1] for p in lora.lora_layers(model)})
   assert names == ["down_proj", "v_proj"]
-  assert type(model.language_model.layers[0].self_attn.q_proj) is nnx.Linear
+  assert type(model.language_model.layers.self_attn.q_proj) is nnx.Linear
   with pytest.raises(ValueError, match="already has LoRA"):
     lora.apply_lora(model, rank=1, alpha=1, rngs=nnx.Rngs(1))
 
@@ -246,7 +249,7 @@ def test_dropout_only_in_train_mode_and_reseedable():
     _randomize_b(m)
   ref = _logits(plain, images=False)
   # Built in eval mode: dropout off, same adapters (same seeds) -> same logits as without dropout.
-  layer = model.language_model.layers[0].mlp.up_proj
+  layer = model.language_model.layers.mlp.up_proj
   assert layer.lora_dropout.deterministic
   np.testing.assert_allclose(_logits(model, images=False), ref, atol=1e-6, rtol=0)
   # Dropout state is neither a parameter nor trainable.
@@ -265,10 +268,11 @@ def test_dropout_only_in_train_mode_and_reseedable():
   np.testing.assert_array_equal(a, b)
   assert np.abs(a - c).max() > 1e-3 and np.abs(a - ref).max() > 1e-3
   lora.reseed_dropout(model, 1)  # The in-place form sets the same keys, one per layer.
-  key_data = lambda state: [np.asarray(jax.random.key_data(v.get_value()))
-                            for _, v in nnx.to_flat_state(nnx.state(state, lora.LoRADropoutKey))]
+  # Each adapted Linear holds one key per (stacked) layer: 7 Linears x 2 layers, all distinct.
+  key_data = lambda state: [k for _, v in nnx.to_flat_state(nnx.state(state, lora.LoRADropoutKey))
+                            for k in np.asarray(jax.random.key_data(v.get_value()))]
   keys = key_data(model)
-  assert len(keys) == 14 and len({k.tobytes() for k in keys}) == 14
+  assert len(keys) == 7 * 2 and len({k.tobytes() for k in keys}) == 7 * 2
   for k, want in zip(keys, key_data(lora.with_dropout_key(state, 1))):
     np.testing.assert_array_equal(k, want)
   model.eval()

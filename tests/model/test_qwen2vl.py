@@ -534,13 +534,17 @@ def test_lora_adapts_only_the_decoder_and_trains_only_adapters(pair):
 
   lora.apply_lora(model, rank=2, alpha=4.0, rngs=nnx.Rngs(0))
   layers = lora.lora_layers(model)
-  # Every projection of every decoder layer, nothing in the vision tower or lm_head.
+  # Every projection of the (stacked) decoder layers, nothing in the vision tower or lm_head.
   assert sorted(layers) == sorted(
-      ("language_model", "layers", i, block, name) for i in range(2)
+      ("language_model", "layers", block, name)
       for block, names in (("self_attn", ("q_proj", "k_proj", "v_proj", "o_proj")),
                            ("mlp", ("gate_proj", "up_proj", "down_proj"))) for name in names)
-  assert layers[("language_model", "layers", 0, "self_attn", "q_proj")].bias is not None
-  np.testing.assert_array_equal(np.asarray(_logits(model, *batch)), before)  # B = 0: no change.
+  q = layers[("language_model", "layers", "self_attn", "q_proj")]
+  assert q.bias is not None and q.lora.lora_a.shape[0] == 2  # One adapter per layer.
+  # B = 0: no change. Not bit for bit: with q/k/v biases XLA:CPU may fuse the bias add into the
+  # matmul differently once the adapter's (zero) term joins it; the per-layer decoder did the
+  # same at other shapes (measured: 7e-8 here, 1.4e-6 on a text-only hidden-48 decoder).
+  np.testing.assert_allclose(np.asarray(_logits(model, *batch)), before, atol=1e-6, rtol=0)
 
   graphdef, adapters, rest = nnx.split(model, lora.lora_filter, ...)
 
@@ -596,8 +600,8 @@ def test_lora_trainable_filters_and_sharding_on_qwen2vl(pair):
   # Every adapter has a sharding rule (it follows the layer it adapts).
   mesh = sharding.make_mesh({"fsdp": 2, "tensor": 2}, jax.devices()[:8])
   shardings = sharding.param_shardings(nnx.state(adapted), mesh, strict=True)
-  q = shardings["language_model"]["layers"][0]["self_attn"]["q_proj"]
-  assert q["lora"]["lora_b"].get_value().spec == P(None, "tensor")
+  q = shardings["language_model"]["layers"]["self_attn"]["q_proj"]
+  assert q["lora"]["lora_b"].get_value().spec == P(None, None, "tensor")  # [layer, rank, out]
 
 
 def test_save_writes_the_tokenizer_and_its_chat_template(saved, tmp_path):

@@ -105,17 +105,17 @@ def test_param_logical_axes_of_every_parameter(model):
   assert len(axes) == len(flat) > 40
   for path, a in axes.items():
     assert len(a) == flat[path][...].ndim, path
-  lm = ("language_model", "layers", 0)
+  lm = ("language_model", "layers")  # Stacked layers: the leading layer axis stays unsharded.
   expected = {
-      lm + ("self_attn", "q_proj", "kernel"): ("embed", "heads"),
-      lm + ("self_attn", "q_proj", "bias"): ("heads",),
-      lm + ("self_attn", "k_proj", "kernel"): ("embed", "kv_heads"),
-      lm + ("self_attn", "v_proj", "bias"): ("kv_heads",),
-      lm + ("self_attn", "o_proj", "kernel"): ("heads", "embed"),
-      lm + ("mlp", "gate_proj", "kernel"): ("embed", "mlp"),
-      lm + ("mlp", "up_proj", "kernel"): ("embed", "mlp"),
-      lm + ("mlp", "down_proj", "kernel"): ("mlp", "embed"),
-      lm + ("input_layernorm", "scale"): ("norm",),
+      lm + ("self_attn", "q_proj", "kernel"): (None, "embed", "heads"),
+      lm + ("self_attn", "q_proj", "bias"): (None, "heads"),
+      lm + ("self_attn", "k_proj", "kernel"): (None, "embed", "kv_heads"),
+      lm + ("self_attn", "v_proj", "bias"): (None, "kv_heads"),
+      lm + ("self_attn", "o_proj", "kernel"): (None, "heads", "embed"),
+      lm + ("mlp", "gate_proj", "kernel"): (None, "embed", "mlp"),
+      lm + ("mlp", "up_proj", "kernel"): (None, "embed", "mlp"),
+      lm + ("mlp", "down_proj", "kernel"): (None, "mlp", "embed"),
+      lm + ("input_layernorm", "scale"): (None, "norm"),
       ("language_model", "norm", "scale"): ("norm",),
       ("language_model", "embed_tokens", "embedding"): ("vocab", "embed"),
       ("lm_head", "kernel"): ("embed", "vocab"),
@@ -176,8 +176,8 @@ def test_param_shardings_cover_train_state(model):
   abstract = jax.eval_shape(lambda: train.init_train_state(params, tx))
   shardings = sharding.param_shardings(abstract, mesh)
   assert shardings.step.spec == P()
-  q = shardings.params["language_model"]["layers"][0]["self_attn"]["q_proj"]["kernel"].get_value()
-  assert q == NamedSharding(mesh, P("fsdp", "tensor"))
+  q = shardings.params["language_model"]["layers"]["self_attn"]["q_proj"]["kernel"].get_value()
+  assert q == NamedSharding(mesh, P(None, "fsdp", "tensor"))
   # Adam moments follow their parameter.
   mu = shardings.opt_state[1][0].mu
   assert mu["lm_head"]["kernel"].get_value().spec == P("fsdp", "tensor")
@@ -257,9 +257,10 @@ def runs(model):
 
 def test_sharded_placement(runs):
   assert runs["batch_sharding"].spec == P(("data", "fsdp"))
-  q = runs["params"]["language_model"]["layers"][0]["self_attn"]["q_proj"]["kernel"][...]
-  assert q.sharding.spec == P("fsdp", "tensor")
-  assert q.addressable_shards[0].data.shape == (16, 16)  # Really split, not replicated.
+  q = runs["params"]["language_model"]["layers"]["self_attn"]["q_proj"]["kernel"][...]
+  assert q.sharding.spec == P(None, "fsdp", "tensor")
+  layers = CFG.text.num_hidden_layers  # Every layer's rows, each really split.
+  assert q.addressable_shards[0].data.shape == (layers, 16, 16)
   emb = runs["params"]["language_model"]["embed_tokens"]["embedding"][...]
   assert emb.addressable_shards[0].data.shape == (32, 16)  # [vocab / tensor, embed / fsdp]
 
@@ -283,8 +284,8 @@ def test_sharded_grad_equals_unsharded(runs):
     assert np.max(np.abs(g - w)) <= 1e-5 * scale, path
     if np.max(np.abs(w)) > 1e-4 * scale:  # Non-negligible leaves: 1e-5 relative on their own.
       assert _rel_err(g, w) <= 1e-5, path
-  down = runs["got"][1]["language_model"]["layers"][0]["mlp"]["down_proj"]["kernel"][...]
-  assert down.sharding.spec == P("tensor", "fsdp")
+  down = runs["got"][1]["language_model"]["layers"]["mlp"]["down_proj"]["kernel"][...]
+  assert down.sharding.spec == P(None, "tensor", "fsdp")
 
 
 # ------------------------------------------------------------------------ Qwen2-VL (issue #19)
@@ -343,7 +344,7 @@ def test_qwen2vl_every_parameter_has_a_rule(qwen):
       merger + ("mlp", 2, "kernel"): ("mlp", "embed"),
       merger + ("mlp", 2, "bias"): ("embed",),
       ("visual", "patch_embed", "proj", "kernel"): (None, "embed"),
-      ("language_model", "layers", 0, "self_attn", "k_proj", "bias"): ("kv_heads",),
+      ("language_model", "layers", "self_attn", "k_proj", "bias"): (None, "kv_heads"),
       ("lm_head", "kernel"): ("embed", "vocab"),
   }
   for path, want in expected.items():

@@ -92,28 +92,40 @@ def chunked_token_loss(
   """`token_loss(logits_fn(hidden), ...)` without ever holding the [B, L, V] logits.
 
   The chunks run along the sequence: the rows are cut into [rows, c] blocks of columns (L
-  padded to a multiple of c; padding carries no loss) and scanned block by block, each block
-  rematerialised in the backward pass, so the logits live one block at a time. `chunk_size` is
-  the tokens of one block on one device: c = ⌊chunk_size / rows⌋ (at least 1, at most L, then
-  evened out so that the blocks split L with the least padding), rows being the rows one
-  device holds (all of them without a mesh), so the live logits are O(chunk_size · V) per
-  device on any mesh. Gradients flow to `hidden` and to whatever `logits_fn` closes over (the
-  head kernel).
+  padded to a multiple of c; padding carries no loss) and scanned block by block, so the logits
+  live one block at a time. `chunk_size` is the tokens of one block on one device: c =
+  ⌊chunk_size / rows⌋ (at least 1, at most L, then evened out so that the blocks split L with
+  the least padding), rows being the rows one device holds (all of them without a mesh), so the
+  live logits are O(chunk_size · V) per device on any mesh. Gradients flow to `hidden`, to `lam`
+  and to whatever `logits_fn` closes over (the head kernel).
 
-  Under a mesh (the train steps are traced under `sharding.under_mesh`) the rows are split
-  over the devices. Chunking the flattened [B, L] tokens scanned over that split axis: every
-  device walked every chunk, and XLA all-reduced each chunk's float32 logits. Blocks that keep
-  the split rows are not enough either: XLA then reduces the head's weight gradient across
-  devices once per block (a loop carry holds no unreduced partial sums). So the scan runs in a
-  `jax.shard_map` over the mesh axes that split the rows (`_row_axes`): each device scans its
-  own rows with the whole head (the FSDP gather of its weights, once), and the four sums and
-  the head's gradient are summed over the devices once, after the loop. The price: from the
-  loss's backward pass until that sum, each device holds its own float32 [D, V] partial
-  gradient of the head, besides the gathered head. Nothing else is communicated.
+  The gradient is a custom VJP (`_scan_sums`): the backward pass scans the blocks again,
+  recomputes each block's logits, forms their cotangent from the softmax in closed form and pulls
+  it back through `logits_fn` to the block's hidden states and the head's parameters. Every sum
+  is differentiable, the per-task NLL sums included (the per-task-gradient step differentiates
+  them, train/gradmtl_step.py); the counts depend on nothing differentiable.
+
+  Under a mesh (the train steps are traced under `sharding.under_mesh`) the rows are split over
+  the devices: the scan runs in a `jax.shard_map` over the mesh axes that split the rows
+  (`_row_axes`), each device on its own rows with the whole head. Chunking the flattened tokens
+  instead made every device walk every chunk and XLA all-reduce each chunk's logits; and under
+  plain autodiff each device accumulated its own float32 partial gradient of the whole head
+  over the blocks, live until one cross-device sum after the loss (XLA:CPU scheduled that sum
+  after the decoder's backward pass: +1.1 GiB per device on the 7B dry run). The head's
+  parameters therefore enter the shard_map as shards (`_shard_dims`: split over those axes along
+  their model dimension, which FSDP shards) and gathered inside it (XLA:CPU reuses the forward
+  pass's gather in the backward pass), and each block's head gradient is reduce-scattered as soon as the block has
+  made it: a device accumulates only its 1/n share, in the parameter's dtype, next to the
+  hidden-state gradient of its own rows. The price: one reduce-scatter of the head's gradient
+  per block instead of one all-reduce per call, (n − 1)/n of the head's bytes per block and
+  device on the wire, against a [D, V] buffer kept live. The four sums, and the cotangent of
+  parameters without a dimension that the devices divide, are summed once, after the loop.
 
   Args:
     hidden: [B, L, D] final-norm hidden states, any float dtype.
-    logits_fn: [..., D] -> float32 [..., V], e.g. `model.logits` (called on [rows, c, D]).
+    logits_fn: [..., D] -> float32 [..., V], e.g. `model.logits` (called on [rows, c, D]). Under
+      a mesh it is traced twice (`jax.closure_convert`), outside the shard_map to find the
+      arrays it closes over and inside to run, and must read the same arrays both times.
     targets: int [B, L], the token predicted at each position.
     loss_mask: [B, L], 1 on assistant tokens (already shifted), 0 elsewhere.
     task_ids: int [B, L], task index where `loss_mask` is 1, −1 elsewhere.
@@ -131,25 +143,36 @@ def chunked_token_loss(
   lam = jnp.asarray(lam, jnp.float32)
   rows, length = targets.shape
   mesh, axes = _row_axes(rows)
+  devices = math.prod(mesh.shape[a] for a in axes) if axes else 1
+  width = _block_width(rows // devices, length, chunk_size)
+  # The head's closed-over arrays, made explicit: a custom VJP may not close over what it
+  # differentiates, and under a mesh they enter the shard_map as shards.
+  head, consts = _explicit_head(logits_fn, hidden, rows // devices, width)
   if not axes:
-    return _column_scan(hidden, logits_fn, targets, loss_mask, task_ids, lam,
-                        _block_width(rows, length, chunk_size))
-  width = _block_width(rows // math.prod(mesh.shape[a] for a in axes), length, chunk_size)
+    return _scan_sums(head, width, (), (None,) * len(consts), hidden, targets, loss_mask,
+                      task_ids, lam, consts)
+  # Fsdp-major (the reverse of the batch's order): a device's share of a parameter's gradient
+  # is then a slice of the FSDP shard it holds, so XLA only gathers it over the data axis.
+  order = axes[::-1]
+  dims = _shard_dims(consts, hidden.shape[-1], devices)
+  const_specs = tuple(P() if d is None else P(*(None,) * d, order) for d in dims)
 
-  def local(h, t, m, ids, lam):
-    # The head's closed-over arrays, made explicit and typed as this device's own copy: their
-    # cotangents then accumulate locally in the scan and are summed over the devices once, by
-    # the transpose of `_to_varying`. (Used as closed over, JAX 0.10 builds their zero
-    # cotangent on the outer, automatic mesh inside this manual region and fails.)
-    example = jnp.zeros((h.shape[0], width, h.shape[-1]), h.dtype)
-    head, consts = jax.closure_convert(logits_fn, example)
-    consts = [_to_varying(c, axes) for c in consts]
-    sums = _column_scan(h, lambda x: head(x, *consts), t, m, ids, lam, width, varying=axes)
-    return jax.tree.map(lambda s: jax.lax.psum(s, axes), sums)
+  def local(h, t, m, ids, lam, shards):
+    # Traced again in here: a function traced outside carries the automatic mesh into this
+    # manual region and fails. Its arrays are the same objects, matched by identity.
+    head, inner = _explicit_head(logits_fn, h, h.shape[0], width)
+    where = {id(c): i for i, c in enumerate(consts)}
+    if any(id(c) not in where for c in inner):
+      raise RuntimeError("chunked_token_loss: logits_fn closed over different arrays when "
+                         "traced twice; it must read its parameters, not create them")
+    pick = [where[id(c)] for c in inner]
+    return _scan_sums(head, width, order, tuple(dims[i] for i in pick), h, t, m, ids, lam,
+                      tuple(shards[i] for i in pick))
 
   rows_spec = P(axes)
-  return jax.shard_map(local, mesh=mesh, in_specs=(rows_spec,) * 4 + (P(),), out_specs=P(),
-                       axis_names=set(axes))(hidden, targets, loss_mask, task_ids, lam)
+  return jax.shard_map(local, mesh=mesh, in_specs=(rows_spec,) * 4 + (P(), const_specs),
+                       out_specs=P(), axis_names=set(axes))(
+                           hidden, targets, loss_mask, task_ids, lam, consts)
 
 
 def _row_axes(rows: int) -> tuple[jax.sharding.AbstractMesh | None, tuple[str, ...]]:
@@ -176,6 +199,30 @@ def _row_axes(rows: int) -> tuple[jax.sharding.AbstractMesh | None, tuple[str, .
   return mesh, tuple(axes)
 
 
+def _explicit_head(logits_fn, hidden, rows, width):
+  """(head, arrays): `logits_fn(h) == head(h, *arrays)`, the arrays being those it closes over
+  that a transformation may differentiate (`jax.closure_convert`), traced on one block."""
+  example = jnp.zeros((rows, width, hidden.shape[-1]), hidden.dtype)
+  head, consts = jax.closure_convert(logits_fn, example)
+  return head, tuple(consts)
+
+
+def _shard_dims(consts: tuple[jax.Array, ...], model_dim: int, devices: int
+                ) -> tuple[int | None, ...]:
+  """For each head parameter, the dimension its shards split (None: passed whole).
+
+  The dimension of the hidden states' size when the devices divide it (the model dimension,
+  which the sharding rules put on fsdp, for the head kernel [D, V] and a tied table [V, D]
+  alike), else the first dimension they divide. A scalar, or an array no dimension of which
+  the devices divide, is passed whole and its gradient summed once, after the loop.
+  """
+  def dim(shape: tuple[int, ...]) -> int | None:
+    fits = [i for i, s in enumerate(shape) if s % devices == 0]
+    preferred = [i for i in fits if shape[i] == model_dim]
+    return (preferred or fits or [None])[0]
+  return tuple(dim(c.shape) for c in consts)
+
+
 def _block_width(rows: int, length: int, chunk_size: int) -> int:
   """Columns per block: as many as `chunk_size` tokens over `rows` rows allow (1 to L), then
   spread evenly over the blocks that L needs, so that padding is under one column per block."""
@@ -183,50 +230,144 @@ def _block_width(rows: int, length: int, chunk_size: int) -> int:
   return -(-length // blocks)
 
 
-def _column_scan(hidden: jax.Array, logits_fn: Callable[[jax.Array], jax.Array],
-                 targets: jax.Array, loss_mask: jax.Array, task_ids: jax.Array, lam: jax.Array,
-                 width: int, varying: tuple[str, ...] = ()
-                 ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
-  """The four sums over [rows, width] blocks of the sequence, scanned and rematerialised.
+def _columns(x: jax.Array, width: int, fill: float) -> jax.Array:
+  """[rows, L, ...] -> [blocks, rows, width, ...]: the scanned axis leads, rows stay whole.
 
-  `varying`: the shard_map axes the inputs vary over, which the scan's zero carry must vary
-  over too (shard_map checks that a loop keeps its carry's type).
+  L is padded to a multiple of `width` with `fill`.
   """
-  num_tasks = lam.shape[0]
-  rows, length = targets.shape
+  rows, length = x.shape[:2]
   blocks = -(-length // width)
-  pad = blocks * width - length
+  x = jnp.pad(x, [(0, 0), (0, blocks * width - length)] + [(0, 0)] * (x.ndim - 2),
+              constant_values=fill)
+  return jnp.swapaxes(x.reshape((rows, blocks, width) + x.shape[2:]), 0, 1)
 
-  def columns(x: jax.Array, fill: float) -> jax.Array:
-    """[rows, L, ...] -> [blocks, rows, width, ...]: the scanned axis leads, rows stay whole."""
-    x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2), constant_values=fill)
-    return jnp.swapaxes(x.reshape((rows, blocks, width) + x.shape[2:]), 0, 1)
 
+def _blocks(hidden, targets, loss_mask, task_ids, width):
   # Padding: zero hidden states (finite logits), mask 0 and task −1, so it adds exactly 0.
-  xs = (columns(hidden, 0), columns(targets, 0), columns(loss_mask, 0), columns(task_ids, -1))
+  return (_columns(hidden, width, 0), _columns(targets, width, 0),
+          _columns(loss_mask, width, 0), _columns(task_ids, width, -1))
 
-  # Remat: the backward pass recomputes this block's logits rather than storing every
-  # block's. prevent_cse is unnecessary under scan (and would only block optimisations).
-  @functools.partial(jax.checkpoint, prevent_cse=False)
-  def block_sums(h, t, m, ids):
-    return token_loss(logits_fn(h), t, m, ids, lam)
+
+def _gather(consts, dims, axes):
+  """The whole head parameters from this device's shards (a no-op without `axes`)."""
+  return tuple(c if d is None or not axes else jax.lax.all_gather(c, axes, axis=d, tiled=True)
+               for c, d in zip(consts, dims))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3))
+def _scan_sums(head, width, axes, dims, hidden, targets, loss_mask, task_ids, lam, consts):
+  """The four sums of this device's rows, scanned over [rows, width] blocks of the sequence and
+  summed over the shard_map `axes` (none without a mesh).
+
+  `head(h, *whole consts)` computes a block's logits; `consts` are the head's parameters, split
+  along `dims` over `axes` (None: whole). Differentiable in hidden, lam and consts.
+  """
+  return _scan_sums_fwd(head, width, axes, dims, hidden, targets, loss_mask, task_ids, lam,
+                        consts)[0]
+
+
+def _scan_sums_fwd(head, width, axes, dims, hidden, targets, loss_mask, task_ids, lam, consts):
+  # Varying like the rows they meet (no implicit cast inside a custom VJP).
+  whole = tuple(_to_varying(c, axes) for c in _gather(consts, dims, axes))
+  num_tasks = lam.shape[0]
 
   def body(carry, x):
-    return jax.tree.map(jnp.add, carry, block_sums(*x)), None
+    h, t, m, ids = x
+    return jax.tree.map(jnp.add, carry, token_loss(head(h, *whole), t, m, ids, lam)), None
 
   zero = jnp.zeros((), jnp.float32)
   init = (zero, zero, jnp.zeros((num_tasks,), jnp.float32), jnp.zeros((num_tasks,), jnp.float32))
-  if varying:
-    init = jax.tree.map(lambda x: _to_varying(x, varying), init)
-  sums, _ = jax.lax.scan(body, init, xs)
-  return sums
+  # shard_map checks that a loop keeps its carry's type: the zeros vary like the rows.
+  init = jax.tree.map(lambda x: _to_varying(x, axes), init)
+  sums, _ = jax.lax.scan(body, init, _blocks(hidden, targets, loss_mask, task_ids, width))
+  if axes:
+    sums = jax.tree.map(lambda s: jax.lax.psum(s, axes), sums)
+  # Residuals: the inputs only (the shards, not the gathered head); the backward pass
+  # recomputes every block's logits, so none of them outlives its block.
+  return sums, (hidden, targets, loss_mask, task_ids, lam, consts)
+
+
+def _scan_sums_bwd(head, width, axes, dims, residuals, cotangents):
+  hidden, targets, loss_mask, task_ids, lam, consts = residuals
+  d_weighted, d_weight, d_task_sum, _ = cotangents  # the counts depend on nothing
+  num_tasks = lam.shape[0]
+  # Typed as this device's own copy: the pullback then yields each device's partial cotangent,
+  # which `reduce` sums explicitly (an invariant copy would get an all-reduce per block).
+  whole = tuple(_to_varying(c, axes) for c in _gather(consts, dims, axes))
+
+  def reduce(g, d):
+    """A block's partial head gradient -> this device's share of its sum over the devices."""
+    if d is None or not axes:
+      return g  # summed after the loop
+    return jax.lax.psum_scatter(g, axes, scatter_dimension=d, tiled=True)
+
+  def body(carry, x):
+    d_consts, d_lam = carry
+    h, t, m, ids = x
+    logits, pullback = jax.vjp(head, h, *whole)
+    d_logits, d_lam_block = _nll_cotangents(logits, t, m, ids, lam, d_weighted, d_weight,
+                                            d_task_sum)
+    d_h, *d_whole = pullback(d_logits)
+    d_consts = tuple(a + reduce(g, d) for a, g, d in zip(d_consts, d_whole, dims))
+    return (d_consts, d_lam + d_lam_block), d_h
+
+  init = (tuple(jnp.zeros(c.shape, c.dtype) for c in consts),
+          jnp.zeros((num_tasks,), jnp.float32))
+  init = jax.tree.map(lambda x: _to_varying(x, axes), init)
+  (d_consts, d_lam), d_blocks = jax.lax.scan(
+      body, init, _blocks(hidden, targets, loss_mask, task_ids, width))
+  if axes:
+    d_consts = tuple(jax.lax.psum(g, axes) if d is None else g for g, d in zip(d_consts, dims))
+    d_lam = jax.lax.psum(d_lam, axes)
+  # [blocks, rows, width, D] -> [rows, L, D], the padding dropped.
+  rows, length = targets.shape
+  d_hidden = jnp.swapaxes(d_blocks, 0, 1).reshape(rows, -1, hidden.shape[-1])[:, :length]
+  return d_hidden, None, None, None, d_lam, d_consts
+
+
+_scan_sums.defvjp(_scan_sums_fwd, _scan_sums_bwd)
+
+
+def _nll_cotangents(logits, targets, loss_mask, task_ids, lam, d_weighted, d_weight,
+                    d_task_sum):
+  """(d logits, d λ) of one block, given the cotangents of the weighted NLL sum, the weight sum
+  and the per-task NLL sums (`token_loss`'s first three outputs).
+
+  Token t weighs c_t = mask_t · (d_weighted · λ_task(t) + d_task_sum[task(t)]) in the sums'
+  linear combination, and d nll_t / d logits_t = softmax(logits_t) − onehot(target_t). A
+  non-loss token gets exactly zero, by `where`, so that a non-finite logit there (padding)
+  cannot poison the gradient, as in `token_loss`.
+  """
+  num_tasks = lam.shape[0]
+  z = logits.astype(jnp.float32)
+  lse = jax.nn.logsumexp(z, axis=-1, keepdims=True)
+  nll = (lse - jnp.take_along_axis(z, targets[..., None], axis=-1))[..., 0]
+  mask = loss_mask.astype(jnp.float32)
+  valid = _valid(loss_mask, task_ids)
+  task = jnp.clip(task_ids, 0, num_tasks - 1)
+  coef = jnp.where(valid, mask * (d_weighted * lam[task] + d_task_sum[task]), 0.0)
+  onehot = jnp.arange(z.shape[-1]) == targets[..., None]
+  d_logits = jnp.where(valid[..., None],
+                       coef[..., None] * (jnp.exp(z - lse) - onehot.astype(jnp.float32)), 0.0)
+  # d weighted / d λ_k = Σ_k mask·nll and d weight / d λ_k = Σ_k mask, over task k's tokens.
+  per_token = mask * (d_weighted * nll + d_weight)
+  d_lam = jnp.sum(jnp.where(_task_onehot(task_ids, valid, num_tasks), per_token[..., None], 0.0),
+                  axis=tuple(range(nll.ndim)))
+  return d_logits.astype(logits.dtype), d_lam
 
 
 def _to_varying(x: jax.Array, axes: tuple[str, ...]) -> jax.Array:
-  """`x`, typed as varying over the shard_map `axes` (its value unchanged)."""
+  """`x`, typed as varying over the shard_map `axes` it does not vary over yet (value unchanged;
+  a no-op without axes)."""
+  aval = jax.typeof(x)
+  manual = getattr(aval, "manual_axis_type", None)
+  varying = manual.varying if manual is not None else getattr(aval, "vma", frozenset())
+  missing = tuple(a for a in axes if a not in varying)
+  if not missing:
+    return x
   if hasattr(jax.lax, "pcast"):
-    return jax.lax.pcast(x, axes, to="varying")
-  return jax.lax.pvary(x, axes)  # JAX before `pcast`
+    return jax.lax.pcast(x, missing, to="varying")
+  return jax.lax.pvary(x, missing)  # JAX before `pcast`
 
 
 def task_counts(task_ids: jax.Array, loss_mask: jax.Array, num_tasks: int) -> jax.Array:

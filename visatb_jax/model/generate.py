@@ -16,6 +16,7 @@ process holds the whole batch's answers.
 from __future__ import annotations
 
 import functools
+import math
 import threading
 import weakref
 from typing import Any
@@ -65,7 +66,8 @@ def _greedy(model, prompt_ids, prompt_mask, images, positions, eos_id, pad_id, *
   """Traceable greedy decoding: prefill, then a while_loop of one-token decode steps.
 
   `positions`: the prompt's, [B, L] or M-RoPE [B, 3, L]; None: from the mask.
-  `decode_kernels`: {module path "a/b/0/c": kernel [out, in]}; the decode loop multiplies those
+  `decode_kernels`: {module path "a/b/0/c": kernel [out, in] (stacked layers' [L, out, in])}; the
+  decode loop multiplies those
   layers with them (`_with_decode_kernels`, XLA:CPU's faster form). None: the model as it is.
   """
   b, prompt_len = prompt_ids.shape
@@ -95,8 +97,9 @@ def _greedy(model, prompt_ids, prompt_mask, images, positions, eos_id, pad_id, *
 # Only for calls of at least _TRANSPOSE_MIN_NEW_TOKENS tokens (a one-off call pays the transpose:
 # at 4 tokens it took 16 % longer, at 16 tokens 8 % less) and kernels of at least
 # _TRANSPOSE_MIN_BYTES (smaller ones stay in the core's cache; transposing them made the demo
-# model's decoding 6 % slower). The copies cost their size in memory, hence the bound on their
-# total and the single cached set.
+# model's decoding 6 % slower; for the stacked decoder layers the size of one layer's kernel,
+# which is what each step of the layer scan multiplies). The copies cost their size in memory,
+# hence the bound on their total and the single cached set.
 _TRANSPOSE_MIN_NEW_TOKENS = 16
 _TRANSPOSE_MIN_BYTES = 256 << 10
 _TRANSPOSE_MAX_BYTES = 2 << 30
@@ -117,12 +120,15 @@ def _kernel_first_dot(lhs, rhs, dimension_numbers, precision=None, preferred_ele
 
 def _transposable_linears(model) -> list[tuple[str, nnx.Linear]]:
   """(path as "a/b/0/c", layer) of the plain `nnx.Linear` layers of at least
-  `_TRANSPOSE_MIN_BYTES` whose kernels the CPU decode loop uses transposed; none when they exceed
-  `_TRANSPOSE_MAX_BYTES` in all. LoRA and other subclasses are left as they are."""
+  `_TRANSPOSE_MIN_BYTES` (per layer, for stacked layers) whose kernels the CPU decode loop uses
+  transposed; none when they exceed `_TRANSPOSE_MAX_BYTES` in all. LoRA and other subclasses are
+  left as they are."""
   nbytes = lambda m: m.kernel[...].size * m.kernel[...].dtype.itemsize  # noqa: E731
+  # One layer's [in, out] of a stacked kernel [L, in, out]: what each layer-scan step reads.
+  layer_nbytes = lambda m: nbytes(m) // math.prod(m.kernel[...].shape[:-2])  # noqa: E731
   linears = [("/".join(map(str, path)), m) for path, m in nnx.iter_modules(model)
              if type(m) is nnx.Linear and m.dot_general is jax.lax.dot_general
-             and nbytes(m) >= _TRANSPOSE_MIN_BYTES]
+             and layer_nbytes(m) >= _TRANSPOSE_MIN_BYTES]
   if sum(nbytes(m) for _, m in linears) > _TRANSPOSE_MAX_BYTES:
     return []
   return linears
@@ -181,7 +187,9 @@ class _DecodeKernelCache:
       self._refs, self._copies = (), {}
 
 
-_transpose = jax.jit(jnp.transpose)
+# The last two axes only: a stacked kernel [L, in, out] becomes [L, out, in], each layer's row
+# what `_kernel_first_dot` multiplies inside the layer scan.
+_transpose = jax.jit(lambda k: jnp.swapaxes(k, -1, -2))
 _decode_kernels = _DecodeKernelCache()
 
 

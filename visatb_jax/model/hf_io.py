@@ -11,7 +11,11 @@ and a stage-1 projector file (`mm_projector.bin` / `.safetensors`).
 
 Parameter names map one to one: our module paths are the HF ones, and only the leaves differ —
 `kernel` <-> `weight` (Linear transposed: torch stores (out, in), NNX (in, out); conv
-(O, I, kh, kw) <-> (kh, kw, I, O)), `scale` <-> `weight` for norms, `embedding` <-> `weight`.
+(O, I, kh, kw) <-> (kh, kw, I, O)), `scale` <-> `weight` for norms, `embedding` <-> `weight` —
+except for the decoder's layers, which we store stacked (llama.py): row i of
+`language_model.layers.mlp.up_proj.kernel` is HF's `...layers.{i}.mlp.up_proj.weight`
+(`param_slots`). A stacked parameter is filled row by row on its devices (`set_param`) and
+written row by row, so loading and saving still hold one checkpoint tensor at a time.
 
 Memory: the model is built abstractly (`nnx.eval_shape`) and filled one tensor at a time, each read
 once from its file and placed straight on its devices, so the host never holds more than one
@@ -40,6 +44,7 @@ from flax import nnx
 from safetensors import safe_open
 
 from visatb_jax.runtime import fileio
+from visatb_jax.model import llama
 from visatb_jax.model import lora as lora_lib
 from visatb_jax.model.clip import activation
 from visatb_jax.model.config import LlavaConfig, TextConfig, VisionConfig, to_jnp_dtype
@@ -336,6 +341,17 @@ def _inverse(perm: tuple[int, ...]) -> tuple[int, ...]:
   return tuple(int(i) for i in np.argsort(perm))
 
 
+def param_slots(path: tuple[Any, ...], shape: tuple[int, ...]
+                ) -> list[tuple[tuple[Any, ...], tuple[int, ...], int | None]]:
+  """(path spelled as the checkpoint names it, shape there before any transpose, row) of each
+  checkpoint tensor that parameter `path` of shape `shape` holds: itself (row None), or for
+  stacked decoder layers one per layer, `layers.{i}....` with the layer axis dropped."""
+  path, shape = tuple(path), tuple(shape)
+  if not llama.is_stacked(path):
+    return [(path, shape, None)]
+  return [(llama.layer_path(path, i), shape[1:], i) for i in range(shape[0])]
+
+
 # ---------------------------------------------------------------- reading safetensors
 
 # safetensors dtype names <-> numpy dtypes (ml_dtypes provides bfloat16, which numpy lacks).
@@ -552,7 +568,8 @@ def fresh_param_state(state: nnx.State) -> tuple[nnx.State, list[tuple[tuple[Any
   return state, flat
 
 
-_Plan = dict[str, list[tuple[_Source, tuple[Any, ...], Any, tuple[int, ...] | None]]]
+# {file: [(source, our parameter path, its Variable, axis permutation, row of stacked layers)]}
+_Plan = dict[str, list[tuple[_Source, tuple[Any, ...], Any, tuple[int, ...] | None, int | None]]]
 
 
 def _plan(params: list[tuple[tuple[Any, ...], Any]], sources: Mapping[str, _Source], *,
@@ -562,19 +579,19 @@ def _plan(params: list[tuple[tuple[Any, ...], Any]], sources: Mapping[str, _Sour
   plan: _Plan = {}
   wanted = set()
   for p, var in params:
-    name = hf_name(p)
-    shape = tuple(var.get_value().shape)
-    perm = _perm(p, len(shape))
-    if name not in sources:
-      raise ValueError(missing(name, p, shape))
-    src = sources[name]
-    expected = shape if perm is None else tuple(shape[i] for i in _inverse(perm))
-    loaded = src.shape if src.rows is None else (src.rows,) + src.shape[1:]
-    if loaded != expected:
-      raise ValueError(f"shape mismatch for {src.key!r} in {src.file}: checkpoint has "
-                       f"{src.shape}, the model expects {expected} ({hint})")
-    wanted.add(name)
-    plan.setdefault(src.file, []).append((src, p, var, perm))
+    for q, shape, row in param_slots(p, tuple(var.get_value().shape)):
+      name = hf_name(q)
+      perm = _perm(q, len(shape))
+      if name not in sources:
+        raise ValueError(missing(name, q, shape))
+      src = sources[name]
+      expected = shape if perm is None else tuple(shape[i] for i in _inverse(perm))
+      loaded = src.shape if src.rows is None else (src.rows,) + src.shape[1:]
+      if loaded != expected:
+        raise ValueError(f"shape mismatch for {src.key!r} in {src.file}: checkpoint has "
+                         f"{src.shape}, the model expects {expected} ({hint})")
+      wanted.add(name)
+      plan.setdefault(src.file, []).append((src, p, var, perm, row))
   return plan, wanted
 
 
@@ -601,23 +618,72 @@ def _grow_rows(arr: np.ndarray, rows: int) -> np.ndarray:
   return np.concatenate([arr, np.repeat(mean, rows - arr.shape[0], axis=0)])
 
 
+def sharding_of(mesh: jax.sharding.Mesh | None, shardings_fn: ShardingsFn | None
+                ) -> Callable[[tuple[Any, ...], tuple[int, ...]], jax.sharding.Sharding | None]:
+  """(parameter path, its shape) -> where it goes: `shardings_fn`'s answer, else replicated on
+  `mesh`, else None (the default device)."""
+
+  def of(path: tuple[Any, ...], shape: tuple[int, ...]) -> jax.sharding.Sharding | None:
+    if shardings_fn is not None:
+      return shardings_fn(path, shape)
+    if mesh is not None:
+      return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    return None
+
+  return of
+
+
+def _row_sharding(sharding: jax.sharding.Sharding | None) -> jax.sharding.Sharding | None:
+  """The sharding of one row of a stacked parameter placed with `sharding` (its spec less the
+  layer axis); None (default placement, the update moves it) for other kinds of sharding."""
+  if isinstance(sharding, jax.sharding.NamedSharding):
+    return jax.sharding.NamedSharding(sharding.mesh,
+                                      jax.sharding.PartitionSpec(*sharding.spec[1:]))
+  return None
+
+
+def _zeros(shape: tuple[int, ...], dtype: Any,
+           sharding: jax.sharding.Sharding | None) -> jax.Array:
+  """Zeros made where they live (each device its own part): a stacked parameter's buffer."""
+  make = functools.partial(jnp.zeros, shape, dtype)
+  return make() if sharding is None else jax.jit(make, out_shardings=sharding)()
+
+
+# Donated: the stack is updated in place, so filling it never holds two copies of it.
+_set_row = jax.jit(lambda stack, row, i: jax.lax.dynamic_update_index_in_dim(stack, row, i, 0),
+                   donate_argnums=0)
+
+
+def set_param(var: Any, path: tuple[Any, ...], arr: np.ndarray, row: int | None, dtype: Any,
+              where: Callable[[tuple[Any, ...], tuple[int, ...]],
+                              jax.sharding.Sharding | None]) -> None:
+  """Places host tensor `arr` (our layout) as parameter `var` at `path`, or as its row `row`
+  when `var` holds stacked layers; `where` as `sharding_of` gives. The first row to arrive
+  allocates the stack (zeros, where `where` puts the whole stack: asked once per parameter);
+  each row then goes to the devices alone and is written into the stack in place."""
+  if row is None:
+    var.set_value(place_array(arr, dtype, where(path, arr.shape)))
+    return
+  stack = var.get_value()
+  if not isinstance(stack, jax.Array):  # Still the abstract model's ShapeDtypeStruct.
+    stack = _zeros(tuple(stack.shape), dtype, where(path, tuple(stack.shape)))
+  row_value = place_array(arr, dtype, _row_sharding(stack.sharding))
+  var.set_value(_set_row(stack, row_value, np.int32(row)))
+
+
 def _fill(plan: _Plan, param_dtype: Any, mesh: jax.sharding.Mesh | None,
           shardings_fn: ShardingsFn | None) -> None:
   """Reads each planned tensor once and places it on its devices."""
+  where = sharding_of(mesh, shardings_fn)
   for file, entries in plan.items():  # One open per file, each tensor read exactly once.
     with _open_tensors(file) as f:
-      for src, p, var, perm in entries:
+      for src, p, var, perm, row in entries:
         arr = f.read(src.key)
         if src.rows is not None:
           arr = _grow_rows(arr, src.rows)
         if perm is not None:
           arr = arr.transpose(perm)  # A view: the copy happens once, on the way to the device.
-        sharding = None
-        if shardings_fn is not None:
-          sharding = shardings_fn(p, arr.shape)
-        elif mesh is not None:
-          sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-        var.set_value(place_array(arr, param_dtype, sharding))
+        set_param(var, p, arr, row, param_dtype, where)
         del arr
 
 
@@ -1014,17 +1080,17 @@ def _export_tensors(model: LlavaForConditionalGeneration, dtype: Any | None
     if not isinstance(var, nnx.Param):
       raise ValueError(f"cannot export non-parameter state {'.'.join(map(str, p))}")
     value = var.get_value()  # Shape and dtype only; the merged kernel has the same.
-    key = export_key(hf_name(p))
-    perm = _perm(p, value.ndim)
-    inv = None if perm is None else _inverse(perm)
-    shape = tuple(value.shape) if inv is None else tuple(value.shape[i] for i in inv)
     dt = np.dtype(dtype if dtype is not None else value.dtype)
+    for q, our_shape, row in param_slots(p, tuple(value.shape)):  # Stacked layers: row by row.
+      perm = _perm(q, len(our_shape))
+      inv = None if perm is None else _inverse(perm)
+      shape = our_shape if inv is None else tuple(our_shape[i] for i in inv)
 
-    def get(get_value=get_value, inv=inv):
-      arr = host_array(get_value())
-      return arr if inv is None else arr.transpose(inv)
+      def get(get_value=get_value, inv=inv, row=row):
+        arr = host_array(get_value(row))
+        return arr if inv is None else arr.transpose(inv)
 
-    yield key, get, shape, dt
+      yield export_key(hf_name(q)), get, shape, dt
 
 
 def write_weights(path: str, tensors: list[Any], limit: int) -> str | None:

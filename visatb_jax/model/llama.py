@@ -1,8 +1,12 @@
 """Llama-style decoder in Flax NNX with segment-aware causal attention and a functional KV cache.
 
-Module paths match HF `LlamaModel` (`embed_tokens`, `layers[i].self_attn.{q,k,v,o}_proj`,
-`layers[i].mlp.{gate,up,down}_proj`, `input_layernorm`, `post_attention_layernorm`, `norm`);
-parameter leaves use NNX names (`kernel` [in, out], `bias`, `scale`, `embedding`).
+Module paths match HF `LlamaModel` (`embed_tokens`, `layers.self_attn.{q,k,v,o}_proj`,
+`layers.mlp.{gate,up,down}_proj`, `layers.input_layernorm`, `layers.post_attention_layernorm`,
+`norm`) except for the layer index: the decoder layers are one `LlamaDecoderLayer` whose every
+parameter has a leading [num_hidden_layers] axis, run by one `lax.scan` (`scan_layers`), so HF's
+`layers.{i}.mlp.up_proj.weight` is row i of our `layers.mlp.up_proj.kernel` (`is_stacked`,
+`layer_path`; hf_io and qwen2vl_io map the names). Parameter leaves use NNX names (`kernel`
+[in, out], `bias`, `scale`, `embedding`).
 
 Attention rule, shared by training and generation: a query at row slot q attends to key slot s iff
 s <= q and both carry the same segment id. Padding (segment 0) therefore only sees padding, and
@@ -44,25 +48,28 @@ class KVCache:
   All rows share one write cursor `index`, which fits left-padded prompt batches: prefill writes
   slots [0, L_prompt) for every row, then each decode step writes one slot for every row.
 
+  Keys and values are stacked along a leading layer axis, as the layers' parameters are, so the
+  decoder's layer scan carries them and writes each step's new slots in place.
+
   Attributes:
-    keys: per layer, [B, max_len, num_kv_heads, head_dim] (rotary embedding already applied).
-    values: per layer, [B, max_len, num_kv_heads, head_dim].
+    keys: [num_layers, B, max_len, num_kv_heads, head_dim] (rotary embedding already applied).
+    values: [num_layers, B, max_len, num_kv_heads, head_dim].
     segment_ids: int32 [B, max_len], segment of each written slot; 0 for padding and unwritten
       slots.
     index: int32 scalar, the next slot to write.
   """
 
-  keys: tuple[jax.Array, ...]
-  values: tuple[jax.Array, ...]
+  keys: jax.Array
+  values: jax.Array
   segment_ids: jax.Array
   index: jax.Array
 
   @classmethod
   def init(cls, config: TextConfig, batch_size: int, max_len: int,
            dtype: Any = jnp.float32) -> KVCache:
-    shape = (batch_size, max_len, config.num_key_value_heads, config.head_dim)
-    zeros = lambda: tuple(jnp.zeros(shape, dtype) for _ in range(config.num_hidden_layers))
-    return cls(keys=zeros(), values=zeros(),
+    shape = (config.num_hidden_layers, batch_size, max_len, config.num_key_value_heads,
+             config.head_dim)
+    return cls(keys=jnp.zeros(shape, dtype), values=jnp.zeros(shape, dtype),
                segment_ids=jnp.zeros((batch_size, max_len), jnp.int32),
                index=jnp.zeros((), jnp.int32))
 
@@ -265,11 +272,14 @@ class LlamaAttention(nnx.Module):
 
   def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array,
                kv: tuple[jax.Array, jax.Array] | None = None, index: jax.Array | None = None,
+               layer: jax.Array | None = None,
                ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
-    """x [B, T, D] -> ([B, T, D], updated (k, v) cache of this layer or None).
+    """x [B, T, D] -> ([B, T, D], the updated stacked (keys, values) or None).
 
-    Without `kv`, keys are this call's own T tokens and `mask` is [B, T, T]; with `kv`, the new
-    keys are written at slot `index` and `mask` is [B, T, max_len].
+    Without `kv`, keys are this call's own T tokens and `mask` is [B, T, T]; with `kv`, the
+    whole cache's stacked (keys, values) [L, B, max_len, kv_heads, head_dim], the new keys are
+    written at slot `index` of layer `layer` (only those T slots: in place inside the layer
+    scan), attention reads that layer's keys, and `mask` is [B, T, max_len].
     """
     b, t, _ = x.shape
     q = _constrain(dense(self.q_proj, x).reshape(b, t, self.num_heads, self.head_dim), _Q_AXES)
@@ -280,10 +290,11 @@ class LlamaAttention(nnx.Module):
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     new_kv = None
     if kv is not None:
-      k = jax.lax.dynamic_update_slice(kv[0], k.astype(kv[0].dtype), (0, index, 0, 0))
-      v = jax.lax.dynamic_update_slice(kv[1], v.astype(kv[1].dtype), (0, index, 0, 0))
-      new_kv = (k, v)
-      k, v = k.astype(q.dtype), v.astype(q.dtype)
+      new_kv = tuple(jax.lax.dynamic_update_slice(c, n[None].astype(c.dtype),
+                                                  (layer, 0, index, 0, 0))
+                     for c, n in zip(kv, (k, v)))
+      k, v = (jax.lax.dynamic_index_in_dim(c, layer, keepdims=False).astype(q.dtype)
+              for c in new_kv)
     kvh, group, hd = self.num_kv_heads, self.num_heads // self.num_kv_heads, self.head_dim
     # Query head h reads kv head h // group (HF repeat_kv), hence the [kv, group] split of heads.
     q = (q * hd**-0.5).reshape(b, t, kvh, group, hd).transpose(0, 2, 3, 1, 4)  # [b, kvh, g, t, hd]
@@ -321,37 +332,87 @@ class LlamaDecoderLayer(nnx.Module):
                                                 **kw)
     self.mlp = LlamaMLP(config, **kw)
 
-  def __call__(self, x, cos, sin, mask, kv=None, index=None):
+  def __call__(self, x, cos, sin, mask, kv=None, index=None, layer=None):
     x = _constrain(x, _HIDDEN_AXES)
-    h, new_kv = self.self_attn(self.input_layernorm(x), cos, sin, mask, kv, index)
+    h, new_kv = self.self_attn(self.input_layernorm(x), cos, sin, mask, kv, index, layer)
     x = x + h
     return x + self.mlp(self.post_attention_layernorm(x)), new_kv
 
 
-def remat_scan(layers: Sequence[LlamaDecoderLayer], policy: Callable[..., bool] | None,
-               x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array) -> jax.Array:
-  """The layer stack as one `lax.scan` over their stacked parameters, each step rematerialised.
+LAYERS = "layers"
+"""Attribute name of the stacked decoder layers (HF's `layers`, without the layer index)."""
 
-  Why a scan rather than `jax.checkpoint` around each unrolled layer: XLA's CPU scheduler (and
-  any scheduler free to reorder) runs the recomputed forwards of an unrolled stack together, so
-  remat saves nothing there (measured: the same temp size with and without it); inside a scan
-  only one layer's activations are ever live, and the saved residuals are the layer inputs (or
-  what `policy` keeps). The scan also compiles one layer instead of N. The stacking copies the
-  layers' parameters once per call (and its transpose unstacks their gradients); parameters keep
-  their per-layer layout and names (hf_io, sharding rules and LoRA are unchanged).
-  Pure split/merge: the layers hold only parameters, so nothing flows back into the graph.
+
+def stacked_layers(make: Callable[[nnx.Rngs], nnx.Module], num_layers: int,
+                   rngs: nnx.Rngs) -> nnx.Module:
+  """`make(rngs)` built `num_layers` times as one module whose Variables have a leading
+  [num_layers] axis (Flax NNX's scan-over-layers pattern); each layer gets its own keys."""
+
+  @nnx.split_rngs(splits=num_layers)
+  @nnx.vmap(in_axes=(0,), out_axes=0, axis_size=num_layers)
+  def build(rngs):
+    return make(rngs)
+
+  return build(rngs)
+
+
+def _layer_name_index(path: Sequence[Any]) -> int | None:
+  """Position of `LAYERS` in a parameter path of stacked layers (a name, not a layer index,
+  follows it); None for any other path (e.g. the CLIP tower's per-layer `layers.0.…`)."""
+  for i, p in enumerate(path[:-1]):
+    nxt = path[i + 1]
+    if str(p) == LAYERS and not isinstance(nxt, int) and not str(nxt).isdigit():
+      return i
+  return None
+
+
+def is_stacked(path: Sequence[Any]) -> bool:
+  """Whether the parameter at `path` holds every decoder layer, stacked on its first axis."""
+  return _layer_name_index(path) is not None
+
+
+def layer_path(path: Sequence[Any], layer: int) -> tuple[Any, ...]:
+  """Path of layer `layer`'s row of a stacked parameter, spelled as HF's per-layer modules:
+  `(..., "layers", "mlp", "up_proj", "kernel")` -> `(..., "layers", 3, "mlp", "up_proj",
+  "kernel")`."""
+  i = _layer_name_index(path)
+  if i is None:
+    raise ValueError(f"{'.'.join(map(str, path))} is not a parameter of stacked layers")
+  return tuple(path[:i + 1]) + (layer,) + tuple(path[i + 1:])
+
+
+def scan_layers(layers: LlamaDecoderLayer, x: jax.Array, cos: jax.Array, sin: jax.Array,
+                mask: jax.Array, *, remat: bool = False,
+                policy: Callable[..., bool] | None = None, cache_kv: Any = None,
+                index: jax.Array | None = None) -> tuple[jax.Array, Any]:
+  """The stacked layers as one `lax.scan` over their parameters' leading axis.
+
+  The scan reads each layer's row of the stacked parameters in place, so no per-call copy of
+  the stack exists, and the backward pass accumulates the gradients straight into their stacked
+  layout. With `remat` each step is rematerialised (`jax.checkpoint`, `policy`): XLA's CPU
+  scheduler (and any scheduler free to reorder) runs the recomputed forwards of an unrolled
+  stack together, so remat saves nothing there (measured: the same temp size with and without
+  it); inside a scan only one layer's activations are ever live, and the saved residuals are the
+  layer inputs (or what `policy` keeps). The scan also compiles one layer instead of N.
+  With `cache_kv` (the stacked keys, values of a `KVCache`) they ride in the carry and each
+  layer writes its new slots at `index` in place; returns them updated (else None).
+  Pure split/merge: the layers hold only parameters (and LoRA dropout keys that are only read),
+  so nothing flows back into the graph.
   """
-  splits = [nnx.split(layer) for layer in layers]
-  graphdef = splits[0][0]
-  stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *[state for _, state in splits])
+  graphdef, state = nnx.split(layers)
+  num_layers = jax.tree.leaves(state)[0].shape[0]
 
-  @functools.partial(jax.checkpoint, policy=policy, prevent_cse=False)
-  def body(h, state):
-    h, _ = nnx.merge(graphdef, state)(h, cos, sin, mask)
-    return h, None
+  def body(carry, xs):
+    h, kv = carry
+    layer_state, i = xs
+    h, kv = nnx.merge(graphdef, layer_state)(h, cos, sin, mask, kv, index, i)
+    return (h, kv), None
 
-  x, _ = jax.lax.scan(body, x, stacked)
-  return x
+  if remat:
+    body = jax.checkpoint(body, policy=policy, prevent_cse=False)
+  (x, cache_kv), _ = jax.lax.scan(body, (x, cache_kv),
+                                  (state, jnp.arange(num_layers, dtype=jnp.int32)))
+  return x, cache_kv
 
 
 class LlamaModel(nnx.Module):
@@ -368,6 +429,7 @@ class LlamaModel(nnx.Module):
       param_dtype: parameter storage dtype.
       remat: rematerialise each layer in the backward pass (`jax.checkpoint`) to save activation
         memory. Layers must stay parameter-only (no RNG / batch-stat updates) for this to be exact.
+        (Layers are scanned with or without it.)
       remat_policy: optional `jax.checkpoint_policies` policy used when `remat` is set.
       rngs: parameter initialisation.
     """
@@ -377,8 +439,9 @@ class LlamaModel(nnx.Module):
     self.remat_policy = remat_policy
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.embed_tokens = nnx.Embed(config.vocab_size, config.hidden_size, **kw)
-    self.layers = nnx.List(
-        [LlamaDecoderLayer(config, **kw) for _ in range(config.num_hidden_layers)])
+    self.layers = stacked_layers(
+        lambda rngs: LlamaDecoderLayer(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs),
+        config.num_hidden_layers, rngs)
     self.norm = nnx.RMSNorm(config.hidden_size, epsilon=config.rms_norm_eps, **kw)
 
   def init_cache(self, batch_size: int, max_len: int, dtype: Any | None = None) -> KVCache:
@@ -405,7 +468,7 @@ class LlamaModel(nnx.Module):
   def run_layers(self, inputs_embeds: jax.Array, cos: jax.Array, sin: jax.Array,
                  segment_ids: jax.Array, cache: KVCache | None = None
                  ) -> tuple[jax.Array, KVCache | None]:
-    """The decoder after its rotary tables: masks, layers (or their remat scan), final norm.
+    """The decoder after its rotary tables: masks, the layer scan, final norm.
 
     Split from `__call__` so that decoders with other rotary schemes (Qwen2-VL's M-RoPE) reuse
     everything else unchanged.
@@ -433,21 +496,15 @@ class LlamaModel(nnx.Module):
       new_segments = jax.lax.dynamic_update_slice(cache.segment_ids, segment_ids, (0, index))
       mask = attention_mask(index + jnp.arange(t), segment_ids, new_segments)
 
-    new_keys, new_values = [], []
-    if self.remat and cache is None:  # training: memory matters, and there is no cache to fill
-      x = remat_scan(list(self.layers), self.remat_policy, x, cos, sin, mask)
-    else:
-      for i, layer in enumerate(self.layers):
-        kv = None if cache is None else (cache.keys[i], cache.values[i])
-        x, new_kv = layer(x, cos, sin, mask, kv, index)
-        if new_kv is not None:
-          new_keys.append(new_kv[0])
-          new_values.append(new_kv[1])
+    # Remat only in training: generation has no backward pass, and the cache rides in the carry.
+    x, kv = scan_layers(self.layers, x, cos, sin, mask, remat=self.remat and cache is None,
+                        policy=self.remat_policy,
+                        cache_kv=None if cache is None else (cache.keys, cache.values),
+                        index=index)
     x = self.norm(x)
     if cache is None:
       return x, None
-    return x, KVCache(keys=tuple(new_keys), values=tuple(new_values), segment_ids=new_segments,
-                      index=index + t)
+    return x, KVCache(keys=kv[0], values=kv[1], segment_ids=new_segments, index=index + t)
 
 
 def default_positions_and_segments(input_ids: jax.Array, positions: jax.Array | None,

@@ -22,6 +22,11 @@ jitted steps) or `reseed_dropout(model, key)` on a module.
 `merge_lora` folds the adapters into the base kernels and restores plain `nnx.Linear` layers (what
 `hf_io.save_pretrained` exports); `merged_params` gives the same values without changing the model.
 
+The decoder's layers are stacked (llama.py: every parameter has a leading layer axis), so an
+adapted Linear there holds stacked adapters too: `lora_a` [L, in, rank], `lora_b` [L, rank, out],
+one dropout key per layer [L]; the layer scan hands each layer its row, and merging folds every
+layer's own A·B into its own kernel row.
+
 Both models work unchanged: Qwen2-VL's `language_model` is llama.py's decoder (`Qwen2VLTextModel`),
 with the same Linear names (its q/k/v biases stay on the base layer). Only the vision tower and the
 projector differ in name, which `vision_tower_filter` / `projector_filter` cover.
@@ -79,16 +84,23 @@ class LoRALinear(nnx.LoRALinear):
     h = x if self.lora_dropout is None else self.lora_dropout(x)
     return y + (self.lora(h) * self.lora_scaling).astype(y.dtype)
 
-  def delta_kernel(self) -> jax.Array:
-    """scaling · A · B [in, out] in float32: what merging adds to the kernel."""
-    a = self.lora.lora_a[...].astype(jnp.float32)
-    b = self.lora.lora_b[...].astype(jnp.float32)
+  def delta_kernel(self, row: int | None = None) -> jax.Array:
+    """scaling · A · B [in, out] in float32: what merging adds to the kernel ([L, in, out] for
+    stacked layers, batched per layer; `row`: that layer's only)."""
+    a, b = self.lora.lora_a[...], self.lora.lora_b[...]
+    if row is not None:
+      a, b = a[row], b[row]
+    a, b = a.astype(jnp.float32), b.astype(jnp.float32)
     return self.lora_scaling * jnp.matmul(a, b, precision=jax.lax.Precision.HIGHEST)
 
-  def merged_kernel(self) -> jax.Array:
-    """kernel + scaling · A · B in the kernel's dtype and placement (the model is unchanged)."""
+  def merged_kernel(self, row: int | None = None) -> jax.Array:
+    """kernel + scaling · A · B in the kernel's dtype and placement (the model is unchanged);
+    `row`: that layer's kernel of stacked layers only (an export computes one layer at a
+    time)."""
     kernel = self.kernel[...]
-    merged = (kernel.astype(jnp.float32) + self.delta_kernel()).astype(kernel.dtype)
+    if row is not None:
+      kernel = kernel[row]
+    merged = (kernel.astype(jnp.float32) + self.delta_kernel(row)).astype(kernel.dtype)
     if isinstance(kernel, jax.Array) and not isinstance(kernel, jax.core.Tracer):
       merged = jax.device_put(merged, kernel.sharding)
     return merged
@@ -113,6 +125,26 @@ def _make_dropout(rate: float, rngs: nnx.Rngs) -> LoRADropout | None:
   return None if rate == 0.0 else LoRADropout(rate, key=rngs.dropout())
 
 
+def _make_adapter(n_in: int, rank: int, n_out: int, dtype: Any, dropout: float,
+                  rngs: nnx.Rngs, layers: int | None) -> tuple[nnx.LoRA, LoRADropout | None]:
+  """A fresh adapter (A, B) and its dropout; `layers`: stacked, one per layer (own A, own key),
+  as the stacked decoder layers it adapts."""
+
+  def make(rngs):
+    return (nnx.LoRA(n_in, rank, n_out, dtype=dtype, param_dtype=jnp.float32, rngs=rngs),
+            _make_dropout(dropout, rngs))
+
+  if layers is None:
+    return make(rngs)
+
+  @nnx.split_rngs(splits=layers)
+  @nnx.vmap(in_axes=(0,), out_axes=0, axis_size=layers)
+  def stacked(rngs):
+    return make(rngs)
+
+  return stacked(rngs)
+
+
 def _linear_kwargs(linear: nnx.Linear) -> dict[str, Any]:
   """The `nnx.Linear` constructor arguments that `linear` was built with (those it stores)."""
   params = inspect.signature(nnx.Linear.__init__).parameters
@@ -122,18 +154,19 @@ def _linear_kwargs(linear: nnx.Linear) -> dict[str, Any]:
 
 def lora_linear_from(linear: nnx.Linear, *, rank: int, alpha: float, dropout: float,
                      rngs: nnx.Rngs) -> LoRALinear:
-  """A `LoRALinear` around `linear`'s own weights (shared Variables, nothing copied)."""
+  """A `LoRALinear` around `linear`'s own weights (shared Variables, nothing copied); a Linear
+  of stacked layers (kernel [L, in, out]) gets stacked adapters."""
   kwargs = _linear_kwargs(linear)
   n_in, n_out = linear.in_features, linear.out_features
+  lead = linear.kernel[...].shape[:-2]
   # Built abstractly so no second kernel is ever allocated, then given the real weights and a
   # concrete adapter.
   layer = nnx.eval_shape(lambda: LoRALinear(n_in, n_out, lora_rank=rank, lora_alpha=alpha,
                                             lora_dropout_rate=dropout, rngs=nnx.Rngs(0),
                                             **kwargs))
   layer.kernel, layer.bias = linear.kernel, linear.bias
-  layer.lora = nnx.LoRA(n_in, rank, n_out, dtype=linear.dtype, param_dtype=jnp.float32,
-                        rngs=rngs)
-  layer.lora_dropout = _make_dropout(dropout, rngs)
+  layer.lora, layer.lora_dropout = _make_adapter(n_in, rank, n_out, linear.dtype, dropout, rngs,
+                                                 lead[0] if lead else None)
   return layer
 
 
@@ -262,12 +295,14 @@ def merge_lora(model: nnx.Module) -> nnx.Module:
 
 
 def merged_params(model: nnx.Module
-                  ) -> Iterator[tuple[Path, nnx.Variable, Callable[[], jax.Array]]]:
+                  ) -> Iterator[tuple[Path, nnx.Variable, Callable[..., jax.Array]]]:
   """The variables of `model` as `merge_lora` would leave them, without changing `model`.
 
   Yields (path, variable, value getter) for every variable except the adapters' (`lora.*`,
   `lora_dropout.*` of each `LoRALinear`); a LoRA layer's kernel getter returns the merged kernel,
-  computed only when called (one kernel at a time, for streaming exports).
+  computed only when called (one kernel at a time, for streaming exports). A getter takes an
+  optional row: `get(i)` is layer i's value of a variable of stacked layers (for a LoRA kernel,
+  only that layer is merged), `get()` the whole value.
   """
   layers = lora_layers(model)
   for path, var in nnx.to_flat_state(nnx.state(model)):
@@ -278,7 +313,14 @@ def merged_params(model: nnx.Module
     if owner is not None and path[-1] == "kernel":
       yield path, var, owner.merged_kernel
     else:
-      yield path, var, var.get_value
+      yield path, var, _row_getter(var)
+
+
+def _row_getter(var: nnx.Variable) -> Callable[..., jax.Array]:
+  def get(row: int | None = None) -> jax.Array:
+    value = var.get_value()
+    return value if row is None else value[row]
+  return get
 
 
 def _is_adapter(path: Path, layers: dict[Path, LoRALinear]) -> bool:
@@ -296,7 +338,8 @@ def _as_key(key: jax.Array | int) -> jax.Array:
 
 
 def with_dropout_key(state: nnx.State, key: jax.Array | int) -> nnx.State:
-  """`state` with every `LoRADropoutKey` replaced by `fold_in(key, i)` (i-th in path order).
+  """`state` with every `LoRADropoutKey` replaced by `fold_in(key, i)` (i-th in path order);
+  a stacked one ([L] keys, one per decoder layer) by L keys split from it.
 
   Pure (builds new Variables, mutates nothing), so a jitted train step can refresh the masks of
   the frozen / non-trainable state it was given, e.g. with `jax.random.fold_in(seed_key, step)`
@@ -306,7 +349,9 @@ def with_dropout_key(state: nnx.State, key: jax.Array | int) -> nnx.State:
   out, i = [], 0
   for path, var in nnx.to_flat_state(state):
     if isinstance(var, LoRADropoutKey):
-      var = var.replace(jax.random.fold_in(key, i))
+      new = jax.random.fold_in(key, i)
+      shape = var.get_value().shape
+      var = var.replace(jax.random.split(new, shape) if shape else new)
       i += 1
     out.append((path, var))
   return nnx.from_flat_state(out)

@@ -10,10 +10,11 @@ nested config), which `transformers.Qwen2VLForConditionalGeneration.from_pretrai
 unchanged.
 
 Names map one to one (our module paths are the HF ones, `language_model` standing for the
-decoder's `model`); leaves differ as in hf_io (`kernel` <-> `weight`, Linear transposed, `scale`
-<-> `weight`, `embedding` <-> `weight`), plus one reshape: the vision patch embedding is a Linear
-[C*T*p*p, E] here and a Conv3d weight [E, C, T, p, p] there (kernel = stride, so the two compute
-the same thing).
+decoder's `model`, and the decoder's stacked layers holding `model.layers.{i}.*` as their row i,
+as in hf_io: `hf_io.param_slots`); leaves differ as in hf_io (`kernel` <-> `weight`, Linear
+transposed, `scale` <-> `weight`, `embedding` <-> `weight`), plus one reshape: the vision patch
+embedding is a Linear [C*T*p*p, E] here and a Conv3d weight [E, C, T, p, p] there (kernel =
+stride, so the two compute the same thing).
 
 The model is built abstractly and filled one tensor at a time straight onto its devices, as
 hf_io.load_pretrained; the safetensors reading and writing helpers are hf_io's.
@@ -320,20 +321,22 @@ def load_pretrained(path: str | os.PathLike, *, dtype: str = "float32",
   state, flat = hf_io.fresh_param_state(state)
 
   where, shapes = _tensor_index(files, path)
-  plan: dict[str, list[tuple[str, tuple[Any, ...], Any]]] = {}
+  plan: dict[str, list[tuple[str, tuple[Any, ...], tuple[Any, ...], Any, int | None]]] = {}
+  wanted = set()
   for p, var in flat:  # Every name and shape checked before a byte of data is read.
-    name = hf_name(p)
-    expected = hf_shape(p, tuple(var.get_value().shape), config.vision)
-    if name not in where:
-      raise ValueError(f"missing weight {export_key(name)!r} (our parameter "
-                       f"{'.'.join(map(str, p))}, checkpoint shape {expected}) in {path}")
-    file, key = where[name]
-    if shapes[name] != expected:
-      raise ValueError(f"shape mismatch for {key!r} in {os.path.basename(file)}: checkpoint has "
-                       f"{shapes[name]}, the model expects {expected} (config.json disagrees with "
-                       "the weights)")
-    plan.setdefault(file, []).append((key, p, var))
-  wanted = {hf_name(p) for p, _ in flat}
+    for q, shape, row in hf_io.param_slots(p, tuple(var.get_value().shape)):
+      name = hf_name(q)
+      expected = hf_shape(q, shape, config.vision)
+      if name not in where:
+        raise ValueError(f"missing weight {export_key(name)!r} (our parameter "
+                         f"{'.'.join(map(str, q))}, checkpoint shape {expected}) in {path}")
+      file, key = where[name]
+      if shapes[name] != expected:
+        raise ValueError(f"shape mismatch for {key!r} in {os.path.basename(file)}: checkpoint "
+                         f"has {shapes[name]}, the model expects {expected} (config.json "
+                         "disagrees with the weights)")
+      wanted.add(name)
+      plan.setdefault(file, []).append((key, q, p, var, row))
   extra = sorted(where[n][1] for n in set(where) - wanted
                  if not (config.text.tie_word_embeddings and n == "lm_head.weight"))
   if extra:
@@ -342,16 +345,12 @@ def load_pretrained(path: str | os.PathLike, *, dtype: str = "float32",
                        f"{extra} (pass strict=False to skip them)")
     logger.warning("skipping %d unexpected weights in %s: %s", len(extra), path, extra)
 
+  place = hf_io.sharding_of(mesh, shardings_fn)
   for file, entries in plan.items():  # One open per file, each tensor read exactly once.
     with safe_open(file, framework="numpy") as f:
-      for key, p, var in entries:
-        arr = to_ours(p, hf_io.read_tensor(f, file, key))
-        sharding = None
-        if shardings_fn is not None:
-          sharding = shardings_fn(p, arr.shape)
-        elif mesh is not None:
-          sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-        var.set_value(hf_io.place_array(arr, p_dtype, sharding))
+      for key, q, p, var, row in entries:
+        arr = to_ours(q, hf_io.read_tensor(f, file, key))
+        hf_io.set_param(var, p, arr, row, p_dtype, place)
         del arr
   return nnx.merge(graphdef, state)
 
@@ -373,14 +372,18 @@ def from_state_dict(config: Qwen2VLConfig, tensors: Mapping[str, Any], *,
   graphdef, state = _abstract_model(config, tuple(sorted(model_kwargs.items())))
   state = jax.tree.map(lambda x: x, state)
   for p, var in nnx.to_flat_state(state):
-    name = hf_name(p)
-    expected = hf_shape(p, tuple(var.get_value().shape), config.vision)
-    if name not in by_name:
-      raise ValueError(f"missing weight {export_key(name)!r} (checkpoint shape {expected})")
-    arr = np.asarray(by_name[name])
-    if arr.shape != expected:
-      raise ValueError(f"shape mismatch for {name!r}: given {arr.shape}, expected {expected}")
-    var.set_value(jnp.asarray(to_ours(p, arr), p_dtype))
+    rows = []
+    for q, shape, row in hf_io.param_slots(p, tuple(var.get_value().shape)):
+      name = hf_name(q)
+      expected = hf_shape(q, shape, config.vision)
+      if name not in by_name:
+        raise ValueError(f"missing weight {export_key(name)!r} (checkpoint shape {expected})")
+      arr = np.asarray(by_name[name])
+      if arr.shape != expected:
+        raise ValueError(f"shape mismatch for {name!r}: given {arr.shape}, expected {expected}")
+      rows.append((to_ours(q, arr), row))
+    value = rows[0][0] if rows[0][1] is None else np.stack([a for a, _ in rows])
+    var.set_value(jnp.asarray(value, p_dtype))
   return nnx.merge(graphdef, state)
 
 
@@ -396,11 +399,12 @@ def _export_tensors(model: Qwen2VLForConditionalGeneration, dtype: Any | None
       raise ValueError(f"cannot export non-parameter state {'.'.join(map(str, p))}")
     value = var.get_value()  # Shape and dtype only; a merged kernel has the same.
     dt = np.dtype(dtype if dtype is not None else value.dtype)
+    for q, shape, row in hf_io.param_slots(p, tuple(value.shape)):  # Stacked: row by row.
 
-    def get(p=p, get_value=get_value):
-      return to_hf(p, hf_io.host_array(get_value()), vision)
+      def get(q=q, get_value=get_value, row=row):
+        return to_hf(q, hf_io.host_array(get_value(row)), vision)
 
-    yield export_key(hf_name(p)), get, hf_shape(p, tuple(value.shape), vision), dt
+      yield export_key(hf_name(q)), get, hf_shape(q, shape, vision), dt
 
 
 def save_pretrained(model: Qwen2VLForConditionalGeneration, path: str | os.PathLike, *,
