@@ -3,8 +3,9 @@
   python benchmarks/b5_packing.py [--workdir runs/b5] [--out benchmarks/results/b5_packing.json]
 
 Shapes: the demo's real training set (data stage of configs/demo.py, run in --workdir), packed
-exactly as the pipeline packs it (`PackedDataset`: seeded shuffle, best fill, seq_len 256, <= 6
-images per row). LLaVA-like: 100k synthetic sample lengths shaped like the LLaVA-1.5 665k mix at
+whole (seeded shuffle, best fill, seq_len 256, <= 6 images per row); training packs each step's
+samples apart, a little less tightly (`PackedDataset`, docs/architecture.md, "Batch size in
+samples"). LLaVA-like: 100k synthetic sample lengths shaped like the LLaVA-1.5 665k mix at
 seq_len 2048 with 576 image tokens per image — short-answer VQA (one image, 1-3 rounds of 15-40
 tokens), multi-round VQA/OCR (one image, 5-15 rounds), captions and grounding (one image, 40-120
 tokens), LLaVA-Instruct conversations (one image, 150-700 tokens) and text-only ShareGPT
@@ -82,10 +83,9 @@ def main(argv=None) -> int:
   ws = Workspace(config_lib.build(config), args.workdir)
   ws.data.prepare()
   examples = ws.data.task_examples(ws.config.tasks.names)
-  ds = packing.PackedDataset(examples, seq_len=int(config.data.seq_len),
-                             max_images=int(config.data.max_images), pad_id=0, seed=0)
-  shapes = {"samples": len(examples), "rows": ds.num_rows, "seq_len": ds.seq_len,
-            "non_pad": ds.packing_efficiency()}
+  shapes = efficiency(np.asarray([len(e) for e in examples]),
+                      np.asarray([e.num_images for e in examples]), int(config.data.seq_len),
+                      int(config.data.max_images), seed=0, packer="best_fill")
   lengths, images = llava_like_lengths(100_000, seed=0, seq_len=2048)
   llava = efficiency(lengths, images, 2048, 8, seed=0, packer="best_fill")
   ffd = efficiency(lengths, images, 2048, 8, seed=0, packer="first_fit_decreasing")

@@ -337,6 +337,85 @@ def test_cider_as_released_differs_from_the_normalised_form_on_case_and_punctuat
   assert metrics.cider(preds, refs, tokenization="raw") < metrics.cider(preds, refs) / 2
 
 
+# The paper's zero-shot suite (docs/method.md §12), transcribed: the release's
+# scripts_visatb/eval/*.sh run LLaVA-1.5's evaluation on LLaVA-1.5's question files, whose prompts
+# end with the short-answer instruction (TextVQA, POPE, MME) or the multiple-choice one (SEED;
+# ScienceQA and MMBench through --single-pred-prompt); MM-Vet's questions are asked as they are.
+SHORT = "Answer the question using a single word or phrase."
+LETTER = "Answer with the option's letter from the given choices directly."
+ZERO_SHOT = {
+    "TextVQA": ("vqa_accuracy", SHORT), "POPE": ("pope", SHORT), "MME": ("mme", SHORT),
+    "SQA-IMG": ("multiple_choice", LETTER), "MMBench": ("mmbench_circular", LETTER),
+    "SEED-IMG": ("multiple_choice", LETTER), "MM-Vet": ("cider", ""),
+}
+ZERO_SHOT_CONFIGS = ("academic", "academic13b")
+
+
+def _with_root(name: str, root: str):
+  config = load(name)
+  config.data.root = "/nonexistent/data"
+  for field in PART_FIELDS:
+    config.model[field] = ""
+  config.data.tokenizer = ""
+  config.zero_shot_root = root
+  return config
+
+
+@pytest.mark.parametrize("name", ZERO_SHOT_CONFIGS)
+def test_the_zero_shot_suite_is_declared_with_its_metrics_and_prompts(name):
+  run = config_lib.build(_with_root(name, "/data/zero_shot"))
+  assert list(run.zero_shot) == list(ZERO_SHOT)  # the paper's order, the report's columns
+  section = run.section("zero_shot")
+  for task, (metric, prompt) in ZERO_SHOT.items():
+    entry = run.zero_shot[task]
+    assert (entry.metric, entry.prompt_suffix) == (metric, prompt), task
+    assert entry.higher_is_better, task
+    # Under the root, wherever data.root is.
+    assert entry.files == {"test": f"/data/zero_shot/{task}_test.json"}, task
+    # A letter or a short answer: LLaVA-1.5's 128 tokens; MM-Vet's free text: the release's 2048.
+    assert section[task]["max_new_tokens"] == (2048 if task == "MM-Vet" else 128), task
+  assert "zero_shot_skipped" not in run.sections
+
+
+@pytest.mark.parametrize("name", ZERO_SHOT_CONFIGS)
+def test_an_empty_zero_shot_root_skips_the_suite_saying_so_once(name):
+  import warnings  # pylint: disable=g-import-not-at-top
+  with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("default")
+    runs = [config_lib.build(_with_root(name, "")) for _ in range(2)]
+  said = [w for w in caught if issubclass(w.category, config_lib.ZeroShotSkippedWarning)]
+  assert len(said) == 1, [str(w.message) for w in caught]
+  assert str(said[0].message).startswith("config.zero_shot_root is empty, so the zero-shot "
+                                         "suite (TextVQA, POPE, MME, SQA-IMG, MMBench, SEED-IMG, "
+                                         "MM-Vet) is skipped")
+  for run in runs:
+    assert run.zero_shot == {} and run.section("zero_shot") == {}
+    # config.json keeps the reason for the report; no stage hashes it.
+    assert run.sections["zero_shot_skipped"] == str(said[0].message)
+  # The default of the shipped configs: the root empty.
+  assert load(name).zero_shot_root == ""
+
+
+def test_a_given_root_keeps_absolute_files_and_a_config_without_the_field_is_unchanged():
+  config = _with_root("academic", "~/zs")
+  config.zero_shot.POPE.files = {"test": "/elsewhere/pope.json"}
+  run = config_lib.build(config)
+  assert run.zero_shot["POPE"].files == {"test": "/elsewhere/pope.json"}
+  assert run.zero_shot["MME"].files == {"test": os.path.expanduser("~/zs/MME_test.json")}
+  # Without zero_shot_root (user configs, the demo), files stay relative to data.root.
+  demo = load("demo")
+  assert "zero_shot_root" not in demo
+  demo.zero_shot = {"vqa": {"metric": "exact_match"}}
+  assert config_lib.build(demo).zero_shot["vqa"].files == {}  # read from the generated split
+
+
+def test_a_mistake_in_the_suite_shows_even_while_it_is_skipped():
+  config = _with_root("academic", "")
+  config.zero_shot.POPE.metric = "f1"
+  with pytest.raises(config_lib.ConfigError, match="config.zero_shot.POPE.metric='f1'"):
+    config_lib.build(config)
+
+
 # ---------------------------------------------------------------------------------------------
 # Item 6: the smaller mismatches
 # ---------------------------------------------------------------------------------------------

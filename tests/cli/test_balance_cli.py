@@ -558,11 +558,18 @@ def test_help_documents_replicates_and_shrinkage():
   assert "--samples PER_SAMPLE.json ..." in text
 
 
-def test_the_cli_shrinkage_choices_are_the_core_ones():
-  """The CLI keeps its own copy so that --help needs no jax; it must not drift."""
+def test_the_cli_reads_its_choices_from_core_without_importing_jax():
+  """One list of choices (core/options.py) for the CLI, the config and the λ functions; reading
+  it for --help must not import jax."""
+  import subprocess
+  import sys
+  code = ("import sys; import visatb_jax.cli.balance as b; from visatb_jax.core import options; "
+          "assert (b.SHRINKAGE, b.FORMS, b.ON_DEGENERATE) == (options.SHRINKAGE, options.FORMS, "
+          "options.ON_DEGENERATE); print('jax' in sys.modules)")
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+  assert out.stdout.strip() == "False"
   from visatb_jax.core import bootstrap
-  from visatb_jax.cli import balance as balance_cli
-  assert balance_cli.SHRINKAGE == bootstrap.SHRINKAGE
+  assert bootstrap.SHRINKAGE is balance.SHRINKAGE
 
 
 # ----------------------------------------------------------------------------------------------

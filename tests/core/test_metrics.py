@@ -522,7 +522,8 @@ def test_cider_bare_string_reference_is_one_reference():
 
 def test_scorers_registry_and_score():
   assert set(metrics.SCORERS) == {"exact_match", "accuracy", "iou_accuracy", "cider",
-                                  "vqa_accuracy", "multiple_choice", "pope", "mme"}
+                                  "vqa_accuracy", "multiple_choice", "mmbench_circular",
+                                  "pope", "mme"}
   assert metrics.score("exact_match", ["Yes."], ["yes"]) == 1.0
   got = metrics.score("iou_accuracy", ["[0, 0, 1, 1]", "bad"], ["[0, 0, 1, 1]", "[0, 0, 1, 1]"])
   assert isinstance(got, float) and got == pytest.approx(0.5)

@@ -1,6 +1,10 @@
-"""Tests of loader.py: exact batches, exact resume (through JSON), reshuffling, host shards."""
+"""Tests of loader.py: exact batches, steps of samples, exact resume (through JSON), reshuffling,
+host shards."""
+
+import math
 
 import collections
+import dataclasses
 import json
 import os
 import re
@@ -51,7 +55,7 @@ def data(tmp_path_factory):
 def _config(**overrides):
   kwargs = {"tasks": TASKS, "seq_len": SEQ_LEN, "max_images": 3, "image_size": SIZE,
             "num_image_tokens": N_IMG, "max_len": MAX_LEN, "batch_size": 4, "seed": 0,
-            "pack_window": 6, "read_threads": 1}
+            "read_threads": 1}
   kwargs.update(overrides)
   return loader.LoaderConfig(**kwargs)
 
@@ -138,9 +142,9 @@ def test_resume_after_k_batches_is_exact(data, k):
 
 def test_each_epoch_is_a_new_permutation_and_seeds_matter(data):
   _, tok = data[0], data[2]
-  # A packing window of one epoch: the first N segments are epoch 0, the next N epoch 1.
+  # Steps take the stream's samples in order: the first N are epoch 0, the next N epoch 1.
   batches = []
-  it = _loader(data, pack_window=N + 1)
+  it = _loader(data)
   while len(ids := _ids(batches, tok)) < 2 * N:
     batches.append(next(it))
   assert sorted(ids[:N]) == sorted(ids[N:2 * N]) == list(range(N))
@@ -301,3 +305,75 @@ def test_native_format_loader_shapes_and_exact_resume(native_data):
   loader.Loader(source, tok, _config(), process_index=0, process_count=1).set_state(old)
   with pytest.raises(ValueError, match="image_format="):
     make().set_state(old)
+
+
+def _steps(batches, tok):
+  return [sorted(i for i, *_ in _segments(b, tok)) for b in batches]
+
+
+@pytest.mark.parametrize("batch_size", [4, 6])
+def test_steps_take_batch_size_samples_padded_to_static_rows(data, batch_size):
+  """One epoch is ceil(N / batch_size) steps of batch_size samples (the last one the rest),
+  each packed into the rows `rows_per_step` computes from grain's order alone."""
+  samples, source, tok = data
+  lengths, images = [], []
+  for s in samples[:N]:  # the records the loader reads, encoded as it encodes them
+    enc = template.encode_conversation(s["conversations"], tok, num_image_tokens=N_IMG,
+                                       max_len=MAX_LEN, system="Chat.")
+    lengths.append(len(enc.input_ids))
+    images.append(len(s["image_paths"]))
+  # A short system prompt: several samples share a row.
+  config = _config(batch_size=batch_size, num_epochs=2, system="Chat.")
+  expected = loader.stream_steps(N, config, 100)
+  assert len(expected) == math.ceil(2 * N / batch_size)  # a stream through the epoch boundary
+  rows = loader.rows_per_step(lengths, images, config, len(expected))
+  assert 1 < rows < batch_size  # packing saves rows
+  batches = list(loader.Loader(source, tok, dataclasses.replace(config, rows_per_step=rows),
+                               process_index=0, process_count=1, record_indices=range(N)))
+  assert _steps(batches, tok) == [sorted(x.tolist()) for x in expected]
+  assert [len(x) for x in _steps(batches, tok)[:math.ceil(N / batch_size) - 1]] == [
+      batch_size] * (math.ceil(N / batch_size) - 1)
+  assert all(b["input_ids"].shape == (rows, SEQ_LEN) for b in batches)
+  # rows_per_step is the least that fits: some step fills every row.
+  assert max(int((b["segment_ids"].max(axis=1) > 0).sum()) for b in batches) == rows
+  assert loader.rows_per_step(lengths, images, config, len(expected), multiple=4) == (
+      packing_round_up(rows, 4))
+  # Fewer rows than a step needs: an error naming it, not a silently dropped sample.
+  small = loader.Loader(source, tok, dataclasses.replace(config, rows_per_step=1),
+                        process_index=0, process_count=1, record_indices=range(N))
+  with pytest.raises(ValueError, match=f"a step of {batch_size} samples .* packs into [2-9] rows, "
+                                       "more than rows_per_step=1"):
+    next(small)
+
+
+def packing_round_up(value, multiple):
+  return -(-value // multiple) * multiple
+
+
+def test_rows_per_step_covers_every_host():
+  config = _config(batch_size=6)
+  lengths, images = [60] * 30 + [20] * 30, [0] * 60
+  per_host = [loader.stream_steps(60, config, 10, process_index=p, process_count=3)
+              for p in range(3)]
+  assert sorted(np.concatenate([i for h in per_host for i in h]).tolist()) == list(range(60))
+  assert all(len(step) == 2 for h in per_host for step in h)
+  rows = loader.rows_per_step(lengths, images, config, 10, process_count=3)
+  assert rows % 3 == 0 and rows <= 6
+  with pytest.raises(ValueError, match="rows_per_step=4 is not divisible by the 3 hosts"):
+    loader.make_dataset([], None, _config(batch_size=6, rows_per_step=4), process_index=0,
+                        process_count=3)
+
+
+@pytest.mark.slow  # ~10 s or more on 2 cores: not in the quick subset (README)
+def test_stream_steps_follow_worker_processes(data):
+  """With workers, each packs its own slice of the stream and the steps come from them in turn:
+  stream_steps (hence rows_per_step) replays that order too."""
+  _, source, tok = data
+  config = _config(batch_size=4, num_epochs=2, worker_count=2)
+  expected = [sorted(x.tolist()) for x in loader.stream_steps(N, config, 100)]
+  with loader.Loader(source, tok, config, process_index=0, process_count=1,
+                     record_indices=range(N)) as it:
+    assert _steps(list(it), tok) == expected
+  one = [sorted(x.tolist()) for x in loader.stream_steps(N, _config(batch_size=4, num_epochs=2),
+                                                         100)]
+  assert sorted(map(tuple, one)) != sorted(map(tuple, expected))  # the workers change the steps

@@ -1,4 +1,7 @@
-"""Tests of packing: the shift at every segment boundary, images, first-fit, best fill, batch_at."""
+"""Tests of packing: the shift at every segment boundary, images, first-fit, best fill.
+
+PackedDataset's steps of samples: test_packing_steps.py.
+"""
 
 import numpy as np
 import pytest
@@ -238,51 +241,6 @@ def test_image_files_are_loaded_when_batched(tmp_path):
     pack([ex], seq_len=4, max_images=1, pad_id=PAD)
 
 
-def _dataset(seed=0, n=23):
-  rng = np.random.default_rng(123)
-  exs = []
-  for i in range(n):
-    length = int(rng.integers(2, 9))
-    ids = np.arange(length) + 10 * i + 100  # Never equal to PAD.
-    exs.append(_ex(ids, rng.random(length) < 0.5, i % 3, i % 2, value=i))
-  return PackedDataset(exs, seq_len=12, max_images=2, pad_id=PAD, seed=seed)
-
-
-def test_batch_at_is_a_pure_function_of_seed_and_step():
-  a, b = _dataset(), _dataset()
-  b.batch_at(7, 4)  # Call history must not matter.
-  for step in (0, 3, 11):
-    for key, value in a.batch_at(step, 4).items():
-      np.testing.assert_array_equal(value, b.batch_at(step, 4)[key])
-  other = _dataset(seed=1)
-  assert not all(np.array_equal(a.batch_at(s, 4)["input_ids"], other.batch_at(s, 4)["input_ids"])
-                 for s in range(3))
-
-
-def test_every_epoch_visits_every_row_once():
-  ds = _dataset()
-  n = ds.num_rows
-  stream = [i for step in range(3 * n) for i in ds.row_indices(step, 1)]
-  for e in range(3):
-    assert sorted(stream[e * n:(e + 1) * n]) == list(range(n))
-  assert stream[:n] != stream[n:2 * n]  # Each epoch has its own order.
-  # A batch crossing the epoch boundary continues the same stream.
-  assert ds.row_indices(1, n - 1)[:1] == stream[n - 1:n]
-  assert ds.row_indices(1, n - 1) == stream[n - 1:2 * n - 2]
-
-
-def test_every_example_is_packed_once_and_efficiency():
-  ds = _dataset()
-  assert sorted(i for row in ds.rows for i in row) == list(range(23))
-  total = sum(len(ex) for ex in ds.examples)
-  assert ds.tokens_per_row.sum() == total
-  assert ds.packing_efficiency() == pytest.approx(total / (ds.num_rows * 12))
-  batch = ds.batch_at(0, ds.num_rows)
-  assert (batch["segment_ids"] > 0).sum() == total  # One epoch holds every token once.
-  assert (batch["images"].reshape(ds.num_rows, 2, -1).any(-1)).sum() == 11  # The 11 odd examples.
-  assert np.all((batch["input_ids"] == PAD) == (batch["segment_ids"] == 0))
-
-
 def test_native_images_of_different_sizes_share_a_row():
   image_id = 9
   fmt = NativeImages(image_id, max_pixels=28 * 28 * 8)  # P = 32 patches a slot
@@ -319,5 +277,6 @@ def test_native_images_of_different_sizes_share_a_row():
                                               [0, 1, 2, 3, 4, 2, 3, 4, 5, 6]])
   np.testing.assert_array_equal(batch["segment_ids"][0], [1] * 10 + [2] * 8 + [0] * 2)
   # PackedDataset hands the format on.
-  ds = PackedDataset([a, b], seq_len=20, max_images=4, pad_id=PAD, seed=0, image_format=fmt)
-  assert ds.batch_at(0, 1)["image_grid"].shape == (1, 4, 3)
+  ds = PackedDataset([a, b], seq_len=20, max_images=4, pad_id=PAD, seed=0, batch_size=2,
+                     image_format=fmt)
+  assert ds.batch_at(0, 2)["image_grid"].shape == (2, 4, 3)

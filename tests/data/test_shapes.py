@@ -138,7 +138,7 @@ def test_idempotent_and_regenerates_on_new_arguments(tmp_path):
 def test_per_task_sizes_and_bad_arguments(tmp_path):
   result = shapes.generate_benchmark(tmp_path, seed=0, sizes={"train": {"chat": 2, "vqa": 1}})
   assert result["counts"]["train"] == {"caption": 0, "vqa": 1, "count": 0, "grounding": 0,
-                                       "chat": 2, "background": 0}
+                                       "chat": 2, "background": 0, "tally": 0}
   with pytest.raises(ValueError, match="unknown splits"):
     shapes.generate_benchmark(tmp_path, seed=0, sizes={"dev": 1})
   with pytest.raises(ValueError, match="max_objects"):
@@ -287,3 +287,24 @@ def test_vqa_scope_color_always_asks_the_colour():
   assert answers <= set(shapes.COLORS)
   with pytest.raises(ValueError, match="vqa_scope"):
     shapes.generate_benchmark("/nonexistent", seed=0, sizes={"train": 1}, vqa_scope="shape")
+
+
+def test_tally_asks_counts_questions_and_answers_in_words():
+  """tally: count's "all shapes" questions, word for word, answered with the number word, on the
+  background task's pale palette (the only cue for which convention applies)."""
+  for i in range(30):
+    sample, pixels = shapes.make_sample(seed=5, split="val", task="tally", index=i,
+                                        grid=3, cell=16, max_objects=4)
+    question, answer = (turn["value"] for turn in sample["conversations"])
+    assert question.removeprefix("<image>\n") in shapes.COUNT_ALL_QUESTIONS
+    assert answer in shapes.NUMBER_WORDS[1:5]
+    assert tuple(int(v) for v in pixels[0, 0]) in set(shapes.SCENE_BACKGROUNDS.values())
+    # The answer is the number of objects drawn: count the non-background shapes' colours.
+    colours = {tuple(int(v) for v in p) for p in pixels.reshape(-1, 3)}
+    drawn = colours & set(shapes.COLORS.values())
+    assert len(drawn) <= shapes.NUMBER_WORDS.index(answer)
+  # The count task's answer to the same question is a digit, and its samples are unchanged.
+  count = shapes.make_sample(seed=5, split="val", task="count", index=0, grid=3, cell=16,
+                             max_objects=4, count_scope="all")[0]
+  assert count["conversations"][1]["value"].isdigit()
+  assert count["id"] == "count-val-000000"

@@ -100,8 +100,8 @@ class KillPoint:
     return f"{self.stage}: {self.event} #{self.nth} of {self.subject}"
 
 
-# Steps of the drill config's runs (checkpoint_every=2): pretrain 3; prep mini 2,
-# caption+mini 4, count+mini 5; final visatb 8.
+# Steps of the drill config's runs (checkpoint_every=2, 8 samples a step): pretrain 3; prep mini
+# 3, caption+mini 4, count+mini 5; final visatb 9.
 KILL_POINTS = (
     KillPoint("data", "replace", "data/shapes/images/train/*.png", 10,
               present=("data/shapes/images/train/.tmp-atomic-*.png",),
@@ -137,7 +137,7 @@ KILL_POINTS = (
 # Outputs removed from the finished run (a file, a directory, a model's last checkpoint): the
 # same command makes them again, naming each, with the uninterrupted run's contents.
 DELETED = {"lambda.json": "its output lambda.json is missing",
-           "final/visatb/checkpoints/8": "its output final/visatb/checkpoints changed",
+           "final/visatb/checkpoints/9": "its output final/visatb/checkpoints changed",
            "scores/test.json": "its output scores/test.json is missing",
            "report": "its output report/report.md is missing"}
 

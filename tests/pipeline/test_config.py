@@ -26,7 +26,7 @@ BAD = [
     ("train.epochs", 0.0, "config.train.epochs"),
     ("train.batch_size", 0, "config.train.batch_size"),
     ("train.lr", 0.0, "config.train.lr"),
-    ("train.accum_steps", 3, "config.train.batch_size=8 is not divisible by"),
+    ("train.accum_steps", 0, "config.train.accum_steps"),
     ("prep.r_mini", 1.5, "config.prep.r_mini"),
     ("prep.parallel", 0, "config.prep.parallel"),
     ("eval.batch_size", 0, "config.eval.batch_size"),
@@ -75,6 +75,23 @@ def test_defaults_are_filled_once():
   assert run.methods == ("visatb", "ew", "stl", "mgda") and run.needs_balance
   cfg = run.train_config(steps=7)
   assert (cfg.steps, cfg.seed, cfg.accum_steps, cfg.ce_chunk_size) == (7, 0, 1, 0)
+  # train.batch_size counts samples (8 here); the trainer's batch_size is the rows they pack into.
+  assert cfg.batch_size is None and run.train_config(7, rows_per_step=16).batch_size == 16
+
+
+def test_batch_size_counts_samples_so_micro_batches_need_not_divide_it():
+  """8 samples in 3 micro-batches is valid: the rows they pack into are rounded up to a multiple
+  of the micro-batches (docs/architecture.md, "Batch size in samples")."""
+  config = micro_config()
+  config.train.accum_steps = 3
+  run = config_lib.build(config)
+  assert run.train_config(5, rows_per_step=6).accum_steps == 3
+  with pytest.raises(ValueError, match="batch_size=4 is not divisible by train.accum_steps=3"):
+    run.train_config(5, rows_per_step=4)  # rows, unlike samples, must split evenly
+  del config.train["batch_size"]
+  with pytest.raises(pipeline.ConfigError, match=r"config.train.batch_size is required \(samples "
+                                                 "per optimizer step"):
+    config_lib.build(config)
 
 
 @pytest.mark.slow  # ~10 s or more on 2 cores: not in the quick subset (README)

@@ -27,6 +27,15 @@ def _hashes(**overrides):
   return runner.stage_hashes(config_lib.build(config))
 
 
+def test_a_new_hash_format_makes_every_stage_of_an_older_run_stale(monkeypatch):
+  """A run directory made when the same config meant other work (batch_size in rows, format 1)
+  must not pass for done: every stage's hash, and so every model's key, changes."""
+  now = _hashes()
+  monkeypatch.setattr(runner, "HASH_FORMAT", 1)
+  before = _hashes()
+  assert set(now) == set(before) and all(now[s] != before[s] for s in now)
+
+
 def test_stage_hashes_chain_only_downstream():
   base = _hashes()
   t = _hashes(**{"balance.temperature": 1.0})

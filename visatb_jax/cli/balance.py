@@ -57,11 +57,12 @@ import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any, NoReturn
 
+from visatb_jax.core.options import FORMS, ON_DEGENERATE, SHRINKAGE
+
 EXIT_USAGE = 2
 EXIT_BROKEN_PIPE = 1  # as Python itself on EPIPE
 DEFAULT_RESAMPLES = 1000
 DEFAULT_LEVEL = 0.9
-SHRINKAGE = ("none", "evidence")  # bootstrap.SHRINKAGE, without importing jax for --help
 
 
 class InputError(Exception):
@@ -129,7 +130,7 @@ def _parser() -> argparse.ArgumentParser:
           help="a run directory: its lambda.json again, from its own files"),
       add("--samples", metavar="PER_SAMPLE.json", nargs="+",
           help="{model: {task: {id: score}}}, one file per replicate: intervals"),
-      add("--form", default="real", choices=("real", "precise", "base"),
+      add("--form", default="real", choices=FORMS,
           help="the form of lambda, docs/method.md (default real)"),
       add("--temperature", default="0.5", metavar="T", help="T > 0 or auto (default 0.5)"),
       add("--alpha", default="0.25,0.25,0.5", metavar="A_OUT,A_IN,A_D",
@@ -139,7 +140,7 @@ def _parser() -> argparse.ArgumentParser:
       add("--groups", metavar="GROUPS.json", help="{task: group}: balance per group"),
       add("--tasks", metavar="A,B,C",
           help="task order (default: those of model 'mini'); fixed tasks are appended"),
-      add("--on-degenerate", default="error", choices=("error", "warn"),
+      add("--on-degenerate", default="error", choices=ON_DEGENERATE,
           help="a task's own data gave no gain: error (default), or warn and mask"),
       add("--drop", nargs="+", action="extend", default=[], metavar="UNIT",
           help="tasks (or groups) whose column of C is left out of C_out and C_in"),

@@ -29,14 +29,21 @@ import jax
 import jax.numpy as jnp
 
 from visatb_jax import train as train_lib
+from visatb_jax.data import packing
 from visatb_jax.model import factory
 from visatb_jax.model import llama
 from visatb_jax.model.qwen2vl import Qwen2VLConfig
+from visatb_jax.pipeline import methods as methods_registry
 from visatb_jax.pipeline import models as models_lib
 from visatb_jax.runtime import cost
 from visatb_jax.runtime import sharding as sharding_lib
+from visatb_jax.train import gradmtl_step
 
 GiB = float(1 << 30)
+# train.batch_size counts samples; the rows a step packs them into depend on the data, which the
+# dry run does not read. One sample a row is the most rows a step can need (every sample fits a
+# row), so the memory verdict holds for any data; the LLaVA-1.5 mix packs ~2.6 into 2048 tokens.
+SAMPLES_PER_ROW = 1.0
 
 
 def _per_device_bytes(tree: Any, shardings: Any) -> int:
@@ -86,9 +93,12 @@ def _sized_model_section(model: Any) -> Any:
   return {**section, **dict.fromkeys(factory.PART_FIELDS, "")}
 
 
-def lower_step(config: Any, devices: Sequence[jax.Device] | None = None
-               ) -> tuple[Any, dict[str, Any]]:
+def lower_step(config: Any, devices: Sequence[jax.Device] | None = None, *,
+               samples_per_row: float = SAMPLES_PER_ROW) -> tuple[Any, dict[str, Any]]:
   """Lowers the train step of `config` for its mesh (over `devices`, default all).
+
+  A step's rows: train.batch_size samples at `samples_per_row`, rounded up as the pipeline rounds
+  them (`packing.rows_for_samples`, `models.row_multiple`).
 
   Returns the lowered step and what `dry_run` reports besides it: the mesh, the model config,
   the abstract parameters and their shardings, and the per-device bytes of each argument.
@@ -100,30 +110,47 @@ def lower_step(config: Any, devices: Sequence[jax.Device] | None = None
   model_cfg = factory.model_config(model_section)
   model = factory.abstract_model(model_section, model_cfg)
   train_section = config.train.to_dict() if hasattr(config.train, "to_dict") else dict(config.train)
-  tc = train_lib.TrainConfig.of(
-      {**{k: v for k, v in train_section.items() if k != "epochs"}, "steps": 1})
+  fields = {k: v for k, v in train_section.items() if k != "epochs"}
+  samples = int(fields["batch_size"])
+  rows = packing.rows_for_samples(samples, samples_per_row, models_lib.row_multiple(
+      mesh, int(fields.get("accum_steps") or 1)))
+  tc = train_lib.TrainConfig.of({**fields, "batch_size": rows, "steps": 1})
   graphdef, params, frozen = train_lib.split_model(
       model, freeze_vision_tower=tc.freeze_vision_tower)
   tx = train_lib.make_optimizer(tc)
   state = jax.eval_shape(lambda p: train_lib.init_train_state(p, tx), params)
   state_sh = sharding_lib.param_shardings(state, mesh)
   frozen_sh = sharding_lib.param_shardings(frozen, mesh)
-  rows, seq_len = int(tc.batch_size), int(config.data.seq_len)
+  seq_len = int(config.data.seq_len)
   fmt = models_lib.image_format_for(model_cfg, config.data)
   batch = abstract_batch(rows, seq_len, int(config.data.max_images), fmt)
   num_tasks = len(config.task_order)
-  step = train_lib.make_train_step(
-      graphdef, tx, mesh=mesh, accum_steps=tc.accum_steps, donate=True,
-      state_sharding=state_sh, frozen_sharding=frozen_sh, ce_chunk_size=tc.ce_chunk_size)
   data_sh = sharding_lib.batch_sharding(mesh)
   repl = sharding_lib.replicated(mesh)
-  lowered = step.lower(
-      _with_sharding(state, state_sh), _with_sharding(frozen, frozen_sh),
-      {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=data_sh) for k, v in batch.items()},
-      jax.ShapeDtypeStruct((num_tasks,), jnp.float32, sharding=repl),
-      jax.ShapeDtypeStruct((), jnp.float32, sharding=repl))
+  args = (_with_sharding(state, state_sh), _with_sharding(frozen, frozen_sh),
+          {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=data_sh) for k, v in batch.items()},
+          jax.ShapeDtypeStruct((num_tasks,), jnp.float32, sharding=repl),
+          jax.ShapeDtypeStruct((), jnp.float32, sharding=repl))
+  method = gradient_method(config)
+  gradient = None
+  if method is None:
+    step = train_lib.make_train_step(
+        graphdef, tx, mesh=mesh, accum_steps=tc.accum_steps, donate=True,
+        state_sharding=state_sh, frozen_sharding=frozen_sh, ce_chunk_size=tc.ce_chunk_size)
+    lowered = step.lower(*args)
+  else:
+    name, options = method
+    step = gradmtl_step.make_gradmtl_train_step(
+        graphdef, tx, mesh=mesh, method=name, method_options=options,
+        accum_steps=tc.accum_steps, donate=True, state_sharding=state_sh,
+        frozen_sharding=frozen_sh, ce_chunk_size=tc.ce_chunk_size)
+    mtl = jax.eval_shape(lambda: gradmtl_step.init_mtl_state(name, num_tasks))
+    lowered = step.lower(*args, jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=repl), mtl))
+    gradient = gradient_plan(name, num_tasks, state.params, state_sh.params, frozen, mesh)
   info = {
       "mesh": mesh, "model_cfg": model_cfg, "image_format": fmt, "train": tc, "rows": rows,
+      "samples": samples, "samples_per_row": float(samples_per_row),
       "seq_len": seq_len,
       "max_images": int(config.data.max_images), "params": params, "frozen": frozen,
       "param_shardings": state_sh.params, "frozen_shardings": frozen_sh,
@@ -133,8 +160,39 @@ def lower_step(config: Any, devices: Sequence[jax.Device] | None = None
           "frozen_params": _per_device_bytes(frozen, frozen_sh),
           "batch": _per_device_bytes(batch, jax.tree.map(lambda _: data_sh, batch)),
       },
+      "gradient_method": gradient,
   }
   return lowered, info
+
+
+def gradient_method(config: Any) -> tuple[str, dict[str, Any]] | None:
+  """(name, options) when `config.weighting` is a gradient method (pipeline/methods.py: its
+  final model trains with per-task gradients, `gradmtl_step`), else None."""
+  name = str(config.get("weighting") or "visatb")
+  if name not in methods_registry.REGISTRY or methods_registry.get(name).kind != "gradient":
+    return None
+  options = config.get("weighting_options") or {}
+  options = options.to_dict() if hasattr(options, "to_dict") else dict(options)
+  return name, dict(options.get(name) or {})
+
+
+def gradient_plan(method: str, num_tasks: int, params: Any, param_shardings: Any, frozen: Any,
+                  mesh: Any) -> dict[str, Any]:
+  """The per-task gradients of a gradient method's step, per device: T × the trainable
+  parameters' share of one device (the [T, ...] tree is sharded like the parameters), and the
+  plan that `gradmtl_step.check_memory` holds against one device before any stage."""
+  share = _per_device_bytes(params, param_shardings)
+  shape = dict(mesh.shape)
+  shards = int(shape.get("fsdp", 1)) * int(shape.get("tensor", 1))
+  trainable = _count(params)
+  param_bytes = max((x.dtype.itemsize for x in jax.tree.leaves(params)), default=4)
+  need = gradmtl_step.memory_need(num_tasks=num_tasks, trainable=trainable,
+                                  frozen=_count(frozen), param_bytes=param_bytes, shards=shards)
+  refusal = gradmtl_step.memory_message(
+      method, need, num_tasks=num_tasks, trainable=trainable, param_bytes=param_bytes,
+      devices=int(mesh.devices.size), shards=shards)
+  return {"method": method, "tasks": num_tasks, "per_task_gradients": num_tasks * share,
+          "plan": need, "refusal": refusal}
 
 
 def compile_step(config: Any, devices: Sequence[jax.Device] | None = None,
@@ -199,7 +257,10 @@ def _matrix_params(tree: Any, part: str) -> int:
   "projector" or "vision"."""
   total = 0
   for name, leaf in _leaf_items(tree):
-    if len(leaf.shape) < 2 or not jnp.issubdtype(leaf.dtype, jnp.floating):
+    # The decoder's stacked layers (llama.py) carry a leading layer axis: a norm scale or bias
+    # [layers, D] is no matrix.
+    rank = len(leaf.shape) - ("['layers']['" in name)
+    if rank < 2 or not jnp.issubdtype(leaf.dtype, jnp.floating):
       continue
     # Qwen2-VL's tower is `visual`, its projector the merger inside it.
     where = ("projector" if "multi_modal_projector" in name or "merger" in name else "vision"
@@ -455,7 +516,8 @@ def dry_run(config: Any, devices: Sequence[jax.Device] | None = None, *,
       "mesh": dict(mesh.shape),
       "devices": int(mesh.devices.size),
       "platform": mesh.devices.flat[0].platform,
-      "batch": {"rows": info["rows"], "seq_len": info["seq_len"], "accum_steps": tc.accum_steps},
+      "batch": {"rows": info["rows"], "seq_len": info["seq_len"], "accum_steps": tc.accum_steps,
+                "samples": info["samples"], "samples_per_row": info["samples_per_row"]},
       "dtype": model_cfg.dtype, "param_dtype": model_cfg.param_dtype,
       "remat": remat,
       "ce_chunk_size": tc.ce_chunk_size,
@@ -469,6 +531,8 @@ def dry_run(config: Any, devices: Sequence[jax.Device] | None = None, *,
       "compiled_total_per_device": None if mem is None else int(
           mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes
           + mem.temp_size_in_bytes),
+      # A gradient method's step (config.weighting): its per-task gradients per device.
+      "gradient_method": info.get("gradient_method"),
   }
   if analyse:
     result["cost"] = analyse_step(compiled.as_text(), _xla_flops(compiled), info, live, remat,
@@ -521,7 +585,8 @@ def format_report(r: dict[str, Any], targets: Sequence[str] | None = None) -> st
   p = r["parameters"]
   lines = [
       f"mesh {r['mesh']} on {r['devices']} {r['platform']} device(s); global batch "
-      f"{r['batch']['rows']} x {r['batch']['seq_len']} (accum {r['batch']['accum_steps']}); "
+      f"{r['batch']['rows']} x {r['batch']['seq_len']} (accum {r['batch']['accum_steps']}; "
+      f"{r['batch']['samples']} samples at {r['batch']['samples_per_row']:g} a row); "
       f"compute {r['dtype']}, params {r['param_dtype']}; remat {r['remat']}; "
       f"CE chunk {r['ce_chunk_size'] or 'off'}",
       f"parameters: {p['trainable'] / 1e6:,.1f}M trainable, {p['frozen'] / 1e6:,.1f}M frozen",
@@ -529,6 +594,7 @@ def format_report(r: dict[str, Any], targets: Sequence[str] | None = None) -> st
   ]
   for name, b in r["per_device_bytes"].items():
     lines.append(f"  {name:24s} {gib(b)}")
+  lines += _gradient_lines(r, gib)
   lines.append(f"  {'total (compiled step)':24s} {gib(r['compiled_total_per_device'])}")
   if r["platform"] == "cpu" and r.get("accelerator_total_per_device") is not None:
     lines.append(f"  {'  accelerator estimate':24s} {gib(r['accelerator_total_per_device'])}"
@@ -539,6 +605,23 @@ def format_report(r: dict[str, Any], targets: Sequence[str] | None = None) -> st
               + _collective_lines(r, c) + [""] + _roofline_lines(c, targets))
   lines += [""] + verdict_lines(r, targets)
   return "\n".join(lines)
+
+
+def _gradient_lines(r: dict[str, Any], gib: Any) -> list[str]:
+  """What a gradient method's step holds besides the VITW step's: its per-task gradients."""
+  g = r.get("gradient_method")
+  if not g:
+    return []
+  plan, capacity = g["plan"], _gb(gradmtl_step.DEVICE_BYTES).replace(".00", "")
+  lines = [
+      f"  {'per_task_gradients':24s} {gib(g['per_task_gradients'])}  ({g['method']}: "
+      f"{g['tasks']} tasks x the trainable parameters' share of one device; part of "
+      "activations_and_temps)",
+      f"    planned before any stage: {_gb(plan['per_task_gradients'])} per-task gradients + "
+      f"{_gb(plan['model_state'])} model state = {_gb(plan['total'])} per device, "
+      + (f"more than one {capacity} device: the config check refuses it" if g["refusal"]
+         else f"within one {capacity} device, activations apart")]
+  return lines
 
 
 def _gb(b: float) -> str:

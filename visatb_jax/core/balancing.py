@@ -1,5 +1,10 @@
 """VisATB task balancing: contributions, difficulties and task weights λ (pure JAX).
 
+The user-facing API over `formulas` (the array maths) and `score_table` (the units and the score
+lookup): argument and score checks whose messages name the model and task, the on_degenerate /
+drop / spread policies, the automatic T and the report dict. Its length is those checks and this
+docstring, which states every choice beyond the paper.
+
 The maths follows `docs/method.md` (sections 3 to 7). `V_j(m)` is the validation score of model `m` on
 task (or group) `j`, higher is better. With N balanced units (tasks, or groups of tasks):
 
@@ -105,12 +110,20 @@ from __future__ import annotations
 import dataclasses
 import math
 import warnings
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from visatb_jax.core.formulas import (MIN_RELATIVE_DENOMINATOR, auto_search, contributions,
+                                      difficulty, difficulty_valid, gain_valid, np_weights,
+                                      outward_inward_of, shrink)
+from visatb_jax.core.score_table import (FORMS, ON_DEGENERATE, PARTS, Plan, ScoreTable, Scores,
+                                         any_traced, check_drop, check_form, check_on_degenerate,
+                                         collect_scores, difficulty_models, is_traced,
+                                         own_model, reference_model, resolve_plan, score_table)
 
 __all__ = [
     "AUTO_T_RANGE", "DEFAULT_ALPHA", "FORMS", "MIN_RELATIVE_DENOMINATOR", "ON_DEGENERATE",
@@ -122,25 +135,16 @@ __all__ = [
     "shrinkage_factor", "bound_units",
 ]
 
-FORMS = ("real", "precise", "base")
 DEFAULT_ALPHA = (0.25, 0.25, 0.5)
 # docs/method.md §5: the recommended T is the lowest one keeping every final weight within these bounds.
 WEIGHT_BOUNDS = (0.5, 2.0)
 # Search range of temperature="auto": a log grid of AUTO_GRID_POINTS over it, refined by bisection.
 AUTO_T_RANGE = (0.05, 20.0)
-AUTO_GRID_POINTS = 128
-AUTO_RELATIVE_TOLERANCE = 1e-6
-# A contribution or difficulty denominator must exceed this fraction of the magnitude of the scores
-# it is made of: a smaller one is noise, and dividing by it would give meaningless huge weights.
-MIN_RELATIVE_DENOMINATOR = 1e-4
-# What to do about such a denominator: raise, or warn and mask (see the module docstring).
-ON_DEGENERATE = ("error", "warn")
 # A final weight within this relative distance of a bound of WEIGHT_BOUNDS counts as at the bound.
 BOUND_RELATIVE_TOLERANCE = 1e-3
 # The λ component inputs that `spread` shrinks, in the order (C_out, C_in, D).
 SPREAD_COMPONENTS = ("c_out", "c_in", "d")
 
-Scores = Mapping[str, Mapping[str, Any]]
 Array = jax.Array
 
 
@@ -154,12 +158,6 @@ class TemperatureAtBoundWarning(UserWarning):
 
 # ----------------------------------------------------------------------------------------------
 # Argument checks.
-
-
-def _check_form(form: str) -> str:
-  if not isinstance(form, str) or form not in FORMS:
-    raise ValueError(f"unknown form {form!r}; expected one of {', '.join(FORMS)}")
-  return form
 
 
 def check_alpha(alpha: Sequence[float]) -> tuple[float, float, float]:
@@ -177,15 +175,11 @@ def check_alpha(alpha: Sequence[float]) -> tuple[float, float, float]:
   return values
 
 
-def _is_traced(x: Any) -> bool:
-  return isinstance(x, jax.core.Tracer)
-
-
 def _numeric_temperature(temperature: Any) -> Any:
   """Validates a numeric temperature: a finite number > 0 (a traced one is passed through)."""
   if isinstance(temperature, str) or isinstance(temperature, bool):
     raise ValueError(f"temperature must be a number > 0 or 'auto', got {temperature!r}")
-  if _is_traced(temperature):
+  if is_traced(temperature):
     return temperature
   try:
     t = float(temperature)
@@ -209,93 +203,6 @@ def check_temperature(temperature: Any) -> Any:
 # Which units are balanced (structure only, no scores).
 
 
-@dataclasses.dataclass(frozen=True)
-class _Plan:
-  """The tasks, the balanced units (tasks or groups) and the tasks each unit stands for."""
-  tasks: tuple[str, ...]
-  units: tuple[str, ...]
-  members: tuple[tuple[str, ...], ...]
-  fixed: dict[str, Any]
-  groups: dict[str, str] | None
-  grouped: bool
-
-  @property
-  def kind(self) -> str:
-    return "group" if self.grouped else "task"
-
-
-def _check_tasks(tasks: Sequence[str]) -> tuple[str, ...]:
-  if isinstance(tasks, str) or not isinstance(tasks, Sequence):
-    raise ValueError(f"tasks must be a sequence of task names, got {tasks!r}")
-  tasks = tuple(tasks)
-  for t in tasks:
-    if not isinstance(t, str):
-      raise ValueError(f"task names must be strings, got {t!r}")
-  dupes = sorted({t for t in tasks if tasks.count(t) > 1})
-  if dupes:
-    raise ValueError(f"tasks contain duplicates: {dupes}")
-  return tasks
-
-
-def _check_fixed(fixed: Mapping[str, float] | None, tasks: tuple[str, ...]) -> dict[str, Any]:
-  if fixed is None:
-    return {}
-  if not isinstance(fixed, Mapping):
-    raise ValueError(f"fixed must be a mapping task -> weight, got {fixed!r}")
-  out = {}
-  for task, weight in fixed.items():
-    if task not in tasks:
-      raise ValueError(f"fixed task {task!r} is not in tasks {list(tasks)}")
-    if not _is_traced(weight):
-      try:
-        w = float(weight)
-      except (TypeError, ValueError) as e:
-        raise ValueError(f"fixed weight of task {task!r} must be a number, got {weight!r}") from e
-      if isinstance(weight, bool) or not (math.isfinite(w) and w >= 0):
-        raise ValueError(f"fixed weight of task {task!r} must be finite and >= 0, got {weight!r}")
-      weight = w
-    out[task] = weight
-  return out
-
-
-def _check_groups(groups: Mapping[str, str] | None, tasks: tuple[str, ...],
-                  fixed: Mapping[str, Any]) -> dict[str, str] | None:
-  if groups is None:
-    return None
-  if not isinstance(groups, Mapping):
-    raise ValueError(f"groups must be a mapping task -> group, got {groups!r}")
-  for task, group in groups.items():
-    if task not in tasks:
-      raise ValueError(f"groups names task {task!r} which is not in tasks {list(tasks)}")
-    if not isinstance(group, str) or not group:
-      raise ValueError(f"group of task {task!r} must be a non-empty string, got {group!r}")
-    if task in fixed:
-      raise ValueError(f"task {task!r} has a fixed weight and cannot also be in group {group!r}")
-  missing = [t for t in tasks if t not in fixed and t not in groups]
-  if missing:
-    raise ValueError(f"tasks {missing} have no group; with groups, every balanced task needs one")
-  return dict(groups)
-
-
-def _resolve(tasks: Sequence[str], fixed: Mapping[str, float] | None,
-             groups: Mapping[str, str] | None) -> _Plan:
-  """Checks tasks/fixed/groups and works out the balanced units."""
-  tasks = _check_tasks(tasks)
-  fixed = _check_fixed(fixed, tasks)
-  groups = _check_groups(groups, tasks, fixed)
-  balanced = [t for t in tasks if t not in fixed]
-  if groups is None:
-    units, members = tuple(balanced), tuple((t,) for t in balanced)
-  else:
-    units = tuple(dict.fromkeys(groups[t] for t in balanced))
-    members = tuple(tuple(t for t in balanced if groups[t] == u) for u in units)
-  if len(units) < 2:
-    kind = "groups" if groups is not None else "tasks"
-    raise ValueError(f"balancing needs at least 2 balanced {kind}, got {len(units)}: {list(units)}"
-                     + (f" (fixed: {list(fixed)})" if fixed else ""))
-  return _Plan(tasks, units, members, fixed, groups, groups is not None)
-
-
 def balanced_units(tasks: Sequence[str], fixed: Mapping[str, float] | None = None,
                    groups: Mapping[str, str] | None = None) -> list[str]:
   """The units that are balanced: the non-fixed tasks, or their groups in order of appearance.
@@ -304,171 +211,29 @@ def balanced_units(tasks: Sequence[str], fixed: Mapping[str, float] | None = Non
     ValueError: duplicate tasks, fixed/groups naming unknown tasks, a fixed task in a group, a
       balanced task without a group, bad fixed weights, or fewer than 2 units.
   """
-  return list(_resolve(tasks, fixed, groups).units)
+  return list(resolve_plan(tasks, fixed, groups).units)
 
 
 # ----------------------------------------------------------------------------------------------
 # Looking the scores up.
 
 
-def _own_model(form: str, unit: str) -> str:
-  """The model trained with unit's own (large) data: 'u+mini', or 'u' in the base form."""
-  return unit if form == "base" else f"{unit}+mini"
-
-
-def _reference_model(form: str) -> str:
-  return "base" if form == "base" else "mini"
-
-
-def _difficulty_models(form: str, unit: str) -> tuple[str, str]:
-  """(numerator, denominator) models of D[unit] = 1 − V(numerator) / V(denominator)."""
-  if form == "real":
-    return "mini", f"{unit}+mini"
-  return f"mini_{unit}", unit
-
-
-_BOTH = ("c", "d")
-
-
-def _required(plan: _Plan, form: str, parts: Sequence[str]) -> dict[str, tuple[int, ...]]:
-  """Every model that C ("c") and/or D ("d") need, with the units it must be scored on."""
-  everywhere = tuple(range(len(plan.units)))
-  need: dict[str, set[int]] = {}
-  if "c" in parts:
-    need[_reference_model(form)] = set(everywhere)
-    for u in plan.units:
-      need.setdefault(_own_model(form, u), set()).update(everywhere)
-  if "d" in parts:
-    for i, u in enumerate(plan.units):
-      for model in _difficulty_models(form, u):
-        need.setdefault(model, set()).add(i)
-  return {m: tuple(sorted(ix)) for m, ix in need.items()}
-
-
-def _missing_model_message(model: str, form: str, plan: _Plan) -> str:
-  """Names the missing model, what needs it and, for a per-task model, the way out."""
-  if model in ("mini", "base"):
-    return f"missing model {model!r} (form {form!r} needs it for every balanced {plan.kind})"
-  unit = next(u for u in plan.units
-              if model in (_own_model(form, u),) + _difficulty_models(form, u))
-  hint = "" if plan.grouped else "; to exclude that task from balancing, give it a fixed weight"
-  return f"missing model {model!r} (form {form!r} needs it for {plan.kind} {unit!r}{hint})"
-
-
-def _check_scalar(value: Any, model: str, task: str) -> None:
-  """A score must be a real scalar and, when concrete, finite."""
-  where = f"score of model {model!r} on task {task!r}"
-  if _is_traced(value):
-    real = jnp.issubdtype(value.dtype, jnp.floating) or jnp.issubdtype(value.dtype, jnp.integer)
-    if value.shape != () or not real:
-      raise ValueError(f"{where} must be a real scalar, got {value.dtype}{list(value.shape)}")
-    return
-  try:
-    arr = np.asarray(value)
-  except Exception as e:  # noqa: BLE001 - anything np cannot read is not a score.
-    raise ValueError(f"{where} is not a number: {value!r}") from e
-  if arr.shape != () or arr.dtype.kind not in "iuf":
-    raise ValueError(f"{where} is not a number: {value!r}")
-  if not math.isfinite(float(arr)):
-    raise ValueError(f"{where} is not finite: V_{task}({model})={float(arr)}")
-
-
-def _collect(scores: Scores, plan: _Plan, form: str,
-             parts: Sequence[str]) -> dict[tuple[str, int], tuple[Any, ...]]:
-  """Looks up every score `parts` need: (model, unit index) -> raw member-task scores."""
-  if not isinstance(scores, Mapping):
-    raise ValueError(f"scores must be a mapping {{model: {{task: score}}}}, got "
-                     f"{type(scores).__name__}")
-  required = _required(plan, form, parts)
-  for model in required:  # all missing models first: that is the usual mistake.
-    if model not in scores:
-      raise ValueError(_missing_model_message(model, form, plan))
-  raw = {}
-  for model, unit_ixs in required.items():
-    row = scores[model]
-    if not isinstance(row, Mapping):
-      raise ValueError(f"model {model!r} must map task -> score, got {type(row).__name__}")
-    for i in unit_ixs:
-      values = []
-      for task in plan.members[i]:
-        if task not in row:
-          raise ValueError(f"model {model!r} has no score for task {task!r}")
-        _check_scalar(row[task], model, task)
-        values.append(row[task])
-      raw[(model, i)] = tuple(values)
-  return raw
-
-
-def _any_traced(raw: Mapping[Any, tuple[Any, ...]]) -> bool:
-  return any(_is_traced(v) for values in raw.values() for v in values)
-
-
-@dataclasses.dataclass(frozen=True)
-class _Table:
-  """The unit-level scores of one form, as arrays (jax or numpy float64); None if not needed."""
-  own: Any = None     # [N, N]: own[i, j] = V_j(own model of i)
-  ref: Any = None     # [N]:    ref[j] = V_j(mini) or V_j(base)
-  d_num: Any = None   # [N]:    V_i(mini) (real) or V_i(mini_i)
-  d_den: Any = None   # [N]:    V_i(i+mini) (real) or V_i(i)
-
-
-def _table(raw: Mapping[tuple[str, int], tuple[Any, ...]], plan: _Plan, form: str,
-           xp: Any, parts: Sequence[str]) -> _Table:
-  """Builds the unit-level score arrays with `xp` (jnp, or np in float64 for the value checks)."""
-  if xp is np:
-    def unit(values):
-      return float(np.mean([float(np.asarray(v)) for v in values]))
-    stack = np.array
-  else:
-    def unit(values):
-      vals = [jnp.asarray(v, dtype=float) for v in values]
-      # Group score = mean of its tasks' scores (docs/method.md §6).
-      return vals[0] if len(vals) == 1 else jnp.mean(jnp.stack(vals))
-    stack = jnp.stack
-  n = len(plan.units)
-  table = {}
-  if "c" in parts:
-    table["own"] = stack([stack([unit(raw[(_own_model(form, u), j)]) for j in range(n)])
-                          for u in plan.units])
-    table["ref"] = stack([unit(raw[(_reference_model(form), j)]) for j in range(n)])
-  if "d" in parts:
-    models = [_difficulty_models(form, u) for u in plan.units]
-    table["d_num"] = stack([unit(raw[(m[0], i)]) for i, m in enumerate(models)])
-    table["d_den"] = stack([unit(raw[(m[1], i)]) for i, m in enumerate(models)])
-  return _Table(**table)
-
-
-def _c_valid(own_diag: Any, ref: Any, xp: Any) -> Any:
-  """Per receiver j: is the own-data gain V_j(own_j) − V_j(ref) clearly positive?
-
-  Clearly positive means above `MIN_RELATIVE_DENOMINATOR` × the larger of |V_j(own_j)|, |V_j(ref)|
-  (a gain <= 0 always fails, since that bound is >= 0).
-  """
-  bound = MIN_RELATIVE_DENOMINATOR * xp.maximum(xp.abs(own_diag), xp.abs(ref))
-  return (own_diag - ref) > bound
-
-
-def _d_valid(num: Any, den: Any) -> Any:
-  """Per unit i: is the difficulty denominator > 0 and not too close to 0 next to the numerator?"""
-  return den > MIN_RELATIVE_DENOMINATOR * abs(num)
-
-
-def _value_problems(t: _Table, plan: _Plan, form: str) -> list[tuple[str, int, str]]:
+def _value_problems(t: ScoreTable, plan: Plan, form: str) -> list[tuple[str, int, str]]:
   """Degenerate denominators of a concrete (numpy) table as ("c" | "d", unit index, message).
 
   The messages name the unit, the models and their scores; which units fail is decided by
-  `_c_valid` / `_d_valid`, the same tests that make the masks of on_degenerate="warn".
+  `gain_valid` / `difficulty_valid`, the same tests that make the masks of on_degenerate="warn".
   """
   problems = []
-  ref_model = _reference_model(form)
+  ref_model = reference_model(form)
   over = " over 'base'" if form == "base" else ""
   if t.own is not None:
-    valid = _c_valid(np.diagonal(t.own), t.ref, np)
+    valid = gain_valid(np.diagonal(t.own), t.ref, np)
     for j, u in enumerate(plan.units):
       if valid[j]:
         continue
       a, b = float(t.own[j, j]), float(t.ref[j])
-      own = _own_model(form, u)
+      own = own_model(form, u)
       if a - b <= 0:
         message = (f"{plan.kind} {u!r} did not improve{over} with its own data: "
                    f"V_{u}({own})={a:.6g} <= V_{u}({ref_model})={b:.6g}")
@@ -478,11 +243,11 @@ def _value_problems(t: _Table, plan: _Plan, form: str) -> list[tuple[str, int, s
                    f"within {MIN_RELATIVE_DENOMINATOR:g}×|V| of 0")
       problems.append(("c", j, message))
   if t.d_den is not None:
-    valid = _d_valid(t.d_num, t.d_den)
+    valid = difficulty_valid(t.d_num, t.d_den)
     for i, u in enumerate(plan.units):
       if valid[i]:
         continue
-      num_model, den_model = _difficulty_models(form, u)
+      num_model, den_model = difficulty_models(form, u)
       num, den = float(t.d_num[i]), float(t.d_den[i])
       if den <= 0:
         message = (f"difficulty of {plan.kind} {u!r} needs V_{u}({den_model}) > 0, "
@@ -508,21 +273,14 @@ class _Prepared:
   `c_valid` [N] / `d_valid` [N] are boolean masks (True: usable denominator), or None where the
   formulas run unmasked (on_degenerate="error", where concrete scores have already been checked).
   """
-  table: _Table
+  table: ScoreTable
   c_valid: Any
   d_valid: Any
   warnings: tuple[str, ...]
 
 
-def _check_on_degenerate(on_degenerate: str) -> str:
-  if not isinstance(on_degenerate, str) or on_degenerate not in ON_DEGENERATE:
-    raise ValueError(f"unknown on_degenerate {on_degenerate!r}; expected one of "
-                     f"{', '.join(ON_DEGENERATE)}")
-  return on_degenerate
-
-
-def _prepare(scores: Scores, plan: _Plan, form: str, on_degenerate: str,
-             parts: Sequence[str] = _BOTH, stacklevel: int = 1) -> _Prepared:
+def _prepare(scores: Scores, plan: Plan, form: str, on_degenerate: str,
+             parts: Sequence[str] = PARTS, stacklevel: int = 1) -> _Prepared:
   """Structural and (when concrete) value checks, then the jax score arrays C and/or D need.
 
   With on_degenerate="error", value problems raise one `ValueError` listing them all. With "warn"
@@ -530,17 +288,17 @@ def _prepare(scores: Scores, plan: _Plan, form: str, on_degenerate: str,
   the masks are computed from the traced values and nothing is warned. `stacklevel` is counted
   as in `warnings.warn` from the caller of `_prepare` (2: that caller's caller).
   """
-  raw = _collect(scores, plan, form, parts)
+  raw = collect_scores(scores, plan, form, parts)
   warn = on_degenerate == "warn"
-  if _any_traced(raw):
-    table = _table(raw, plan, form, jnp, parts)
+  if any_traced(raw):
+    table = score_table(raw, plan, form, jnp, parts)
     c_valid = d_valid = None
     if warn and table.own is not None:
-      c_valid = _c_valid(jnp.diagonal(table.own), table.ref, jnp)
+      c_valid = gain_valid(jnp.diagonal(table.own), table.ref, jnp)
     if warn and table.d_den is not None:
-      d_valid = _d_valid(table.d_num, table.d_den)
+      d_valid = difficulty_valid(table.d_num, table.d_den)
     return _Prepared(table, c_valid, d_valid, ())
-  table = _table(raw, plan, form, np, parts)
+  table = score_table(raw, plan, form, np, parts)
   problems = _value_problems(table, plan, form)
   if problems and not warn:
     raise ValueError("; ".join(message for _, _, message in problems))
@@ -549,11 +307,11 @@ def _prepare(scores: Scores, plan: _Plan, form: str, on_degenerate: str,
     warnings.warn(message, DegenerateScoresWarning, stacklevel=stacklevel + 1)
   c_valid = d_valid = None
   if warn and table.own is not None:
-    c_valid = jnp.asarray(_c_valid(np.diagonal(table.own), table.ref, np))
+    c_valid = jnp.asarray(gain_valid(np.diagonal(table.own), table.ref, np))
   if warn and table.d_den is not None:
-    d_valid = jnp.asarray(_d_valid(table.d_num, table.d_den))
+    d_valid = jnp.asarray(difficulty_valid(table.d_num, table.d_den))
   # One transfer per array instead of one per score.
-  table = _Table(**{k: None if v is None else jnp.asarray(v, dtype=float)
+  table = ScoreTable(**{k: None if v is None else jnp.asarray(v, dtype=float)
                     for k, v in dataclasses.asdict(table).items()})
   return _Prepared(table, c_valid, d_valid, messages)
 
@@ -574,44 +332,14 @@ def validate_scores(scores: Scores, tasks: Sequence[str], form: str = "real",
   Returns:
     The degenerate-data messages that were warned ([] with "error", or when traced).
   """
-  on_degenerate = _check_on_degenerate(on_degenerate)
-  prepared = _prepare(scores, _resolve(tasks, fixed, groups), _check_form(form), on_degenerate,
+  on_degenerate = check_on_degenerate(on_degenerate)
+  prepared = _prepare(scores, resolve_plan(tasks, fixed, groups), check_form(form), on_degenerate,
                       stacklevel=2)
   return list(prepared.warnings)
 
 
 # ----------------------------------------------------------------------------------------------
 # The formulas (docs/method.md §3–5).
-
-
-def _contributions(own: Array, ref: Array, valid: Array | None = None, xp: Any = jnp) -> Array:
-  """C[i, j] = (own[i, j] − ref[j]) / (own[j, j] − ref[j]), with C[j, j] = 1 exactly.
-
-  With a `valid` mask [N], a receiver j with valid[j] False gets C[i, j] = 0 for i ≠ j; its
-  denominator is replaced by 1 before dividing, so that neither the values nor the gradients of
-  the branch not taken hold inf/NaN. Leading batch axes are allowed (own [..., N, N], ref and
-  valid [..., N]), and `xp` may be numpy (the bootstrap runs these formulas in float64 numpy).
-  """
-  gain = own - ref[..., None, :]
-  den = xp.diagonal(gain, axis1=-2, axis2=-1)
-  if valid is None:
-    c = gain / den[..., None, :]
-  else:
-    safe = xp.where(valid, den, xp.ones_like(den))
-    c = xp.where(valid[..., None, :], gain / safe[..., None, :], xp.zeros_like(gain))
-  # x / x is 1 already; `where` makes it exact and keeps its gradient exactly 0.
-  return xp.where(xp.eye(own.shape[-1], dtype=bool), xp.ones_like(c), c)
-
-
-def _difficulty(num: Array, den: Array, valid: Array | None = None, xp: Any = jnp) -> Array:
-  """D = 1 − num / den; with a `valid` mask, D = 0 where it is False (safe denominator as in C).
-
-  Elementwise: any leading batch axes, `xp` jnp or numpy as in `_contributions`.
-  """
-  if valid is None:
-    return 1.0 - num / den
-  safe = xp.where(valid, den, xp.ones_like(den))
-  return xp.where(valid, 1.0 - num / safe, xp.zeros_like(num))
 
 
 def contribution_matrix(scores: Scores, tasks: Sequence[str], form: str = "real", *,
@@ -624,10 +352,10 @@ def contribution_matrix(scores: Scores, tasks: Sequence[str], form: str = "real"
   `on_degenerate`: "error" raises for a receiver that did not clearly improve with its own data;
   "warn" warns and sets its column to 0 off the diagonal (see the module docstring).
   """
-  on_degenerate = _check_on_degenerate(on_degenerate)
-  p = _prepare(scores, _resolve(tasks, None, groups), _check_form(form), on_degenerate, ("c",),
+  on_degenerate = check_on_degenerate(on_degenerate)
+  p = _prepare(scores, resolve_plan(tasks, None, groups), check_form(form), on_degenerate, ("c",),
                stacklevel=2)
-  return _contributions(p.table.own, p.table.ref, p.c_valid)
+  return contributions(p.table.own, p.table.ref, p.c_valid)
 
 
 def difficulties(scores: Scores, tasks: Sequence[str], form: str = "real", *,
@@ -638,10 +366,10 @@ def difficulties(scores: Scores, tasks: Sequence[str], form: str = "real", *,
   `on_degenerate`: "error" raises for a denominator that is not clearly positive; "warn" warns
   and sets that D[i] to 0.
   """
-  on_degenerate = _check_on_degenerate(on_degenerate)
-  p = _prepare(scores, _resolve(tasks, None, groups), _check_form(form), on_degenerate, ("d",),
+  on_degenerate = check_on_degenerate(on_degenerate)
+  p = _prepare(scores, resolve_plan(tasks, None, groups), check_form(form), on_degenerate, ("d",),
                stacklevel=2)
-  return _difficulty(p.table.d_num, p.table.d_den, p.d_valid)
+  return difficulty(p.table.d_num, p.table.d_den, p.d_valid)
 
 
 def outward_inward(c: Array, *, dropped: Any = None) -> tuple[Array, Array]:
@@ -659,24 +387,7 @@ def outward_inward(c: Array, *, dropped: Any = None) -> tuple[Array, Array]:
     if dropped.shape != c.shape[:1]:
       raise ValueError(f"dropped must be a boolean vector of length {c.shape[0]}, got shape "
                        f"{dropped.shape}")
-  return _outward_inward(c, dropped)
-
-
-def _outward_inward(c: Array, dropped: Array | None = None,
-                    xp: Any = jnp) -> tuple[Array, Array]:
-  """`outward_inward` without checks; C may have leading batch axes ([..., N, N]), `xp` numpy."""
-  n = c.shape[-1]
-  off = xp.where(xp.eye(n, dtype=bool), xp.zeros_like(c), c)
-  if dropped is None:
-    return off.sum(axis=-1) / (n - 1), off.sum(axis=-2) / (n - 1)
-  kept = ~dropped
-  # Number of kept receivers j ≠ i for each contributor i; max(·, 1) keeps 0/0 out (the sum is
-  # 0 then, so C_out[i] = 0).
-  count = kept.sum() - kept.astype(int)
-  c_out = xp.where(kept, off, xp.zeros_like(off)).sum(axis=-1)
-  c_out = c_out / xp.maximum(count, 1).astype(c_out.dtype)
-  c_in = off.sum(axis=-2) / (n - 1)
-  return c_out, xp.where(kept, c_in, xp.zeros_like(c_in))
+  return outward_inward_of(c, dropped)
 
 
 def _check_vectors(*vectors: Any, xp: Any = jnp) -> tuple[Any, ...]:
@@ -712,32 +423,6 @@ def lambda_from_components(c_out: Array, c_in: Array, d: Array, *, temperature: 
 # Shrinkage toward the mean (docs/method.md §14).
 
 
-def _shrink(x: Any, sd: Any, xp: Any = jnp) -> tuple[Any, Any]:
-  """(x̃, factor) of positive-part shrinkage of x [..., N] toward its mean over the last axis.
-
-  factor = max(0, 1 − sd²/dev²) = max(0, 1 − 1/z²), 1 where sd = 0 (no evidence of noise: no
-  shrinkage) and 0 where dev = 0 < sd. The divisions use a safe denominator (1 where dev = 0), so
-  neither the values nor the gradients of the branch not taken hold inf/NaN. x̃ is x itself where
-  the factor is 1 and the mean itself where it is 0, exactly. `sd` broadcasts against x; `xp`
-  may be numpy (the bootstrap shrinks every resample at once in float64).
-  """
-  # The mean over the units with evidence (finite sd): a unit without any (sd = inf) is put at
-  # the others' mean, not at a mean that its own uninformative value pulls.
-  sd = xp.broadcast_to(sd, x.shape)
-  w = xp.isfinite(sd).astype(x.dtype)
-  n = w.sum(axis=-1, keepdims=True)
-  mean = xp.where(n > 0, (x * w).sum(axis=-1, keepdims=True) / xp.where(n > 0, n, 1.0),
-                  x.mean(axis=-1, keepdims=True))
-  dev = x - mean
-  dev2, sd2 = dev * dev, sd * sd
-  nonzero = dev2 > 0
-  ratio = sd2 / xp.where(nonzero, dev2, xp.ones_like(dev2))
-  factor = xp.where(nonzero, xp.maximum(1.0 - ratio, 0.0), xp.zeros_like(ratio))
-  factor = xp.where(sd2 > 0, factor, xp.ones_like(factor))
-  shrunk = xp.where(factor == 0, xp.broadcast_to(mean, dev.shape), x - dev * (1.0 - factor))
-  return shrunk, factor
-
-
 def _check_sd(x: Array, sd: Any) -> Array:
   sd = jnp.asarray(sd, dtype=x.dtype)
   try:
@@ -746,7 +431,7 @@ def _check_sd(x: Array, sd: Any) -> Array:
     raise ValueError(f"sd of shape {sd.shape} does not broadcast against x of shape "
                      f"{x.shape}") from None
   # +inf is allowed: no evidence at all, the mean (bootstrap's rule for a noisy own-data gain).
-  if not _is_traced(sd) and not bool(jnp.all(~jnp.isnan(sd) & (sd >= 0))):
+  if not is_traced(sd) and not bool(jnp.all(~jnp.isnan(sd) & (sd >= 0))):
     raise ValueError(f"sd must be >= 0 (or inf), got {np.asarray(sd).tolist()}")
   return sd
 
@@ -764,21 +449,21 @@ def shrink_toward_mean(x: Any, sd: Any) -> Array:
   Raises:
     ValueError: sd does not broadcast against x, or (when concrete) is negative or NaN.
   """
-  x = jnp.asarray(x, dtype=float) if not _is_traced(x) else x
+  x = jnp.asarray(x, dtype=float) if not is_traced(x) else x
   if x.ndim < 1 or x.shape[-1] < 1:
     raise ValueError(f"x must have at least one unit (last axis), got shape {x.shape}")
-  return _shrink(x, _check_sd(x, sd))[0]
+  return shrink(x, _check_sd(x, sd))[0]
 
 
 def shrinkage_factor(x: Any, sd: Any) -> Array:
   """max(0, 1 − 1/z²) of `shrink_toward_mean` per unit: 1 keeps x_i, 0 replaces it by the mean."""
-  x = jnp.asarray(x, dtype=float) if not _is_traced(x) else x
+  x = jnp.asarray(x, dtype=float) if not is_traced(x) else x
   if x.ndim < 1 or x.shape[-1] < 1:
     raise ValueError(f"x must have at least one unit (last axis), got shape {x.shape}")
-  return _shrink(x, _check_sd(x, sd))[1]
+  return shrink(x, _check_sd(x, sd))[1]
 
 
-def _check_spread(spread: Any, plan: _Plan) -> tuple[Any, Any, Any] | None:
+def _check_spread(spread: Any, plan: Plan) -> tuple[Any, Any, Any] | None:
   """`spread` as three sd vectors [N] (C_out, C_in, D) in unit order, or None.
 
   Each of "c_out", "c_in", "d" maps unit -> sd (exactly the balanced units) or is a sequence /
@@ -805,15 +490,15 @@ def _check_spread(spread: Any, plan: _Plan) -> tuple[Any, Any, Any] | None:
                          f"{list(plan.units)}" + (f"; missing {missing}" if missing else "")
                          + (f"; unknown {extra}" if extra else ""))
       values = [value[u] for u in plan.units]
-      if any(_is_traced(v) for v in values):
+      if any(is_traced(v) for v in values):
         vec = jnp.stack([jnp.asarray(v, dtype=float) for v in values])
       else:
         vec = np.asarray(values)
-    elif isinstance(value, (list, tuple)) and any(_is_traced(v) for v in value):
+    elif isinstance(value, (list, tuple)) and any(is_traced(v) for v in value):
       vec = jnp.stack([jnp.asarray(v, dtype=float) for v in value])
     else:
       vec = value
-    if not _is_traced(vec):
+    if not is_traced(vec):
       try:
         arr = np.asarray(vec, dtype=np.float64)
       except (TypeError, ValueError):
@@ -835,67 +520,6 @@ def _check_spread(spread: Any, plan: _Plan) -> tuple[Any, Any, Any] | None:
 
 # ----------------------------------------------------------------------------------------------
 # Automatic temperature.
-
-
-def _np_components(x: np.ndarray, t: np.ndarray) -> np.ndarray:
-  """(λ_out, λ_in, λ_D) [R, 3, N] in float64 numpy from x [R, 3, N] = (C_out, C_in, D), T [R].
-
-  The formulas of `lambda_components`, for R rows at once.
-  """
-  sign = np.array([1.0, -1.0, 1.0])
-  z = sign[:, None] * x / t[:, None, None]
-  z = np.exp(z - z.max(axis=-1, keepdims=True))
-  return x.shape[-1] * z / z.sum(axis=-1, keepdims=True)
-
-
-def _np_weights(x: np.ndarray, t: np.ndarray, alpha: np.ndarray) -> np.ndarray:
-  """Final weights λ [R, N] in float64 from x [R, 3, N] = (C_out, C_in, D) and T [R]."""
-  components = _np_components(x, t)
-  # Written out (not `alpha @ components`) so that every row is computed by the same operations.
-  return alpha[0] * components[:, 0] + alpha[1] * components[:, 1] + alpha[2] * components[:, 2]
-
-
-def _auto_search(x: np.ndarray, alpha: np.ndarray, t_range: tuple[float, float],
-                 bounds: tuple[float, float]) -> tuple[np.ndarray, np.ndarray]:
-  """The search of `auto_temperature` for R rows at once: (T [R], feasible [R]).
-
-  Row by row it takes exactly the steps of a scalar search: the first feasible point of the log
-  grid, then bisection (in log scale) of the step before it until its relative width is at most
-  `AUTO_RELATIVE_TOLERANCE`. Rows with no feasible grid point get T = t_range[1] and False.
-  The loops run over the grid points and the bisection steps, never over the rows.
-  """
-  t_lo, t_hi = t_range
-  w_lo, w_hi = bounds
-  rows = x.shape[0]
-
-  def feasible(ix: np.ndarray, t: np.ndarray) -> np.ndarray:
-    w = _np_weights(x[ix], t, alpha)
-    return np.all((w >= w_lo) & (w <= w_hi), axis=-1)
-
-  grid = np.geomspace(t_lo, t_hi, AUTO_GRID_POINTS)
-  first = np.full(rows, -1)  # index of the first feasible grid point, -1 while none
-  for k, t in enumerate(grid):
-    todo = np.flatnonzero(first < 0)
-    if todo.size == 0:
-      break
-    ok = feasible(todo, np.full(todo.size, float(t)))
-    first[todo[ok]] = k
-  found = first >= 0
-  out = np.full(rows, float(t_hi))
-  out[found & (first == 0)] = t_lo
-  bisect = np.flatnonzero(found & (first > 0))
-  lo, hi = grid[first[bisect] - 1].astype(np.float64), grid[first[bisect]].astype(np.float64)
-  # Invariant: lo infeasible, hi feasible.
-  active = hi - lo > AUTO_RELATIVE_TOLERANCE * hi
-  while active.any():
-    ix = np.flatnonzero(active)
-    mid = np.sqrt(lo[ix] * hi[ix])
-    ok = feasible(bisect[ix], mid)
-    hi[ix[ok]] = mid[ok]
-    lo[ix[~ok]] = mid[~ok]
-    active[ix] = hi[ix] - lo[ix] > AUTO_RELATIVE_TOLERANCE * hi[ix]
-  out[bisect] = hi
-  return out, found
 
 
 def _check_t_range(t_range: tuple[float, float]) -> tuple[float, float]:
@@ -921,14 +545,14 @@ def auto_temperature(c_out: Any, c_in: Any, d: Any, *, alpha: Sequence[float] = 
     ValueError: no T in `t_range` is feasible, or the inputs are traced.
   """
   a = np.asarray(check_alpha(alpha), dtype=np.float64)
-  if any(_is_traced(v) for v in (c_out, c_in, d)):
+  if any(is_traced(v) for v in (c_out, c_in, d)):
     raise ValueError("temperature='auto' needs concrete scores (it is not jittable): pick T "
                      "eagerly (balance_report(...)['temperature']) and pass the number")
   x = np.stack(_check_vectors(c_out, c_in, d, xp=np))[None]
   t_lo, t_hi = _check_t_range(t_range)
-  t, found = _auto_search(x, a, (t_lo, t_hi), bounds)
+  t, found = auto_search(x, a, (t_lo, t_hi), bounds)
   if not found[0]:
-    w = _np_weights(x, np.array([t_hi]), a)
+    w = np_weights(x, np.array([t_hi]), a)
     w_lo, w_hi = bounds
     raise ValueError(
         f"temperature='auto': no T in [{t_lo:g}, {t_hi:g}] keeps every weight within "
@@ -954,7 +578,7 @@ def auto_temperature_batch(c_out: Any, c_in: Any, d: Any, *,
   if x.ndim != 3 or x.shape[0] < 1 or x.shape[2] < 1:
     raise ValueError(f"c_out, c_in and d must be [R, N] arrays of one shape, got "
                      f"{[np.shape(v) for v in (c_out, c_in, d)]}")
-  return _auto_search(x, a, _check_t_range(t_range), bounds)
+  return auto_search(x, a, _check_t_range(t_range), bounds)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -963,7 +587,7 @@ def auto_temperature_batch(c_out: Any, c_in: Any, d: Any, *,
 
 @dataclasses.dataclass(frozen=True)
 class _Balance:
-  plan: _Plan
+  plan: Plan
   form: str
   alpha: tuple[float, float, float]
   temperature: Any
@@ -980,22 +604,6 @@ class _Balance:
   shrunk: tuple[Array, Array, Array] | None = None
   factors: tuple[Array, Array, Array] | None = None
   at_bound: tuple[str, ...] = ()
-
-
-def _check_drop(drop: Sequence[str], plan: _Plan) -> np.ndarray | None:
-  """The `drop` names as a boolean mask over the balanced units (None when nothing is dropped)."""
-  if isinstance(drop, (str, bytes)) or not isinstance(drop, Iterable):
-    raise ValueError(f"drop must be a sequence of balanced {plan.kind} names, got {drop!r}")
-  names = list(drop)
-  bad = [u for u in names if not isinstance(u, str)]
-  if bad:
-    raise ValueError(f"drop must name balanced {plan.kind}s (strings), got {bad!r}")
-  unknown = [u for u in dict.fromkeys(names) if u not in plan.units]
-  if unknown:
-    raise ValueError(f"drop names {unknown}, which are not balanced {plan.kind}s "
-                     f"{list(plan.units)}")
-  mask = np.array([u in names for u in plan.units])
-  return mask if mask.any() else None
 
 
 def noisy_units(intervals_gain: Mapping[str, Sequence[float]]) -> list[str]:
@@ -1047,21 +655,21 @@ def _balance(scores: Scores, tasks: Sequence[str], form: str, temperature: Any,
              alpha: Sequence[float], fixed: Mapping[str, float] | None,
              groups: Mapping[str, str] | None, on_degenerate: str,
              drop: Sequence[str] = (), spread: Any = None) -> _Balance:
-  form = _check_form(form)
+  form = check_form(form)
   alpha = check_alpha(alpha)
   check_temperature(temperature)
-  on_degenerate = _check_on_degenerate(on_degenerate)
-  plan = _resolve(tasks, fixed, groups)
-  dropped = _check_drop(drop, plan)
+  on_degenerate = check_on_degenerate(on_degenerate)
+  plan = resolve_plan(tasks, fixed, groups)
+  dropped = check_drop(drop, plan)
   sds = _check_spread(spread, plan)
   # Warnings point at the caller of compute_lambda / balance_report.
   p = _prepare(scores, plan, form, on_degenerate, stacklevel=3)
-  c = _contributions(p.table.own, p.table.ref, p.c_valid)
-  d = _difficulty(p.table.d_num, p.table.d_den, p.d_valid)
+  c = contributions(p.table.own, p.table.ref, p.c_valid)
+  d = difficulty(p.table.d_num, p.table.d_den, p.d_valid)
   c_out, c_in = outward_inward(c, dropped=dropped)
   inputs, shrunk, factors = (c_out, c_in, d), None, None
   if sds is not None:
-    pairs = [_shrink(x, sd.astype(x.dtype)) for x, sd in zip(inputs, sds)]
+    pairs = [shrink(x, sd.astype(x.dtype)) for x, sd in zip(inputs, sds)]
     shrunk = tuple(x for x, _ in pairs)
     factors = tuple(f for _, f in pairs)
     inputs = shrunk
@@ -1154,7 +762,7 @@ def compute_lambda(scores: Scores, *, tasks: Sequence[str], form: str = "real",
   """
   b = _balance(scores, tasks, form, temperature, alpha, fixed, groups, on_degenerate, drop,
                spread)
-  return _task_lambdas(b, _is_traced(b.lam))
+  return _task_lambdas(b, is_traced(b.lam))
 
 
 def balance_report(scores: Scores, *, tasks: Sequence[str], form: str = "real",
@@ -1183,7 +791,7 @@ def balance_report(scores: Scores, *, tasks: Sequence[str], form: str = "real",
   """
   b = _balance(scores, tasks, form, temperature, alpha, fixed, groups, on_degenerate, drop,
                spread)
-  traced = _is_traced(b.lam)
+  traced = is_traced(b.lam)
   units = b.plan.units
 
   def per_unit(v: Array) -> dict[str, Any]:
@@ -1196,7 +804,7 @@ def balance_report(scores: Scores, *, tasks: Sequence[str], form: str = "real",
       "tasks": list(b.plan.tasks),
       "balanced": list(units),
       "form": b.form,
-      "temperature": _out(b.temperature, _is_traced(b.temperature)),
+      "temperature": _out(b.temperature, is_traced(b.temperature)),
       "alpha": list(b.alpha),
       "C": b.c if traced else [[float(v) for v in row] for row in np.asarray(b.c)],
       "c_out": per_unit(b.c_out),
@@ -1206,7 +814,7 @@ def balance_report(scores: Scores, *, tasks: Sequence[str], form: str = "real",
       "lambda_in": per_unit(b.l_in),
       "lambda_d": per_unit(b.l_d),
       "lambda": _task_lambdas(b, traced),
-      "fixed": {t: _out(w, _is_traced(w)) for t, w in b.plan.fixed.items()},
+      "fixed": {t: _out(w, is_traced(w)) for t, w in b.plan.fixed.items()},
       "groups": groups_out,
       "warnings": list(b.warnings),
       "at_bound": list(b.at_bound),

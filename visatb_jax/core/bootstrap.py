@@ -76,6 +76,9 @@ import jax
 import numpy as np
 
 from visatb_jax.core import balancing as B
+from visatb_jax.core import formulas as F
+from visatb_jax.core.options import SHRINKAGE
+from visatb_jax.core import score_table as T
 from visatb_jax.core.differences import percentile_interval
 
 __all__ = ["SHRINKAGE", "VARIANCE_KEYS", "align_by_id", "bootstrap_draws", "bootstrap_report",
@@ -83,7 +86,6 @@ __all__ = ["SHRINKAGE", "VARIANCE_KEYS", "align_by_id", "bootstrap_draws", "boot
 
 # {model: {task: [n] per-sample scores, or [R, n]: one list per replicate}}
 PerSample = Mapping[str, Mapping[str, Any]]
-SHRINKAGE = ("none", "evidence")
 # The quantities whose variance is split into training and sampling shares.
 VARIANCE_KEYS = ("C", "c_out", "c_in", "d", "lambda_out", "lambda_in", "lambda_d", "lambda",
                  "gain")
@@ -275,7 +277,7 @@ def _counts(indices: np.ndarray, n: int) -> np.ndarray:
 def _models_per_task(plan: Any, form: str) -> dict[str, list[str]]:
   """task -> the models whose score on it balancing needs, tasks in the order of `plan.tasks`."""
   need: dict[str, list[str]] = {}
-  for model, unit_ixs in B._required(plan, form, B._BOTH).items():
+  for model, unit_ixs in T.required_models(plan, form, T.PARTS).items():
     for i in unit_ixs:
       for task in plan.members[i]:
         need.setdefault(task, []).append(model)
@@ -317,7 +319,7 @@ def _resampled_means(samples: Mapping[str, Mapping[str, np.ndarray]],
   return means
 
 
-def _unit_table(value: Any, plan: Any, form: str) -> B._Table:
+def _unit_table(value: Any, plan: Any, form: str) -> T.ScoreTable:
   """The balancing table with a leading resample axis: own [R, N, N], ref/d_num/d_den [R, N].
 
   `value(model, task)` gives the [R] scores; a group's score is the plain mean of its tasks'.
@@ -327,16 +329,16 @@ def _unit_table(value: Any, plan: Any, form: str) -> B._Table:
     return values[0] if len(values) == 1 else np.mean(np.stack(values), axis=0)
 
   n = len(plan.units)
-  own = np.stack([np.stack([unit(B._own_model(form, u), j) for j in range(n)], axis=-1)
+  own = np.stack([np.stack([unit(T.own_model(form, u), j) for j in range(n)], axis=-1)
                   for u in plan.units], axis=-2)
-  ref = np.stack([unit(B._reference_model(form), j) for j in range(n)], axis=-1)
-  models = [B._difficulty_models(form, u) for u in plan.units]
+  ref = np.stack([unit(T.reference_model(form), j) for j in range(n)], axis=-1)
+  models = [T.difficulty_models(form, u) for u in plan.units]
   d_num = np.stack([unit(m[0], i) for i, m in enumerate(models)], axis=-1)
   d_den = np.stack([unit(m[1], i) for i, m in enumerate(models)], axis=-1)
-  return B._Table(own=own, ref=ref, d_num=d_num, d_den=d_den)
+  return T.ScoreTable(own=own, ref=ref, d_num=d_num, d_den=d_den)
 
 
-def _gain(table: B._Table) -> np.ndarray:
+def _gain(table: T.ScoreTable) -> np.ndarray:
   """Own-data gain V_u(own_u) − V_u(ref) per unit, [R, N]."""
   return np.diagonal(table.own, axis1=-2, axis2=-1) - table.ref
 
@@ -350,11 +352,11 @@ def _components(means: Mapping[tuple[str, str], np.ndarray], plan: Any, form: st
   """C, C_out, C_in, D, the gain and the degenerate flag of every resample."""
   table = _unit_table(lambda m, t: means[(m, t)], plan, form)
   # The masks of on_degenerate="warn", always on (see the module docstring).
-  c_valid = B._c_valid(np.diagonal(table.own, axis1=-2, axis2=-1), table.ref, np)
-  d_valid = B._d_valid(table.d_num, table.d_den)
-  c = B._contributions(table.own, table.ref, c_valid, xp=np)
-  d = B._difficulty(table.d_num, table.d_den, d_valid, xp=np)
-  c_out, c_in = B._outward_inward(c, dropped, xp=np)
+  c_valid = F.gain_valid(np.diagonal(table.own, axis1=-2, axis2=-1), table.ref, np)
+  d_valid = F.difficulty_valid(table.d_num, table.d_den)
+  c = F.contributions(table.own, table.ref, c_valid, xp=np)
+  d = F.difficulty(table.d_num, table.d_den, d_valid, xp=np)
+  c_out, c_in = F.outward_inward_of(c, dropped, xp=np)
   return {"C": c, "c_out": c_out, "c_in": c_in, "d": d, "gain": _gain(table),
           "degenerate": ~(c_valid.all(axis=-1) & d_valid.all(axis=-1))}
 
@@ -366,14 +368,14 @@ def _weights(comp: Mapping[str, np.ndarray], temperature: Any,
   x = tuple(comp[k] for k in B.SPREAD_COMPONENTS)
   out: dict[str, np.ndarray] = {}
   if spread is not None:
-    x = tuple(B._shrink(v, spread[k], xp=np)[0] for k, v in zip(B.SPREAD_COMPONENTS, x))
+    x = tuple(F.shrink(v, spread[k], xp=np)[0] for k, v in zip(B.SPREAD_COMPONENTS, x))
     out.update({f"{k}_shrunk": v for k, v in zip(B.SPREAD_COMPONENTS, x)})
   resamples = x[0].shape[0]
   if isinstance(temperature, str):
     t, feasible = B.auto_temperature_batch(*x, alpha=alpha)
   else:
     t, feasible = np.full(resamples, float(temperature)), np.ones(resamples, dtype=bool)
-  l_out, l_in, l_d = np.moveaxis(B._np_components(np.stack(x, axis=1), t), 1, 0)
+  l_out, l_in, l_d = np.moveaxis(F.np_components(np.stack(x, axis=1), t), 1, 0)
   out.update({
       "lambda_out": l_out, "lambda_in": l_in, "lambda_d": l_d,
       "lambda": alpha[0] * l_out + alpha[1] * l_in + alpha[2] * l_d,
@@ -498,11 +500,11 @@ def _setup(per_sample: PerSample, tasks: Sequence[str], form: str, temperature: 
     raise ValueError("shrinkage='evidence' needs resamples >= 2 (it uses their standard "
                      f"deviation), got {resamples}")
   samples, replicates = _check_per_sample(per_sample)
-  form = B._check_form(form)
+  form = T.check_form(form)
   alpha = B.check_alpha(alpha)
   temperature = B.check_temperature(temperature)
-  plan = B._resolve(tasks, fixed, groups)
-  dropped = B._check_drop(drop, plan)
+  plan = T.resolve_plan(tasks, fixed, groups)
+  dropped = T.check_drop(drop, plan)
   return (_Setup(samples, replicates, plan, form, temperature, alpha, dropped, resamples, seed),
           shrinkage)
 
@@ -533,7 +535,7 @@ def bootstrap_draws(per_sample: PerSample, *, tasks: Sequence[str], form: str = 
   setup, shrinkage = _setup(per_sample, tasks, form, temperature, alpha, fixed, groups, drop,
                             resamples, seed, shrinkage)
   # The structural checks (missing models or tasks) of balancing, on the means.
-  B._collect(_means(setup.samples), setup.plan, setup.form, B._BOTH)
+  T.collect_scores(_means(setup.samples), setup.plan, setup.form, T.PARTS)
   return _draws(setup, shrinkage, _check_level(level))
 
 
@@ -613,11 +615,11 @@ def bootstrap_report(per_sample: PerSample, *, tasks: Sequence[str], form: str =
     report = B.balance_report(means, tasks=tasks, form=form, temperature=temperature,
                               alpha=alpha, fixed=fixed, groups=groups,
                               on_degenerate=on_degenerate, drop=drop)
-  elif B._check_on_degenerate(on_degenerate) == "error":
+  elif T.check_on_degenerate(on_degenerate) == "error":
     # The point values' errors before the resamples (the report itself needs their spread).
     B.validate_scores(means, tasks, setup.form, fixed, groups)
   else:
-    B._collect(means, setup.plan, setup.form, B._BOTH)
+    T.collect_scores(means, setup.plan, setup.form, T.PARTS)
   draws = _draws(setup, shrinkage, level)
   units, plan = setup.plan.units, setup.plan
   if shrinkage == "evidence":

@@ -1,19 +1,26 @@
 """Gradient-combination methods for multi-task learning: IMGrad, CAGrad, PCGrad, MGDA, Nash-MTL,
 GradDrop.
 
-Every method is a pure, jittable function of G, the [T, P] matrix whose row k is task k's
-flattened gradient of the shared parameters (see `flatten_task_grads`), and returns
+Every method is a pure, jittable function of the per-task gradients G: either the [T, P] matrix
+whose row k is task k's flattened gradient of the shared parameters (`flatten_task_grads`), or,
+as the train step passes them, any pytree whose every leaf has a leading task axis T (leaf
+[T, *param.shape]: row k of the leaf is task k's gradient of that parameter). It returns
 
-    (direction [P], weights [T])   with   direction == weights @ G   (up to rounding)
+    (direction, weights [T])   with   direction == Σ_k weights_k · G_k   (up to rounding)
 
-for every method but GradDrop. Those five combine the task gradients linearly, so each one is
-solved in the T×T Gram space A = G Gᵀ (cheap: T is small) and the P-dimensional work is one
-Gram product and one weighted sum. The small solvers run inside JAX (no scipy at run time);
-scipy is only the reference in the tests. The Gram matrix is rescaled by its mean diagonal
-before solving: every objective here is invariant to a positive rescaling of G (or scales
-trivially), and this keeps the float32 solvers well scaled whatever the gradients' magnitude.
-GradDrop (`graddrop`) instead masks G coordinate by coordinate, so its direction is no linear
-combination of the rows; its weights are the fraction of each task's gradient mass it keeps.
+for every method but GradDrop, the direction shaped like one task's gradient ([P], or the tree
+without its task axis). Those five combine the task gradients linearly, so each one is solved in
+the T×T Gram space A = G Gᵀ (cheap: T is small): `task_gram` sums the [T, T] Gram of every leaf
+(a contraction over the leaf's parameter axes), the solver turns A into the weights
+(`WEIGHTS`), and `combine_tasks` forms Σ_k w_k g_k leaf by leaf. Nothing of size T × P is ever
+built, so per-task gradients sharded like the parameters (FSDP) stay sharded end to end: the
+Gram is a local contraction plus one [T, T] all-reduce, the combination a local weighted sum.
+The small solvers run inside JAX (no scipy at run time); scipy is only the reference in the
+tests. The Gram matrix is rescaled by its mean diagonal before solving: every objective here is
+invariant to a positive rescaling of G (or scales trivially), and this keeps the float32 solvers
+well scaled whatever the gradients' magnitude. GradDrop (`graddrop`) instead masks G coordinate
+by coordinate (leaf by leaf), so its direction is no linear combination of the rows; its weights
+are the fraction of each task's gradient mass it keeps.
 
 Scale conventions follow the papers' releases: `mgda` returns a convex combination (the
 scale of one task gradient), `cagrad`/`imgrad` are built on the *mean* gradient g0,
@@ -28,6 +35,7 @@ other option (c, alpha, iters, reduction, leak, ...) is a Python value and must 
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -56,21 +64,43 @@ def unflatten(direction: jax.Array, like: Any) -> Any:
   return unravel(direction)
 
 
+def _leaf_gram(g: jax.Array) -> jax.Array:
+  """[T, *shape] → [T, T]: the dot products of the rows, contracted over the parameter axes in
+  place (no reshape, which could relayout a sharded leaf); float32, full precision."""
+  g = g.astype(jnp.float32)
+  axes = tuple(range(1, g.ndim))
+  return jax.lax.dot_general(g, g, ((axes, axes), ((), ())), precision=_HIGHEST,
+                             preferred_element_type=jnp.float32)
+
+
+def task_gram(grads: Any) -> jax.Array:
+  """A = G Gᵀ [T, T] of per-task gradients G ([T, P] or a tree of [T, ...] leaves), as the sum
+  of the leaves' Grams: float32 at full precision (no TF32/bf16 passes on accelerators)."""
+  leaves = jax.tree.leaves(grads)
+  if not leaves:
+    raise ValueError("task_gram needs at least one gradient leaf")
+  return functools.reduce(jnp.add, [_leaf_gram(g) for g in leaves])
+
+
 def gram(G: jax.Array) -> jax.Array:
-  """A = G Gᵀ [T, T] in float32 at full precision (no TF32/bf16 passes on accelerators)."""
-  G = G.astype(jnp.float32)
-  return jnp.dot(G, G.T, precision=_HIGHEST)
+  """A = G Gᵀ [T, T] of a [T, P] matrix (or a tree: `task_gram`)."""
+  return task_gram(G)
 
 
-def _combine(weights: jax.Array, G: jax.Array) -> jax.Array:
-  """Σ_k weights_k · G_k, in the dtype of G."""
-  out = jnp.dot(weights.astype(jnp.float32), G.astype(jnp.float32), precision=_HIGHEST)
-  return out.astype(G.dtype)
+def combine_tasks(weights: jax.Array, grads: Any) -> Any:
+  """Σ_k weights_k · G_k leaf by leaf: the task axis contracted away, each leaf in its own dtype
+  (and, under jit, its own sharding: the sum is local to every shard)."""
+  w = weights.astype(jnp.float32)
+
+  def one(g):
+    out = jnp.tensordot(w, g.astype(jnp.float32), axes=(0, 0), precision=_HIGHEST)
+    return out.astype(g.dtype)
+
+  return jax.tree.map(one, grads)
 
 
-def _normalized_gram(G: jax.Array) -> jax.Array:
-  """G Gᵀ / mean(diag): the same minimisers, entries of order 1 (identity for G = 0)."""
-  A = gram(G)
+def normalize_gram(A: jax.Array) -> jax.Array:
+  """A / mean(diag A): the same minimisers, entries of order 1 (A itself when A = 0)."""
   scale = jnp.mean(jnp.diag(A))
   return A / jnp.where(scale > _TINY, scale, 1.0)
 
@@ -186,15 +216,20 @@ def mgda_weights(A: jax.Array, *, iters: int = 50) -> jax.Array:
   return minimize_on_simplex(lambda w: w @ A @ w, _uniform(A.shape[0]), iters=iters)
 
 
-def mgda(G: jax.Array, *, iters: int = 50) -> tuple[jax.Array, jax.Array]:
+def mgda_from_gram(A: jax.Array, *, iters: int = 50) -> jax.Array:
+  """`mgda`'s weights from the Gram matrix A = G Gᵀ."""
+  return mgda_weights(normalize_gram(A), iters=iters)
+
+
+def mgda(G: Any, *, iters: int = 50) -> tuple[Any, jax.Array]:
   """MGDA (Désidéri 2012; Sener & Koltun 2018): the min-norm point of conv{g_1..g_T}.
 
   Solved by accelerated projected gradient on the simplex (in place of the Frank-Wolfe of
   the MGDA-UB release: it reaches the same point, with linear convergence when the
   gradients are independent). Returns (d = Σ w_k g_k, w).
   """
-  w = mgda_weights(_normalized_gram(G), iters=iters)
-  return _combine(w, G), w
+  w = mgda_from_gram(task_gram(G), iters=iters)
+  return combine_tasks(w, G), w
 
 
 # ------------------------------------------------------------------------------- CAGrad
@@ -219,7 +254,15 @@ def _conflict_averse(A: jax.Array, w: jax.Array, c: float) -> jax.Array:
   return (_uniform(num_tasks) + lam * w) / (1.0 + c * c)
 
 
-def cagrad(G: jax.Array, *, c: float = 0.4, iters: int = 200) -> tuple[jax.Array, jax.Array]:
+def cagrad_from_gram(A: jax.Array, *, c: float = 0.4, iters: int = 200) -> jax.Array:
+  """`cagrad`'s weights from the Gram matrix A = G Gᵀ."""
+  A = normalize_gram(A)
+  w = minimize_on_simplex(lambda v: cagrad_objective(v, A, c), _uniform(A.shape[0]),
+                          iters=iters)
+  return _conflict_averse(A, w, c)
+
+
+def cagrad(G: Any, *, c: float = 0.4, iters: int = 200) -> tuple[Any, jax.Array]:
   """CAGrad (Liu et al., NeurIPS 2021): the conflict-averse direction.
 
   max_d min_k g_kᵀd  s.t. ‖d − g0‖ ≤ c‖g0‖, solved through its dual over the simplex:
@@ -227,11 +270,8 @@ def cagrad(G: jax.Array, *, c: float = 0.4, iters: int = 200) -> tuple[jax.Array
   d = g0 + (c‖g0‖ / ‖g_w*‖)·g_w*, rescaled by 1/(1 + c²) as the released code does.
   Returns (d, weights) with d = weights @ G.
   """
-  A = _normalized_gram(G)
-  w = minimize_on_simplex(lambda v: cagrad_objective(v, A, c), _uniform(A.shape[0]),
-                          iters=iters)
-  weights = _conflict_averse(A, w, c)
-  return _combine(weights, G), weights
+  weights = cagrad_from_gram(task_gram(G), c=c, iters=iters)
+  return combine_tasks(weights, G), weights
 
 
 # ------------------------------------------------------------------------------- IMGrad
@@ -262,8 +302,18 @@ def imgrad_objective(w: jax.Array, A: jax.Array, alpha: float, cos: jax.Array,
   return (offset - cos) * gw_g0 + cos * alpha * g0_norm * gw_norm
 
 
-def imgrad(G: jax.Array, *, alpha: float = 0.8, offset: float = IMGRAD_OFFSET,
-           iters: int = 200, mgda_iters: int = 50) -> tuple[jax.Array, jax.Array]:
+def imgrad_from_gram(A: jax.Array, *, alpha: float = 0.8, offset: float = IMGRAD_OFFSET,
+                     iters: int = 200, mgda_iters: int = 50) -> jax.Array:
+  """`imgrad`'s weights from the Gram matrix A = G Gᵀ."""
+  A = normalize_gram(A)
+  cos = imgrad_cos(A, mgda_iters=mgda_iters)
+  w = minimize_on_simplex(lambda v: imgrad_objective(v, A, alpha, cos, offset),
+                          _uniform(A.shape[0]), iters=iters)
+  return _conflict_averse(A, w, alpha)
+
+
+def imgrad(G: Any, *, alpha: float = 0.8, offset: float = IMGRAD_OFFSET,
+           iters: int = 200, mgda_iters: int = 50) -> tuple[Any, jax.Array]:
   """IMGrad (Zhou, Liu, Zhao, Gong, IJCAI 2025, arXiv 2503.08006): imbalance-sensitive CAGrad.
 
   Steps: g0 = mean gradient; g_m = MGDA min-norm direction; cos θ = cos(g0, g_m), a measure
@@ -291,31 +341,19 @@ def imgrad(G: jax.Array, *, alpha: float = 0.8, offset: float = IMGRAD_OFFSET,
 
   Returns (d, weights) with d = weights @ G.
   """
-  A = _normalized_gram(G)
-  cos = imgrad_cos(A, mgda_iters=mgda_iters)
-  w = minimize_on_simplex(lambda v: imgrad_objective(v, A, alpha, cos, offset),
-                          _uniform(A.shape[0]), iters=iters)
-  weights = _conflict_averse(A, w, alpha)
-  return _combine(weights, G), weights
+  weights = imgrad_from_gram(task_gram(G), alpha=alpha, offset=offset, iters=iters,
+                             mgda_iters=mgda_iters)
+  return combine_tasks(weights, G), weights
 
 
 # ------------------------------------------------------------------------------- PCGrad
 
 
-def pcgrad(G: jax.Array, *, rng: jax.Array,
-           reduction: str = "sum") -> tuple[jax.Array, jax.Array]:
-  """PCGrad (Yu et al., NeurIPS 2020): gradient surgery.
-
-  For every task i, in an independent random order of the other tasks j: if the current
-  g_i' conflicts with the ORIGINAL g_j (g_i'·g_j < 0), project it onto g_j's normal plane,
-  g_i' ← g_i' − (g_i'·g_j / ‖g_j‖²)·g_j. The result is Σ_i g_i' (`reduction="sum"`, as in
-  the authors' release) or its mean (`"mean"`, as in the CAGrad/IMGrad repositories).
-  Zero gradients are never projected onto. Runs entirely on the Gram matrix: each g_i' is
-  tracked as a coefficient vector over the original rows. Returns (d, weights).
-  """
+def pcgrad_from_gram(A: jax.Array, *, rng: jax.Array, reduction: str = "sum") -> jax.Array:
+  """`pcgrad`'s weights from the Gram matrix A = G Gᵀ (not normalised: the projections'
+  coefficients g_i'·g_j / ‖g_j‖² are ratios of its entries)."""
   if reduction not in ("sum", "mean"):
     raise ValueError(f"pcgrad reduction must be 'sum' or 'mean', got {reduction!r}")
-  A = gram(G)
   num_tasks = A.shape[0]
   diag = jnp.diag(A)
   keys = jax.random.split(rng, num_tasks)
@@ -336,7 +374,23 @@ def pcgrad(G: jax.Array, *, rng: jax.Array,
   weights = jnp.sum(coefs, axis=0)
   if reduction == "mean":
     weights = weights / num_tasks
-  return _combine(weights, G), weights
+  return weights
+
+
+def pcgrad(G: Any, *, rng: jax.Array, reduction: str = "sum") -> tuple[Any, jax.Array]:
+  """PCGrad (Yu et al., NeurIPS 2020): gradient surgery.
+
+  For every task i, in an independent random order of the other tasks j: if the current
+  g_i' conflicts with the ORIGINAL g_j (g_i'·g_j < 0), project it onto g_j's normal plane,
+  g_i' ← g_i' − (g_i'·g_j / ‖g_j‖²)·g_j. The result is Σ_i g_i' (`reduction="sum"`, as in
+  the authors' release) or its mean (`"mean"`, as in the CAGrad/IMGrad repositories).
+  Zero gradients are never projected onto. Runs entirely on the Gram matrix: each g_i' is
+  tracked as a coefficient vector over the original rows. Returns (d, weights).
+  """
+  if reduction not in ("sum", "mean"):
+    raise ValueError(f"pcgrad reduction must be 'sum' or 'mean', got {reduction!r}")
+  weights = pcgrad_from_gram(task_gram(G), rng=rng, reduction=reduction)
+  return combine_tasks(weights, G), weights
 
 
 # ----------------------------------------------------------------------------- Nash-MTL
@@ -376,8 +430,21 @@ def nash_alpha(A: jax.Array, *, iters: int = 20,
   return alpha, converged
 
 
-def nash(G: jax.Array, *, iters: int = 20, prev_alpha: jax.Array | None = None,
-         normalize: bool = True, tol: float = 1e-4) -> tuple[jax.Array, jax.Array]:
+def nash_from_gram(A: jax.Array, *, iters: int = 20, prev_alpha: jax.Array | None = None,
+                   normalize: bool = True, tol: float = 1e-4) -> jax.Array:
+  """`nash`'s α from the Gram matrix A = G Gᵀ."""
+  num_tasks = A.shape[0]
+  if normalize:
+    norm = jnp.linalg.norm(A)
+    A = A / jnp.where(norm > _TINY, norm, 1.0)
+  alpha, converged = nash_alpha(A, iters=iters, tol=tol)
+  fallback = (jnp.ones((num_tasks,), jnp.float32) if prev_alpha is None
+              else jnp.asarray(prev_alpha, jnp.float32))
+  return jnp.where(converged, alpha, fallback)
+
+
+def nash(G: Any, *, iters: int = 20, prev_alpha: jax.Array | None = None,
+         normalize: bool = True, tol: float = 1e-4) -> tuple[Any, jax.Array]:
   """Nash-MTL (Navon et al., ICML 2022): the Nash bargaining solution d = Gᵀα, A α = 1/α.
 
   Solved by at most `iters` damped Newton steps (`nash_alpha`) instead of the paper's
@@ -388,23 +455,15 @@ def nash(G: jax.Array, *, iters: int = 20, prev_alpha: jax.Array | None = None,
   as the release keeps the previous step's α. Returns (d, α): pass α as the next call's
   `prev_alpha`.
   """
-  A = gram(G)
-  num_tasks = A.shape[0]
-  if normalize:
-    norm = jnp.linalg.norm(A)
-    A = A / jnp.where(norm > _TINY, norm, 1.0)
-  alpha, converged = nash_alpha(A, iters=iters, tol=tol)
-  fallback = (jnp.ones((num_tasks,), jnp.float32) if prev_alpha is None
-              else jnp.asarray(prev_alpha, jnp.float32))
-  alpha = jnp.where(converged, alpha, fallback)
-  return _combine(alpha, G), alpha
+  alpha = nash_from_gram(task_gram(G), iters=iters, prev_alpha=prev_alpha, normalize=normalize,
+                         tol=tol)
+  return combine_tasks(alpha, G), alpha
 
 
 # ----------------------------------------------------------------------------- GradDrop
 
 
-def graddrop(G: jax.Array, *, rng: jax.Array,
-             leak: float = 0.0) -> tuple[jax.Array, jax.Array]:
+def graddrop(G: Any, *, rng: jax.Array, leak: float = 0.0) -> tuple[Any, jax.Array]:
   """GradDrop (Chen et al., NeurIPS 2020, "Just Pick a Sign"): sign-consistent gradient dropout.
 
   Coordinate by coordinate p of the shared parameters, the gradient sign purity
@@ -423,7 +482,9 @@ def graddrop(G: jax.Array, *, rng: jax.Array,
 
   Where it acts. The paper applies the mask to the gradients with respect to a shared
   activation layer, summed over the batch; here, as for the other methods of this module, it
-  acts on G, i.e. each coordinate of the flattened shared parameters is one unit.
+  acts on G, i.e. each coordinate of the shared parameters is one unit. Everything but the
+  per-task masses is elementwise, so a tree is masked leaf by leaf (`graddrop_uniforms` gives
+  the draws: one key per leaf), and sharded leaves stay sharded.
 
   Weights. The mask differs from coordinate to coordinate, so d is not weights @ G. The returned
   weights are the fraction of each task's gradient mass that enters d,
@@ -434,41 +495,82 @@ def graddrop(G: jax.Array, *, rng: jax.Array,
   The direction is a sum over tasks, on the scale of a summed loss like `pcgrad`'s.
 
   Args:
-    G: [T, P] per-task gradients.
+    G: [T, P] per-task gradients, or a tree of [T, ...] leaves.
     rng: a JAX random key; the mask is a deterministic function of (G, rng).
     leak: the fraction of every task's gradient that passes unmasked, in [0, 1] (static).
 
   Returns:
-    (direction [P] in the dtype of G, weights [T] float32).
+    (direction shaped like one row of G, each leaf in its dtype; weights [T] float32).
   """
-  if not 0.0 <= leak <= 1.0:
-    raise ValueError(f"graddrop leak must be in [0, 1], got {leak}")
-  g = G.astype(jnp.float32)
+  return graddrop_scaled(G, None, rng=rng, leak=leak)
+
+
+def graddrop_uniforms(rng: jax.Array, grads: Any) -> Any:
+  """GradDrop's draws U ∈ [0, 1): a tree shaped like one task's gradient. A single leaf (a
+  [T, P] matrix) draws from `rng` itself; leaf i of a larger tree from fold_in(rng, i)."""
+  leaves, treedef = jax.tree.flatten(grads)
+  keys = ([rng] if len(leaves) == 1
+          else [jax.random.fold_in(rng, i) for i in range(len(leaves))])
+  return treedef.unflatten([jax.random.uniform(k, g.shape[1:], jnp.float32)
+                            for k, g in zip(keys, leaves, strict=True)])
+
+
+def _graddrop_leaf(g: jax.Array, u: jax.Array, leak: float,
+                   row_scale: jax.Array | None) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """One leaf [T, ...]: (its kept sum [...], each task's kept mass [T], its mass [T])."""
+  dtype = g.dtype
+  g = g.astype(jnp.float32)
+  if row_scale is not None:
+    g = g * row_scale.astype(jnp.float32).reshape((-1,) + (1,) * (g.ndim - 1))
   positive = jnp.sum(jnp.maximum(g, 0.0), axis=0)
   negative = jnp.sum(jnp.maximum(-g, 0.0), axis=0)
   mass = positive + negative
   # P = ½(1 + Σg / Σ|g|) written as Σg⁺ / (Σg⁺ + Σg⁻): the same number, but exactly 1 (or 0)
   # where no component is negative (or positive), so an agreeing column is never dropped.
   purity = jnp.where(mass > 0, positive / jnp.where(mass > 0, mass, 1.0), 0.5)
-  keep_positive = jax.random.uniform(rng, purity.shape, jnp.float32) < purity
-  mask = jnp.where(g > 0, keep_positive[None, :], (g < 0) & ~keep_positive[None, :])
+  keep_positive = (u < purity)[None]
+  mask = jnp.where(g > 0, keep_positive, (g < 0) & ~keep_positive)
   kept = jnp.where(mask, g, 0.0)
   if leak:
     kept = leak * g + (1.0 - leak) * kept
-  task_mass = jnp.sum(jnp.abs(g), axis=1)
-  weights = jnp.where(task_mass > 0,
-                      jnp.sum(jnp.abs(kept), axis=1) / jnp.where(task_mass > 0, task_mass, 1.0),
-                      1.0)
-  return jnp.sum(kept, axis=0).astype(G.dtype), weights
+  axes = tuple(range(1, g.ndim))
+  return (jnp.sum(kept, axis=0).astype(dtype), jnp.sum(jnp.abs(kept), axis=axes),
+          jnp.sum(jnp.abs(g), axis=axes))
+
+
+def graddrop_scaled(G: Any, row_scale: jax.Array | None, *, rng: jax.Array,
+                    leak: float = 0.0) -> tuple[Any, jax.Array]:
+  """`graddrop` of the rows of G scaled by `row_scale` [T] (None: 1), the scaling fused into
+  the masking, so no scaled copy of G is kept."""
+  if not 0.0 <= leak <= 1.0:
+    raise ValueError(f"graddrop leak must be in [0, 1], got {leak}")
+  leaves, treedef = jax.tree.flatten(G)
+  uniforms = jax.tree.leaves(graddrop_uniforms(rng, G))
+  parts = [_graddrop_leaf(g, u, leak, row_scale) for g, u in zip(leaves, uniforms, strict=True)]
+  kept_mass = functools.reduce(jnp.add, [p[1] for p in parts])
+  task_mass = functools.reduce(jnp.add, [p[2] for p in parts])
+  weights = jnp.where(task_mass > 0, kept_mass / jnp.where(task_mass > 0, task_mass, 1.0), 1.0)
+  return treedef.unflatten([p[0] for p in parts]), weights
 
 
 # ----------------------------------------------------------------------------- registry
 
-METHODS: dict[str, Callable[..., tuple[jax.Array, jax.Array]]] = {
+METHODS: dict[str, Callable[..., tuple[Any, jax.Array]]] = {
     "imgrad": imgrad,
     "cagrad": cagrad,
     "pcgrad": pcgrad,  # needs rng=
     "mgda": mgda,
     "nash": nash,  # takes prev_alpha= (its previous returned weights)
     "graddrop": graddrop,  # needs rng=; its weights are kept-mass fractions, not coefficients
+}
+
+# The linear methods as A = G Gᵀ [T, T] → weights [T] (direction = combine_tasks(weights, G)),
+# with the options of their METHODS entry: what a caller that forms G's Gram itself (the train
+# step, over a sharded tree) solves. GradDrop is not linear: `graddrop_scaled`.
+FROM_GRAM: dict[str, Callable[..., jax.Array]] = {
+    "imgrad": imgrad_from_gram,
+    "cagrad": cagrad_from_gram,
+    "pcgrad": pcgrad_from_gram,
+    "mgda": mgda_from_gram,
+    "nash": nash_from_gram,
 }

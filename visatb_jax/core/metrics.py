@@ -19,13 +19,15 @@ per-sample function in `SAMPLE_SCORERS` whose `mean_score` is the scalar of the 
   cider            the image's CIDEr-D within the corpus            [0, 10]
   vqa_accuracy     VQA soft accuracy, min(#humans agreeing / 3, 1)  [0, 1]
   multiple_choice  parsed option letter is the correct one          [0, 1]
+  mmbench_circular its question right under every shift (weighted)  [0, 1] (MMBench's CircularEval)
   pope             yes/no answer is right                           [0, 1] (POPE's accuracy)
   mme              yes/no answer is right                           [0, 1] (MME's accuracy)
 
 POPE's headline F1 and MME's score (accuracy + accuracy+) are not means of per-sample values:
 `pope_report` and `mme_score` compute them from the same answers; `pope_split_report` gives
 POPE's metrics per split (random / popular / adversarial) and `mme_totals` MME's perception and
-cognition totals. `cider`'s option `tokenization="raw"` scores as the VisATB release does. The
+cognition totals; `CORPUS_REPORTS` computes both from the per-sample scores and each sample's
+split, subtask and image, for the pipeline's scores/test_reports.json. `cider`'s option `tokenization="raw"` scores as the VisATB release does. The
 pipeline's score tables (validation and test scores, λ, ΔI / ΔE, the bootstrap) use `score`, the
 mean of the per-sample values: accuracy for POPE and MME. `score` and `sample_scores` give the
 evaluation loop one entry point; a scorer's options (IoU threshold, choices, ...) are keyword
@@ -865,6 +867,88 @@ def multiple_choice(predictions: Sequence[str], references: Sequence[str | Seque
   return mean_score(multiple_choice_scores(predictions, references, choices))
 
 
+# MMBench's circular copies of a question: the k-th rotation of its options is a row whose index
+# is the question's plus k · 10^6 (the index is the question's modulo 10^6).
+MMBENCH_COPY_STRIDE = 10**6
+
+
+def _circular_groups(questions: Sequence[Any], shifts: Sequence[Any] | None) -> dict[str, list[int]]:
+  """{question: its items, in order}; a shift given twice for one question is refused."""
+  groups: dict[str, list[int]] = {}
+  seen: dict[str, set] = {}
+  for i, question in enumerate(questions):
+    key = str(question)
+    groups.setdefault(key, []).append(i)
+    if shifts is not None:
+      shift = shifts[i]
+      if shift in seen.setdefault(key, set()):
+        raise ValueError(f"item {i}: question {question!r} has shift {shift!r} twice")
+      seen[key].add(shift)
+  return groups
+
+
+def mmbench_circular_scores(predictions: Sequence[str],
+                            references: Sequence[str | Sequence[str]], questions: Sequence[Any],
+                            shifts: Sequence[Any] | None = None, choices: Any = None
+                            ) -> np.ndarray:
+  """MMBench's circular evaluation, as per-item values whose mean is its accuracy.
+
+  MMBench asks each question once per circular shift of its options (A B C D, B C D A, ...); a
+  question counts as right only if every one of its shifts is answered right (each item scored
+  as `multiple_choice_scores`). The accuracy is the fraction of questions right.
+
+  Args:
+    predictions, references, choices: as in `multiple_choice_scores`, one per item (per shift).
+    questions: per item, the id of its question (shared by its shifts); a sample's `question_id`,
+      else its MMBench `index` modulo 10^6 (`mmbench_sample_arguments`).
+    shifts: per item, its shift (optional): a shift seen twice for one question raises.
+
+  Returns:
+    float64 [n]: item i of question q holds right(q) · n / (Q · k_q), for Q questions and k_q
+    items of q, so that the mean over items is the fraction of questions right. With the same
+    number of shifts for every question this is right(q) itself, 1.0 or 0.0.
+  """
+  _check_lengths(predictions, references)
+  if len(questions) != len(predictions):
+    raise ValueError(f"{len(questions)} questions for {len(predictions)} predictions")
+  if shifts is not None and len(shifts) != len(predictions):
+    raise ValueError(f"{len(shifts)} shifts for {len(predictions)} predictions")
+  correct = multiple_choice_scores(predictions, references, choices)
+  groups = _circular_groups(questions, shifts)
+  out = np.zeros(len(predictions))
+  n, q = len(predictions), len(groups)
+  for items in groups.values():
+    if all(correct[i] for i in items):
+      out[items] = n / (q * len(items))
+  return out
+
+
+def mmbench_circular(predictions: Sequence[str], references: Sequence[str | Sequence[str]],
+                     questions: Sequence[Any], shifts: Sequence[Any] | None = None,
+                     choices: Any = None) -> float:
+  """MMBench's circular accuracy: the mean of `mmbench_circular_scores`."""
+  return mean_score(mmbench_circular_scores(predictions, references, questions, shifts, choices))
+
+
+def mmbench_sample_arguments(sample: Mapping[str, Any]) -> dict[str, Any]:
+  """A sample's question and shift for `mmbench_circular_scores`.
+
+  `question_id` (and `shift`, else 0) where the sample has one; else its MMBench `index`, whose
+  question is index mod 10^6 and shift index // 10^6 (MMBENCH_COPY_STRIDE).
+
+  Raises:
+    ValueError: a sample with neither field, or an index that is not an integer.
+  """
+  if sample.get("question_id") not in (None, ""):
+    return {"questions": sample["question_id"], "shifts": sample.get("shift", 0)}
+  index = sample.get("index")
+  if isinstance(index, bool) or not isinstance(index, (int, str)) or not str(index).isdigit():
+    raise ValueError("an mmbench_circular sample needs its 'question_id' (and 'shift') or its "
+                     f"MMBench 'index' (an integer), got index={index!r}")
+  shift, question = divmod(int(index), MMBENCH_COPY_STRIDE)
+  return {"questions": question, "shifts": shift}
+
+
 # ---------------------------------------------------------------------------------------------
 # Yes/no benchmarks: POPE and MME
 # ---------------------------------------------------------------------------------------------
@@ -1075,6 +1159,109 @@ def mme_totals(predictions: Sequence[str], references: Sequence[str | Sequence[s
 
 
 # ---------------------------------------------------------------------------------------------
+# Corpus reports from per-sample scores (what the test stage writes to scores/test_reports.json)
+# ---------------------------------------------------------------------------------------------
+
+
+def yes_no_answers(correct: Sequence[float], references: Sequence[str | Sequence[str]]
+                   ) -> list[str]:
+  """Each answer as POPE or MME read it, recovered from its per-sample score: the label when the
+  answer was right, the other label when it was wrong.
+
+  Exact for POPE, which reads every answer as "yes" or "no" (`pope_answer`). An MME answer read as
+  neither ("other") is wrong and comes back as the wrong label; MME's score counts only whether an
+  answer is right, so `mme_totals` is the same on the answers and on these.
+  """
+  if len(correct) != len(references):
+    raise ValueError(f"{len(correct)} scores for {len(references)} references")
+  out = []
+  for i, (right, refs) in enumerate(zip(correct, references)):
+    label = _yes_no_label(i, refs)
+    if right not in (0, 1):
+      raise ValueError(f"item {i}: score {right!r} is not a yes/no correctness (0 or 1)")
+    out.append(label if right else ("no" if label == "yes" else "yes"))
+  return out
+
+
+def pope_report_from_scores(correct: Sequence[float], references: Sequence[str | Sequence[str]],
+                            splits: Sequence[str]) -> dict[str, dict[str, Any]]:
+  """`pope_split_report` of the answers behind POPE per-sample scores (`yes_no_answers`)."""
+  return pope_split_report(yes_no_answers(correct, references), references, splits)
+
+
+def mme_totals_from_scores(correct: Sequence[float], references: Sequence[str | Sequence[str]],
+                           pair_ids: Sequence[Any], subtasks: Sequence[str]) -> dict[str, Any]:
+  """`mme_totals` of the answers behind MME per-sample scores (`yes_no_answers`)."""
+  return mme_totals(yes_no_answers(correct, references), references, pair_ids, subtasks)
+
+
+# POPE's files name a question's negative sampling "category" (LLaVA's llava_pope_test.jsonl).
+POPE_ALL_SPLITS = "all"
+
+
+def pope_sample_arguments(sample: Mapping[str, Any]) -> dict[str, Any]:
+  """A POPE sample's split: its `category` (random / popular / adversarial), else "all"."""
+  return {"splits": str(sample.get("category") or POPE_ALL_SPLITS)}
+
+
+def mme_sample_arguments(sample: Mapping[str, Any]) -> dict[str, Any]:
+  """An MME sample's subtask (its `category`, LLaVA's llava_mme.jsonl) and its image (its
+  `pair_id`, else its `image`: MME asks two questions of each image).
+
+  Raises:
+    ValueError: a sample without a category or without an image to pair its questions by.
+  """
+  subtask = sample.get("category")
+  if not isinstance(subtask, str) or not subtask:
+    raise ValueError("MME's perception and cognition totals need each sample's 'category' (its "
+                     f"subtask, one of {list(MME_PERCEPTION + MME_COGNITION)})")
+  pair = sample.get("pair_id")
+  if pair in (None, ""):
+    pair = sample.get("image")
+  if pair in (None, "", []):
+    raise ValueError("MME's accuracy+ needs each sample's 'pair_id' or 'image' (its two "
+                     "questions share one image)")
+  return {"pair_ids": str(pair), "subtasks": subtask}
+
+
+# {metric: (its corpus report from per-sample scores, the per-sample arguments of that report)}:
+# POPE's F1 / accuracy / yes-ratio per split and MME's totals, beside the per-sample mean.
+CORPUS_REPORTS: dict[str, tuple[Callable[..., dict], Callable[[Mapping], dict]]] = {
+    "pope": (pope_report_from_scores, pope_sample_arguments),
+    "mme": (mme_totals_from_scores, mme_sample_arguments),
+}
+
+# Scorer arguments read from each sample's own fields, not from the config:
+# {metric: (argument names, sample → {argument: value})}.
+SAMPLE_ARGUMENTS: dict[str, tuple[tuple[str, ...], Callable[[Mapping], dict]]] = {
+    "mmbench_circular": (("questions", "shifts"), mmbench_sample_arguments),
+}
+
+
+def gather_sample_arguments(extract: Callable[[Mapping], dict], samples: Sequence[Mapping]
+                            ) -> dict[str, list[Any]]:
+  """{argument: one value per sample} of `extract` over `samples`.
+
+  Raises:
+    ValueError: naming the sample (its `id`, else its position) whose fields `extract` refuses.
+  """
+  out: dict[str, list[Any]] = {}
+  for i, sample in enumerate(samples):
+    try:
+      values = extract(sample)
+    except ValueError as e:
+      raise ValueError(f"sample {sample.get('id', i)!r}: {e}") from None
+    for name, value in values.items():
+      out.setdefault(name, []).append(value)
+  return out
+
+
+def sample_argument_names(metric_name: str) -> tuple[str, ...]:
+  """The scorer arguments of `metric_name` that come from its samples (`SAMPLE_ARGUMENTS`)."""
+  return SAMPLE_ARGUMENTS.get(metric_name, ((), None))[0]
+
+
+# ---------------------------------------------------------------------------------------------
 # Registry
 # ---------------------------------------------------------------------------------------------
 
@@ -1085,6 +1272,7 @@ SCORERS: dict[str, Callable[..., Any]] = {
     "cider": cider,
     "vqa_accuracy": vqa_accuracy,
     "multiple_choice": multiple_choice,
+    "mmbench_circular": mmbench_circular,
     "pope": pope,
     "mme": mme,
 }
@@ -1097,17 +1285,20 @@ SAMPLE_SCORERS: dict[str, Callable[..., np.ndarray]] = {
     "cider": cider_scores,
     "vqa_accuracy": vqa_accuracy_scores,
     "multiple_choice": multiple_choice_scores,
+    "mmbench_circular": mmbench_circular_scores,
     "pope": pope_scores,
     "mme": mme_scores,
 }
 
 
 def metric_options(metric_name: str) -> tuple[str, ...]:
-  """The keyword options a registered metric accepts (e.g. ("threshold",) for iou_accuracy)."""
+  """The keyword options a registered metric accepts from a config (e.g. ("threshold",) for
+  iou_accuracy); the arguments its samples give (`SAMPLE_ARGUMENTS`) are not options."""
   if metric_name not in SAMPLE_SCORERS:
     raise ValueError(f"unknown metric {metric_name!r}; known: {sorted(SAMPLE_SCORERS)}")
   params = inspect.signature(SAMPLE_SCORERS[metric_name]).parameters
-  return tuple(name for name in params if name not in ("predictions", "references"))
+  own = ("predictions", "references") + sample_argument_names(metric_name)
+  return tuple(name for name in params if name not in own)
 
 
 # Options whose value is one of a fixed set, checked with the config (`check_metric_options`)
@@ -1142,16 +1333,20 @@ def sample_scores(metric_name: str, predictions: Sequence[Any], references: Sequ
     cider            n (largest n-gram, default 4), sigma (length penalty width, default 6),
                      tokenization ("normalized", default, or "raw": the VisATB release's)
     multiple_choice  choices (option texts: one list or mapping letter → text, or one per item)
+    mmbench_circular choices, as multiple_choice; and, from the samples (`SAMPLE_ARGUMENTS`),
+                     questions (one question id per item) and shifts (optional)
     exact_match, vqa_accuracy, pope, mme: none
 
-  Every scorer but cider gives a per-sample value that depends on that sample alone (1.0 / 0.0,
-  or VQA's soft accuracy); cider gives each image's CIDEr-D within the corpus being scored (see
-  `cider_scores`).
+  Every scorer but cider and mmbench_circular gives a per-sample value that depends on that
+  sample alone (1.0 / 0.0, or VQA's soft accuracy); cider gives each image's CIDEr-D within the
+  corpus being scored (see `cider_scores`), mmbench_circular each item its question's result
+  (see `mmbench_circular_scores`).
 
   Raises:
     ValueError: an unknown metric or option, or invalid predictions, references or options.
   """
-  unknown = sorted(set(options) - set(metric_options(metric_name)))
+  unknown = sorted(set(options) - set(metric_options(metric_name))
+                   - set(sample_argument_names(metric_name)))
   if unknown:
     raise ValueError(f"metric {metric_name!r} takes no option(s) {unknown}; its options: "
                      f"{list(metric_options(metric_name))}")

@@ -9,29 +9,36 @@ The pipeline of one host (``make_dataset``)::
                                         tokenizer with each image's token count; a sample too
                                         long for ``max_len`` becomes None (dropped)
     -> to_iter_dataset(read threads)
-    -> PackBatchesIterDataset           best-fill packing of windows of ``pack_window`` samples
-                                        (``packing.pack_rows_best_fill``) into
-                                        ``host_batch_size`` rows
+    -> PackStepsIterDataset             each step: the next ``batch_size / process_count``
+                                        samples, best-fill packed (``packing.pack_rows_best_fill``)
+                                        and padded with empty rows to
+                                        ``rows_per_step / process_count`` rows
                                         (``packing.rows_to_batch``: the Batch contract, image
                                         arrays and positions from the image format)
     -> mp_prefetch(worker_count)        optional worker processes, each running all of the above
                                         on its own slice of the shuffled stream
 
-Exact resume: the packer's state is the state its input iterator had at the start of the oldest
-packing window that still has rows to give, plus how many of that window's rows were given. A
-window is a pure function of that input state, so a fresh iterator re-reads it, packs it again
-identically and skips the given rows: the next batch is exactly the one an uninterrupted iterator
-yields. Every state is made of dicts, lists and ints (JSON); :class:`Loader` adds the settings
-that must not change across a resume (seed, batch, workers, shard, ...), and ``set_state`` refuses a
-state saved under other settings. With worker processes the batch order depends on
-``worker_count`` (each worker packs its own slice), so it is one of those settings.
+``batch_size`` counts samples, as the paper's batch does; ``rows_per_step`` is the static number
+of rows a step is padded to (None: one row a sample, which always fits). A step's samples run
+through epoch boundaries (a stream), so a run of E epochs of N samples is ceil(E N / batch_size)
+steps. :func:`rows_per_step` computes the least rows that fit every step of a run from the
+samples' lengths, by replaying grain's order of the records (``stream_steps``), without reading
+them; a step that needs more rows than ``rows_per_step`` raises, naming it.
+
+Exact resume: a step consumes exactly its samples, so the packer's state is its input iterator's
+state after the last step: a fresh iterator continues from it and packs the next step exactly as
+an uninterrupted one. Every state is made of dicts, lists and ints (JSON); :class:`Loader` adds the
+settings that must not change across a resume (seed, batch, rows, workers, shard, ...), and
+``set_state`` refuses a state saved under other settings. With worker processes the batch order
+depends on ``worker_count`` (each worker packs its own slice of the stream, and the steps come from
+the workers in turn), so it is one of those settings.
 """
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import itertools
+import math
 from collections.abc import Iterator, Sequence
 from typing import Any, Self
 
@@ -42,7 +49,8 @@ from visatb_jax.data import image_format as image_format_lib
 from visatb_jax.data import packing, prepare
 from visatb_jax.data import template as template_lib
 
-STATE_FORMAT = 1
+# 2: steps of batch_size samples padded to rows_per_step rows (1: batch_size packed rows).
+STATE_FORMAT = 2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,11 +66,13 @@ class LoaderConfig:
   image_size: int
   num_image_tokens: int
   max_len: int  # longest encoded sample (truncation rule of template.py)
-  batch_size: int  # global rows per step, over all hosts
+  batch_size: int  # global samples per step, over all hosts
   seed: int
   template: str = template_lib.DEFAULT_TEMPLATE
   system: str | None = None  # None: the template's default system prompt
-  pack_window: int = 256  # samples packed together; more packs tighter but holds more in memory
+  # Global rows every step is padded to (static shapes under jit); None: batch_size, one row a
+  # sample, which always fits. `rows_per_step()` gives the least that fits a run.
+  rows_per_step: int | None = None
   num_epochs: int | None = None  # None: repeat for ever
   worker_count: int = 0  # worker processes (0: everything in this process)
   worker_buffer_size: int = 2  # batches each worker prepares ahead
@@ -72,12 +82,17 @@ class LoaderConfig:
   def __post_init__(self):
     if self.max_len > self.seq_len:
       raise ValueError(f"max_len={self.max_len} exceeds seq_len={self.seq_len}")
-    if self.batch_size < 1 or self.pack_window < 1:
-      raise ValueError(f"batch_size={self.batch_size} and pack_window={self.pack_window} must be "
-                       ">= 1")
+    if self.batch_size < 1 or self.rows < 1:
+      raise ValueError(f"batch_size={self.batch_size} and rows_per_step={self.rows_per_step} "
+                       "must be >= 1")
     if not self.tasks:
       raise ValueError("LoaderConfig needs at least one task")
     template_lib.get_template(self.template)
+
+  @property
+  def rows(self) -> int:
+    """Global rows of every step: ``rows_per_step``, or ``batch_size`` when unset."""
+    return self.batch_size if self.rows_per_step is None else int(self.rows_per_step)
 
   @property
   def resolved_image_format(self) -> Any:
@@ -122,102 +137,58 @@ class EncodeRecord(grain.transforms.Map):
     return packing.Example(enc.input_ids, enc.label_mask, task, images)
 
 
-@dataclasses.dataclass
-class _Window:
-  """Examples packed together, and where the input iterator stood before the first of them."""
-  start_state: dict[str, Any]
-  examples: list[packing.Example]
-  rows: list[list[int]]
-  next_row: int = 0
+class _PackStepsIterator(grain.DatasetIterator):
+  """Steps of ``batch_size`` samples packed into ``rows`` rows; see the module docstring."""
 
-  @property
-  def rows_left(self) -> int:
-    return len(self.rows) - self.next_row
-
-
-class _PackBatchesIterator(grain.DatasetIterator):
-  """Batches of packed rows; see the module docstring for the state."""
-
-  def __init__(self, parent: grain.DatasetIterator, *, batch_size: int, seq_len: int,
-               max_images: int, pad_id: int, window: int, image_format: Any = None,
+  def __init__(self, parent: grain.DatasetIterator, *, batch_size: int, rows: int, seq_len: int,
+               max_images: int, pad_id: int, image_format: Any = None,
                image_size: int | None = None):
     super().__init__(parent)
-    self._batch_size, self._seq_len, self._max_images = batch_size, seq_len, max_images
-    self._pad_id, self._window = pad_id, window
+    self._batch_size, self._rows, self._seq_len = batch_size, rows, seq_len
+    self._max_images, self._pad_id = max_images, pad_id
     self._image_format = packing.resolve_image_format(image_format, image_size)
-    self._windows: collections.deque[_Window] = collections.deque()
-    self._skip = 0  # rows of the next window already given before a set_state
-    self._exhausted = False
-
-  def _read_window(self) -> bool:
-    start = self._parent.get_state()
-    examples = list(itertools.islice(self._parent, self._window))
-    if not examples:
-      return False
-    # Best fill builds rows longest first; a row goes out once its last sample has arrived, so
-    # the rows follow the stream (lengths and tasks mixed, epochs in order), not their lengths.
-    rows = sorted(packing.pack_rows_best_fill([len(ex) for ex in examples],
-                                              [ex.num_images for ex in examples], self._seq_len,
-                                              self._max_images), key=max)
-    if self._skip > len(rows):
-      raise ValueError(f"iterator state skips {self._skip} rows of a window that packs into "
-                       f"{len(rows)}: the state belongs to other data or settings")
-    self._windows.append(_Window(start, examples, rows, next_row=self._skip))
-    self._skip = 0
-    return True
+    self._steps = 0  # steps given since the start or the last set_state (for messages)
 
   def __next__(self) -> dict[str, np.ndarray]:
-    while (not self._exhausted
-           and sum(w.rows_left for w in self._windows) < self._batch_size):
-      self._exhausted = not self._read_window()
-    examples: list[packing.Example] = []
-    rows: list[list[int]] = []
-    while self._windows and len(rows) < self._batch_size:
-      w = self._windows[0]
-      take = min(w.rows_left, self._batch_size - len(rows))
-      offset = len(examples)
-      examples.extend(w.examples)
-      rows.extend([offset + i for i in row] for row in w.rows[w.next_row:w.next_row + take])
-      w.next_row += take
-      if not w.rows_left:
-        self._windows.popleft()
-    if not rows:
+    examples = list(itertools.islice(self._parent, self._batch_size))
+    if not examples:  # the end of a finite stream; its last step may hold fewer samples
       raise StopIteration
-    # The end of a finite stream: padding rows keep every batch the same shape.
-    rows.extend([] for _ in range(self._batch_size - len(rows)))
+    rows = packing.pack_rows_best_fill([len(ex) for ex in examples],
+                                       [ex.num_images for ex in examples], self._seq_len,
+                                       self._max_images)
+    self._steps += 1
+    rows = packing.pad_rows(rows, self._rows, where=(
+        f"a step of {len(examples)} samples (this host's step {self._steps} since the start or "
+        "the resume)"))
     return packing.rows_to_batch(examples, rows, seq_len=self._seq_len,
                                  max_images=self._max_images, pad_id=self._pad_id,
                                  image_format=self._image_format)
 
   def get_state(self) -> dict[str, Any]:
-    if self._windows:
-      w = self._windows[0]
-      return {"window_start": w.start_state, "rows_given": w.next_row}
-    return {"window_start": self._parent.get_state(), "rows_given": self._skip}
+    return {"parent": self._parent.get_state()}
 
   def set_state(self, state: dict[str, Any]) -> None:
-    self._parent.set_state(state["window_start"])
-    self._windows.clear()
-    self._skip = int(state["rows_given"])
-    self._exhausted = False
+    self._parent.set_state(state["parent"])
+    self._steps = 0
 
 
-class PackBatchesIterDataset(grain.IterDataset):
-  """:class:`packing.Example` stream -> Batch dicts of ``batch_size`` packed rows.
+class PackStepsIterDataset(grain.IterDataset):
+  """:class:`packing.Example` stream -> Batch dicts: ``batch_size`` samples a step, packed into
+  ``rows`` rows (empty rows pad a step that needs fewer).
 
   ``image_format`` (or the square format of ``image_size``) builds the image arrays and positions.
   """
 
-  def __init__(self, parent: grain.IterDataset, *, batch_size: int, seq_len: int,
-               max_images: int, pad_id: int, window: int, image_format: Any = None,
+  def __init__(self, parent: grain.IterDataset, *, batch_size: int, rows: int, seq_len: int,
+               max_images: int, pad_id: int, image_format: Any = None,
                image_size: int | None = None):
     super().__init__(parent)
-    self._kwargs = {"batch_size": batch_size, "seq_len": seq_len, "max_images": max_images,
-                    "pad_id": pad_id, "window": window, "image_format": image_format,
+    self._kwargs = {"batch_size": batch_size, "rows": rows, "seq_len": seq_len,
+                    "max_images": max_images, "pad_id": pad_id, "image_format": image_format,
                     "image_size": image_size}
 
-  def __iter__(self) -> _PackBatchesIterator:
-    return _PackBatchesIterator(self._parent.__iter__(), **self._kwargs)
+  def __iter__(self) -> _PackStepsIterator:
+    return _PackStepsIterator(self._parent.__iter__(), **self._kwargs)
 
 
 class _Subset:
@@ -261,26 +232,73 @@ def _mark_absl_flags_parsed() -> None:
     flags.FLAGS.mark_as_parsed()
 
 
+def _host_stream(ds: grain.MapDataset, config: LoaderConfig, process_index: int,
+                 process_count: int) -> grain.MapDataset:
+  """This host's records in the order it reads them: its shard, reshuffled every epoch."""
+  ds = ds[process_index::process_count]
+  return ds.shuffle(seed=config.seed).repeat(config.num_epochs)
+
+
+def stream_steps(num_records: int, config: LoaderConfig, steps: int, *, process_index: int = 0,
+                 process_count: int = 1) -> list[np.ndarray]:
+  """Indices (into the source, or into ``record_indices``) of the samples of this host's first
+  ``steps`` steps, in the order the loader reads them, computed from grain's order alone.
+
+  Assumes no record is dropped (too long for ``max_len``). With worker processes, worker w reads
+  the slice ``[w::worker_count]`` of the host's stream and the steps come from the workers in
+  turn. Stops early at the end of a finite stream.
+  """
+  order = _host_stream(grain.MapDataset.range(num_records), config, process_index, process_count)
+  workers = max(1, config.worker_count)
+  size = config.batch_size // process_count
+  out = []
+  for k in range(steps):
+    stream = order.slice(slice(k % workers, None, workers)) if workers > 1 else order
+    start = (k // workers) * size
+    idx = [int(stream[i]) for i in range(start, min(start + size, len(stream)))]
+    if not idx:
+      break
+    out.append(np.asarray(idx, np.int64))
+  return out
+
+
+def rows_per_step(lengths: Sequence[int], image_counts: Sequence[int], config: LoaderConfig,
+                  steps: int, *, process_count: int = 1, multiple: int = 1) -> int:
+  """The least global ``rows_per_step`` that fits every one of a run's ``steps`` steps on every
+  host, rounded up to a multiple of ``multiple`` (the batch shards x micro-batches) and of the
+  hosts. ``lengths`` and ``image_counts`` are those of the encoded records, in source order (of
+  ``record_indices`` when given); none may be dropped.
+  """
+  lengths = np.asarray(lengths, np.int64)
+  image_counts = np.asarray(image_counts, np.int64)
+  most = 1
+  for p in range(process_count):
+    for idx in stream_steps(len(lengths), config, steps, process_index=p,
+                            process_count=process_count):
+      most = max(most, len(packing.pack_rows_best_fill(lengths[idx], image_counts[idx],
+                                                       config.seq_len, config.max_images)))
+  return packing.round_up(most * process_count, math.lcm(multiple, process_count))
+
+
 def make_dataset(source: Any, tok: Any, config: LoaderConfig, *, process_index: int,
                  process_count: int, record_indices: Sequence[int] | None = None
                  ) -> grain.IterDataset:
   """The grain pipeline of one host (see the module docstring); yields Batch dicts."""
-  if config.batch_size % process_count:
-    raise ValueError(f"batch_size={config.batch_size} is not divisible by the "
-                     f"{process_count} hosts")
+  for name, value in (("batch_size", config.batch_size), ("rows_per_step", config.rows)):
+    if value % process_count:
+      raise ValueError(f"{name}={value} is not divisible by the {process_count} hosts")
   if record_indices is not None:
     source = _Subset(source, record_indices)
   if len(source) < process_count:
     raise ValueError(f"{len(source)} records cannot be shared by {process_count} hosts")
-  ds = grain.MapDataset.source(source)[process_index::process_count]
-  ds = ds.shuffle(seed=config.seed).repeat(config.num_epochs)
+  ds = _host_stream(grain.MapDataset.source(source), config, process_index, process_count)
   ds = ds.map(EncodeRecord(tok, config))
   ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=config.read_threads,
                                             prefetch_buffer_size=max(1, 4 * config.read_threads)))
-  ds = PackBatchesIterDataset(
-      ds, batch_size=config.batch_size // process_count, seq_len=config.seq_len,
-      max_images=config.max_images, pad_id=int(tok.pad_token_id),
-      image_format=config.resolved_image_format, window=config.pack_window)
+  ds = PackStepsIterDataset(
+      ds, batch_size=config.batch_size // process_count, rows=config.rows // process_count,
+      seq_len=config.seq_len, max_images=config.max_images, pad_id=int(tok.pad_token_id),
+      image_format=config.resolved_image_format)
   if config.worker_count:
     _mark_absl_flags_parsed()
     ds = ds.mp_prefetch(grain.MultiprocessingOptions(
@@ -293,8 +311,10 @@ class Loader:
 
   ``source`` is a random-access source of prepared records
   (``prepare.PreparedMixture.data_source(split)``); ``record_indices`` picks a subset of it (e.g.
-  the mini subsets of a preparation run). Each batch holds ``config.batch_size // process_count``
-  rows. Call :meth:`close` (or use ``with``) to stop worker processes.
+  the mini subsets of a preparation run). Each batch holds the next
+  ``config.batch_size // process_count`` samples of this host's stream, packed into
+  ``config.rows // process_count`` rows. Call :meth:`close` (or use ``with``) to stop worker
+  processes.
   """
 
   def __init__(self, source: Any, tok: Any, config: LoaderConfig, *,
@@ -309,7 +329,8 @@ class Loader:
         "tasks": list(config.tasks), "seq_len": config.seq_len, "max_images": config.max_images,
         "image_size": config.image_size, "num_image_tokens": config.num_image_tokens,
         "max_len": config.max_len, "batch_size": config.batch_size, "seed": config.seed,
-        "template": config.template, "system": config.system, "pack_window": config.pack_window,
+        "rows_per_step": config.rows,
+        "template": config.template, "system": config.system,
         "num_epochs": config.num_epochs, "worker_count": config.worker_count,
         "process_index": self.process_index, "process_count": self.process_count,
         "num_records": len(source) if record_indices is None else len(record_indices),

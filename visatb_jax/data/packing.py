@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import math
 import os
 from typing import Any, Sequence
 
@@ -422,73 +423,155 @@ def pack(examples: Sequence[Example], *, seq_len: int, max_images: int, pad_id: 
                        image_size=image_size, image_format=image_format)
 
 
-class PackedDataset:
-  """Rows packed once; batch ``step`` is a pure function of ``(seed, step, batch_size)``.
+def steps_per_epoch(num_samples: int, batch_size: int) -> int:
+  """Optimizer steps of one epoch of ``num_samples`` in steps of ``batch_size`` samples: the last
+  one takes the remainder, as a PyTorch DataLoader without ``drop_last`` (the paper's runs)."""
+  if num_samples < 1 or batch_size < 1:
+    raise ValueError(f"need num_samples >= 1 and batch_size >= 1, got {num_samples}, {batch_size}")
+  return -(-num_samples // batch_size)
 
-  The examples are shuffled with ``seed`` (it decides which of equal-size samples share a row, so
-  rows mix tasks even when the input is grouped by task), then packed by
-  :func:`pack_rows_best_fill`: each row opens with the longest sample left and takes the greedy
-  fill or the best complementary pair, whichever fills it more, which on a LLaVA-like length mix
-  gives 99.0 % non-pad tokens in rows of 2048 where first-fit decreasing gives 94.2 % and
-  first-fit in arrival order 90.4 % (BENCHMARKS.md, B5). Every epoch visits the rows in its own
-  seeded permutation, so batches still mix lengths and tasks.
-  Batch ``step`` holds rows ``[step * B, (step + 1) * B)`` of the concatenated epoch stream, so a
-  resumed run only needs the step number. ``image_format`` / ``image_size`` as in
-  :func:`rows_to_batch`.
+
+def num_steps(num_samples: int, batch_size: int, epochs: float) -> int:
+  """Optimizer steps of ``epochs`` epochs (at least 1): ``ceil(epochs * steps_per_epoch)``, so
+  one epoch is ``ceil(num_samples / batch_size)`` steps."""
+  return max(1, math.ceil(float(epochs) * steps_per_epoch(num_samples, batch_size) - 1e-9))
+
+
+def round_up(value: int, multiple: int) -> int:
+  """The least multiple of ``multiple`` that is >= ``value`` (and >= ``multiple``)."""
+  if multiple < 1:
+    raise ValueError(f"multiple must be >= 1, got {multiple}")
+  return max(1, -(-int(value) // multiple)) * multiple
+
+
+def rows_for_samples(samples: int, samples_per_row: float, multiple: int = 1) -> int:
+  """Rows of a step of ``samples`` samples at ``samples_per_row``, rounded up to ``multiple``: a
+  planning figure where the data is not at hand (the dry run); training packs the data."""
+  if not samples_per_row > 0:
+    raise ValueError(f"samples_per_row must be > 0, got {samples_per_row}")
+  return round_up(math.ceil(samples / samples_per_row - 1e-9), multiple)
+
+
+def pad_rows(rows: Sequence[Sequence[int]], num_rows: int, where: str = "step") -> list[list[int]]:
+  """``rows`` followed by empty rows (all padding: no loss) up to ``num_rows``.
+
+  Raises:
+    ValueError: ``rows`` are more than ``num_rows`` (naming ``where``).
+  """
+  if len(rows) > num_rows:
+    raise ValueError(f"{where} packs into {len(rows)} rows, more than rows_per_step={num_rows}")
+  return [list(r) for r in rows] + [[] for _ in range(num_rows - len(rows))]
+
+
+class PackedDataset:
+  """Steps of ``batch_size`` samples, each packed into rows; batch ``step`` is a pure function of
+  ``(seed, step)``, so a resumed run only needs the step number.
+
+  ``batch_size`` counts samples, as the paper's 128 does. Epoch e visits the samples in its own
+  seeded permutation (``(seed, e)``); its steps take them ``batch_size`` at a time, the last
+  step of the epoch the remainder, so an epoch is ``ceil(samples / batch_size)`` steps and holds
+  every sample exactly once (:func:`steps_per_epoch`; a run of E epochs:
+  :func:`num_steps`). A step's samples are packed by :func:`pack_rows_best_fill` (the longest
+  opens a row, which takes the greedy fill or the best complementary pair, whichever fills it
+  more: 96 % non-pad tokens for 128 LLaVA-like samples in rows of 2048, ~2.55 samples a row).
+
+  Static shapes under jit: :meth:`batch_at` pads a step's rows with empty rows (segment 0, no
+  loss) to a fixed ``rows``. :meth:`rows_per_step` gives it: the most rows any step of the run
+  needs, rounded up to a multiple of the batch shards x micro-batches, computed once from the
+  data (every step packed once, ~2 ms per 128 samples). :meth:`padding` says what the padding
+  costs. ``image_format`` / ``image_size`` as in :func:`rows_to_batch`.
   """
 
   def __init__(self, examples: Sequence[Example], *, seq_len: int, max_images: int, pad_id: int,
-               seed: int, shuffle_examples: bool = True, image_size: int | None = None,
+               seed: int, batch_size: int, image_size: int | None = None,
                image_format: Any = None):
     if not examples:
       raise ValueError("PackedDataset needs at least one example")
+    if batch_size < 1:
+      raise ValueError(f"batch_size must be >= 1 (samples per step), got {batch_size}")
     self.examples = list(examples)
     self.seq_len, self.max_images, self.pad_id = seq_len, max_images, pad_id
-    self.seed, self.image_size, self.image_format = seed, image_size, image_format
-    order = np.arange(len(self.examples))
-    if shuffle_examples:
-      order = np.random.default_rng([seed, 0]).permutation(len(self.examples))
-    rows = pack_rows_best_fill([len(self.examples[i]) for i in order],
-                               [self.examples[i].num_images for i in order], seq_len, max_images)
-    self.rows = [[int(order[i]) for i in row] for row in rows]
+    self.seed, self.batch_size = seed, int(batch_size)
+    self.image_size, self.image_format = image_size, image_format
+    self._lengths = np.asarray([len(ex) for ex in self.examples], np.int64)
+    self._images = np.asarray([ex.num_images for ex in self.examples], np.int64)
+    # Fail now, naming the example, not at the step that holds it.
+    _checked_items(self._lengths, self._images, seq_len, max_images)
     self._permutations: dict[int, np.ndarray] = {}
+    self._rows_needed = np.zeros(0, np.int64)  # rows of steps 0, 1, ... packed so far
 
   @property
-  def num_rows(self) -> int:
-    return len(self.rows)
+  def num_samples(self) -> int:
+    return len(self.examples)
 
   @property
-  def tokens_per_row(self) -> np.ndarray:
-    """Non-pad tokens of every row, int64 [num_rows]."""
-    return np.asarray([sum(len(self.examples[i]) for i in row) for row in self.rows], np.int64)
+  def steps_per_epoch(self) -> int:
+    return steps_per_epoch(self.num_samples, self.batch_size)
 
-  def packing_efficiency(self) -> float:
-    """Fraction of non-pad tokens over all rows."""
-    return float(self.tokens_per_row.sum() / (self.num_rows * self.seq_len))
+  def num_steps(self, epochs: float) -> int:
+    """Optimizer steps of ``epochs`` epochs (:func:`num_steps`)."""
+    return num_steps(self.num_samples, self.batch_size, epochs)
 
   def epoch_permutation(self, epoch: int) -> np.ndarray:
-    """Row order of one epoch (seeded by ``(seed, epoch)``)."""
+    """Sample order of one epoch (seeded by ``(seed, epoch)``)."""
     if epoch not in self._permutations:
       if len(self._permutations) > 4:
         self._permutations.clear()
       self._permutations[epoch] = np.random.default_rng([self.seed, 1, epoch]).permutation(
-          self.num_rows)
+          self.num_samples)
     return self._permutations[epoch]
 
-  def row_indices(self, step: int, batch_size: int) -> list[int]:
-    """Indices into ``self.rows`` of batch ``step``."""
-    if step < 0 or batch_size < 1:
-      raise ValueError(f"need step >= 0 and batch_size >= 1, got {step}, {batch_size}")
-    stream = range(step * batch_size, (step + 1) * batch_size)
-    return [int(self.epoch_permutation(g // self.num_rows)[g % self.num_rows]) for g in stream]
+  def sample_indices(self, step: int) -> np.ndarray:
+    """Indices into ``self.examples`` of the samples of step ``step``, in epoch order."""
+    if step < 0:
+      raise ValueError(f"need step >= 0, got {step}")
+    epoch, k = divmod(int(step), self.steps_per_epoch)
+    return self.epoch_permutation(epoch)[k * self.batch_size:(k + 1) * self.batch_size]
 
-  def epoch_of(self, step: int, batch_size: int) -> float:
+  def step_rows(self, step: int) -> list[list[int]]:
+    """The packed rows of step ``step``: indices into ``self.examples``, one list per row."""
+    idx = self.sample_indices(step)
+    rows = pack_rows_best_fill(self._lengths[idx], self._images[idx], self.seq_len,
+                               self.max_images)
+    return [[int(idx[i]) for i in row] for row in rows]
+
+  def rows_needed(self, steps: int) -> np.ndarray:
+    """Rows each of steps ``0 .. steps - 1`` packs into, int64 [steps] (packed once, kept)."""
+    done = len(self._rows_needed)
+    if steps > done:
+      more = [len(self.step_rows(s)) for s in range(done, steps)]
+      self._rows_needed = np.concatenate([self._rows_needed, np.asarray(more, np.int64)])
+    return self._rows_needed[:steps]
+
+  def rows_per_step(self, steps: int, multiple: int = 1) -> int:
+    """The rows of every batch of a run of ``steps`` steps: the most any of them needs, rounded
+    up to a multiple of ``multiple`` (the batch shards of the mesh x the micro-batches)."""
+    return round_up(int(self.rows_needed(max(1, steps)).max()), multiple)
+
+  def padding(self, steps: int, rows: int) -> dict[str, float]:
+    """What a run of ``steps`` steps of ``rows`` rows spends on padding: ``empty_rows`` (the
+    fraction of rows with no sample) and ``non_pad`` (the fraction of non-pad tokens), and
+    ``samples_per_row`` (samples per non-empty row)."""
+    needed = self.rows_needed(max(1, steps))
+    tokens = sum(int(self._lengths[self.sample_indices(s)].sum()) for s in range(len(needed)))
+    samples = sum(len(self.sample_indices(s)) for s in range(len(needed)))
+    total = len(needed) * rows
+    return {"empty_rows": float(1.0 - needed.sum() / total),
+            "non_pad": float(tokens / (total * self.seq_len)),
+            "samples_per_row": float(samples / needed.sum())}
+
+  def epoch_of(self, step: int) -> float:
     """Fractional epoch reached at the end of batch ``step``."""
-    return (step + 1) * batch_size / self.num_rows
+    return (step + 1) / self.steps_per_epoch
 
-  def batch_at(self, step: int, batch_size: int) -> dict[str, np.ndarray]:
-    """The Batch arrays of training step ``step``."""
-    rows = [self.rows[i] for i in self.row_indices(step, batch_size)]
-    return rows_to_batch(self.examples, rows, seq_len=self.seq_len, max_images=self.max_images,
+  def batch_at(self, step: int, rows: int) -> dict[str, np.ndarray]:
+    """The Batch arrays of training step ``step``: its packed rows, then empty rows up to
+    ``rows`` (:meth:`rows_per_step`).
+
+    Raises:
+      ValueError: the step packs into more than ``rows`` rows.
+    """
+    packed = pad_rows(self.step_rows(step), rows, where=f"step {step}")
+    return rows_to_batch(self.examples, packed, seq_len=self.seq_len, max_images=self.max_images,
                          pad_id=self.pad_id, image_size=self.image_size,
                          image_format=self.image_format)

@@ -1,4 +1,4 @@
-"""Built-in procedural benchmark: coloured shapes on a grid, five instruction tasks.
+"""Built-in procedural benchmark: coloured shapes on a grid, seven instruction tasks.
 
 Each image is a ``grid`` x ``grid`` board of ``cell``-pixel cells (48 x 48 pixels by default).
 Between 1 and ``max_objects`` cells hold one filled shape (circle, square or triangle) in one of six
@@ -7,7 +7,7 @@ never touch. Every (colour, shape) pair occurs at most once per image, which mak
 question unambiguous. Shapes are drawn without anti-aliasing, so every shape pixel has its exact
 palette colour.
 
-Tasks (all share the skills "read the grid", "name colours/shapes", "locate"):
+Tasks (all but chat share the skills "read the grid", "name colours/shapes", "locate"):
 
 * ``caption``   -- a sentence listing every object in reading order with its position (CIDEr).
 * ``vqa``       -- the colour or the shape at an occupied position, one word (exact match).
@@ -18,6 +18,11 @@ Tasks (all share the skills "read the grid", "name colours/shapes", "locate"):
 * ``background`` -- the colour of the background, one word (exact match). Its images have a
   pale background of their own palette (``SCENE_BACKGROUNDS``), and no other task says anything
   about backgrounds: a short-answer skill the other tasks do not teach.
+* ``tally``     -- count's "how many shapes" questions, word for word, answered with a number
+  word ("three", not "3"), on images with the background task's pale palette: a second source
+  with another annotation convention for the same question, as real mixtures have (one dataset
+  writes digits, another words). Only the image's source tells which convention applies, so
+  the mixture pulls the two against each other (exact match).
 
 The output follows the Sample contract of ``docs/architecture.md``: ``<root>/{split}.json`` holds a
 list of samples of all tasks and ``<root>/images/<split>/<id>.png`` the images. Everything is a pure
@@ -39,7 +44,7 @@ from PIL import Image, ImageDraw
 from visatb_jax.runtime.fileio import atomic_write_bytes, atomic_write_json, read_json
 
 # New tasks go at the end: a task's index seeds its samples (`sample_rng`).
-TASKS = ("caption", "vqa", "count", "grounding", "chat", "background")
+TASKS = ("caption", "vqa", "count", "grounding", "chat", "background", "tally")
 TASK_METRICS = {
     "caption": "cider",
     "vqa": "exact_match",
@@ -47,6 +52,7 @@ TASK_METRICS = {
     "grounding": "iou_accuracy",
     "chat": "exact_match",
     "background": "exact_match",
+    "tally": "exact_match",
 }
 SPLITS = ("train", "val", "test")
 # Images for a pretraining run (pipeline's pretrain stage): drawn from their own random streams,
@@ -77,7 +83,7 @@ POSITIONS_3X3 = (
     ("bottom left", "bottom", "bottom right"),
 )
 # Bumped whenever the generated data changes, so a stale manifest forces regeneration.
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2  # 2: the tally task
 MANIFEST = "manifest.json"
 
 NUMBER_WORDS = (
@@ -393,7 +399,7 @@ def make_sample(*, seed: int, split: str, task: str, index: int, grid: int, cell
   if task == "chat":
     return {"id": sample_id, "task": task, "conversations": chat_conversation(rng)}, None
   specs, background = sample_objects(rng, grid=grid, cell=cell, max_objects=max_objects)
-  if task == "background":
+  if task in ("background", "tally"):
     background_name = _pick(rng, tuple(SCENE_BACKGROUNDS))
     background = SCENE_BACKGROUNDS[background_name]
   pixels, objects = render_scene(specs, background, grid=grid, cell=cell)
@@ -408,6 +414,8 @@ def make_sample(*, seed: int, split: str, task: str, index: int, grid: int, cell
     question, answer = grounding_qa(rng, objects, width, height)
   elif task == "background":
     question, answer = _pick(rng, BACKGROUND_QUESTIONS), background_name
+  elif task == "tally":
+    question, answer = _pick(rng, COUNT_ALL_QUESTIONS), NUMBER_WORDS[len(objects)]
   else:
     raise ValueError(f"unknown task {task!r}; expected one of {TASKS}")
   sample = {

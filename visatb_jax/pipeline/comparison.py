@@ -5,7 +5,8 @@ against EW (§12), step times relative to EW, and, where the per-sample test sco
 method's difference to EW with a paired-bootstrap interval over the test samples
 (core/differences.py). Computed from the run directory alone (scores/test.json,
 scores/test_samples.json, config.json, final/*/metrics.jsonl), so it can be rebuilt at any point;
-the report (report.py) only renders it. No jax import.
+the report (report.py) only renders it. `corpus_summary` gives the report POPE's and MME's own
+metrics from scores/test_reports.json. No jax import.
 """
 
 from __future__ import annotations
@@ -162,6 +163,41 @@ def compare_methods(test: Mapping[str, Mapping], directions: Mapping[str, Any] |
     if seconds is not None and times.get("ew"):
       comparison[method]["step_time_vs_ew"] = seconds / times["ew"]
   return comparison
+
+
+POPE_KEYS = ("f1", "accuracy", "precision", "recall", "yes_ratio")
+
+
+def corpus_summary(reports: Mapping[str, Any] | None) -> dict[str, Any]:
+  """What the report shows of scores/test_reports.json (evaluation.corpus_reports).
+
+  Returns:
+    {"pope": {task: {model: {split: {f1, accuracy, precision, recall, yes_ratio}}}}, with a
+     "mean" split (the mean over the splits, as LLaVA-1.5's tables give POPE's F1) when a task
+     has several; "mme": {task: {model: {"perception", "cognition", "missing"}}}, MME's totals
+     and the subtasks without a question; "errors": ["model, task: why"] of the reports that
+     could not be computed}. Empty dicts without the file.
+  """
+  out: dict[str, Any] = {"pope": {}, "mme": {}, "errors": []}
+  for model, per_task in (reports or {}).items():
+    if not isinstance(per_task, Mapping):
+      continue
+    for task, report in per_task.items():
+      if not isinstance(report, Mapping):
+        continue
+      if report.get("error"):
+        out["errors"].append(f"{model}, {task}: {report['error']}")
+      elif isinstance(report.get("splits"), Mapping):
+        splits = {split: {k: r.get(k) for k in POPE_KEYS}
+                  for split, r in report["splits"].items() if isinstance(r, Mapping)}
+        if len(splits) > 1 and isinstance(report.get("mean"), Mapping):
+          splits["mean"] = {k: report["mean"].get(k) for k in POPE_KEYS}
+        out["pope"].setdefault(task, {})[model] = splits
+      elif "perception" in report:
+        out["mme"].setdefault(task, {})[model] = {
+            "perception": report.get("perception"), "cognition": report.get("cognition"),
+            "missing": list(report.get("missing") or [])}
+  return out
 
 
 def build_comparison(workdir: str) -> dict[str, dict]:

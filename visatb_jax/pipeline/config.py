@@ -21,20 +21,18 @@ import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from visatb_jax.core import balancing, bootstrap, gradmtl, metrics
+from visatb_jax.core import balancing, gradmtl, metrics
 from visatb_jax.core import weighting as weighting_lib
+from visatb_jax.core.options import FORMS, ON_DEGENERATE, ON_NOISY_GAIN, SHRINKAGE
 from visatb_jax.data import template as template_lib
 from visatb_jax.pipeline import methods as methods_lib
 from visatb_jax.pipeline.errors import ConfigError
 from visatb_jax.pipeline.tasks import TaskPlan, ZeroShotTask
+from visatb_jax.runtime.sharding import MESH_AXES
 from visatb_jax.train.state import TrainConfig
 
 DATA_SOURCES = ("shapes", "llava_json")
 LOADERS = ("memory", "grain")
-BALANCE_FORMS = ("real", "precise", "base")
-ON_DEGENERATE = ("error", "warn")
-ON_NOISY_GAIN = ("warn", "error", "drop")
-MESH_AXES = ("data", "fsdp", "tensor")
 # Fields of a zero-shot entry; `group` and `fixed_weight` only because presets.task() writes them
 # (as None): a task that is never trained has neither.
 ZERO_SHOT_FIELDS = ("metric", "higher_is_better", "files", "prompt_suffix", "metric_options",
@@ -136,9 +134,12 @@ class RunConfig:
       value = value.get(key) if isinstance(value, Mapping) else None
     return value
 
-  def train_config(self, steps: int) -> TrainConfig:
+  def train_config(self, steps: int, rows_per_step: int | None = None) -> TrainConfig:
+    """The TrainConfig of a run of `steps` steps. train.batch_size counts samples; the trainer's
+    batch_size is the rows a step's samples are packed into (`rows_per_step`; None: unchecked)."""
     fields = {k: v for k, v in self.sections["train"].items() if k != "epochs"}
-    return TrainConfig.of({**fields, "steps": max(1, int(steps)), "seed": self.seed})
+    return TrainConfig.of({**fields, "steps": max(1, int(steps)), "seed": self.seed,
+                           "batch_size": rows_per_step})
 
   def restricted(self, allowed: Iterable[str], stage: str) -> ConfigView:
     return ConfigView(self, frozenset(allowed) | frozenset(UNHASHED), stage)
@@ -348,8 +349,45 @@ def _zero_shot(section: Any, plan: TaskPlan, data: Mapping[str, Any]) -> dict[st
   return out
 
 
+class ZeroShotSkippedWarning(UserWarning):
+  """A config declares a zero-shot suite under an empty `zero_shot_root`: it is not scored."""
+
+
+def _rooted_zero_shot(raw: Mapping[str, Any]) -> tuple[Any, str | None]:
+  """(config.zero_shot with its relative files under config.zero_shot_root, or None; why it was
+  skipped, or None).
+
+  A config without the field keeps its files relative to data.root. One with the field (the
+  paper configs, docs/method.md §12) declares its suite under it: an empty root skips the suite
+  with one warning, rather than failing a run that has no zero-shot files.
+  """
+  section = raw.get("zero_shot")
+  if "zero_shot_root" not in raw or not section or not isinstance(section, Mapping):
+    return section, None
+  root = raw["zero_shot_root"]
+  if root is not None and not isinstance(root, str):
+    raise ConfigError(f"config.zero_shot_root must be a directory, got {root!r}")
+  if not root:
+    why = (f"config.zero_shot_root is empty, so the zero-shot suite ({', '.join(section)}) is "
+           "skipped and the report has no ΔI_zero; set it to the directory of their files")
+    warnings.warn_explicit(why, ZeroShotSkippedWarning, "config.zero_shot_root", 1,
+                           registry=_SHOWN)
+    return None, why
+  root = os.path.expanduser(root)
+  out = {}
+  for name, entry in section.items():
+    files = entry.get("files") if isinstance(entry, Mapping) else None
+    if isinstance(files, Mapping):
+      files = {k: (os.path.join(root, os.path.expanduser(v))
+                   if isinstance(v, str) and v and not os.path.isabs(os.path.expanduser(v))
+                   else v) for k, v in files.items()}
+      entry = {**entry, "files": files}
+    out[name] = entry
+  return out, None
+
+
 def _balance(section: Mapping[str, Any]) -> BalanceConfig:
-  form = _choice("balance.form", _get(section, "form", "real"), BALANCE_FORMS)
+  form = _choice("balance.form", _get(section, "form", "real"), FORMS)
   try:
     alpha = balancing.check_alpha(tuple(_get(section, "alpha", balancing.DEFAULT_ALPHA)))
   except (TypeError, ValueError) as e:
@@ -377,7 +415,7 @@ def _balance(section: Mapping[str, Any]) -> BalanceConfig:
       # "none": the paper's λ (docs/method.md §5); "evidence": each component's input shrunk
       # toward the units' mean by its bootstrap z-score first (§14, beyond the paper).
       shrinkage=_choice("balance.shrinkage", _get(section, "shrinkage", "evidence"),
-                        bootstrap.SHRINKAGE))
+                        SHRINKAGE))
 
 
 def _check_method_options(name: str, options: Mapping[str, Any], num_tasks: int) -> None:
@@ -428,11 +466,13 @@ def _check_train(section: Mapping[str, Any]) -> float:
     if key in fields and fields[key] is not None:
       _number(f"train.{key}", fields[key], kind=int, minimum=1)
   try:
-    TrainConfig.of({**fields, "steps": 1})
+    # batch_size counts samples: the rows they pack into (TrainConfig's) need not divide evenly.
+    TrainConfig.of({**fields, "steps": 1, "batch_size": None})
   except (TypeError, ValueError) as e:
     raise ConfigError(f"config.{e}" if str(e).startswith("train.") else f"config.train: {e}") from None
   if "batch_size" not in fields:
-    raise ConfigError("config.train.batch_size is required (packed rows per optimizer step)")
+    raise ConfigError("config.train.batch_size is required (samples per optimizer step, as the "
+                      "paper counts them)")
   return epochs
 
 
@@ -646,7 +686,8 @@ def _pretrain(section: Mapping[str, Any] | None, data: Mapping[str, Any]) -> dic
   `tasks`: {task: samples} of a generated split of the built-in benchmark (its own images, none
   shared with the task splits); or `files`: LLaVA JSON files for a `llava_json` source.
   `trains`: "projector" (LLaVA's stage-1 alignment) or "projector+lm" (also the language model,
-  standing in for a pretrained LM). `epochs`, `lr`, `batch_size` (default: train.batch_size).
+  standing in for a pretrained LM). `epochs`, `lr`, `batch_size` (samples per step, as
+  train.batch_size; default: train.batch_size).
   `enabled=False` turns the stage off (`--config.pretrain.enabled=false`).
   """
   if not section or not section.get("enabled", True):
@@ -699,6 +740,28 @@ def _check_mesh(mesh: Mapping[str, Any] | None, num_devices: int | None) -> None
       raise ConfigError(f"config.mesh: {e}") from None
 
 
+def _check_gradient_memory(raw: Mapping[str, Any], methods: Sequence[str],
+                           num_devices: int | None) -> None:
+  """A gradient method whose per-task gradients and model state cannot fit one device of the
+  mesh is refused here, before any stage (train/gradmtl_step.py, `check_memory`)."""
+  gradient = [m for m in methods if methods_lib.get(m).kind == "gradient"]
+  if not gradient or num_devices is None:
+    return
+  from visatb_jax.train import gradmtl_step  # pylint: disable=g-import-not-at-top
+  try:
+    counts = gradmtl_step.parameter_counts(raw["model"], raw["train"])
+  except (OSError, ValueError, KeyError, TypeError):
+    return  # a model that cannot be sized is reported by the model's own checks and stages
+  for method in gradient:
+    where = "config.weighting" if method == _get(raw, "weighting", "visatb") else "config.baselines"
+    try:
+      gradmtl_step.check_memory([method], num_tasks=len(raw["task_order"]),
+                                num_devices=num_devices, mesh_config=raw.get("mesh"),
+                                counts=counts)
+    except ValueError as e:
+      raise ConfigError(f"{where}: {e}") from None
+
+
 def build(config: Any, *, num_devices: int | None = None) -> RunConfig:
   """The checked RunConfig of a config file's ConfigDict (or a plain dict of the same shape).
 
@@ -722,8 +785,12 @@ def build(config: Any, *, num_devices: int | None = None) -> RunConfig:
   for key in ("batch_size", "max_new_tokens"):
     _number(f"eval.{key}", raw["eval"].get(key), kind=int, minimum=1)
   _check_mesh(raw.get("mesh"), num_devices)
+  _check_gradient_memory(raw, methods, num_devices)
   pretrain = _pretrain(raw.get("pretrain"), raw["data"])
-  zero_shot = _zero_shot(raw.get("zero_shot"), plan, raw["data"])
+  zero_shot_section, zero_shot_skipped = _rooted_zero_shot(raw)
+  if zero_shot_skipped:  # still checked, so that a mistake in the suite shows before its root
+    _zero_shot(raw["zero_shot"], plan, raw["data"])
+  zero_shot = _zero_shot(zero_shot_section, plan, raw["data"])
   sections = {
       "name": str(raw.get("name") or "run"),
       "seed": _number("seed", _get(raw, "seed", 0), kind=int),
@@ -735,6 +802,8 @@ def build(config: Any, *, num_devices: int | None = None) -> RunConfig:
       "methods": {"methods": list(methods), "options": options},
       "zero_shot": zero_shot,
   }
+  if zero_shot_skipped:  # read by the report alone (config.json); no stage hashes it
+    sections["zero_shot_skipped"] = zero_shot_skipped
   return RunConfig(name=sections["name"], seed=sections["seed"], tasks=plan, balance=balance,
                    methods=methods, method_options=options, train_epochs=epochs,
                    sections=sections,

@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import os
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -28,6 +29,9 @@ if TYPE_CHECKING:
   from visatb_jax.pipeline.config import RunConfig
   from visatb_jax.pipeline.tasks import TaskPlan
   from visatb_jax.pipeline.workspace import Workspace
+
+# Fewest optimizer steps the paper recommends for a preparation run (docs/method.md §2).
+MIN_PREP_STEPS = 100
 
 # Files of a Hugging Face checkpoint directory that its tokenizer is loaded from (besides those
 # named tokenizer*): never its weights, which are gigabytes to hash.
@@ -442,8 +446,30 @@ class DataStore:
     return subsets.replicate_seed(int(self._ws.config.seed), replicate)
 
   def subset_warnings(self) -> list[str]:
+    """The paper's recommended sizes (docs/method.md §2) that the preparation runs miss: samples
+    per subset, and optimizer steps per preparation model."""
     fixed = self._plan.fixed
-    return subsets.size_warnings({t: s for t, s in self.subsets().items() if t not in fixed})
+    return (subsets.size_warnings({t: s for t, s in self.subsets().items() if t not in fixed})
+            + self.prep_step_warnings())
+
+  def prep_step_warnings(self) -> list[str]:
+    """One warning per preparation model of fewer than MIN_PREP_STEPS optimizer steps, with its
+    count (replicates draw subsets of the same sizes, so replicate 0 stands for all)."""
+    train = self._ws.config.section("train")
+    batch, epochs = int(train["batch_size"]), float(self._ws.config.train_epochs)
+    msgs = []
+    for name, _ in self._plan.prep_models(self._ws.config.balance.form):
+      examples = self.prep_examples(name)
+      if not examples:  # base: the initial model, not trained
+        continue
+      steps = packing.num_steps(len(examples), batch, epochs)
+      if steps < MIN_PREP_STEPS:
+        msgs.append(f"preparation model {name!r} trains {steps} optimizer steps ({len(examples)} "
+                    f"samples, {epochs:g} epoch(s) of train.batch_size={batch} samples), under "
+                    f"the paper's {MIN_PREP_STEPS} recommended")
+    for m in msgs:
+      warnings.warn(m, stacklevel=2)
+    return msgs
 
   def prep_examples(self, model_name: str, replicate: int = 0) -> list[packing.Example] | None:
     """Training data of a preparation model (see TaskPlan.prep_subsets) in replicate
@@ -462,15 +488,19 @@ class DataStore:
     enc = self.encoded_train()
     return [e for t in tasks for e in enc[t]]
 
-  def grain_loader(self, examples: Sequence[packing.Example], seed: int | None = None):
+  def grain_loader(self, examples: Sequence[packing.Example], seed: int | None = None, *,
+                   steps: int, multiple: int = 1):
     """Batches from the grain pipeline over the prepared mixture; its position is checkpointed.
-    `seed`: the data order's (default: the run's seed)."""
+    `seed`: the data order's (default: the run's seed). Each of the run's `steps` steps takes
+    train.batch_size samples, padded to the least rows that fit every step (a multiple of
+    `multiple`: the batch shards x micro-batches), found by replaying grain's order on the
+    examples' lengths (`loader.rows_per_step`)."""
     from visatb_jax.data import loader as loader_lib  # pylint: disable=g-import-not-at-top
     from visatb_jax.data import prepare  # pylint: disable=g-import-not-at-top
     train = self._ws.config.section("train")
     fmt = self._ws.models.image_format
     prepared = prepare.open_prepared(self.prepared_dir)
-    config = loader_lib.LoaderConfig(
+    kwargs = dict(
         tasks=tuple(self._plan.names), seq_len=int(self._data["seq_len"]),
         max_images=int(self._data["max_images"]), image_size=getattr(fmt, "image_size", 0),
         num_image_tokens=getattr(fmt, "num_image_tokens", 0), image_format=fmt,
@@ -479,6 +509,12 @@ class DataStore:
         seed=int(self._ws.config.seed) if seed is None else int(seed),
         template=self.template, system=self.system_prompt,
         worker_count=int(self._data.get("loader_workers") or 0))
+    config = loader_lib.LoaderConfig(**kwargs)
+    import jax  # pylint: disable=g-import-not-at-top
+    processes = jax.process_count()
+    rows = loader_lib.rows_per_step([len(e) for e in examples], [e.num_images for e in examples],
+                                    config, steps, process_count=processes, multiple=multiple)
+    config = loader_lib.LoaderConfig(**kwargs, rows_per_step=rows)
     return loader_lib.Loader(prepared.data_source("train"), self.tokenizer, config,
                              record_indices=[e.record for e in examples])
 

@@ -50,7 +50,9 @@ class EvalSet:
 
   `ids` names each row's sample (unique within the task); left empty, it is filled with
   f"{task}-{row}". A reference is one string (the last assistant turn) or the list of a sample's
-  `"answers"`. `options` are the metric's keyword options (`metrics.metric_options`).
+  `"answers"`. `options` are the metric's keyword options (`metrics.metric_options`);
+  `sample_arguments` the scorer's arguments read from the samples' own fields, one value per
+  row (`metrics.SAMPLE_ARGUMENTS`: MMBench's question ids and shifts).
   """
   task: str
   metric: str
@@ -64,6 +66,7 @@ class EvalSet:
   ids: list[str] = dataclasses.field(default_factory=list)
   options: Mapping[str, object] = dataclasses.field(default_factory=dict)
   image_format: Any = None  # data/image_format.py; None: LLaVA's square images, as `images`
+  sample_arguments: Mapping[str, list] = dataclasses.field(default_factory=dict)
 
   def __post_init__(self):
     if not self.ids:
@@ -214,8 +217,33 @@ def build_eval_sets(
     out[task] = EvalSet(task, task_metrics[task], prompt_ids, mask, task_images, references,
                         stop_id=template.stop_token_id(tokenizer, template_name), ids=ids,
                         options=dict((task_options or {}).get(task) or {}),
-                        image_format=image_format)
+                        image_format=image_format,
+                        sample_arguments=scorer_sample_arguments(task, task_metrics[task],
+                                                                 task_samples, ids))
   return out
+
+
+def _with_ids(task_samples: Sequence[Mapping], ids: Sequence[str]) -> list[dict]:
+  """The samples with the ids the eval set gives them (so that an error names the right one)."""
+  return [{**s, "id": sample_id} for s, sample_id in zip(task_samples, ids)]
+
+
+def scorer_sample_arguments(task: str, metric: str, task_samples: Sequence[Mapping],
+                            ids: Sequence[str] | None = None) -> dict[str, list]:
+  """{argument: one value per sample} that `metric`'s scorer reads from the samples' own fields
+  (`metrics.SAMPLE_ARGUMENTS`); {} for the metrics that read none.
+
+  Raises:
+    ValueError: naming the task and the sample that lacks a field the metric needs.
+  """
+  entry = metrics.SAMPLE_ARGUMENTS.get(metric)
+  if entry is None:
+    return {}
+  ids = list(ids) if ids is not None else sample_ids(task, task_samples)
+  try:
+    return metrics.gather_sample_arguments(entry[1], _with_ids(task_samples, ids))
+  except ValueError as e:
+    raise ValueError(f"task {task!r} ({metric}): {e}") from None
 
 
 def _batch_size(batch_size: int, mesh) -> int:
@@ -289,8 +317,61 @@ def score_predictions(eval_set: EvalSet, predictions: Sequence[str]) -> dict[str
   """
   refs = scoring_references(eval_set.metric, eval_set.references)
   per_sample = metrics.sample_scores(eval_set.metric, list(predictions), refs,
-                                     **dict(eval_set.options))
+                                     **dict(eval_set.options), **dict(eval_set.sample_arguments))
   return dict(zip(eval_set.ids, per_sample.tolist()))
+
+
+def task_report(task: str, metric: str, task_samples: Sequence[Mapping],
+                per_sample: Mapping[str, float]) -> dict[str, Any] | None:
+  """The corpus report of one task's scores (`metrics.CORPUS_REPORTS`: POPE's F1 / accuracy /
+  yes-ratio per split, MME's perception and cognition totals), from its per-sample scores and its
+  samples' fields; None for a metric without one.
+
+  The report reads the answers back from their per-sample scores (`metrics.yes_no_answers`), so
+  it needs no predictions and is the same from a model's cached scores. A sample the report
+  cannot read (an MME sample without its subtask) gives {"error": why}, not an exception: the
+  headline score stands without it.
+  """
+  entry = metrics.CORPUS_REPORTS.get(metric)
+  if entry is None:
+    return None
+  report, extract = entry
+  ids = sample_ids(task, task_samples)
+  if set(ids) != set(per_sample):
+    return {"error": f"task {task!r}: the scored samples are not the {len(ids)} samples of its "
+                     "file (scores of another version of it)"}
+  try:
+    refs = scoring_references(metric, [_reference(s) for s in task_samples])
+    arguments = metrics.gather_sample_arguments(extract, _with_ids(task_samples, ids))
+    return report([per_sample[i] for i in ids], refs, **arguments)
+  except ValueError as e:
+    return {"error": f"task {task!r}: {e}"}
+
+
+def corpus_reports(samples: Mapping[str, Mapping[str, Mapping[str, float]]],
+                   task_metrics: Mapping[str, str | None],
+                   task_samples: Callable[[Sequence[str]], Mapping[str, Sequence[Mapping]]]
+                   ) -> dict[str, dict[str, dict]]:
+  """{model: {task: `task_report`}} of the tasks whose metric has a corpus report.
+
+  Args:
+    samples: scores/test_samples.json, {model: {task: {sample id: score}}}.
+    task_metrics: {task: metric} of the scored and zero-shot tasks.
+    task_samples: given the tasks that need them, {task: its samples}, read only when some model
+      scored such a task.
+  """
+  wanted = [t for t, m in task_metrics.items() if m in metrics.CORPUS_REPORTS
+            and any(t in per_task for per_task in samples.values())]
+  if not wanted:
+    return {}
+  by_task = task_samples(wanted)
+  out: dict[str, dict[str, dict]] = {}
+  for model, per_task in samples.items():
+    for task in wanted:
+      if task in per_task:
+        out.setdefault(model, {})[task] = task_report(task, task_metrics[task], by_task[task],
+                                                      per_task[task])
+  return out
 
 
 def scoring_references(metric: str, references: Sequence[Reference]) -> list[Reference]:

@@ -42,6 +42,14 @@ def image_format_for(model_config, data):
       temporal_patch_size=v.temporal_patch_size)
 
 
+def row_multiple(mesh, accum_steps: int) -> int:
+  """What a step's row count must be a multiple of: every micro-batch split evenly over the batch
+  shards of `mesh`, and the rows split evenly over the processes."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from visatb_jax.runtime import sharding  # pylint: disable=g-import-not-at-top
+  return math.lcm(sharding.batch_shards(mesh) * int(accum_steps), jax.process_count())
+
+
 class Models:
   """Models of one run directory."""
 
@@ -118,34 +126,45 @@ class Models:
       print(f"  {rel_dir}: trained, skipped", flush=True)
       return True
     data = ws.config.section("data")
-    ds = packing.PackedDataset(examples, seq_len=int(data["seq_len"]),
-                               max_images=int(data["max_images"]),
-                               pad_id=ws.data.tokenizer.pad_token_id,
-                               seed=int(ws.config.seed) if data_seed is None else int(data_seed),
-                               image_format=self.image_format)
     if pretrain:
       settings = ws.config.pretrain
       # The fields of its hash alone (ConfigView raises on any other).
       train = {f: ws.config.section(f"train.{f}") for f in PRETRAIN_TRAIN_FIELDS}
       train = {f: v for f, v in train.items() if v is not None}
       batch_size = int(settings["batch_size"] or train["batch_size"])
-      steps = math.ceil(float(settings["epochs"]) * ds.num_rows / batch_size)
-      accum = int(train.get("accum_steps") or 1)
+      epochs = float(settings["epochs"])
+    else:
+      batch_size, epochs = int(ws.config.section("train")["batch_size"]), ws.config.train_epochs
+    # batch_size counts samples (the paper's); the rows they pack into follow (docs/architecture.md,
+    # "Batch size in samples").
+    ds = packing.PackedDataset(examples, seq_len=int(data["seq_len"]),
+                               max_images=int(data["max_images"]),
+                               pad_id=ws.data.tokenizer.pad_token_id,
+                               seed=int(ws.config.seed) if data_seed is None else int(data_seed),
+                               batch_size=batch_size, image_format=self.image_format)
+    steps = ds.num_steps(epochs)
+    mesh = self.mesh if mesh is None else mesh
+    accum = int((train if pretrain else ws.config.section("train")).get("accum_steps") or 1)
+    multiple = row_multiple(mesh, accum)
+    if ws.data.loader_kind == "grain" and not pretrain:
+      batches = ws.data.grain_loader(examples, seed=data_seed, steps=steps, multiple=multiple)
+      rows, padding = batches.config.rows, None
+    else:
+      rows = ds.rows_per_step(steps, multiple)
+      padding = ds.padding(steps, rows)
+      batches = lambda step: ds.batch_at(step, rows)  # noqa: E731
+    if pretrain:
       cfg = TrainConfig.of({
-          **train, "steps": max(1, steps), "seed": ws.config.seed, "lr": float(settings["lr"]),
-          "batch_size": batch_size, "accum_steps": accum if batch_size % accum == 0 else 1,
+          **train, "steps": steps, "seed": ws.config.seed, "lr": float(settings["lr"]),
+          "batch_size": rows, "accum_steps": accum,
           "trainable": "projector" if settings["trains"] == "projector" else "model"})
     else:
-      train = ws.config.section("train")
-      batch_size = int(train["batch_size"])
-      cfg = ws.config.train_config(math.ceil(ws.config.train_epochs * ds.num_rows / batch_size))
-    print(f"  {rel_dir}: {len(examples)} samples in {ds.num_rows} rows, {cfg.steps} steps",
+      cfg = ws.config.train_config(steps, rows_per_step=rows)
+    print(f"  {rel_dir}: {len(examples)} samples, {cfg.steps} steps of {batch_size} samples in "
+          f"{rows} rows" + (f" ({padding['samples_per_row']:.2f} samples a row, "
+                            f"{padding['empty_rows']:.1%} of rows empty, "
+                            f"{padding['non_pad']:.1%} non-pad tokens)" if padding else ""),
           flush=True)
-    if ws.data.loader_kind == "grain" and not pretrain:
-      batches = ws.data.grain_loader(examples, seed=data_seed)
-    else:
-      batches = lambda step: ds.batch_at(step, batch_size)  # noqa: E731
-    mesh = self.mesh if mesh is None else mesh
     try:
       train_lib.train(self.new_model(mesh, from_base=not pretrain), batches, method, cfg,
                       ws.dir.path(rel_dir), task_names=list(task_names or ws.config.tasks.names),
@@ -157,8 +176,9 @@ class Models:
                             **({} if data_seed is None else {"data_seed": int(data_seed)}),
                             "start": self.base_description(pretrained=not pretrain),
                             "train": cfg.to_dict(),
-                            "rows": ds.num_rows, "samples": len(examples),
-                            "packing_efficiency": ds.packing_efficiency()})
+                            "samples": len(examples), "samples_per_step": batch_size,
+                            "rows_per_step": rows,
+                            **({"padding": padding} if padding else {})})
     return False
 
   def load(self, rel_dir: str | None):

@@ -141,6 +141,56 @@ def academic_tasks() -> dict[str, dict[str, Any]]:
   }
 
 
+# The zero-shot suite (docs/method.md §12): the paper's zero-shot benchmarks, with the prompts of
+# its Table 10. The release scores them with LLaVA-1.5's evaluation code on LLaVA-1.5's question
+# files (its scripts_visatb/eval/{textvqa,pope,mme,sqa,mmbench,seed,mmvet}.sh), so the prompts
+# are LLaVA-1.5's: the short-answer one for TextVQA, POPE and MME (their question files end with
+# it), and the multiple-choice one for ScienceQA-IMG and MMBench (`--single-pred-prompt`) and
+# SEED (its question file). Table 10's own text is not in this repository.
+MULTIPLE_CHOICE_PROMPT = "Answer with the option's letter from the given choices directly."
+SHORT_ANSWER_PROMPT = _SHORT_ANSWER
+# Each benchmark's test file, relative to config.zero_shot_root.
+ZERO_SHOT_FILE = "{task}_test.json"
+
+
+def _zero_shot_task(name: str, metric: str, prompt: str = "",
+                    max_new_tokens: int = SHORT_ANSWER_TOKENS,
+                    metric_options: Mapping[str, Any] | None = None) -> dict[str, Any]:
+  return task(metric, prompt_suffix=prompt, files={"test": ZERO_SHOT_FILE.format(task=name)},
+              max_new_tokens=max_new_tokens, metric_options=metric_options)
+
+
+def zero_shot_suite() -> dict[str, dict[str, Any]]:
+  """The paper's zero-shot benchmarks, for `config.zero_shot` (files under `zero_shot_root`).
+
+  Scorers as LLaVA-1.5's evaluation, which the release runs: TextVQA's soft accuracy, POPE's and
+  MME's yes/no reading (their per-split F1 and perception / cognition totals in
+  scores/test_reports.json), the option letter for ScienceQA-IMG and SEED-Image, and MMBench's
+  circular evaluation. A letter or a short answer gets 128 new tokens, as LLaVA-1.5's
+  `model_vqa_loader.py` gives short answers. MM-Vet is judged by GPT-4 in the paper; here
+  **(choice)** by CIDEr-D on its reference answers (docs/method.md §8: no GPT judge), with
+  2048 new tokens, and no prompt suffix (LLaVA-1.5 asks its questions as they are).
+  """
+  return {
+      "TextVQA": _zero_shot_task("TextVQA", "vqa_accuracy", SHORT_ANSWER_PROMPT),
+      "POPE": _zero_shot_task("POPE", "pope", SHORT_ANSWER_PROMPT),
+      "MME": _zero_shot_task("MME", "mme", SHORT_ANSWER_PROMPT),
+      "SQA-IMG": _zero_shot_task("SQA-IMG", "multiple_choice", MULTIPLE_CHOICE_PROMPT),
+      "MMBench": _zero_shot_task("MMBench", "mmbench_circular", MULTIPLE_CHOICE_PROMPT),
+      "SEED-IMG": _zero_shot_task("SEED-IMG", "multiple_choice", MULTIPLE_CHOICE_PROMPT),
+      "MM-Vet": _zero_shot_task("MM-Vet", "cider", max_new_tokens=LONG_ANSWER_TOKENS),
+  }
+
+
+def with_zero_shot_suite(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """`c` with the paper's zero-shot suite declared and `zero_shot_root` empty: until the root is
+  set (--config.zero_shot_root=/data/visatb/zero_shot) the suite is skipped, with one warning."""
+  # In the paper's order (a ConfigDict sorts its keys by default), which the report's columns keep.
+  c.zero_shot = ml_collections.ConfigDict(zero_shot_suite(), sort_keys=False)
+  c.zero_shot_root = ""
+  return c
+
+
 def paper_config(name: str, tasks: Mapping[str, Mapping[str, Any]], *, r_large: float,
                  r_mini: float, form: str = "real", temperature: float | str = 0.5,
                  epochs: float = 1.0, baselines: Sequence[str] = PAPER_BASELINES,
@@ -210,9 +260,12 @@ def paper_config(name: str, tasks: Mapping[str, Mapping[str, Any]], *, r_large: 
 
   c.train = ml_collections.ConfigDict()
   c.train.epochs = float(epochs)
-  c.train.batch_size = 128     # packed rows per optimizer step (global)
-  # 4 micro-batches: 4 rows per device on 8 devices (memory: BENCHMARKS.md, "Dry run"); the loss
-  # is still normalised once over all 128 rows.
+  # Samples per optimizer step (global), the paper's 128. They pack into ~50 rows of 2048 tokens
+  # (~2.6 samples a row), padded to a multiple of devices x micro-batches (docs/architecture.md,
+  # "Batch size in samples").
+  c.train.batch_size = 128
+  # 4 micro-batches: at most 4 rows per device on 8 devices (memory: BENCHMARKS.md, "Dry run",
+  # sized at 128 rows, one a sample); the loss is still normalised once over the whole step.
   c.train.accum_steps = 4
   c.train.lr = 2e-5
   c.train.warmup_frac = 0.03

@@ -33,7 +33,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from visatb_jax.pipeline.comparison import (COMPARISON_JSON, UNTRAINED, build_comparison,
-                                            higher_is_better, read_metrics, zero_shot_tasks)
+                                            corpus_summary, higher_is_better, read_metrics,
+                                            zero_shot_tasks)
 from visatb_jax.pipeline.comparison import is_number as _is_number
 from visatb_jax.pipeline.comparison import load_json as _load_json
 from visatb_jax.pipeline.comparison import ordered_keys as _ordered_keys
@@ -70,6 +71,7 @@ class RunFiles:
   config: dict | None = None
   validation_samples: dict | None = None
   test_samples: dict | None = None
+  test_reports: dict | None = None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -106,6 +108,7 @@ def load_run(workdir: str) -> RunFiles:
       config=_load_json(join("config.json")),
       validation_samples=_load_json(join("scores", "validation_samples.json")),
       test_samples=_load_json(join("scores", "test_samples.json")),
+      test_reports=_load_json(join("scores", "test_reports.json")),
   )
 
 
@@ -603,9 +606,57 @@ def _test_section(test: dict | None, tasks: Sequence[str], config: Mapping | Non
   zero = [t for t in zero_shot_tasks(config) if t in task_cols]
   if zero:
     note += (f" Zero-shot tasks (evaluated, never trained on; no STL model): {', '.join(zero)}.")
+  skipped = zero_shot_skipped(config)
+  if skipped:
+    note += f" Zero-shot tasks not scored: {skipped}."
   return f"{title}\n\n{note}\n\n" + _score_table(
       test, _method_order(list(test)), tasks, highlight=True, row_label="method",
       directions=directions, counts=sample_counts(samples))
+
+
+def zero_shot_skipped(config: Mapping | None) -> str | None:
+  """Why the config's zero-shot suite was not scored (an empty zero_shot_root), or None."""
+  why = (config or {}).get("zero_shot_skipped")
+  return why if isinstance(why, str) and why else None
+
+
+def _pope_table(per_model: Mapping[str, Mapping[str, Mapping]]) -> str:
+  rows = []
+  for model in _method_order(list(per_model)):
+    for split, r in per_model[model].items():
+      rows.append([model, split] + [_fmt(r.get(k)) for k in
+                                    ("f1", "accuracy", "precision", "recall", "yes_ratio")])
+  return _md_table(["model", "split", "F1", "accuracy", "precision", "recall", "yes-ratio"], rows)
+
+
+def _mme_table(per_model: Mapping[str, Mapping[str, Any]]) -> str:
+  rows = [[model, _fmt(r.get("perception"), 5), _fmt(r.get("cognition"), 5),
+           ", ".join(r.get("missing") or []) or "none"]
+          for model, r in ((m, per_model[m]) for m in _method_order(list(per_model)))]
+  return _md_table(["model", "perception (of 2000)", "cognition (of 800)",
+                    "subtasks without questions"], rows)
+
+
+def _benchmark_section(reports: Mapping | None) -> str | None:
+  """POPE's and MME's own metrics (scores/test_reports.json), as their evaluations print them;
+  None for a run without such a task."""
+  summary = corpus_summary(reports)
+  if not (summary["pope"] or summary["mme"] or summary["errors"]):
+    return None
+  parts = ["## POPE and MME as their evaluations report them",
+           "The test scores above are per-sample means (POPE's and MME's accuracy), which ΔI and "
+           "ΔI_zero use (docs/method.md §8). POPE's evaluation prints F1, accuracy, precision, "
+           "recall and the fraction of answers read as \"yes\" per negative sampling (random, "
+           "popular, adversarial; \"mean\" is their mean, the F1 LLaVA-1.5's tables give); MME's "
+           "prints the perception and cognition totals, sums of its subtasks' accuracy + "
+           "accuracy+ (×100). Each is computed from the per-sample test scores."]
+  for task, per_model in summary["pope"].items():
+    parts.append(f"**{task}** (POPE)\n\n" + _pope_table(per_model))
+  for task, per_model in summary["mme"].items():
+    parts.append(f"**{task}** (MME)\n\n" + _mme_table(per_model))
+  if summary["errors"]:
+    parts.append("Not computed:\n\n" + "\n".join(f"- {e}" for e in summary["errors"]))
+  return "\n\n".join(parts)
 
 
 def _comparison_section(comparison: dict | None, tasks: Sequence[str]) -> str:
@@ -835,6 +886,7 @@ def render_markdown(run: RunFiles, title: str, images: Mapping[str, bool]) -> st
       _summary_section(run.balance),
       _validation_section(run.validation, tasks, run.validation_samples),
       _test_section(run.test, tasks, run.config, run.test_samples),
+      *filter(None, [_benchmark_section(run.test_reports)]),
       _comparison_section(run.comparison, tasks),
       _training_section(runs, kind, images.get(LOSS_CURVES_PNG, False)),
       _plots_section(images, run.balance),

@@ -31,7 +31,7 @@ from visatb_jax.pipeline import run_dir as run_dir_lib
 from visatb_jax.pipeline.errors import PipelineError
 from visatb_jax.pipeline.run_dir import Manifest, config_hash
 from visatb_jax.pipeline.workspace import Workspace
-from visatb_jax.runtime import fileio
+from visatb_jax.runtime import fileio, host_memory
 
 # What each stage writes, named in the messages about stale inputs.
 _OUTPUTS = {"data": "data/", "pretrain": "pretrain/", "prep": "prep/",
@@ -40,12 +40,18 @@ _OUTPUTS = {"data": "data/", "pretrain": "pretrain/", "prep": "prep/",
             "report": "report/"}
 
 
+# Bumped when the same config starts to mean other work, so that a run directory made before
+# never passes for done. 2: train.batch_size and pretrain.batch_size count samples, not rows;
+# decoder layers stored stacked (an older checkpoint cannot be restored into them).
+HASH_FORMAT = 2
+
+
 def stage_hashes(run_config: config_lib.RunConfig,
                  inputs: Mapping[str, Mapping[str, Any]] | None = None) -> dict[str, str]:
   """Chained per-stage hashes: each covers its stage's sections, the fingerprint of the user
   files it reads (`inputs`: stage -> fingerprint, see `data.input_fingerprints`) and the stage
   before it."""
-  hashes, prev = {}, ""
+  hashes, prev = {}, f"format {HASH_FORMAT}"
   for stage in stages_lib.STAGES:
     covered = {"prev": prev, **{s: run_config.section(s) for s in stage.sections}}
     if (inputs or {}).get(stage.name):  # absent when none: a `shapes` run keeps its hashes
@@ -297,6 +303,7 @@ def run(config: Any, workdir: str, *, stages: Sequence[str] | None = None,
   _use_compilation_cache(os.path.join(workdir, "xla_cache"))
   fileio.atomic_write_json(ws.dir.path("config.json"), _config_record(config))
   stages_lib.log(f"run directory {os.path.abspath(workdir)}")
+  stages_lib.log(host_memory.status_line())
   for stage in stages_lib.STAGES:
     if stages and stage.name not in stages:
       continue

@@ -421,7 +421,25 @@ def stage_test(ws: Workspace, stage_hash: str) -> None:
   _join(table["untrained"], samples["untrained"],
         ws.models.score(None, "test", stage_hash=base_key, zero_shot=True))
   fileio.atomic_write_json(ws.dir.path("scores", "test_samples.json"), samples)
+  fileio.atomic_write_json(ws.dir.path("scores", "test_reports.json"), _test_reports(ws, samples))
   fileio.atomic_write_json(ws.dir.path("scores", "test.json"), table)
+
+
+def _test_reports(ws: Workspace, samples: dict) -> dict:
+  """POPE's F1 / accuracy / yes-ratio per split and MME's totals of every scored model (§8),
+  from the per-sample scores and the test samples' fields (`evaluation.corpus_reports`)."""
+  from visatb_jax.pipeline import evaluation  # pylint: disable=g-import-not-at-top
+  zero_shot = ws.config.zero_shot
+  metric_of = {**ws.config.tasks.metrics, **{n: z.metric for n, z in zero_shot.items()}}
+
+  def task_samples(tasks: Sequence[str]) -> dict[str, list[dict]]:
+    zero = tuple(t for t in tasks if t in zero_shot)
+    found = list(ws.data.zero_shot_samples("test", zero)) if zero else []
+    if any(t not in zero_shot for t in tasks):
+      found += ws.data.samples("test")
+    return {t: [s for s in found if s["task"] == t] for t in tasks}
+
+  return evaluation.corpus_reports(samples, metric_of, task_samples)
 
 
 def _join(scores: dict, samples: dict, extra: tuple[dict, dict]) -> None:
@@ -462,7 +480,8 @@ STAGES: tuple[Stage, ...] = (
           outputs=final_outputs),
     # Zero-shot tasks are scored here alone: a changed zero-shot config re-runs test and report.
     Stage("test", ("zero_shot",), stage_test, ("data", "pretrain", "final"),
-          outputs=lambda run_config: ["scores/test.json", "scores/test_samples.json"]),
+          outputs=lambda run_config: ["scores/test.json", "scores/test_samples.json",
+                                      "scores/test_reports.json"]),
     # Everything the report shows: data statistics, training curves, scores, λ and the tables.
     Stage("report", (), stage_report,
           ("data", "pretrain", "prep", "validate", "lambda", "final", "test"),

@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-FORMS = ("real", "precise", "base")
+from visatb_jax.core.options import FORMS
 
 
 @dataclasses.dataclass(frozen=True)
