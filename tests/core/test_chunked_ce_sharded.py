@@ -21,6 +21,8 @@ from visatb_jax.core import loss
 from visatb_jax.runtime import cost
 from visatb_jax.runtime import sharding
 
+from loss_inputs import random_inputs
+
 # 37 columns: blocks of 8 columns leave 3 of padding. V is distinctive, so that a collective
 # carrying the vocabulary is recognised by its shape.
 ROWS, LEN, D, V, TASKS = 16, 37, 32, 200, 3
@@ -30,16 +32,7 @@ _FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensiv
 
 
 def _inputs(rows=ROWS, seed=0):
-  rng = np.random.default_rng(seed)
-  hidden = rng.normal(size=(rows, LEN, D)).astype(np.float32)
-  kernel = (rng.normal(size=(D, V)) / np.sqrt(D) * 3).astype(np.float32)
-  bias = rng.normal(size=(V,)).astype(np.float32)
-  targets = rng.integers(0, V, size=(rows, LEN)).astype(np.int32)
-  mask = (rng.random((rows, LEN)) < 0.6).astype(np.float32)
-  mask[-1, LEN // 2:] = 0  # a padded tail
-  task_ids = np.where(mask > 0, rng.integers(0, TASKS, size=(rows, LEN)), -1).astype(np.int32)
-  lam = np.array([2.0, 0.5, 1.0], np.float32)
-  return (kernel, bias, hidden), (targets, mask, task_ids, lam)
+  return random_inputs(np.random.default_rng(seed), rows, LEN, D, V)
 
 
 def _loss_and_grads(params, batch):

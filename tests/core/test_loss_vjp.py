@@ -20,6 +20,8 @@ from visatb_jax.core import loss
 from visatb_jax.runtime import cost
 from visatb_jax.runtime import sharding
 
+from loss_inputs import random_inputs
+
 TASKS = 3
 # Less LLVM optimisation: the programs run once, their compilation is what costs time.
 _FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
@@ -28,14 +30,7 @@ _FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensiv
 def _inputs(rows, length, d, v, seed=0):
   """(kernel, bias, hidden, λ), (targets, mask, task ids), and a cotangent for each sum."""
   rng = np.random.default_rng(seed)
-  hidden = rng.normal(size=(rows, length, d)).astype(np.float32)
-  kernel = (rng.normal(size=(d, v)) / np.sqrt(d) * 3).astype(np.float32)
-  bias = rng.normal(size=(v,)).astype(np.float32)
-  targets = rng.integers(0, v, size=(rows, length)).astype(np.int32)
-  mask = (rng.random((rows, length)) < 0.6).astype(np.float32)
-  mask[-1, length // 2:] = 0  # a padded tail
-  task_ids = np.where(mask > 0, rng.integers(0, TASKS, size=(rows, length)), -1).astype(np.int32)
-  lam = np.array([2.0, 0.5, 1.0], np.float32)
+  (kernel, bias, hidden), (targets, mask, task_ids, lam) = random_inputs(rng, rows, length, d, v)
   cts = (np.float32(rng.normal()), np.float32(rng.normal()),
          rng.normal(size=TASKS).astype(np.float32), rng.normal(size=TASKS).astype(np.float32))
   return (kernel, bias, hidden, lam), (targets, mask, task_ids), cts
