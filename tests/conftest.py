@@ -25,7 +25,7 @@ MICRO_OVERRIDES = {
     # Every task of the benchmark, and no pretrain stage (tests/e2e/test_pretrain.py adds one).
     "task_order": ("caption", "vqa", "count", "grounding", "chat"),
     "pretrain.enabled": False,
-    "pretrain.batch_size": None,  # the demo's 84 samples a step: train.batch_size's 8 instead
+    "pretrain.batch_size": 8,  # as train.batch_size (the demo pretrains 84 samples a step)
     "data.shapes.count_scope": "any",
     "balance.temperature": 0.5,
     # One replicate and the paper's λ, so that λ can be checked against compute_lambda on the

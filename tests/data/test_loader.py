@@ -327,7 +327,7 @@ def test_steps_take_batch_size_samples_padded_to_static_rows(data, batch_size):
   expected = loader.stream_steps(N, config, 100)
   assert len(expected) == math.ceil(2 * N / batch_size)  # a stream through the epoch boundary
   rows = loader.rows_per_step(lengths, images, config, len(expected))
-  assert 1 < rows < batch_size  # packing saves rows
+  assert rows > 1 and rows < batch_size  # packing saves rows
   batches = list(loader.Loader(source, tok, dataclasses.replace(config, rows_per_step=rows),
                                process_index=0, process_count=1, record_indices=range(N)))
   assert _steps(batches, tok) == [sorted(x.tolist()) for x in expected]
