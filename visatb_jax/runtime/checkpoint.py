@@ -30,7 +30,6 @@ import os
 from collections.abc import Mapping
 from typing import Any, TypeVar
 
-import grain
 import jax
 import orbax.checkpoint as ocp
 
@@ -111,6 +110,7 @@ def _abstract(target: Any) -> Any:
 
 def _save_args(name: str, item: Any) -> ocp.args.CheckpointArgs:
   if name == DATA_ITEM:
+    import grain  # pylint: disable=g-import-not-at-top  # only where a data iterator is saved
     return grain.checkpoint.CheckpointSave(IteratorState(item))
   return ocp.args.StandardSave(item)
 
@@ -118,6 +118,7 @@ def _save_args(name: str, item: Any) -> ocp.args.CheckpointArgs:
 def _restore_args(name: str, item: Any) -> ocp.args.CheckpointArgs:
   """The data item is restored into `item` itself (its `set_state`); others by structure."""
   if name == DATA_ITEM:
+    import grain  # pylint: disable=g-import-not-at-top
     return grain.checkpoint.CheckpointRestore(IteratorState(item))
   return ocp.args.StandardRestore(_abstract(item))
 
@@ -126,6 +127,9 @@ class Checkpointer:
   """Keeps the last `max_to_keep` checkpoints (state and extra items) under `directory`."""
 
   def __init__(self, directory: str | os.PathLike, *, max_to_keep: int = 2):
+    # grain's handler is named up front (below), so grain is imported with the first
+    # Checkpointer, not with this module: `--help` and the pure modules do not pay for it.
+    import grain  # pylint: disable=g-import-not-at-top
     # Orbax wants absolute paths.
     self.directory = os.path.abspath(os.fspath(directory))
     self._manager = ocp.CheckpointManager(
