@@ -410,8 +410,12 @@ def scan_layers(layers: LlamaDecoderLayer, x: jax.Array, cos: jax.Array, sin: ja
 
   if remat:
     body = jax.checkpoint(body, policy=policy, prevent_cse=False)
+  # Without remat and without a cache (a small model's training step): unrolled, so each layer
+  # reads its row of the stack by a static slice that XLA fuses into its matmuls.
+  unroll = not remat and cache_kv is None
   (x, cache_kv), _ = jax.lax.scan(body, (x, cache_kv),
-                                  (state, jnp.arange(num_layers, dtype=jnp.int32)))
+                                  (state, jnp.arange(num_layers, dtype=jnp.int32)),
+                                  unroll=num_layers if unroll else 1)
   return x, cache_kv
 
 
