@@ -553,8 +553,11 @@ class PackedDataset:
     fraction of rows with no sample) and ``non_pad`` (the fraction of non-pad tokens), and
     ``samples_per_row`` (samples per non-empty row)."""
     needed = self.rows_needed(max(1, steps))
-    tokens = sum(int(self._lengths[self.sample_indices(s)].sum()) for s in range(len(needed)))
-    samples = sum(len(self.sample_indices(s)) for s in range(len(needed)))
+    tokens = samples = 0
+    for s in range(len(needed)):  # one lookup of each step's samples serves both counts
+      idx = self.sample_indices(s)
+      tokens += int(self._lengths[idx].sum())
+      samples += len(idx)
     total = len(needed) * rows
     return {"empty_rows": float(1.0 - needed.sum() / total),
             "non_pad": float(tokens / (total * self.seq_len)),

@@ -32,6 +32,10 @@ _MIN_GLIBC = (2, 35)  # the first glibc with the hugetlb tunable
 _ACCELERATOR_NODES = ("/dev/nvidia[0-9]*", "/dev/accel[0-9]*", "/dev/vfio/[0-9]*", "/dev/kfd")
 
 
+def _opted_out(environ: Mapping[str, str]) -> bool:
+  return environ.get(OPT_OUT, "1").strip().lower() in ("0", "false", "no", "off")
+
+
 def xla_cpu_runs_the_step(environ: Mapping[str, str],
                           accelerator_nodes: Sequence[str] | None = None) -> bool:
   """Whether JAX will run on the CPU: `JAX_PLATFORMS` names "cpu" first, or it is unset and no
@@ -66,7 +70,7 @@ def huge_page_env(environ: Mapping[str, str], libc: tuple[str, str] | None = Non
   `libc` (name, version) and `mode` default to this machine's (`platform.libc_ver()`,
   `thp_mode()`).
   """
-  if environ.get(OPT_OUT, "1").strip().lower() in ("0", "false", "no", "off"):
+  if _opted_out(environ):
     return None
   if not xla_cpu_runs_the_step(environ):
     return None
@@ -104,7 +108,7 @@ def status_line(environ: Mapping[str, str] | None = None) -> str:
   if f"{TUNABLE}=1" in environ.get("GLIBC_TUNABLES", ""):
     return (f"host memory: {TUNABLE}=1, huge pages for XLA:CPU's per-step buffers "
             f"({OPT_OUT}=0 turns it off)")
-  if environ.get(OPT_OUT, "1").strip().lower() in ("0", "false", "no", "off"):
+  if _opted_out(environ):
     return f"host memory: glibc's defaults ({OPT_OUT}=0)"
   if not xla_cpu_runs_the_step(environ):
     return "host memory: glibc's defaults (an accelerator runs the step)"
